@@ -1,0 +1,91 @@
+"""Device, dtype, attention backend and memory mode: decided once, reported plainly."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where and how the pipeline runs, with the reason for each choice."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attention: str  # "xformers" or "sdpa"
+    attention_reason: str
+    memory_mode: str  # "full", "medvram" or "lowvram"
+    upcast_vae: bool
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"{self.device.type} {dtype}, attention {self.attention} ({self.attention_reason}), "
+            f"memory {self.memory_mode}"
+        )
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then MPS, then CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def xformers_status(device: torch.device) -> tuple[bool, str]:
+    """Whether xformers can really run here, and why not when it cannot."""
+    if device.type != "cuda":
+        return False, "xformers needs CUDA; using PyTorch SDPA"
+    if importlib.util.find_spec("xformers") is None:
+        return False, "xformers is not installed; using PyTorch SDPA"
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as error:  # xformers built for another torch raises many kinds
+        return False, f"xformers does not match this torch build ({error}); using SDPA"
+    return True, "xformers memory-efficient attention"
+
+
+def plan_device(
+    requested: str = "auto",
+    *,
+    want_xformers: bool = False,
+    medvram: bool = False,
+    lowvram: bool = False,
+    no_half_vae: bool = False,
+) -> DevicePlan:
+    """Decide device, dtype (fp16 on CUDA, fp32 elsewhere), attention and memory mode."""
+    device = pick_device(requested)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    attention, reason = "sdpa", "PyTorch scaled_dot_product_attention"
+    if want_xformers:
+        usable, why = xformers_status(device)
+        attention, reason = ("xformers", why) if usable else ("sdpa", why)
+    memory = "lowvram" if lowvram else "medvram" if medvram else "full"
+    if device.type != "cuda":
+        memory = "full"
+    return DevicePlan(device, dtype, attention, reason, memory, no_half_vae)
+
+
+def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
+    """Move `pipe` to the planned device/dtype and switch on its attention and memory mode."""
+    pipe.to(dtype=plan.dtype)
+    if plan.upcast_vae and plan.dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)
+    if plan.memory_mode == "lowvram":
+        pipe.enable_sequential_cpu_offload(device=plan.device)
+    elif plan.memory_mode == "medvram":
+        pipe.enable_model_cpu_offload(device=plan.device)
+    else:
+        pipe.to(plan.device)
+    if plan.attention == "xformers":
+        pipe.enable_xformers_memory_efficient_attention()

@@ -1,0 +1,474 @@
+"""The Engine: owns the one pipeline, its lock, and everything applied to it.
+
+Every front end (UI, A1111 API, CLI) builds a GenerationRequest and calls
+`Engine.generate`. Generations on the pipeline are serialised by one lock that covers the
+model switch, the LoRA stack, sampling and decoding: diffusers pipelines share scheduler
+and adapter state, so two threads on one pipeline give wrong images.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from pipelines import __version__
+from pipelines.architecture import Architecture
+from pipelines.devices import DevicePlan, place_pipeline, plan_device
+from pipelines.errors import BusyError, DeviceOutOfMemoryError, UnusableFileError
+from pipelines.infotext import format_infotext
+from pipelines.loading import CONFIGS_DIR, LoadedModel, load_diffusers_folder, load_single_file
+from pipelines.loading import random_pipeline as build_random_pipeline
+from pipelines.prompt import EncodedPrompt, PromptEncoder, extract_lora_tags, pad_to_same_length
+from pipelines.registry import CheckpointEntry, CheckpointRegistry, HashCache, sha256_of_file
+from pipelines.safeload import load_state_dict
+from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
+from pipelines.schema import SEED_MAX, Bounds, GenerationRequest, GenerationResult, LoraSpec
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_NAME = "lorastack-demo-tiny"
+DEMO_YAML = CONFIGS_DIR / "demo-tiny.yaml"
+DEMO_SEED = 0
+GPU_MAX_PIXELS = 4 * 1024 * 1024
+CPU_MAX_PIXELS = 1024 * 1024
+
+
+@dataclass
+class Progress:
+    """Live state of the running job, read by progress endpoints and the UI."""
+
+    job: str = ""
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started: float = 0.0
+    interrupted: bool = False
+    skipped: bool = False
+    latents: torch.Tensor | None = None
+    active: bool = False
+
+    @property
+    def fraction(self) -> float:
+        if not self.active or not self.job_count or not self.sampling_steps:
+            return 0.0
+        done = self.job_no * self.sampling_steps + self.sampling_step
+        return min(1.0, done / (self.job_count * self.sampling_steps))
+
+    @property
+    def eta_seconds(self) -> float:
+        fraction = self.fraction
+        if fraction <= 0:
+            return 0.0
+        elapsed = time.monotonic() - self.started
+        return elapsed / fraction - elapsed
+
+
+@dataclass
+class CurrentModel:
+    """The loaded pipeline and its identity."""
+
+    pipe: DiffusionPipeline
+    architecture: Architecture
+    name: str  # infotext "Model:" value
+    title: str  # registry title, or the demo name
+    entry: CheckpointEntry | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def model_hash(self) -> str | None:
+        return self.entry.short_hash if self.entry else None
+
+
+StepCallback = Callable[[Progress], None]
+
+
+class Engine:
+    """One pipeline, one lock, one applied state.
+
+    Args:
+        settings: the operator's settings (device, threads, folders, bounds).
+        checkpoints: the checkpoint registry (scanned by the caller or lazily here).
+        plan: device plan; decided from settings when omitted.
+    Example:
+        >>> engine = Engine(settings, CheckpointRegistry(settings.models_dirs, HashCache(None)))
+        >>> result = engine.generate(GenerationRequest(prompt="a cat", steps=4, seed=1))
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        checkpoints: CheckpointRegistry,
+        *,
+        plan: DevicePlan | None = None,
+    ) -> None:
+        self.settings = settings
+        self.checkpoints = checkpoints
+        self.plan = plan or plan_device(
+            settings.device,
+            want_xformers=settings.xformers,
+            medvram=settings.medvram,
+            lowvram=settings.lowvram,
+            no_half_vae=settings.no_half_vae,
+        )
+        default_pixels = GPU_MAX_PIXELS if self.plan.device.type == "cuda" else CPU_MAX_PIXELS
+        self.bounds: Bounds = replace(
+            settings.bounds, max_pixels=settings.max_pixels or default_pixels
+        )
+        torch.set_num_threads(settings.torch_threads)
+        self._lock = threading.Lock()
+        self._model: CurrentModel | None = None
+        self._loading: str | None = None
+        self.progress = Progress()
+        log.info("device: %s; torch threads: %d", self.plan.describe(), settings.torch_threads)
+
+    # ---------------------------------------------------------------- models
+
+    @property
+    def model(self) -> CurrentModel | None:
+        return self._model
+
+    def current_title(self) -> str | None:
+        return self._model.title if self._model else None
+
+    def load_checkpoint(self, name: str | None) -> CurrentModel:
+        """Switch to the named checkpoint (None: the demo model when nothing is listed, else
+        the first listed one). Takes the generation lock, so it never swaps a model under a
+        running job."""
+        with self._lock:
+            return self._switch(name)
+
+    def _switch(self, name: str | None) -> CurrentModel:
+        if name is None:
+            usable = [e for e in self.checkpoints.entries() if not e.error]
+            if self._model is not None:
+                return self._model
+            if not usable:
+                return self._install(self._load_demo())
+            entry = usable[0]
+        else:
+            entry = self.checkpoints.resolve(name)
+        if self._model is not None and self._model.entry is not None:
+            current = self._model.entry
+            if current.path == entry.path and current.mtime_ns == entry.mtime_ns:
+                return self._model
+        if entry.error:
+            raise UnusableFileError(f"{entry.relpath}: {entry.error}", field="checkpoint")
+        self._loading = entry.relpath
+        try:
+            self._unload()
+            return self._install(self._load_entry(entry))
+        except UnusableFileError as error:
+            # Remember why, so listings grey it out and the default choice skips it.
+            self.checkpoints.refresh_entry(replace(entry, error=error.message))
+            raise
+        finally:
+            self._loading = None
+
+    def _load_demo(self) -> CurrentModel:
+        loaded = build_random_pipeline(DEMO_YAML, DEMO_SEED, self.settings.cache_dir)
+        log.warning(
+            "No checkpoint found in %s: running the built-in tiny demo model. Its weights are "
+            "random, so its images are noise. Put a Stable Diffusion checkpoint into a models "
+            "folder and refresh.",
+            ", ".join(str(p) for p in self.settings.models_dirs),
+        )
+        notes = ["built-in demo model with random weights: images are noise"]
+        return CurrentModel(
+            loaded.pipe, loaded.architecture, DEMO_MODEL_NAME, DEMO_MODEL_NAME, None, notes
+        )
+
+    def _load_entry(self, entry: CheckpointEntry) -> CurrentModel:
+        started = time.monotonic()
+        try:
+            if entry.kind == "diffusers":
+                loaded: LoadedModel = load_diffusers_folder(entry.path)
+            else:
+                state = load_state_dict(entry.path)
+                loaded = load_single_file(entry.path, state, self.settings.cache_dir)
+                del state
+        except FileNotFoundError as error:
+            raise UnusableFileError(
+                f"{entry.relpath}: the file disappeared since the last scan; refresh the list",
+                field="checkpoint",
+            ) from error
+        if entry.kind == "single" and entry.sha256 is None:
+            sha = self.checkpoints.hashes.compute(entry.path, "sha256", sha256_of_file)
+            entry = replace(entry, sha256=sha)
+        entry = replace(entry, architecture=loaded.architecture)
+        self.checkpoints.refresh_entry(entry)
+        log.info(
+            "loaded %s (%s) in %.1fs",
+            entry.relpath,
+            loaded.architecture.value,
+            time.monotonic() - started,
+        )
+        return CurrentModel(
+            loaded.pipe,
+            loaded.architecture,
+            entry.infotext_name,
+            entry.title,
+            entry,
+            loaded.notes,
+        )
+
+    def _install(self, model: CurrentModel) -> CurrentModel:
+        place_pipeline(model.pipe, self.plan)
+        model.pipe.set_progress_bar_config(disable=True)
+        self._model = model
+        return model
+
+    def _unload(self) -> None:
+        """Drop the current pipeline and give its memory back before loading the next."""
+        if self._model is None:
+            return
+        self._model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- control
+
+    def interrupt(self) -> None:
+        """Stop the running job after the current step; finished images are returned."""
+        self.progress.interrupted = True
+
+    def skip(self) -> None:
+        """Finish the current batch early and go on with the next one (A1111 `skip`)."""
+        self.progress.skipped = True
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(
+        self, request: GenerationRequest, on_step: StepCallback | None = None
+    ) -> GenerationResult:
+        """Make the images `request` describes.
+
+        Args:
+            request: the request; validated here before any heavy work.
+            on_step: called after every sampling step with the live Progress.
+        Returns:
+            GenerationResult with one infotext per image and the seeds used.
+        Raises:
+            LorastackError subclasses for anything a client or a file can cause.
+        """
+        # 1. validate everything before touching the model
+        request = request.validated(self.bounds)
+        sampler = resolve_sampler(request.sampler_name, request.scheduler)
+        prompt, tag_loras = extract_lora_tags(request.prompt)
+        negative, negative_loras = extract_lora_tags(request.negative_prompt)
+        stack = (*request.loras, *tag_loras, *negative_loras)
+        if self._loading is not None:
+            raise BusyError(f"model {self._loading} is still loading", retry_after=10)
+        # 2. one job at a time on the pipeline
+        with self._lock:
+            try:
+                return self._generate_locked(request, sampler, prompt, negative, stack, on_step)
+            except torch.cuda.OutOfMemoryError as error:
+                self._recover_memory()
+                raise DeviceOutOfMemoryError(
+                    f"out of device memory at {request.width}x{request.height} x"
+                    f"{request.batch_size}: use a smaller size or batch, or start with "
+                    "--medvram"
+                ) from error
+            finally:
+                self.progress.active = False
+                self.progress.latents = None
+
+    def _recover_memory(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _generate_locked(
+        self,
+        request: GenerationRequest,
+        sampler: SamplerChoice,
+        prompt: str,
+        negative: str,
+        stack: tuple[LoraSpec, ...],
+        on_step: StepCallback | None,
+    ) -> GenerationResult:
+        # 3. the model this request asked for
+        model = self._switch(request.checkpoint)
+        if stack:
+            self.apply_lora_stack(model, stack)
+        pipe = model.pipe
+        pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+
+        # 4. text conditioning, A1111 semantics (weights, BREAK, 75-token chunks)
+        encoder = self._prompt_encoder(model)
+        positive = encoder.encode(
+            prompt, clip_skip=request.clip_skip, device=self.plan.device, dtype=self.plan.dtype
+        )
+        negative_encoded = encoder.encode(
+            negative,
+            clip_skip=request.clip_skip,
+            device=self.plan.device,
+            dtype=self.plan.dtype,
+            negative=True,
+        )
+        positive, negative_encoded = pad_to_same_length(positive, negative_encoded)
+
+        # 5. seeds: -1 picks one; batch items use seed, seed+1, ... (A1111)
+        base_seed = request.seed if request.seed != -1 else random.randint(0, SEED_MAX)
+        progress = self.progress
+        progress.__dict__.update(
+            Progress(
+                job="txt2img",
+                job_count=request.n_iter,
+                sampling_steps=request.steps,
+                started=time.monotonic(),
+                active=True,
+            ).__dict__
+        )
+        images: list[Image.Image] = []
+        seeds: list[int] = []
+        for iteration in range(request.n_iter):
+            if progress.interrupted:
+                break
+            progress.job_no = iteration
+            progress.sampling_step = 0
+            progress.skipped = False
+            batch_seeds = [
+                (base_seed + iteration * request.batch_size + i) % (SEED_MAX + 1)
+                for i in range(request.batch_size)
+            ]
+            images.extend(
+                self._sample(model, request, positive, negative_encoded, batch_seeds, on_step)
+            )
+            seeds.extend(batch_seeds)
+
+        # 6. infotexts, one per image
+        used_request = replace(request, seed=base_seed)
+        infotexts = [self.infotext(used_request, model, sampler, seed, stack) for seed in seeds]
+        return GenerationResult(
+            images=images,
+            seeds=seeds,
+            infotexts=infotexts,
+            request=used_request,
+            model_name=model.name,
+            model_hash=model.model_hash,
+            interrupted=progress.interrupted,
+            notes=list(model.notes),
+        )
+
+    def _prompt_encoder(self, model: CurrentModel) -> PromptEncoder:
+        pipe = model.pipe
+        sdxl = model.architecture.family == "SDXL"
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]
+        encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e]
+        return PromptEncoder(tokenizers, encoders, sdxl=sdxl)
+
+    def _sample(
+        self,
+        model: CurrentModel,
+        request: GenerationRequest,
+        positive: EncodedPrompt,
+        negative: EncodedPrompt,
+        seeds: list[int],
+        on_step: StepCallback | None,
+    ) -> list[Image.Image]:
+        """One batch: initial noise from per-item CPU generators, so a seed means the same
+        image on every device."""
+        pipe = model.pipe
+        progress = self.progress
+        count = len(seeds)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+        def step_end(
+            pipeline: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            progress.sampling_step = step + 1
+            progress.latents = tensors.get("latents")
+            if progress.interrupted or progress.skipped:
+                pipeline._interrupt = True
+            if on_step is not None:
+                on_step(progress)
+            return tensors
+
+        kwargs: dict[str, Any] = {
+            "prompt_embeds": positive.embeds.expand(count, -1, -1),
+            "negative_prompt_embeds": negative.embeds.expand(count, -1, -1),
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.cfg_scale,
+            "width": request.width,
+            "height": request.height,
+            "generator": generators,
+            "callback_on_step_end": step_end,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+            "output_type": "pil",
+        }
+        if model.architecture.family == "SDXL":
+            kwargs["pooled_prompt_embeds"] = positive.pooled.expand(count, -1)
+            kwargs["negative_pooled_prompt_embeds"] = negative.pooled.expand(count, -1)
+        if model.architecture.is_inpainting:
+            # txt2img on an inpainting model: everything masked, the masked image blank
+            # (A1111's txt2img image conditioning).
+            kwargs["image"] = Image.new("RGB", (request.width, request.height), (127, 127, 127))
+            kwargs["mask_image"] = Image.new("L", (request.width, request.height), 255)
+            kwargs["strength"] = 1.0
+        large = request.width * request.height > 1536 * 1536
+        if large:
+            pipe.vae.enable_tiling()
+        try:
+            output = pipe(**kwargs)
+        finally:
+            if large:
+                pipe.vae.disable_tiling()
+        return list(output.images)
+
+    def apply_lora_stack(self, model: CurrentModel, stack: tuple[LoraSpec, ...]) -> None:
+        """Apply exactly `stack` to the model (LoRA support is added by the LoRA issue)."""
+        raise UnusableFileError(
+            "LoRA support is not installed in this build: "
+            + ", ".join(spec.name for spec in stack),
+            field="loras",
+        )
+
+    def infotext(
+        self,
+        request: GenerationRequest,
+        model: CurrentModel,
+        sampler: SamplerChoice,
+        seed: int,
+        stack: tuple[LoraSpec, ...],
+    ) -> str:
+        """A1111 `parameters` text for one image of `request`."""
+        params: dict[str, object] = {
+            "Steps": request.steps,
+            "Sampler": sampler.sampler,
+            "Schedule type": sampler.label,
+            "CFG scale": request.cfg_scale,
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": model.model_hash,
+            "Model": model.name,
+            "Clip skip": request.clip_skip,
+            "Version": f"lorastack {__version__}",
+        }
+        return format_infotext(request.prompt, request.negative_prompt, params)
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The usual wiring: registry with the persistent hash cache, then the engine."""
+    hashes = HashCache(settings.cache_dir / "hashes.json")
+    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
+    checkpoints.scan()
+    threading.Thread(target=checkpoints.hash_all, name="hash-checkpoints", daemon=True).start()
+    return Engine(settings, checkpoints)

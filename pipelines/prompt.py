@@ -1,0 +1,718 @@
+"""A1111 prompt syntax and A1111-exact text conditioning for diffusers pipelines.
+
+Users paste prompts written for AUTOMATIC1111 (v1.10), so every rule here follows its source:
+`modules/prompt_parser.py` (attention syntax, BREAK), `modules/extra_networks.py` and
+`extensions-builtin/Lora` (`<lora:...>` tags), `modules/processing_scripts/comments.py`
+(`#` comments), `modules/sd_hijack_clip.py` / `sd_hijack_open_clip.py` / `sd_emphasis.py`
+(75-token chunks, weights, clip skip) and `modules/sd_models_xl.py` (SDXL).
+
+The engine applies the steps in A1111's order:
+
+1. `strip_comments` on the prompt and the negative prompt;
+2. `parse_extra_networks` / `extract_lora_tags` on the prompt only (A1111 leaves tags in the
+   negative prompt, where CLIP reads them as text);
+3. `PromptEncoder.encode` on both (`negative=True` for the negative prompt);
+4. `pad_to_same_length`, then `pipe(prompt_embeds=..., negative_prompt_embeds=...,
+   pooled_prompt_embeds=..., negative_pooled_prompt_embeds=...)`.
+
+Not handled here (A1111 features outside this module): prompt editing `[a:b:when]`,
+alternation `[a|b]`, `AND` (composable diffusion) and textual-inversion embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+from pipelines.errors import InvalidRequestError, UnusableFileError
+from pipelines.schema import LoraSpec
+
+# ---------------------------------------------------------------------------------------------
+# 1. Attention syntax: (word), [word], (word:1.2), BREAK
+# ---------------------------------------------------------------------------------------------
+
+# prompt_parser.re_attention as of A1111 1.6+ (spaces allowed around the weight).
+_RE_ATTENTION = re.compile(
+    r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_ROUND = 1.1
+_SQUARE = 1 / 1.1
+
+BREAK = ("BREAK", -1.0)
+"""The fragment `parse_prompt_attention` emits for the BREAK keyword (A1111's marker)."""
+
+
+def parse_prompt_attention(text: str, *, field: str = "prompt") -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) fragments exactly as A1111's parser does.
+
+    `(a)` multiplies by 1.1, `[a]` divides by 1.1, `(a:1.3)` multiplies by 1.3, nesting
+    multiplies, `\\(` `\\)` `\\[` `\\]` `\\\\` are literals, unclosed brackets apply to the end,
+    stray closers are text, `BREAK` becomes `("BREAK", -1.0)`, and neighbours with equal
+    weights merge. A weight A1111 cannot read (`(a:1.2.3)`) raises InvalidRequestError
+    naming `field`, where A1111 itself would fail the whole generation.
+
+    Example:
+        >>> parse_prompt_attention("a (cat:1.2) [dog]")
+        [('a ', 1.0), ('cat', 1.2), (' ', 1.0), ('dog', 0.9090909090909091)]
+    """
+    res: list[list[Any]] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+
+    def multiply_range(start: int, multiplier: float) -> None:
+        for item in res[start:]:
+            item[1] *= multiplier
+
+    for match in _RE_ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0])
+        elif token == "(":
+            round_brackets.append(len(res))
+        elif token == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), _parse_weight(weight, token, field))
+        elif token == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), _ROUND)
+        elif token == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), _SQUARE)
+        else:
+            for i, part in enumerate(_RE_BREAK.split(token)):
+                if i > 0:
+                    res.append(list(BREAK))
+                res.append([part, 1.0])
+
+    for start in round_brackets:
+        multiply_range(start, _ROUND)
+    for start in square_brackets:
+        multiply_range(start, _SQUARE)
+
+    if not res:
+        res = [["", 1.0]]
+    merged = [res[0]]
+    for item in res[1:]:
+        if item[1] == merged[-1][1]:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return [(str(t), float(w)) for t, w in merged]
+
+
+def _parse_weight(weight: str, token: str, field: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:
+        raise InvalidRequestError(
+            f"{field}: cannot read the attention weight in {token!r}; write e.g. (word:1.2)",
+            field=field,
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Comments and extra-network tags
+# ---------------------------------------------------------------------------------------------
+
+_RE_LINE_COMMENT = re.compile("(^|\n)#[^\n]*(\n|$)")
+_RE_TAIL_COMMENT = re.compile("#[^\n]*(\n|$)")
+
+
+def strip_comments(text: str) -> str:
+    """Remove `# ...` comments as A1111 ≥ 1.8 does by default (`enable_prompt_comments`).
+
+    A1111 strips them from the prompt and the negative prompt before anything else, so a tag
+    inside a comment is never applied.
+    """
+    return _RE_TAIL_COMMENT.sub("\n", _RE_LINE_COMMENT.sub("\n", text))
+
+
+_RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
+LORA_TAG_KINDS = ("lora", "lyco")
+"""Tag names that mean a LoRA (A1111 registers `lyco` as an alias of `lora`; case matters)."""
+
+
+@dataclass(frozen=True)
+class ExtraNetworks:
+    """A prompt with its extra-network tags taken out.
+
+    `text` is what the text encoder sees (A1111 replaces each tag by nothing and leaves the
+    spaces around it). `loras` has one entry per LoRA tag, in A1111's application order;
+    `ignored` holds the other tags (`<hypernet:...>`, unknown or mis-cased names), which
+    A1111 also strips and skips.
+    """
+
+    text: str
+    loras: tuple[LoraSpec, ...]
+    ignored: tuple[str, ...]
+
+
+def parse_extra_networks(prompt: str) -> ExtraNetworks:
+    """Strip every `<name:...>` tag from `prompt` and read the LoRA ones (A1111 rules).
+
+    `<lora:NAME>` is weight 1; `<lora:NAME:M>` sets text encoder and UNet to M;
+    `<lora:NAME:TE:UNET>` sets them apart (text encoder first); `te=` and `unet=` override
+    them, and a `te=` without a UNet value also sets the UNet (as in A1111); `dyn=` or a
+    fourth value is checked like A1111 does and otherwise ignored; other `key=value` items
+    are ignored. A malformed value raises InvalidRequestError(field="prompt") quoting the tag.
+
+    Example:
+        >>> parsed = parse_extra_networks("a cat <lora:ink:0.8>, <hypernet:x:1>")
+        >>> parsed.text, parsed.loras, parsed.ignored
+        ('a cat , ', (LoraSpec(name='ink', weight=0.8, te_weight=None),), ('<hypernet:x:1>',))
+    """
+    found: list[tuple[str, str]] = []
+
+    def remove(match: re.Match[str]) -> str:
+        found.append((match.group(1), match.group(0)))
+        return ""
+
+    text = _RE_EXTRA_NET.sub(remove, prompt)
+    lora_tags = [(kind, tag) for kind, tag in found if kind in LORA_TAG_KINDS]
+    # A1111 groups the arguments by extra network, in order of each kind's first appearance.
+    kind_order: dict[str, int] = {}
+    for kind, _ in lora_tags:
+        kind_order.setdefault(kind, len(kind_order))
+    lora_tags.sort(key=lambda item: kind_order[item[0]])
+    return ExtraNetworks(
+        text=text,
+        loras=tuple(_lora_from_tag(tag) for _, tag in lora_tags),
+        ignored=tuple(tag for kind, tag in found if kind not in LORA_TAG_KINDS),
+    )
+
+
+def _lora_from_tag(tag: str) -> LoraSpec:
+    """One `<lora:...>` tag to a LoraSpec, as extra_networks_lora.activate reads it."""
+    items = tag[1:-1].split(":")[1:]
+    positional: list[str] = []
+    named: dict[str, str] = {}
+    for item in items:
+        parts = item.split("=", 2)  # ExtraNetworkParams: "a=b" is named, "a=b=c" positional
+        if len(parts) == 2:
+            named[parts[0]] = parts[1]
+        else:
+            positional.append(item)
+    if not positional or not positional[0]:
+        raise InvalidRequestError(f"prompt: {tag} names no LoRA", field="prompt")
+
+    def number(value: str) -> float:
+        try:
+            result = float(value)
+        except ValueError:
+            result = math.nan
+        if not math.isfinite(result):
+            raise InvalidRequestError(
+                f"prompt: {tag} has the multiplier {value!r}; expected a number such as 0.8",
+                field="prompt",
+            )
+        return result
+
+    te = number(positional[1]) if len(positional) > 1 else 1.0
+    te = number(named["te"]) if "te" in named else te
+    unet = number(positional[2]) if len(positional) > 2 else te
+    unet = number(named["unet"]) if "unet" in named else unet
+    for dyn in ([positional[3]] if len(positional) > 3 else []) + (
+        [named["dyn"]] if "dyn" in named else []
+    ):
+        try:
+            int(dyn)
+        except ValueError:
+            raise InvalidRequestError(
+                f"prompt: {tag} has the dyn value {dyn!r}; expected an integer",
+                field="prompt",
+            ) from None
+    return LoraSpec(name=positional[0], weight=unet, te_weight=None if te == unet else te)
+
+
+def fold_duplicate_loras(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
+    """The stack A1111 actually applies when a name is tagged more than once.
+
+    A1111 keeps one network object per name and sets its multipliers on every tag, so the
+    last tag's multipliers win, and the object is applied once per tag: `<lora:a:0.5>
+    <lora:a:1>` acts as weight 2. Names are compared exactly; two spellings that resolve
+    to the same file are separate networks in A1111 and simply add up.
+    """
+    counts: dict[str, int] = {}
+    last: dict[str, LoraSpec] = {}
+    for spec in specs:
+        counts[spec.name] = counts.get(spec.name, 0) + 1
+        last[spec.name] = spec
+    folded = []
+    for name, spec in last.items():
+        n = counts[name]
+        unet, te = spec.weight * n, spec.text_encoder_weight * n
+        folded.append(LoraSpec(name=name, weight=unet, te_weight=None if te == unet else te))
+    return folded
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
+    """Remove extra-network tags from `prompt`; return the text and the LoRAs A1111 applies.
+
+    Duplicates are folded as A1111 applies them (see `fold_duplicate_loras`). Non-LoRA tags
+    are removed and dropped; use `parse_extra_networks` to report them.
+
+    Example:
+        >>> extract_lora_tags("castle <lora:ink:0.5:1>")
+        ('castle ', [LoraSpec(name='ink', weight=1.0, te_weight=0.5)])
+    """
+    parsed = parse_extra_networks(prompt)
+    return parsed.text, fold_duplicate_loras(parsed.loras)
+
+
+def format_weight(value: float) -> str:
+    """A multiplier written compactly, as A1111's UI writes it: 1, 0.8, -0.25."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def format_lora_tag(spec: LoraSpec) -> str:
+    """The `<lora:...>` tag that A1111 reads back as `spec` (text encoder weight first).
+
+    Example:
+        >>> format_lora_tag(LoraSpec("ink", 0.8)), format_lora_tag(LoraSpec("ink", 1.0, 0.5))
+        ('<lora:ink:0.8>', '<lora:ink:0.5:1>')
+    """
+    if not spec.name or any(c in spec.name for c in ":>="):
+        raise InvalidRequestError(
+            f"the LoRA name {spec.name!r} cannot be written as a <lora:...> tag "
+            "(it is empty or contains ':', '>' or '=')",
+            field="loras",
+        )
+    te, unet = spec.text_encoder_weight, spec.weight
+    if te == unet:
+        return f"<lora:{spec.name}:{format_weight(unet)}>"
+    return f"<lora:{spec.name}:{format_weight(te)}:{format_weight(unet)}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Tokens: 75-token chunks
+# ---------------------------------------------------------------------------------------------
+
+CHUNK_LENGTH = 75
+"""Prompt tokens per chunk; each chunk is wrapped in BOS ... EOS to CLIP's 77 positions."""
+
+Emphasis = Literal["Original", "No norm", "Ignore", "None"]
+EMPHASIS_MODES: tuple[str, ...] = ("Original", "No norm", "Ignore", "None")
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """One 77-token window: BOS, 75 prompt tokens padded with EOS, EOS; a weight per token.
+
+    EOS padding is A1111's chunk layout; encoders whose pad token differs (OpenCLIP) get
+    their pad id after the first EOS at encode time, as A1111's `process_tokens` does.
+    """
+
+    tokens: tuple[int, ...]
+    multipliers: tuple[float, ...]
+
+
+def tokenize_prompt(
+    tokenizer: Any,
+    prompt: str,
+    *,
+    comma_padding_backtrack: int = 20,
+    emphasis: Emphasis = "Original",
+    field: str = "prompt",
+) -> tuple[list[PromptChunk], int]:
+    """Split a prompt into 75-token chunks as A1111's `tokenize_line` does.
+
+    Fragments are tokenized without special tokens; BREAK closes the current chunk; a chunk
+    that fills up moves the text after its last comma to the next chunk when that comma is
+    at most `comma_padding_backtrack` tokens back (0 disables it). Returns the chunks and
+    A1111's token count (75 per full chunk plus the tokens of the last one), which is what
+    its UI counter shows. An empty prompt is one chunk.
+    """
+    plain = emphasis == "None"
+    parsed = [(prompt, 1.0)] if plain else parse_prompt_attention(prompt, field=field)
+    tokenized = tokenizer(
+        [text for text, _ in parsed], add_special_tokens=False, truncation=False, verbose=False
+    )["input_ids"]
+    bos, eos = _special_ids(tokenizer)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = None if comma in (None, tokenizer.unk_token_id) else comma
+
+    chunks: list[PromptChunk] = []
+    tokens: list[int] = []
+    mults: list[float] = []
+    token_count = 0
+    last_comma = -1
+
+    def next_chunk(is_last: bool = False) -> None:
+        nonlocal tokens, mults, token_count, last_comma
+        token_count += len(tokens) if is_last else CHUNK_LENGTH
+        pad = CHUNK_LENGTH - len(tokens)
+        chunks.append(
+            PromptChunk(
+                tokens=(bos, *tokens, *[eos] * pad, eos),
+                multipliers=(1.0, *mults, *[1.0] * pad, 1.0),
+            )
+        )
+        tokens, mults, last_comma = [], [], -1
+
+    for ids, (text, weight) in zip(tokenized, parsed, strict=True):
+        if (text, weight) == BREAK:
+            next_chunk()
+            continue
+        for token in ids:
+            if token == comma:
+                last_comma = len(tokens)
+            elif (
+                comma_padding_backtrack != 0
+                and len(tokens) == CHUNK_LENGTH
+                and last_comma != -1
+                and len(tokens) - last_comma <= comma_padding_backtrack
+            ):
+                cut = last_comma + 1
+                moved_tokens, moved_mults = tokens[cut:], mults[cut:]
+                tokens, mults = tokens[:cut], mults[:cut]
+                next_chunk()
+                tokens, mults = moved_tokens, moved_mults
+            if len(tokens) == CHUNK_LENGTH:
+                next_chunk()
+            tokens.append(token)
+            mults.append(weight)
+
+    if tokens or not chunks:
+        next_chunk(is_last=True)
+    return chunks, token_count
+
+
+def _special_ids(tokenizer: Any) -> tuple[int, int]:
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None or eos is None:
+        raise UnusableFileError("the tokenizer has no BOS/EOS token; it is not a CLIP tokenizer")
+    return int(bos), int(eos)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Conditioning
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedPrompt:
+    """Text conditioning in the shapes diffusers takes.
+
+    `embeds` is [1, 77*k, D] (k chunks; D = 768 SD1, 1024 SD2, 768+1280 = 2048 SDXL);
+    `pooled` is [1, P] for SDXL (encoder 2's projection of the first chunk, 1280 for
+    real SDXL) and None otherwise.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    @property
+    def chunks(self) -> int:
+        return int(self.embeds.shape[1]) // (CHUNK_LENGTH + 2)
+
+
+Family = Literal["sd1", "sd2", "sdxl"]
+_BATCH_CHUNKS = 8  # chunks per text-encoder call: bounds activation memory for long prompts
+
+
+_Role = Literal["sd1", "sd2", "sdxl_l", "sdxl_g"]
+_SDXL_ROLES: tuple[_Role, ...] = ("sdxl_l", "sdxl_g")
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    tokenizer: Any
+    model: Any
+    role: _Role
+    pad: int
+    eos: int
+    layers: int
+
+
+class PromptEncoder:
+    """A1111's `FrozenCLIPEmbedderWithCustomWords` for a diffusers pipeline's encoders.
+
+    Pass `[pipe.tokenizer]`, `[pipe.text_encoder]` for SD1/SD2 and
+    `[pipe.tokenizer, pipe.tokenizer_2]`, `[pipe.text_encoder, pipe.text_encoder_2]` for
+    SDXL (`[pipe.tokenizer_2]`, `[pipe.text_encoder_2]` for the refiner).
+
+    Which layer feeds the UNet, as A1111 does it:
+
+    - SD1 (OpenAI CLIP-L: pad token = EOS): A1111 "Clip skip" N (`CLIP_stop_at_last_layers`)
+      takes `final_layer_norm(hidden_states[-N])`, or `last_hidden_state` for N = 1. That is
+      diffusers' `clip_skip = N - 1`, but do not pass clip_skip to diffusers 0.42.1 with
+      transformers 5: its SD1 `encode_prompt` calls the removed `text_encoder.text_model`.
+    - SD2 (OpenCLIP-H; its tokenizer pads with `!`, id 0, so pad ≠ EOS): A1111 uses the
+      penultimate block + final LayerNorm and ignores Clip skip. diffusers' converted SD2
+      text encoder already dropped the last block, so `last_hidden_state` is exactly that.
+    - SDXL: CLIP-L gives `hidden_states[-2]` and CLIP-G gives `hidden_states[-2]`, both
+      without final LayerNorm (sgm's "penultimate"/layer_idx 11), joined on the feature axis;
+      `pooled` is CLIP-G's `text_embeds` of the first chunk. Clip skip is ignored unless
+      `sdxl_clip_l_skip` (A1111's "Clip skip SDXL" option, default off), which makes CLIP-L
+      use `hidden_states[-N]` (still without LayerNorm); CLIP-G stays penultimate.
+
+    Every encoder tokenizes and chunks the prompt itself and pads with its own pad token
+    after the first EOS. Weights follow A1111's `emphasis` option: "Original" (default)
+    multiplies each token's vector by its weight, then rescales each chunk so its mean is
+    restored; "No norm" skips the rescale; "Ignore" parses but applies no weight; "None"
+    reads brackets as text. Weighting runs in float32, as A1111's float32 multipliers make it.
+    """
+
+    def __init__(
+        self,
+        tokenizers: Sequence[Any],
+        text_encoders: Sequence[Any],
+        *,
+        sdxl: bool,
+        comma_padding_backtrack: int = 20,
+        emphasis: Emphasis = "Original",
+        sdxl_clip_l_skip: bool = False,
+    ) -> None:
+        if len(tokenizers) != len(text_encoders) or not tokenizers:
+            raise ValueError("give one tokenizer per text encoder")
+        if len(tokenizers) > (2 if sdxl else 1):
+            kind = "an SDXL" if sdxl else "an SD1/SD2"
+            raise ValueError(f"{len(tokenizers)} text encoders given for {kind} model")
+        if emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}")
+        if not 0 <= comma_padding_backtrack <= 74:
+            raise ValueError("comma_padding_backtrack must be between 0 and 74")
+        self.family: Family = "sdxl" if sdxl else _sd_family(tokenizers[0])
+        self.comma_padding_backtrack = comma_padding_backtrack
+        self.emphasis: Emphasis = emphasis
+        self.sdxl_clip_l_skip = sdxl_clip_l_skip
+        # The SDXL refiner has only CLIP-G; the base model has CLIP-L then CLIP-G.
+        roles: list[_Role] = (
+            list(_SDXL_ROLES[-len(tokenizers) :]) if sdxl else [_sd_family(tokenizers[0])]
+        )
+        self._encoders = [
+            _Encoder(
+                tokenizer=tok,
+                model=model,
+                role=role,
+                pad=_pad_id(tok),
+                eos=_special_ids(tok)[1],
+                layers=int(model.config.num_hidden_layers),
+            )
+            for tok, model, role in zip(tokenizers, text_encoders, roles, strict=True)
+        ]
+        if sdxl and not hasattr(self._encoders[-1].model, "text_projection"):
+            raise UnusableFileError(
+                "the last SDXL text encoder must be a CLIPTextModelWithProjection (CLIP-G): "
+                "SDXL needs its pooled projection"
+            )
+
+    def tokenize(self, prompt: str, *, field: str = "prompt") -> tuple[list[PromptChunk], int]:
+        """Chunks and A1111 token count of `prompt` with the first tokenizer (UI counter)."""
+        return tokenize_prompt(
+            self._encoders[0].tokenizer,
+            prompt,
+            comma_padding_backtrack=self.comma_padding_backtrack,
+            emphasis=self.emphasis,
+            field=field,
+        )
+
+    def encode(
+        self,
+        prompt: str,
+        *,
+        clip_skip: int = 1,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        negative: bool = False,
+    ) -> EncodedPrompt:
+        """Encode one prompt (tags and comments already removed) as A1111 conditions on it.
+
+        Args:
+            prompt: the text; any length (one 77-position chunk per 75 tokens).
+            clip_skip: A1111's "Clip skip" (1 = last layer); see the class docstring.
+            device: where the token ids and the result go (the pipeline's execution device).
+            dtype: dtype of the result (usually the UNet's).
+            negative: True for the negative prompt. For SDXL an empty negative prompt gives
+                all-zero embeds and pooled, as A1111's `force_zero_negative_prompt` does.
+
+        Returns:
+            EncodedPrompt with embeds [1, 77*k, D] and, for SDXL, pooled [1, P].
+
+        Example:
+            >>> enc = PromptEncoder([pipe.tokenizer], [pipe.text_encoder], sdxl=False)
+            >>> cond = enc.encode("a (cat:1.2)", clip_skip=2, device="cuda", dtype=torch.float16)
+            >>> cond.embeds.shape
+            torch.Size([1, 77, 768])
+        """
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 1:
+            raise InvalidRequestError(
+                f"clip_skip must be an integer of at least 1, got {clip_skip!r}", field="clip_skip"
+            )
+        field = "negative_prompt" if negative else "prompt"
+        if self.family == "sdxl" and negative and prompt == "":
+            return self._zeros(device, dtype)
+
+        per_encoder = [
+            tokenize_prompt(
+                e.tokenizer,
+                prompt,
+                comma_padding_backtrack=self.comma_padding_backtrack,
+                emphasis=self.emphasis,
+                field=field,
+            )[0]
+            for e in self._encoders
+        ]
+        count = max(len(chunks) for chunks in per_encoder)
+        features: list[torch.Tensor] = []
+        pooled: torch.Tensor | None = None
+        with torch.no_grad():
+            for enc, chunks in zip(self._encoders, per_encoder, strict=True):
+                # A1111 batches prompts of unequal chunk counts with empty chunks.
+                chunks = chunks + [_empty_chunk(enc)] * (count - len(chunks))
+                parts = []
+                for start in range(0, count, _BATCH_CHUNKS):
+                    batch = chunks[start : start + _BATCH_CHUNKS]
+                    z, pool = self._run(enc, batch, clip_skip, device)
+                    parts.append(z)
+                    if start == 0 and pool is not None:
+                        pooled = pool[:1]  # A1111: zs[0].pooled, the first chunk's
+                z = torch.cat(parts)  # [k, 77, D]
+                features.append(z.reshape(1, -1, z.shape[-1]))  # [k, 77, D] -> [1, 77k, D]
+        embeds = torch.cat(features, dim=-1)  # SDXL: [1, 77k, D_L + D_G]
+        return EncodedPrompt(
+            embeds=embeds.to(device=device, dtype=dtype),
+            pooled=None if pooled is None else pooled.to(device=device, dtype=dtype),
+        )
+
+    def _run(
+        self, enc: _Encoder, chunks: list[PromptChunk], clip_skip: int, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one encoder on a batch of chunks; return weighted z [n, 77, D] and pooled."""
+        ids = torch.tensor([_with_pad(c.tokens, enc) for c in chunks], device=device)
+        layer = self._layer(enc, clip_skip)
+        out = enc.model(input_ids=ids, output_hidden_states=layer is not None)
+        if layer is None:
+            z = out.last_hidden_state
+        else:
+            z = out.hidden_states[layer]
+            if enc.role == "sd1":
+                z = _final_layer_norm(enc.model)(z)
+        pooled = out.text_embeds if enc.role == "sdxl_g" else None
+        mults = torch.tensor([c.multipliers for c in chunks], dtype=torch.float32, device=z.device)
+        return self._apply_emphasis(z.float(), mults), pooled
+
+    def _layer(self, enc: _Encoder, clip_skip: int) -> int | None:
+        """Index into hidden_states, or None for last_hidden_state."""
+        if enc.role == "sd2":
+            return None
+        if enc.role == "sdxl_g" or (enc.role == "sdxl_l" and not self.sdxl_clip_l_skip):
+            return -2
+        if clip_skip > enc.layers:
+            raise InvalidRequestError(
+                f"clip_skip must be between 1 and {enc.layers} for this model, got {clip_skip}",
+                field="clip_skip",
+            )
+        if enc.role == "sd1" and clip_skip == 1:
+            return None
+        return -clip_skip
+
+    def _apply_emphasis(self, z: torch.Tensor, mults: torch.Tensor) -> torch.Tensor:
+        """sd_emphasis: weight each token's vector; "Original" restores each chunk's mean."""
+        if self.emphasis in ("Ignore", "None"):
+            return z
+        original_mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * mults[:, :, None]  # [n, 77] -> [n, 77, 1] against [n, 77, D]
+        if self.emphasis == "No norm":
+            return z
+        new_mean = z.mean(dim=(1, 2), keepdim=True)
+        # A1111 divides unconditionally; where a chunk's mean is exactly 0 (a LayerNorm with
+        # untrained affine weights) that is 0/0 = NaN, so such chunks keep their weighting.
+        ratio = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)
+        return z * ratio
+
+    def _zeros(self, device: torch.device | str, dtype: torch.dtype) -> EncodedPrompt:
+        width = sum(int(e.model.config.hidden_size) for e in self._encoders)
+        projection = int(self._encoders[-1].model.config.projection_dim)
+        return EncodedPrompt(
+            embeds=torch.zeros(1, CHUNK_LENGTH + 2, width, device=device, dtype=dtype),
+            pooled=torch.zeros(1, projection, device=device, dtype=dtype),
+        )
+
+
+def _sd_family(tokenizer: Any) -> Literal["sd1", "sd2"]:
+    """SD2's OpenCLIP tokenizer pads with a token other than EOS; SD1's pads with EOS."""
+    return "sd1" if _pad_id(tokenizer) == _special_ids(tokenizer)[1] else "sd2"
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return _special_ids(tokenizer)[1] if pad is None else int(pad)
+
+
+def _with_pad(tokens: tuple[int, ...], enc: _Encoder) -> list[int]:
+    """A1111 process_tokens: everything after the first EOS becomes the pad id."""
+    ids = list(tokens)
+    if enc.pad != enc.eos:
+        end = ids.index(enc.eos) + 1
+        ids[end:] = [enc.pad] * (len(ids) - end)
+    return ids
+
+
+def _empty_chunk(enc: _Encoder) -> PromptChunk:
+    bos, eos = _special_ids(enc.tokenizer)
+    return PromptChunk(
+        tokens=(bos, *[eos] * (CHUNK_LENGTH + 1)), multipliers=(1.0,) * (CHUNK_LENGTH + 2)
+    )
+
+
+def _final_layer_norm(model: Any) -> Any:
+    """transformers 5 folds the text transformer into CLIPTextModel; 4.x nests it."""
+    norm = getattr(model, "final_layer_norm", None)
+    return norm if norm is not None else model.text_model.final_layer_norm
+
+
+def pad_to_same_length(
+    a: EncodedPrompt, b: EncodedPrompt, *, empty: EncodedPrompt | None = None
+) -> tuple[EncodedPrompt, EncodedPrompt]:
+    """Make prompt and negative prompt the same length so diffusers can batch them.
+
+    A1111 by default runs cond and uncond of different lengths through the UNet separately,
+    which a diffusers pipeline cannot do. With `empty` (the encoding of "" made right after
+    the model loads, before any LoRA, as A1111's `cond_stage_model_empty_prompt`), this is
+    A1111's "Pad prompt/negative prompt" option: the shorter one gets copies of the empty
+    prompt's chunk. Without it, the shorter one repeats its last vector (A1111's rule for
+    AND sub-prompts and its pre-1.6 DDIM padding). Pooled outputs are never padded.
+    """
+    length_a, length_b = a.embeds.shape[1], b.embeds.shape[1]
+    if length_a == length_b:
+        return a, b
+    if length_a < length_b:
+        return _pad(a, length_b, empty), b
+    return a, _pad(b, length_a, empty)
+
+
+def _pad(prompt: EncodedPrompt, length: int, empty: EncodedPrompt | None) -> EncodedPrompt:
+    embeds = prompt.embeds
+    missing = length - embeds.shape[1]
+    if empty is None:
+        fill = embeds[:, -1:].expand(-1, missing, -1)  # [B, 1, D] -> [B, missing, D]
+    else:
+        repeats = missing // empty.embeds.shape[1]
+        fill = empty.embeds.to(embeds).repeat(embeds.shape[0], repeats, 1)
+    padded = torch.cat([embeds, fill], dim=1)
+    if padded.shape[1] != length:
+        raise ValueError("the empty prompt's length does not divide the difference in length")
+    return replace(prompt, embeds=padded)

@@ -1,0 +1,240 @@
+"""Generation request and result types, with their bounds: the one source of truth.
+
+The UI sliders, the A1111 API validation and the CLI flags are all built from `FIELDS`
+and `Bounds`, so a parameter is declared once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from PIL import Image
+
+from pipelines.errors import InvalidRequestError
+
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a stack: `weight` acts on the UNet, `te_weight` on the text encoder(s).
+
+    `te_weight=None` means "same as weight" (A1111's `<lora:name:w>`).
+    """
+
+    name: str
+    weight: float = 1.0
+    te_weight: float | None = None
+
+    @property
+    def text_encoder_weight(self) -> float:
+        return self.weight if self.te_weight is None else self.te_weight
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Admin-configurable request limits (contract defaults)."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 100
+    max_prompt_chars: int = 20_000
+    max_cfg: float = 30.0
+    max_pixels: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one request field looks to every front end."""
+
+    name: str
+    kind: type
+    default: Any
+    label: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines an image; every front end builds exactly this.
+
+    `checkpoint=None` means the engine's current model. `loras` is the UI/API stack;
+    `<lora:...>` tags inside `prompt` are merged into it by the engine.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    n_iter: int = 1
+    sampler_name: str = "DPM++ 2M"
+    scheduler: str = "automatic"
+    clip_skip: int = 1
+    denoising_strength: float = 0.75
+    checkpoint: str | None = None
+    loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+
+    def validated(self, bounds: Bounds) -> GenerationRequest:
+        """Check every field against `bounds`; return the request with sizes rounded down
+        to a multiple of 8 (as A1111 does). Raises InvalidRequestError naming the field."""
+        return validate_request(self, bounds)
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec(
+        "prompt",
+        str,
+        "",
+        "Prompt",
+        help="A1111 syntax: (word:1.2), [word], BREAK, <lora:name:weight>",
+    ),
+    FieldSpec("negative_prompt", str, "", "Negative prompt"),
+    FieldSpec("steps", int, 20, "Sampling steps", 1, 150, 1),
+    FieldSpec("cfg_scale", float, 7.0, "CFG scale", 0.0, 30.0, 0.5),
+    FieldSpec("seed", int, -1, "Seed", -1, SEED_MAX, 1, "-1 picks a random seed"),
+    FieldSpec("width", int, 512, "Width", 64, 2048, 8),
+    FieldSpec("height", int, 512, "Height", 64, 2048, 8),
+    FieldSpec("batch_size", int, 1, "Batch size", 1, 8, 1),
+    FieldSpec("n_iter", int, 1, "Batch count", 1, 100, 1),
+    FieldSpec("sampler_name", str, "DPM++ 2M", "Sampling method"),
+    FieldSpec("scheduler", str, "automatic", "Schedule type"),
+    FieldSpec("clip_skip", int, 1, "Clip skip", 1, 12, 1),
+    FieldSpec("denoising_strength", float, 0.75, "Denoising strength", 0.0, 1.0, 0.01),
+)
+
+
+def field_spec(name: str, bounds: Bounds | None = None) -> FieldSpec:
+    """The spec of one field, with its limits taken from the admin's `bounds`."""
+    spec = next(f for f in FIELDS if f.name == name)
+    if bounds is None:
+        return spec
+    limits: dict[str, tuple[float, float]] = {
+        "steps": (1, bounds.max_steps),
+        "width": (bounds.min_size, bounds.max_size),
+        "height": (bounds.min_size, bounds.max_size),
+        "batch_size": (1, bounds.max_batch_size),
+        "n_iter": (1, bounds.max_n_iter),
+        "cfg_scale": (0.0, bounds.max_cfg),
+    }
+    if name in limits:
+        low, high = limits[name]
+        return replace(spec, minimum=low, maximum=high)
+    return spec
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", field=name)
+    if not low <= value <= high:
+        raise InvalidRequestError(
+            f"{name} must be between {low} and {high}, got {value}", field=name
+        )
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", field=name)
+    number = float(value)
+    if not math.isfinite(number) or not low <= number <= high:
+        raise InvalidRequestError(
+            f"{name} must be a finite number between {low:g} and {high:g}, got {value}",
+            field=name,
+        )
+    return number
+
+
+def _check_text(name: str, value: object, limit: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string", field=name)
+    if len(value) > limit:
+        raise InvalidRequestError(
+            f"{name} is {len(value)} characters long; the limit is {limit}", field=name
+        )
+    if "\x00" in value:
+        raise InvalidRequestError(f"{name} contains a NUL character", field=name)
+    return value
+
+
+def _check_lora(index: int, spec: object) -> LoraSpec:
+    where = f"loras[{index}]"
+    if not isinstance(spec, LoraSpec):
+        raise InvalidRequestError(f"{where} must be a LoRA spec", field=where)
+    if not isinstance(spec.name, str) or not spec.name.strip() or "\x00" in spec.name:
+        raise InvalidRequestError(f"{where}.name must be a non-empty name", field=where)
+    for label, weight in (("weight", spec.weight), ("te_weight", spec.te_weight)):
+        if weight is not None:
+            _check_float(f"{where}.{label}", weight, -100.0, 100.0)
+    return spec
+
+
+def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRequest:
+    """Validate all fields before any heavy work; see GenerationRequest.validated."""
+    _check_text("prompt", request.prompt, bounds.max_prompt_chars)
+    _check_text("negative_prompt", request.negative_prompt, bounds.max_prompt_chars)
+    _check_int("steps", request.steps, 1, bounds.max_steps)
+    _check_float("cfg_scale", request.cfg_scale, 0.0, bounds.max_cfg)
+    if request.seed != -1:
+        _check_int("seed", request.seed, 0, SEED_MAX)
+    elif isinstance(request.seed, bool):
+        raise InvalidRequestError("seed must be an integer", field="seed")
+    width = _check_int("width", request.width, bounds.min_size, bounds.max_size) // 8 * 8
+    height = _check_int("height", request.height, bounds.min_size, bounds.max_size) // 8 * 8
+    batch = _check_int("batch_size", request.batch_size, 1, bounds.max_batch_size)
+    _check_int("n_iter", request.n_iter, 1, bounds.max_n_iter)
+    _check_int("clip_skip", request.clip_skip, 1, 12)
+    _check_float("denoising_strength", request.denoising_strength, 0.0, 1.0)
+    if width * height * batch > bounds.max_pixels:
+        raise InvalidRequestError(
+            f"width x height x batch_size = {width}x{height}x{batch} = "
+            f"{width * height * batch} pixels exceeds the limit of {bounds.max_pixels} "
+            "(set by --max-pixels); use a smaller size or batch",
+            field="width",
+        )
+    for name in ("sampler_name", "scheduler"):
+        value = getattr(request, name)
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"{name} must be a string", field=name)
+    if request.checkpoint is not None:
+        _check_text("checkpoint", request.checkpoint, 4096)
+    loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
+    return replace(request, width=width, height=height, loras=loras)
+
+
+def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
+    """Build a request from plain values (CLI, UI, API), rejecting unknown keys."""
+    known = {f.name for f in fields(GenerationRequest)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+    values = dict(data)
+    if "loras" in values:
+        values["loras"] = tuple(
+            item if isinstance(item, LoraSpec) else LoraSpec(**item) for item in values["loras"]
+        )
+    return GenerationRequest(**values)
+
+
+@dataclass
+class GenerationResult:
+    """Images of one request, with what was actually used to make them."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    request: GenerationRequest
+    model_name: str
+    model_hash: str | None
+    interrupted: bool = False
+    notes: list[str] = field(default_factory=list)
