@@ -85,6 +85,7 @@ class CurrentModel:
     title: str  # registry title, or the demo name
     entry: CheckpointEntry | None
     notes: list[str] = field(default_factory=list)
+    prompt_encoder: PromptEncoder | None = None
 
     @property
     def model_hash(self) -> str | None:
@@ -149,6 +150,15 @@ class Engine:
         with self._lock:
             return self._switch(name)
 
+    def use_pipeline(self, loaded: LoadedModel, name: str) -> CurrentModel:
+        """Install an already built pipeline (benchmarks, embedding in other programs)."""
+        with self._lock:
+            self._unload()
+            model = CurrentModel(
+                loaded.pipe, loaded.architecture, name, name, None, list(loaded.notes)
+            )
+            return self._install(model)
+
     def _switch(self, name: str | None) -> CurrentModel:
         if name is None:
             usable = [e for e in self.checkpoints.entries() if not e.error]
@@ -179,8 +189,8 @@ class Engine:
     def _load_demo(self) -> CurrentModel:
         loaded = build_random_pipeline(DEMO_YAML, DEMO_SEED, self.settings.cache_dir)
         log.warning(
-            "No checkpoint found in %s: running the built-in tiny demo model. Its weights are "
-            "random, so its images are noise. Put a Stable Diffusion checkpoint into a models "
+            "No checkpoint found in %s: running the built-in tiny demo model, which has random "
+            "weights, so its images are noise. Put a Stable Diffusion checkpoint into a models "
             "folder and refresh.",
             ", ".join(str(p) for p in self.settings.models_dirs),
         )
@@ -369,6 +379,12 @@ class Engine:
         )
 
     def _prompt_encoder(self, model: CurrentModel) -> PromptEncoder:
+        """One encoder per loaded model (building one prepares its tokenizers)."""
+        if model.prompt_encoder is None:
+            model.prompt_encoder = self._new_prompt_encoder(model)
+        return model.prompt_encoder
+
+    def _new_prompt_encoder(self, model: CurrentModel) -> PromptEncoder:
         pipe = model.pipe
         sdxl = model.architecture.family == "SDXL"
         tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t]

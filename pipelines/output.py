@@ -6,10 +6,12 @@ import datetime as dt
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 SEQUENCE = re.compile(r"^(\d{5,})-")
+_NAMING = threading.Lock()
 
 
 def next_sequence_number(folder: Path) -> int:
@@ -35,15 +37,16 @@ def write_new_file(folder: Path, make_name: Callable[[int], str], data: bytes) -
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        number = next_sequence_number(folder)
-        for _ in range(10_000):
-            target = folder / make_name(number)
-            try:
-                os.link(temporary, target)
-            except FileExistsError:
-                number += 1
-                continue
-            return target
+        with _NAMING:  # one sequence number per image, also across threads
+            number = next_sequence_number(folder)
+            for _ in range(10_000):
+                target = folder / make_name(number)
+                try:
+                    os.link(temporary, target)
+                except FileExistsError:
+                    number += 1
+                    continue
+                return target
         raise OSError(f"no free file name in {folder}")
     finally:
         temporary.unlink(missing_ok=True)

@@ -120,7 +120,7 @@ def parse_settings(
         if dest == "help":
             continue
         flag_value = getattr(args, dest)
-        given = flag_value not in (None, False)
+        given = flag_value is not None and flag_value is not False
         raw = None if given else _env_value(env, dest)
         if given:
             values[dest] = flag_value

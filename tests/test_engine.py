@@ -256,3 +256,30 @@ def test_switching_models_frees_memory(engine: Engine) -> None:
 
 def test_threads_setting_applies() -> None:
     assert torch.get_num_threads() == 2
+
+
+class _Exploit:
+    """Pickles as a call that would create a marker file if anything unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_pickle_checkpoint_runs_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save(
+        {"state_dict": {"x": torch.zeros(1)}, "evil": _Exploit(marker)}, folder / "evil.ckpt"
+    )
+    (folder / "notes.txt").write_text("not a model")  # wrong extension: not listed
+    engine = make_engine(tmp_path, folder)
+    assert [e.relpath for e in engine.checkpoints.entries()] == ["evil.ckpt"]
+    with pytest.raises(UnusableFileError, match="evil.ckpt.*system") as caught:
+        engine.load_checkpoint("evil")
+    assert "safetensors" in caught.value.message
+    assert not marker.exists()
+    assert engine.checkpoints.resolve("evil").error  # now listed as unusable

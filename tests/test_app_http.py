@@ -1,0 +1,98 @@
+"""The real app as a user starts it: `python app.py` serves a working txt2img page."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    data = tmp_path_factory.mktemp("app-data")
+    log = data / "app.log"
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1")
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port)],
+            cwd=PROJECT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(url, process)
+        yield url, data, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_page_serves_on_localhost_with_demo_notice(server: tuple[str, Path, Path]) -> None:
+    url, _, log = server
+    with urllib.request.urlopen(url, timeout=10) as response:
+        page = response.read().decode()
+    assert "lorastack" in page
+    assert "Demo model" in page or "demo" in page.lower()
+    assert "random weights" in log.read_text()
+
+
+def test_txt2img_through_gradio_client(server: tuple[str, Path, Path]) -> None:
+    from gradio_client import Client
+
+    url, data, _ = server
+    client = Client(url, verbose=False)
+    gallery, infotext = client.predict(
+        "a lighthouse",
+        "",
+        2,
+        7.0,
+        11,
+        64,
+        64,
+        1,
+        1,
+        "Euler",
+        "Automatic",
+        1,
+        "lorastack-demo-tiny",
+        api_name="/txt2img",
+    )
+    assert len(gallery) == 1
+    assert "Seed: 11" in infotext and "Size: 64x64" in infotext
+    saved = list((data / "outputs" / "txt2img-images").rglob("*.png"))
+    assert len(saved) == 1 and saved[0].name.endswith("-11.png")

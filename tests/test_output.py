@@ -1,0 +1,73 @@
+"""Saving never overwrites, numbers like A1111, and never leaves half files under a name."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipelines.infotext import read_infotext, write_png_with_infotext
+from pipelines.output import next_sequence_number, save_png, write_new_file
+
+DAY = dt.date(2026, 11, 23)
+
+
+def _png(text: str = "a cat\nSteps: 2, Sampler: Euler, Seed: 1") -> bytes:
+    return write_png_with_infotext(Image.new("RGB", (8, 8), (10, 20, 30)), text)
+
+
+def test_dated_folder_and_sequence(tmp_path: Path) -> None:
+    first = save_png(tmp_path, _png(), 42, today=DAY)
+    second = save_png(tmp_path, _png(), 43, today=DAY)
+    assert first == tmp_path / "txt2img-images" / "2026-11-23" / "00000-42.png"
+    assert second.name == "00001-43.png"
+    assert read_infotext(first).startswith("a cat")
+
+
+def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
+    folder = tmp_path / "txt2img-images" / "2026-11-23"
+    folder.mkdir(parents=True)
+    (folder / "00007-1.png").write_bytes(b"user's file")
+    saved = save_png(tmp_path, _png(), 1, today=DAY)
+    assert saved.name == "00008-1.png"
+    assert (folder / "00007-1.png").read_bytes() == b"user's file"
+
+
+def test_concurrent_saves_get_distinct_names(tmp_path: Path) -> None:
+    paths: list[Path] = []
+    lock = threading.Lock()
+
+    def save(seed: int) -> None:
+        path = save_png(tmp_path, _png(), seed, today=DAY)
+        with lock:
+            paths.append(path)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({p.name[:5] for p in paths}) == 16
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    earlier = save_png(tmp_path, _png(), 1, today=DAY)
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipelines.output.os.fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_png(tmp_path, _png(), 2, today=DAY)
+    folder = earlier.parent
+    assert sorted(p.name for p in folder.iterdir()) == [earlier.name]
+
+
+def test_sequence_ignores_other_names(tmp_path: Path) -> None:
+    for name in ("notes.txt", "00003-5.png", "12-1.png", ".saving-x.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert next_sequence_number(tmp_path) == 4
+    assert write_new_file(tmp_path, lambda n: f"{n:05d}-x.png", b"1").name == "00004-x.png"
