@@ -22,6 +22,8 @@ CASES = [
     ("v2-inference.yaml", Architecture.SD2, 1024, 686),
     ("v2-inpainting-inference.yaml", Architecture.SD2_INPAINT, 1024, 686),
     ("sd_xl_base.yaml", Architecture.SDXL, 2048, 1680),
+    ("sd_xl_inpaint.yaml", Architecture.SDXL_INPAINT, 2048, 1680),
+    ("sd_xl_refiner.yaml", Architecture.SDXL_REFINER, 1280, None),
 ]
 
 
@@ -48,17 +50,22 @@ def _meta_checkpoint(yaml_name: str) -> tuple[dict[str, torch.Tensor], object]:
 
 
 @pytest.mark.parametrize(("yaml_name", "arch", "context", "unet_keys"), CASES)
-def test_real_size_layout(yaml_name: str, arch: Architecture, context: int, unet_keys: int) -> None:
+def test_real_size_layout(
+    yaml_name: str, arch: Architecture, context: int, unet_keys: int | None
+) -> None:
     state, spec = _meta_checkpoint(yaml_name)
     shapes = ldm_shapes(state)
-    assert sum(k.startswith("model.diffusion_model.") for k in shapes) == unet_keys
+    if unet_keys is not None:
+        assert sum(k.startswith("model.diffusion_model.") for k in shapes) == unet_keys
     detection = detect_architecture(shapes, source=yaml_name)
     assert detection.architecture is arch
     assert detection.context_dim == context
     assert detection.v_ambiguous is (arch is Architecture.SD2)
     modules = modules_from_checkpoint(spec, state, yaml_name)  # strict: raises on mismatch
     assert modules["unet"].config.cross_attention_dim == context
-    if arch.family == "SDXL":
+    if arch is Architecture.SDXL_REFINER:
+        assert set(modules) == {"unet", "vae", "text_encoder_2"}
+    elif arch.family == "SDXL":
         assert modules["unet"].config.addition_time_embed_dim == 256
         assert modules["text_encoder_2"].config.hidden_size == 1280
         assert spec.vae_config["scaling_factor"] == pytest.approx(0.13025)
@@ -79,3 +86,11 @@ def test_empty_module_keeps_buffers_real() -> None:
     encoder = _empty_module(lambda: _build_text_encoder(spec.text_encoders[0]))
     assert all(not b.is_meta for b in encoder.buffers())
     assert all(p.is_meta for p in encoder.parameters())
+
+
+def test_refiner_is_named_and_refused_for_txt2img() -> None:
+    from pipelines.errors import UnusableFileError
+    from pipelines.loading import pipeline_class_for
+
+    with pytest.raises(UnusableFileError, match="refiner"):
+        pipeline_class_for(Architecture.SDXL_REFINER)
