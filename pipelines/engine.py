@@ -25,10 +25,19 @@ from pipelines import __version__
 from pipelines.architecture import Architecture
 from pipelines.devices import DevicePlan, place_pipeline, plan_device
 from pipelines.errors import BusyError, DeviceOutOfMemoryError, UnusableFileError
-from pipelines.infotext import format_infotext
+from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.loading import CONFIGS_DIR, LoadedModel, load_diffusers_folder, load_single_file
 from pipelines.loading import random_pipeline as build_random_pipeline
-from pipelines.prompt import EncodedPrompt, PromptEncoder, extract_lora_tags, pad_to_same_length
+from pipelines.lora import LoraApplier
+from pipelines.lora_registry import LoraLibrary
+from pipelines.prompt import (
+    EncodedPrompt,
+    PromptEncoder,
+    extract_lora_tags,
+    format_lora_tag,
+    pad_to_same_length,
+    strip_comments,
+)
 from pipelines.registry import CheckpointEntry, CheckpointRegistry, HashCache, sha256_of_file
 from pipelines.safeload import load_state_dict
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
@@ -86,6 +95,8 @@ class CurrentModel:
     entry: CheckpointEntry | None
     notes: list[str] = field(default_factory=list)
     prompt_encoder: PromptEncoder | None = None
+    applier: LoraApplier | None = None
+    empty_prompt: EncodedPrompt | None = None
 
     @property
     def model_hash(self) -> str | None:
@@ -101,6 +112,7 @@ class Engine:
     Args:
         settings: the operator's settings (device, threads, folders, bounds).
         checkpoints: the checkpoint registry (scanned by the caller or lazily here).
+        loras: the LoRA library (scanned by the caller); one over settings' folders if omitted.
         plan: device plan; decided from settings when omitted.
     Example:
         >>> engine = Engine(settings, CheckpointRegistry(settings.models_dirs, HashCache(None)))
@@ -111,11 +123,13 @@ class Engine:
         self,
         settings: Settings,
         checkpoints: CheckpointRegistry,
+        loras: LoraLibrary | None = None,
         *,
         plan: DevicePlan | None = None,
     ) -> None:
         self.settings = settings
         self.checkpoints = checkpoints
+        self.loras = loras if loras is not None else LoraLibrary(settings.loras_dirs)
         self.plan = plan or plan_device(
             settings.device,
             want_xformers=settings.xformers,
@@ -236,6 +250,11 @@ class Engine:
     def _install(self, model: CurrentModel) -> CurrentModel:
         place_pipeline(model.pipe, self.plan)
         model.pipe.set_progress_bar_config(disable=True)
+        model.applier = LoraApplier(model.pipe, model.architecture, self.loras.cache)
+        # A1111's cond_stage_model_empty_prompt: "" encoded before any LoRA, for padding.
+        model.empty_prompt = self._prompt_encoder(model).encode(
+            "", device=self.plan.device, dtype=self.plan.dtype
+        )
         self._model = model
         return model
 
@@ -280,15 +299,20 @@ class Engine:
         # 1. validate everything before touching the model
         request = request.validated(self.bounds)
         sampler = resolve_sampler(request.sampler_name, request.scheduler)
-        prompt, tag_loras = extract_lora_tags(request.prompt)
-        negative, negative_loras = extract_lora_tags(request.negative_prompt)
-        stack = (*request.loras, *tag_loras, *negative_loras)
+        # A1111: comments go first; tags are read from the prompt only (in the negative
+        # prompt they are plain text).
+        prompt, tag_loras = extract_lora_tags(strip_comments(request.prompt))
+        negative = strip_comments(request.negative_prompt)
+        stack, stack_notes = combine_stacks(request.loras, tag_loras)
+        request = replace(request, loras=stack[: len(stack) - len(tag_loras)])
         if self._loading is not None:
             raise BusyError(f"model {self._loading} is still loading", retry_after=10)
         # 2. one job at a time on the pipeline
         with self._lock:
             try:
-                return self._generate_locked(request, sampler, prompt, negative, stack, on_step)
+                result = self._generate_locked(request, sampler, prompt, negative, stack, on_step)
+                result.notes[:0] = stack_notes
+                return result
             except torch.cuda.OutOfMemoryError as error:
                 self._recover_memory()
                 raise DeviceOutOfMemoryError(
@@ -316,8 +340,7 @@ class Engine:
     ) -> GenerationResult:
         # 3. the model this request asked for
         model = self._switch(request.checkpoint)
-        if stack:
-            self.apply_lora_stack(model, stack)
+        lora_notes, applied = self._apply_loras(model, stack)
         pipe = model.pipe
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
 
@@ -333,7 +356,9 @@ class Engine:
             dtype=self.plan.dtype,
             negative=True,
         )
-        positive, negative_encoded = pad_to_same_length(positive, negative_encoded)
+        positive, negative_encoded = pad_to_same_length(
+            positive, negative_encoded, empty=model.empty_prompt
+        )
 
         # 5. seeds: -1 picks one; batch items use seed, seed+1, ... (A1111)
         base_seed = request.seed if request.seed != -1 else random.randint(0, SEED_MAX)
@@ -366,7 +391,7 @@ class Engine:
 
         # 6. infotexts, one per image
         used_request = replace(request, seed=base_seed)
-        infotexts = [self.infotext(used_request, model, sampler, seed, stack) for seed in seeds]
+        infotexts = [self.infotext(used_request, model, sampler, seed, applied) for seed in seeds]
         return GenerationResult(
             images=images,
             seeds=seeds,
@@ -375,7 +400,7 @@ class Engine:
             model_name=model.name,
             model_hash=model.model_hash,
             interrupted=progress.interrupted,
-            notes=list(model.notes),
+            notes=[*model.notes, *lora_notes],
         )
 
     def _prompt_encoder(self, model: CurrentModel) -> PromptEncoder:
@@ -449,13 +474,21 @@ class Engine:
                 pipe.vae.disable_tiling()
         return list(output.images)
 
-    def apply_lora_stack(self, model: CurrentModel, stack: tuple[LoraSpec, ...]) -> None:
-        """Apply exactly `stack` to the model (LoRA support is added by the LoRA issue)."""
-        raise UnusableFileError(
-            "LoRA support is not installed in this build: "
-            + ", ".join(spec.name for spec in stack),
-            field="loras",
-        )
+    def _apply_loras(
+        self, model: CurrentModel, stack: tuple[LoraSpec, ...]
+    ) -> tuple[list[str], list[tuple[str, str | None]]]:
+        """Make the model's weights exactly base + this request's stack (an empty stack
+        restores the base). Returns warnings and the (name, short hash) pairs applied."""
+        resolved = []
+        for spec in stack:
+            entry = self.loras.resolve(spec.name)
+            if entry.error:
+                raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
+            resolved.append((entry, spec.weight, spec.text_encoder_weight))
+        assert model.applier is not None
+        warnings = model.applier.apply(resolved)
+        applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
+        return warnings, applied
 
     def infotext(
         self,
@@ -463,9 +496,10 @@ class Engine:
         model: CurrentModel,
         sampler: SamplerChoice,
         seed: int,
-        stack: tuple[LoraSpec, ...],
+        applied: list[tuple[str, str | None]],
     ) -> str:
-        """A1111 `parameters` text for one image of `request`."""
+        """A1111 `parameters` text for one image of `request`; UI-stack LoRAs are written
+        into the prompt as tags so any A1111-compatible tool replays them."""
         params: dict[str, object] = {
             "Steps": request.steps,
             "Sampler": sampler.sampler,
@@ -476,9 +510,30 @@ class Engine:
             "Model hash": model.model_hash,
             "Model": model.name,
             "Clip skip": request.clip_skip,
-            "Version": f"lorastack {__version__}",
         }
-        return format_infotext(request.prompt, request.negative_prompt, params)
+        hashes = [(name, short) for name, short in applied if short]
+        if hashes:
+            params["Lora hashes"] = format_lora_hashes(hashes)
+        params["Version"] = f"lorastack {__version__}"
+        tags = " ".join(format_lora_tag(spec) for spec in request.loras)
+        prompt = f"{request.prompt} {tags}" if request.prompt and tags else request.prompt or tags
+        return format_infotext(prompt, request.negative_prompt, params)
+
+
+def combine_stacks(
+    ui_stack: tuple[LoraSpec, ...], tag_stack: list[LoraSpec]
+) -> tuple[tuple[LoraSpec, ...], list[str]]:
+    """The stack a request applies: UI/API rows, then prompt tags. A LoRA named both ways
+    takes the tag's weights (the prompt is what gets written into the infotext and
+    replayed), and the result says so instead of silently doubling it."""
+    tagged = {spec.name.lower() for spec in tag_stack}
+    notes = [
+        f"LoRA '{spec.name}': the prompt tag's weight replaces the stack weight {spec.weight:g}"
+        for spec in ui_stack
+        if spec.name.lower() in tagged
+    ]
+    kept = tuple(spec for spec in ui_stack if spec.name.lower() not in tagged)
+    return (*kept, *tag_stack), notes
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -486,5 +541,8 @@ def build_engine(settings: Settings) -> Engine:
     hashes = HashCache(settings.cache_dir / "hashes.json")
     checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
     checkpoints.scan()
-    threading.Thread(target=checkpoints.hash_all, name="hash-checkpoints", daemon=True).start()
-    return Engine(settings, checkpoints)
+    loras = LoraLibrary(settings.loras_dirs, hashes)
+    loras.scan()
+    for job in (checkpoints.hash_all, loras.hash_all):
+        threading.Thread(target=job, name=f"hash-{job.__qualname__}", daemon=True).start()
+    return Engine(settings, checkpoints, loras)

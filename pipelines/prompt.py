@@ -21,6 +21,7 @@ alternation `[a|b]`, `AND` (composable diffusion) and textual-inversion embeddin
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -328,6 +329,104 @@ class PromptChunk:
     multipliers: tuple[float, ...]
 
 
+class PromptTokenizer:
+    """A CLIP tokenizer reading prompt text the way A1111's tokenizers do.
+
+    diffusers' SD2 and SDXL-G tokenizers declare their pad token `!` (id 0) special, so a
+    `!` typed in a prompt becomes padding (diffusers issue #4153); A1111's OpenCLIP
+    tokenizer reads it as the word `!` (id 256). Prompt text is therefore tokenized without
+    special tokens other than BOS/EOS/UNK; tokens added for textual inversion are kept.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.bos, self.eos = _special_ids(tokenizer)
+        self.pad = self.eos if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+        comma = tokenizer.convert_tokens_to_ids(",</w>")
+        self.comma: int | None = None if comma in (None, tokenizer.unk_token_id) else comma
+        self._backend = _without_extra_special_tokens(tokenizer)
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS and without truncation."""
+        if self._backend is not None:
+            return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def chunks(
+        self,
+        prompt: str,
+        *,
+        comma_padding_backtrack: int = 20,
+        emphasis: Emphasis = "Original",
+        field: str = "prompt",
+    ) -> tuple[list[PromptChunk], int]:
+        """Split a prompt into 75-token chunks as A1111's `tokenize_line` does.
+
+        Fragments are tokenized separately; BREAK closes the current chunk; a chunk that
+        fills up moves the text after its last comma to the next chunk when that comma is at
+        most `comma_padding_backtrack` tokens back (0 disables it). Returns the chunks and
+        A1111's token count (75 per full chunk plus the tokens of the last one), which is
+        what its UI counter shows. An empty prompt is one chunk.
+        """
+        plain = emphasis == "None"
+        parsed = [(prompt, 1.0)] if plain else parse_prompt_attention(prompt, field=field)
+        tokenized = self.ids([text for text, _ in parsed])
+        bos, eos, comma = self.bos, self.eos, self.comma
+
+        chunks: list[PromptChunk] = []
+        tokens: list[int] = []
+        mults: list[float] = []
+        token_count = 0
+        last_comma = -1
+
+        def next_chunk(is_last: bool = False) -> None:
+            nonlocal tokens, mults, token_count, last_comma
+            token_count += len(tokens) if is_last else CHUNK_LENGTH
+            pad = CHUNK_LENGTH - len(tokens)
+            chunks.append(
+                PromptChunk(
+                    tokens=(bos, *tokens, *[eos] * pad, eos),
+                    multipliers=(1.0, *mults, *[1.0] * pad, 1.0),
+                )
+            )
+            tokens, mults, last_comma = [], [], -1
+
+        for ids, (text, weight) in zip(tokenized, parsed, strict=True):
+            if (text, weight) == BREAK:
+                next_chunk()
+                continue
+            for token in ids:
+                if token == comma:
+                    last_comma = len(tokens)
+                elif (
+                    comma_padding_backtrack != 0
+                    and len(tokens) == CHUNK_LENGTH
+                    and last_comma != -1
+                    and len(tokens) - last_comma <= comma_padding_backtrack
+                ):
+                    cut = last_comma + 1
+                    moved_tokens, moved_mults = tokens[cut:], mults[cut:]
+                    tokens, mults = tokens[:cut], mults[:cut]
+                    next_chunk()
+                    tokens, mults = moved_tokens, moved_mults
+                if len(tokens) == CHUNK_LENGTH:
+                    next_chunk()
+                tokens.append(token)
+                mults.append(weight)
+
+        if tokens or not chunks:
+            next_chunk(is_last=True)
+        return chunks, token_count
+
+    def empty_chunk(self) -> PromptChunk:
+        """A1111's `empty_chunk`: BOS then EOS, all weights 1."""
+        return PromptChunk(
+            tokens=(self.bos, *[self.eos] * (CHUNK_LENGTH + 1)),
+            multipliers=(1.0,) * (CHUNK_LENGTH + 2),
+        )
+
+
 def tokenize_prompt(
     tokenizer: Any,
     prompt: str,
@@ -336,67 +435,27 @@ def tokenize_prompt(
     emphasis: Emphasis = "Original",
     field: str = "prompt",
 ) -> tuple[list[PromptChunk], int]:
-    """Split a prompt into 75-token chunks as A1111's `tokenize_line` does.
+    """`PromptTokenizer(tokenizer).chunks(prompt, ...)`; keep a PromptTokenizer to reuse it."""
+    return PromptTokenizer(tokenizer).chunks(
+        prompt, comma_padding_backtrack=comma_padding_backtrack, emphasis=emphasis, field=field
+    )
 
-    Fragments are tokenized without special tokens; BREAK closes the current chunk; a chunk
-    that fills up moves the text after its last comma to the next chunk when that comma is
-    at most `comma_padding_backtrack` tokens back (0 disables it). Returns the chunks and
-    A1111's token count (75 per full chunk plus the tokens of the last one), which is what
-    its UI counter shows. An empty prompt is one chunk.
-    """
-    plain = emphasis == "None"
-    parsed = [(prompt, 1.0)] if plain else parse_prompt_attention(prompt, field=field)
-    tokenized = tokenizer(
-        [text for text, _ in parsed], add_special_tokens=False, truncation=False, verbose=False
-    )["input_ids"]
-    bos, eos = _special_ids(tokenizer)
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
-    comma = None if comma in (None, tokenizer.unk_token_id) else comma
 
-    chunks: list[PromptChunk] = []
-    tokens: list[int] = []
-    mults: list[float] = []
-    token_count = 0
-    last_comma = -1
-
-    def next_chunk(is_last: bool = False) -> None:
-        nonlocal tokens, mults, token_count, last_comma
-        token_count += len(tokens) if is_last else CHUNK_LENGTH
-        pad = CHUNK_LENGTH - len(tokens)
-        chunks.append(
-            PromptChunk(
-                tokens=(bos, *tokens, *[eos] * pad, eos),
-                multipliers=(1.0, *mults, *[1.0] * pad, 1.0),
-            )
-        )
-        tokens, mults, last_comma = [], [], -1
-
-    for ids, (text, weight) in zip(tokenized, parsed, strict=True):
-        if (text, weight) == BREAK:
-            next_chunk()
-            continue
-        for token in ids:
-            if token == comma:
-                last_comma = len(tokens)
-            elif (
-                comma_padding_backtrack != 0
-                and len(tokens) == CHUNK_LENGTH
-                and last_comma != -1
-                and len(tokens) - last_comma <= comma_padding_backtrack
-            ):
-                cut = last_comma + 1
-                moved_tokens, moved_mults = tokens[cut:], mults[cut:]
-                tokens, mults = tokens[:cut], mults[:cut]
-                next_chunk()
-                tokens, mults = moved_tokens, moved_mults
-            if len(tokens) == CHUNK_LENGTH:
-                next_chunk()
-            tokens.append(token)
-            mults.append(weight)
-
-    if tokens or not chunks:
-        next_chunk(is_last=True)
-    return chunks, token_count
+def _without_extra_special_tokens(tokenizer: Any) -> Any:
+    """The fast tokenizer's backend minus special tokens other than BOS/EOS/UNK, or None
+    when it has none (then the tokenizer itself is used, exactly as diffusers does)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    keep = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token}
+    data = json.loads(backend.to_str())
+    added = data.get("added_tokens", [])
+    kept = [t for t in added if not t.get("special") or t.get("content") in keep]
+    if len(kept) == len(added):
+        return None
+    data["added_tokens"] = kept
+    data["padding"] = data["truncation"] = None  # a padded call leaves these set on the backend
+    return type(backend).from_str(json.dumps(data))
 
 
 def _special_ids(tokenizer: Any) -> tuple[int, int]:
@@ -438,11 +497,9 @@ _SDXL_ROLES: tuple[_Role, ...] = ("sdxl_l", "sdxl_g")
 
 @dataclass(frozen=True)
 class _Encoder:
-    tokenizer: Any
+    tokenizer: PromptTokenizer
     model: Any
     role: _Role
-    pad: int
-    eos: int
     layers: int
 
 
@@ -494,24 +551,21 @@ class PromptEncoder:
             raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}")
         if not 0 <= comma_padding_backtrack <= 74:
             raise ValueError("comma_padding_backtrack must be between 0 and 74")
-        self.family: Family = "sdxl" if sdxl else _sd_family(tokenizers[0])
+        prompt_tokenizers = [PromptTokenizer(tok) for tok in tokenizers]
+        # SD2's OpenCLIP tokenizer pads with a token other than EOS; SD1's pads with EOS.
+        first = prompt_tokenizers[0]
+        sd_role: Literal["sd1", "sd2"] = "sd1" if first.pad == first.eos else "sd2"
+        self.family: Family = "sdxl" if sdxl else sd_role
         self.comma_padding_backtrack = comma_padding_backtrack
         self.emphasis: Emphasis = emphasis
         self.sdxl_clip_l_skip = sdxl_clip_l_skip
         # The SDXL refiner has only CLIP-G; the base model has CLIP-L then CLIP-G.
-        roles: list[_Role] = (
-            list(_SDXL_ROLES[-len(tokenizers) :]) if sdxl else [_sd_family(tokenizers[0])]
-        )
+        roles: list[_Role] = list(_SDXL_ROLES[-len(tokenizers) :]) if sdxl else [sd_role]
         self._encoders = [
             _Encoder(
-                tokenizer=tok,
-                model=model,
-                role=role,
-                pad=_pad_id(tok),
-                eos=_special_ids(tok)[1],
-                layers=int(model.config.num_hidden_layers),
+                tokenizer=tok, model=model, role=role, layers=int(model.config.num_hidden_layers)
             )
-            for tok, model, role in zip(tokenizers, text_encoders, roles, strict=True)
+            for tok, model, role in zip(prompt_tokenizers, text_encoders, roles, strict=True)
         ]
         if sdxl and not hasattr(self._encoders[-1].model, "text_projection"):
             raise UnusableFileError(
@@ -521,8 +575,7 @@ class PromptEncoder:
 
     def tokenize(self, prompt: str, *, field: str = "prompt") -> tuple[list[PromptChunk], int]:
         """Chunks and A1111 token count of `prompt` with the first tokenizer (UI counter)."""
-        return tokenize_prompt(
-            self._encoders[0].tokenizer,
+        return self._encoders[0].tokenizer.chunks(
             prompt,
             comma_padding_backtrack=self.comma_padding_backtrack,
             emphasis=self.emphasis,
@@ -566,8 +619,7 @@ class PromptEncoder:
             return self._zeros(device, dtype)
 
         per_encoder = [
-            tokenize_prompt(
-                e.tokenizer,
+            e.tokenizer.chunks(
                 prompt,
                 comma_padding_backtrack=self.comma_padding_backtrack,
                 emphasis=self.emphasis,
@@ -581,7 +633,7 @@ class PromptEncoder:
         with torch.no_grad():
             for enc, chunks in zip(self._encoders, per_encoder, strict=True):
                 # A1111 batches prompts of unequal chunk counts with empty chunks.
-                chunks = chunks + [_empty_chunk(enc)] * (count - len(chunks))
+                chunks = chunks + [enc.tokenizer.empty_chunk()] * (count - len(chunks))
                 parts = []
                 for start in range(0, count, _BATCH_CHUNKS):
                     batch = chunks[start : start + _BATCH_CHUNKS]
@@ -652,30 +704,13 @@ class PromptEncoder:
         )
 
 
-def _sd_family(tokenizer: Any) -> Literal["sd1", "sd2"]:
-    """SD2's OpenCLIP tokenizer pads with a token other than EOS; SD1's pads with EOS."""
-    return "sd1" if _pad_id(tokenizer) == _special_ids(tokenizer)[1] else "sd2"
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    return _special_ids(tokenizer)[1] if pad is None else int(pad)
-
-
 def _with_pad(tokens: tuple[int, ...], enc: _Encoder) -> list[int]:
     """A1111 process_tokens: everything after the first EOS becomes the pad id."""
-    ids = list(tokens)
-    if enc.pad != enc.eos:
-        end = ids.index(enc.eos) + 1
-        ids[end:] = [enc.pad] * (len(ids) - end)
+    ids, pad, eos = list(tokens), enc.tokenizer.pad, enc.tokenizer.eos
+    if pad != eos:
+        end = ids.index(eos) + 1
+        ids[end:] = [pad] * (len(ids) - end)
     return ids
-
-
-def _empty_chunk(enc: _Encoder) -> PromptChunk:
-    bos, eos = _special_ids(enc.tokenizer)
-    return PromptChunk(
-        tokens=(bos, *[eos] * (CHUNK_LENGTH + 1)), multipliers=(1.0,) * (CHUNK_LENGTH + 2)
-    )
 
 
 def _final_layer_norm(model: Any) -> Any:

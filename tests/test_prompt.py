@@ -25,6 +25,7 @@ from pipelines.prompt import (
     CHUNK_LENGTH,
     EncodedPrompt,
     PromptEncoder,
+    PromptTokenizer,
     extract_lora_tags,
     fold_duplicate_loras,
     format_lora_tag,
@@ -388,6 +389,26 @@ def test_emphasis_none_reads_brackets_as_text(tok_l: CLIPTokenizer) -> None:
     assert parsed[0].multipliers[1] == 1.1
 
 
+def test_exclamation_marks_are_words_not_padding(
+    tok_l: CLIPTokenizer, tok_g: CLIPTokenizer
+) -> None:
+    """diffusers' OpenCLIP tokenizers make "!" their special pad token (id 0); A1111's
+    OpenCLIP tokenizer reads "!" and "!!" as the words 256 and 748, like CLIP-L does."""
+    assert tok_g("wow! great!!", add_special_tokens=False).input_ids == [2781, 0, 830, 0, 0]
+    expected = [[2781, 256, 830, 748], [A, 256, B]]
+    assert PromptTokenizer(tok_g).ids(["wow! great!!", "a!b"]) == expected
+    assert PromptTokenizer(tok_l).ids(["wow! great!!", "a!b"]) == expected
+    tok_g("a", padding="max_length", max_length=77)  # leaves padding set on the backend
+    assert PromptTokenizer(tok_g).ids(["a"]) == [[A]]
+
+
+def test_textual_inversion_tokens_are_kept() -> None:
+    tokenizer = CLIPTokenizer.from_pretrained(CONFIGS / "clip_g", pad_token="!")
+    tokenizer.add_tokens(["<my-style>"])
+    added = tokenizer.convert_tokens_to_ids("<my-style>")
+    assert PromptTokenizer(tokenizer).ids(["a <my-style>!"]) == [[A, added, 256]]
+
+
 # --------------------------------------------------------------------------------------------
 # PromptEncoder: SD1
 # --------------------------------------------------------------------------------------------
@@ -512,6 +533,15 @@ def test_sdxl_joins_penultimate_layers_and_pools_encoder_2(
     out_l = _run(te_l, _ids(tok_l, "a photo of a cat"))
     out_g = _run(te_g, _ids(tok_g, "a photo of a cat"))
     assert torch.equal(cond.embeds[..., :32], out_l.hidden_states[-2])
+    assert torch.equal(cond.embeds[..., 32:], out_g.hidden_states[-2])
+    assert torch.equal(cond.pooled, out_g.text_embeds)
+
+
+def test_sdxl_reads_exclamation_marks_as_a1111_does(
+    sdxl: PromptEncoder, te_g: CLIPTextModelWithProjection
+) -> None:
+    cond = sdxl.encode("a cat!", **CPU)
+    out_g = _run(te_g, [BOS, A, CAT, 256, EOS] + [0] * 72)  # pad 0 only after EOS
     assert torch.equal(cond.embeds[..., 32:], out_g.hidden_states[-2])
     assert torch.equal(cond.pooled, out_g.text_embeds)
 

@@ -1,0 +1,194 @@
+"""LoRA stacking benchmark: per-step cost of merged vs unmerged LoRAs, restack and load times.
+
+Prints a table; asserts nothing about time. Run from the repo root:
+
+    .venv/bin/python -m bench.bench_lora            # SD1.5-size UNet, random weights, 256x256
+    .venv/bin/python -m bench.bench_lora --quick     # tiny UNet: proves the script runs (CI)
+
+"Unmerged" is the per-forward mode (A1111's old one, and what peft adapters do): every
+LoRA adds x @ down.T @ up.T * scale to its layer's output on every step. "Merged" is
+pipelines.lora: the deltas are in the weights, so a step costs what the base model costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipelines.architecture import Architecture
+from pipelines.lora import LoraApplier, LoraFileCache
+
+
+def sd15_unet() -> torch.nn.Module:
+    """An SD1.5-shaped UNet (860M parameters) with seeded random weights."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    ).eval()
+
+
+def tiny_unet() -> torch.nn.Module:
+    from pipelines.loading import CONFIGS_DIR, random_pipeline
+
+    with tempfile.TemporaryDirectory() as cache:
+        return random_pipeline(CONFIGS_DIR / "demo-tiny.yaml", 0, Path(cache)).pipe.unet.eval()
+
+
+class _Pipe:
+    """Just enough of a pipeline for LoraApplier: the UNet alone."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.unet = unet
+
+
+def lora_targets(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The layers kohya's default LoRA trains: every Linear inside the transformer blocks."""
+    return [
+        (name, m)
+        for name, m in unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and "attentions" in name
+    ]
+
+
+def write_loras(
+    unet: torch.nn.Module, count: int, rank: int, folder: Path
+) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    """`count` kohya rank-`rank` fp16 LoRA files over every attention-block Linear."""
+    paths, states = [], []
+    for index in range(count):
+        gen = torch.Generator().manual_seed(index)
+        state: dict[str, torch.Tensor] = {}
+        for name, layer in lora_targets(unet):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = (
+                torch.randn(rank, layer.in_features, generator=gen) * 0.01
+            ).half()
+            state[f"{key}.lora_up.weight"] = (
+                torch.randn(layer.out_features, rank, generator=gen) * 0.01
+            ).half()
+            state[f"{key}.alpha"] = torch.tensor(float(rank // 2))
+        path = folder / f"lora{index}.safetensors"
+        save_file(state, str(path))
+        paths.append(path)
+        states.append(state)
+    return paths, states
+
+
+def add_hooks(unet: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> list:
+    """Unmerged mode: each LoRA adds its low-rank product to the layer output per forward."""
+    handles = []
+    for name, layer in lora_targets(unet):
+        key = "lora_unet_" + name.replace(".", "_")
+        pairs = [
+            (
+                s[f"{key}.lora_down.weight"].float(),
+                s[f"{key}.lora_up.weight"].float() * (s[f"{key}.alpha"].item() / 16),
+            )
+            for s in states
+        ]
+
+        def hook(_module, inputs, output, pairs=pairs):
+            for down, up in pairs:
+                output = output + torch.nn.functional.linear(
+                    torch.nn.functional.linear(inputs[0], down), up
+                )
+            return output
+
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
+def seconds_per_step(unet: torch.nn.Module, latent: int, repeats: int) -> float:
+    """Median seconds of one UNet call on a CFG batch of 2 at `latent` x `latent`."""
+    channels = unet.config.in_channels
+    context = unet.config.cross_attention_dim
+    x = torch.randn(2, channels, latent, latent, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, context, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([500, 500])
+    times = []
+    with torch.inference_mode():
+        unet(x, t, encoder_hidden_states=text)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            unet(x, t, encoder_hidden_states=text)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny UNet, few repeats (CI)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unet = tiny_unet() if args.quick else sd15_unet()
+    latent = 8 if args.quick else 32  # 256x256 pixels / VAE factor 8
+    repeats = args.repeats or (2 if args.quick else 3)
+    counts = [0, 1, 2, 5] if args.quick else [0, 1, 2, 5, 10]
+    rank = 4 if args.quick else 16
+    model = "tiny UNet" if args.quick else "SD1.5-size UNet (random weights)"
+    print(
+        f"# {model}, latent {latent}x{latent} (batch 2), rank-{rank} LoRAs on "
+        f"{len(lora_targets(unet))} attention Linears, {torch.get_num_threads()} threads"
+    )
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths, states = write_loras(unet, max(counts), rank, Path(folder))
+        cache = LoraFileCache(8 << 30)
+        applier = LoraApplier(_Pipe(unet), Architecture.SD1, cache)
+        base = seconds_per_step(unet, latent, repeats)
+        print("\n| LoRAs | unmerged s/step | merged s/step | merged overhead |")
+        print("|---:|---:|---:|---:|")
+        for count in counts:
+            if count == 0:
+                print(f"| 0 | {base:.3f} | {base:.3f} | +0.0% |")
+                continue
+            handles = add_hooks(unet, states[:count])
+            unmerged = seconds_per_step(unet, latent, repeats)
+            for handle in handles:
+                handle.remove()
+            applier.apply_paths([(p, p.stem, 1.0, 1.0) for p in paths[:count]])
+            merged = seconds_per_step(unet, latent, repeats)
+            applier.restore()
+            overhead = 100 * (merged / base - 1)
+            print(f"| {count} | {unmerged:.3f} | {merged:.3f} | {overhead:+.1f}% |")
+
+        five = [(p, p.stem, 1.0, 1.0) for p in paths[:5]]
+        cold_apply = timed(lambda: applier.apply_paths(five))
+        five[2] = (five[2][0], five[2][1], 0.5, 0.5)
+        change_one = timed(lambda: applier.apply_paths(five))
+        remove_all = timed(lambda: applier.apply_paths([]))
+        cold_load = timed(lambda: LoraFileCache().get(paths[0]))
+        cached_load = timed(lambda: cache.get(paths[0]))
+        print("\n| operation | seconds |")
+        print("|---|---:|")
+        print(f"| apply a 5-LoRA stack (files cached) | {cold_apply:.3f} |")
+        print(f"| change one weight in the 5-LoRA stack | {change_one:.3f} |")
+        print(f"| remove all 5 (restore from backup) | {remove_all:.3f} |")
+        print(f"| load one LoRA file cold | {cold_load:.4f} |")
+        print(f"| load the same file from the cache | {cached_load:.6f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""LoRA stacks through the engine: tags and UI rows, exact restore, isolation, errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.engine import Engine
+from pipelines.errors import NotFoundError, UnusableFileError
+from pipelines.infotext import parse_infotext
+from pipelines.loading import LoadedModel
+from pipelines.lora_registry import LoraLibrary
+from pipelines.registry import CheckpointRegistry, HashCache
+from pipelines.schema import GenerationRequest, LoraSpec
+from pipelines.settings import Settings
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+
+SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1"}
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    tiny_sd1: LoadedModel,
+    tiny_sdxl: LoadedModel,
+) -> Engine:
+    data = tmp_path_factory.mktemp("data")
+    loras = data / "loras"
+    keys = sd1_keys(SD1_MODULES)
+    write(
+        loras / "ink.safetensors",
+        make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1),
+        {"ss_output_name": "ink_style"},
+    )
+    write(
+        loras / "styles" / "glow.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=2)
+    )
+    xl_modules = [
+        ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "linear"),
+        ("text_encoder", "encoder.layers.0.self_attn.q_proj", "linear"),
+        ("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj", "linear"),
+    ]
+    prefixes = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_text_model_",
+        "text_encoder_2": "lora_te2_",
+    }
+    xl_keys = {(c, n): prefixes[c] + n.replace(".", "_") for c, n, _ in xl_modules}
+    xl = make_kohya(tiny_sdxl.pipe, xl_modules, xl_keys, seed=3)
+    write(loras / "xl-only.safetensors", xl, {"ss_base_model_version": "sdxl_base_v1-0"})
+    settings = Settings(data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(loras,), threads=2)
+    hashes = HashCache(None)
+    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
+    checkpoints.scan()
+    library = LoraLibrary(settings.loras_dirs, hashes)
+    library.scan()
+    library.hash_all()
+    return Engine(settings, checkpoints, library)
+
+
+def pixels(engine: Engine, **fields: object) -> np.ndarray:
+    request = GenerationRequest(**{"prompt": "a tower", "seed": 9, **SMALL, **fields})
+    return np.asarray(engine.generate(request).images[0])
+
+
+def test_tag_and_stack_row_are_the_same(engine: Engine) -> None:
+    by_tag = pixels(engine, prompt="a tower <lora:ink:0.8>")
+    by_row = pixels(engine, loras=(LoraSpec("ink", 0.8),))
+    base = pixels(engine)
+    assert np.array_equal(by_tag, by_row)
+    assert not np.array_equal(by_tag, base)
+
+
+def test_infotext_replays_stack_rows_as_tags(engine: Engine) -> None:
+    result = engine.generate(
+        GenerationRequest(
+            prompt="a tower",
+            seed=9,
+            loras=(LoraSpec("ink", 0.8), LoraSpec("glow", -0.5, 0.25)),
+            **SMALL,
+        )
+    )
+    parsed = parse_infotext(result.infotexts[0])
+    assert parsed.prompt == "a tower <lora:ink:0.8> <lora:glow:0.25:-0.5>"
+    hashes = parse_infotext(result.infotexts[0]).lora_hashes
+    assert hashes == {
+        "ink": engine.loras.resolve("ink").short_hash,
+        "glow": engine.loras.resolve("glow").short_hash,
+    }
+    replay = engine.generate(GenerationRequest(prompt=parsed.prompt, seed=9, **SMALL))
+    assert np.array_equal(np.asarray(replay.images[0]), np.asarray(result.images[0]))
+
+
+def test_weight_zero_and_removal_restore_base_bit_exactly(engine: Engine) -> None:
+    base = pixels(engine)
+    assert np.array_equal(pixels(engine, loras=(LoraSpec("ink", 0.0),)), base)
+    pixels(engine, prompt="a tower <lora:ink:1.3> <lora:glow:0.7>")
+    assert np.array_equal(pixels(engine), base)
+
+
+def test_interleaved_requests_keep_their_own_stacks(engine: Engine) -> None:
+    stacks = [
+        (LoraSpec("ink", 1.0),),
+        (LoraSpec("glow", 0.6),),
+        (),
+        (LoraSpec("ink", -0.4), LoraSpec("glow", 0.9)),
+    ]
+    references = [pixels(engine, loras=stack) for stack in stacks]
+    results: dict[int, np.ndarray] = {}
+
+    def run(index: int) -> None:
+        results[index] = pixels(engine, loras=stacks[index])
+
+    threads = [threading.Thread(target=run, args=(i % 4,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, reference in enumerate(references):
+        assert np.array_equal(results[index], reference)
+
+
+def test_alias_lookup_and_unknown_name(engine: Engine) -> None:
+    assert np.array_equal(
+        pixels(engine, prompt="a tower <lora:ink_style:1>"),
+        pixels(engine, prompt="a tower <lora:ink:1>"),
+    )
+    with pytest.raises(NotFoundError, match="ink"):
+        pixels(engine, prompt="a tower <lora:inc:1>")
+
+
+def test_wrong_family_is_refused_naming_both(engine: Engine) -> None:
+    with pytest.raises(UnusableFileError) as caught:
+        pixels(engine, prompt="a tower <lora:xl-only:1>")
+    assert "SDXL" in caught.value.message and "SD1" in caught.value.message
+    assert pixels(engine).shape == (64, 64, 3)  # still serving
+
+
+def test_tag_overrides_stack_row_with_a_note(engine: Engine) -> None:
+    result = engine.generate(
+        GenerationRequest(
+            prompt="a tower <lora:ink:0.5>", seed=9, loras=(LoraSpec("ink", 1.0),), **SMALL
+        )
+    )
+    assert any("replaces the stack weight" in note for note in result.notes)
+    only_tag = pixels(engine, prompt="a tower <lora:ink:0.5>")
+    assert np.array_equal(np.asarray(result.images[0]), only_tag)
+    assert "<lora:ink:1>" not in result.infotexts[0]
+
+
+def test_negative_prompt_tags_are_text(engine: Engine) -> None:
+    with_tag = pixels(engine, negative_prompt="blurry <lora:ink:1>")
+    assert not np.array_equal(
+        with_tag, pixels(engine, negative_prompt="blurry", loras=(LoraSpec("ink", 1.0),))
+    )
