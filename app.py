@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = build_engine(settings)
     startup = resolve_startup_checkpoint(settings.ckpt, engine.checkpoints, settings.models_dirs[0])
     engine.load_checkpoint(startup)
+    from pipelines.watch import FolderWatcher
+
+    FolderWatcher([*settings.models_dirs, *settings.loras_dirs], engine.rescan).start()
     log.info("model: %s", engine.current_title())
     from webui.ui import build_ui
 

@@ -277,6 +277,13 @@ class Engine:
         """Finish the current batch early and go on with the next one (A1111 `skip`)."""
         self.progress.skipped = True
 
+    def rescan(self) -> None:
+        """Refresh both listings (the explicit refresh, and the folder watcher's)."""
+        self.checkpoints.scan()
+        self.loras.scan()
+        for job in (self.checkpoints.hash_all, self.loras.hash_all):
+            threading.Thread(target=job, daemon=True).start()
+
     @property
     def busy(self) -> bool:
         return self._lock.locked()

@@ -139,7 +139,7 @@ def build_ui(engine: Any) -> Any:
         stop.click(engine.interrupt, None, None, api_name=False)
 
         def do_refresh() -> Any:
-            engine.checkpoints.scan()
+            engine.rescan()
             return gr.Dropdown(choices=checkpoint_choices())
 
         refresh.click(do_refresh, None, checkpoint, api_name=False)
