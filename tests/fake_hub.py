@@ -1,0 +1,210 @@
+"""A local stand-in for the Hugging Face Hub: just enough HTTP for huggingface_hub's
+`model_info`, `list_repo_files`/`list_repo_tree`, `snapshot_download` and `hf_hub_download`.
+
+Each repo is a folder on disk. Like the real Hub, small files are served by
+`/{repo}/resolve/{rev}/{path}` itself (ETag = git blob id), while `.safetensors` files
+answer with a 302 to a separate "CDN" server on another port, carrying `X-Linked-Etag`
+(sha256) and `X-Linked-Size`, so the client's LFS path is exercised too. `fail` makes the
+GET of one file answer 500, to interrupt a download half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # every repo has this one revision
+LFS_SUFFIXES = (".safetensors",)
+
+
+def git_blob_id(data: bytes) -> str:
+    """The git object id of a file's contents (the Hub's ETag for small files)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class FakeHub:
+    """The servers and their state. Use as a context manager; `url` is the HF_ENDPOINT."""
+
+    repos: dict[str, Path] = field(default_factory=dict)
+    fail: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> 500s left
+    requests: list[str] = field(default_factory=list)  # "METHOD /path", in arrival order
+
+    def __post_init__(self) -> None:
+        handler = type("Handler", (_Handler,), {"hub": self})
+        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+        for server in self._servers:
+            server.daemon_threads = True
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
+
+    @property
+    def cdn_url(self) -> str:
+        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+
+    def add_repo(self, repo_id: str, folder: Path) -> None:
+        self.repos[repo_id] = folder
+
+    def log(self, line: str) -> None:
+        with self._lock:
+            self.requests.append(line)
+
+    def take_failure(self, repo_id: str, name: str) -> bool:
+        """Whether this GET of `name` is to fail (counting it down)."""
+        with self._lock:
+            left = self.fail.get((repo_id, name), 0)
+            if left:
+                self.fail[(repo_id, name)] = left - 1
+            return left > 0
+
+    def __enter__(self) -> FakeHub:
+        for server in self._servers:
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+            thread.daemon = True
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def files(self, repo_id: str) -> list[str]:
+        """The repo's files, relative, sorted (hidden names skipped)."""
+        root = self.repos[repo_id]
+        paths = (p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        return sorted(p.as_posix() for p in paths if not any(s.startswith(".") for s in p.parts))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the hub keeps its own request log."""
+
+    def do_HEAD(self) -> None:
+        self._route(body=False)
+
+    def do_GET(self) -> None:
+        self._route(body=True)
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, body: bool) -> None:
+        path = unquote(urlsplit(self.path).path)
+        self.hub.log(f"{self.command} {path}")
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            repo_id, rest = "/".join(parts[2:4]), parts[4:]
+            if not rest or rest[0] == "revision":
+                self._model_info(repo_id)
+            elif rest[0] == "tree":
+                self._tree(repo_id, "/".join(rest[2:]))
+            else:
+                self._error(404, "EntryNotFound", f"no route for {path}")
+        elif parts[0] == "cdn" and len(parts) >= 4:
+            self._file("/".join(parts[1:3]), "/".join(parts[3:]), body, cdn=True)
+        elif len(parts) >= 5 and parts[2] == "resolve":
+            self._file("/".join(parts[:2]), "/".join(parts[4:]), body, cdn=False)
+        else:
+            self._error(404, "EntryNotFound", f"no route for {path}")
+
+    def _repo(self, repo_id: str) -> Path | None:
+        folder = self.hub.repos.get(repo_id)
+        if folder is None:
+            self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
+        return folder
+
+    def _model_info(self, repo_id: str) -> None:
+        if self._repo(repo_id) is None:
+            return
+        siblings = [{"rfilename": name} for name in self.hub.files(repo_id)]
+        self._json({"id": repo_id, "sha": COMMIT, "private": False, "siblings": siblings})
+
+    def _tree(self, repo_id: str, prefix: str) -> None:
+        folder = self._repo(repo_id)
+        if folder is None:
+            return
+        entries: list[dict[str, object]] = []
+        folders: set[str] = set()
+        for name in self.hub.files(repo_id):
+            if prefix and not name.startswith(prefix.rstrip("/") + "/"):
+                continue
+            data = (folder / name).read_bytes()
+            entry: dict[str, object] = {
+                "type": "file",
+                "path": name,
+                "size": len(data),
+                "oid": git_blob_id(data),
+            }
+            if name.endswith(LFS_SUFFIXES):
+                sha = hashlib.sha256(data).hexdigest()
+                entry["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+            parents = name.split("/")[:-1]
+            folders.update("/".join(parents[: i + 1]) for i in range(len(parents)))
+        for name in sorted(folders):
+            entries.append({"type": "directory", "path": name, "oid": git_blob_id(name.encode())})
+        self._json(entries)
+
+    def _file(self, repo_id: str, name: str, body: bool, *, cdn: bool) -> None:
+        folder = self._repo(repo_id)
+        if folder is None:
+            return
+        if name not in self.hub.files(repo_id):
+            self._error(404, "EntryNotFound", f"{name} not found in {repo_id}")
+            return
+        data = (folder / name).read_bytes()
+        if body and self.hub.take_failure(repo_id, name):
+            self._error(500, None, f"injected failure for {name}")
+            return
+        lfs = name.endswith(LFS_SUFFIXES)
+        headers = {"X-Repo-Commit": COMMIT}
+        if lfs and not cdn:  # the Hub redirects LFS files to its CDN, off the Hub's host
+            sha = hashlib.sha256(data).hexdigest()
+            headers |= {
+                "Location": f"{self.hub.cdn_url}/cdn/{repo_id}/{name}",
+                "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(len(data)),
+                "Content-Length": "0",
+            }
+            self._send(302, headers, b"")
+            return
+        etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
+        headers |= {"ETag": f'"{etag}"', "Content-Length": str(len(data))}
+        self._send(200, headers, data if body else b"")
+
+    # ------------------------------------------------------------------ replies
+
+    def _json(self, value: object) -> None:
+        data = json.dumps(value).encode()
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        self._send(200, headers, data if self.command == "GET" else b"")
+
+    def _error(self, status: int, code: str | None, message: str) -> None:
+        data = json.dumps({"error": message}).encode()
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        if code:
+            headers["X-Error-Code"] = code
+            headers["X-Error-Message"] = message
+        self._send(status, headers, data if self.command == "GET" else b"")
+
+    def _send(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if data:
+            self.wfile.write(data)
