@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -51,6 +52,7 @@ DEMO_YAML = CONFIGS_DIR / "demo-tiny.yaml"
 DEMO_SEED = 0
 GPU_MAX_PIXELS = 4 * 1024 * 1024
 CPU_MAX_PIXELS = 1024 * 1024
+PROMPT_CACHE_SIZE = 32
 
 
 @dataclass
@@ -97,6 +99,9 @@ class CurrentModel:
     prompt_encoder: PromptEncoder | None = None
     applier: LoraApplier | None = None
     empty_prompt: EncodedPrompt | None = None
+    prompt_cache: OrderedDict[tuple[object, ...], EncodedPrompt] = field(
+        default_factory=OrderedDict
+    )
 
     @property
     def model_hash(self) -> str | None:
@@ -347,22 +352,14 @@ class Engine:
     ) -> GenerationResult:
         # 3. the model this request asked for
         model = self._switch(request.checkpoint)
-        lora_notes, applied = self._apply_loras(model, stack)
+        lora_notes, applied, text_state = self._apply_loras(model, stack)
         pipe = model.pipe
         pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
 
-        # 4. text conditioning, A1111 semantics (weights, BREAK, 75-token chunks)
-        encoder = self._prompt_encoder(model)
-        positive = encoder.encode(
-            prompt, clip_skip=request.clip_skip, device=self.plan.device, dtype=self.plan.dtype
-        )
-        negative_encoded = encoder.encode(
-            negative,
-            clip_skip=request.clip_skip,
-            device=self.plan.device,
-            dtype=self.plan.dtype,
-            negative=True,
-        )
+        # 4. text conditioning, A1111 semantics (weights, BREAK, 75-token chunks); cached,
+        # so a new seed or sampler never re-runs the text encoders
+        positive = self._encode(model, prompt, request.clip_skip, False, text_state)
+        negative_encoded = self._encode(model, negative, request.clip_skip, True, text_state)
         positive, negative_encoded = pad_to_same_length(
             positive, negative_encoded, empty=model.empty_prompt
         )
@@ -483,9 +480,10 @@ class Engine:
 
     def _apply_loras(
         self, model: CurrentModel, stack: tuple[LoraSpec, ...]
-    ) -> tuple[list[str], list[tuple[str, str | None]]]:
+    ) -> tuple[list[str], list[tuple[str, str | None]], tuple[object, ...]]:
         """Make the model's weights exactly base + this request's stack (an empty stack
-        restores the base). Returns warnings and the (name, short hash) pairs applied."""
+        restores the base). Returns warnings, the (name, short hash) pairs applied, and
+        what the text encoders now hold (the prompt cache's key)."""
         resolved = []
         for spec in stack:
             entry = self.loras.resolve(spec.name)
@@ -495,7 +493,39 @@ class Engine:
         assert model.applier is not None
         warnings = model.applier.apply(resolved)
         applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
-        return warnings, applied
+        text_state = tuple(
+            (str(entry.path), entry.size, entry.mtime_ns, t)
+            for entry, _, t in resolved
+            if t and any(part.startswith("te") for part in entry.parts)
+        )
+        return warnings, applied, text_state
+
+    def _encode(
+        self,
+        model: CurrentModel,
+        text: str,
+        clip_skip: int,
+        negative: bool,
+        text_state: tuple[object, ...],
+    ) -> EncodedPrompt:
+        """Text conditioning, from the model's small LRU cache when the same text was encoded
+        with the same text-encoder weights before."""
+        key = (text, clip_skip, negative, text_state)
+        cache = model.prompt_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        encoded = self._prompt_encoder(model).encode(
+            text,
+            clip_skip=clip_skip,
+            device=self.plan.device,
+            dtype=self.plan.dtype,
+            negative=negative,
+        )
+        cache[key] = encoded
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return encoded
 
     def infotext(
         self,

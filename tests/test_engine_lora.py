@@ -157,3 +157,21 @@ def test_negative_prompt_tags_are_text(engine: Engine) -> None:
     assert not np.array_equal(
         with_tag, pixels(engine, negative_prompt="blurry", loras=(LoraSpec("ink", 1.0),))
     )
+
+
+def test_prompt_cache_skips_text_encoder_only_when_valid(engine: Engine) -> None:
+    pixels(engine)  # make sure tiny-sd1 is loaded
+    calls: list[int] = []
+    hook = engine.model.pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        pixels(engine, prompt="a cached castle", seed=1)
+        first = len(calls)
+        pixels(engine, prompt="a cached castle", seed=2, sampler_name="Euler a")
+        assert len(calls) == first  # only the seed/sampler changed: no encoder run
+        with_te = pixels(engine, prompt="a cached castle", loras=(LoraSpec("ink", 0.0, 1.0),))
+        assert len(calls) > first  # the text encoder's weights changed: encoded again
+        engine.model.prompt_cache.clear()
+        fresh = pixels(engine, prompt="a cached castle", loras=(LoraSpec("ink", 0.0, 1.0),))
+        assert np.array_equal(with_te, fresh)
+    finally:
+        hook.remove()
