@@ -2,13 +2,14 @@
 
 Prints a table (median and spread of several runs, side by side in one process) and writes
 JSON. `--quick` runs only the tiny demo model (CI proves the script runs; nothing asserts a
-time). Usage:  .venv/bin/python bench/bench_engine.py [--quick] [--runs 5] [--json out.json]
+time). Usage:  .venv/bin/python -m bench.bench_engine [--quick] [--runs 5] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -106,7 +107,8 @@ def main() -> None:
             f"{row['plain_s']:>8.3f} ±{row['plain_spread_s']:<5.3f} {row['ratio']:>6.3f}"
         )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        args.json.write_text(json.dumps({"rows": rows, "peak_rss_mb": peak}, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ pipelines.lora: the deltas are in the weights, so a step costs what the base mod
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
 import tempfile
 import time
@@ -134,60 +136,93 @@ def timed(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def measure(quick: bool, repeats: int | None = None) -> dict:
+    """Seconds per UNet step with 0..10 LoRAs merged vs unmerged, and stack operations."""
+    unet = tiny_unet() if quick else sd15_unet()
+    latent = 8 if quick else 32  # 256x256 pixels / VAE factor 8
+    repeats = repeats or (2 if quick else 3)
+    counts = [0, 1, 2, 5] if quick else [0, 1, 2, 5, 10]
+    rank = 4 if quick else 16
+    result: dict = {
+        "model": "tiny UNet" if quick else "SD1.5-size UNet (random weights)",
+        "latent": latent,
+        "rank": rank,
+        "threads": torch.get_num_threads(),
+        "targets": len(lora_targets(unet)),
+        "steps": [],
+        "operations": {},
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        paths, states = write_loras(unet, max(counts), rank, Path(folder))
+        cache = LoraFileCache(8 << 30)
+        applier = LoraApplier(_Pipe(unet), Architecture.SD1, cache)
+        for count in counts:
+            # base and both modes measured side by side for every row
+            base = seconds_per_step(unet, latent, repeats)
+            unmerged = merged = base
+            if count:
+                handles = add_hooks(unet, states[:count])
+                unmerged = seconds_per_step(unet, latent, repeats)
+                for handle in handles:
+                    handle.remove()
+                applier.apply_paths([(p, p.stem, 1.0, 1.0) for p in paths[:count]])
+                merged = seconds_per_step(unet, latent, repeats)
+                applier.restore()
+            result["steps"].append(
+                {"loras": count, "base": base, "unmerged": unmerged, "merged": merged}
+            )
+        five = [(p, p.stem, 1.0, 1.0) for p in paths[:5]]
+        operations = result["operations"]
+        operations["apply a 5-LoRA stack (files cached)"] = timed(lambda: applier.apply_paths(five))
+        five[2] = (five[2][0], five[2][1], 0.5, 0.5)
+        operations["change one weight in the 5-LoRA stack"] = timed(
+            lambda: applier.apply_paths(five)
+        )
+        operations["remove all 5 (restore from backup)"] = timed(lambda: applier.apply_paths([]))
+        operations["load one LoRA file cold"] = timed(lambda: LoraFileCache().get(paths[0]))
+        operations["load the same file from the cache"] = timed(lambda: cache.get(paths[0]))
+    return result
+
+
+def print_tables(result: dict) -> None:
+    print(
+        f"# {result['model']}, latent {result['latent']}x{result['latent']} (batch 2), "
+        f"rank-{result['rank']} LoRAs on {result['targets']} attention Linears, "
+        f"{result['threads']} threads"
+    )
+    print("\n| LoRAs | base s/step | unmerged s/step | merged s/step | merged vs base |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in result["steps"]:
+        overhead = 100 * (row["merged"] / row["base"] - 1)
+        print(
+            f"| {row['loras']} | {row['base']:.3f} | {row['unmerged']:.3f} | "
+            f"{row['merged']:.3f} | {overhead:+.1f}% |"
+        )
+    print("\n| operation | seconds |")
+    print("|---|---:|")
+    for name, seconds in result["operations"].items():
+        print(f"| {name} | {seconds:.4f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny UNet, few repeats (CI)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    unet = tiny_unet() if args.quick else sd15_unet()
-    latent = 8 if args.quick else 32  # 256x256 pixels / VAE factor 8
-    repeats = args.repeats or (2 if args.quick else 3)
-    counts = [0, 1, 2, 5] if args.quick else [0, 1, 2, 5, 10]
-    rank = 4 if args.quick else 16
-    model = "tiny UNet" if args.quick else "SD1.5-size UNet (random weights)"
-    print(
-        f"# {model}, latent {latent}x{latent} (batch 2), rank-{rank} LoRAs on "
-        f"{len(lora_targets(unet))} attention Linears, {torch.get_num_threads()} threads"
-    )
+    result = measure(args.quick, args.repeats)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
-    with tempfile.TemporaryDirectory() as folder:
-        paths, states = write_loras(unet, max(counts), rank, Path(folder))
-        cache = LoraFileCache(8 << 30)
-        applier = LoraApplier(_Pipe(unet), Architecture.SD1, cache)
-        base = seconds_per_step(unet, latent, repeats)
-        print("\n| LoRAs | unmerged s/step | merged s/step | merged overhead |")
-        print("|---:|---:|---:|---:|")
-        for count in counts:
-            if count == 0:
-                print(f"| 0 | {base:.3f} | {base:.3f} | +0.0% |")
-                continue
-            handles = add_hooks(unet, states[:count])
-            unmerged = seconds_per_step(unet, latent, repeats)
-            for handle in handles:
-                handle.remove()
-            applier.apply_paths([(p, p.stem, 1.0, 1.0) for p in paths[:count]])
-            merged = seconds_per_step(unet, latent, repeats)
-            applier.restore()
-            overhead = 100 * (merged / base - 1)
-            print(f"| {count} | {unmerged:.3f} | {merged:.3f} | {overhead:+.1f}% |")
 
-        five = [(p, p.stem, 1.0, 1.0) for p in paths[:5]]
-        cold_apply = timed(lambda: applier.apply_paths(five))
-        five[2] = (five[2][0], five[2][1], 0.5, 0.5)
-        change_one = timed(lambda: applier.apply_paths(five))
-        remove_all = timed(lambda: applier.apply_paths([]))
-        cold_load = timed(lambda: LoraFileCache().get(paths[0]))
-        cached_load = timed(lambda: cache.get(paths[0]))
-        print("\n| operation | seconds |")
-        print("|---|---:|")
-        print(f"| apply a 5-LoRA stack (files cached) | {cold_apply:.3f} |")
-        print(f"| change one weight in the 5-LoRA stack | {change_one:.3f} |")
-        print(f"| remove all 5 (restore from backup) | {remove_all:.3f} |")
-        print(f"| load one LoRA file cold | {cold_load:.4f} |")
-        print(f"| load the same file from the cache | {cached_load:.6f} |")
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

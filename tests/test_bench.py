@@ -1,0 +1,35 @@
+"""The benchmark command runs end to end in its short mode (no time is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_run_quick_writes_tables_json_and_chart(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--chart",
+            str(tmp_path / "c.png"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "merged vs base" in done.stdout and "to first image" in done.stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [row["loras"] for row in results["lora"]["steps"]] == [0, 1, 2, 5]
+    assert results["engine_vs_plain"]["rows"][0]["ratio"] > 0
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
