@@ -388,7 +388,9 @@ def test_loading_leaves_torch_safe_globals_as_found(tmp_path: Path) -> None:
     path = tmp_path / "x.pt"
     torch.save({"step": np.int64(1), "w": torch.ones(1)}, path)
     load_state_dict(path)
-    assert torch.serialization.get_safe_globals() == before
+    # As a multiset: torch itself may re-register its own entries in another order.
+    after = torch.serialization.get_safe_globals()
+    assert sorted(map(repr, after)) == sorted(map(repr, before))
 
 
 class _System:
