@@ -78,7 +78,8 @@ def plan_device(
 
 def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
     """Move `pipe` to the planned device/dtype and switch on its attention and memory mode."""
-    pipe.to(dtype=plan.dtype)
+    if pipe.unet.dtype != plan.dtype:  # casting logs a diffusers warning even when a no-op
+        pipe.to(dtype=plan.dtype)
     if plan.upcast_vae and plan.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)
     if plan.memory_mode == "lowvram":

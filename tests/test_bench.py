@@ -33,3 +33,16 @@ def test_bench_run_quick_writes_tables_json_and_chart(tmp_path: Path) -> None:
     assert [row["loras"] for row in results["lora"]["steps"]] == [0, 1, 2, 5]
     assert results["engine_vs_plain"]["rows"][0]["ratio"] > 0
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_bench_code_runs_on_cpu() -> None:
+    """The GPU benchmark's code path, exercised on the CPU with the tiny UNet."""
+    import torch
+
+    from bench.bench_gpu import Variant, measure, variants
+
+    found = variants(torch.device("cpu"))
+    assert all(v.attention == "sdpa" and v.compile_mode is None for v in found)
+    assert {v.loras for v in found} == {0, 5}
+    row = measure("tiny", Variant("sdpa", None, True, 5), torch.device("cpu"), torch.float32, 64, 2)
+    assert row["it_per_s"] > 0 and row["peak_gpu_mb"] is None
