@@ -529,25 +529,19 @@ def modules_from_checkpoint(
     """UNet, VAE and text encoders built from `spec` and filled strictly from `checkpoint`."""
     checkpoint = dict(checkpoint)
     modules: dict[str, torch.nn.Module] = {}
-    unet = _empty_module(lambda: UNet2DConditionModel(**spec.unet_config))
-    try:
-        unet_weights = convert_ldm_unet_checkpoint(checkpoint, dict(spec.unet_config))
-    except (KeyError, IndexError, ValueError, RuntimeError) as error:
-        raise UnusableFileError(
-            f"{source}: the UNet weights do not fit the model config ({error!r})"
-        ) from error
-    _check_and_load(unet, unet_weights, "UNet", source)
-    modules["unet"] = unet
-
-    vae = _empty_module(lambda: AutoencoderKL(**spec.vae_config))
-    try:
-        vae_weights = convert_ldm_vae_checkpoint(checkpoint, dict(spec.vae_config))
-    except (KeyError, IndexError, ValueError, RuntimeError) as error:
-        raise UnusableFileError(
-            f"{source}: the VAE weights do not fit the model config ({error!r})"
-        ) from error
-    _check_and_load(vae, vae_weights, "VAE", source)
-    modules["vae"] = vae
+    for name, what, cls, config, convert in (
+        ("unet", "UNet", UNet2DConditionModel, spec.unet_config, convert_ldm_unet_checkpoint),
+        ("vae", "VAE", AutoencoderKL, spec.vae_config, convert_ldm_vae_checkpoint),
+    ):
+        module = _empty_module(lambda cls=cls, config=config: cls(**config))
+        try:
+            weights = convert(checkpoint, dict(config))
+        except (KeyError, IndexError, ValueError, RuntimeError) as error:
+            raise UnusableFileError(
+                f"{source}: the {what} weights do not fit the model config ({error!r})"
+            ) from error
+        _check_and_load(module, weights, what, source)
+        modules[name] = module
 
     for encoder in spec.text_encoders:
         model = _empty_module(lambda e=encoder: _build_text_encoder(e))
