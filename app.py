@@ -10,6 +10,11 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.engine import Engine
+    from pipelines.settings import Settings
 
 log = logging.getLogger("lorastack")
 
@@ -24,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse flags and environment, build the engine, load the model, serve."""
     _quiet_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from webui.zerogpu import prepare as prepare_zerogpu
+
+    prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before anything starts CUDA
     from pipelines.engine import build_engine
     from pipelines.hub import resolve_startup_checkpoint
     from pipelines.settings import parse_settings
@@ -31,23 +39,64 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     for folder in (*settings.models_dirs, *settings.loras_dirs, settings.outputs_dir):
         Path(folder).mkdir(parents=True, exist_ok=True)
-    engine = build_engine(settings)
+    engine = build_engine(settings) if settings.ray is None else _remote_engine(settings)
     startup = resolve_startup_checkpoint(settings.ckpt, engine.checkpoints, settings.models_dirs[0])
     engine.load_checkpoint(startup)
     from pipelines.watch import FolderWatcher
 
     FolderWatcher([*settings.models_dirs, *settings.loras_dirs], engine.rescan).start()
     log.info("model: %s", engine.current_title())
+    serve(engine, settings)
+
+
+def _remote_engine(settings: Settings) -> Engine:
+    """--ray: generation runs on Ray Serve replicas; only this path imports Ray."""
+    from pipelines.scaleout import ScaleOptions, connect
+
+    assert settings.ray is not None
+    options = ScaleOptions(
+        replicas=settings.replicas,
+        min_replicas=settings.min_replicas,
+        max_replicas=settings.max_replicas,
+    )
+    return connect(settings, settings.ray, options)  # type: ignore[return-value]
+
+
+def serve(engine: Engine, settings: Settings) -> None:
+    """One server: the Gradio page at "/" and, with --api, the A1111 API at /sdapi/v1;
+    --nowebui serves the API alone. --share needs Gradio's own launcher, so there the API
+    is mounted into the app Gradio launched."""
+    import uvicorn
+
+    from webui.api import build_api, build_root, mount_api, parse_credentials
+
+    auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
+    if settings.nowebui:
+        uvicorn.run(build_root(engine, settings), host=settings.host, port=settings.port)
+        return
+    import gradio as gr
+
     from webui.ui import build_ui
 
     page = build_ui(engine)
     page.queue(default_concurrency_limit=1)
-    page.launch(
-        server_name=settings.host,
-        server_port=settings.port,
-        share=settings.share,
-        allowed_paths=[str(settings.outputs_dir)],
-    )
+    allowed = [str(settings.outputs_dir)]
+    if settings.share:
+        page.launch(
+            server_name=settings.host,
+            server_port=settings.port,
+            share=True,
+            auth=auth,
+            allowed_paths=allowed,
+            prevent_thread_lock=True,
+        )
+        if settings.api:
+            mount_api(page.app, build_api(engine, settings))
+        page.block_thread()
+        return
+    root = build_root(engine, settings)
+    gr.mount_gradio_app(root, page, path="/", auth=auth, allowed_paths=allowed)
+    uvicorn.run(root, host=settings.host, port=settings.port)
 
 
 if __name__ == "__main__":

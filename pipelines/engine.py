@@ -296,13 +296,20 @@ class Engine:
     # ---------------------------------------------------------------- generation
 
     def generate(
-        self, request: GenerationRequest, on_step: StepCallback | None = None
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        *,
+        stateless: bool = False,
     ) -> GenerationResult:
         """Make the images `request` describes.
 
         Args:
             request: the request; validated here before any heavy work.
             on_step: called after every sampling step with the live Progress.
+            stateless: put the weights back to the base model afterwards, so the call
+                leaves no LoRA applied (ZeroGPU runs each call in a forked worker whose
+                changes are lost, so every call must apply exactly its own stack).
         Returns:
             GenerationResult with one infotext per image and the seeds used.
         Raises:
@@ -333,8 +340,15 @@ class Engine:
                     "--medvram"
                 ) from error
             finally:
+                if stateless:
+                    self._restore_base()
                 self.progress.active = False
                 self.progress.latents = None
+
+    def _restore_base(self) -> None:
+        """Stateless mode: the current model's weights back to base, nothing applied."""
+        if self._model is not None and self._model.applier is not None:
+            self._model.applier.restore()
 
     def _recover_memory(self) -> None:
         gc.collect()

@@ -54,4 +54,3 @@ class DeviceOutOfMemoryError(LorastackError):
     """The device ran out of memory; the message suggests a smaller size or --medvram."""
 
     status = 507
-

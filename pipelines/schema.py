@@ -238,3 +238,4 @@ class GenerationResult:
     model_hash: str | None
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    replica: str | None = None  # the Ray Serve replica that made it (scale-out only)

@@ -76,23 +76,25 @@ def test_txt2img_through_gradio_client(server: tuple[str, Path, Path]) -> None:
 
     url, data, _ = server
     client = Client(url, verbose=False)
-    gallery, infotext = client.predict(
-        "a lighthouse",
-        "",
-        2,
-        7.0,
-        11,
-        64,
-        64,
-        1,
-        1,
-        "Euler",
-        "Automatic",
-        1,
-        "lorastack-demo-tiny",
+    gallery, infotext, seeds = client.predict(
+        prompt="a lighthouse",
+        negative_prompt="",
+        steps=2,
+        cfg_scale=7.0,
+        sampler_name="Euler",
+        scheduler="Automatic",
+        seed=11,
+        width=64,
+        height=64,
+        batch_size=1,
+        n_iter=1,
+        clip_skip=1,
+        checkpoint="lorastack-demo-tiny",
+        loras=[],
         api_name="/txt2img",
     )
+    client.close()
     assert len(gallery) == 1
-    assert "Seed: 11" in infotext and "Size: 64x64" in infotext
+    assert "Seed: 11" in infotext and "Size: 64x64" in infotext and seeds == [11]
     saved = list((data / "outputs" / "txt2img-images").rglob("*.png"))
     assert len(saved) == 1 and saved[0].name.endswith("-11.png")

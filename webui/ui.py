@@ -1,28 +1,81 @@
-"""The Gradio page: a thin client of the engine that only builds GenerationRequests."""
+"""The Gradio page: a thin client of the engine that only builds GenerationRequests.
+
+Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), PNG Info, Settings.
+Per-user choices (checkpoint, stack, fields) are component values, so each browser session
+has its own; the only shared UI state is `JobControl`, which knows whose job runs.
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 
+from pipelines.engine import DEMO_MODEL_NAME
 from pipelines.errors import LorastackError
 from pipelines.infotext import write_png_with_infotext
 from pipelines.output import save_png
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
-from pipelines.schema import GenerationRequest, field_spec
+from pipelines.schema import GenerationResult, field_spec, request_from_dict
+from webui.defaults import load_defaults, scheduler_label
+from webui.jobs import PREVIEW_EVERY, JobControl, StepUpdate
+from webui.lora_panel import QUICK, build_library, build_stack
+from webui.stack import rows_from_value, specs_from_rows
+from webui.tabs import build_pnginfo, build_settings
+
+API_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "cfg_scale",
+    "sampler_name",
+    "scheduler",
+    "seed",
+    "width",
+    "height",
+    "batch_size",
+    "n_iter",
+    "clip_skip",
+)
+"""The `/txt2img` endpoint's request parameters, in order (schema.FIELDS names), followed by
+`checkpoint` and `loras`."""
+
+PAGE_JS = """
+const style = document.createElement('style');
+style.textContent = `
+  .lora-cards { flex-wrap: wrap !important; gap: 8px; }
+  .lora-card { border: 1px solid var(--border-color-primary); border-radius: 8px;
+               padding: 6px; max-width: 220px; }
+  .lora-incompatible { opacity: 0.45; }
+  .lora-thumb { width: 100%; max-height: 128px; object-fit: cover; border-radius: 4px; }
+  .lora-nothumb { height: 48px; display: flex; align-items: center; justify-content: center;
+                  color: var(--body-text-color-subdued); font-size: 12px; }
+  .lora-name { font-weight: 600; word-break: break-all; }
+  .lora-facts, .lora-alias, .lora-words { font-size: 12px; }
+  .lora-why { font-size: 12px; color: var(--color-accent); }
+`;
+document.head.appendChild(style);
+document.addEventListener('keydown', (event) => {
+  const inPrompt = event.target && event.target.closest &&
+    event.target.closest('#prompt, #negative_prompt');
+  if (inPrompt && event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+    event.preventDefault();
+    document.querySelector('#generate')?.click();
+  }
+});
+"""
+"""Page styling, and Ctrl+Enter in a prompt box generates (as in A1111)."""
 
 
-def build_ui(engine: Any) -> Any:
-    """The txt2img page: every control is built from pipelines.schema's field specs."""
-
-    def number(name: str, component: type = gr.Slider) -> Any:
-        spec = field_spec(name, engine.bounds)
-        if component is gr.Slider:
-            return gr.Slider(
-                spec.minimum, spec.maximum, value=spec.default, step=spec.step, label=spec.label
-            )
-        return gr.Number(value=spec.default, label=spec.label, precision=0)
+def build_ui(
+    engine: Any, *, preview_every: int = PREVIEW_EVERY, refresh_seconds: float = 5.0
+) -> gr.Blocks:
+    """The whole page. Events that only touch the page run outside the one-job queue."""
+    jobs = JobControl(engine, preview_every)
+    bounds = engine.bounds
+    defaults = load_defaults(engine.settings.data_dir, bounds)
 
     def checkpoint_choices() -> list[str]:
         titles = [e.title for e in engine.checkpoints.entries() if not e.error]
@@ -31,59 +84,96 @@ def build_ui(engine: Any) -> Any:
             titles.insert(0, current)
         return titles
 
-    def generate(
+    def family_of(choice: str | None) -> str | None:
+        """The architecture family of the session's checkpoint, when known."""
+        model = engine.model
+        if model is not None and (not choice or choice == model.title):
+            return model.architecture.family
+        try:
+            entry = engine.checkpoints.resolve(choice)
+        except LorastackError:
+            return None
+        return entry.architecture.family if entry.architecture else None
+
+    def slider(name: str, **extra: Any) -> gr.Slider:
+        spec = field_spec(name, bounds)
+        return gr.Slider(
+            spec.minimum,
+            spec.maximum,
+            value=defaults.get(name, spec.default),
+            step=spec.step,
+            label=spec.label,
+            elem_id=name,
+            **extra,
+        )
+
+    def txt2img(
         prompt: str,
-        negative: str,
+        negative_prompt: str,
         steps: float,
-        cfg: float,
+        cfg_scale: float,
+        sampler_name: str,
+        scheduler: str,
         seed: float,
         width: float,
         height: float,
         batch_size: float,
         n_iter: float,
-        sampler: str,
-        scheduler: str,
         clip_skip: float,
         checkpoint: str | None,
+        loras: Any,
+        request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
-    ) -> tuple[list, str]:
-        demo = checkpoint == engine.current_title() and engine.model and not engine.model.entry
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative,
-            steps=int(steps),
-            cfg_scale=float(cfg),
-            seed=int(seed),
-            width=int(width),
-            height=int(height),
-            batch_size=int(batch_size),
-            n_iter=int(n_iter),
-            sampler_name=sampler,
-            scheduler=scheduler,
-            clip_skip=int(clip_skip),
-            checkpoint=None if (not checkpoint or demo) else checkpoint,
-        )
-
-        def on_step(state: Any) -> None:
-            progress(state.fraction, desc=f"step {state.sampling_step}/{state.sampling_steps}")
-
+    ) -> Iterator[tuple[Any, ...]]:
+        """Generate; stream progress and previews; save every image; return the gallery,
+        the first image's infotext and the seeds."""
+        given = {name: value for name, value in locals().items() if name in API_FIELDS}
+        values = {}
+        for name, value in given.items():
+            spec = field_spec(name, bounds)
+            values[name] = spec.default if value is None else spec.kind(value)
         try:
-            result = engine.generate(request, on_step=on_step)
+            generation = request_from_dict(
+                {
+                    **values,
+                    "checkpoint": None if checkpoint in (None, "", DEMO_MODEL_NAME) else checkpoint,
+                    "loras": specs_from_rows(rows_from_value(loras)),
+                }
+            )
+            session = request.session_hash or "anonymous"
+            for item in jobs.run(session, generation, family_of(checkpoint)):
+                if isinstance(item, StepUpdate):
+                    progress(item.fraction, desc=step_text(item))
+                    if item.preview:
+                        yield item.preview, gr.skip(), gr.skip(), gr.skip()
+                    continue
+                if item is None:
+                    gr.Info("Interrupted before it started")
+                    yield [], "", [], []
+                    return
+                yield finish(item)
         except LorastackError as error:
             raise gr.Error(error.message) from error
+
+    def finish(result: GenerationResult) -> tuple[list, str, list[int], list[str]]:
         gallery = []
         for image, seed_used, infotext in zip(
             result.images, result.seeds, result.infotexts, strict=True
         ):
-            png = write_png_with_infotext(image, infotext)
-            path = save_png(engine.settings.outputs_dir, png, seed_used)
+            path = save_png(
+                engine.settings.outputs_dir, write_png_with_infotext(image, infotext), seed_used
+            )
             gallery.append((str(path), f"seed {seed_used}"))
-        text = result.infotexts[0] if result.infotexts else ""
-        if result.notes:
-            text += "\n\n" + "\n".join(result.notes)
-        return gallery, text
+        notes = list(result.notes)
+        if result.interrupted:
+            notes.insert(0, f"interrupted: {len(result.images)} image(s) finished")
+        for note in notes:
+            if "replaces the stack weight" in note:
+                gr.Warning(note)
+        return gallery, result.infotexts[0] if result.infotexts else "", result.seeds, notes
 
     with gr.Blocks(title="lorastack") as page:
+        gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
         if engine.model is not None and engine.model.entry is None:
             gr.Markdown(
@@ -96,51 +186,119 @@ def build_ui(engine: Any) -> Any:
                 checkpoint_choices(),
                 value=engine.current_title(),
                 label="Stable Diffusion checkpoint",
+                allow_custom_value=True,
+                elem_id="checkpoint",
                 scale=4,
             )
-            refresh = gr.Button("Refresh", scale=1)
-        prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt")
-        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative_prompt")
-        with gr.Row():
-            sampler = gr.Dropdown(list(SAMPLER_NAMES), value="DPM++ 2M", label="Sampling method")
-            scheduler = gr.Dropdown(
-                list(SCHEDULER_LABELS), value=SCHEDULER_LABELS[0], label="Schedule type"
+            refresh_models = gr.Button(
+                "Refresh", scale=0, min_width=80, elem_id="checkpoint_refresh"
             )
-            steps = number("steps")
-        with gr.Row():
-            width, height = number("width"), number("height")
-            batch_count, batch_size = number("n_iter"), number("batch_size")
-        with gr.Row():
-            cfg = number("cfg_scale")
-            seed = number("seed", gr.Number)
-            clip_skip = number("clip_skip")
-        with gr.Row():
-            run = gr.Button("Generate", variant="primary", elem_id="generate")
-            stop = gr.Button("Interrupt", elem_id="interrupt")
-        gallery = gr.Gallery(label="Images", elem_id="gallery", columns=4)
-        info = gr.Textbox(label="Parameters", lines=4, elem_id="infotext")
+        with gr.Tabs() as tabs:
+            with gr.Tab("txt2img", id="txt2img"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        controls = build_controls(slider, defaults)
+                        prompt = controls["prompt"]
+                        panel = build_stack(page, prompt)
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            run = gr.Button("Generate", variant="primary", elem_id="generate")
+                            stop = gr.Button("Interrupt", elem_id="interrupt")
+                        gallery = gr.Gallery(
+                            label="Images", elem_id="gallery", columns=2, format="png"
+                        )
+                        info = gr.Textbox(
+                            label="Parameters", lines=5, elem_id="infotext", interactive=False
+                        )
+                        seeds = gr.JSON(visible=False, label="seeds")
+                        notes = gr.Markdown(elem_id="notes")
+                        with gr.Row():
+                            dice = gr.Button("Random seed (-1)", size="sm", elem_id="random_seed")
+                            reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
+                with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
+                    build_library(engine, panel, prompt, checkpoint, family_of, refresh_seconds)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                build_pnginfo(engine, controls, checkpoint, panel, tabs, notes)
+            with gr.Tab("Settings", id="settings"):
+                build_settings(engine, page, controls)
 
-        inputs = [
-            prompt,
-            negative,
-            steps,
-            cfg,
-            seed,
-            width,
-            height,
-            batch_size,
-            batch_count,
-            sampler,
-            scheduler,
-            clip_skip,
-            checkpoint,
-        ]
-        run.click(generate, inputs, [gallery, info], api_name="txt2img")
-        stop.click(engine.interrupt, None, None, api_name=False)
+        note_state = gr.State([])
+        inputs = [*(controls[name] for name in API_FIELDS), checkpoint, panel.stack]
+        parameters = list(inspect.signature(txt2img).parameters)
+        assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras"]
+        run.click(jobs_submitted(jobs), None, None, queue=False, api_visibility="private")
+        generated = run.click(
+            txt2img, inputs, [gallery, info, seeds, note_state], api_name="txt2img"
+        )
+        generated.then(lambda found: "\n".join(f"ℹ {n}" for n in found), note_state, notes, **QUICK)
 
-        def do_refresh() -> Any:
+        def interrupt(request: gr.Request) -> None:
+            gr.Info(jobs.interrupt(request.session_hash or "anonymous"))
+
+        stop.click(interrupt, None, None, queue=False, api_visibility="private")
+        dice.click(lambda: -1, None, controls["seed"], **QUICK)
+        reuse.click(lambda used: used[0] if used else gr.skip(), seeds, controls["seed"], **QUICK)
+
+        def rescan_models() -> gr.Dropdown:
             engine.rescan()
             return gr.Dropdown(choices=checkpoint_choices())
 
-        refresh.click(do_refresh, None, checkpoint, api_name=False)
+        refresh_models.click(rescan_models, None, checkpoint, **QUICK)
     return page
+
+
+def jobs_submitted(jobs: JobControl) -> Any:
+    """Generate's companion event: mark the session's job as queued (Interrupt can drop it)."""
+
+    def mark(request: gr.Request) -> None:
+        jobs.submitted(request.session_hash or "anonymous")
+
+    return mark
+
+
+def step_text(update: StepUpdate) -> str:
+    batch = f"batch {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
+    return (
+        f"{batch}step {update.sampling_step}/{update.sampling_steps}, ETA {update.eta_seconds:.0f}s"
+    )
+
+
+def build_controls(slider: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The request fields' components, keyed by schema.FIELDS name."""
+    controls: dict[str, Any] = {}
+    controls["prompt"] = gr.Textbox(
+        label="Prompt (Ctrl+Enter generates)",
+        lines=3,
+        elem_id="prompt",
+        placeholder=field_spec("prompt").help,
+    )
+    controls["negative_prompt"] = gr.Textbox(
+        value=defaults["negative_prompt"],
+        label="Negative prompt",
+        lines=2,
+        elem_id="negative_prompt",
+    )
+    with gr.Row():
+        controls["sampler_name"] = gr.Dropdown(
+            list(SAMPLER_NAMES), value=defaults["sampler_name"], label="Sampling method"
+        )
+        controls["scheduler"] = gr.Dropdown(
+            list(SCHEDULER_LABELS),
+            value=scheduler_label(defaults["scheduler"]),
+            label="Schedule type",
+        )
+        controls["steps"] = slider("steps")
+    with gr.Row():
+        controls["width"] = slider("width")
+        controls["height"] = slider("height")
+    with gr.Row():
+        controls["n_iter"] = slider("n_iter")
+        controls["batch_size"] = slider("batch_size")
+    with gr.Row():
+        controls["cfg_scale"] = slider("cfg_scale")
+        seed = field_spec("seed")
+        controls["seed"] = gr.Number(
+            value=seed.default, label=seed.label, precision=0, elem_id="seed", info=seed.help
+        )
+        controls["clip_skip"] = slider("clip_skip")
+    return controls

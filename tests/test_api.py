@@ -1,0 +1,631 @@
+"""The A1111-compatible API on a live server: raw HTTP for every route and its errors,
+the real `webuiapi` client, `gradio_client` on the same server, and the same request
+through every front end giving the same pixels.
+
+One server process for the module (tiny models, 64x64, 2 steps, `--threads 2`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.infotext import read_infotext
+from pipelines.loading import LoadedModel
+from pipelines.schema import GenerationRequest
+from tests.test_app_http import PROJECT, free_port, wait_for
+from tests.test_engine import make_engine
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+
+API_USER, API_PASSWORD = "tester", "s3cret"
+UI_USER, UI_PASSWORD = "painter", "brush"
+ORIGIN = "http://client.example"
+THREADS = "2"
+SMALL = {"steps": 2, "width": 64, "height": 64}
+SD1 = "tiny-sd1.safetensors"
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    data: Path
+    models: Path
+    loras: Path
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return self.url + "sdapi/v1"
+
+
+def start_app(args: list[str], data: Path) -> tuple[subprocess.Popen, str, Path]:
+    """`python app.py ARGS` on a free 127.0.0.1 port; returns process, base URL and log."""
+    port = free_port()
+    log = data / f"app-{port}.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port), *args],
+            cwd=PROJECT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return process, f"http://127.0.0.1:{port}/", log
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def loras_dir(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> Path:
+    folder = tmp_path_factory.mktemp("api-loras")
+    keys = sd1_keys(SD1_MODULES)
+    write(folder / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
+    write(folder / "glow.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, loras_dir: Path
+) -> Iterator[Server]:
+    data = tmp_path_factory.mktemp("api-data")
+    args = [
+        "--api",
+        "--api-auth",
+        f"{API_USER}:{API_PASSWORD}",
+        "--gradio-auth",
+        f"{UI_USER}:{UI_PASSWORD}",
+        "--cors-allow-origins",
+        ORIGIN,
+        "--ckpt-dir",
+        str(models_dir),
+        "--lora-dir",
+        str(loras_dir),
+        "--ckpt",
+        SD1,
+        "--threads",
+        THREADS,
+    ]
+    process, url, log = start_app(args, data)
+    try:
+        wait_for(url, process)
+        yield Server(url, int(url.rsplit(":", 1)[1].strip("/")), data, models_dir, loras_dir, log)
+    finally:
+        stop_app(process)
+
+
+def call(
+    server: Server,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    raw: bytes | None = None,
+    auth: tuple[str, str] | None = (API_USER, API_PASSWORD),
+    headers: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> tuple[int, Any, Any]:
+    """One HTTP request; returns (status, headers, decoded JSON or text)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(server.api + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        request.add_header(key, value)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, reply_headers, payload = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            status, reply_headers, payload = error.code, error.headers, error.read()
+    try:
+        return status, reply_headers, json.loads(payload)
+    except ValueError:
+        return status, reply_headers, payload.decode()
+
+
+def pixels_of_b64(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+def assert_a1111_error(payload: Any, *words: str) -> None:
+    assert set(payload) == {"error", "detail", "body", "errors"}, payload
+    for word in words:
+        assert word in payload["detail"], payload
+
+
+# ---------------------------------------------------------------- auth, CORS, probes
+
+
+def test_every_api_route_needs_credentials(server: Server) -> None:
+    for method, path in [
+        ("GET", "/options"),
+        ("GET", "/sd-models"),
+        ("GET", "/loras"),
+        ("POST", "/refresh-loras"),
+        ("GET", "/progress"),
+        ("POST", "/txt2img"),
+        ("GET", "/docs"),
+    ]:
+        for auth in (None, (API_USER, "wrong")):
+            status, headers, payload = call(server, method, path, {}, auth=auth)
+            assert status == 401, (method, path)
+            assert headers["WWW-Authenticate"].startswith("Basic")
+            assert_a1111_error(payload, "credentials")
+
+
+def test_cors_preflight_and_simple_request(server: Server) -> None:
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    status, headers, _ = call(server, "OPTIONS", "/txt2img", auth=None, headers=preflight)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    status, headers, _ = call(server, "GET", "/samplers", headers={"Origin": ORIGIN})
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == ORIGIN
+    _, headers, _ = call(server, "GET", "/samplers", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in headers
+
+
+def test_listings_and_neutral_probes(server: Server) -> None:
+    shapes = {
+        "/samplers": list,
+        "/schedulers": list,
+        "/upscalers": list,
+        "/latent-upscale-modes": list,
+        "/sd-vae": list,
+        "/hypernetworks": list,
+        "/face-restorers": list,
+        "/realesrgan-models": list,
+        "/prompt-styles": list,
+        "/embeddings": dict,
+        "/scripts": dict,
+        "/cmd-flags": dict,
+        "/memory": dict,
+    }
+    for path, kind in shapes.items():
+        status, _, payload = call(server, "GET", path)
+        assert status == 200 and isinstance(payload, kind), path
+    _, _, samplers = call(server, "GET", "/samplers")
+    assert {"name", "aliases", "options"} <= set(samplers[0])
+    assert "Euler" in {s["name"] for s in samplers}
+    assert all("Karras" not in s["name"] for s in samplers)
+    _, _, schedulers = call(server, "GET", "/schedulers")
+    assert {"name", "label", "aliases", "default_rho", "need_inner_model"} <= set(schedulers[0])
+    _, _, flags = call(server, "GET", "/cmd-flags")
+    assert flags["api"] is True and "api_auth" not in flags and "gradio_auth" not in flags
+    _, _, embeddings = call(server, "GET", "/embeddings")
+    assert embeddings == {"loaded": {}, "skipped": {}}
+    _, _, memory = call(server, "GET", "/memory")
+    assert set(memory) == {"ram", "cuda"}
+
+
+def test_sd_models_and_loras(server: Server) -> None:
+    status, _, models = call(server, "GET", "/sd-models")
+    assert status == 200
+    by_name = {m["model_name"]: m for m in models}
+    assert {"tiny-sd1", "xl/tiny-sdxl", "tiny-sd1-diffusers"} <= set(by_name)
+    sd1 = by_name["tiny-sd1"]
+    assert set(sd1) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    assert sd1["title"].startswith(SD1)
+    assert sd1["filename"] == str(server.models / SD1)
+    assert sd1["config"] == str(server.models / "tiny-sd1.yaml")
+    if sd1["sha256"]:
+        assert sd1["title"] == f"{SD1} [{sd1['sha256'][:10]}]" and sd1["hash"] == sd1["sha256"][:10]
+    assert call(server, "POST", "/refresh-checkpoints")[:3:2] == (200, None)
+    assert call(server, "POST", "/refresh-loras")[:3:2] == (200, None)
+    status, _, loras = call(server, "GET", "/loras")
+    assert status == 200
+    assert {item["name"] for item in loras} == {"ink", "glow"}
+    ink = next(item for item in loras if item["name"] == "ink")
+    assert set(ink) == {"name", "alias", "path", "metadata"}
+    assert ink["alias"] == "ink" and ink["path"] == str(server.loras / "ink.safetensors")
+
+
+# ---------------------------------------------------------------- txt2img
+
+
+def test_txt2img_shape_info_and_png_parameters(server: Server) -> None:
+    body = {
+        "prompt": "a red house",
+        "negative_prompt": "blurry",
+        "seed": 11,
+        "batch_size": 2,
+        "sampler_name": "DPM++ 2M Karras",
+        "restore_faces": True,
+        "made_up_field": 1,
+        "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x.pt"},
+        **SMALL,
+    }
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200, payload
+    assert set(payload) == {"images", "parameters", "info"}
+    assert len(payload["images"]) == 2
+    assert payload["parameters"]["prompt"] == "a red house"
+    assert payload["parameters"]["cfg_scale"] == 7.0  # A1111 defaults filled in
+    info = json.loads(payload["info"])
+    assert info["seed"] == 11 and info["all_seeds"] == [11, 12]
+    assert info["sampler_name"] == "DPM++ 2M" and info["scheduler"] == "karras"
+    assert info["width"] == info["height"] == 64 and info["steps"] == 2 and info["cfg_scale"] == 7
+    assert info["clip_skip"] == 2 and info["batch_size"] == 2
+    assert info["sd_model_name"] == "tiny-sd1"
+    assert info["prompt"] == "a red house" and info["all_negative_prompts"] == ["blurry"] * 2
+    assert info["version"].startswith("lorastack")
+    assert len(info["job_timestamp"]) == 14
+    assert {"restore_faces", "made_up_field", "override_settings.sd_vae"} <= set(info["ignored"])
+    first = info["infotexts"][0]
+    assert "Seed: 11" in first and "Schedule type: Karras" in first and "Clip skip: 2" in first
+    png = base64.b64decode(payload["images"][0])
+    assert read_infotext(png) == first
+
+
+def test_txt2img_defaults_and_sizes(server: Server) -> None:
+    status, _, payload = call(
+        server, "POST", "/txt2img", {"prompt": "x", "width": 70, "height": 64, "steps": 2}
+    )
+    assert status == 200, payload
+    info = json.loads(payload["info"])
+    assert info["sampler_name"] == "Euler"  # sampler_name null -> Euler (A1111 API default)
+    assert "Schedule type: Automatic" in info["infotexts"][0]
+    assert info["width"] == 64  # rounded down to a multiple of 8, as A1111 does
+    assert info["seed"] >= 0 and info["ignored"] == []
+
+
+def test_send_and_save_images(server: Server) -> None:
+    saved = server.data / "outputs" / "txt2img-images"
+    before = set(saved.rglob("*.png")) if saved.exists() else set()
+    body = {"prompt": "x", "seed": 21, "send_images": False, "save_images": True, **SMALL}
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200 and payload["images"] == []
+    new = set(saved.rglob("*.png")) - before
+    assert len(new) == 1 and next(iter(new)).name.endswith("-21.png")
+    assert "Seed: 21" in read_infotext(next(iter(new)).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"prompt": ', ["not valid JSON"]),
+        (b"[1, 2]", ["JSON object"]),
+        (b'{"steps": "many"}', ["steps", "integer"]),
+        (b'{"steps": 2.5}', ["steps"]),
+        (b'{"cfg_scale": true}', ["cfg_scale"]),
+        (b'{"width": 8, "steps": 2}', ["width", "between"]),
+        (b'{"steps": 1000}', ["steps", "150"]),
+        (b'{"seed": -7}', ["seed"]),
+        (b'{"batch_size": 99}', ["batch_size"]),
+        (b'{"sampler_name": "Nope Sampler"}', ["Nope Sampler", "Euler"]),
+        (b'{"scheduler": "wobbly"}', ["wobbly", "Karras"]),
+        (b'{"override_settings": [1]}', ["override_settings"]),
+        (b'{"override_settings": {"CLIP_stop_at_last_layers": 40}}', ["CLIP_stop"]),
+        (b'{"prompt": 5}', ["prompt"]),
+        (b'{"send_images": "yes"}', ["send_images"]),
+    ],
+)
+def test_txt2img_client_errors_are_422(server: Server, raw: bytes, words: list[str]) -> None:
+    status, _, payload = call(server, "POST", "/txt2img", raw=raw)
+    assert status == 422, payload
+    assert_a1111_error(payload, *words)
+
+
+def test_unknown_names_are_404_listing_known(server: Server) -> None:
+    body = {"override_settings": {"sd_model_checkpoint": "no-such-model"}, **SMALL}
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 404 and "tiny-sd1" in payload["detail"]
+    status, _, payload = call(server, "POST", "/options", {"sd_model_checkpoint": "zzz"})
+    assert status == 404
+    assert_a1111_error(payload, "zzz", "tiny-sd1")
+    status, _, payload = call(server, "POST", "/txt2img", {"prompt": "<lora:nope:1>", **SMALL})
+    assert status == 404
+    assert_a1111_error(payload, "nope")
+    status, _, payload = call(server, "GET", "/no-such-route")
+    assert status == 404 and set(payload) == {"error", "detail", "body", "errors"}
+
+
+def test_options_switch_checkpoints_and_clip_skip(server: Server) -> None:
+    status, _, options = call(server, "GET", "/options")
+    assert status == 200 and options["sd_model_checkpoint"].startswith(SD1)
+    status, _, changed = call(
+        server,
+        "POST",
+        "/options",
+        {"sd_model_checkpoint": "xl/tiny-sdxl", "CLIP_stop_at_last_layers": 2, "foo": 1},
+    )
+    assert status == 200 and changed["ignored"] == ["foo"]
+    _, _, options = call(server, "GET", "/options")
+    assert options["sd_model_checkpoint"].startswith("xl/tiny-sdxl.safetensors")
+    assert options["CLIP_stop_at_last_layers"] == 2
+    status, _, payload = call(server, "POST", "/txt2img", {"prompt": "x", "seed": 1, **SMALL})
+    info = json.loads(payload["info"])
+    assert info["sd_model_name"] == "tiny-sdxl" and info["clip_skip"] == 2
+    # override_settings switches for one request, then restores (A1111's default)
+    body = {"prompt": "x", "override_settings": {"sd_model_checkpoint": SD1}, **SMALL}
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200 and json.loads(payload["info"])["sd_model_name"] == "tiny-sd1"
+    _, _, options = call(server, "GET", "/options")
+    assert options["sd_model_checkpoint"].startswith("xl/tiny-sdxl")
+    status, _, payload = call(
+        server, "POST", "/options", {"sd_model_checkpoint": SD1, "CLIP_stop_at_last_layers": 1}
+    )
+    assert status == 200 and payload["sd_model_checkpoint"].startswith(SD1)
+    status, _, payload = call(server, "POST", "/options", {"CLIP_stop_at_last_layers": "two"})
+    assert status == 422
+    assert_a1111_error(payload, "CLIP_stop_at_last_layers")
+
+
+def test_png_info(server: Server) -> None:
+    _, _, payload = call(server, "POST", "/txt2img", {"prompt": "a (cat:1.2)", "seed": 4, **SMALL})
+    image = payload["images"][0]
+    status, _, info = call(server, "POST", "/png-info", {"image": "data:image/png;base64," + image})
+    assert status == 200 and set(info) == {"info", "items", "parameters"}
+    assert info["info"].startswith("a (cat:1.2)")
+    parameters = info["parameters"]
+    assert parameters["Prompt"] == "a (cat:1.2)" and parameters["Seed"] == "4"
+    assert parameters["Size-1"] == "64" and parameters["Steps"] == "2"
+    plain = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(plain, format="PNG")
+    status, _, info = call(
+        server, "POST", "/png-info", {"image": base64.b64encode(plain.getvalue()).decode()}
+    )
+    assert status == 200 and info == {"info": "", "items": {}, "parameters": {}}
+    for bad in ({"image": "%%%"}, {"image": base64.b64encode(b"not an image").decode()}, {}):
+        status, _, payload = call(server, "POST", "/png-info", bad)
+        assert status == 422
+        assert_a1111_error(payload, "image")
+
+
+def test_progress_and_interrupt_during_a_generation(server: Server) -> None:
+    status, _, idle = call(server, "GET", "/progress")
+    assert status == 200
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert idle["current_image"] is None
+    assert {"skipped", "interrupted", "job", "job_count", "job_timestamp", "job_no"} <= set(
+        idle["state"]
+    )
+    answer: dict[str, Any] = {}
+
+    def long_job() -> None:
+        body = {"prompt": "long", "seed": 3, "n_iter": 100, "steps": 150, "width": 64, "height": 64}
+        answer["reply"] = call(server, "POST", "/txt2img", body, timeout=300)
+
+    worker = threading.Thread(target=long_job, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 60
+    running = None
+    while time.monotonic() < deadline:
+        _, _, state = call(server, "GET", "/progress")
+        if state["state"]["sampling_step"] > 0 and state["current_image"]:
+            running = state
+            break
+        time.sleep(0.05)
+    assert running is not None, "no progress seen within 60 s"
+    assert 0 < running["progress"] < 1 and running["state"]["job_count"] == 100
+    assert running["state"]["sampling_steps"] == 150 and running["eta_relative"] > 0
+    assert running["textinfo"]
+    preview = Image.open(io.BytesIO(base64.b64decode(running["current_image"])))
+    assert preview.size == (64, 64)
+    _, _, skipped = call(server, "GET", "/progress?skip_current_image=true")
+    assert skipped["current_image"] is None
+    assert call(server, "POST", "/skip")[0] == 200
+    assert call(server, "POST", "/interrupt")[0] == 200
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the interrupted job did not finish within 120 s"
+    status, _, payload = answer["reply"]
+    assert status == 200
+    info = json.loads(payload["info"])
+    assert info["interrupted"] is True
+    assert 1 <= len(payload["images"]) < 100
+
+
+def test_progress_rejects_bad_query(server: Server) -> None:
+    status, _, payload = call(server, "GET", "/progress?skip_current_image=maybe")
+    assert status == 422
+    assert_a1111_error(payload, "skip_current_image")
+
+
+# ---------------------------------------------------------------- clients
+
+
+def test_webuiapi_client(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1",
+        port=server.port,
+        sampler="Euler",
+        steps=2,
+        username=API_USER,
+        password=API_PASSWORD,
+    )
+    try:
+        _use_webuiapi(client)
+    finally:
+        client.session.close()
+
+
+def _use_webuiapi(client: Any) -> None:
+    client.util_set_model("xl/tiny-sdxl")
+    assert client.util_get_current_model().startswith("xl/tiny-sdxl")
+    client.util_set_model(SD1)
+    assert client.util_get_current_model().startswith(SD1)
+    plain = client.txt2img(prompt="a cat", seed=5, width=64, height=64)
+    stacked = client.txt2img(
+        prompt="a cat <lora:ink:0.8> <lora:glow:-0.3>", seed=5, width=64, height=64
+    )
+    assert len(stacked.images) == 1 and stacked.info["seed"] == 5
+    infotext = stacked.info["infotexts"][0]
+    assert "<lora:ink:0.8>" in infotext and "<lora:glow:-0.3>" in infotext
+    assert not np.array_equal(np.asarray(plain.image), np.asarray(stacked.image))
+    assert stacked.image.info["parameters"] == infotext
+    assert client.get_progress()["state"]["job_count"] == 0
+    assert "Euler" in client.util_get_sampler_names()
+    assert "automatic" in client.util_get_scheduler_names()
+    assert {lora["name"] for lora in client.get_loras()} == {"ink", "glow"}
+
+
+def _gradio_txt2img(server: Server, checkpoint: str, **values: Any) -> tuple[list, str]:
+    from gradio_client import Client
+
+    client = Client(server.url, auth=(UI_USER, UI_PASSWORD), verbose=False)
+    try:
+        result = client.predict(
+            api_name="/txt2img",
+            negative_prompt="",
+            cfg_scale=7.0,
+            batch_size=1,
+            n_iter=1,
+            clip_skip=1,
+            checkpoint=checkpoint,
+            **values,
+        )
+    finally:
+        client.close()
+    return result[0], result[1]
+
+
+def _gallery_pixels(gallery: list) -> list[np.ndarray]:
+    paths = [item["image"] if isinstance(item, dict) else item[0] for item in gallery]
+    return [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+
+
+def test_gradio_ui_needs_its_own_login(server: Server) -> None:
+    from gradio_client import Client
+
+    with pytest.raises(Exception, match="(?i)login|auth|401|credentials"):
+        Client(server.url, verbose=False)
+
+
+# ---------------------------------------------------------------- identity across front ends
+
+
+def test_same_request_same_pixels_in_every_front_end(
+    server: Server, tmp_path: Path, models_dir: Path
+) -> None:
+    prompt, seed = "a lighthouse at dusk", 77
+    # 1. A1111 API
+    body = {
+        "prompt": prompt,
+        "seed": seed,
+        "sampler_name": "Euler",
+        "scheduler": "automatic",
+        "override_settings": {"sd_model_checkpoint": SD1},
+        **SMALL,
+    }
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200, payload
+    api_pixels = pixels_of_b64(payload["images"][0])
+    api_infotext = json.loads(payload["info"])["infotexts"][0]
+    # 2. Gradio endpoint on the same server
+    gallery, ui_infotext = _gradio_txt2img(
+        server,
+        SD1,
+        prompt=prompt,
+        seed=seed,
+        sampler_name="Euler",
+        scheduler="Automatic",
+        **SMALL,
+    )
+    ui_pixels = _gallery_pixels(gallery)[0]
+    # 3. CLI in its own process
+    out = tmp_path / "cli"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines",
+            "generate",
+            "--prompt",
+            prompt,
+            "--seed",
+            str(seed),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--sampler",
+            "Euler",
+            "--scheduler",
+            "automatic",
+            "--ckpt",
+            SD1,
+            "--ckpt-dir",
+            str(models_dir),
+            "--data-dir",
+            str(tmp_path),
+            "--threads",
+            THREADS,
+            "--out",
+            str(out),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    (cli_file,) = out.glob("*.png")
+    cli_pixels = np.asarray(Image.open(cli_file).convert("RGB"))
+    # 4. the engine in this process
+    engine = make_engine(tmp_path / "engine", models_dir)
+    result = engine.generate(
+        GenerationRequest(
+            prompt=prompt,
+            seed=seed,
+            sampler_name="Euler",
+            scheduler="automatic",
+            checkpoint=SD1,
+            **SMALL,
+        )
+    )
+    engine_pixels = np.asarray(result.images[0].convert("RGB"))
+    for name, other in (("gradio", ui_pixels), ("cli", cli_pixels), ("api", api_pixels)):
+        assert np.array_equal(engine_pixels, other), f"{name} pixels differ from the engine's"
+    texts = {api_infotext, ui_infotext, read_infotext(cli_file.read_bytes())}
+    texts.add(result.infotexts[0])
+    assert len(texts) == 1, texts
+
+
+def test_nowebui_serves_the_api_alone(tmp_path: Path, models_dir: Path) -> None:
+    process, url, log = start_app(
+        ["--nowebui", "--ckpt-dir", str(models_dir), "--ckpt", SD1, "--threads", THREADS],
+        tmp_path,
+    )
+    try:
+        wait_for(url + "sdapi/v1/options", process)
+        server = Server(url, 0, tmp_path, models_dir, tmp_path, log)
+        status, _, options = call(server, "GET", "/options", auth=None)
+        assert status == 200 and options["sd_model_checkpoint"].startswith(SD1)
+        status, _, payload = call(server, "POST", "/txt2img", {"prompt": "x", **SMALL}, auth=None)
+        assert status == 200 and len(payload["images"]) == 1
+        with pytest.raises(urllib.error.HTTPError) as page:
+            urllib.request.urlopen(url, timeout=10)
+        with page.value as error:
+            assert error.code == 404
+    finally:
+        stop_app(process)

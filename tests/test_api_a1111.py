@@ -1,0 +1,138 @@
+"""`pipelines.a1111`: the pure A1111 JSON <-> request translation, without a server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from pipelines import a1111
+from pipelines.errors import InvalidRequestError, NotFoundError
+from pipelines.infotext import write_png_with_infotext
+from pipelines.schema import GenerationRequest, GenerationResult
+
+
+def parse(body: dict) -> a1111.Txt2ImgCall:
+    return a1111.parse_txt2img(body, a1111.ApiOptions())
+
+
+def test_a1111_defaults() -> None:
+    call = parse({})
+    request = call.request
+    assert (request.steps, request.cfg_scale, request.width, request.height) == (50, 7.0, 512, 512)
+    assert (request.seed, request.batch_size, request.n_iter) == (-1, 1, 1)
+    assert (request.sampler_name, request.scheduler) == ("Euler", "automatic")
+    assert request.checkpoint is None and request.clip_skip == 1
+    assert call.send_images and not call.save_images and call.restore_checkpoint
+    assert call.parameters == a1111.TXT2IMG_DEFAULTS and call.ignored == []
+
+
+@pytest.mark.parametrize(
+    ("body", "sampler", "scheduler"),
+    [
+        ({"sampler_name": None, "scheduler": None}, "Euler", "automatic"),
+        ({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "karras"),
+        ({"sampler_name": "dpm++ 2m", "scheduler": "Karras"}, "DPM++ 2M", "karras"),
+        ({"sampler_name": "Euler a", "scheduler": "automatic"}, "Euler a", "automatic"),
+        ({"sampler_index": "DDIM"}, "DDIM", "automatic"),
+        ({"sampler_name": "", "sampler_index": "Euler a"}, "Euler a", "automatic"),
+    ],
+)
+def test_sampler_names(body: dict, sampler: str, scheduler: str) -> None:
+    request = parse(body).request
+    assert (request.sampler_name, request.scheduler) == (sampler, scheduler)
+
+
+def test_override_settings_and_options() -> None:
+    options = a1111.ApiOptions(clip_skip=2)
+    call = a1111.parse_txt2img({"override_settings": {"sd_vae": "x"}}, options)
+    assert call.request.clip_skip == 2 and call.ignored == ["override_settings.sd_vae"]
+    body = {
+        "override_settings": {"sd_model_checkpoint": "xl/a", "CLIP_stop_at_last_layers": 3},
+        "override_settings_restore_afterwards": False,
+    }
+    call = a1111.parse_txt2img(body, options)
+    assert call.request.checkpoint == "xl/a" and call.request.clip_skip == 3
+    assert not call.restore_checkpoint
+    change = a1111.parse_options({"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 2})
+    assert (change.checkpoint, change.clip_skip, change.ignored) == ("m", 2, [])
+    assert a1111.parse_options({"samples_format": "jpg"}).ignored == ["samples_format"]
+
+
+def test_ignored_fields_only_when_they_ask_for_something() -> None:
+    neutral = {"restore_faces": False, "styles": [], "eta": None, "hr_scale": 2.0, "tiling": None}
+    assert parse(neutral).ignored == []
+    asking = {"restore_faces": True, "enable_hr": True, "styles": ["a"], "brand_new": 0}
+    assert parse(asking).ignored == ["brand_new", "enable_hr", "restore_faces", "styles"]
+    assert parse({"styles": "not a list"}).ignored == ["styles"]  # never a crash
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"steps": "20"}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"seed": True}, "seed"),
+        ({"cfg_scale": "7"}, "cfg_scale"),
+        ({"prompt": ["a"]}, "prompt"),
+        ({"sampler_name": "Nope"}, "sampler_name"),
+        ({"sampler_index": "Nope"}, "sampler_index"),
+        ({"scheduler": "nope"}, "scheduler"),
+        ({"override_settings": "x"}, "override_settings"),
+        ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings."),
+        ({"override_settings": {"sd_model_checkpoint": 5}}, "override_settings."),
+        ({"save_images": 1}, "save_images"),
+    ],
+)
+def test_errors_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as error:
+        parse(body)
+    assert error.value.field is not None and error.value.field.startswith(field)
+    assert error.value.status == 422
+
+
+def test_integral_floats_are_integers() -> None:
+    assert parse({"steps": 20.0}).request.steps == 20
+
+
+def test_info_and_response_shape() -> None:
+    call = parse({"prompt": "cat", "seed": 3, "batch_size": 2, "send_images": True})
+    used = GenerationRequest(prompt="cat", seed=3, batch_size=2, width=64, height=64)
+    images = [Image.new("RGB", (64, 64)), Image.new("RGB", (64, 64), "red")]
+    result = GenerationResult(images, [3, 4], ["cat\nSeed: 3", "cat\nSeed: 4"], used, "m", "abc")
+    pngs = [write_png_with_infotext(i, t) for i, t in zip(images, result.infotexts, strict=True)]
+    response = a1111.txt2img_response(call, result, pngs, started=0.0)
+    assert set(response) == {"images", "parameters", "info"}
+    assert base64.b64decode(response["images"][1]) == pngs[1]
+    info = json.loads(response["info"])
+    assert info["all_seeds"] == [3, 4] and info["seed"] == 3 and info["all_prompts"] == ["cat"] * 2
+    assert info["sd_model_hash"] == "abc" and info["infotexts"][1] == "cat\nSeed: 4"
+    call.send_images = False
+    assert a1111.txt2img_response(call, result, pngs, started=0.0)["images"] == []
+
+
+def test_png_info_reads_parameters_and_other_chunks() -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    chunks = PngInfo()
+    chunks.add_text("parameters", "a cat\nSteps: 2, Seed: 5, Size: 64x32")
+    chunks.add_text("Software", "paint")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 32)).save(buffer, format="PNG", pnginfo=chunks)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    info = a1111.png_info({"image": encoded})
+    assert info["info"].startswith("a cat") and info["items"] == {"Software": "paint"}
+    assert info["parameters"]["Size-2"] == "32" and info["parameters"]["Prompt"] == "a cat"
+
+
+def test_error_body_is_a1111_shaped() -> None:
+    body = a1111.error_body(NotFoundError("unknown checkpoint 'x'; known: a, b"), 404)
+    assert body == {
+        "error": "NotFoundError",
+        "detail": "unknown checkpoint 'x'; known: a, b",
+        "body": "",
+        "errors": "unknown checkpoint 'x'; known: a, b",
+    }

@@ -1,0 +1,165 @@
+"""The page in headless Chromium (Debian's `chromium`, driven by Playwright): stack two
+LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip.
+
+Skipped when Playwright or /usr/bin/chromium is missing. Screenshots go to tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.infotext import parse_infotext
+from pipelines.loading import LoadedModel
+from tests.test_ui import app_server, make_lora_folder
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+TIMEOUT_MS = 30_000
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
+
+
+@pytest.fixture(scope="module")
+def app(
+    tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel, tiny_sdxl: LoadedModel
+) -> Iterator[tuple[str, Path]]:
+    data = tmp_path_factory.mktemp("browser")
+    make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    with app_server(data) as url:
+        yield url, data
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: object, app: tuple[str, Path]) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app[0])
+    page.locator("#generate").wait_for()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def set_number(page: object, elem_id: str, value: float) -> None:
+    """Type into a slider's or number's box, as a user does, and commit it."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def card(page: object, name: str) -> object:
+    return page.locator(".lora-card").filter(has=page.locator(".lora-name", has_text=f"{name}"))
+
+
+def add_lora(page: object, name: str, weight: float) -> None:
+    card(page, name).get_by_role("button", name="Add").click()
+    row = page.locator(".stack-row").filter(has_text=name)
+    row.wait_for()
+    box = row.locator("input[type=number]").first
+    box.fill(str(weight))
+    box.press("Enter")
+
+
+def infotext(page: object) -> str:
+    field = page.locator("#infotext textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('Steps:')"
+    )
+    return field.input_value()
+
+
+def shot(page: object, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_stack_three_loras_generate_and_read_parameters(page: object) -> None:
+    xl = card(page, "xl-only")
+    assert "lora-incompatible" in (xl.get_attribute("class") or "")
+    assert "made for SDXL; the checkpoint is SD1" in xl.inner_text()
+    assert xl.get_by_role("button", name="Add").is_disabled()
+
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64)):
+        set_number(page, elem_id, value)
+    set_number(page, "seed", 1234)
+    add_lora(page, "ink", 0.65)
+    add_lora(page, "glow", -0.5)
+    add_lora(page, "soft", 1.2)
+    card(page, "soft").get_by_role("button", name="Triggers").click()
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.includes('soft light')"
+    )
+    page.locator("#prompt textarea").press("Control+Enter")
+    page.locator("#gallery img").first.wait_for()
+    text = infotext(page)
+    parsed = parse_infotext(text)
+    assert "<lora:ink:0.65>" in parsed.prompt and "<lora:glow:-0.5>" in parsed.prompt
+    assert "<lora:soft:1.2>" in parsed.prompt and "soft light" in parsed.prompt
+    assert set(parsed.lora_hashes) == {"ink", "glow", "soft"}
+    assert parsed.params["Seed"] == "1234"
+    shot(page, "txt2img-3-lora-stack.png")
+
+    page.locator("#prompt textarea").fill("a lighthouse <lora:ink:0.3>")
+    page.locator("#stack_notes").filter(has_text="replaces the stack weight").wait_for()
+
+
+def test_new_lora_file_appears_after_refresh(page: object, app: tuple[str, Path]) -> None:
+    loras = app[1] / "loras"
+    assert card(page, "fresh").count() == 0
+    shutil.copy(loras / "glow.safetensors", loras / "fresh.safetensors")
+    page.locator("#lora_refresh").click()
+    card(page, "fresh").wait_for()
+    page.locator("#lora_search input, #lora_search textarea").first.fill("fresh")
+    page.wait_for_function("() => document.querySelectorAll('.lora-card').length === 1")
+
+
+def test_png_info_round_trip(page: object, app: tuple[str, Path]) -> None:
+    saved = sorted((app[1] / "outputs").rglob("*.png"))
+    assert saved, "the generate test saves an image first"
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved[0]))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_text textarea').value.includes('Seed: 1234')"
+    )
+    shot(page, "png-info.png")
+    page.locator("#send_to_txt2img").click()
+    page.locator(".stack-row").filter(has_text="glow").wait_for()
+    assert page.locator("#prompt textarea").input_value() == "a lighthouse at dusk, soft light"
+    assert page.locator("#seed input").first.input_value() == "1234"
+    assert page.locator(".stack-row").count() == 3
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    assert infotext(page) == parse_and_keep(saved[0])
+
+
+def parse_and_keep(path: Path) -> str:
+    from pipelines.infotext import read_infotext
+
+    return read_infotext(path) or ""

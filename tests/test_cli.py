@@ -1,0 +1,144 @@
+"""`python -m pipelines`: files with parameters, listings, and the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.__main__ import (
+    EXIT_NOT_FOUND,
+    EXIT_UNUSABLE,
+    EXIT_USAGE,
+    build_parser,
+    main,
+    parse_lora,
+)
+from pipelines.infotext import parse_infotext, read_infotext
+from pipelines.loading import LoadedModel
+from pipelines.schema import FIELDS, LoraSpec
+from tests.test_app_http import PROJECT
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+
+SMALL = ["--steps", "2", "--width", "64", "--height", "64", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def loras_dir(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> Path:
+    folder = tmp_path_factory.mktemp("cli-loras")
+    tags = json.dumps({"10_ink": {"ink style": 12, "castle": 3}})
+    state = make_kohya(tiny_sd1.pipe, SD1_MODULES, sd1_keys(SD1_MODULES), seed=1)
+    write(folder / "ink.safetensors", state, {"ss_tag_frequency": tags, "ss_output_name": "inky"})
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("ink", LoraSpec("ink")),
+        ("ink:0.8", LoraSpec("ink", 0.8)),
+        ("ink:-0.3", LoraSpec("ink", -0.3)),
+        ("ink:0.5:1", LoraSpec("ink", 1.0, 0.5)),
+        ("styles/ink:2", LoraSpec("styles/ink", 2.0)),
+        ("odd:name", LoraSpec("odd:name")),
+    ],
+)
+def test_parse_lora(text: str, spec: LoraSpec) -> None:
+    assert parse_lora(text) == spec
+
+
+def test_generation_flags_come_from_the_schema() -> None:
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    dests = {action.dest for action in generate._actions}
+    assert {spec.name for spec in FIELDS} <= dests
+    defaults = generate.parse_args([])
+    assert all(getattr(defaults, spec.name) == spec.default for spec in FIELDS)
+
+
+def test_generate_writes_pngs_with_parameters(
+    tmp_path: Path, models_dir: Path, loras_dir: Path
+) -> None:
+    out = tmp_path / "out"
+    command = [
+        *(sys.executable, "-m", "pipelines", "generate"),
+        *("--prompt", "a castle", "--negative-prompt", "fog", "--seed", "9"),
+        *("--batch-size", "2", "--n-iter", "2", "--lora", "inky:-0.3"),
+        *("--sampler", "DPM++ 2M", "--scheduler", "karras", "--cfg-scale", "5"),
+        *("--ckpt", "tiny-sd1", "--ckpt-dir", str(models_dir), "--lora-dir", str(loras_dir)),
+        *("--data-dir", str(tmp_path), "--out", str(out), *SMALL),
+    ]
+    completed = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [
+        "00000-9.png",
+        "00001-10.png",
+        "00002-11.png",
+        "00003-12.png",
+    ]
+    assert completed.stdout.split() == [str(f) for f in files]
+    parsed = parse_infotext(read_infotext(files[1]))
+    assert parsed.params["Seed"] == "10" and parsed.params["Schedule type"] == "Karras"
+    assert parsed.params["CFG scale"] == "5" and parsed.negative_prompt == "fog"
+    assert parsed.prompt.startswith("a castle") and "<lora:inky:-0.3>" in parsed.prompt
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "words"),
+    [
+        (["--steps", "999"], EXIT_USAGE, ["steps"]),
+        (["--sampler", "Nope"], EXIT_USAGE, ["Nope"]),
+        (["--ckpt", "no-such-model"], EXIT_NOT_FOUND, ["no-such-model"]),
+        (["--lora", "missing:0.5"], EXIT_NOT_FOUND, ["missing"]),
+        (["--ckpt", "broken"], EXIT_UNUSABLE, ["broken"]),
+    ],
+)
+def test_exit_codes_and_messages(
+    tmp_path: Path,
+    models_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    arguments: list[str],
+    code: int,
+    words: list[str],
+) -> None:
+    broken = tmp_path / "broken-models"
+    broken.mkdir()
+    (broken / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    folders = ["--ckpt-dir", str(models_dir), "--ckpt-dir", str(broken)]
+    assert main(["generate", *SMALL, *folders, "--data-dir", str(tmp_path), *arguments]) == code
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ")
+    assert all(word in error for word in words)
+
+
+def test_bad_flag_value_is_usage_error(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipelines", "generate", "--seed", "many"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == EXIT_USAGE and "--seed" in completed.stderr
+
+
+def test_list_models_and_loras(
+    tmp_path: Path, models_dir: Path, loras_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folders = ["--ckpt-dir", str(models_dir), "--lora-dir", str(loras_dir)]
+    assert main(["list-models", *folders, "--data-dir", str(tmp_path)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:3] == ["title", "architecture", "kind"]
+    sd1 = next(row for row in rows if row[0].startswith("tiny-sd1.safetensors"))
+    assert sd1[1] == "SD1" and len(sd1[3]) == 64 and sd1[0].endswith(f"[{sd1[3][:10]}]")
+    assert any(row[0].startswith("xl/tiny-sdxl") and row[1] == "SDXL" for row in rows)
+    assert main(["list-loras", *folders, "--data-dir", str(tmp_path)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["name", "alias", "architecture", "hash", "trigger words", "problem"]
+    name, alias, architecture, short_hash, words, problem = rows[1]
+    assert (name, alias, problem) == ("ink", "inky", "")
+    assert architecture.startswith("SD1") and len(short_hash) == 12
+    assert words == "ink style, castle"

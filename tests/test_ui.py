@@ -1,0 +1,449 @@
+"""The page's logic against the real engine and tiny models: stack rules, PNG Info recall,
+admin defaults, live previews, per-session Interrupt, and the `/txt2img` Gradio endpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.engine import DEMO_MODEL_NAME, Engine
+from pipelines.errors import InvalidRequestError
+from pipelines.infotext import parse_infotext, read_infotext, write_png_with_infotext
+from pipelines.loading import LoadedModel
+from pipelines.lora_registry import LoraLibrary
+from pipelines.preview import latents_to_images
+from pipelines.registry import CheckpointRegistry, HashCache
+from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
+from pipelines.settings import Settings
+from tests.test_app_http import PROJECT, free_port, wait_for
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from webui import stack as st
+from webui.defaults import load_defaults, save_defaults, settings_file
+from webui.jobs import JobControl, StepUpdate
+from webui.recall import read_image_info, recall
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+
+
+def make_lora_folder(folder: Path, pipe: object, sdxl_pipe: object) -> Path:
+    """LoRAs for the tiny SD1/demo model: ink (alias, sidecar, preview), glow, soft in a
+    subfolder, and an SDXL-only one (greyed out on SD1)."""
+    keys = sd1_keys(SD1_MODULES)
+    tags = json.dumps({"set": {"ink wash": 12, "monochrome": 7}})
+    write(
+        folder / "ink.safetensors",
+        make_kohya(pipe, SD1_MODULES, keys, seed=1),
+        {"ss_output_name": "ink_style", "ss_tag_frequency": tags},
+    )
+    (folder / "ink.json").write_text(json.dumps({"preferred weight": 0.8}))
+    Image.new("RGB", (96, 64), (20, 40, 200)).save(folder / "ink.preview.png")
+    write(folder / "glow.safetensors", make_kohya(pipe, SD1_MODULES, keys, seed=2))
+    write(folder / "styles" / "soft.safetensors", make_kohya(pipe, SD1_MODULES, keys, seed=3))
+    (folder / "styles" / "soft.json").write_text(json.dumps({"activation text": "soft light"}))
+    xl_modules = [
+        ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "linear"),
+        ("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj", "linear"),
+    ]
+    prefixes = {"unet": "lora_unet_", "text_encoder_2": "lora_te2_"}
+    xl_keys = {(c, n): prefixes[c] + n.replace(".", "_") for c, n, _ in xl_modules}
+    xl_state = make_kohya(sdxl_pipe, xl_modules, xl_keys, seed=4)
+    write(folder / "xl-only.safetensors", xl_state, {"ss_base_model_version": "sdxl_base_v1-0"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(
+    tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel, tiny_sdxl: LoadedModel
+) -> Engine:
+    data = tmp_path_factory.mktemp("ui-data")
+    loras = make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    (data / "models").mkdir()
+    settings = Settings(data_dir=data, threads=2)
+    hashes = HashCache(None)
+    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
+    checkpoints.scan()
+    library = LoraLibrary((loras,), hashes)
+    library.scan()
+    library.hash_all()
+    engine = Engine(settings, checkpoints, library)
+    engine.load_checkpoint(None)
+    return engine
+
+
+# --------------------------------------------------------------------------- previews
+
+
+def test_preview_uses_a1111_cheap_factors() -> None:
+    zero = latents_to_images(torch.zeros(2, 4, 3, 5), "SD1", scale=1)
+    assert len(zero) == 2 and zero[0].size == (5, 3)
+    assert np.all(np.asarray(zero[0]) == 128)  # 0 maps to mid grey
+    unit = torch.zeros(1, 4, 1, 1)
+    unit[0, 0] = 1.0
+    sd1 = np.asarray(latents_to_images(unit, "SD1", scale=1)[0])[0, 0]
+    xl = np.asarray(latents_to_images(unit, "SDXL", scale=1)[0])[0, 0]
+    assert sd1.tolist() == [round((1 + f) / 2 * 255) for f in (0.298, 0.207, 0.208)]
+    assert xl.tolist() == [round((1 + f) / 2 * 255) for f in (0.3448, 0.4168, 0.4395)]
+    assert latents_to_images(torch.zeros(1, 4, 2, 2), "SD1")[0].size == (16, 16)
+    assert latents_to_images(torch.zeros(1, 16, 2, 2), "SD1") == []
+    assert latents_to_images(torch.zeros(1, 4, 2, 2), "Flux") == []
+
+
+# --------------------------------------------------------------------------- stack rules
+
+
+def test_rows_from_the_api_value() -> None:
+    assert st.rows_from_value(None) == [] and st.rows_from_value("") == []
+    rows = st.rows_from_value('[{"name": "ink", "weight": 0.5}]')
+    assert rows == [{"name": "ink", "weight": 0.5, "te_weight": None}]
+    assert st.specs_from_rows(st.rows_from_value([{"name": "a", "te_weight": 0}])) == (
+        LoraSpec("a", 1.0, 0.0),
+    )
+    for bad in ("{", {"name": "x"}, [{"weight": 1}], [{"name": "x", "weight": "high"}]):
+        with pytest.raises(InvalidRequestError):
+            st.rows_from_value(bad)
+
+
+def test_add_set_remove_rows(engine: Engine) -> None:
+    ink = engine.loras.resolve("ink")
+    rows = st.add_row([], ink)
+    assert rows == [{"name": "ink", "weight": 0.8, "te_weight": None}]  # sidecar weight
+    assert st.add_row(rows, ink) == rows  # a second click adds nothing
+    rows = st.add_row(rows, engine.loras.resolve("glow"))
+    rows = st.set_row(rows, "glow", "weight", -1.25)
+    rows = st.set_row(rows, "ink", "te_weight", 0.3)
+    assert st.specs_from_rows(rows) == (LoraSpec("ink", 0.8, 0.3), LoraSpec("glow", -1.25))
+    assert [r["name"] for r in st.remove_row(rows, "ink")] == ["glow"]
+
+
+def test_tag_and_row_rule_is_announced_before_generating() -> None:
+    rows = [{"name": "ink", "weight": 1.0, "te_weight": None}]
+    notes = st.conflict_notes("castle <lora:INK:0.5>", rows)
+    assert notes == ["LoRA 'ink': the prompt tag's weight replaces the stack weight 1"]
+    assert st.conflict_notes("castle <lora:glow:0.5>", rows) == []
+    assert "multiplier" in st.conflict_notes("castle <lora:ink:abc>", rows)[0]
+
+
+def test_move_tags_into_the_stack() -> None:
+    rows = [{"name": "ink", "weight": 1.0, "te_weight": None}]
+    text, moved = st.move_tags_to_stack("castle, <lora:ink:0.5> <lora:glow:0.2:0.7> sky", rows)
+    assert text == "castle, sky"
+    assert st.specs_from_rows(moved) == (LoraSpec("ink", 0.5), LoraSpec("glow", 0.7, 0.2))
+    assert st.move_tags_to_stack("plain", rows) == ("plain", rows)
+
+
+def test_trigger_words_and_filters(engine: Engine) -> None:
+    ink, soft, xl = (engine.loras.resolve(n) for n in ("ink", "soft", "xl-only"))
+    assert st.trigger_text(ink) == "ink wash, monochrome"
+    assert st.trigger_text(soft) == "soft light"  # the sidecar's activation text wins
+    assert st.insert_text("castle", "soft light") == "castle, soft light"
+    assert st.insert_text("castle, soft light", "soft light") == "castle, soft light"
+    assert st.insert_text("", "soft light") == "soft light"
+    assert st.incompatibility(ink, "SD1") is None
+    assert st.incompatibility(xl, "SD1") == "made for SDXL; the checkpoint is SD1"
+    assert st.matches(ink, "wash", "All", "SD1") and st.matches(ink, "INK_style", "SD1", "SD1")
+    assert not st.matches(xl, "", "Compatible", "SD1") and st.matches(xl, "", "SDXL", "SD1")
+    assert not st.matches(ink, "glow", "All", "SD1")
+
+
+def test_card_shows_preview_facts_and_reason(engine: Engine) -> None:
+    card = st.card_html(engine.loras.resolve("ink"), None)
+    assert 'src="data:image/jpeg;base64,' in card and "rank 4" in card
+    assert "alias ink_style" in card and "ink wash" in card
+    xl = engine.loras.resolve("xl-only")
+    card = st.card_html(xl, st.incompatibility(xl, "SD1"))
+    assert "no preview" in card and "made for SDXL" in card
+    assert "<script>" not in st.card_html(
+        engine.loras.resolve("glow").__class__(
+            **{**engine.loras.resolve("glow").__dict__, "name": "<script>x"}
+        ),
+        None,
+    )
+
+
+# --------------------------------------------------------------------------- PNG Info
+
+
+def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Engine) -> None:
+    glow_hash = engine.loras.resolve("glow").short_hash
+    text = (
+        "castle <lora:ink_style:0.8> <lora:old-glow:-0.5> <lora:gone:1>\n"
+        "Negative prompt: blurry\n"
+        "Steps: 7, Sampler: DPM++ 2M Karras, CFG scale: 4.5, Seed: 42, Size: 96x64, "
+        f'Model hash: 0123456789, Model: elsewhere, Clip skip: 2, Lora hashes: "old-glow: '
+        f'{glow_hash}, gone: abcdefabcdef", Version: v1.10.1'
+    )
+    found = recall(text, engine.loras, engine.checkpoints)
+    assert found.values == {
+        "prompt": "castle",
+        "negative_prompt": "blurry",
+        "steps": 7,
+        "sampler_name": "DPM++ 2M",
+        "scheduler": "Karras",
+        "cfg_scale": 4.5,
+        "seed": 42,
+        "clip_skip": 2,
+        "width": 96,
+        "height": 64,
+    }
+    assert found.rows == [
+        {"name": "ink", "weight": 0.8, "te_weight": None},
+        {"name": "glow", "weight": -0.5, "te_weight": None},
+    ]
+    assert found.checkpoint is None
+    warnings = "\n".join(found.warnings)
+    assert "'old-glow' is here as 'glow'" in warnings
+    assert "'gone' (hash abcdefabcdef) is not in the LoRA folders" in warnings
+    assert "checkpoint elsewhere [0123456789]" in warnings
+
+
+def test_image_info_png_jpeg_and_raw_other_metadata(tmp_path: Path) -> None:
+    image = Image.new("RGB", (8, 8))
+    text = "a cat\nSteps: 3, Seed: 1, Size: 8x8"
+    assert read_image_info(write_png_with_infotext(image, text)).infotext == text
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")
+    jpeg = tmp_path / "a.jpg"
+    image.save(jpeg, exif=exif)
+    assert read_image_info(jpeg).infotext == text
+    from PIL.PngImagePlugin import PngInfo
+
+    comfy = PngInfo()
+    comfy.add_text("prompt", '{"3": {"class_type": "KSampler"}}')
+    png = tmp_path / "comfy.png"
+    image.save(png, pnginfo=comfy)
+    info = read_image_info(png)
+    assert info.infotext is None and "KSampler" in info.other["prompt"]
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_admin_defaults_persist_and_bad_values_are_ignored(engine: Engine, tmp_path: Path) -> None:
+    bounds = engine.bounds
+    assert load_defaults(tmp_path, bounds)["steps"] == 20
+    settings_file(tmp_path).write_text(json.dumps({"other": {"kept": True}}))
+    values = {**load_defaults(tmp_path, bounds), "steps": 30, "sampler_name": "Euler a"}
+    save_defaults(tmp_path, values, bounds)
+    stored = json.loads(settings_file(tmp_path).read_text())
+    assert stored["other"] == {"kept": True}
+    assert load_defaults(tmp_path, bounds)["steps"] == 30
+    with pytest.raises(ValueError, match="steps must be between 1 and 150"):
+        save_defaults(tmp_path, {**values, "steps": 999}, bounds)
+    stored["txt2img_defaults"].update(width=-5, scheduler="nonsense", cfg_scale="x")
+    settings_file(tmp_path).write_text(json.dumps(stored))
+    loaded = load_defaults(tmp_path, bounds)
+    assert (loaded["width"], loaded["scheduler"], loaded["cfg_scale"]) == (512, "automatic", 7.0)
+    assert loaded["sampler_name"] == "Euler a"
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def run_all(jobs: JobControl, session: str, request: GenerationRequest) -> list[object]:
+    return list(jobs.run(session, request, "SD1"))
+
+
+def test_job_streams_progress_and_previews(engine: Engine) -> None:
+    jobs = JobControl(engine, preview_every=2)
+    items = run_all(jobs, "a", GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 5}))
+    updates = [i for i in items if isinstance(i, StepUpdate)]
+    assert [u.sampling_step for u in updates] == [1, 2, 3, 4, 5]
+    assert [bool(u.preview) for u in updates] == [False, True, False, True, False]
+    assert updates[1].preview[0].size == (64, 64)
+    assert isinstance(items[-1], GenerationResult) and not items[-1].interrupted
+
+
+def test_interrupt_acts_only_on_the_sessions_own_job(engine: Engine) -> None:
+    jobs = JobControl(engine)
+    request = GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 6, "n_iter": 2})
+    items: list[object] = []
+    started = threading.Event()
+
+    def alice() -> None:
+        for item in jobs.run("alice", request, "SD1"):
+            items.append(item)
+            started.set()
+
+    thread = threading.Thread(target=alice)
+    thread.start()
+    assert started.wait(60)
+    assert jobs.interrupt("bob") == "Nothing of yours is running"
+    thread.join(120)
+    assert items[-1].interrupted is False and len(items[-1].images) == 2
+
+    items.clear()
+    started.clear()
+    thread = threading.Thread(target=alice)
+    thread.start()
+    assert started.wait(60)
+    assert jobs.interrupt("alice").startswith("Interrupting")
+    thread.join(120)
+    result = items[-1]
+    assert result.interrupted and len(result.images) < 2
+
+
+def test_queued_job_is_dropped_and_a_new_generate_clears_the_mark(engine: Engine) -> None:
+    jobs = JobControl(engine)
+    request = GenerationRequest(prompt="x", seed=3, **SMALL)
+    jobs.submitted("carol")
+    jobs.interrupt("carol")
+    assert run_all(jobs, "carol", request) == [None]
+    jobs.submitted("carol")
+    jobs.interrupt("carol")
+    jobs.submitted("carol")  # pressed Generate again: the old Interrupt no longer applies
+    assert isinstance(run_all(jobs, "carol", request)[-1], GenerationResult)
+
+
+# --------------------------------------------------------------------------- the endpoint
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel, tiny_sdxl: LoadedModel
+) -> Iterator[tuple[str, Path]]:
+    """The real app (`python app.py`, demo model) with the test LoRAs in its folder."""
+    data = tmp_path_factory.mktemp("served")
+    make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    with app_server(data) as url:
+        yield url, data
+
+
+@contextlib.contextmanager
+def app_server(data: Path, *extra: str) -> Iterator[str]:
+    """`python app.py --data-dir data` on a free port, stopped afterwards."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1")
+    with (data / "app.log").open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port), *extra],
+            cwd=PROJECT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def call(url: str, **fields: object) -> tuple:
+    from gradio_client import Client
+
+    values = {
+        "prompt": "a tower",
+        "negative_prompt": "",
+        "steps": 2,
+        "cfg_scale": 7,
+        "sampler_name": "Euler",
+        "scheduler": "Automatic",
+        "seed": 9,
+        "width": 64,
+        "height": 64,
+        "batch_size": 1,
+        "n_iter": 1,
+        "clip_skip": 1,
+        "checkpoint": DEMO_MODEL_NAME,
+        "loras": [],
+        **fields,
+    }
+    client = Client(url, verbose=False)
+    try:
+        return client.predict(**values, api_name="/txt2img")
+    finally:
+        client.close()
+
+
+def test_endpoint_named_parameters_stack_and_saved_png(served: tuple[str, Path]) -> None:
+    url, data = served
+    loras = [{"name": "ink", "weight": 0.8}, {"name": "glow", "weight": -0.5, "te_weight": 0.25}]
+    images, infotext, seeds = call(url, loras=loras, batch_size=2)
+    assert seeds == [9, 10] and len(images) == 2
+    parsed = parse_infotext(infotext)
+    assert parsed.prompt == "a tower <lora:ink:0.8> <lora:glow:0.25:-0.5>"
+    assert set(parsed.lora_hashes) == {"ink", "glow"}
+    saved = sorted((data / "outputs" / "txt2img-images").rglob("*-9.png"))
+    assert saved and read_infotext(saved[-1]) == infotext
+    # the gallery serves the saved PNG itself, parameters included
+    assert Path(images[0]["image"]).read_bytes() == saved[-1].read_bytes()
+
+
+def test_endpoint_streams_previews_before_the_result(served: tuple[str, Path]) -> None:
+    from gradio_client import Client
+
+    client = Client(served[0], verbose=False)
+    job = client.submit(
+        "a tower",
+        "",
+        7,
+        7,
+        "Euler",
+        "Automatic",
+        1,
+        64,
+        64,
+        1,
+        1,
+        1,
+        DEMO_MODEL_NAME,
+        [],
+        api_name="/txt2img",
+    )
+    final = job.result(timeout=120)
+    outputs = job.outputs()
+    client.close()
+    assert len(outputs) == 3  # previews after steps 3 and 6, then the result
+    assert "Seed: 1" in final[1]
+
+
+def test_engine_errors_are_readable_and_the_page_keeps_serving(served: tuple[str, Path]) -> None:
+    from gradio_client.exceptions import AppError
+
+    url = served[0]
+    with pytest.raises(AppError, match="unknown LoRA 'inc'; close matches: ink"):
+        call(url, loras=[{"name": "inc", "weight": 1}])
+    with pytest.raises(AppError, match="SDXL"):
+        call(url, prompt="a tower <lora:xl-only:1>")
+    with pytest.raises(AppError, match="exceeds the limit"):
+        call(url, width=2048, height=2048)
+    with pytest.raises(AppError, match="loras"):
+        call(url, loras=[{"weight": 1}])
+    assert call(url)[2] == [9]
+
+
+def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:
+    _, infotext, _ = call(
+        served[0], prompt="a tower <lora:ink:0.5>", loras=[{"name": "ink", "weight": 1.0}]
+    )
+    assert "<lora:ink:0.5>" in infotext and "<lora:ink:1>" not in infotext
+
+
+def test_only_a_loopback_browser_may_save_defaults() -> None:
+    from types import SimpleNamespace
+
+    from webui.tabs import is_admin
+
+    def asking(host: str | None) -> SimpleNamespace:
+        return SimpleNamespace(client=SimpleNamespace(host=host))
+
+    assert is_admin(asking("127.0.0.1")) and is_admin(asking("::1"))
+    assert not is_admin(asking("10.0.0.7")) and not is_admin(asking(None))
+    assert not is_admin(None)

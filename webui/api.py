@@ -1,0 +1,282 @@
+"""The A1111-compatible HTTP API under `/sdapi/v1`: routes, auth, errors, serving.
+
+A thin client of the engine: every JSON rule lives in `pipelines.a1111`. The API is its
+own FastAPI app, mounted at `/sdapi/v1` on a root app that also mounts the Gradio page
+(or serves the API alone with `--nowebui`), so its auth, CORS and error handlers cover
+exactly the API routes. Generation runs in a worker thread (sync work via
+`run_in_threadpool`), so `progress`, `interrupt` and `skip` answer while it runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Mount
+
+from pipelines import a1111
+from pipelines.errors import BusyError, InvalidRequestError, LorastackError
+from pipelines.infotext import write_png_with_infotext
+from pipelines.output import save_png
+from pipelines.samplers import list_samplers, list_schedulers
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/sdapi/v1"
+MAX_WAITING_JOBS = 8
+"""API generations admitted at once (running + waiting); more get 503 + Retry-After."""
+
+
+def parse_credentials(text: str | None) -> list[tuple[str, str]]:
+    """`user:pass[,user2:pass2]` (A1111's --api-auth / --gradio-auth) -> pairs."""
+    pairs = []
+    for item in (text or "").split(","):
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user:
+            raise ValueError(f"credentials must look like user:pass[,user2:pass2]; got {item!r}")
+        pairs.append((user, password))
+    return pairs
+
+
+def _check_basic(header: str | None, allowed: list[tuple[str, str]]) -> bool:
+    """Constant-time check of an `Authorization: Basic ...` header against the pairs."""
+    scheme, _, encoded = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    found = False
+    for want_user, want_password in allowed:
+        same_user = secrets.compare_digest(user.encode(), want_user.encode())
+        same_password = secrets.compare_digest(password.encode(), want_password.encode())
+        found |= same_user and same_password
+    return found
+
+
+def _error_response(error: Exception, status: int) -> JSONResponse:
+    headers = {}
+    if isinstance(error, BusyError):
+        headers["Retry-After"] = str(error.retry_after)
+    return JSONResponse(a1111.error_body(error, status), status_code=status, headers=headers)
+
+
+async def _json_body(request: Request) -> Any:
+    """The decoded JSON body; malformed JSON is the client's 422, never a 500."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidRequestError(
+            f"the request body is not valid JSON: {error}", field="body"
+        ) from error
+
+
+class A1111Api:
+    """Route handlers over one engine, with the options A1111 keeps between requests."""
+
+    def __init__(self, engine: Any, settings: Any) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.options = a1111.ApiOptions()
+        self._slots = threading.BoundedSemaphore(MAX_WAITING_JOBS)
+
+    # -- generation
+
+    def txt2img(self, body: Any) -> dict[str, Any]:
+        call = a1111.parse_txt2img(body, self.options)
+        if call.ignored:
+            log.info("txt2img: ignored A1111 fields: %s", ", ".join(call.ignored))
+        if not self._slots.acquire(blocking=False):
+            raise BusyError("too many generations are queued; retry later", retry_after=10)
+        try:
+            before = self.engine.model
+            started = time.time()
+            result = self.engine.generate(call.request)
+            if call.request.checkpoint and call.restore_checkpoint:
+                self._restore(before)
+        finally:
+            self._slots.release()
+        pngs = []
+        for image, seed, infotext in zip(
+            result.images, result.seeds, result.infotexts, strict=True
+        ):
+            png = write_png_with_infotext(image, infotext)
+            if call.save_images:
+                save_png(self.settings.outputs_dir, png, seed)
+            pngs.append(png)
+        return a1111.txt2img_response(call, result, pngs, started)
+
+    def _restore(self, before: Any) -> None:
+        """override_settings_restore_afterwards: reload the model that was there before
+        (A1111 does the same); the built-in demo model has no file to reload."""
+        if before is not None and before.entry is not None and self.engine.model is not before:
+            self.engine.load_checkpoint(before.entry.relpath)
+
+    # -- options
+
+    def get_options(self) -> dict[str, Any]:
+        model = self.engine.model
+        sha = model.entry.sha256 if model is not None and model.entry is not None else None
+        return a1111.current_options(self.engine.current_title(), sha, self.options)
+
+    def set_options(self, body: Any) -> dict[str, Any]:
+        change = a1111.parse_options(body)
+        if change.checkpoint is not None and change.checkpoint != self.engine.current_title():
+            self.engine.load_checkpoint(change.checkpoint)
+        if change.clip_skip is not None:
+            self.options.clip_skip = change.clip_skip
+        return {**self.get_options(), "ignored": change.ignored}
+
+    # -- listings
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        hide = self.settings.hide_paths
+        items = [
+            a1111.sd_model_item(entry, hide)
+            for entry in self.engine.checkpoints.entries()
+            if not entry.error
+        ]
+        model = self.engine.model
+        if model is not None and model.entry is None:  # the built-in demo model
+            demo = {"title": model.title, "model_name": model.name, "hash": None}
+            items.insert(0, {**demo, "sha256": None, "filename": "", "config": None})
+        return items
+
+    def loras(self) -> list[dict[str, Any]]:
+        hide = self.settings.hide_paths
+        return [a1111.lora_item(entry, hide) for entry in self.engine.loras.entries()]
+
+    def progress(self, skip_current_image: bool) -> dict[str, Any]:
+        state = self.engine.progress
+        image = None
+        if not skip_current_image and state.active:
+            model = self.engine.model
+            family = model.architecture.family if model is not None else None
+            image = a1111.preview_png(state.latents, family)
+        return a1111.progress_response(state, image)
+
+
+def build_api(engine: Any, settings: Any) -> FastAPI:
+    """The `/sdapi/v1` app (routes relative to the mount point).
+
+    Args:
+        engine: the Engine (generate, progress, checkpoints, loras, load_checkpoint).
+        settings: launch settings (api_auth, hide_paths, outputs_dir).
+    Returns:
+        A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
+    """
+    api = A1111Api(engine, settings)
+    app = FastAPI(title="lorastack A1111-compatible API", version=a1111.VERSION)
+    credentials = parse_credentials(settings.api_auth) if settings.api_auth else None
+
+    # 1. errors: the contract's table in A1111's body shape, never a 500 for the client
+    @app.exception_handler(LorastackError)
+    async def engine_error(request: Request, error: LorastackError) -> JSONResponse:
+        return _error_response(error, error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', ()))}: {item.get('msg', '')}"
+            for item in error.errors()
+        )
+        return _error_response(InvalidRequestError(f"invalid request: {problems}"), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(LorastackError(str(error.detail)), error.status_code)
+
+    # 2. HTTP basic auth on every route (LoRA routes too, unlike A1111)
+    if credentials:
+
+        @app.middleware("http")
+        async def require_auth(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            if _check_basic(request.headers.get("authorization"), credentials):
+                return await call_next(request)
+            body = a1111.error_body(LorastackError("missing or wrong API credentials"), 401)
+            return JSONResponse(body, 401, headers={"WWW-Authenticate": 'Basic realm="api"'})
+
+    # 3. routes
+    @app.post("/txt2img")
+    async def txt2img(request: Request) -> Any:
+        return await run_in_threadpool(api.txt2img, await _json_body(request))
+
+    @app.get("/options")
+    def get_options() -> Any:
+        return api.get_options()
+
+    @app.post("/options")
+    async def set_options(request: Request) -> Any:
+        return await run_in_threadpool(api.set_options, await _json_body(request))
+
+    @app.get("/progress")
+    def progress(skip_current_image: bool = False) -> Any:
+        return api.progress(skip_current_image)
+
+    @app.post("/interrupt")
+    def interrupt() -> Any:
+        engine.interrupt()
+        return {}
+
+    @app.post("/skip")
+    def skip() -> Any:
+        engine.skip()
+        return None
+
+    @app.post("/png-info")
+    async def png_info(request: Request) -> Any:
+        return await run_in_threadpool(a1111.png_info, await _json_body(request))
+
+    app.get("/sd-models")(api.sd_models)
+    # Both rescan both folders (cheap: unchanged files keep their facts and hashes).
+    app.post("/refresh-checkpoints")(lambda: engine.rescan())
+    app.get("/loras")(api.loras)
+    app.post("/refresh-loras")(lambda: engine.rescan())
+    app.get("/samplers")(list_samplers)
+    app.get("/schedulers")(list_schedulers)
+    app.get("/cmd-flags")(lambda: a1111.cmd_flags(settings))
+    app.get("/memory")(a1111.memory_info)
+    for path, shape in a1111.NEUTRAL_PROBES.items():
+        app.get(f"/{path}")(lambda shape=shape: shape)
+    return app
+
+
+def build_root(engine: Any, settings: Any) -> FastAPI:
+    """The server's root app: CORS (`--cors-allow-origins`), and the API when enabled.
+    The Gradio page is mounted on it at "/" by the caller unless `--nowebui`."""
+    root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.cors_allow_origins:
+        origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+        root.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials=True,
+        )
+    if settings.api or settings.nowebui:
+        mount_api(root, build_api(engine, settings))
+    return root
+
+
+def mount_api(app: FastAPI, api: FastAPI) -> None:
+    """Mount the API ahead of every other route, so no route of Gradio's can shadow it."""
+    app.router.routes.insert(0, Mount(API_PREFIX, app=api))

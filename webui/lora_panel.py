@@ -1,0 +1,221 @@
+"""The LoRA panel: the session's stack (rows with weight sliders) and the card list."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from pipelines.errors import LorastackError
+from webui.stack import (
+    WEIGHT_MAX,
+    WEIGHT_MIN,
+    WEIGHT_STEP,
+    add_row,
+    card_html,
+    conflict_notes,
+    incompatibility,
+    insert_text,
+    matches,
+    move_tags_to_stack,
+    remove_row,
+    rows_from_value,
+    set_row,
+    trigger_text,
+)
+
+QUICK: dict[str, Any] = {
+    "concurrency_limit": None,
+    "api_visibility": "private",
+    "show_progress": "hidden",
+}
+"""Light page events: never queued behind a generation, never part of the API."""
+
+FILTERS = ("All", "Compatible", "SD1", "SD2", "SDXL")
+
+
+@dataclass
+class LoraPanel:
+    """The components other parts of the page read or fill."""
+
+    stack: gr.JSON  # the rows; the txt2img event's `loras` input
+    rows_version: gr.State  # bumped when rows are added or removed (re-renders the rows)
+    library_version: gr.State  # the listing's signature (re-renders the cards)
+
+
+def library_signature(engine: Any) -> str:
+    """Changes whenever a LoRA appears, disappears, changes, or gets its hash."""
+    digest = hashlib.sha256()
+    for entry in engine.loras.entries():
+        digest.update(f"{entry.name}|{entry.mtime_ns}|{entry.error}|{entry.lora_hash}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def friendly(error: LorastackError) -> gr.Error:
+    return gr.Error(error.message)
+
+
+def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:
+    """The stack rows under the prompt: name, weight (−2..2, typed or dragged), optional
+    text-encoder weight, remove; plus the prompt-tag rule note and "tags → stack"."""
+    stack = gr.JSON(value=[], visible=False, label="loras", elem_id="lora_stack")
+    rows_version = gr.State(0)
+    library_version = gr.State("")
+    conflicts = gr.Markdown(elem_id="stack_notes")
+    with gr.Row():
+        gr.Markdown(
+            "**LoRA stack** — rows and `<lora:name:w>` prompt tags both apply; a LoRA "
+            "named in both takes the tag's weight."
+        )
+        move = gr.Button("Move prompt tags into the stack", size="sm", scale=0)
+
+    @gr.render(inputs=[stack], triggers=[rows_version.change, page.load])
+    def rows(value: Any) -> None:
+        current = rows_from_value(value)
+        if not current:
+            gr.Markdown("*Empty: add LoRAs from the list below.*", elem_id="stack_empty")
+        for row in current:
+            _stack_row(row, stack, rows_version)
+
+    def notes(text: str, value: Any) -> str:
+        try:
+            found = conflict_notes(text, rows_from_value(value))
+        except LorastackError as error:
+            found = [error.message]
+        return "\n".join(f"⚠ {note}" for note in found)
+
+    prompt.change(notes, [prompt, stack], conflicts, **QUICK)
+    stack.change(notes, [prompt, stack], conflicts, **QUICK)
+
+    def move_tags(text: str, value: Any, version: int) -> tuple[str, list, int]:
+        try:
+            text, moved = move_tags_to_stack(text, rows_from_value(value))
+        except LorastackError as error:
+            raise friendly(error) from error
+        return text, moved, version + 1
+
+    move.click(move_tags, [prompt, stack, rows_version], [prompt, stack, rows_version], **QUICK)
+    return LoraPanel(stack, rows_version, library_version)
+
+
+def _stack_row(row: dict[str, Any], stack: gr.JSON, rows_version: gr.State) -> None:
+    """One row; its events only touch this row's name."""
+    name = row["name"]
+    with gr.Row(elem_classes=["stack-row"], equal_height=True):
+        gr.Markdown(f"**{name}**", elem_classes=["stack-name"])
+        weight = gr.Slider(
+            WEIGHT_MIN,
+            WEIGHT_MAX,
+            value=row["weight"],
+            step=WEIGHT_STEP,
+            label=f"{name} weight",
+            key=("weight", name),
+            elem_classes=["stack-weight"],
+            scale=4,
+            interactive=True,
+        )
+        te = gr.Number(
+            value=row.get("te_weight"),
+            label="text encoder (empty: same)",
+            key=("te", name),
+            scale=1,
+            minimum=WEIGHT_MIN,
+            maximum=WEIGHT_MAX,
+            interactive=True,
+        )
+        remove = gr.Button("✕", key=("remove", name), size="sm", scale=0, min_width=40)
+
+    def set_weight(value: float, rows: Any) -> list:
+        return set_row(rows_from_value(rows), name, "weight", float(value))
+
+    def set_te(value: float | None, rows: Any) -> list:
+        return set_row(rows_from_value(rows), name, "te_weight", value)
+
+    def drop(rows: Any, version: int) -> tuple[list, int]:
+        return remove_row(rows_from_value(rows), name), version + 1
+
+    weight.change(set_weight, [weight, stack], stack, **QUICK)
+    te.change(set_te, [te, stack], stack, **QUICK)
+    remove.click(drop, [stack, rows_version], [stack, rows_version], **QUICK)
+
+
+def build_library(
+    engine: Any,
+    panel: LoraPanel,
+    prompt: gr.Textbox,
+    checkpoint: gr.Dropdown,
+    family_of: Any,
+    refresh_seconds: float,
+) -> gr.Button:
+    """The searchable card list; returns its refresh button (it also rescans checkpoints)."""
+    with gr.Row():
+        search = gr.Textbox(
+            placeholder="search name, alias, trigger words",
+            show_label=False,
+            elem_id="lora_search",
+            scale=4,
+        )
+        kind = gr.Radio(list(FILTERS), value="All", show_label=False, scale=3)
+        refresh = gr.Button("Refresh", elem_id="lora_refresh", scale=0, min_width=100)
+    timer = gr.Timer(refresh_seconds)
+
+    @gr.render(inputs=[search, kind, checkpoint, panel.library_version])
+    def cards(query: str, wanted: str, choice: str | None, _version: str) -> None:
+        family = family_of(choice)
+        everything = engine.loras.entries()
+        shown = [e for e in everything if matches(e, query, wanted, family)]
+        gr.Markdown(
+            f"{len(shown)} of {len(everything)} LoRAs"
+            + (f" · checkpoint family {family}" if family else ""),
+            elem_id="lora_count",
+        )
+        with gr.Row(elem_classes=["lora-cards"]):
+            for entry in shown:
+                reason = incompatibility(entry, family)
+                classes = ["lora-card", "lora-incompatible"] if reason else ["lora-card"]
+                with gr.Column(elem_classes=classes, min_width=180, scale=0):
+                    gr.HTML(card_html(entry, reason), js_on_load=None)
+                    with gr.Row():
+                        add = gr.Button("Add", size="sm", interactive=reason is None)
+                        words = trigger_text(entry)
+                        insert = gr.Button("Triggers", size="sm", visible=bool(words))
+                _card_events(engine, entry.name, words, add, insert, panel, prompt)
+
+    def rescan() -> str:
+        engine.rescan()
+        return library_signature(engine)
+
+    def poll(version: str) -> Any:
+        signature = library_signature(engine)
+        return gr.skip() if signature == version else signature
+
+    refresh.click(rescan, None, panel.library_version, **QUICK)
+    timer.tick(poll, panel.library_version, panel.library_version, **QUICK)
+    return refresh
+
+
+def _card_events(
+    engine: Any,
+    name: str,
+    words: str,
+    add: gr.Button,
+    insert: gr.Button,
+    panel: LoraPanel,
+    prompt: gr.Textbox,
+) -> None:
+    def add_to_stack(rows: Any, version: int) -> tuple[list, int]:
+        try:
+            entry = engine.loras.resolve(name)
+        except LorastackError as error:
+            raise friendly(error) from error
+        return add_row(rows_from_value(rows), entry), version + 1
+
+    add.click(
+        add_to_stack,
+        [panel.stack, panel.rows_version],
+        [panel.stack, panel.rows_version],
+        **QUICK,
+    )
+    insert.click(lambda text: insert_text(text, words), prompt, prompt, **QUICK)

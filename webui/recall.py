@@ -1,0 +1,156 @@
+"""PNG Info: read an image's generation parameters and turn them back into page values.
+
+"Send to txt2img" fills every field named in `RECALLED` plus the checkpoint and the LoRA
+stack. LoRAs and checkpoints are looked up by name, then by the hash the infotext carries
+(`Lora hashes`, `Model hash`), so a renamed file is still found; whatever is missing is
+reported, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipelines.engine import DEMO_MODEL_NAME
+from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
+from pipelines.lora_registry import LoraLibrary
+from pipelines.prompt import extract_lora_tags
+from pipelines.registry import CheckpointRegistry
+from pipelines.samplers import split_combined_name
+from pipelines.schema import field_spec
+from webui.defaults import scheduler_label
+from webui.stack import strip_lora_tags
+
+RECALLED: dict[str, str] = {
+    "Steps": "steps",
+    "Sampler": "sampler_name",
+    "Schedule type": "scheduler",
+    "CFG scale": "cfg_scale",
+    "Seed": "seed",
+    "Clip skip": "clip_skip",
+}
+"""Infotext key -> request field (schema.FIELDS names); Size fills width and height."""
+
+
+@dataclass
+class Recall:
+    """Page values recovered from one infotext."""
+
+    values: dict[str, Any] = field(default_factory=dict)  # schema.FIELDS name -> value
+    checkpoint: str | None = None  # a listed title
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageInfo:
+    """What an image carries: the A1111 infotext, and any other text chunks (raw)."""
+
+    infotext: str | None
+    other: dict[str, str]
+
+
+def read_image_info(data: bytes | str | Path) -> ImageInfo:
+    """Infotext (PNG chunk or EXIF UserComment) plus other text chunks, e.g. ComfyUI's
+    `prompt`/`workflow` or InvokeAI's `invokeai_metadata`, shown as they are."""
+    raw = Path(data).read_bytes() if isinstance(data, str | Path) else data
+    infotext = read_infotext(raw)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            chunks = dict(image.info)
+    except OSError as error:
+        raise InvalidRequestError(f"Not a readable image: {error}", field="image") from None
+    other = {
+        str(key): value
+        for key, value in chunks.items()
+        if key != "parameters" and isinstance(value, str) and value
+    }
+    return ImageInfo(infotext, other)
+
+
+def recall(text: str, loras: LoraLibrary, checkpoints: CheckpointRegistry) -> Recall:
+    """Page values for `text` (an A1111 infotext), with warnings for what is not here."""
+    parsed = parse_infotext(text)
+    result = Recall()
+    try:
+        tags = extract_lora_tags(parsed.prompt)[1]
+    except LorastackError as error:
+        tags = []
+        result.warnings.append(error.message)
+    result.values["prompt"] = strip_lora_tags(parsed.prompt) if tags else parsed.prompt
+    result.values["negative_prompt"] = parsed.negative_prompt
+    _recall_numbers(parsed, result)
+    for spec in tags:
+        name = _local_lora(spec.name, parsed, loras, result.warnings)
+        if name is not None:
+            result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
+    result.checkpoint = _local_checkpoint(parsed, checkpoints, result.warnings)
+    return result
+
+
+def _recall_numbers(parsed: ParsedInfotext, result: Recall) -> None:
+    for key, name in RECALLED.items():
+        value = parsed.params.get(key)
+        if value is None:
+            continue
+        kind = field_spec(name).kind
+        try:
+            result.values[name] = kind(float(value)) if kind in (int, float) else value
+        except ValueError:
+            result.warnings.append(f"{key}: {value!r} is not a number; left unchanged")
+    if "sampler_name" in result.values:
+        sampler, schedule = split_combined_name(result.values["sampler_name"])
+        result.values["sampler_name"] = sampler
+        if schedule and parsed.params.get("Schedule type", "Automatic") == "Automatic":
+            result.values["scheduler"] = schedule
+    if "scheduler" in result.values:
+        result.values["scheduler"] = scheduler_label(result.values["scheduler"])
+    if parsed.width and parsed.height:
+        result.values["width"], result.values["height"] = parsed.width, parsed.height
+
+
+def _local_lora(
+    name: str, parsed: ParsedInfotext, loras: LoraLibrary, warnings: list[str]
+) -> str | None:
+    """The listed LoRA a tag means: by name, else by its `Lora hashes` hash."""
+    try:
+        return loras.resolve(name).name
+    except LorastackError as error:
+        reason = error.message
+    wanted = parsed.lora_hashes.get(name.replace(":", "").replace(",", ""))
+    if wanted:
+        found = [e for e in loras.entries() if e.short_hash and e.short_hash == wanted.lower()]
+        if len(found) == 1:
+            warnings.append(f"LoRA '{name}' is here as '{found[0].name}' (same hash {wanted})")
+            return found[0].name
+    hint = f" (hash {wanted})" if wanted else ""
+    warnings.append(f"LoRA '{name}'{hint} is not in the LoRA folders; left out: {reason}")
+    return None
+
+
+def _local_checkpoint(
+    parsed: ParsedInfotext, checkpoints: CheckpointRegistry, warnings: list[str]
+) -> str | None:
+    """The listed checkpoint the infotext names: by `Model hash`, else by `Model`."""
+    model_hash = parsed.params.get("Model hash", "").lower()
+    model = parsed.params.get("Model")
+    if model == DEMO_MODEL_NAME and not model_hash:
+        return None  # made by the built-in demo model, which is always here
+    if model_hash:
+        found = [e for e in checkpoints.entries() if e.short_hash == model_hash]
+        if found:
+            return found[0].title
+    if model:
+        try:
+            return checkpoints.resolve(model).title
+        except LorastackError:
+            pass
+    if model or model_hash:
+        what = " ".join(p for p in (model, f"[{model_hash}]" if model_hash else "") if p)
+        warnings.append(f"checkpoint {what} is not in the models folders; kept the current one")
+    return None

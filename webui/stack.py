@@ -1,0 +1,203 @@
+"""The page's LoRA stack as plain data, and the rules that tie it to the prompt.
+
+A stack is a JSON list of rows `{"name", "weight", "te_weight"}` (te_weight null: same as
+weight). It is per session (a component value), travels with every request as `loras`, and
+is what the API's `loras` parameter accepts.
+
+The rule between stack rows and `<lora:...>` tags in the prompt is the engine's
+(`combine_stacks`): both apply; a LoRA named in both takes the tag's weight, and the page
+shows the note "the prompt tag's weight replaces the stack weight" before and after
+generating, so the two never disagree silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from pipelines.engine import combine_stacks
+from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.lora_registry import LoraEntry
+from pipelines.prompt import extract_lora_tags
+from pipelines.schema import LoraSpec
+
+Row = dict[str, Any]
+WEIGHT_MIN, WEIGHT_MAX, WEIGHT_STEP = -2.0, 2.0, 0.05
+THUMBNAIL = 128
+
+
+def rows_from_value(value: object) -> list[Row]:
+    """A stack from the `loras` value (a list, a JSON string of one, or None)."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise InvalidRequestError(f"loras is not valid JSON: {error}", field="loras") from None
+    if not isinstance(value, list):
+        raise InvalidRequestError("loras must be a list of {name, weight}", field="loras")
+    rows = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidRequestError(f"loras[{index}] must be {{name, weight}}", field="loras")
+        te = item.get("te_weight")
+        rows.append(
+            {
+                "name": item["name"],
+                "weight": _number(item.get("weight", 1.0), index),
+                "te_weight": None if te is None else _number(te, index),
+            }
+        )
+    return rows
+
+
+def _number(value: object, index: int) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"loras[{index}] weight must be a number", field="loras")
+    return float(value)
+
+
+def specs_from_rows(rows: list[Row]) -> tuple[LoraSpec, ...]:
+    """The request's `loras` (the engine validates names and weights)."""
+    return tuple(LoraSpec(r["name"], r["weight"], r.get("te_weight")) for r in rows)
+
+
+def add_row(rows: list[Row], entry: LoraEntry) -> list[Row]:
+    """Append `entry` at its sidecar's preferred weight (else 1); a second click is a no-op."""
+    if any(r["name"] == entry.name for r in rows):
+        return rows
+    return [*rows, {"name": entry.name, "weight": entry.preferred_weight or 1.0, "te_weight": None}]
+
+
+def set_row(rows: list[Row], name: str, key: str, value: float | None) -> list[Row]:
+    """Rows with `name`'s `key` ("weight" or "te_weight") set to `value`."""
+    return [{**r, key: value} if r["name"] == name else r for r in rows]
+
+
+def remove_row(rows: list[Row], name: str) -> list[Row]:
+    return [r for r in rows if r["name"] != name]
+
+
+def conflict_notes(prompt: str, rows: list[Row]) -> list[str]:
+    """What the engine will say about this prompt + stack, before generating."""
+    try:
+        _, tags = extract_lora_tags(prompt or "")
+    except LorastackError as error:
+        return [error.message]
+    return combine_stacks(specs_from_rows(rows), tags)[1]
+
+
+def move_tags_to_stack(prompt: str, rows: list[Row]) -> tuple[str, list[Row]]:
+    """Take the prompt's `<lora:...>` tags out into stack rows (a tag replaces a row of the
+    same name, as it would when generating); other text and tags stay."""
+    _, tags = extract_lora_tags(prompt or "")
+    if not tags:
+        return prompt, rows
+    tagged = {spec.name.lower() for spec in tags}
+    kept = [r for r in rows if r["name"].lower() not in tagged]
+    added = [{"name": s.name, "weight": s.weight, "te_weight": s.te_weight} for s in tags]
+    return strip_lora_tags(prompt), [*kept, *added]
+
+
+def strip_lora_tags(prompt: str) -> str:
+    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave."""
+    text = re.sub(r"<(?:lora|lyco):[^>]+>", "", prompt)
+    return re.sub(r"[ \t]{2,}", " ", text).strip().strip(",").strip()
+
+
+def trigger_text(entry: LoraEntry) -> str:
+    """What "insert trigger words" adds: the sidecar's activation text, else the top tags."""
+    return entry.activation_text.strip() or ", ".join(entry.trigger_words)
+
+
+def insert_text(prompt: str, text: str) -> str:
+    """`prompt` with `text` appended after a comma, unless it is already there."""
+    if not text or text in (prompt or ""):
+        return prompt
+    base = (prompt or "").rstrip().rstrip(",")
+    return f"{base}, {text}" if base else text
+
+
+def incompatibility(entry: LoraEntry, family: str | None) -> str | None:
+    """Why `entry` cannot be stacked on a `family` checkpoint, or None when it can."""
+    if entry.error:
+        return entry.error
+    if family and entry.families and family not in entry.families:
+        return f"made for {entry.architecture}; the checkpoint is {family}"
+    return None
+
+
+def matches(entry: LoraEntry, query: str, kind: str, family: str | None) -> bool:
+    """The list's search (name, alias, trigger words, path) and architecture filter."""
+    if kind == "Compatible" and incompatibility(entry, family):
+        return False
+    if kind not in ("All", "Compatible") and kind not in entry.families:
+        return False
+    words = (query or "").lower().split()
+    haystack = " ".join((entry.name, entry.alias, entry.relpath, *entry.trigger_words)).lower()
+    return all(word in haystack for word in words)
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+@lru_cache(maxsize=512)
+def _thumbnail(path: str, mtime_ns: int) -> str | None:
+    """A small inline JPEG of a preview image (inline, so no file path is ever served)."""
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="JPEG", quality=80)
+    except OSError:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def preview_uri(preview: Path | None) -> str | None:
+    if preview is None:
+        return None
+    try:
+        return _thumbnail(str(preview), preview.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+def card_html(entry: LoraEntry, reason: str | None) -> str:
+    """One card of the list: preview, name, architecture, rank, size, trigger words."""
+    uri = preview_uri(entry.preview)
+    image = (
+        f'<img class="lora-thumb" src="{uri}" alt="">'
+        if uri
+        else '<div class="lora-thumb lora-nothumb">no preview</div>'
+    )
+    ranks = ", ".join(str(r) for r in entry.ranks) or "?"
+    facts = f"{entry.architecture or 'unknown'} · rank {ranks} · {human_size(entry.size)}"
+    alias = (
+        f'<div class="lora-alias">alias {html.escape(entry.alias)}</div>'
+        if entry.alias != entry.name
+        else ""
+    )
+    words = trigger_text(entry)
+    trigger = f'<div class="lora-words">{html.escape(words)}</div>' if words else ""
+    why = f'<div class="lora-why">⚠ {html.escape(reason)}</div>' if reason else ""
+    return (
+        f'<div class="lora-card-body" title="{html.escape(entry.relpath)}">{image}'
+        f'<div class="lora-name">{html.escape(entry.name)}</div>{alias}'
+        f'<div class="lora-facts">{html.escape(facts)}</div>{trigger}{why}</div>'
+    )

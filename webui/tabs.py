@@ -1,0 +1,159 @@
+"""The PNG Info and Settings tabs."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import gradio as gr
+
+from pipelines.errors import LorastackError
+from pipelines.infotext import parse_infotext
+from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
+from pipelines.schema import field_spec
+from webui.defaults import DEFAULT_FIELDS, load_defaults, save_defaults, scheduler_label
+from webui.lora_panel import QUICK, LoraPanel
+from webui.recall import read_image_info, recall
+
+
+def build_pnginfo(
+    engine: Any,
+    controls: dict[str, gr.components.Component],
+    checkpoint: gr.Dropdown,
+    panel: LoraPanel,
+    tabs: gr.Tabs,
+    notes: gr.Markdown,
+) -> None:
+    """Drop an image, see its parameters, send them (fields, checkpoint, stack) to txt2img."""
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(
+                type="filepath",
+                image_mode=None,  # keep the uploaded file as is: its metadata is the point
+                sources=["upload", "clipboard"],
+                label="Image (PNG, JPEG, WebP)",
+                elem_id="pnginfo_image",
+            )
+        with gr.Column():
+            text = gr.Textbox(
+                label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text"
+            )
+            parsed = gr.JSON(label="Parsed", visible=False)
+            other = gr.JSON(label="Other metadata (shown raw)", visible=False)
+            warnings = gr.Markdown(elem_id="pnginfo_warnings")
+            send = gr.Button("Send to txt2img", variant="primary", elem_id="send_to_txt2img")
+
+    def inspect(path: str | None) -> tuple[str, Any, Any, str]:
+        if not path:
+            return "", gr.JSON(visible=False), gr.JSON(visible=False), ""
+        try:
+            info = read_image_info(path)
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
+        raw = gr.JSON(value=info.other, visible=bool(info.other))
+        if not info.infotext:
+            note = "No A1111 parameters in this image." + (
+                " Other metadata is shown raw below." if info.other else ""
+            )
+            return "", gr.JSON(visible=False), raw, note
+        table = gr.JSON(value=parse_infotext(info.infotext).a1111_parameters(), visible=True)
+        found = recall(info.infotext, engine.loras, engine.checkpoints)
+        return info.infotext, table, raw, "\n".join(f"⚠ {w}" for w in found.warnings)
+
+    image.change(inspect, image, [text, parsed, other, warnings], **QUICK)
+
+    names = list(controls)
+
+    def send_to_txt2img(infotext: str, version: int) -> list[Any]:
+        if not infotext:
+            raise gr.Error("No parameters to send: drop an image with A1111 parameters first")
+        found = recall(infotext, engine.loras, engine.checkpoints)
+        fields = [found.values.get(name, gr.skip()) for name in names]
+        warned = "\n".join(f"⚠ {w}" for w in found.warnings)
+        return [
+            *fields,
+            found.checkpoint or gr.skip(),
+            found.rows,
+            version + 1,
+            gr.Tabs(selected="txt2img"),
+            warned,
+        ]
+
+    send.click(
+        send_to_txt2img,
+        [text, panel.rows_version],
+        [
+            *controls.values(),
+            checkpoint,
+            panel.stack,
+            panel.rows_version,
+            tabs,
+            notes,
+        ],
+        **QUICK,
+    )
+
+
+def is_admin(request: gr.Request | None) -> bool:
+    """The admin is whoever sits at the server: a browser on the loopback address."""
+    host = getattr(getattr(request, "client", None), "host", None)
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def build_settings(engine: Any, page: gr.Blocks, controls: dict[str, Any]) -> None:
+    """Server-wide defaults (settings.json, admin only) and the device facts, read-only."""
+    settings = engine.settings
+    folder = "(hidden)" if settings.hide_paths else f"`{settings.outputs_dir}`"
+    gr.Markdown(
+        f"**Device:** {engine.plan.describe()}  \n"
+        f"**Outputs:** {folder} — the page saves every image with its parameters.  \n"
+        "Memory mode and the attention backend are launch flags (`--medvram`, "
+        "`--lowvram`, `--xformers`); they are shown here read-only."
+    )
+    gr.Textbox(
+        engine.plan.attention, label="Attention backend", interactive=False, elem_id="attention"
+    )
+    gr.Markdown(
+        "### Defaults for new pages\nKept in `settings.json` in the data folder; only the "
+        "admin (a browser on the server itself) can save them."
+    )
+    edits: dict[str, Any] = {}
+    with gr.Row():
+        for name in DEFAULT_FIELDS:
+            spec = field_spec(name, engine.bounds)
+            if name == "sampler_name":
+                edits[name] = gr.Dropdown(list(SAMPLER_NAMES), label=spec.label)
+            elif name == "scheduler":
+                edits[name] = gr.Dropdown(list(SCHEDULER_LABELS), label=spec.label)
+            elif spec.kind is str:
+                edits[name] = gr.Textbox(label=spec.label)
+            else:
+                edits[name] = gr.Number(
+                    label=spec.label,
+                    minimum=spec.minimum,
+                    maximum=spec.maximum,
+                    precision=0 if spec.kind is int else None,
+                )
+    save = gr.Button("Save defaults", elem_id="save_defaults")
+    names = list(DEFAULT_FIELDS)
+
+    def current() -> list[Any]:
+        values = load_defaults(settings.data_dir, engine.bounds)
+        values["scheduler"] = scheduler_label(values["scheduler"])
+        return [values[name] for name in names]
+
+    def store(request: gr.Request, *values: Any) -> None:
+        if not is_admin(request):
+            raise gr.Error("Only the admin (a browser on the server itself) can save defaults")
+        try:
+            save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), engine.bounds)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        gr.Info("Saved: new pages start with these defaults")
+
+    save.click(store, [edits[name] for name in names], None, **QUICK)
+    page.load(current, None, [edits[name] for name in names], **QUICK)
+    page.load(current, None, [controls[name] for name in names], **QUICK)
