@@ -68,19 +68,18 @@ def startup(folder: Path) -> dict:
                 time.sleep(0.1)
         page = time.perf_counter() - started
         Client(url, verbose=False).predict(
-            "a lighthouse",
-            "",
-            4,
-            7.0,
-            1,
-            64,
-            64,
-            1,
-            1,
-            "Euler",
-            "Automatic",
-            1,
-            None,
+            prompt="a lighthouse",
+            negative_prompt="",
+            steps=4,
+            cfg_scale=7.0,
+            seed=1,
+            width=64,
+            height=64,
+            batch_size=1,
+            n_iter=1,
+            sampler_name="Euler",
+            scheduler="Automatic",
+            clip_skip=1,
             api_name="/txt2img",
         )
         first_image = time.perf_counter() - started

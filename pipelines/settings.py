@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipelines.schema import Bounds
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "LORASTACK_"
+DEFAULT_MAX_UPLOAD_MB = 8192  # an SDXL checkpoint in fp16 is ~6.9 GB
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,36 @@ class Settings:
     max_pixels: int = 0
     device: str = "auto"
     hide_paths: bool = False
+    disable_uploads: bool = False
+    disable_downloads: bool = False
+    allow_checkpoint_uploads: bool = False
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    rate_limit: int = 0  # requests per minute per user; 0: unlimited
+    queue_slots: int = 0  # queued or running jobs per user; 0: unlimited
+    ray: str | None = None  # Ray cluster address ("auto", "host:6379", "local"): scale out
+    replicas: int = 1
+    min_replicas: int = 0
+    max_replicas: int = 0  # > 0: autoscale between min_replicas and max_replicas
     bounds: Bounds = field(default_factory=Bounds)
+
+    def __post_init__(self) -> None:
+        """Refuse values no front end could honour, whichever way the settings were built."""
+        if self.max_upload_mb < 1:
+            raise ValueError("--max-upload-mb must be at least 1")
+        if self.rate_limit < 0 or self.queue_slots < 0:
+            raise ValueError("--rate-limit and --queue-slots must be 0 (unlimited) or more")
+        if self.replicas < 1 or self.min_replicas < 0 or self.max_replicas < 0:
+            raise ValueError("--replicas must be at least 1, --min/--max-replicas 0 or more")
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError("--min-replicas must not exceed --max-replicas")
+        if self.bounds.max_steps < 1:
+            raise ValueError("--max-steps must be at least 1")
+        if self.bounds.max_size < self.bounds.min_size:
+            raise ValueError(f"--max-size must be at least {self.bounds.min_size}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
 
     @property
     def models_dirs(self) -> tuple[Path, ...]:
@@ -92,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-pixels", type=int, help="limit of width*height*batch (default 4 MP GPU, 1 MP CPU)")
     add("--device", help="auto, cpu, cuda, cuda:N or mps")
     add("--hide-paths", action="store_true", help="hide host file paths from clients")
+    add("--disable-uploads", action="store_true", help="no file uploads from the UI")
+    add("--disable-downloads", action="store_true", help="no downloads by URL or Hub reference")
+    add(
+        "--allow-checkpoint-uploads",
+        action="store_true",
+        help="let users upload or download checkpoints, not only LoRAs",
+    )
+    add(
+        "--max-upload-mb",
+        type=int,
+        help=f"largest upload/download (default {DEFAULT_MAX_UPLOAD_MB})",
+    )
+    add("--max-steps", type=int, help="most sampling steps a request may ask for (default 150)")
+    add("--max-size", type=int, help="largest width or height a request may ask for (2048)")
+    add("--rate-limit", type=int, help="generation requests per minute per user (0: no limit)")
+    add("--queue-slots", type=int, help="queued or running jobs per user (0: no limit)")
+    add("--ray", help="Ray cluster address (auto, host:6379, local): generate on replicas")
+    add("--replicas", type=int, help="engine replicas with --ray (default 1)")
+    add("--min-replicas", type=int, help="autoscaling lower bound with --ray")
+    add("--max-replicas", type=int, help="autoscaling upper bound with --ray (0: fixed count)")
     return parser
 
 
@@ -145,12 +195,17 @@ def parse_settings(
     ckpt_dirs = tuple(Path(p).expanduser().resolve() for p in values.pop("ckpt_dir", None) or ())
     lora_dirs = tuple(Path(p).expanduser().resolve() for p in values.pop("lora_dir", None) or ())
     max_pixels = int(values.get("max_pixels") or 0)
-    settings = Settings(
-        data_dir=data_dir,
-        ckpt_dirs=ckpt_dirs,
-        lora_dirs=lora_dirs,
-        **{k: v for k, v in values.items() if v is not None},  # type: ignore[arg-type]
-    )
+    limits = {k: values.pop(k) for k in ("max_steps", "max_size") if k in values}
+    try:
+        settings = Settings(
+            data_dir=data_dir,
+            ckpt_dirs=ckpt_dirs,
+            lora_dirs=lora_dirs,
+            bounds=replace(Bounds(), **limits),  # type: ignore[arg-type]
+            **{k: v for k, v in values.items() if v is not None},  # type: ignore[arg-type]
+        )
+    except ValueError as error:
+        parser.error(str(error))
     if max_pixels < 0 or settings.threads < 0 or not 0 < settings.port < 65536:
         parser.error("--max-pixels, --threads and --port must be positive")
     return settings
