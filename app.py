@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,12 +42,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     engine = build_engine(settings) if settings.ray is None else _remote_engine(settings)
     startup = resolve_startup_checkpoint(settings.ckpt, engine.checkpoints, settings.models_dirs[0])
-    engine.load_checkpoint(startup)
+    has_checkpoint = startup or any(not e.error for e in engine.checkpoints.entries())
+    if has_checkpoint and settings.ray is None:
+        # A real checkpoint loads in the background while the page already serves;
+        # requests meanwhile wait for it or get "model still loading" (503).
+        threading.Thread(
+            target=_load_logged, args=(engine, startup), name="preload", daemon=True
+        ).start()
+    else:
+        engine.load_checkpoint(startup)  # the demo model builds in about a second
     from pipelines.watch import FolderWatcher
 
     FolderWatcher([*settings.models_dirs, *settings.loras_dirs], engine.rescan).start()
-    log.info("model: %s", engine.current_title())
     serve(engine, settings)
+
+
+def _load_logged(engine: Engine, name: str | None) -> None:
+    """Background start-up load: a failure is logged and the app keeps serving."""
+    try:
+        engine.load_checkpoint(name)
+        log.info("model: %s", engine.current_title())
+    except Exception:  # the page shows the error on the next request
+        log.exception("could not load the start-up checkpoint %s", name)
 
 
 def _remote_engine(settings: Settings) -> Engine:
