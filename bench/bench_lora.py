@@ -140,7 +140,7 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
     """Seconds per UNet step with 0..10 LoRAs merged vs unmerged, and stack operations."""
     unet = tiny_unet() if quick else sd15_unet()
     latent = 8 if quick else 32  # 256x256 pixels / VAE factor 8
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or (2 if quick else 5)
     counts = [0, 1, 2, 5] if quick else [0, 1, 2, 5, 10]
     rank = 4 if quick else 16
     result: dict = {
@@ -156,21 +156,28 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
         paths, states = write_loras(unet, max(counts), rank, Path(folder))
         cache = LoraFileCache(8 << 30)
         applier = LoraApplier(_Pipe(unet), Architecture.SD1, cache)
+        seconds_per_step(unet, latent, 1)  # warm-up
         for count in counts:
-            # base and both modes measured side by side for every row
-            base = seconds_per_step(unet, latent, repeats)
-            unmerged = merged = base
-            if count:
+            # base, merged and unmerged steps interleaved, so drift hits all three alike
+            times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": []}
+            stack = [(p, p.stem, 1.0, 1.0) for p in paths[:count]]
+            for _ in range(repeats):
+                times["base"].append(seconds_per_step(unet, latent, 1))
+                if not count:
+                    continue
+                applier.apply_paths(stack)
+                times["merged"].append(seconds_per_step(unet, latent, 1))
+                applier.apply_paths([])
                 handles = add_hooks(unet, states[:count])
-                unmerged = seconds_per_step(unet, latent, repeats)
+                times["unmerged"].append(seconds_per_step(unet, latent, 1))
                 for handle in handles:
                     handle.remove()
-                applier.apply_paths([(p, p.stem, 1.0, 1.0) for p in paths[:count]])
-                merged = seconds_per_step(unet, latent, repeats)
-                applier.restore()
-            result["steps"].append(
-                {"loras": count, "base": base, "unmerged": unmerged, "merged": merged}
-            )
+            row: dict = {"loras": count}
+            for mode in ("base", "merged", "unmerged"):
+                values = times[mode] or times["base"]
+                row[mode] = statistics.median(values)
+                row[f"{mode}_spread"] = max(values) - min(values)
+            result["steps"].append(row)
         five = [(p, p.stem, 1.0, 1.0) for p in paths[:5]]
         operations = result["operations"]
         operations["apply a 5-LoRA stack (files cached)"] = timed(lambda: applier.apply_paths(five))
@@ -194,10 +201,8 @@ def print_tables(result: dict) -> None:
     print("|---:|---:|---:|---:|---:|")
     for row in result["steps"]:
         overhead = 100 * (row["merged"] / row["base"] - 1)
-        print(
-            f"| {row['loras']} | {row['base']:.3f} | {row['unmerged']:.3f} | "
-            f"{row['merged']:.3f} | {overhead:+.1f}% |"
-        )
+        cells = [f"{row[m]:.3f} ±{row[m + '_spread']:.3f}" for m in ("base", "unmerged", "merged")]
+        print(f"| {row['loras']} | {' | '.join(cells)} | {overhead:+.1f}% |")
     print("\n| operation | seconds |")
     print("|---|---:|")
     for name, seconds in result["operations"].items():
