@@ -31,6 +31,7 @@ from pipelines import __version__
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.preview import latents_to_images
+from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
 from pipelines.schema import GenerationRequest, GenerationResult
 
@@ -377,20 +378,21 @@ def txt2img_response(
 def sd_model_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
     """One `sd-models` item from a registry CheckpointEntry."""
     sidecar = entry.path.with_suffix(".yaml") if entry.kind == "single" else None
-    config = sidecar if sidecar is not None and sidecar.is_file() else None
+    config = sidecar if sidecar is not None and is_file_quietly(sidecar) else None
+    shown_config = None if config is None else str(config.name if hide_paths else config)
     return {
         "title": entry.title,
         "model_name": entry.model_name,
         "hash": entry.short_hash,
         "sha256": entry.sha256,
-        "filename": entry.relpath if hide_paths else str(entry.path),
-        "config": None if config is None else (config.name if hide_paths else str(config)),
+        "filename": entry.relpath if hide_paths else printable_name(str(entry.path)),
+        "config": None if shown_config is None else printable_name(shown_config),
     }
 
 
 def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
     """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`)."""
-    shown = entry.relpath if hide_paths else str(entry.path)
+    shown = entry.relpath if hide_paths else printable_name(str(entry.path))
     return {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
 
 

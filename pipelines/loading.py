@@ -43,6 +43,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from pipelines.architecture import Architecture, detect_architecture, probe_v_prediction, shapes_of
 from pipelines.errors import UnusableFileError
+from pipelines.safeload import is_file_quietly
 
 log = logging.getLogger(__name__)
 
@@ -620,7 +621,7 @@ def spec_for_checkpoint(
     except ValueError as error:
         raise UnusableFileError(str(error)) from error
     sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file():
+    if is_file_quietly(sidecar):
         spec = read_model_spec(sidecar)
         if spec.architecture.family != detection.architecture.family:
             raise UnusableFileError(

@@ -33,7 +33,12 @@ from pipelines.lora import (
     parts_touched,
 )
 from pipelines.registry import HASH_CHUNK, HashCache, sha256_of_file, walk_files
-from pipelines.safeload import read_safetensors_header
+from pipelines.safeload import (
+    is_file_quietly,
+    non_utf8_name_error,
+    printable_name,
+    read_safetensors_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +125,11 @@ def trigger_words(metadata: dict[str, str], limit: int = TRIGGER_WORDS) -> tuple
 
 def _sidecar(path: Path) -> tuple[dict[str, Any], str | None]:
     file = path.with_suffix(".json") if path.is_file() else path.parent / f"{path.name}.json"
-    if not file.is_file():
+    if not is_file_quietly(file):
         return {}, None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # refuses lone surrogates
     except (OSError, ValueError) as error:
         return {}, f"sidecar {file.name} is unreadable: {error}"
     return (data, None) if isinstance(data, dict) else ({}, f"sidecar {file.name} is no object")
@@ -133,7 +139,7 @@ def _preview(path: Path) -> Path | None:
     stem = path.stem if path.is_file() else path.name
     for suffix in PREVIEW_SUFFIXES:
         candidate = path.parent / f"{stem}{suffix}"
-        if candidate.is_file():
+        if is_file_quietly(candidate):
             return candidate
     return None
 
@@ -281,9 +287,11 @@ class LoraLibrary:
             if path.is_file()
             else (relpath)
         )
+        bad_name = non_utf8_name_error(relpath)
+        name, relpath = printable_name(name), printable_name(relpath)
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._facts:
-            self._facts[key] = classify(path)
+            self._facts[key] = _Facts(error=bad_name) if bad_name else classify(path)
         facts = self._facts[key]
         sidecar, sidecar_note = _sidecar(path)
         metadata = facts.metadata

@@ -33,6 +33,7 @@ def write_new_file(folder: Path, make_name: Callable[[int], str], data: bytes) -
     handle, temporary_name = tempfile.mkstemp(dir=folder, prefix=".saving-", suffix=".tmp")
     temporary = Path(temporary_name)
     try:
+        os.chmod(temporary, 0o644)  # mkstemp makes 0600; images are meant to be shared
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()

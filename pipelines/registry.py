@@ -21,7 +21,7 @@ from pathlib import Path
 from pipelines.architecture import Architecture, detect_architecture
 from pipelines.errors import NotFoundError, UnusableFileError
 from pipelines.loading import architecture_of_diffusers_folder
-from pipelines.safeload import read_safetensors_header
+from pipelines.safeload import non_utf8_name_error, printable_name, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +216,14 @@ class CheckpointRegistry:
         except OSError:
             return None
         relpath = path.relative_to(root).as_posix()
+        bad_name = non_utf8_name_error(relpath)
+        relpath = printable_name(relpath)
         kind = "diffusers" if path.is_dir() else "single"
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in self._classified:
-            if kind == "single" and stat.st_size == 0:
+            if bad_name:
+                self._classified[key] = (None, bad_name)
+            elif kind == "single" and stat.st_size == 0:
                 self._classified[key] = (None, f"{relpath}: empty file (0 bytes)")
             else:
                 self._classified[key] = _classify_checkpoint(path)

@@ -99,6 +99,36 @@ class SafetensorsHeader:
         return max((info.offsets[1] for info in self.tensors.values()), default=0)
 
 
+def printable_name(text: str) -> str:
+    """`text`, with the bytes of a non-UTF-8 file name (surrogate escapes) shown as `\\xNN`,
+    so it can go into JSON, HTTP and the terminal."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def non_utf8_name_error(name: str) -> str | None:
+    """The reason a file whose name is not valid UTF-8 is unusable (None when it is)."""
+    if printable_name(name) == name:
+        return None
+    return f"{printable_name(name)}: the file name is not valid UTF-8; rename the file"
+
+
+def is_file_quietly(path: Path) -> bool:
+    """`path.is_file()`, but a name the file system refuses (too long) is simply absent."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _unusable(path: Path, what: str) -> UnusableFileError:
     """An UnusableFileError whose message starts with the file name (never the host path)."""
     return UnusableFileError(f"{path.name}: {what}")
@@ -126,13 +156,17 @@ def _extension(path: Path) -> str:
 
 
 def _parse_header_json(path: Path, raw: bytes) -> dict[str, Any]:
-    """Decode the header bytes into a JSON object, refusing duplicate keys and NaN."""
+    """Decode the header bytes into a JSON object, refusing duplicate keys, NaN and lone
+    surrogates (which the Rust safetensors reader refuses too)."""
 
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {}
         for key, value in pairs:
             if key in obj:
                 raise ValueError(f"duplicate key {key!r}")
+            for text in (key, value) if isinstance(value, str) else (key,):
+                if printable_name(text) != text:  # JSON escapes of lone surrogates
+                    raise ValueError(f"lone surrogate in {printable_name(text)!r}")
             obj[key] = value
         return obj
 

@@ -71,3 +71,8 @@ def test_sequence_ignores_other_names(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     assert next_sequence_number(tmp_path) == 4
     assert write_new_file(tmp_path, lambda n: f"{n:05d}-x.png", b"1").name == "00004-x.png"
+
+
+def test_saved_images_are_readable_by_others(tmp_path: Path) -> None:
+    saved = save_png(tmp_path, _png(), 1, today=DAY)
+    assert saved.stat().st_mode & 0o777 == 0o644
