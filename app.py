@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
     engine = build_engine(settings) if settings.ray is None else _remote_engine(settings)
     startup = resolve_startup_checkpoint(settings.ckpt, engine.checkpoints, settings.models_dirs[0])
+    engine.default_checkpoint = startup
     has_checkpoint = startup or any(not e.error for e in engine.checkpoints.entries())
     if has_checkpoint and settings.ray is None:
         # A real checkpoint loads in the background while the page already serves;
@@ -85,17 +86,19 @@ def serve(engine: Engine, settings: Settings) -> None:
     is mounted into the app Gradio launched."""
     import uvicorn
 
+    from pipelines.limits import UserLimits
     from webui.api import build_api, build_root, mount_api, parse_credentials
 
     auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
+    limits = UserLimits(settings.rate_limit, settings.queue_slots)  # page and API share them
     if settings.nowebui:
-        uvicorn.run(build_root(engine, settings), host=settings.host, port=settings.port)
+        uvicorn.run(build_root(engine, settings, limits), host=settings.host, port=settings.port)
         return
     import gradio as gr
 
     from webui.ui import build_ui
 
-    page = build_ui(engine)
+    page = build_ui(engine, limits=limits)
     page.queue(default_concurrency_limit=1)
     allowed = [str(settings.outputs_dir)]
     if settings.share:
@@ -108,10 +111,10 @@ def serve(engine: Engine, settings: Settings) -> None:
             prevent_thread_lock=True,
         )
         if settings.api:
-            mount_api(page.app, build_api(engine, settings))
+            mount_api(page.app, build_api(engine, settings, limits))
         page.block_thread()
         return
-    root = build_root(engine, settings)
+    root = build_root(engine, settings, limits)
     gr.mount_gradio_app(root, page, path="/", auth=auth, allowed_paths=allowed)
     uvicorn.run(root, host=settings.host, port=settings.port)
 

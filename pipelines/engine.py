@@ -150,6 +150,7 @@ class Engine:
         self._lock = threading.Lock()
         self._model: CurrentModel | None = None
         self._loading: str | None = None
+        self.default_checkpoint: str | None = None  # loaded when nothing is loaded yet
         self.progress = Progress()
         log.info("device: %s; torch threads: %d", self.plan.describe(), settings.torch_threads)
 
@@ -160,6 +161,9 @@ class Engine:
         return self._model
 
     def current_title(self) -> str | None:
+        """The selected checkpoint's title; while one loads, that one (as A1111 reports)."""
+        if self._loading is not None:
+            return self._loading
         return self._model.title if self._model else None
 
     def load_checkpoint(self, name: str | None) -> CurrentModel:
@@ -179,6 +183,8 @@ class Engine:
             return self._install(model)
 
     def _switch(self, name: str | None) -> CurrentModel:
+        if name is None and self._model is None and self.default_checkpoint:
+            name = self.default_checkpoint  # the operator's --ckpt, whoever asks first
         if name is None:
             usable = [e for e in self.checkpoints.entries() if not e.error]
             if self._model is not None:
@@ -194,7 +200,7 @@ class Engine:
                 return self._model
         if entry.error:
             raise UnusableFileError(f"{entry.relpath}: {entry.error}", field="checkpoint")
-        self._loading = entry.relpath
+        self._loading = entry.title
         try:
             self._unload()
             return self._install(self._load_entry(entry))

@@ -747,6 +747,7 @@ class IngestPolicy:
     uploads: bool = True
     downloads: bool = True
     checkpoints: bool = False
+    allow_http: bool = False  # plain http and local hosts (tests, an operator's own LAN)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestPolicy:
@@ -815,6 +816,7 @@ class IngestPolicy:
             expected_sha256=expected_sha256,
             overwrite=overwrite,
             progress=progress,
+            allow_http=self.allow_http,
         )
 
 

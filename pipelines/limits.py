@@ -137,6 +137,19 @@ class QueueSlots:
             self.give_back(key)
 
 
+def user_key(username: str | None, address: str | None) -> str:
+    """The key limits count under: the logged-in user when the front end checked a login,
+    else the client address (so a made-up name cannot dodge the limits).
+
+    Example:
+        >>> user_key("ann", "10.0.0.2"), user_key(None, "10.0.0.2")
+        ('user:ann', 'address:10.0.0.2')
+    """
+    if username:
+        return f"user:{username}"
+    return f"address:{address or 'unknown'}"
+
+
 class UserLimits:
     """Both limits together: what a front end wraps around each generation request.
 

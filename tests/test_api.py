@@ -621,7 +621,14 @@ def test_nowebui_serves_the_api_alone(tmp_path: Path, models_dir: Path) -> None:
         server = Server(url, 0, tmp_path, models_dir, tmp_path, log)
         status, _, options = call(server, "GET", "/options", auth=None)
         assert status == 200 and options["sd_model_checkpoint"].startswith(SD1)
-        status, _, payload = call(server, "POST", "/txt2img", {"prompt": "x", **SMALL}, auth=None)
+        deadline = time.monotonic() + 120
+        while True:  # the start-up checkpoint preloads in the background: 503 until ready
+            status, _, payload = call(
+                server, "POST", "/txt2img", {"prompt": "x", **SMALL}, auth=None
+            )
+            if status != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert status == 200 and len(payload["images"]) == 1
         with pytest.raises(urllib.error.HTTPError) as page:
             urllib.request.urlopen(url, timeout=10)

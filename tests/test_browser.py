@@ -165,3 +165,20 @@ def parse_and_keep(path: Path) -> str:
     from pipelines.infotext import read_infotext
 
     return read_infotext(path) or ""
+
+
+def test_upload_in_the_add_files_tab(page: object, app: tuple[str, Path], tmp_path: Path) -> None:
+    loras = app[1] / "loras"
+    upload = tmp_path / "brush.safetensors"
+    shutil.copy(loras / "ink.safetensors", upload)
+    page.get_by_role("tab", name="Add files").click()
+    page.locator("#upload_files input[type=file]").set_input_files(str(upload))
+    page.locator("#upload_files").get_by_text("brush.safetensors").first.wait_for()
+    page.locator("#upload_add").click()
+    result = page.locator("#upload_result").filter(has_text="brush.safetensors: LoRA")
+    result.wait_for()
+    assert "added as" in result.inner_text() and str(app[1]) in result.inner_text()
+    shot(page, "add-files.png")
+    assert (loras / "brush.safetensors").read_bytes() == upload.read_bytes()
+    page.get_by_role("tab", name="txt2img").click()
+    card(page, "brush").wait_for()  # listed at once, no refresh needed

@@ -29,6 +29,7 @@ from starlette.routing import Mount
 from pipelines import a1111
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError
 from pipelines.infotext import write_png_with_infotext
+from pipelines.limits import UserLimits, user_key
 from pipelines.output import save_png
 from pipelines.samplers import list_samplers, list_schedulers
 
@@ -50,15 +51,24 @@ def parse_credentials(text: str | None) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_basic(header: str | None, allowed: list[tuple[str, str]]) -> bool:
-    """Constant-time check of an `Authorization: Basic ...` header against the pairs."""
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """(user, password) from an `Authorization: Basic ...` header, if it holds any."""
     scheme, _, encoded = (header or "").partition(" ")
     if scheme.lower() != "basic":
-        return False
+        return None
     try:
         user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
+
+
+def _check_basic(header: str | None, allowed: list[tuple[str, str]]) -> bool:
+    """Constant-time check of an `Authorization: Basic ...` header against the pairs."""
+    given = _basic_credentials(header)
+    if given is None:
         return False
+    user, password = given
     found = False
     for want_user, want_password in allowed:
         same_user = secrets.compare_digest(user.encode(), want_user.encode())
@@ -80,28 +90,37 @@ async def _json_body(request: Request) -> Any:
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
+        parsed = json.loads(raw)
+        # "\udce9"-style escapes decode to lone surrogates, which no reply could encode
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as error:  # RecursionError: a nesting bomb
         raise InvalidRequestError(
             f"the request body is not valid JSON: {error}", field="body"
         ) from error
+    return parsed
 
 
 class A1111Api:
     """Route handlers over one engine, with the options A1111 keeps between requests."""
 
-    def __init__(self, engine: Any, settings: Any) -> None:
+    def __init__(self, engine: Any, settings: Any, limits: UserLimits | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
         self.options = a1111.ApiOptions()
         self._slots = threading.BoundedSemaphore(MAX_WAITING_JOBS)
 
     # -- generation
 
-    def txt2img(self, body: Any) -> dict[str, Any]:
+    def txt2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
+        """Generate for `user` (the key the per-user limits count under)."""
         call = a1111.parse_txt2img(body, self.options)
         if call.ignored:
             log.info("txt2img: ignored A1111 fields: %s", ", ".join(call.ignored))
+        with self.limits.admit(user):
+            return self._txt2img(call)
+
+    def _txt2img(self, call: Any) -> dict[str, Any]:
         if not self._slots.acquire(blocking=False):
             raise BusyError("too many generations are queued; retry later", retry_after=10)
         try:
@@ -172,16 +191,18 @@ class A1111Api:
         return a1111.progress_response(state, image)
 
 
-def build_api(engine: Any, settings: Any) -> FastAPI:
+def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> FastAPI:
     """The `/sdapi/v1` app (routes relative to the mount point).
 
     Args:
         engine: the Engine (generate, progress, checkpoints, loras, load_checkpoint).
-        settings: launch settings (api_auth, hide_paths, outputs_dir).
+        settings: launch settings (api_auth, hide_paths, outputs_dir, rate_limit, ...).
+        limits: per-user limits shared with the page (default: from the settings); the
+            user is the `--api-auth` login, else the client address.
     Returns:
         A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
     """
-    api = A1111Api(engine, settings)
+    api = A1111Api(engine, settings, limits)
     app = FastAPI(title="lorastack A1111-compatible API", version=a1111.VERSION)
     credentials = parse_credentials(settings.api_auth) if settings.api_auth else None
 
@@ -217,7 +238,11 @@ def build_api(engine: Any, settings: Any) -> FastAPI:
     # 3. routes
     @app.post("/txt2img")
     async def txt2img(request: Request) -> Any:
-        return await run_in_threadpool(api.txt2img, await _json_body(request))
+        # The login counts only when the auth middleware checked it; else the address.
+        given = _basic_credentials(request.headers.get("authorization")) if credentials else None
+        name = given[0] if given else None
+        user = user_key(name, request.client.host if request.client else None)
+        return await run_in_threadpool(api.txt2img, await _json_body(request), user)
 
     @app.get("/options")
     def get_options() -> Any:
@@ -259,7 +284,7 @@ def build_api(engine: Any, settings: Any) -> FastAPI:
     return app
 
 
-def build_root(engine: Any, settings: Any) -> FastAPI:
+def build_root(engine: Any, settings: Any, limits: UserLimits | None = None) -> FastAPI:
     """The server's root app: CORS (`--cors-allow-origins`), and the API when enabled.
     The Gradio page is mounted on it at "/" by the caller unless `--nowebui`."""
     root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -273,7 +298,7 @@ def build_root(engine: Any, settings: Any) -> FastAPI:
             allow_credentials=True,
         )
     if settings.api or settings.nowebui:
-        mount_api(root, build_api(engine, settings))
+        mount_api(root, build_api(engine, settings, limits))
     return root
 
 

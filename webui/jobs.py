@@ -8,9 +8,10 @@ in the queue is dropped when it starts.
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,18 @@ class StepUpdate:
 class JobControl:
     """Which sessions run, wait or asked to stop; shared by every session of one page."""
 
-    def __init__(self, engine: Any, preview_every: int = PREVIEW_EVERY) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        preview_every: int = PREVIEW_EVERY,
+        *,
+        gpu_generate: Callable[[GenerationRequest], GenerationResult] | None = None,
+    ) -> None:
+        """`gpu_generate`: on ZeroGPU, the `spaces.GPU`-wrapped stateless engine call. It
+        runs in a forked worker, so it reports no steps and Interrupt only drops queued jobs."""
         self.engine = engine
         self.preview_every = preview_every
+        self.gpu_generate = gpu_generate
         self._lock = threading.Lock()
         self._running: set[str] = set()
         self._submitted: set[str] = set()
@@ -100,11 +110,21 @@ class JobControl:
 
         def work() -> None:
             try:
-                updates.put(("done", self.engine.generate(request, on_step=on_step)))
+                if self.gpu_generate is not None:  # no engine lock is held here
+                    updates.put(("done", self.gpu_generate(request)))
+                else:
+                    updates.put(("done", self.engine.generate(request, on_step=on_step)))
             except BaseException as error:  # re-raised in the page's thread below
                 updates.put(("error", error))
 
-        worker = threading.Thread(target=work, name=f"generate-{session[:8]}", daemon=True)
+        # The event's context goes along: `spaces.GPU` reads the visitor's request (for
+        # the ZeroGPU quota) from Gradio's context variables.
+        worker = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(work,),
+            name=f"generate-{session[:8]}",
+            daemon=True,
+        )
         worker.start()
         try:
             while True:

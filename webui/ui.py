@@ -1,14 +1,15 @@
 """The Gradio page: a thin client of the engine that only builds GenerationRequests.
 
-Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), PNG Info, Settings.
-Per-user choices (checkpoint, stack, fields) are component values, so each browser session
-has its own; the only shared UI state is `JobControl`, which knows whose job runs.
+Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), PNG Info, Add files,
+Settings. Per-user choices (checkpoint, stack, fields) are component values, so each browser
+session has its own; the shared UI state is `JobControl`, which knows whose job runs, and
+the per-user limits (shared with the API).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gradio as gr
@@ -16,14 +17,18 @@ import gradio as gr
 from pipelines.engine import DEMO_MODEL_NAME
 from pipelines.errors import LorastackError
 from pipelines.infotext import write_png_with_infotext
+from pipelines.ingest import IngestPolicy
+from pipelines.limits import UserLimits, user_key
 from pipelines.output import save_png
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import GenerationResult, field_spec, request_from_dict
 from webui.defaults import load_defaults, scheduler_label
+from webui.files_tab import build_files_tab
 from webui.jobs import PREVIEW_EVERY, JobControl, StepUpdate
 from webui.lora_panel import QUICK, build_library, build_stack
 from webui.stack import rows_from_value, specs_from_rows
 from webui.tabs import build_pnginfo, build_settings
+from webui.zerogpu import stateless_gpu_call
 
 API_FIELDS = (
     "prompt",
@@ -70,10 +75,28 @@ document.addEventListener('keydown', (event) => {
 
 
 def build_ui(
-    engine: Any, *, preview_every: int = PREVIEW_EVERY, refresh_seconds: float = 5.0
+    engine: Any,
+    *,
+    preview_every: int = PREVIEW_EVERY,
+    refresh_seconds: float = 5.0,
+    limits: UserLimits | None = None,
+    policy: IngestPolicy | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> gr.Blocks:
-    """The whole page. Events that only touch the page run outside the one-job queue."""
-    jobs = JobControl(engine, preview_every)
+    """The whole page. Events that only touch the page run outside the one-job queue.
+
+    Args:
+        engine: the Engine (or a remote one with the same methods).
+        preview_every: steps between live previews.
+        refresh_seconds: how often the LoRA list checks the folders.
+        limits: per-user limits, shared with the API (default: from the settings).
+        policy: the rules for the Add files tab (default: from the settings).
+        env: the environment (os.environ by default): ZeroGPU, Space storage.
+    """
+    settings = engine.settings
+    limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
+    policy = policy or IngestPolicy.from_settings(settings)
+    jobs = JobControl(engine, preview_every, gpu_generate=stateless_gpu_call(engine, env))
     bounds = engine.bounds
     defaults = load_defaults(engine.settings.data_dir, bounds)
 
@@ -141,17 +164,19 @@ def build_ui(
                 }
             )
             session = request.session_hash or "anonymous"
-            for item in jobs.run(session, generation, family_of(checkpoint)):
-                if isinstance(item, StepUpdate):
-                    progress(item.fraction, desc=step_text(item))
-                    if item.preview:
-                        yield item.preview, gr.skip(), gr.skip(), gr.skip()
-                    continue
-                if item is None:
-                    gr.Info("Interrupted before it started")
-                    yield [], "", [], []
-                    return
-                yield finish(item)
+            client = getattr(request, "client", None)
+            with limits.admit(user_key(request.username, getattr(client, "host", None))):
+                for item in jobs.run(session, generation, family_of(checkpoint)):
+                    if isinstance(item, StepUpdate):
+                        progress(item.fraction, desc=step_text(item))
+                        if item.preview:
+                            yield item.preview, gr.skip(), gr.skip(), gr.skip()
+                        continue
+                    if item is None:
+                        gr.Info("Interrupted before it started")
+                        yield [], "", [], []
+                        return
+                    yield finish(item)
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
@@ -219,6 +244,15 @@ def build_ui(
                     build_library(engine, panel, prompt, checkpoint, family_of, refresh_seconds)
             with gr.Tab("PNG Info", id="pnginfo"):
                 build_pnginfo(engine, controls, checkpoint, panel, tabs, notes)
+            with gr.Tab("Add files", id="files"):
+                build_files_tab(
+                    engine,
+                    policy,
+                    checkpoint,
+                    panel.library_version,
+                    checkpoint_choices,
+                    env=None if env is None else dict(env),
+                )
             with gr.Tab("Settings", id="settings"):
                 build_settings(engine, page, controls)
 

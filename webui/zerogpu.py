@@ -103,3 +103,18 @@ def gpu_wrapper(
 
     log.info("ZeroGPU: generation runs under spaces.GPU with an estimated duration")
     return spaces.GPU(duration=duration)(function)  # type: ignore[no-any-return]
+
+
+def stateless_gpu_call(
+    engine: Any, env: Mapping[str, str] | None = None
+) -> Callable[[GenerationRequest], Any] | None:
+    """On ZeroGPU, the page's generate call: `engine.generate(request, stateless=True)`
+    under `gpu_wrapper` (the engine takes its lock inside, so none is held when the
+    wrapper is called). None elsewhere: the page then calls the engine as usual."""
+    if not zero_gpu_active(env):
+        return None
+
+    def generate(request: GenerationRequest) -> Any:
+        return engine.generate(request, stateless=True)
+
+    return gpu_wrapper(generate, env=env)

@@ -1,0 +1,404 @@
+"""The Add files tab against a real engine (uploads, downloads from a local HTTP server,
+refusals, admin flags, hidden paths, the temporary-disk warning), and the per-user limits
+and ZeroGPU path of the page's generate event, through its callback and a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+import torch
+from safetensors.torch import save
+
+from pipelines.engine import DEMO_MODEL_NAME, Engine
+from pipelines.ingest import IngestPolicy
+from pipelines.limits import UserLimits, user_key
+from pipelines.loading import LoadedModel
+from pipelines.lora_registry import LoraLibrary
+from pipelines.registry import CheckpointRegistry, HashCache
+from pipelines.schema import GenerationRequest
+from pipelines.settings import PROJECT_DIR, Settings
+from tests.ldm_export import save_single_file
+from tests.test_api import start_app, stop_app
+from tests.test_app_http import wait_for
+from tests.test_ingest import FileServer, listing, sha
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from webui.files_tab import add_download, add_uploads, storage_notes
+from webui.ui import build_ui
+
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def lora_bytes(tiny_sd1: LoadedModel) -> bytes:
+    state = make_kohya(tiny_sd1.pipe, SD1_MODULES, sd1_keys(SD1_MODULES), seed=5)
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> bytes:
+    path = tmp_path_factory.mktemp("files-ckpt") / "tiny.safetensors"
+    save_single_file(tiny_sd1.pipe, path, text_encoder_layout="hf")
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> Engine:
+    """The demo model, one LoRA (ink) in the data dir's loras/ (where new files go)."""
+    data = tmp_path_factory.mktemp("files-data")
+    keys = sd1_keys(SD1_MODULES)
+    write(data / "loras" / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
+    (data / "models").mkdir()
+    settings = Settings(data_dir=data, threads=2)
+    hashes = HashCache(None)
+    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
+    checkpoints.scan()
+    library = LoraLibrary(settings.loras_dirs, hashes)
+    library.scan()
+    engine = Engine(settings, checkpoints, library)
+    engine.load_checkpoint(None)
+    return engine
+
+
+def policy_for(engine: Engine, **rules: Any) -> IngestPolicy:
+    """The engine's own folders, plain http to 127.0.0.1 allowed (the local test server)."""
+    return IngestPolicy(
+        lora_folder=engine.settings.loras_dirs[0],
+        checkpoint_folder=engine.settings.models_dirs[0],
+        max_bytes=rules.pop("max_bytes", 50 * MB),
+        allow_http=True,
+        **rules,
+    )
+
+
+def received(tmp_path: Path, name: str, data: bytes) -> str:
+    """An upload as Gradio hands it over: a temp file under its original name."""
+    path = tmp_path / "gradio" / sha(data)[:8] / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def lora_names(engine: Engine) -> set[str]:
+    return {entry.name for entry in engine.loras.entries()}
+
+
+# ---------------------------------------------------------------------------- uploads
+
+
+def test_uploaded_lora_is_listed_with_its_facts(
+    engine: Engine, tmp_path: Path, lora_bytes: bytes
+) -> None:
+    upload = received(tmp_path, "pen.safetensors", lora_bytes)
+    text = add_uploads(engine, policy_for(engine), [upload], "LoRA", False, hide_paths=True)
+    assert text.startswith("✅ **pen.safetensors**: LoRA (SD1")
+    assert "added as `loras/pen.safetensors`" in text
+    assert str(engine.settings.data_dir) not in text and str(tmp_path) not in text
+    assert "pen" in lora_names(engine)  # rescanned: the list and the cards pick it up
+    placed = engine.settings.loras_dirs[0] / "pen.safetensors"
+    assert placed.read_bytes() == lora_bytes
+
+
+def test_each_file_gets_its_result_or_reason(
+    engine: Engine, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
+) -> None:
+    folder = engine.settings.loras_dirs[0]
+    before = listing(folder)
+    files = [
+        received(tmp_path, "model.safetensors", checkpoint_bytes),
+        received(tmp_path, "notes.txt", b"hello"),
+        received(tmp_path, "ink.safetensors", lora_bytes),  # the name is taken
+        received(tmp_path, "brush.safetensors", lora_bytes),
+    ]
+    text = add_uploads(engine, policy_for(engine), files, "LoRA", False, hide_paths=True)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("❌ **model.safetensors**:") and "LoRA" in lines[0]
+    assert lines[1].startswith("❌ **notes.txt**:") and "only .safetensors" in lines[1]
+    assert lines[2].startswith("❌ **ink.safetensors**:") and "already in loras/" in lines[2]
+    assert lines[3].startswith("✅ **brush.safetensors**")
+    assert listing(folder) == sorted([*before, "brush.safetensors"])
+    assert (folder / "ink.safetensors").read_bytes() != lora_bytes  # left as it was
+
+
+def test_overwrite_replaces_only_when_asked(
+    engine: Engine, tmp_path: Path, lora_bytes: bytes
+) -> None:
+    target = engine.settings.loras_dirs[0] / "ink.safetensors"
+    old = target.read_bytes()
+    upload = received(tmp_path, "ink.safetensors", lora_bytes)
+    refused = add_uploads(engine, policy_for(engine), [upload], "LoRA", False, hide_paths=True)
+    assert "already in loras/" in refused and target.read_bytes() == old
+    try:
+        text = add_uploads(engine, policy_for(engine), [upload], "LoRA", True, hide_paths=True)
+        assert "replaced as `loras/ink.safetensors`" in text
+        assert target.read_bytes() == lora_bytes
+    finally:
+        target.write_bytes(old)
+        engine.rescan()
+
+
+def test_admin_flags_refuse_with_the_reason(
+    engine: Engine, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
+) -> None:
+    folder = engine.settings.loras_dirs[0]
+    before = listing(folder), listing(engine.settings.models_dirs[0])
+    upload = received(tmp_path, "off.safetensors", lora_bytes)
+    off = policy_for(engine, uploads=False, downloads=False)
+    text = add_uploads(engine, off, [upload], "LoRA", False, hide_paths=True)
+    assert text == "❌ **off.safetensors**: uploads are disabled on this server (--disable-uploads)"
+    text = add_download(engine, off, "org/repo", "LoRA", "", False, hide_paths=True)
+    assert "downloads are disabled on this server (--disable-downloads)" in text
+    model = received(tmp_path, "model.safetensors", checkpoint_bytes)
+    text = add_uploads(engine, policy_for(engine), [model], "Checkpoint", False, hide_paths=True)
+    assert "--allow-checkpoint-uploads" in text and text.startswith("❌")
+    small = policy_for(engine, max_bytes=1024)
+    text = add_uploads(engine, small, [upload], "LoRA", False, hide_paths=True)
+    assert "over the 0.0 MB limit" in text
+    assert add_uploads(engine, off, [], "LoRA", False, hide_paths=True).startswith("Choose")
+    assert (listing(folder), listing(engine.settings.models_dirs[0])) == before
+
+
+def test_checkpoint_upload_when_allowed_shows_in_the_menu(
+    engine: Engine, tmp_path: Path, checkpoint_bytes: bytes
+) -> None:
+    model = received(tmp_path, "tiny upload.safetensors", checkpoint_bytes)
+    allowed = policy_for(engine, checkpoints=True)
+    try:
+        text = add_uploads(engine, allowed, [model], "Checkpoint", False, hide_paths=False)
+        target = engine.settings.models_dirs[0] / "tiny upload.safetensors"
+        assert text.startswith("✅ **tiny upload.safetensors**: checkpoint (SD1)")
+        assert f"`{target}`" in text  # paths not hidden: the host path is shown
+        titles = [entry.title for entry in engine.checkpoints.entries()]
+        assert any(title.startswith("tiny upload.safetensors") for title in titles)
+    finally:
+        (engine.settings.models_dirs[0] / "tiny upload.safetensors").unlink(missing_ok=True)
+        engine.rescan()
+
+
+# ---------------------------------------------------------------------------- downloads
+
+
+@pytest.fixture(scope="module")
+def files(lora_bytes: bytes) -> Iterator[FileServer]:
+    with FileServer() as server:
+        server.routes.update(
+            {
+                "/sky.safetensors": (200, {}, lora_bytes, "ok"),
+                "/drop/cut.safetensors": (200, {}, lora_bytes, "drop"),
+                "/error/bad.safetensors": (500, {}, b"internal error", "ok"),
+            }
+        )
+        yield server
+
+
+def test_download_feeds_the_progress_bar_and_lists_the_file(
+    engine: Engine, files: FileServer, lora_bytes: bytes
+) -> None:
+    seen: list[tuple[Any, str]] = []
+
+    def progress(value: Any, desc: str = "", **_: Any) -> None:
+        seen.append((value, desc))
+
+    text = add_download(
+        engine,
+        policy_for(engine),
+        files.url("/sky.safetensors"),
+        "LoRA",
+        f"  {sha(lora_bytes).upper()} ",
+        False,
+        hide_paths=True,
+        progress=progress,
+    )
+    assert text.startswith("✅ **sky.safetensors**: LoRA") and "`loras/sky.safetensors`" in text
+    assert "sky" in lora_names(engine)
+    assert seen and seen[-1][0] == 1.0 and " of " in seen[-1][1]
+    assert all(0 <= value <= 1 for value, _ in seen)
+
+
+def test_failed_downloads_say_why_and_leave_nothing(
+    engine: Engine, files: FileServer, lora_bytes: bytes
+) -> None:
+    folder = engine.settings.loras_dirs[0]
+    before = listing(folder)
+    policy = policy_for(engine)
+    cases = {
+        "/drop/cut.safetensors": "nothing was kept",
+        "/error/bad.safetensors": "HTTP 500",
+        "/missing.safetensors": "HTTP 404",
+    }
+    for path, reason in cases.items():
+        text = add_download(engine, policy, files.url(path), "LoRA", "", False, hide_paths=True)
+        assert text.startswith(f"❌ **{files.url(path)}**:") and reason in text, text
+    text = add_download(
+        engine, policy, files.url("/sky.safetensors"), "LoRA", "0" * 64, True, hide_paths=True
+    )
+    assert "sha256 is" in text and "expected " + "0" * 64 in text
+    assert add_download(engine, policy, "  ", "LoRA", "", False, hide_paths=True).startswith(
+        "❌ **(nothing)**: nothing to download"
+    )
+    # Without the test-only allowance, a local address is refused (a public server must
+    # not fetch from its own network).
+    strict = IngestPolicy(folder, engine.settings.models_dirs[0], 50 * MB)
+    text = add_download(
+        engine, strict, files.url("/sky.safetensors"), "LoRA", "", True, hide_paths=True
+    )
+    assert "only https:// links" in text
+    assert listing(folder) == before
+
+
+# ---------------------------------------------------------------------------- the page
+
+
+def make_page(engine: Engine, **options: Any) -> gr.Blocks:
+    """`build_ui` inside a running event loop: built outside one, Gradio opens event loops
+    that it never closes (ResourceWarning)."""
+
+    async def build() -> gr.Blocks:
+        return build_ui(engine, **options)
+
+    return asyncio.run(build())
+
+
+def page_text(page: gr.Blocks) -> str:
+    """Every Markdown value on the page, joined."""
+    return "\n".join(
+        str(block.value) for block in page.blocks.values() if isinstance(block, gr.Markdown)
+    )
+
+
+def test_temporary_disk_warning_and_disabled_controls_on_the_page(engine: Engine) -> None:
+    on_space = IngestPolicy(PROJECT_DIR / "loras", PROJECT_DIR / "models", MB, checkpoints=True)
+    notes = storage_notes(on_space, {"SPACE_ID": "me/space"})
+    assert len(notes) == 2 and "loras/" in notes[0] and "models/" in notes[1]
+    assert storage_notes(on_space, {}) == []
+    page = make_page(engine, policy=on_space, env={"SPACE_ID": "me/space"})
+    text = page_text(page)
+    assert "Temporary disk" in text and "a restart wipes them" in text
+    assert "Uploads are disabled" not in text
+
+    closed = IngestPolicy(PROJECT_DIR / "loras", PROJECT_DIR / "models", MB, False, False)
+    text = page_text(make_page(engine, policy=closed, env={}))
+    assert "Uploads are disabled on this server (`--disable-uploads`)" in text
+    assert "Downloads are disabled on this server (`--disable-downloads`)" in text
+    assert "Temporary disk" not in text and "Checkpoints cannot be added here" in text
+
+
+def generate_event(page: gr.Blocks) -> Any:
+    """The page's `/txt2img` event function."""
+    (function,) = [f.fn for f in page.fns.values() if f.api_name == "txt2img"]
+    return function
+
+
+def press_generate(page: gr.Blocks, request: gr.Request, loras: list | None = None) -> list:
+    values = ["a tower", "", 1, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1]
+    return list(
+        generate_event(page)(*values, DEMO_MODEL_NAME, loras or [], request, lambda *a, **k: None)
+    )
+
+
+def visitor(username: str | None = None, host: str = "10.0.0.7") -> gr.Request:
+    return gr.Request(username=username, session_hash=f"s-{username}-{host}", client={"host": host})
+
+
+def test_rate_limit_through_the_generate_callback(engine: Engine) -> None:
+    page = make_page(engine, limits=UserLimits(rate_limit=1), env={})
+    assert press_generate(page, visitor("ann"))[-1][2] == [3]  # (gallery, infotext, seeds, ...)
+    with pytest.raises(gr.Error, match=r"rate limit: at most 1 requests a minute.*try again in"):
+        press_generate(page, visitor("ann", host="10.0.0.8"))  # same user, another address
+    assert press_generate(page, visitor("bob"))  # someone else is not affected
+    assert press_generate(page, visitor(None, host="10.0.0.9"))  # no login: the address
+    with pytest.raises(gr.Error, match="rate limit"):
+        press_generate(page, visitor(None, host="10.0.0.9"))
+    assert user_key("ann", "1.2.3.4") == "user:ann" and user_key(None, None) == "address:unknown"
+
+
+def test_queue_slot_is_held_while_the_job_runs(engine: Engine) -> None:
+    limits = UserLimits(queue_slots=1)
+    page = make_page(engine, limits=limits, env={})
+    stream = generate_event(page)(
+        "a tower", "", 2, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1,
+        DEMO_MODEL_NAME, [], visitor("ann"), lambda *a, **k: None,
+    )  # fmt: skip
+    next(stream)  # the job runs (a preview or the result arrived)
+    assert limits.slots.in_use("user:ann") == 1
+    with pytest.raises(gr.Error, match="queue limit"):
+        press_generate(page, visitor("ann"))
+    list(stream)
+    assert limits.slots.in_use("user:ann") == 0
+
+
+def weights(engine: Engine) -> dict[str, torch.Tensor]:
+    assert engine.model is not None
+    unet = engine.model.pipe.unet
+    return {key: value.detach().clone() for key, value in unet.state_dict().items()}
+
+
+def test_zerogpu_page_generates_statelessly(engine: Engine) -> None:
+    """With SPACES_ZERO_GPU set (and `spaces` missing here, so the wrapper is a no-op), the
+    page's generate call leaves no LoRA applied: each forked GPU call starts from base."""
+    plain = GenerationRequest(prompt="a tower", seed=3, steps=1, width=64, height=64)
+    engine.generate(plain, stateless=True)
+    base = weights(engine)
+    zero = make_page(engine, env={"SPACES_ZERO_GPU": "1"})
+    stack = [{"name": "ink", "weight": 0.9}]
+    (result,) = [item for item in press_generate(zero, visitor("z"), stack) if item[2]]
+    assert result[2] == [3] and "<lora:ink:0.9>" in result[1]
+    assert all(torch.equal(value, base[key]) for key, value in weights(engine).items())
+    normal = make_page(engine, env={})
+    press_generate(normal, visitor("n"), stack)
+    assert not all(torch.equal(value, base[key]) for key, value in weights(engine).items())
+    engine.generate(plain, stateless=True)
+
+
+# ---------------------------------------------------------------------------- live server
+
+
+def test_live_limits_shared_by_page_and_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--rate-limit 1`: the API's first request passes; the page and then the API, from
+    the same address, are refused (503 + Retry-After in A1111's body). ZeroGPU is switched
+    on without `spaces` installed: the app still starts and serves on the CPU."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    args = ["--api", "--rate-limit", "1", "--threads", "1"]
+    process, url, log = start_app(args, tmp_path)
+    try:
+        wait_for(url, process)
+        body = json.dumps({"prompt": "a tower", "steps": 1, "width": 64, "height": 64}).encode()
+
+        def post() -> urllib.request.Request:
+            return urllib.request.Request(
+                url + "sdapi/v1/txt2img", body, {"Content-Type": "application/json"}
+            )
+
+        with urllib.request.urlopen(post(), timeout=120) as response:
+            assert response.status == 200 and len(json.load(response)["images"]) == 1
+        client = Client(url, verbose=False)
+        try:
+            with pytest.raises(AppError, match="rate limit: at most 1 requests a minute"):
+                client.predict(prompt="a tower", steps=1, width=64, height=64,
+                               api_name="/txt2img")  # fmt: skip
+        finally:
+            client.close()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(post(), timeout=120)
+        error = refused.value
+        assert error.code == 503 and int(error.headers["Retry-After"]) > 0
+        payload = json.loads(error.read())
+        error.close()
+        assert payload["error"] == "BusyError" and "rate limit" in payload["detail"]
+        assert set(payload) == {"error", "detail", "body", "errors"}
+    finally:
+        stop_app(process)
+    assert "spaces package is missing" in log.read_text()
