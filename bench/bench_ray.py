@@ -4,15 +4,19 @@ LoRA-aware routing on a mixed workload (tiny model, 64x64). Prints a table; asse
     .venv/bin/python -m bench.bench_ray            # 48 requests per configuration
     .venv/bin/python -m bench.bench_ray --quick    # 8 requests (proves it runs)
 
-Every configuration runs the same mixed workload in the same order; each replica reserves
-cores / replicas CPUs and uses the torch thread count the table shows.
+Every configuration runs the same mixed workload in the same order, in a fresh process
+with its own Ray cluster; each replica reserves cores / replicas CPUs and uses the torch
+thread count the table shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,11 +119,9 @@ def run_config(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="8 requests per configuration")
-    args = parser.parse_args()
-    count = 8 if args.quick else 48
+def one_config(index: int, count: int) -> dict[str, object]:
+    """One configuration in a fresh Ray cluster of its own, so no router or replica state
+    carries over from the previous configuration."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -134,9 +136,28 @@ def main() -> None:
             log_to_driver=False,
         )
         try:
-            rows = [run_config(root, *config, count) for config in CONFIGS]
+            return run_config(root, *CONFIGS[index], count)
         finally:
             ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="8 requests per configuration")
+    parser.add_argument("--config", type=int, help=argparse.SUPPRESS)  # one child process
+    args = parser.parse_args()
+    count = 8 if args.quick else 48
+    if args.config is not None:
+        print("ROW " + json.dumps(one_config(args.config, count)))
+        return
+    rows = []
+    for index in range(len(CONFIGS)):
+        command = [sys.executable, "-m", "bench.bench_ray", "--config", str(index)]
+        if args.quick:
+            command.append("--quick")
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        line = next(x for x in done.stdout.splitlines() if x.startswith("ROW "))
+        rows.append(json.loads(line[4:]))
     print(f"\nRay Serve scale-out, tiny SD1 64x64, 4 steps, {count} mixed requests")
     print("| replicas | threads | routing | clients | seconds | images/s | hit rate | merges |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
