@@ -627,8 +627,7 @@ def test_hub_offline_gives_a_clear_message(tmp_path: Path) -> None:
     """This process runs with HF_HUB_OFFLINE=1 (conftest)."""
     from huggingface_hub import constants
 
-    if not constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE was not set when huggingface_hub was imported")
+    assert constants.HF_HUB_OFFLINE, "conftest sets HF_HUB_OFFLINE=1 before any Hub import"
     with pytest.raises(UnusableFileError, match="org/lora: this server runs offline"):
         download_hub("org/lora", "lora", tmp_path, max_bytes=MB)
     assert listing(tmp_path) == []
