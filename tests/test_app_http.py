@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -36,15 +37,14 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds}s")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    data = tmp_path_factory.mktemp("app-data")
-    log = data / "app.log"
+@contextlib.contextmanager
+def app_server(data: Path, *extra: str) -> Iterator[str]:
+    """`python app.py --data-dir data` on a free port, stopped afterwards."""
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1")
-    with log.open("w") as sink:
+    with (data / "app.log").open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port)],
+            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port), *extra],
             cwd=PROJECT,
             env=env,
             stdout=sink,
@@ -53,13 +53,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(url, process)
-        yield url, data, log
+        yield url
     finally:
         process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    data = tmp_path_factory.mktemp("app-data")
+    with app_server(data) as url:
+        yield url, data, data / "app.log"
 
 
 def test_page_serves_on_localhost_with_demo_notice(server: tuple[str, Path, Path]) -> None:

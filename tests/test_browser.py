@@ -16,7 +16,8 @@ from playwright import sync_api
 
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
-from tests.test_ui import app_server, make_lora_folder
+from tests.test_app_http import app_server
+from tests.test_ui import make_lora_folder
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -3,11 +3,7 @@ admin defaults, live previews, per-session Interrupt, and the `/txt2img` Gradio 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +22,7 @@ from pipelines.preview import latents_to_images
 from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
 from pipelines.settings import Settings
-from tests.test_app_http import PROJECT, free_port, wait_for
+from tests.test_app_http import app_server
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 from webui import stack as st
 from webui.defaults import load_defaults, save_defaults, settings_file
@@ -317,32 +313,6 @@ def served(
     make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
     with app_server(data) as url:
         yield url, data
-
-
-@contextlib.contextmanager
-def app_server(data: Path, *extra: str) -> Iterator[str]:
-    """`python app.py --data-dir data` on a free port, stopped afterwards."""
-    port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1")
-    with (data / "app.log").open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port), *extra],
-            cwd=PROJECT,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_for(url, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def call(url: str, **fields: object) -> tuple:
