@@ -151,6 +151,7 @@ class Engine:
         self._model: CurrentModel | None = None
         self._loading: str | None = None
         self.default_checkpoint: str | None = None  # loaded when nothing is loaded yet
+        self._hashing = threading.Lock()
         self.progress = Progress()
         log.info("device: %s; torch threads: %d", self.plan.describe(), settings.torch_threads)
 
@@ -292,8 +293,17 @@ class Engine:
         """Refresh both listings (the explicit refresh, and the folder watcher's)."""
         self.checkpoints.scan()
         self.loras.scan()
-        for job in (self.checkpoints.hash_all, self.loras.hash_all):
-            threading.Thread(target=job, daemon=True).start()
+        # One hashing pass at a time: rescans come often (watcher, refresh), and two passes
+        # would read the same multi-GB new file twice. A pass started later sees new files.
+        if self._hashing.acquire(blocking=False):
+            threading.Thread(target=self._hash_all, name="hash-files", daemon=True).start()
+
+    def _hash_all(self) -> None:
+        try:
+            self.checkpoints.hash_all()
+            self.loras.hash_all()
+        finally:
+            self._hashing.release()
 
     @property
     def busy(self) -> bool:
