@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
+
+GPU_MAX_PIXELS = 4 * 1024 * 1024
+"""Default `--max-pixels` on a GPU (CONTRACT)."""
+CPU_MAX_PIXELS = 1024 * 1024
+"""Default `--max-pixels` elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,22 @@ def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
         pipe.to(plan.device)
     if plan.attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
+
+
+def memory_report() -> dict[str, Any]:
+    """RAM from the OS, CUDA from torch, in the shape of A1111's `memory` route (errors as
+    values, never raised)."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        free = os.sysconf("SC_AVPHYS_PAGES") * page
+        ram: dict[str, Any] = {"free": free, "used": total - free, "total": total}
+    except (ValueError, OSError, AttributeError) as error:
+        ram = {"error": str(error)}
+    if torch.cuda.is_available():
+        free_cuda, total_cuda = torch.cuda.mem_get_info()
+        system = {"free": free_cuda, "used": total_cuda - free_cuda, "total": total_cuda}
+        cuda: dict[str, Any] = {"system": system}
+    else:
+        cuda = {"error": "unavailable"}
+    return {"ram": ram, "cuda": cuda}

@@ -280,6 +280,22 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
     return parsed.text, fold_duplicate_loras(parsed.loras)
 
 
+def combine_stacks(
+    ui_stack: tuple[LoraSpec, ...], tag_stack: list[LoraSpec]
+) -> tuple[tuple[LoraSpec, ...], list[str]]:
+    """The stack a request applies: UI/API rows, then prompt tags. A LoRA named both ways
+    takes the tag's weights (the prompt is what gets written into the infotext and
+    replayed), and the result says so instead of silently doubling it."""
+    tagged = {spec.name.lower() for spec in tag_stack}
+    notes = [
+        f"LoRA '{spec.name}': the prompt tag's weight replaces the stack weight {spec.weight:g}"
+        for spec in ui_stack
+        if spec.name.lower() in tagged
+    ]
+    kept = tuple(spec for spec in ui_stack if spec.name.lower() not in tagged)
+    return (*kept, *tag_stack), notes
+
+
 def format_weight(value: float) -> str:
     """A multiplier written compactly, as A1111's UI writes it: 1, 0.8, -0.25."""
     if math.isfinite(value) and value == int(value) and abs(value) < 1e15:

@@ -50,6 +50,10 @@ class Settings:
     queue_slots: int = 0  # queued or running jobs per user; 0: unlimited
     ray: str | None = None  # Ray cluster address ("auto", "host:6379", "local"): scale out
     replicas: int = 1
+    checkpoints_limit: int = 1  # A1111's sd_checkpoints_limit: checkpoints kept loaded
+    checkpoints_keep_in_cpu: bool = True  # A1111's sd_checkpoints_keep_in_cpu
+    lora_backup_mb: int = 2048  # idle LoRA base-weight backups kept per model
+    lora_cache_mb: int = 2048  # parsed LoRA files kept in memory
     min_replicas: int = 0
     max_replicas: int = 0  # > 0: autoscale between min_replicas and max_replicas
     bounds: Bounds = field(default_factory=Bounds)
@@ -64,6 +68,10 @@ class Settings:
             raise ValueError("--replicas must be at least 1, --min/--max-replicas 0 or more")
         if self.max_replicas and self.min_replicas > self.max_replicas:
             raise ValueError("--min-replicas must not exceed --max-replicas")
+        if self.checkpoints_limit < 1:
+            raise ValueError("--checkpoints-limit must be at least 1")
+        if self.lora_backup_mb < 0 or self.lora_cache_mb < 0:
+            raise ValueError("--lora-backup-mb and --lora-cache-mb must be 0 or more")
         if self.bounds.max_steps < 1:
             raise ValueError("--max-steps must be at least 1")
         if self.bounds.max_size < self.bounds.min_size:
@@ -138,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-size", type=int, help="largest width or height a request may ask for (2048)")
     add("--rate-limit", type=int, help="generation requests per minute per user (0: no limit)")
     add("--queue-slots", type=int, help="queued or running jobs per user (0: no limit)")
+    add("--checkpoints-limit", type=int, help="checkpoints kept loaded at once (default 1)")
+    add("--lora-backup-mb", type=int, help="MB of idle LoRA weight backups per model (2048)")
+    add("--lora-cache-mb", type=int, help="MB of parsed LoRA files kept in memory (2048)")
     add("--ray", help="Ray cluster address (auto, host:6379, local): generate on replicas")
     add("--replicas", type=int, help="engine replicas with --ray (default 1)")
     add("--min-replicas", type=int, help="autoscaling lower bound with --ray")
@@ -209,3 +220,11 @@ def parse_settings(
     if max_pixels < 0 or settings.threads < 0 or not 0 < settings.port < 65536:
         parser.error("--max-pixels, --threads and --port must be positive")
     return settings
+
+
+def apply_threads(settings: Settings) -> None:
+    """Set torch's CPU threads from `--threads` (only entry points call this: a library
+    must not change process-wide state)."""
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)

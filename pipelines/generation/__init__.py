@@ -1,0 +1,1 @@
+"""The generation run: named steps and the denoising loop they drive."""

@@ -1,0 +1,92 @@
+"""The denoising loop, with the hooks later modes plug into.
+
+It does what a diffusers Stable Diffusion `__call__` does between "prepare latents" and
+"decode" (same operations in the same order, so images match plain diffusers bit for bit),
+and exposes the places other modes change: the UNet's input (inpainting models' extra
+channels), its conditioning per step (prompt editing), and the latents after each step
+(inpainting's mask blend).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+UNetInput = Callable[[torch.Tensor, int], torch.Tensor]
+"""(scaled model input [2B or B, 4, h, w], step index) -> the UNet's input."""
+Conditioning = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor] | None]]
+"""step index -> (encoder hidden states, added cond kwargs) for that step."""
+AfterStep = Callable[[torch.Tensor, int], torch.Tensor]
+"""(latents after the scheduler step, step index) -> latents to carry on with."""
+OnStep = Callable[[int, torch.Tensor], bool]
+"""(steps done, latents) -> True to stop the loop (interrupt or skip)."""
+
+
+@dataclass
+class DenoiseLoop:
+    """One batch's denoising, built by a generation run and called once.
+
+    `conditioning(i)` returns the (uncond, cond)-stacked hidden states when `guidance`
+    applies, else the cond ones alone. `extra_step_kwargs` follow diffusers: `eta` (0) and
+    the per-item generators, for the schedulers whose `step` accepts them.
+    """
+
+    unet: Any
+    scheduler: Any
+    conditioning: Conditioning
+    guidance_scale: float
+    generators: list[torch.Generator]
+    timestep_cond: torch.Tensor | None = None
+    unet_input: list[UNetInput] = field(default_factory=list)
+    after_step: list[AfterStep] = field(default_factory=list)
+
+    @property
+    def guided(self) -> bool:
+        """diffusers' `do_classifier_free_guidance`: CFG above 1 and no distilled guidance
+        embedding in the UNet."""
+        return self.guidance_scale > 1 and self.timestep_cond is None
+
+    def extra_step_kwargs(self) -> dict[str, Any]:
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra: dict[str, Any] = {}
+        if "eta" in accepted:
+            extra["eta"] = 0.0
+        if "generator" in accepted:
+            extra["generator"] = self.generators
+        return extra
+
+    def __call__(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, on_step: OnStep
+    ) -> torch.Tensor:
+        """Denoise `latents` [B, 4, h, w] over `timesteps`; stops early when `on_step`
+        says so (the latents reached so far are returned)."""
+        extra = self.extra_step_kwargs()
+        for index, timestep in enumerate(timesteps):
+            # [B, 4, h, w] -> [2B, 4, h, w]: uncond first, then cond (diffusers' order)
+            model_input = torch.cat([latents] * 2) if self.guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, timestep)
+            for hook in self.unet_input:
+                model_input = hook(model_input, index)
+            hidden_states, added = self.conditioning(index)
+            noise = self.unet(
+                model_input,
+                timestep,
+                encoder_hidden_states=hidden_states,
+                timestep_cond=self.timestep_cond,
+                cross_attention_kwargs=None,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+            if self.guided:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + self.guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(noise, timestep, latents, **extra, return_dict=False)[0]
+            for after in self.after_step:
+                latents = after(latents, index)
+            if on_step(index + 1, latents):
+                break
+        return latents

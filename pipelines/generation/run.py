@@ -1,0 +1,432 @@
+"""A generation run as named steps, read like a diffusers `__call__`:
+
+    check inputs -> apply adapters -> encode prompts -> (per batch) prepare latents ->
+    denoise -> decode -> post-process
+
+Each step is a method, so a new mode (img2img, inpainting, hires fix, a refiner switch,
+ControlNet) is a subclass that replaces or extends steps and adds hooks to the denoising
+loop, not an `if mode ==` in five places.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from pipelines import __version__
+from pipelines.devices import DevicePlan
+from pipelines.errors import UnusableFileError
+from pipelines.folders.loras import LoraEntry
+from pipelines.folders.registry import ModelFolders
+from pipelines.generation.denoise import DenoiseLoop
+from pipelines.infotext import format_infotext, format_lora_hashes
+from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
+from pipelines.preview import latents_to_images
+from pipelines.prompt import (
+    EncodedPrompt,
+    combine_stacks,
+    extract_lora_tags,
+    format_lora_tag,
+    pad_to_same_length,
+    strip_comments,
+)
+from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
+from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
+
+LARGE_DECODE_PIXELS = 1536 * 1536
+"""Above this many pixels the VAE decodes in tiles, so large images fit in memory."""
+
+
+class RunControl(Protocol):
+    """What a run reports to, and reads stop requests from (the job service's control)."""
+
+    @property
+    def interrupted(self) -> bool: ...
+
+    @property
+    def skipped(self) -> bool: ...
+
+    def batch(self, job_no: int, job_count: int, steps: int) -> None: ...
+
+    def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None: ...
+
+
+@dataclass
+class RunInputs:
+    """The request after step 1: checked, with prompt tags taken out and the stack built."""
+
+    request: GenerationRequest  # `loras` = the UI/API rows (tags stay in the prompt text)
+    sampler: SamplerChoice
+    prompt: str  # without comments and LoRA tags
+    negative_prompt: str
+    stack: tuple[LoraSpec, ...]  # rows, then prompt tags
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Adapters:
+    """What step 2 applied: names and short hashes for the infotext, and what the text
+    encoders now hold (part of the prompt cache's key)."""
+
+    applied: list[tuple[str, str | None]]
+    text_state: tuple[object, ...]
+    notes: list[str]
+
+
+@dataclass
+class Conditioning:
+    """Step 3's result: the prompt and negative prompt, padded to one length."""
+
+    positive: EncodedPrompt
+    negative: EncodedPrompt
+
+
+def check_request(request: GenerationRequest) -> RunInputs:
+    """Step 1 without a model: sampler, comments, tags and the stack (fast 4xx errors)."""
+    sampler = resolve_sampler(request.sampler_name, request.scheduler)
+    # A1111: comments go first; tags are read from the prompt only (in the negative
+    # prompt they are plain text).
+    prompt, tags = extract_lora_tags(strip_comments(request.prompt))
+    stack, notes = combine_stacks(request.loras, tags)
+    seed = request.seed if request.seed != -1 else random.randint(0, SEED_MAX)
+    rows = stack[: len(stack) - len(tags)]
+    return RunInputs(
+        replace(request, loras=rows, seed=seed),
+        sampler,
+        prompt,
+        strip_comments(request.negative_prompt),
+        stack,
+        seed,
+        notes,
+    )
+
+
+class Txt2ImgRun:
+    """txt2img on one loaded model.
+
+    Args:
+        model: the loaded checkpoint (with its adapter stack and prompt cache).
+        plan: device placement (device, dtype).
+        folders: the model folders, to resolve LoRA names.
+        control: progress reporting and stop requests.
+    Example:
+        >>> result = Txt2ImgRun(model, plan, folders, control)(request)  # doctest: +SKIP
+    """
+
+    job = "txt2img"
+
+    def __init__(
+        self, model: ActiveModel, plan: DevicePlan, folders: ModelFolders, control: RunControl
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.folders = folders
+        self.control = control
+
+    def __call__(self, request: GenerationRequest) -> GenerationResult:
+        # 1. check inputs
+        inputs = self.check_inputs(request)
+        # 2. apply adapters: the weights become base + this request's stack
+        adapters = self.apply_adapters(inputs)
+        # 3. encode prompts (cached: a new seed or sampler never re-runs the text encoders)
+        conditioning = self.encode_prompts(inputs, adapters)
+        images: list[Image.Image] = []
+        seeds: list[int] = []
+        count = inputs.request.batch_size
+        for iteration in range(inputs.request.n_iter):
+            if self.control.interrupted:
+                break
+            # seeds: seed, seed+1, ... across the whole job (A1111)
+            batch_seeds = [
+                (inputs.seed + iteration * count + i) % (SEED_MAX + 1) for i in range(count)
+            ]
+            scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
+            # 4. prepare latents
+            latents, generators = self.prepare_latents(inputs, batch_seeds, scheduler)
+            timesteps = self.timesteps(inputs, scheduler)
+            self.control.batch(iteration, inputs.request.n_iter, len(timesteps))
+            # 5. denoise
+            latents = self.denoise(inputs, conditioning, latents, generators, scheduler)
+            # 6. decode
+            pixels = self.decode(inputs, latents)
+            # 7. post-process
+            images.extend(self.post_process(pixels))
+            seeds.extend(batch_seeds)
+        return self.result(inputs, adapters, images, seeds)
+
+    # -- 1
+
+    def check_inputs(self, request: GenerationRequest) -> RunInputs:
+        return check_request(request)
+
+    # -- 2
+
+    def apply_adapters(self, inputs: RunInputs) -> Adapters:
+        """Make the model's weights exactly base + the stack (an empty stack restores the
+        base)."""
+        resolved: list[tuple[LoraEntry, float, float]] = []
+        for spec in inputs.stack:
+            entry = self.folders.resolve("lora", spec.name)
+            if entry.error:
+                raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
+            resolved.append((entry, spec.weight, spec.text_encoder_weight))
+        notes = self.model.adapters.apply(resolved)
+        applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
+        text_state = tuple(
+            (str(entry.path), entry.size, entry.mtime_ns, t)
+            for entry, _, t in resolved
+            if t and any(part.startswith("te") for part in entry.parts)
+        )
+        return Adapters(applied, text_state, notes)
+
+    # -- 3
+
+    def encode_prompts(self, inputs: RunInputs, adapters: Adapters) -> Conditioning:
+        """A1111 semantics (weights, BREAK, 75-token chunks, clip skip), padded alike."""
+        clip_skip = inputs.request.clip_skip
+        positive = self.encode(inputs.prompt, clip_skip, False, adapters.text_state)
+        negative = self.encode(inputs.negative_prompt, clip_skip, True, adapters.text_state)
+        positive, negative = pad_to_same_length(positive, negative, empty=self.model.empty_prompt)
+        return Conditioning(positive, negative)
+
+    def encode(
+        self, text: str, clip_skip: int, negative: bool, text_state: tuple[object, ...]
+    ) -> EncodedPrompt:
+        """One text's conditioning, from the model's small LRU cache when the same text was
+        encoded with the same text-encoder weights before."""
+        key = (text, clip_skip, negative, text_state)
+        cache = self.model.prompt_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        encoded = self.model.encoder.encode(
+            text,
+            clip_skip=clip_skip,
+            device=self.plan.device,
+            dtype=self.plan.dtype,
+            negative=negative,
+        )
+        cache[key] = encoded
+        while len(cache) > PROMPT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return encoded
+
+    # -- 4
+
+    def prepare_latents(
+        self, inputs: RunInputs, seeds: list[int], scheduler: Any
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial noise from per-item CPU generators, so a seed means the same image on
+        every device; scaled by the scheduler's initial sigma."""
+        pipe = self.model.pipe
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        request = inputs.request
+        channels = pipe.vae.config.latent_channels
+        # [B, C, H/8, W/8]
+        shape = (len(seeds), channels, request.height // factor, request.width // factor)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        noise = randn_tensor(shape, generator=generators, device=self.plan.device, dtype=self.dtype)
+        return noise * scheduler.init_noise_sigma, generators
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (
+            self.model.pipe.text_encoder.dtype if self.model.pipe.text_encoder else self.plan.dtype
+        )
+
+    def timesteps(self, inputs: RunInputs, scheduler: Any) -> torch.Tensor:
+        scheduler.set_timesteps(inputs.request.steps, device=self.plan.device)
+        return scheduler.timesteps
+
+    # -- 5
+
+    def denoise(
+        self,
+        inputs: RunInputs,
+        conditioning: Conditioning,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        scheduler: Any,
+    ) -> torch.Tensor:
+        loop = self.denoise_loop(inputs, conditioning, latents.shape[0], generators, scheduler)
+        family = self.model.family
+
+        def on_step(done: int, current: torch.Tensor) -> bool:
+            self.control.step(done, lambda: latents_to_images(current, family))
+            return self.control.interrupted or self.control.skipped
+
+        return loop(latents, scheduler.timesteps, on_step)
+
+    def denoise_loop(
+        self,
+        inputs: RunInputs,
+        conditioning: Conditioning,
+        count: int,
+        generators: list[torch.Generator],
+        scheduler: Any,
+    ) -> DenoiseLoop:
+        """The loop with this run's conditioning and hooks (subclasses add theirs)."""
+        pipe = self.model.pipe
+        guidance = inputs.request.cfg_scale
+        timestep_cond = None
+        if pipe.unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets
+            scale = torch.tensor(guidance - 1).repeat(count)
+            timestep_cond = pipe.get_guidance_scale_embedding(
+                scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
+            ).to(device=self.plan.device, dtype=self.dtype)
+        loop = DenoiseLoop(pipe.unet, scheduler, lambda i: (None, None), guidance, generators)
+        loop.timestep_cond = timestep_cond
+        hidden, added = self.unet_conditioning(inputs, conditioning, count, loop.guided)
+        loop.conditioning = lambda index: (hidden, added)
+        if self.model.architecture.is_inpainting:
+            loop.unet_input.append(self.blank_inpainting_input(inputs, count, loop.guided))
+        return loop
+
+    def unet_conditioning(
+        self, inputs: RunInputs, conditioning: Conditioning, count: int, guided: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Hidden states [2B or B, T, D] and, for SDXL, the pooled text and size ids."""
+        positive = conditioning.positive.embeds.expand(count, -1, -1)
+        negative = conditioning.negative.embeds.expand(count, -1, -1)
+        hidden = torch.cat([negative, positive]) if guided else positive
+        if self.model.family != "SDXL":
+            return hidden.to(self.plan.device), None
+        assert conditioning.positive.pooled is not None
+        assert conditioning.negative.pooled is not None
+        pooled = conditioning.positive.pooled.expand(count, -1)
+        negative_pooled = conditioning.negative.pooled.expand(count, -1)
+        text = torch.cat([negative_pooled, pooled]) if guided else pooled
+        request = inputs.request
+        # original size, crop top-left, target size (diffusers' SDXL defaults)
+        ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
+        ids = ids.to(hidden.dtype)
+        ids = torch.cat([ids, ids]) if guided else ids
+        added = {
+            "text_embeds": text.to(self.plan.device),
+            "time_ids": ids.to(self.plan.device).repeat(count, 1),
+        }
+        return hidden.to(self.plan.device), added
+
+    def blank_inpainting_input(
+        self, inputs: RunInputs, count: int, guided: bool
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """txt2img on an inpainting (9-channel) model, as A1111: everything masked and the
+        masked image blank (0 in the VAE's [-1, 1] range), encoded once with the latent
+        distribution's mean (deterministic; A1111 samples it, a difference far below one
+        grey level for a blank image)."""
+        pipe = self.model.pipe
+        request = inputs.request
+        vae = pipe.vae
+        blank = torch.zeros(1, 3, request.height, request.width, device=self.plan.device)
+        with torch.no_grad():
+            encoded = vae.encode(blank.to(vae.dtype)).latent_dist.mode()
+        masked = (encoded * vae.config.scaling_factor).to(self.dtype)  # [1, 4, h, w]
+        mask = torch.ones_like(masked[:, :1])  # [1, 1, h, w]
+        extra = torch.cat([mask, masked], dim=1).repeat(count * (2 if guided else 1), 1, 1, 1)
+
+        def add_channels(model_input: torch.Tensor, index: int) -> torch.Tensor:
+            # [2B, 4, h, w] -> [2B, 9, h, w]: latents, mask, masked-image latents
+            return torch.cat([model_input, extra.to(model_input)], dim=1)
+
+        return add_channels
+
+    # -- 6
+
+    def decode(self, inputs: RunInputs, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (the VAE upcast as diffusers does for SDXL)."""
+        vae = self.model.pipe.vae
+        request = inputs.request
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.to(torch.float32)
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        large = request.width * request.height > LARGE_DECODE_PIXELS
+        if large:
+            vae.enable_tiling()
+        try:
+            with torch.no_grad():
+                return vae.decode(latents, return_dict=False)[0]
+        finally:
+            if large:
+                vae.disable_tiling()
+            if upcast:
+                vae.to(dtype=torch.float16)
+
+    # -- 7
+
+    def post_process(self, pixels: torch.Tensor) -> list[Image.Image]:
+        """[-1, 1] tensors -> 8-bit PIL images (diffusers' image processor)."""
+        processor = self.model.pipe.image_processor
+        return list(
+            processor.postprocess(
+                pixels, output_type="pil", do_denormalize=[True] * pixels.shape[0]
+            )
+        )
+
+    def result(
+        self,
+        inputs: RunInputs,
+        adapters: Adapters,
+        images: list[Image.Image],
+        seeds: list[int],
+    ) -> GenerationResult:
+        """The result with one infotext per image."""
+        model = self.model
+        notes = [*inputs.notes, *model.notes, *adapters.notes]
+        if model.entry is not None and model.entry.sha256 is None:
+            notes.append("the checkpoint's hash is still being computed: no Model hash written")
+        infotexts = [self.infotext(inputs, adapters, seed) for seed in seeds]
+        return GenerationResult(
+            images=images,
+            seeds=seeds,
+            infotexts=infotexts,
+            request=inputs.request,
+            model_name=model.name,
+            model_hash=model.entry.short_hash if model.entry else None,
+            interrupted=self.control.interrupted,
+            notes=notes,
+        )
+
+    def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int) -> str:
+        """A1111 `parameters` text for one image; UI-stack LoRAs are written into the
+        prompt as tags so any A1111-compatible tool replays them."""
+        request = inputs.request
+        model = self.model
+        params: dict[str, object] = {
+            "Steps": request.steps,
+            "Sampler": inputs.sampler.sampler,
+            "Schedule type": inputs.sampler.label,
+            "CFG scale": request.cfg_scale,
+            "Seed": seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": model.entry.short_hash if model.entry else None,
+            "Model": model.name,
+            "Clip skip": request.clip_skip,
+        }
+        params.update(self.extra_infotext(inputs))
+        hashes = [(name, short) for name, short in adapters.applied if short]
+        if hashes:
+            params["Lora hashes"] = format_lora_hashes(hashes)
+        params["Version"] = f"lorastack {__version__}"
+        tags = " ".join(format_lora_tag(spec) for spec in request.loras)
+        prompt = f"{request.prompt} {tags}" if request.prompt and tags else request.prompt or tags
+        return format_infotext(prompt, request.negative_prompt, params)
+
+    def extra_infotext(self, inputs: RunInputs) -> dict[str, object]:
+        """Keys a mode adds after the common ones (img2img: Denoising strength, ...)."""
+        return {}

@@ -1,0 +1,204 @@
+"""The one typed service interface every front end uses, and the plain data that crosses it.
+
+The page, the A1111 API and the CLI are typed against `GenerationService` and touch nothing
+else of the core; the local engine, the Ray client and the ZeroGPU path are implementations
+of it. Only plain, picklable data types of `pipelines` cross it: requests, results, entries,
+snapshots (no registry, model, pipeline or torch object), so a service can live in another
+process or on another machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from pipelines.folders.checkpoints import CheckpointEntry
+from pipelines.folders.loras import LoraEntry
+from pipelines.schema import Bounds, GenerationRequest, GenerationResult
+
+DEMO_MODEL_NAME = "lorastack-demo-tiny"
+"""The built-in demo model's title (used when no checkpoint is listed)."""
+LOCAL_USER = "local"
+"""The user key of a caller with no identity (the CLI, tests, the operator)."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Where generation runs, with the reason for each choice, as words and values."""
+
+    device: str  # "cpu", "cuda", "cuda:1", "mps"
+    dtype: str  # "float16", "float32", ...
+    attention: str  # "sdpa" or "xformers"
+    attention_reason: str
+    memory_mode: str  # "full", "medvram" or "lowvram"
+    threads: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.device} {self.dtype}, attention {self.attention} "
+            f"({self.attention_reason}), memory {self.memory_mode}"
+        )
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """The checkpoint requests without one use, as clients see it.
+
+    `title` is the listed title (or the demo model's name); `loading` says it is being
+    loaded now (A1111 reports the one loading).
+    """
+
+    title: str
+    name: str  # infotext "Model:"
+    family: str | None
+    sha256: str | None = None
+    is_demo: bool = False
+    loading: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """One job's progress at one moment (or an idle snapshot when no job is given/known).
+
+    `fraction` and `eta_seconds` cover the whole job (all batches); `queue_position` is 0
+    for the running job, 1 for the next one, and None when the job is not waiting or
+    running; `estimated_wait` is the seconds until it starts, when the service can tell.
+    """
+
+    job_id: str = ""
+    kind: str = ""
+    state: str = "done"
+    job_no: int = 0
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    fraction: float = 0.0
+    eta_seconds: float = 0.0
+    interrupted: bool = False
+    skipped: bool = False
+    queue_position: int | None = None
+    estimated_wait: float | None = None
+    started: float = 0.0  # time.time() when it started running; 0 while queued
+    preview: tuple[Image.Image, ...] = field(default_factory=tuple)
+
+    @property
+    def active(self) -> bool:
+        return self.state == "running"
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job in the queue (or finished), for "my jobs" listings and queue displays."""
+
+    job_id: str
+    kind: str
+    state: str
+    user: str
+    label: str
+    queue_position: int | None
+    estimated_wait: float | None
+    submitted: float  # time.time()
+
+
+ProgressCallback = Callable[[ProgressSnapshot], None]
+
+
+class GenerationService(Protocol):
+    """What a front end may ask of lorastack.
+
+    Example:
+        >>> service = build_service(settings)  # doctest: +SKIP
+        >>> job = service.submit(GenerationRequest(prompt="a cat", steps=4))  # doctest: +SKIP
+        >>> service.result(job).seeds  # doctest: +SKIP
+        [2871344]
+    """
+
+    # -- the device and the limits requests are checked against
+
+    def device(self) -> DeviceInfo: ...
+
+    def bounds(self) -> Bounds: ...
+
+    def memory(self) -> dict[str, Any]:
+        """RAM and device memory in A1111's `memory` shape."""
+        ...
+
+    # -- generation: one queue for every front end, in arrival order
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> str:
+        """Validate `request` and queue it; returns the job id. Raises LorastackError
+        subclasses for bad requests, unknown names and refusals (queue full)."""
+        ...
+
+    def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
+        """Wait for a job and return its result (or raise its error)."""
+        ...
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        """`submit` then `result`."""
+        ...
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        """Stop a job after its current step (None: the running job); a queued job is
+        removed. True when there was such a job."""
+        ...
+
+    def skip(self, job_id: str | None = None) -> bool:
+        """End the current batch of a running job early and go on with the next."""
+        ...
+
+    def progress(self, job_id: str | None = None, *, preview: bool = False) -> ProgressSnapshot:
+        """A job's progress (None: the running job, else the last one that ran)."""
+        ...
+
+    def jobs(self, user: str | None = None) -> list[JobInfo]:
+        """Queued and running jobs (of `user`, or everyone's), in queue order."""
+        ...
+
+    # -- models
+
+    def checkpoints(self) -> list[CheckpointEntry]: ...
+
+    def loras(self) -> list[LoraEntry]: ...
+
+    def resolve_checkpoint(self, name: str) -> CheckpointEntry: ...
+
+    def resolve_lora(self, name: str) -> LoraEntry: ...
+
+    def current_model(self) -> ModelStatus | None:
+        """The checkpoint requests without one use (None before anything was chosen)."""
+        ...
+
+    def select_checkpoint(self, name: str | None, *, user: str = LOCAL_USER) -> ModelStatus:
+        """Make `name` the default checkpoint, loading it (through the queue); None: the
+        operator's start-up choice, else the first usable one, else the demo model."""
+        ...
+
+    def rescan(self) -> None:
+        """Rescan every model folder (hashing runs in the background)."""
+        ...

@@ -1,0 +1,310 @@
+"""`Service`: the GenerationService every front end talks to, over any runner.
+
+It lists and resolves model files (the folders registry), checks requests before any heavy
+work, queues them in one job service, and hands each job to a runner: the local `Engine`,
+the Ray client (`deployments.ray`) or the ZeroGPU wrapper (`deployments.zerogpu`). So the
+three implementations share every rule here and differ only in where a job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
+from pipelines.errors import BusyError, LorastackError
+from pipelines.folders.checkpoints import CheckpointEntry
+from pipelines.folders.hashing import HashCache
+from pipelines.folders.loras import LoraEntry
+from pipelines.folders.registry import ModelFolders, default_roots
+from pipelines.generation.run import RunControl, check_request
+from pipelines.interface import (
+    DEMO_MODEL_NAME,
+    LOCAL_USER,
+    DeviceInfo,
+    JobInfo,
+    ModelStatus,
+    ProgressCallback,
+    ProgressSnapshot,
+)
+from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
+from pipelines.limits import UserLimits
+from pipelines.schema import Bounds, GenerationRequest, GenerationResult
+from pipelines.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """Where jobs run: the local engine, Ray replicas, a ZeroGPU worker."""
+
+    workers: int
+
+    def device(self) -> DeviceInfo: ...
+
+    def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult: ...
+
+    def load(self, name: str | None) -> ModelStatus: ...
+
+    def loaded(self) -> ModelStatus | None: ...
+
+    def rescanned(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Generate:
+    request: GenerationRequest  # validated, seed chosen, checkpoint resolved
+    asked_checkpoint: str | None  # as the client named it (echoed in the result)
+
+
+@dataclass(frozen=True)
+class _Load:
+    name: str | None
+    title: str
+
+
+class Service:
+    """The GenerationService implementation (see `pipelines.interface`).
+
+    Args:
+        settings: launch settings (bounds, limits).
+        folders: the model folders (listings and name checks never wait for a job).
+        runner: where jobs run.
+        limits: per-user limits (default: from the settings).
+        max_queued: jobs queued or running at once for everybody.
+    Example:
+        >>> service = build_service(Settings())  # doctest: +SKIP
+        >>> service.generate(GenerationRequest(prompt="a cat", steps=4)).images[0].size
+        (512, 512)
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        folders: ModelFolders,
+        runner: Runner,
+        *,
+        limits: UserLimits | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        self.settings = settings
+        self.folders = folders
+        self.runner = runner
+        self.startup_checkpoint: str | None = None  # the operator's --ckpt, once resolved
+        self._device = runner.device()
+        default_pixels = CPU_MAX_PIXELS if self._device.device == "cpu" else GPU_MAX_PIXELS
+        self._bounds = replace(settings.bounds, max_pixels=settings.max_pixels or default_pixels)
+        limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
+        self._jobs = JobService(
+            self._execute, workers=runner.workers, limits=limits, max_queued=max_queued
+        )
+        self._lock = threading.Lock()
+        self._selected: ModelStatus | None = None
+        self._selected_key: str | None = None
+        self._loading: str | None = None
+
+    # -- device and limits
+
+    def device(self) -> DeviceInfo:
+        return self._device
+
+    def bounds(self) -> Bounds:
+        return self._bounds
+
+    def memory(self) -> dict[str, Any]:
+        return memory_report()
+
+    # -- generation
+
+    def submit(
+        self,
+        request: GenerationRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> str:
+        """Validate everything a client can get wrong (422/404/400) before queueing."""
+        request = request.validated(self._bounds)
+        inputs = check_request(request)
+        for spec in inputs.stack:
+            self.folders.resolve("lora", spec.name)
+        with self._lock:
+            loading = self._loading
+        if loading is not None:
+            raise BusyError(f"model {loading} is still loading", retry_after=10)
+        checkpoint = self._checkpoint_key(request.checkpoint)
+        work = _Generate(
+            replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
+        )
+        images = request.batch_size * request.n_iter
+        cost = images * request.steps * request.width * request.height / (1 << 20)
+        return self._jobs.submit(
+            work,
+            kind="txt2img",
+            user=user,
+            label=request.prompt[:80],
+            cost=cost,
+            on_progress=on_progress,
+            preview_every=preview_every,
+        )
+
+    def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
+        result: GenerationResult = self._jobs.result(job_id, timeout)
+        return result
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> GenerationResult:
+        job = self.submit(request, user=user, on_progress=on_progress, preview_every=preview_every)
+        return self.result(job)
+
+    def interrupt(self, job_id: str | None = None) -> bool:
+        return self._jobs.interrupt(job_id)
+
+    def skip(self, job_id: str | None = None) -> bool:
+        return self._jobs.skip(job_id)
+
+    def progress(self, job_id: str | None = None, *, preview: bool = False) -> ProgressSnapshot:
+        return self._jobs.snapshot(job_id, preview=preview)
+
+    def jobs(self, user: str | None = None) -> list[JobInfo]:
+        return self._jobs.jobs(user)
+
+    # -- models
+
+    def checkpoints(self) -> list[CheckpointEntry]:
+        return self.folders.entries("checkpoint")
+
+    def loras(self) -> list[LoraEntry]:
+        return self.folders.entries("lora")
+
+    def resolve_checkpoint(self, name: str) -> CheckpointEntry:
+        entry: CheckpointEntry = self.folders.resolve("checkpoint", name)
+        return entry
+
+    def resolve_lora(self, name: str) -> LoraEntry:
+        entry: LoraEntry = self.folders.resolve("lora", name)
+        return entry
+
+    def current_model(self) -> ModelStatus | None:
+        """The selected checkpoint; before any selection, the one a request without a
+        checkpoint would use (the operator's, else the first usable, else the demo)."""
+        with self._lock:
+            if self._loading is not None:
+                return ModelStatus(self._loading, self._loading, None, loading=True)
+            selected, key = self._selected, self._selected_key
+        if selected is not None and key is None:
+            return selected  # the demo model
+        key = key if selected is not None else self._checkpoint_key(None)
+        if key is None:
+            return ModelStatus(DEMO_MODEL_NAME, DEMO_MODEL_NAME, "SD1", is_demo=True)
+        try:
+            entry = self.resolve_checkpoint(key)  # the hash may have arrived since loading
+        except LorastackError:  # the file went away since: report what was loaded
+            return selected
+        notes = selected.notes if selected is not None else ()
+        return ModelStatus(
+            entry.title, entry.infotext_name, entry.family, entry.sha256, notes=notes
+        )
+
+    def select_checkpoint(self, name: str | None, *, user: str = LOCAL_USER) -> ModelStatus:
+        """Load `name` through the queue (after the jobs ahead of it) and make it the
+        default; its errors (unknown, unusable) are raised here."""
+        key = self._checkpoint_key(name)
+        title = self.resolve_checkpoint(key).title if key else DEMO_MODEL_NAME
+        job = self._jobs.submit(_Load(key, title), kind="load", user=user, label=title, cost=0)
+        status: ModelStatus = self._jobs.result(job)
+        return status
+
+    def preload(self, name: str | None) -> str:
+        """Start loading the start-up checkpoint in the background; returns the job id.
+        Generations asking for the default model meanwhile get "still loading" (503)."""
+        key = self._checkpoint_key(name)
+        title = self.resolve_checkpoint(key).title if key else DEMO_MODEL_NAME
+        with self._lock:
+            self._loading = title
+        try:
+            return self._jobs.submit(_Load(key, title), kind="load", user=LOCAL_USER, cost=0)
+        except BaseException:
+            with self._lock:
+                self._loading = None
+            raise
+
+    def rescan(self) -> None:
+        self.folders.scan()
+        self.folders.start_hashing()
+        self.runner.rescanned()
+
+    # -- internals
+
+    def _checkpoint_key(self, name: str | None) -> str | None:
+        """A request's checkpoint as the key the runner loads: the named one, else the
+        selected one, else the operator's start-up choice, else the first usable one;
+        None means the built-in demo model (nothing usable is listed)."""
+        if name is not None:
+            return self.resolve_checkpoint(name).key
+        with self._lock:
+            if self._selected_key is not None or self._selected is not None:
+                return self._selected_key
+        if self.startup_checkpoint is not None:
+            return self.resolve_checkpoint(self.startup_checkpoint).key
+        usable = [e for e in self.checkpoints() if not e.error]
+        return usable[0].key if usable else None
+
+    def _execute(self, work: object, control: JobControl) -> object:
+        if isinstance(work, _Generate):
+            result = self.runner.generate(work.request, control)
+            result.request = replace(result.request, checkpoint=work.asked_checkpoint)
+            return result
+        assert isinstance(work, _Load)
+        with self._lock:
+            self._loading = work.title
+        try:
+            status = self.runner.load(work.name)
+            with self._lock:
+                self._selected, self._selected_key = status, work.name
+            return status
+        finally:
+            with self._lock:
+                self._loading = None
+
+
+RunnerFactory = Callable[[Settings, ModelFolders], Runner]
+
+
+def build_folders(settings: Settings, hashes: HashCache | None = None) -> ModelFolders:
+    """The model folders of `settings`, scanned, with hashing started in the background."""
+    hashes = hashes or HashCache(settings.cache_dir / "hashes.json")
+    folders = ModelFolders(default_roots(settings.models_dirs, settings.loras_dirs), hashes)
+    folders.scan()
+    folders.start_hashing()
+    return folders
+
+
+def build_service(
+    settings: Settings,
+    runner: RunnerFactory | None = None,
+    *,
+    folders: ModelFolders | None = None,
+    limits: UserLimits | None = None,
+) -> Service:
+    """The usual wiring: folders (scanned, hashing in the background), a runner (the local
+    engine unless another factory is given), the service.
+
+    Example:
+        >>> service = build_service(parse_settings([]))  # doctest: +SKIP
+    """
+    from pipelines.engine import Engine
+
+    folders = folders or build_folders(settings)
+    made = runner(settings, folders) if runner is not None else Engine(settings, folders)
+    return Service(settings, folders, made, limits=limits)
