@@ -1,6 +1,7 @@
-"""lorastack: settings -> registry -> engine -> web UI -> launch. Nothing happens at import.
+"""lorastack: flags -> settings -> service -> front ends -> launch. Nothing happens at import.
 
-The UI is a thin client of `pipelines.engine.Engine`: it only builds GenerationRequests.
+The page and the A1111 API are thin clients of one `GenerationService`; which service that
+is (this process's engine, Ray replicas, ZeroGPU) is decided here and nowhere else.
 """
 
 from __future__ import annotations
@@ -8,13 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipelines.engine import Engine
+    from pipelines.service import Service
     from pipelines.settings import Settings
 
 log = logging.getLogger("lorastack")
@@ -27,78 +27,60 @@ def _quiet_environment() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags and environment, build the engine, load the model, serve."""
+    """Parse flags and environment, build the service, start loading the model, serve."""
     _quiet_environment()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from webui.zerogpu import prepare as prepare_zerogpu
+    from deployments.zerogpu import prepare as prepare_zerogpu
 
-    prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before anything starts CUDA
-    from pipelines.engine import build_engine
-    from pipelines.hub import resolve_startup_checkpoint
-    from pipelines.settings import parse_settings
+    zero_gpu = prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before CUDA starts
+    from deployments.hub import resolve_startup_checkpoint
+    from pipelines.service import build_folders, build_service
+    from pipelines.settings import apply_threads, parse_settings
 
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    apply_threads(settings)
     for folder in (*settings.models_dirs, *settings.loras_dirs, settings.outputs_dir):
         Path(folder).mkdir(parents=True, exist_ok=True)
-    engine = build_engine(settings) if settings.ray is None else _remote_engine(settings)
-    startup = resolve_startup_checkpoint(settings.ckpt, engine.checkpoints, settings.models_dirs[0])
-    engine.default_checkpoint = startup
-    has_checkpoint = startup or any(not e.error for e in engine.checkpoints.entries())
-    if has_checkpoint and settings.ray is None:
-        # A real checkpoint loads in the background while the page already serves;
-        # requests meanwhile wait for it or get "model still loading" (503).
-        threading.Thread(
-            target=_load_logged, args=(engine, startup), name="preload", daemon=True
-        ).start()
+    folders = build_folders(settings)
+    startup = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
+    if settings.ray is not None:
+        from deployments.ray.scaleout import ray_runner
+
+        service = build_service(settings, ray_runner, folders=folders)
+    elif zero_gpu:
+        from deployments.zerogpu import zero_gpu_runner
+
+        service = build_service(settings, zero_gpu_runner, folders=folders)
     else:
-        engine.load_checkpoint(startup)  # the demo model builds in about a second
+        service = build_service(settings, folders=folders)
+    service.startup_checkpoint = startup
+    # The start-up model loads through the queue while the page already serves; requests
+    # meanwhile get "model still loading" (503). Without a checkpoint the demo model
+    # builds in about a second.
+    service.preload(startup)
     from pipelines.watch import FolderWatcher
 
-    FolderWatcher([*settings.models_dirs, *settings.loras_dirs], engine.rescan).start()
-    serve(engine, settings)
+    FolderWatcher([*settings.models_dirs, *settings.loras_dirs], service.rescan).start()
+    serve(service, settings)
 
 
-def _load_logged(engine: Engine, name: str | None) -> None:
-    """Background start-up load: a failure is logged and the app keeps serving."""
-    try:
-        engine.load_checkpoint(name)
-        log.info("model: %s", engine.current_title())
-    except Exception:  # the page shows the error on the next request
-        log.exception("could not load the start-up checkpoint %s", name)
-
-
-def _remote_engine(settings: Settings) -> Engine:
-    """--ray: generation runs on Ray Serve replicas; only this path imports Ray."""
-    from pipelines.scaleout import ScaleOptions, connect
-
-    assert settings.ray is not None
-    options = ScaleOptions(
-        replicas=settings.replicas,
-        min_replicas=settings.min_replicas,
-        max_replicas=settings.max_replicas,
-    )
-    return connect(settings, settings.ray, options)  # type: ignore[return-value]
-
-
-def serve(engine: Engine, settings: Settings) -> None:
+def serve(service: Service, settings: Settings) -> None:
     """One server: the Gradio page at "/" and, with --api, the A1111 API at /sdapi/v1;
     --nowebui serves the API alone. --share needs Gradio's own launcher, so there the API
     is mounted into the app Gradio launched."""
     import uvicorn
 
-    from pipelines.limits import UserLimits
-    from webui.api import build_api, build_root, mount_api, parse_credentials
+    from frontends.api.routes import build_api, build_root, mount_api, parse_credentials
 
     auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
-    limits = UserLimits(settings.rate_limit, settings.queue_slots)  # page and API share them
     if settings.nowebui:
-        uvicorn.run(build_root(engine, settings, limits), host=settings.host, port=settings.port)
+        uvicorn.run(build_root(service, settings), host=settings.host, port=settings.port)
         return
     import gradio as gr
 
-    from webui.ui import build_ui
+    from frontends.page.ui import build_ui
 
-    page = build_ui(engine, limits=limits)
+    page = build_ui(service, settings)
     page.queue(default_concurrency_limit=1)
     allowed = [str(settings.outputs_dir)]
     if settings.share:
@@ -111,10 +93,10 @@ def serve(engine: Engine, settings: Settings) -> None:
             prevent_thread_lock=True,
         )
         if settings.api:
-            mount_api(page.app, build_api(engine, settings, limits))
+            mount_api(page.app, build_api(service, settings))
         page.block_thread()
         return
-    root = build_root(engine, settings, limits)
+    root = build_root(service, settings)
     gr.mount_gradio_app(root, page, path="/", auth=auth, allowed_paths=allowed)
     uvicorn.run(root, host=settings.host, port=settings.port)
 

@@ -22,10 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.engine import Engine  # noqa: E402
+from pipelines.folders.hashing import HashCache  # noqa: E402
+from pipelines.folders.registry import ModelFolders  # noqa: E402
 from pipelines.loading import CONFIGS_DIR, random_pipeline  # noqa: E402
-from pipelines.registry import CheckpointRegistry, HashCache  # noqa: E402
 from pipelines.samplers import make_scheduler, resolve_sampler  # noqa: E402
 from pipelines.schema import GenerationRequest  # noqa: E402
+from pipelines.service import Service  # noqa: E402
 from pipelines.settings import Settings  # noqa: E402
 
 
@@ -44,8 +46,10 @@ def case(name: str, yaml: Path, size: int, steps: int, runs: int, cache: Path) -
     loaded = random_pipeline(yaml, 0, cache)
     build_seconds = time.perf_counter() - built_at
     settings = Settings(data_dir=cache, ckpt_dirs=(cache / "none",))
-    engine = Engine(settings, CheckpointRegistry(settings.models_dirs, HashCache(None)))
+    folders = ModelFolders({}, HashCache(None))
+    engine = Engine(settings, folders)
     engine.use_pipeline(loaded, name)
+    service = Service(settings, folders, engine)
     request = GenerationRequest(
         prompt="a photo of a cat",
         seed=1,
@@ -68,7 +72,7 @@ def case(name: str, yaml: Path, size: int, steps: int, runs: int, cache: Path) -
             generator=torch.Generator().manual_seed(1),
         )
 
-    ours = timed(lambda: engine.generate(request), runs)
+    ours = timed(lambda: service.generate(request), runs)
     theirs = timed(plain, runs)
     return {
         "case": name,

@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.architecture import Architecture
-from pipelines.lora import LoraApplier, LoraFileCache
+from pipelines.lora.files import LoraFileCache
+from pipelines.lora.stack import AdapterStack
 
 
 def sd15_unet() -> torch.nn.Module:
@@ -50,7 +51,7 @@ def tiny_unet() -> torch.nn.Module:
 
 
 class _Pipe:
-    """Just enough of a pipeline for LoraApplier: the UNet alone."""
+    """Just enough of a pipeline for AdapterStack: the UNet alone."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
@@ -155,7 +156,7 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         paths, states = write_loras(unet, max(counts), rank, Path(folder))
         cache = LoraFileCache(8 << 30)
-        applier = LoraApplier(_Pipe(unet), Architecture.SD1, cache)
+        applier = AdapterStack(_Pipe(unet), Architecture.SD1, cache)
         seconds_per_step(unet, latent, 1)  # warm-up
         for count in counts:
             # base, merged and unmerged steps interleaved, so drift hits all three alike

@@ -89,21 +89,23 @@ def run_config(
 ) -> dict[str, object]:
     from ray import serve
 
-    from pipelines.scaleout import APP_NAME, ScaleOptions, connect
+    from deployments.ray.scaleout import APP_NAME, ScaleOptions, connect
+    from pipelines.service import build_service
 
     cores = os.cpu_count() or 1
     models, loras = root / "models", root / "loras"
     settings = Settings(data_dir=root, ckpt_dirs=(models,), lora_dirs=(loras,), threads=threads)
     options = ScaleOptions(replicas=replicas, num_cpus=cores / replicas, lora_aware=lora_aware)
-    engine = connect(settings, "local", options)
-    engine.load_checkpoint("tiny-sd1")
+    service = build_service(settings, lambda s, _: connect(s, "local", options))
+    service.select_checkpoint("tiny-sd1")
     for _ in range(replicas):  # every replica loaded before the clock starts
-        engine.generate(workload(1)[0])
-    engine.stats.requests = engine.stats.hits = 0
+        service.generate(workload(1)[0])
+    stats = service.runner.stats
+    stats.requests = stats.hits = 0
     requests = workload(count)
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(engine.generate, requests))
+        results = list(pool.map(service.generate, requests))
     seconds = time.perf_counter() - started
     serve.delete(APP_NAME)
     return {
@@ -114,8 +116,8 @@ def run_config(
         "requests": count,
         "seconds": seconds,
         "images_per_s": len(results) / seconds,
-        "hit_rate": engine.stats.hit_rate,
-        "merges": engine.stats.requests - engine.stats.hits,
+        "hit_rate": stats.hit_rate,
+        "merges": stats.requests - stats.hits,
     }
 
 

@@ -1,34 +1,42 @@
-"""The Gradio page: a thin client of the engine that only builds GenerationRequests.
+"""The Gradio page: a thin client of the generation service that builds GenerationRequests.
 
 Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), PNG Info, Add files,
-Settings. Per-user choices (checkpoint, stack, fields) are component values, so each browser
-session has its own; the shared UI state is `JobControl`, which knows whose job runs, and
-the per-user limits (shared with the API).
+Settings. Per-user choices (checkpoint, stack, fields, the running job's id) are component
+values or `gr.State`, so each browser session has its own; jobs, their order and the
+per-user limits belong to the service (shared with the API and the CLI).
 """
 
 from __future__ import annotations
 
 import inspect
+import queue
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gradio as gr
 
-from pipelines.engine import DEMO_MODEL_NAME
+from deployments.ingest import IngestPolicy
+from frontends.page.defaults import load_defaults, scheduler_label
+from frontends.page.files_tab import build_files_tab
+from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.stack import rows_from_value, specs_from_rows
+from frontends.page.tabs import build_pnginfo, build_settings
 from pipelines.errors import LorastackError
 from pipelines.infotext import write_png_with_infotext
-from pipelines.ingest import IngestPolicy
-from pipelines.limits import UserLimits, user_key
+from pipelines.interface import (
+    DEMO_MODEL_NAME,
+    GenerationService,
+    ProgressSnapshot,
+)
+from pipelines.limits import user_key
 from pipelines.output import save_png
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
-from pipelines.schema import GenerationResult, field_spec, request_from_dict
-from webui.defaults import load_defaults, scheduler_label
-from webui.files_tab import build_files_tab
-from webui.jobs import PREVIEW_EVERY, JobControl, StepUpdate
-from webui.lora_panel import QUICK, build_library, build_stack
-from webui.stack import rows_from_value, specs_from_rows
-from webui.tabs import build_pnginfo, build_settings
-from webui.zerogpu import stateless_gpu_call
+from pipelines.schema import GenerationRequest, GenerationResult, field_spec, request_from_dict
+from pipelines.settings import Settings
+
+PREVIEW_EVERY = 3
+"""Steps between two live previews."""
+FINAL_STATES = ("done", "failed", "cancelled")
 
 API_FIELDS = (
     "prompt",
@@ -75,48 +83,51 @@ document.addEventListener('keydown', (event) => {
 
 
 def build_ui(
-    engine: Any,
+    service: GenerationService,
+    settings: Settings,
     *,
     preview_every: int = PREVIEW_EVERY,
     refresh_seconds: float = 5.0,
-    limits: UserLimits | None = None,
     policy: IngestPolicy | None = None,
     env: Mapping[str, str] | None = None,
 ) -> gr.Blocks:
-    """The whole page. Events that only touch the page run outside the one-job queue.
+    """The whole page. Events that only touch the page run outside Gradio's queue; the
+    generation event is not limited by Gradio either: the service's job queue decides the
+    order of every front end's jobs.
 
     Args:
-        engine: the Engine (or a remote one with the same methods).
+        service: the generation service.
+        settings: launch settings (outputs folder, hidden paths, data folder).
         preview_every: steps between live previews.
         refresh_seconds: how often the LoRA list checks the folders.
-        limits: per-user limits, shared with the API (default: from the settings).
         policy: the rules for the Add files tab (default: from the settings).
-        env: the environment (os.environ by default): ZeroGPU, Space storage.
+        env: the environment (os.environ by default): Space storage.
     """
-    settings = engine.settings
-    limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
     policy = policy or IngestPolicy.from_settings(settings)
-    jobs = JobControl(engine, preview_every, gpu_generate=stateless_gpu_call(engine, env))
-    bounds = engine.bounds
-    defaults = load_defaults(engine.settings.data_dir, bounds)
+    bounds = service.bounds()
+    defaults = load_defaults(settings.data_dir, bounds)
+
+    def current_title() -> str | None:
+        model = service.current_model()
+        return model.title if model is not None else None
 
     def checkpoint_choices() -> list[str]:
-        titles = [e.title for e in engine.checkpoints.entries() if not e.error]
-        current = engine.current_title()
+        titles = [e.title for e in service.checkpoints() if not e.error]
+        current = current_title()
         if current and current not in titles:
             titles.insert(0, current)
         return titles
 
     def family_of(choice: str | None) -> str | None:
         """The architecture family of the session's checkpoint, when known."""
-        model = engine.model
+        model = service.current_model()
         if model is not None and (not choice or choice == model.title):
-            return model.architecture.family
+            return model.family
         try:
-            entry = engine.checkpoints.resolve(choice)
+            entry = service.resolve_checkpoint(choice or "")
         except LorastackError:
             return None
-        return entry.architecture.family if entry.architecture else None
+        return entry.family
 
     def slider(name: str, **extra: Any) -> gr.Slider:
         spec = field_spec(name, bounds)
@@ -148,8 +159,8 @@ def build_ui(
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
-        """Generate; stream progress and previews; save every image; return the gallery,
-        the first image's infotext and the seeds."""
+        """Submit the job; stream progress and previews; save every image; return the
+        gallery, the first image's infotext, the seeds and the job id (for Interrupt)."""
         given = {name: value for name, value in locals().items() if name in API_FIELDS}
         values = {}
         for name, value in given.items():
@@ -163,20 +174,19 @@ def build_ui(
                     "loras": specs_from_rows(rows_from_value(loras)),
                 }
             )
-            session = request.session_hash or "anonymous"
-            client = getattr(request, "client", None)
-            with limits.admit(user_key(request.username, getattr(client, "host", None))):
-                for item in jobs.run(session, generation, family_of(checkpoint)):
-                    if isinstance(item, StepUpdate):
-                        progress(item.fraction, desc=step_text(item))
-                        if item.preview:
-                            yield item.preview, gr.skip(), gr.skip(), gr.skip()
-                        continue
-                    if item is None:
-                        gr.Info("Interrupted before it started")
-                        yield [], "", [], []
-                        return
-                    yield finish(item)
+            for item in follow_job(service, generation, page_user(request), preview_every):
+                if isinstance(item, str):  # the job id, kept for Interrupt
+                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), item
+                elif isinstance(item, ProgressSnapshot):
+                    progress(item.fraction, desc=step_text(item))
+                    if item.preview:
+                        yield list(item.preview), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                elif item is None:
+                    gr.Info("Interrupted before it started")
+                    yield [], "", [], [], ""
+                    return
+                else:
+                    yield (*finish(item), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
@@ -186,7 +196,7 @@ def build_ui(
             result.images, result.seeds, result.infotexts, strict=True
         ):
             path = save_png(
-                engine.settings.outputs_dir, write_png_with_infotext(image, infotext), seed_used
+                settings.outputs_dir, write_png_with_infotext(image, infotext), seed_used
             )
             gallery.append((str(path), f"seed {seed_used}"))
         notes = list(result.notes)
@@ -200,7 +210,8 @@ def build_ui(
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
-        if engine.model is not None and engine.model.entry is None:
+        model = service.current_model()
+        if model is not None and model.is_demo:
             gr.Markdown(
                 "**Demo model:** no checkpoint was found, so the built-in tiny model with "
                 "random weights is running; its images are noise. Put a Stable Diffusion "
@@ -209,7 +220,7 @@ def build_ui(
         with gr.Row():
             checkpoint = gr.Dropdown(
                 checkpoint_choices(),
-                value=engine.current_title(),
+                value=current_title(),
                 label="Stable Diffusion checkpoint",
                 allow_custom_value=True,
                 elem_id="checkpoint",
@@ -241,56 +252,89 @@ def build_ui(
                             dice = gr.Button("Random seed (-1)", size="sm", elem_id="random_seed")
                             reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
-                    build_library(engine, panel, prompt, checkpoint, family_of, refresh_seconds)
+                    build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
             with gr.Tab("PNG Info", id="pnginfo"):
-                build_pnginfo(engine, controls, checkpoint, panel, tabs, notes)
+                build_pnginfo(service, controls, checkpoint, panel, tabs, notes)
             with gr.Tab("Add files", id="files"):
                 build_files_tab(
-                    engine,
+                    service,
                     policy,
                     checkpoint,
                     panel.library_version,
                     checkpoint_choices,
+                    hide_paths=settings.hide_paths,
                     env=None if env is None else dict(env),
                 )
             with gr.Tab("Settings", id="settings"):
-                build_settings(engine, page, controls)
+                build_settings(service, settings, page, controls)
 
         note_state = gr.State([])
+        job_state = gr.State("")  # this session's running job, for Interrupt
         inputs = [*(controls[name] for name in API_FIELDS), checkpoint, panel.stack]
         parameters = list(inspect.signature(txt2img).parameters)
         assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras"]
-        run.click(jobs_submitted(jobs), None, None, queue=False, api_visibility="private")
         generated = run.click(
-            txt2img, inputs, [gallery, info, seeds, note_state], api_name="txt2img"
+            txt2img,
+            inputs,
+            [gallery, info, seeds, note_state, job_state],
+            api_name="txt2img",
+            concurrency_limit=None,
         )
         generated.then(lambda found: "\n".join(f"ℹ {n}" for n in found), note_state, notes, **QUICK)
 
-        def interrupt(request: gr.Request) -> None:
-            gr.Info(jobs.interrupt(request.session_hash or "anonymous"))
+        def interrupt(job_id: str, request: gr.Request) -> None:
+            gr.Info(interrupt_jobs(service, job_id, page_user(request)))
 
-        stop.click(interrupt, None, None, queue=False, api_visibility="private")
+        stop.click(interrupt, job_state, None, queue=False, api_visibility="private")
         dice.click(lambda: -1, None, controls["seed"], **QUICK)
         reuse.click(lambda used: used[0] if used else gr.skip(), seeds, controls["seed"], **QUICK)
 
         def rescan_models() -> gr.Dropdown:
-            engine.rescan()
+            service.rescan()
             return gr.Dropdown(choices=checkpoint_choices())
 
         refresh_models.click(rescan_models, None, checkpoint, **QUICK)
     return page
 
 
-def jobs_submitted(jobs: JobControl) -> Any:
-    """Generate's companion event: mark the session's job as queued (Interrupt can drop it)."""
-
-    def mark(request: gr.Request) -> None:
-        jobs.submitted(request.session_hash or "anonymous")
-
-    return mark
+def page_user(request: gr.Request | None) -> str:
+    """Who a page request is, for per-user limits and "my jobs": the logged-in user when
+    Gradio checked a login, else the client address."""
+    client = getattr(request, "client", None)
+    return user_key(getattr(request, "username", None), getattr(client, "host", None))
 
 
-def step_text(update: StepUpdate) -> str:
+def follow_job(
+    service: GenerationService, request: GenerationRequest, user: str, preview_every: int
+) -> Iterator[str | ProgressSnapshot | GenerationResult | None]:
+    """Submit `request`; yield its job id, then progress snapshots, then the result (None
+    when it was taken out of the queue before it started)."""
+    updates: queue.Queue[ProgressSnapshot] = queue.Queue()
+    job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
+    yield job
+    while True:
+        snapshot = updates.get()
+        if snapshot.state in FINAL_STATES:
+            break
+        if snapshot.state == "running":
+            yield snapshot
+    if snapshot.state == "cancelled":
+        yield None
+        return
+    yield service.result(job)
+
+
+def interrupt_jobs(service: GenerationService, job_id: str, user: str) -> str:
+    """Interrupt this session's job; with none known (a new tab, or the tab that started
+    it was closed), the user's own queued and running jobs."""
+    if job_id and service.interrupt(job_id):
+        return "Interrupting after the current step"
+    mine = [info.job_id for info in service.jobs(user)]
+    stopped = sum(service.interrupt(job) for job in mine)
+    return f"Interrupting {stopped} job(s) of yours" if stopped else "Nothing of yours is running"
+
+
+def step_text(update: ProgressSnapshot) -> str:
     batch = f"batch {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
     return (
         f"{batch}step {update.sampling_step}/{update.sampling_steps}, ETA {update.eta_seconds:.0f}s"

@@ -1,7 +1,7 @@
 """The "Add files" tab: upload LoRAs (and checkpoints, when the admin allows it) or download
 them by reference, where nobody can copy files into a folder by hand (a Space).
 
-Every check lives in `pipelines.ingest`; this module only turns its results and refusals
+Every check lives in `deployments.ingest`; this module only turns its results and refusals
 into one line per file, rescans the listings after a success, and says when the files land
 on a disk that a restart wipes. With `--hide-paths` the lines name files, never host paths.
 """
@@ -14,9 +14,10 @@ from typing import Any
 
 import gradio as gr
 
+from deployments.ingest import IngestPolicy, Kind, PlacedFile, temporary_storage_warning
+from frontends.page.lora_panel import library_signature
 from pipelines.errors import LorastackError
-from pipelines.ingest import IngestPolicy, Kind, PlacedFile, temporary_storage_warning
-from webui.lora_panel import library_signature
+from pipelines.interface import GenerationService
 
 KIND_LABELS: dict[str, Kind] = {"LoRA": "lora", "Checkpoint": "checkpoint"}
 """Radio labels -> ingest kinds."""
@@ -71,7 +72,7 @@ def _reason(error: Exception) -> str:
 
 
 def add_uploads(
-    engine: Any,
+    service: GenerationService,
     policy: IngestPolicy,
     files: Iterable[str | Path] | None,
     kind_label: str | None,
@@ -96,12 +97,12 @@ def add_uploads(
         lines.append(placed_line(placed, hide_paths))
         added += 1
     if added:
-        engine.rescan()
+        service.rescan()
     return "\n".join(lines)
 
 
 def add_download(
-    engine: Any,
+    service: GenerationService,
     policy: IngestPolicy,
     reference: str,
     kind_label: str | None,
@@ -134,7 +135,7 @@ def add_download(
         )
     except (LorastackError, OSError) as error:
         return refused_line(text or "(nothing)", _reason(error))
-    engine.rescan()
+    service.rescan()
     return placed_line(placed, hide_paths)
 
 
@@ -155,16 +156,17 @@ def _folder_text(policy: IngestPolicy, kind: Kind, hide_paths: bool) -> str:
 
 
 def build_files_tab(
-    engine: Any,
+    service: GenerationService,
     policy: IngestPolicy,
     checkpoint: gr.Dropdown,
     library_version: gr.State,
     checkpoint_choices: Callable[[], list[str]],
     *,
+    hide_paths: bool = False,
     env: dict[str, str] | None = None,
 ) -> None:
     """The tab's components and events (inside a `gr.Tab`)."""
-    hide = bool(engine.settings.hide_paths)
+    hide = hide_paths
     labels = ["LoRA", "Checkpoint"] if policy.checkpoints else ["LoRA"]
     where = f"LoRAs go to {_folder_text(policy, 'lora', hide)}"
     if policy.checkpoints:
@@ -180,7 +182,7 @@ def build_files_tab(
         gr.Markdown(f"⚠️ **Temporary disk.** {note}", elem_id="files_storage_warning")
 
     def refreshed(summary: str) -> tuple[str, gr.Dropdown, str]:
-        return summary, gr.Dropdown(choices=checkpoint_choices()), library_signature(engine)
+        return summary, gr.Dropdown(choices=checkpoint_choices()), library_signature(service)
 
     with gr.Group():
         gr.Markdown("### Upload")
@@ -230,7 +232,7 @@ def build_files_tab(
     def on_upload(
         paths: list[str] | None, kind: str, overwrite: bool
     ) -> tuple[str, None, gr.Dropdown, str]:
-        summary = add_uploads(engine, policy, paths, kind, overwrite, hide_paths=hide)
+        summary = add_uploads(service, policy, paths, kind, overwrite, hide_paths=hide)
         text, models, version = refreshed(summary)
         return text, None, models, version
 
@@ -242,7 +244,7 @@ def build_files_tab(
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> tuple[str, gr.Dropdown, str]:
         summary = add_download(
-            engine, policy, text, kind, digest, overwrite, hide_paths=hide, progress=progress
+            service, policy, text, kind, digest, overwrite, hide_paths=hide, progress=progress
         )
         return refreshed(summary)
 

@@ -4,7 +4,7 @@ A stack is a JSON list of rows `{"name", "weight", "te_weight"}` (te_weight null
 weight). It is per session (a component value), travels with every request as `loras`, and
 is what the API's `loras` parameter accepts.
 
-The rule between stack rows and `<lora:...>` tags in the prompt is the engine's
+The rule between stack rows and `<lora:...>` tags in the prompt is the core's
 (`combine_stacks`): both apply; a LoRA named in both takes the tag's weight, and the page
 shows the note "the prompt tag's weight replaces the stack weight" before and after
 generating, so the two never disagree silently.
@@ -23,10 +23,9 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.engine import combine_stacks
 from pipelines.errors import InvalidRequestError, LorastackError
-from pipelines.lora_registry import LoraEntry
-from pipelines.prompt import extract_lora_tags
+from pipelines.folders.loras import LoraEntry
+from pipelines.prompt import combine_stacks, extract_lora_tags
 from pipelines.schema import LoraSpec
 
 Row = dict[str, Any]

@@ -7,17 +7,19 @@ from typing import Any
 
 import gradio as gr
 
+from frontends.page.defaults import DEFAULT_FIELDS, load_defaults, save_defaults, scheduler_label
+from frontends.page.lora_panel import QUICK, LoraPanel
+from frontends.page.recall import read_image_info, recall
 from pipelines.errors import LorastackError
 from pipelines.infotext import parse_infotext
+from pipelines.interface import GenerationService
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import field_spec
-from webui.defaults import DEFAULT_FIELDS, load_defaults, save_defaults, scheduler_label
-from webui.lora_panel import QUICK, LoraPanel
-from webui.recall import read_image_info, recall
+from pipelines.settings import Settings
 
 
 def build_pnginfo(
-    engine: Any,
+    service: GenerationService,
     controls: dict[str, gr.components.Component],
     checkpoint: gr.Dropdown,
     panel: LoraPanel,
@@ -57,7 +59,7 @@ def build_pnginfo(
             )
             return "", gr.JSON(visible=False), raw, note
         table = gr.JSON(value=parse_infotext(info.infotext).a1111_parameters(), visible=True)
-        found = recall(info.infotext, engine.loras, engine.checkpoints)
+        found = recall(info.infotext, service)
         return info.infotext, table, raw, "\n".join(f"⚠ {w}" for w in found.warnings)
 
     image.change(inspect, image, [text, parsed, other, warnings], **QUICK)
@@ -67,7 +69,7 @@ def build_pnginfo(
     def send_to_txt2img(infotext: str, version: int) -> list[Any]:
         if not infotext:
             raise gr.Error("No parameters to send: drop an image with A1111 parameters first")
-        found = recall(infotext, engine.loras, engine.checkpoints)
+        found = recall(infotext, service)
         fields = [found.values.get(name, gr.skip()) for name in names]
         warned = "\n".join(f"⚠ {w}" for w in found.warnings)
         return [
@@ -103,19 +105,20 @@ def is_admin(request: gr.Request | None) -> bool:
         return host == "localhost"
 
 
-def build_settings(engine: Any, page: gr.Blocks, controls: dict[str, Any]) -> None:
+def build_settings(
+    service: GenerationService, settings: Settings, page: gr.Blocks, controls: dict[str, Any]
+) -> None:
     """Server-wide defaults (settings.json, admin only) and the device facts, read-only."""
-    settings = engine.settings
+    device = service.device()
+    bounds = service.bounds()
     folder = "(hidden)" if settings.hide_paths else f"`{settings.outputs_dir}`"
     gr.Markdown(
-        f"**Device:** {engine.plan.describe()}  \n"
+        f"**Device:** {device.describe()}  \n"
         f"**Outputs:** {folder} — the page saves every image with its parameters.  \n"
         "Memory mode and the attention backend are launch flags (`--medvram`, "
         "`--lowvram`, `--xformers`); they are shown here read-only."
     )
-    gr.Textbox(
-        engine.plan.attention, label="Attention backend", interactive=False, elem_id="attention"
-    )
+    gr.Textbox(device.attention, label="Attention backend", interactive=False, elem_id="attention")
     gr.Markdown(
         "### Defaults for new pages\nKept in `settings.json` in the data folder; only the "
         "admin (a browser on the server itself) can save them."
@@ -123,7 +126,7 @@ def build_settings(engine: Any, page: gr.Blocks, controls: dict[str, Any]) -> No
     edits: dict[str, Any] = {}
     with gr.Row():
         for name in DEFAULT_FIELDS:
-            spec = field_spec(name, engine.bounds)
+            spec = field_spec(name, bounds)
             if name == "sampler_name":
                 edits[name] = gr.Dropdown(list(SAMPLER_NAMES), label=spec.label)
             elif name == "scheduler":
@@ -141,7 +144,7 @@ def build_settings(engine: Any, page: gr.Blocks, controls: dict[str, Any]) -> No
     names = list(DEFAULT_FIELDS)
 
     def current() -> list[Any]:
-        values = load_defaults(settings.data_dir, engine.bounds)
+        values = load_defaults(settings.data_dir, bounds)
         values["scheduler"] = scheduler_label(values["scheduler"])
         return [values[name] for name in names]
 
@@ -149,7 +152,7 @@ def build_settings(engine: Any, page: gr.Blocks, controls: dict[str, Any]) -> No
         if not is_admin(request):
             raise gr.Error("Only the admin (a browser on the server itself) can save defaults")
         try:
-            save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), engine.bounds)
+            save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), bounds)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         gr.Info("Saved: new pages start with these defaults")

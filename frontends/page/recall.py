@@ -15,16 +15,14 @@ from typing import Any
 
 from PIL import Image
 
-from pipelines.engine import DEMO_MODEL_NAME
+from frontends.page.defaults import scheduler_label
+from frontends.page.stack import strip_lora_tags
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
-from pipelines.lora_registry import LoraLibrary
+from pipelines.interface import DEMO_MODEL_NAME, GenerationService
 from pipelines.prompt import extract_lora_tags
-from pipelines.registry import CheckpointRegistry
 from pipelines.samplers import split_combined_name
 from pipelines.schema import field_spec
-from webui.defaults import scheduler_label
-from webui.stack import strip_lora_tags
 
 RECALLED: dict[str, str] = {
     "Steps": "steps",
@@ -73,7 +71,7 @@ def read_image_info(data: bytes | str | Path) -> ImageInfo:
     return ImageInfo(infotext, other)
 
 
-def recall(text: str, loras: LoraLibrary, checkpoints: CheckpointRegistry) -> Recall:
+def recall(text: str, service: GenerationService) -> Recall:
     """Page values for `text` (an A1111 infotext), with warnings for what is not here."""
     parsed = parse_infotext(text)
     result = Recall()
@@ -86,10 +84,10 @@ def recall(text: str, loras: LoraLibrary, checkpoints: CheckpointRegistry) -> Re
     result.values["negative_prompt"] = parsed.negative_prompt
     _recall_numbers(parsed, result)
     for spec in tags:
-        name = _local_lora(spec.name, parsed, loras, result.warnings)
+        name = _local_lora(spec.name, parsed, service, result.warnings)
         if name is not None:
             result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
-    result.checkpoint = _local_checkpoint(parsed, checkpoints, result.warnings)
+    result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
     return result
 
 
@@ -115,16 +113,16 @@ def _recall_numbers(parsed: ParsedInfotext, result: Recall) -> None:
 
 
 def _local_lora(
-    name: str, parsed: ParsedInfotext, loras: LoraLibrary, warnings: list[str]
+    name: str, parsed: ParsedInfotext, service: GenerationService, warnings: list[str]
 ) -> str | None:
     """The listed LoRA a tag means: by name, else by its `Lora hashes` hash."""
     try:
-        return loras.resolve(name).name
+        return service.resolve_lora(name).name
     except LorastackError as error:
         reason = error.message
     wanted = parsed.lora_hashes.get(name.replace(":", "").replace(",", ""))
     if wanted:
-        found = [e for e in loras.entries() if e.short_hash and e.short_hash == wanted.lower()]
+        found = [e for e in service.loras() if e.short_hash and e.short_hash == wanted.lower()]
         if len(found) == 1:
             warnings.append(f"LoRA '{name}' is here as '{found[0].name}' (same hash {wanted})")
             return found[0].name
@@ -134,7 +132,7 @@ def _local_lora(
 
 
 def _local_checkpoint(
-    parsed: ParsedInfotext, checkpoints: CheckpointRegistry, warnings: list[str]
+    parsed: ParsedInfotext, service: GenerationService, warnings: list[str]
 ) -> str | None:
     """The listed checkpoint the infotext names: by `Model hash`, else by `Model`."""
     model_hash = parsed.params.get("Model hash", "").lower()
@@ -142,12 +140,12 @@ def _local_checkpoint(
     if model == DEMO_MODEL_NAME and not model_hash:
         return None  # made by the built-in demo model, which is always here
     if model_hash:
-        found = [e for e in checkpoints.entries() if e.short_hash == model_hash]
+        found = [e for e in service.checkpoints() if e.short_hash == model_hash]
         if found:
             return found[0].title
     if model:
         try:
-            return checkpoints.resolve(model).title
+            return service.resolve_checkpoint(model).title
         except LorastackError:
             pass
     if model or model_hash:

@@ -8,8 +8,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.errors import LorastackError
-from webui.stack import (
+from frontends.page.stack import (
     WEIGHT_MAX,
     WEIGHT_MIN,
     WEIGHT_STEP,
@@ -25,6 +24,8 @@ from webui.stack import (
     set_row,
     trigger_text,
 )
+from pipelines.errors import LorastackError
+from pipelines.interface import GenerationService
 
 QUICK: dict[str, Any] = {
     "concurrency_limit": None,
@@ -45,10 +46,10 @@ class LoraPanel:
     library_version: gr.State  # the listing's signature (re-renders the cards)
 
 
-def library_signature(engine: Any) -> str:
+def library_signature(service: GenerationService) -> str:
     """Changes whenever a LoRA appears, disappears, changes, or gets its hash."""
     digest = hashlib.sha256()
-    for entry in engine.loras.entries():
+    for entry in service.loras():
         digest.update(f"{entry.name}|{entry.mtime_ns}|{entry.error}|{entry.lora_hash}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -142,7 +143,7 @@ def _stack_row(row: dict[str, Any], stack: gr.JSON, rows_version: gr.State) -> N
 
 
 def build_library(
-    engine: Any,
+    service: GenerationService,
     panel: LoraPanel,
     prompt: gr.Textbox,
     checkpoint: gr.Dropdown,
@@ -164,7 +165,7 @@ def build_library(
     @gr.render(inputs=[search, kind, checkpoint, panel.library_version])
     def cards(query: str, wanted: str, choice: str | None, _version: str) -> None:
         family = family_of(choice)
-        everything = engine.loras.entries()
+        everything = service.loras()
         shown = [e for e in everything if matches(e, query, wanted, family)]
         gr.Markdown(
             f"{len(shown)} of {len(everything)} LoRAs"
@@ -181,14 +182,14 @@ def build_library(
                         add = gr.Button("Add", size="sm", interactive=reason is None)
                         words = trigger_text(entry)
                         insert = gr.Button("Triggers", size="sm", visible=bool(words))
-                _card_events(engine, entry.name, words, add, insert, panel, prompt)
+                _card_events(service, entry.name, words, add, insert, panel, prompt)
 
     def rescan() -> str:
-        engine.rescan()
-        return library_signature(engine)
+        service.rescan()
+        return library_signature(service)
 
     def poll(version: str) -> Any:
-        signature = library_signature(engine)
+        signature = library_signature(service)
         return gr.skip() if signature == version else signature
 
     refresh.click(rescan, None, panel.library_version, **QUICK)
@@ -197,7 +198,7 @@ def build_library(
 
 
 def _card_events(
-    engine: Any,
+    service: GenerationService,
     name: str,
     words: str,
     add: gr.Button,
@@ -207,7 +208,7 @@ def _card_events(
 ) -> None:
     def add_to_stack(rows: Any, version: int) -> tuple[list, int]:
         try:
-            entry = engine.loras.resolve(name)
+            entry = service.resolve_lora(name)
         except LorastackError as error:
             raise friendly(error) from error
         return add_row(rows_from_value(rows), entry), version + 1

@@ -6,7 +6,8 @@ and `spaces` need not be installed at all, so this module imports it only when Z
 on. `spaces` must be imported before anything initialises CUDA (it refuses otherwise), so
 `main()` calls `prepare()` first. The decorated function runs in a forked worker: its
 arguments and result must pickle, and weights changed there do not come back, hence
-`Engine.generate(..., stateless=True)` inside it.
+`Engine.generate(..., stateless=True)` inside it. `ZeroGpuRunner` is the service's runner
+there: the local engine, with each generation under `spaces.GPU`.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.schema import GenerationRequest
+
+if TYPE_CHECKING:  # `prepare` must run before anything imports torch's CUDA side
+    from pipelines.engine import Engine
+    from pipelines.folders.registry import ModelFolders
+    from pipelines.generation.run import RunControl
+    from pipelines.interface import DeviceInfo, ModelStatus
+    from pipelines.schema import GenerationResult
+    from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +114,55 @@ def gpu_wrapper(
     return spaces.GPU(duration=duration)(function)  # type: ignore[no-any-return]
 
 
-def stateless_gpu_call(
-    engine: Any, env: Mapping[str, str] | None = None
-) -> Callable[[GenerationRequest], Any] | None:
-    """On ZeroGPU, the page's generate call: `engine.generate(request, stateless=True)`
-    under `gpu_wrapper` (the engine takes its lock inside, so none is held when the
-    wrapper is called). None elsewhere: the page then calls the engine as usual."""
-    if not zero_gpu_active(env):
-        return None
+class _Unobserved:
+    """Run control for a call in ZeroGPU's forked worker: its steps cannot be reported back
+    to this process, and it is never stopped (Interrupt still drops queued jobs)."""
 
-    def generate(request: GenerationRequest) -> Any:
-        return engine.generate(request, stateless=True)
+    interrupted = False
+    skipped = False
 
-    return gpu_wrapper(generate, env=env)
+    def batch(self, job_no: int, job_count: int, steps: int) -> None:
+        """Nothing to report across the fork."""
+
+    def step(self, step: int, preview: Any = None) -> None:
+        """Nothing to report across the fork."""
+
+
+class ZeroGpuRunner:
+    """The local engine with every generation under `spaces.GPU` (a `Runner`).
+
+    Args:
+        engine: the local engine (its pipeline stays in this process between calls).
+        env: the environment (os.environ by default).
+    """
+
+    workers = 1
+
+    def __init__(self, engine: Engine, env: Mapping[str, str] | None = None) -> None:
+        self.engine = engine
+        self._gpu_generate = gpu_wrapper(self._stateless, env=env)
+
+    def _stateless(self, request: GenerationRequest) -> GenerationResult:
+        return self.engine.generate(request, _Unobserved(), stateless=True)
+
+    def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
+        return self._gpu_generate(request)
+
+    def device(self) -> DeviceInfo:
+        return self.engine.device()
+
+    def load(self, name: str | None) -> ModelStatus:
+        return self.engine.load(name)
+
+    def loaded(self) -> ModelStatus | None:
+        return self.engine.loaded()
+
+    def rescanned(self) -> None:
+        self.engine.rescanned()
+
+
+def zero_gpu_runner(settings: Settings, folders: ModelFolders) -> ZeroGpuRunner:
+    """The runner factory `build_service` takes on a ZeroGPU Space."""
+    from pipelines.engine import Engine
+
+    return ZeroGpuRunner(Engine(settings, folders))

@@ -1,10 +1,11 @@
 """The A1111-compatible HTTP API under `/sdapi/v1`: routes, auth, errors, serving.
 
-A thin client of the engine: every JSON rule lives in `pipelines.a1111`. The API is its
-own FastAPI app, mounted at `/sdapi/v1` on a root app that also mounts the Gradio page
-(or serves the API alone with `--nowebui`), so its auth, CORS and error handlers cover
-exactly the API routes. Generation runs in a worker thread (sync work via
-`run_in_threadpool`), so `progress`, `interrupt` and `skip` answer while it runs.
+A thin client of the generation service: every JSON rule lives in `frontends.api.a1111`.
+The API is its own FastAPI app, mounted at `/sdapi/v1` on a root app that also mounts the
+Gradio page (or serves the API alone with `--nowebui`), so its auth, CORS and error
+handlers cover exactly the API routes. Generation waits in a worker thread (sync work via
+`run_in_threadpool`) for its job in the service's queue, so `progress`, `interrupt` and
+`skip` answer while it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import base64
 import json
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,18 +26,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
-from pipelines import a1111
+from frontends.api import a1111
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError
 from pipelines.infotext import write_png_with_infotext
-from pipelines.limits import UserLimits, user_key
+from pipelines.interface import GenerationService
+from pipelines.limits import user_key
 from pipelines.output import save_png
 from pipelines.samplers import list_samplers, list_schedulers
+from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/sdapi/v1"
-MAX_WAITING_JOBS = 8
-"""API generations admitted at once (running + waiting); more get 503 + Retry-After."""
 
 
 def parse_credentials(text: str | None) -> list[tuple[str, str]]:
@@ -101,14 +101,12 @@ async def _json_body(request: Request) -> Any:
 
 
 class A1111Api:
-    """Route handlers over one engine, with the options A1111 keeps between requests."""
+    """Route handlers over one service, with the options A1111 keeps between requests."""
 
-    def __init__(self, engine: Any, settings: Any, limits: UserLimits | None = None) -> None:
-        self.engine = engine
+    def __init__(self, service: GenerationService, settings: Settings) -> None:
+        self.service = service
         self.settings = settings
-        self.limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
         self.options = a1111.ApiOptions()
-        self._slots = threading.BoundedSemaphore(MAX_WAITING_JOBS)
 
     # -- generation
 
@@ -117,20 +115,11 @@ class A1111Api:
         call = a1111.parse_txt2img(body, self.options)
         if call.ignored:
             log.info("txt2img: ignored A1111 fields: %s", ", ".join(call.ignored))
-        with self.limits.admit(user):
-            return self._txt2img(call)
-
-    def _txt2img(self, call: Any) -> dict[str, Any]:
-        if not self._slots.acquire(blocking=False):
-            raise BusyError("too many generations are queued; retry later", retry_after=10)
-        try:
-            before = self.engine.model
-            started = time.time()
-            result = self.engine.generate(call.request)
-            if call.request.checkpoint and call.restore_checkpoint:
-                self._restore(before)
-        finally:
-            self._slots.release()
+        started = time.time()
+        result = self.service.generate(call.request, user=user)
+        if call.request.checkpoint and not call.restore_checkpoint:
+            # override_settings_restore_afterwards false: the override stays selected
+            self.service.select_checkpoint(call.request.checkpoint, user=user)
         pngs = []
         for image, seed, infotext in zip(
             result.images, result.seeds, result.infotexts, strict=True
@@ -141,23 +130,21 @@ class A1111Api:
             pngs.append(png)
         return a1111.txt2img_response(call, result, pngs, started)
 
-    def _restore(self, before: Any) -> None:
-        """override_settings_restore_afterwards: reload the model that was there before
-        (A1111 does the same); the built-in demo model has no file to reload."""
-        if before is not None and before.entry is not None and self.engine.model is not before:
-            self.engine.load_checkpoint(before.entry.relpath)
-
     # -- options
 
     def get_options(self) -> dict[str, Any]:
-        model = self.engine.model
-        sha = model.entry.sha256 if model is not None and model.entry is not None else None
-        return a1111.current_options(self.engine.current_title(), sha, self.options)
+        model = self.service.current_model()
+        title = model.title if model is not None else None
+        sha = model.sha256 if model is not None else None
+        return a1111.current_options(title, sha, self.options)
 
-    def set_options(self, body: Any) -> dict[str, Any]:
+    def set_options(self, body: Any, user: str) -> dict[str, Any]:
         change = a1111.parse_options(body)
-        if change.checkpoint is not None and change.checkpoint != self.engine.current_title():
-            self.engine.load_checkpoint(change.checkpoint)
+        current = self.service.current_model()
+        if change.checkpoint is not None and (
+            current is None or change.checkpoint != current.title
+        ):
+            self.service.select_checkpoint(change.checkpoint, user=user)
         if change.clip_skip is not None:
             self.options.clip_skip = change.clip_skip
         return {**self.get_options(), "ignored": change.ignored}
@@ -168,41 +155,43 @@ class A1111Api:
         hide = self.settings.hide_paths
         items = [
             a1111.sd_model_item(entry, hide)
-            for entry in self.engine.checkpoints.entries()
+            for entry in self.service.checkpoints()
             if not entry.error
         ]
-        model = self.engine.model
-        if model is not None and model.entry is None:  # the built-in demo model
+        model = self.service.current_model()
+        if model is not None and model.is_demo:  # the built-in demo model
             demo = {"title": model.title, "model_name": model.name, "hash": None}
             items.insert(0, {**demo, "sha256": None, "filename": "", "config": None})
         return items
 
     def loras(self) -> list[dict[str, Any]]:
         hide = self.settings.hide_paths
-        return [a1111.lora_item(entry, hide) for entry in self.engine.loras.entries()]
+        return [a1111.lora_item(entry, hide) for entry in self.service.loras()]
 
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
-        state = self.engine.progress
-        image = None
-        if not skip_current_image and state.active:
-            model = self.engine.model
-            family = model.architecture.family if model is not None else None
-            image = a1111.preview_png(state.latents, family)
-        return a1111.progress_response(state, image)
+        snapshot = self.service.progress(preview=not skip_current_image)
+        image = a1111.preview_png(snapshot.preview[0]) if snapshot.preview else None
+        return a1111.progress_response(snapshot, image)
 
 
-def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> FastAPI:
+def _user(request: Request, checked: bool) -> str:
+    """The key limits count under: the login only when the auth middleware checked it,
+    else the client address."""
+    given = _basic_credentials(request.headers.get("authorization")) if checked else None
+    return user_key(given[0] if given else None, request.client.host if request.client else None)
+
+
+def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     """The `/sdapi/v1` app (routes relative to the mount point).
 
     Args:
-        engine: the Engine (generate, progress, checkpoints, loras, load_checkpoint).
-        settings: launch settings (api_auth, hide_paths, outputs_dir, rate_limit, ...).
-        limits: per-user limits shared with the page (default: from the settings); the
-            user is the `--api-auth` login, else the client address.
+        service: the generation service (its per-user limits count the `--api-auth`
+            login, else the client address).
+        settings: launch settings (api_auth, hide_paths, outputs_dir, ...).
     Returns:
         A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
     """
-    api = A1111Api(engine, settings, limits)
+    api = A1111Api(service, settings)
     app = FastAPI(title="lorastack A1111-compatible API", version=a1111.VERSION)
     credentials = parse_credentials(settings.api_auth) if settings.api_auth else None
 
@@ -238,10 +227,7 @@ def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> F
     # 3. routes
     @app.post("/txt2img")
     async def txt2img(request: Request) -> Any:
-        # The login counts only when the auth middleware checked it; else the address.
-        given = _basic_credentials(request.headers.get("authorization")) if credentials else None
-        name = given[0] if given else None
-        user = user_key(name, request.client.host if request.client else None)
+        user = _user(request, bool(credentials))
         return await run_in_threadpool(api.txt2img, await _json_body(request), user)
 
     @app.get("/options")
@@ -250,7 +236,8 @@ def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> F
 
     @app.post("/options")
     async def set_options(request: Request) -> Any:
-        return await run_in_threadpool(api.set_options, await _json_body(request))
+        user = _user(request, bool(credentials))
+        return await run_in_threadpool(api.set_options, await _json_body(request), user)
 
     @app.get("/progress")
     def progress(skip_current_image: bool = False) -> Any:
@@ -258,12 +245,12 @@ def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> F
 
     @app.post("/interrupt")
     def interrupt() -> Any:
-        engine.interrupt()
+        service.interrupt()
         return {}
 
     @app.post("/skip")
     def skip() -> Any:
-        engine.skip()
+        service.skip()
         return None
 
     @app.post("/png-info")
@@ -272,19 +259,19 @@ def build_api(engine: Any, settings: Any, limits: UserLimits | None = None) -> F
 
     app.get("/sd-models")(api.sd_models)
     # Both rescan both folders (cheap: unchanged files keep their facts and hashes).
-    app.post("/refresh-checkpoints")(lambda: engine.rescan())
+    app.post("/refresh-checkpoints")(lambda: service.rescan())
     app.get("/loras")(api.loras)
-    app.post("/refresh-loras")(lambda: engine.rescan())
+    app.post("/refresh-loras")(lambda: service.rescan())
     app.get("/samplers")(list_samplers)
     app.get("/schedulers")(list_schedulers)
     app.get("/cmd-flags")(lambda: a1111.cmd_flags(settings))
-    app.get("/memory")(a1111.memory_info)
+    app.get("/memory")(service.memory)
     for path, shape in a1111.NEUTRAL_PROBES.items():
         app.get(f"/{path}")(lambda shape=shape: shape)
     return app
 
 
-def build_root(engine: Any, settings: Any, limits: UserLimits | None = None) -> FastAPI:
+def build_root(service: GenerationService, settings: Settings) -> FastAPI:
     """The server's root app: CORS (`--cors-allow-origins`), and the API when enabled.
     The Gradio page is mounted on it at "/" by the caller unless `--nowebui`."""
     root = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
@@ -298,7 +285,7 @@ def build_root(engine: Any, settings: Any, limits: UserLimits | None = None) -> 
             allow_credentials=True,
         )
     if settings.api or settings.nowebui:
-        mount_api(root, build_api(engine, settings, limits))
+        mount_api(root, build_api(service, settings))
     return root
 
 

@@ -1,0 +1,1 @@
+"""Scale-out on Ray Serve: engine replicas behind a LoRA-aware router."""

@@ -1,0 +1,1 @@
+"""The A1111-compatible HTTP API under /sdapi/v1."""

@@ -1,0 +1,554 @@
+"""Pure translation between AUTOMATIC1111's API JSON and lorastack's request and result.
+
+The HTTP layer (`frontends/api/routes.py`) only moves bytes; every A1111 field name, default and
+response shape lives here, so the rules can be tested without a server. Names and
+defaults follow A1111 v1.10's `modules/api/models.py` (built from
+`StableDiffusionProcessingTxt2Img`), whose txt2img route fills `sampler_name` from
+`sampler_index` ("Euler") when it is null and echoes the request back as `parameters`.
+
+Stricter than A1111 on purpose: wrong types and out-of-range values are 422 errors naming
+the field instead of 500s, and A1111 fields we do not implement are accepted and listed in
+`info["ignored"]` instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from pipelines import __version__
+from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.infotext import parse_infotext, read_infotext
+from pipelines.interface import ProgressSnapshot
+from pipelines.safeload import is_file_quietly, printable_name
+from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
+from pipelines.schema import GenerationRequest, GenerationResult
+
+VERSION = f"lorastack {__version__}"
+
+TXT2IMG_DEFAULTS: dict[str, Any] = {
+    "prompt": "",
+    "negative_prompt": "",
+    "styles": None,
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": None,
+    "scheduler": None,
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 50,
+    "cfg_scale": 7.0,
+    "width": 512,
+    "height": 512,
+    "restore_faces": None,
+    "tiling": None,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "denoising_strength": 0.75,
+    "s_min_uncond": None,
+    "s_churn": None,
+    "s_tmax": None,
+    "s_tmin": None,
+    "s_noise": None,
+    "override_settings": None,
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None,
+    "refiner_switch_at": None,
+    "disable_extra_networks": False,
+    "firstpass_image": None,
+    "comments": None,
+    "enable_hr": False,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2.0,
+    "hr_upscaler": None,
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": None,
+    "hr_sampler_name": None,
+    "hr_scheduler": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "force_task_id": None,
+    "sampler_index": API_DEFAULT_SAMPLER,
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+    "infotext": None,
+}
+"""A1111 v1.10 `StableDiffusionProcessingTxt2Img` API fields and their defaults."""
+
+_USED = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "seed",
+        "sampler_name",
+        "scheduler",
+        "sampler_index",
+        "batch_size",
+        "n_iter",
+        "steps",
+        "cfg_scale",
+        "width",
+        "height",
+        "denoising_strength",
+        "override_settings",
+        "override_settings_restore_afterwards",
+        "send_images",
+        "save_images",
+        # Bookkeeping A1111 itself derives from save_images / ignores in the API.
+        "do_not_save_samples",
+        "do_not_save_grid",
+        "force_task_id",
+    }
+)
+
+OPTION_CHECKPOINT = "sd_model_checkpoint"
+OPTION_CLIP_SKIP = "CLIP_stop_at_last_layers"
+CLIP_SKIP_MAX = 12
+
+# Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
+_IMAGE_FACT_KEYS = frozenset(
+    {
+        "jfif",
+        "jfif_version",
+        "jfif_unit",
+        "jfif_density",
+        "dpi",
+        "exif",
+        "loop",
+        "background",
+        "timestamp",
+        "duration",
+        "progressive",
+        "progression",
+        "icc_profile",
+        "chromaticity",
+        "photoshop",
+        "parameters",
+    }
+)
+
+
+@dataclass
+class ApiOptions:
+    """The A1111 options the API keeps between requests (A1111's `opts`)."""
+
+    clip_skip: int = 1
+
+
+@dataclass
+class Txt2ImgCall:
+    """One A1111 txt2img body, translated: what to generate and how to answer."""
+
+    request: GenerationRequest
+    parameters: dict[str, Any]
+    send_images: bool = True
+    save_images: bool = False
+    restore_checkpoint: bool = True
+    ignored: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------ value checks
+
+
+def _is_neutral(value: object) -> bool:
+    """Values that ask for nothing (null, false, 0, empty), so ignoring them loses nothing."""
+    return value is None or value is False or value in (0, "", [], {})
+
+
+def _integer(name: str, value: object) -> int:
+    """A JSON integer; a float with an integral value is accepted, as pydantic does."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}", field=name)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidRequestError(f"{name} must be an integer, got {value!r}", field=name)
+        return int(value)
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{name} must be a number, got {value!r}", field=name)
+    return float(value)
+
+
+def _text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string, got {value!r}", field=name)
+    return value
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false, got {value!r}", field=name)
+    return value
+
+
+def clip_skip_option(value: object, name: str = OPTION_CLIP_SKIP) -> int:
+    """A1111's `CLIP_stop_at_last_layers` (1 = last layer), checked."""
+    number = _integer(name, value)
+    if not 1 <= number <= CLIP_SKIP_MAX:
+        raise InvalidRequestError(
+            f"{name} must be between 1 and {CLIP_SKIP_MAX}, got {number}", field=name
+        )
+    return number
+
+
+def checkpoint_option(value: object, name: str = OPTION_CHECKPOINT) -> str:
+    text = _text(name, value).strip()
+    if not text:
+        raise InvalidRequestError(f"{name} must name a checkpoint", field=name)
+    return text
+
+
+# ------------------------------------------------------------------------ txt2img
+
+
+def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
+    """Translate an A1111 txt2img JSON body into a GenerationRequest.
+
+    Args:
+        body: the decoded JSON (must be an object).
+        options: the API's persistent options (clip skip).
+    Returns:
+        Txt2ImgCall; fields we do not implement are listed in `ignored` when they ask for
+        something (non-default, non-empty), unknown keys always.
+    Raises:
+        InvalidRequestError naming the field for wrong types, unknown samplers and the
+        like; bounds are checked by the engine with the same error type.
+    Example:
+        >>> parse_txt2img({"prompt": "cat", "sampler_name": "DPM++ 2M Karras"},
+        ...               ApiOptions()).request.scheduler
+        'karras'
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", field="body")
+    values = {key: value for key, value in body.items() if value is not None}
+
+    def get(name: str) -> Any:
+        return values.get(name, TXT2IMG_DEFAULTS[name])
+
+    # 1. sampler: sampler_name, else sampler_index (A1111), combined names split
+    sampler_field = "sampler_name" if values.get("sampler_name") else "sampler_index"
+    sampler_value = _text(sampler_field, get(sampler_field))
+    scheduler_value = _text("scheduler", values["scheduler"]) if "scheduler" in values else None
+    try:
+        choice = resolve_sampler(sampler_value, scheduler_value)
+    except InvalidRequestError as error:
+        if error.field == "sampler_name":
+            error.field = sampler_field
+        raise
+
+    # 2. override_settings: checkpoint and clip skip; other keys are ignored
+    overrides = get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise InvalidRequestError(
+            "override_settings must be an object of option names to values",
+            field="override_settings",
+        )
+    checkpoint = None
+    clip_skip = options.clip_skip
+    ignored = []
+    for key, value in overrides.items():
+        where = f"override_settings.{key}"
+        if key == OPTION_CHECKPOINT:
+            checkpoint = checkpoint_option(value, where)
+        elif key == OPTION_CLIP_SKIP:
+            clip_skip = clip_skip_option(value, where)
+        else:
+            ignored.append(where)
+
+    # 3. the request itself; bounds are checked by the engine
+    request = GenerationRequest(
+        prompt=_text("prompt", get("prompt")),
+        negative_prompt=_text("negative_prompt", get("negative_prompt")),
+        steps=_integer("steps", get("steps")),
+        cfg_scale=_number("cfg_scale", get("cfg_scale")),
+        seed=_integer("seed", get("seed")),
+        width=_integer("width", get("width")),
+        height=_integer("height", get("height")),
+        batch_size=_integer("batch_size", get("batch_size")),
+        n_iter=_integer("n_iter", get("n_iter")),
+        sampler_name=choice.sampler,
+        scheduler=choice.scheduler,
+        clip_skip=clip_skip,
+        denoising_strength=_number("denoising_strength", get("denoising_strength")),
+        checkpoint=checkpoint,
+    )
+
+    # 4. what we accept but do not do
+    for key, value in body.items():
+        if key in _USED:
+            continue
+        if key not in TXT2IMG_DEFAULTS or (
+            value != TXT2IMG_DEFAULTS[key] and not _is_neutral(value)
+        ):
+            ignored.append(key)
+    return Txt2ImgCall(
+        request=request,
+        parameters={**TXT2IMG_DEFAULTS, **body},
+        send_images=_flag("send_images", get("send_images")),
+        save_images=_flag("save_images", get("save_images")),
+        restore_checkpoint=_flag(
+            "override_settings_restore_afterwards", get("override_settings_restore_afterwards")
+        ),
+        ignored=sorted(ignored),
+    )
+
+
+def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) -> dict[str, Any]:
+    """The dict A1111's `Processed.js()` returns (the response's `info`, before JSON)."""
+    used = result.request
+    count = max(len(result.images), 1)
+    subseed = call.parameters.get("subseed")
+    subseed = subseed if isinstance(subseed, int) and not isinstance(subseed, bool) else -1
+    return {
+        "prompt": used.prompt,
+        "all_prompts": [used.prompt] * count,
+        "negative_prompt": used.negative_prompt,
+        "all_negative_prompts": [used.negative_prompt] * count,
+        "seed": used.seed,
+        "all_seeds": list(result.seeds) or [used.seed],
+        "subseed": subseed,
+        "all_subseeds": [subseed] * count,
+        "subseed_strength": 0,
+        "width": used.width,
+        "height": used.height,
+        "sampler_name": used.sampler_name,
+        "scheduler": used.scheduler,
+        "cfg_scale": used.cfg_scale,
+        "steps": used.steps,
+        "batch_size": used.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": result.model_name,
+        "sd_model_hash": result.model_hash,
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": used.denoising_strength,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": list(result.infotexts),
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
+        "clip_skip": used.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": VERSION,
+        "interrupted": result.interrupted,
+        "ignored": call.ignored,
+        "notes": list(result.notes),
+    }
+
+
+def txt2img_response(
+    call: Txt2ImgCall, result: GenerationResult, pngs: list[bytes], started: float
+) -> dict[str, Any]:
+    """`{images, parameters, info}` with `info` a JSON string (as A1111 sends it)."""
+    images = [base64.b64encode(png).decode("ascii") for png in pngs] if call.send_images else []
+    info = txt2img_info(call, result, started)
+    return {"images": images, "parameters": call.parameters, "info": json.dumps(info)}
+
+
+# ------------------------------------------------------------------------ listings
+
+
+def sd_model_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
+    """One `sd-models` item from a registry CheckpointEntry."""
+    sidecar = entry.path.with_suffix(".yaml") if entry.kind == "single" else None
+    config = sidecar if sidecar is not None and is_file_quietly(sidecar) else None
+    shown_config = None if config is None else str(config.name if hide_paths else config)
+    return {
+        "title": entry.title,
+        "model_name": entry.model_name,
+        "hash": entry.short_hash,
+        "sha256": entry.sha256,
+        "filename": entry.relpath if hide_paths else printable_name(str(entry.path)),
+        "config": None if shown_config is None else printable_name(shown_config),
+    }
+
+
+def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
+    """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`)."""
+    shown = entry.relpath if hide_paths else printable_name(str(entry.path))
+    return {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
+
+
+def current_options(title: str | None, sha256: str | None, options: ApiOptions) -> dict[str, Any]:
+    """GET `options`: the settings clients read (SillyTavern, Open WebUI, webuiapi)."""
+    return {
+        OPTION_CHECKPOINT: title,
+        "sd_checkpoint_hash": sha256,
+        OPTION_CLIP_SKIP: options.clip_skip,
+        "sd_vae": "Automatic",
+        "samples_save": True,
+        "samples_format": "png",
+        "save_images_add_number": True,
+        "enable_pnginfo": True,
+        "live_previews_enable": True,
+        "show_progress_every_n_steps": 1,
+        "show_progress_type": "Approx cheap",
+        "eta_noise_seed_delta": 0,
+        "sd_checkpoints_limit": 1,
+    }
+
+
+@dataclass
+class OptionsChange:
+    """A POST `options` body, checked: the checkpoint to load, clip skip, ignored keys."""
+
+    checkpoint: str | None = None
+    clip_skip: int | None = None
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_options(body: object) -> OptionsChange:
+    """Check a POST `options` body before anything changes (all or nothing)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", field="body")
+    change = OptionsChange()
+    for key, value in body.items():
+        if key == OPTION_CHECKPOINT:
+            change.checkpoint = checkpoint_option(value)
+        elif key == OPTION_CLIP_SKIP:
+            change.clip_skip = clip_skip_option(value)
+        else:
+            change.ignored.append(key)
+    return change
+
+
+# ------------------------------------------------------------------------ progress
+
+
+def preview_png(image: Image.Image) -> str:
+    """Base64 PNG of a live preview (A1111's "Approx cheap")."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def progress_response(progress: ProgressSnapshot, current_image: str | None) -> dict[str, Any]:
+    """`progress`: `{progress, eta_relative, state{...}, current_image, textinfo}`."""
+    active = bool(progress.active)
+    state = {
+        "skipped": progress.skipped,
+        "interrupted": progress.interrupted,
+        "stopping_generation": False,
+        "job": progress.kind if active else "",
+        "job_count": progress.job_count if active else 0,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(time.time()))
+        if active
+        else "0",
+        "job_no": progress.job_no if active else 0,
+        "sampling_step": progress.sampling_step if active else 0,
+        "sampling_steps": progress.sampling_steps if active else 0,
+    }
+    textinfo = (
+        f"Sampling step {progress.sampling_step}/{progress.sampling_steps}" if active else None
+    )
+    return {
+        "progress": progress.fraction if active else 0.0,
+        "eta_relative": progress.eta_seconds if active else 0.0,
+        "state": state,
+        "current_image": current_image if active else None,
+        "textinfo": textinfo,
+    }
+
+
+# ------------------------------------------------------------------------ png-info
+
+
+def decode_base64_image(data: object, name: str = "image") -> bytes:
+    """Image bytes from base64, with or without a `data:image/...;base64,` prefix."""
+    text = _text(name, data).strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidRequestError(f"{name} is not valid base64: {error}", field=name) from error
+
+
+def png_info(body: object) -> dict[str, Any]:
+    """`png-info`: `{info: raw infotext, items: other text chunks, parameters: parsed}`."""
+    if not isinstance(body, dict) or "image" not in body:
+        raise InvalidRequestError("png-info needs a JSON object with an 'image'", field="image")
+    data = decode_base64_image(body["image"])
+    if not data:
+        return {"info": "", "items": {}, "parameters": {}}
+    infotext = read_infotext(data) or ""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            extra = dict(image.info)
+    except (UnidentifiedImageError, OSError) as error:
+        raise InvalidRequestError(f"image is not readable: {error}", field="image") from error
+    items = {
+        str(key): value
+        for key, value in extra.items()
+        if key not in _IMAGE_FACT_KEYS and isinstance(value, str | int | float)
+    }
+    parameters = parse_infotext(infotext).a1111_parameters() if infotext else {}
+    return {"info": infotext, "items": items, "parameters": parameters}
+
+
+# ------------------------------------------------------------------------ errors and probes
+
+
+def error_body(error: LorastackError | Exception, status: int) -> dict[str, Any]:
+    """A1111's error body `{error, detail, body, errors}`; `detail` is the sentence."""
+    message = error.message if isinstance(error, LorastackError) else str(error)
+    return {
+        "error": type(error).__name__,
+        "detail": message,
+        "body": "",
+        "errors": message if status != 500 else "",
+    }
+
+
+def cmd_flags(settings: Any) -> dict[str, Any]:
+    """`cmd-flags`: the launch settings, secrets left out and paths as strings."""
+    secret = {"api_auth", "gradio_auth"}
+    flags: dict[str, Any] = {}
+    for key, value in vars(settings).items():
+        if key in secret or key == "bounds":
+            continue
+        if isinstance(value, Path):
+            value = None if settings.hide_paths else str(value)
+        elif isinstance(value, tuple):
+            value = None if settings.hide_paths else [str(v) for v in value]
+        flags[key] = value
+    return flags
+
+
+NEUTRAL_PROBES: dict[str, Any] = {
+    "upscalers": [],
+    "latent-upscale-modes": [],
+    "sd-vae": [],
+    "hypernetworks": [],
+    "face-restorers": [],
+    "realesrgan-models": [],
+    "prompt-styles": [],
+    "embeddings": {"loaded": {}, "skipped": {}},
+    "scripts": {"txt2img": [], "img2img": []},
+}
+"""Routes clients probe that we do not implement: valid, empty A1111 shapes."""

@@ -1,0 +1,1 @@
+"""The command line: `python -m frontends.cli generate|list-models|list-loras`."""

@@ -1,0 +1,237 @@
+"""The command line: `python -m frontends.cli generate|list-models|list-loras`.
+
+A third front end over the same generation service: it builds the same GenerationRequest as the UI
+and the API (its generation flags come from `schema.FIELDS`), so the same request, model
+and `--threads` give the same pixels. Scripts can rely on the exit codes:
+
+    0  success
+    1  anything else (busy, out of memory, I/O error)
+    2  bad arguments or an invalid request (wrong value, unknown sampler, ...)
+    3  not found (unknown checkpoint or LoRA name)
+    4  unusable file (corrupt, unsafe, incompatible or ambiguous)
+
+Errors are one line on stderr; images and listings go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import InvalidRequestError, LorastackError, NotFoundError, UnusableFileError
+from pipelines.schema import FIELDS, LoraSpec
+
+EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNUSABLE = 0, 1, 2, 3, 4
+
+FLAG_NAMES = {"sampler_name": ("--sampler", "--sampler-name")}
+"""Request fields whose flag differs from the field name (A1111's CLI-ish names)."""
+
+SETTINGS_FLAGS = ("data_dir", "ckpt_dir", "lora_dir", "threads", "device", "max_pixels")
+"""Launch settings the CLI shares with the server (same flags, same LORASTACK_* env)."""
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """`NAME`, `NAME:W` or `NAME:TE:UNET` (A1111's tag order: text encoder first).
+
+    Example: `parse_lora("ink:0.8")` -> `LoraSpec("ink", 0.8)`.
+    """
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 2:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    name = ":".join(parts).strip()
+    if not name:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME[:WEIGHT]")
+    if not numbers:
+        return LoraSpec(name)
+    if len(numbers) == 1:
+        return LoraSpec(name, numbers[0])
+    return LoraSpec(name, numbers[1], numbers[0])
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """The server's folder/thread flags, taken from its parser so they are declared once."""
+    from pipelines.settings import build_parser
+
+    for action in build_parser()._actions:
+        if action.dest in SETTINGS_FLAGS:
+            parser._add_action(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m frontends.cli",
+        description="lorastack from the command line",
+        epilog="exit codes: 0 ok, 1 other error, 2 bad arguments or request, "
+        "3 not found, 4 unusable file",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="make images; PNGs carry their parameters")
+    for spec in FIELDS:
+        flags = FLAG_NAMES.get(spec.name, ("--" + spec.name.replace("_", "-"),))
+        limits = (
+            f" ({spec.kind(spec.minimum)}..{spec.kind(spec.maximum)})"
+            if spec.minimum is not None and spec.maximum is not None
+            else ""
+        )
+        generate.add_argument(
+            *flags,
+            dest=spec.name,
+            type=spec.kind,
+            default=spec.default,
+            help=f"{spec.label}{limits}; default {spec.default!r}. {spec.help}".strip(),
+        )
+    generate.add_argument(
+        "--lora",
+        action="append",
+        type=parse_lora,
+        default=[],
+        metavar="NAME[:W]",
+        help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately",
+    )
+    generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
+    generate.add_argument(
+        "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
+    )
+    _add_settings_flags(generate)
+
+    for name, what in (("list-models", "checkpoints"), ("list-loras", "LoRAs")):
+        listing = commands.add_parser(name, help=f"list the {what} (tab-separated)")
+        _add_settings_flags(listing)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    """Settings through the server's own parser, so env vars and defaults agree."""
+    from pipelines.settings import parse_settings
+
+    argv: list[str] = []
+    for dest in SETTINGS_FLAGS:
+        value = getattr(args, dest, None)
+        flag = "--" + dest.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None:
+                argv += [flag, str(item)]
+    return parse_settings(argv)
+
+
+def _service(args: argparse.Namespace, ckpt: str | None = None) -> tuple[Any, Any]:
+    """The wiring, as app.py does it: folders, start-up checkpoint, the local service."""
+    from deployments.hub import resolve_startup_checkpoint
+    from pipelines.service import build_folders, build_service
+    from pipelines.settings import apply_threads
+
+    settings = _settings(args)
+    apply_threads(settings)
+    folders = build_folders(settings)
+    service = build_service(settings, folders=folders)
+    service.startup_checkpoint = resolve_startup_checkpoint(ckpt, folders, settings.models_dirs[0])
+    return service, folders
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipelines.schema import GenerationRequest
+
+    settings = _settings(args)
+    request = GenerationRequest(
+        **{spec.name: getattr(args, spec.name) for spec in FIELDS}, loras=tuple(args.lora)
+    )
+    request.validated(settings.bounds)  # fail on bad values before loading anything
+    from tqdm import tqdm
+
+    from pipelines.infotext import write_png_with_infotext
+    from pipelines.output import save_png, write_new_file
+
+    service, folders = _service(args, args.ckpt)
+    folders.hash_missing()  # a one-shot run waits for its hashes: its infotexts name them
+    service.select_checkpoint(service.startup_checkpoint)
+    total = request.n_iter * request.steps
+    with tqdm(total=total, unit="step", file=sys.stderr, disable=None) as bar:
+
+        def on_step(progress: Any) -> None:
+            done = progress.job_no * progress.sampling_steps + progress.sampling_step
+            bar.update(max(0, done - bar.n))
+
+        result = service.generate(request, on_progress=on_step)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for image, seed, infotext in zip(result.images, result.seeds, result.infotexts, strict=True):
+        png = write_png_with_infotext(image, infotext)
+        if args.out is not None:
+            path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
+        else:
+            path = save_png(settings.outputs_dir, png, seed)
+        print(path)
+    if result.interrupted:
+        print("interrupted: fewer images than asked for", file=sys.stderr)
+    return EXIT_OK
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    service, folders = _service(args)
+    folders.hash_missing()
+    print("title\tarchitecture\tkind\tsha256\tproblem")
+    for entry in service.checkpoints():
+        architecture = entry.architecture.value if entry.architecture else "?"
+        fields = (entry.title, architecture, entry.kind, entry.sha256 or "", entry.error or "")
+        print("\t".join(fields))
+    return EXIT_OK
+
+
+def _list_loras(args: argparse.Namespace) -> int:
+    service, folders = _service(args)
+    folders.hash_missing()
+    print("name\talias\tarchitecture\thash\ttrigger words\tproblem")
+    for entry in service.loras():
+        words = ", ".join(entry.trigger_words)
+        fields = (
+            entry.name,
+            entry.alias,
+            entry.architecture or "?",
+            entry.short_hash or "",
+            words,
+            entry.error or "",
+        )
+        print("\t".join(fields))
+    return EXIT_OK
+
+
+def exit_code(error: LorastackError) -> int:
+    """The documented exit code of an engine error."""
+    if isinstance(error, InvalidRequestError):
+        return EXIT_USAGE
+    if isinstance(error, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, UnusableFileError):
+        return EXIT_UNUSABLE
+    return EXIT_OTHER
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring)."""
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    command = {"generate": _generate, "list-models": _list_models, "list-loras": _list_loras}
+    try:
+        return command[args.command](args)
+    except LorastackError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return exit_code(error)
+    except OSError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_OTHER
+
+
+if __name__ == "__main__":
+    sys.exit(main())
