@@ -7,11 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 # Nothing in the tests may reach the network (the Hub is unreachable here anyway).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Images are compared bit for bit, and the reference outputs were made with 2 threads;
+# entry points (app.main, the CLI) set threads from --threads, tests set them here.
+torch.set_num_threads(2)
 
 from pipelines.loading import CONFIGS_DIR, LoadedModel, random_pipeline  # noqa: E402
 from tests.ldm_export import save_single_file  # noqa: E402

@@ -556,7 +556,7 @@ def test_same_request_same_pixels_in_every_front_end(
         [
             sys.executable,
             "-m",
-            "pipelines",
+            "frontends.cli",
             "generate",
             "--prompt",
             prompt,

@@ -1,4 +1,4 @@
-"""`pipelines.a1111`: the pure A1111 JSON <-> request translation, without a server."""
+"""`frontends.api.a1111`: the pure A1111 JSON <-> request translation, without a server."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines import a1111
+from frontends.api import a1111
 from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.infotext import write_png_with_infotext
 from pipelines.schema import GenerationRequest, GenerationResult

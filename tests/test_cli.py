@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.__main__ import (
+from frontends.cli.__main__ import (
     EXIT_NOT_FOUND,
     EXIT_UNUSABLE,
     EXIT_USAGE,
@@ -63,7 +63,7 @@ def test_generate_writes_pngs_with_parameters(
 ) -> None:
     out = tmp_path / "out"
     command = [
-        *(sys.executable, "-m", "pipelines", "generate"),
+        *(sys.executable, "-m", "frontends.cli", "generate"),
         *("--prompt", "a castle", "--negative-prompt", "fog", "--seed", "9"),
         *("--batch-size", "2", "--n-iter", "2", "--lora", "inky:-0.3"),
         *("--sampler", "DPM++ 2M", "--scheduler", "karras", "--cfg-scale", "5"),
@@ -116,7 +116,7 @@ def test_exit_codes_and_messages(
 
 def test_bad_flag_value_is_usage_error(tmp_path: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "pipelines", "generate", "--seed", "many"],
+        [sys.executable, "-m", "frontends.cli", "generate", "--seed", "many"],
         cwd=PROJECT,
         capture_output=True,
         text=True,

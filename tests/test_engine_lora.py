@@ -1,4 +1,4 @@
-"""LoRA stacks through the engine: tags and UI rows, exact restore, isolation, errors."""
+"""LoRA stacks through the service: tags and UI rows, exact restore, isolation, errors."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.engine import Engine
 from pipelines.errors import NotFoundError, UnusableFileError
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.schema import GenerationRequest, LoraSpec
+from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
@@ -27,7 +25,7 @@ def engine(
     models_dir: Path,
     tiny_sd1: LoadedModel,
     tiny_sdxl: LoadedModel,
-) -> Engine:
+) -> Service:
     data = tmp_path_factory.mktemp("data")
     loras = data / "loras"
     keys = sd1_keys(SD1_MODULES)
@@ -53,21 +51,17 @@ def engine(
     xl = make_kohya(tiny_sdxl.pipe, xl_modules, xl_keys, seed=3)
     write(loras / "xl-only.safetensors", xl, {"ss_base_model_version": "sdxl_base_v1-0"})
     settings = Settings(data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(loras,), threads=2)
-    hashes = HashCache(None)
-    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
-    checkpoints.scan()
-    library = LoraLibrary(settings.loras_dirs, hashes)
-    library.scan()
-    library.hash_all()
-    return Engine(settings, checkpoints, library)
+    service = build_service(settings)
+    service.folders.hash_missing()
+    return service
 
 
-def pixels(engine: Engine, **fields: object) -> np.ndarray:
+def pixels(engine: Service, **fields: object) -> np.ndarray:
     request = GenerationRequest(**{"prompt": "a tower", "seed": 9, **SMALL, **fields})
     return np.asarray(engine.generate(request).images[0])
 
 
-def test_tag_and_stack_row_are_the_same(engine: Engine) -> None:
+def test_tag_and_stack_row_are_the_same(engine: Service) -> None:
     by_tag = pixels(engine, prompt="a tower <lora:ink:0.8>")
     by_row = pixels(engine, loras=(LoraSpec("ink", 0.8),))
     base = pixels(engine)
@@ -75,7 +69,7 @@ def test_tag_and_stack_row_are_the_same(engine: Engine) -> None:
     assert not np.array_equal(by_tag, base)
 
 
-def test_infotext_replays_stack_rows_as_tags(engine: Engine) -> None:
+def test_infotext_replays_stack_rows_as_tags(engine: Service) -> None:
     result = engine.generate(
         GenerationRequest(
             prompt="a tower",
@@ -88,21 +82,21 @@ def test_infotext_replays_stack_rows_as_tags(engine: Engine) -> None:
     assert parsed.prompt == "a tower <lora:ink:0.8> <lora:glow:0.25:-0.5>"
     hashes = parse_infotext(result.infotexts[0]).lora_hashes
     assert hashes == {
-        "ink": engine.loras.resolve("ink").short_hash,
-        "glow": engine.loras.resolve("glow").short_hash,
+        "ink": engine.resolve_lora("ink").short_hash,
+        "glow": engine.resolve_lora("glow").short_hash,
     }
     replay = engine.generate(GenerationRequest(prompt=parsed.prompt, seed=9, **SMALL))
     assert np.array_equal(np.asarray(replay.images[0]), np.asarray(result.images[0]))
 
 
-def test_weight_zero_and_removal_restore_base_bit_exactly(engine: Engine) -> None:
+def test_weight_zero_and_removal_restore_base_bit_exactly(engine: Service) -> None:
     base = pixels(engine)
     assert np.array_equal(pixels(engine, loras=(LoraSpec("ink", 0.0),)), base)
     pixels(engine, prompt="a tower <lora:ink:1.3> <lora:glow:0.7>")
     assert np.array_equal(pixels(engine), base)
 
 
-def test_interleaved_requests_keep_their_own_stacks(engine: Engine) -> None:
+def test_interleaved_requests_keep_their_own_stacks(engine: Service) -> None:
     stacks = [
         (LoraSpec("ink", 1.0),),
         (LoraSpec("glow", 0.6),),
@@ -124,7 +118,7 @@ def test_interleaved_requests_keep_their_own_stacks(engine: Engine) -> None:
         assert np.array_equal(results[index], reference)
 
 
-def test_alias_lookup_and_unknown_name(engine: Engine) -> None:
+def test_alias_lookup_and_unknown_name(engine: Service) -> None:
     assert np.array_equal(
         pixels(engine, prompt="a tower <lora:ink_style:1>"),
         pixels(engine, prompt="a tower <lora:ink:1>"),
@@ -133,14 +127,14 @@ def test_alias_lookup_and_unknown_name(engine: Engine) -> None:
         pixels(engine, prompt="a tower <lora:inc:1>")
 
 
-def test_wrong_family_is_refused_naming_both(engine: Engine) -> None:
+def test_wrong_family_is_refused_naming_both(engine: Service) -> None:
     with pytest.raises(UnusableFileError) as caught:
         pixels(engine, prompt="a tower <lora:xl-only:1>")
     assert "SDXL" in caught.value.message and "SD1" in caught.value.message
     assert pixels(engine).shape == (64, 64, 3)  # still serving
 
 
-def test_tag_overrides_stack_row_with_a_note(engine: Engine) -> None:
+def test_tag_overrides_stack_row_with_a_note(engine: Service) -> None:
     result = engine.generate(
         GenerationRequest(
             prompt="a tower <lora:ink:0.5>", seed=9, loras=(LoraSpec("ink", 1.0),), **SMALL
@@ -152,17 +146,18 @@ def test_tag_overrides_stack_row_with_a_note(engine: Engine) -> None:
     assert "<lora:ink:1>" not in result.infotexts[0]
 
 
-def test_negative_prompt_tags_are_text(engine: Engine) -> None:
+def test_negative_prompt_tags_are_text(engine: Service) -> None:
     with_tag = pixels(engine, negative_prompt="blurry <lora:ink:1>")
     assert not np.array_equal(
         with_tag, pixels(engine, negative_prompt="blurry", loras=(LoraSpec("ink", 1.0),))
     )
 
 
-def test_prompt_cache_skips_text_encoder_only_when_valid(engine: Engine) -> None:
+def test_prompt_cache_skips_text_encoder_only_when_valid(engine: Service) -> None:
     pixels(engine)  # make sure tiny-sd1 is loaded
     calls: list[int] = []
-    hook = engine.model.pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    text_encoder = engine.runner.manager.current.pipe.text_encoder
+    hook = text_encoder.register_forward_hook(lambda *args: calls.append(1))
     try:
         pixels(engine, prompt="a cached castle", seed=1)
         first = len(calls)
@@ -170,7 +165,7 @@ def test_prompt_cache_skips_text_encoder_only_when_valid(engine: Engine) -> None
         assert len(calls) == first  # only the seed/sampler changed: no encoder run
         with_te = pixels(engine, prompt="a cached castle", loras=(LoraSpec("ink", 0.0, 1.0),))
         assert len(calls) > first  # the text encoder's weights changed: encoded again
-        engine.model.prompt_cache.clear()
+        engine.runner.manager.current.prompt_cache.clear()
         fresh = pixels(engine, prompt="a cached castle", loras=(LoraSpec("ink", 0.0, 1.0),))
         assert np.array_equal(with_te, fresh)
     finally:

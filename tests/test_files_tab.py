@@ -1,4 +1,4 @@
-"""The Add files tab against a real engine (uploads, downloads from a local HTTP server,
+"""The Add files tab against a real service (uploads, downloads from a local HTTP server,
 refusals, admin flags, hidden paths, the temporary-disk warning), and the per-user limits
 and ZeroGPU path of the page's generate event, through its callback and a live server."""
 
@@ -17,21 +17,21 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from pipelines.engine import DEMO_MODEL_NAME, Engine
-from pipelines.ingest import IngestPolicy
+from deployments.ingest import IngestPolicy
+from deployments.zerogpu import ZeroGpuRunner
+from frontends.page.files_tab import add_download, add_uploads, storage_notes
+from frontends.page.ui import build_ui
+from pipelines.engine import Engine
+from pipelines.interface import DEMO_MODEL_NAME
 from pipelines.limits import UserLimits, user_key
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
-from pipelines.schema import GenerationRequest
+from pipelines.service import Service, build_folders, build_service
 from pipelines.settings import PROJECT_DIR, Settings
 from tests.ldm_export import save_single_file
 from tests.test_api import start_app, stop_app
 from tests.test_app_http import wait_for
 from tests.test_ingest import FileServer, listing, sha
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
-from webui.files_tab import add_download, add_uploads, storage_notes
-from webui.ui import build_ui
 
 MB = 1024 * 1024
 
@@ -50,24 +50,23 @@ def checkpoint_bytes(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedM
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> Engine:
+def engine(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -> Service:
     """The demo model, one LoRA (ink) in the data dir's loras/ (where new files go)."""
     data = tmp_path_factory.mktemp("files-data")
     keys = sd1_keys(SD1_MODULES)
     write(data / "loras" / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
     (data / "models").mkdir()
-    settings = Settings(data_dir=data, threads=2)
-    hashes = HashCache(None)
-    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
-    checkpoints.scan()
-    library = LoraLibrary(settings.loras_dirs, hashes)
-    library.scan()
-    engine = Engine(settings, checkpoints, library)
-    engine.load_checkpoint(None)
+    engine = build_service(Settings(data_dir=data, threads=2))
+    engine.select_checkpoint(None)
     return engine
 
 
-def policy_for(engine: Engine, **rules: Any) -> IngestPolicy:
+def with_limits(engine: Service, limits: UserLimits) -> Service:
+    """Another service on the same folders whose job queue keeps `limits`."""
+    return build_service(engine.settings, folders=engine.folders, limits=limits)
+
+
+def policy_for(engine: Service, **rules: Any) -> IngestPolicy:
     """The engine's own folders, plain http to 127.0.0.1 allowed (the local test server)."""
     return IngestPolicy(
         lora_folder=engine.settings.loras_dirs[0],
@@ -86,15 +85,15 @@ def received(tmp_path: Path, name: str, data: bytes) -> str:
     return str(path)
 
 
-def lora_names(engine: Engine) -> set[str]:
-    return {entry.name for entry in engine.loras.entries()}
+def lora_names(engine: Service) -> set[str]:
+    return {entry.name for entry in engine.loras()}
 
 
 # ---------------------------------------------------------------------------- uploads
 
 
 def test_uploaded_lora_is_listed_with_its_facts(
-    engine: Engine, tmp_path: Path, lora_bytes: bytes
+    engine: Service, tmp_path: Path, lora_bytes: bytes
 ) -> None:
     upload = received(tmp_path, "pen.safetensors", lora_bytes)
     text = add_uploads(engine, policy_for(engine), [upload], "LoRA", False, hide_paths=True)
@@ -107,7 +106,7 @@ def test_uploaded_lora_is_listed_with_its_facts(
 
 
 def test_each_file_gets_its_result_or_reason(
-    engine: Engine, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
+    engine: Service, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
 ) -> None:
     folder = engine.settings.loras_dirs[0]
     before = listing(folder)
@@ -129,7 +128,7 @@ def test_each_file_gets_its_result_or_reason(
 
 
 def test_overwrite_replaces_only_when_asked(
-    engine: Engine, tmp_path: Path, lora_bytes: bytes
+    engine: Service, tmp_path: Path, lora_bytes: bytes
 ) -> None:
     target = engine.settings.loras_dirs[0] / "ink.safetensors"
     old = target.read_bytes()
@@ -146,7 +145,7 @@ def test_overwrite_replaces_only_when_asked(
 
 
 def test_admin_flags_refuse_with_the_reason(
-    engine: Engine, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
+    engine: Service, tmp_path: Path, lora_bytes: bytes, checkpoint_bytes: bytes
 ) -> None:
     folder = engine.settings.loras_dirs[0]
     before = listing(folder), listing(engine.settings.models_dirs[0])
@@ -167,7 +166,7 @@ def test_admin_flags_refuse_with_the_reason(
 
 
 def test_checkpoint_upload_when_allowed_shows_in_the_menu(
-    engine: Engine, tmp_path: Path, checkpoint_bytes: bytes
+    engine: Service, tmp_path: Path, checkpoint_bytes: bytes
 ) -> None:
     model = received(tmp_path, "tiny upload.safetensors", checkpoint_bytes)
     allowed = policy_for(engine, checkpoints=True)
@@ -176,7 +175,7 @@ def test_checkpoint_upload_when_allowed_shows_in_the_menu(
         target = engine.settings.models_dirs[0] / "tiny upload.safetensors"
         assert text.startswith("✅ **tiny upload.safetensors**: checkpoint (SD1)")
         assert f"`{target}`" in text  # paths not hidden: the host path is shown
-        titles = [entry.title for entry in engine.checkpoints.entries()]
+        titles = [entry.title for entry in engine.checkpoints()]
         assert any(title.startswith("tiny upload.safetensors") for title in titles)
     finally:
         (engine.settings.models_dirs[0] / "tiny upload.safetensors").unlink(missing_ok=True)
@@ -200,7 +199,7 @@ def files(lora_bytes: bytes) -> Iterator[FileServer]:
 
 
 def test_download_feeds_the_progress_bar_and_lists_the_file(
-    engine: Engine, files: FileServer, lora_bytes: bytes
+    engine: Service, files: FileServer, lora_bytes: bytes
 ) -> None:
     seen: list[tuple[Any, str]] = []
 
@@ -224,7 +223,7 @@ def test_download_feeds_the_progress_bar_and_lists_the_file(
 
 
 def test_failed_downloads_say_why_and_leave_nothing(
-    engine: Engine, files: FileServer, lora_bytes: bytes
+    engine: Service, files: FileServer, lora_bytes: bytes
 ) -> None:
     folder = engine.settings.loras_dirs[0]
     before = listing(folder)
@@ -257,12 +256,12 @@ def test_failed_downloads_say_why_and_leave_nothing(
 # ---------------------------------------------------------------------------- the page
 
 
-def make_page(engine: Engine, **options: Any) -> gr.Blocks:
+def make_page(engine: Service, **options: Any) -> gr.Blocks:
     """`build_ui` inside a running event loop: built outside one, Gradio opens event loops
     that it never closes (ResourceWarning)."""
 
     async def build() -> gr.Blocks:
-        return build_ui(engine, **options)
+        return build_ui(engine, engine.settings, **options)
 
     return asyncio.run(build())
 
@@ -274,7 +273,7 @@ def page_text(page: gr.Blocks) -> str:
     )
 
 
-def test_temporary_disk_warning_and_disabled_controls_on_the_page(engine: Engine) -> None:
+def test_temporary_disk_warning_and_disabled_controls_on_the_page(engine: Service) -> None:
     on_space = IngestPolicy(PROJECT_DIR / "loras", PROJECT_DIR / "models", MB, checkpoints=True)
     notes = storage_notes(on_space, {"SPACE_ID": "me/space"})
     assert len(notes) == 2 and "loras/" in notes[0] and "models/" in notes[1]
@@ -308,8 +307,8 @@ def visitor(username: str | None = None, host: str = "10.0.0.7") -> gr.Request:
     return gr.Request(username=username, session_hash=f"s-{username}-{host}", client={"host": host})
 
 
-def test_rate_limit_through_the_generate_callback(engine: Engine) -> None:
-    page = make_page(engine, limits=UserLimits(rate_limit=1), env={})
+def test_rate_limit_through_the_generate_callback(engine: Service) -> None:
+    page = make_page(with_limits(engine, UserLimits(rate_limit=1)), env={})
     assert press_generate(page, visitor("ann"))[-1][2] == [3]  # (gallery, infotext, seeds, ...)
     with pytest.raises(gr.Error, match=r"rate limit: at most 1 requests a minute.*try again in"):
         press_generate(page, visitor("ann", host="10.0.0.8"))  # same user, another address
@@ -320,14 +319,14 @@ def test_rate_limit_through_the_generate_callback(engine: Engine) -> None:
     assert user_key("ann", "1.2.3.4") == "user:ann" and user_key(None, None) == "address:unknown"
 
 
-def test_queue_slot_is_held_while_the_job_runs(engine: Engine) -> None:
+def test_queue_slot_is_held_while_the_job_runs(engine: Service) -> None:
     limits = UserLimits(queue_slots=1)
-    page = make_page(engine, limits=limits, env={})
+    page = make_page(with_limits(engine, limits), env={})
     stream = generate_event(page)(
         "a tower", "", 2, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1,
         DEMO_MODEL_NAME, [], visitor("ann"), lambda *a, **k: None,
     )  # fmt: skip
-    next(stream)  # the job runs (a preview or the result arrived)
+    next(stream)  # the job is queued (its id came back)
     assert limits.slots.in_use("user:ann") == 1
     with pytest.raises(gr.Error, match="queue limit"):
         press_generate(page, visitor("ann"))
@@ -335,27 +334,29 @@ def test_queue_slot_is_held_while_the_job_runs(engine: Engine) -> None:
     assert limits.slots.in_use("user:ann") == 0
 
 
-def weights(engine: Engine) -> dict[str, torch.Tensor]:
-    assert engine.model is not None
-    unet = engine.model.pipe.unet
+def weights(runner: Engine) -> dict[str, torch.Tensor]:
+    assert runner.manager.current is not None
+    unet = runner.manager.current.pipe.unet
     return {key: value.detach().clone() for key, value in unet.state_dict().items()}
 
 
-def test_zerogpu_page_generates_statelessly(engine: Engine) -> None:
-    """With SPACES_ZERO_GPU set (and `spaces` missing here, so the wrapper is a no-op), the
-    page's generate call leaves no LoRA applied: each forked GPU call starts from base."""
-    plain = GenerationRequest(prompt="a tower", seed=3, steps=1, width=64, height=64)
-    engine.generate(plain, stateless=True)
-    base = weights(engine)
-    zero = make_page(engine, env={"SPACES_ZERO_GPU": "1"})
+def test_zerogpu_page_generates_statelessly(engine: Service) -> None:
+    """With the ZeroGPU runner (`spaces` missing here, so its wrapper is a no-op), a
+    page generation leaves no LoRA applied: each forked GPU call starts from base."""
+    settings = engine.settings
+    local = Engine(settings, build_folders(settings))
+    local.load(None)
+    base = weights(local)
+    env = {"SPACES_ZERO_GPU": "1"}
+    zero = make_page(Service(settings, local.folders, ZeroGpuRunner(local, env)), env=env)
     stack = [{"name": "ink", "weight": 0.9}]
-    (result,) = [item for item in press_generate(zero, visitor("z"), stack) if item[2]]
+    items = press_generate(zero, visitor("z"), stack)
+    (result,) = [item for item in items if isinstance(item[2], list) and item[2]]
     assert result[2] == [3] and "<lora:ink:0.9>" in result[1]
-    assert all(torch.equal(value, base[key]) for key, value in weights(engine).items())
-    normal = make_page(engine, env={})
+    assert all(torch.equal(value, base[key]) for key, value in weights(local).items())
+    normal = make_page(Service(settings, local.folders, local), env={})
     press_generate(normal, visitor("n"), stack)
-    assert not all(torch.equal(value, base[key]) for key, value in weights(engine).items())
-    engine.generate(plain, stateless=True)
+    assert not all(torch.equal(value, base[key]) for key, value in weights(local).items())
 
 
 # ---------------------------------------------------------------------------- live server

@@ -20,18 +20,18 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pipelines import a1111
-from pipelines.engine import Engine
+from frontends.api import a1111
+from frontends.api.routes import build_api
+from frontends.page.stack import card_html
 from pipelines.errors import NotFoundError
+from pipelines.folders.hashing import HashCache
 from pipelines.loading import spec_for_checkpoint
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.safeload import printable_name, read_safetensors_header
+from pipelines.service import build_service
 from pipelines.settings import Settings
 from tests.test_app_http import PROJECT
-from tests.test_lora_registry import lora_state, save
-from webui.api import build_api
-from webui.stack import card_html
+from tests.test_lora_registry import LoraLibrary, lora_state, save
+from tests.test_registry import Checkpoints
 
 BAD_STEM = b"caf\xe9-\xff"  # Latin-1 bytes: not valid UTF-8
 SHOWN_STEM = "caf\\xe9-\\xff"
@@ -68,7 +68,7 @@ def folders(tmp_path: Path, models_dir: Path) -> tuple[Path, Path]:
 
 def test_non_utf8_names_are_listed_unusable_with_the_reason(folders: tuple[Path, Path]) -> None:
     models, loras = folders
-    checkpoints = CheckpointRegistry([models], HashCache(None))
+    checkpoints = Checkpoints((models,))
     by_path = {e.relpath: e for e in checkpoints.scan()}
     bad = by_path[f"{SHOWN_STEM}.safetensors"]
     assert bad.error and "not valid UTF-8" in bad.error and SHOWN_STEM in bad.error
@@ -90,7 +90,8 @@ def test_hash_cache_persists_non_utf8_paths(tmp_path: Path) -> None:
     target = bytes_path(tmp_path, BAD_STEM + b".bin")
     target.write_bytes(b"weights")
     cache_file = tmp_path / "cache" / "hashes.json"
-    assert HashCache(cache_file).compute(target, "sha256", lambda _: "ab" * 32) == "ab" * 32
+    fixed = HashCache(cache_file, {"sha256": lambda _: "ab" * 32})
+    assert fixed.compute(target, "sha256") == "ab" * 32
     json.loads(cache_file.read_text(encoding="utf-8"))  # valid JSON on disk
     assert HashCache(cache_file).get(target) == "ab" * 32  # and read back after a restart
 
@@ -98,11 +99,7 @@ def test_hash_cache_persists_non_utf8_paths(tmp_path: Path) -> None:
 def test_api_listings_with_non_utf8_names(folders: tuple[Path, Path], tmp_path: Path) -> None:
     models, loras = folders
     settings = Settings(data_dir=tmp_path / "data", ckpt_dirs=(models,), lora_dirs=(loras,))
-    registry = CheckpointRegistry([models], HashCache(None))
-    registry.scan()
-    library = LoraLibrary([loras])
-    library.scan()
-    with TestClient(build_api(Engine(settings, registry, library), settings)) as client:
+    with TestClient(build_api(build_service(settings), settings)) as client:
         listed = client.get("/loras")
         assert listed.status_code == 200
         assert SHOWN_STEM in {item["name"] for item in listed.json()}
@@ -124,7 +121,7 @@ def test_cli_lists_non_utf8_names(folders: tuple[Path, Path], tmp_path: Path) ->
             [
                 sys.executable,
                 "-m",
-                "pipelines",
+                "frontends.cli",
                 command,
                 folder,
                 str(models if "models" in command else loras),
@@ -153,7 +150,7 @@ def test_255_byte_names(tmp_path: Path, models_dir: Path) -> None:
     entries = LoraLibrary([loras]).scan()
     assert len(entries) == 2 and all(e.error is None for e in entries), entries
     assert all(e.preview is None and e.sidecar == {} for e in entries)
-    checkpoints = CheckpointRegistry([models], HashCache(None)).scan()
+    checkpoints = Checkpoints((models,)).scan()
     assert len(checkpoints) == 2
     for entry in checkpoints:
         assert a1111.sd_model_item(entry, hide_paths=False)["config"] is None
@@ -206,12 +203,13 @@ def test_file_changed_mid_scan(
     lora = save(loras / "vanishing.safetensors", lora_state(0, 768))
     save(loras / "stays.safetensors", lora_state(1, 768))
     monkeypatch.setattr(
-        "pipelines.registry.read_safetensors_header", _remove_then_read(model, replacement)
+        "pipelines.folders.checkpoints.read_safetensors_header",
+        _remove_then_read(model, replacement),
     )
     monkeypatch.setattr(
-        "pipelines.lora_registry.read_safetensors_header", _remove_then_read(lora, replacement)
+        "pipelines.folders.loras.read_safetensors_header", _remove_then_read(lora, replacement)
     )
-    checkpoints = {e.relpath: e for e in CheckpointRegistry([models], HashCache(None)).scan()}
+    checkpoints = {e.relpath: e for e in Checkpoints((models,)).scan()}
     assert checkpoints["stays.safetensors"].error is None
     assert reason in (checkpoints["vanishing.safetensors"].error or ""), checkpoints
     library = LoraLibrary([loras])

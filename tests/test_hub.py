@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
+from deployments.hub import _wanted_files, resolve_startup_checkpoint
 from pipelines.errors import NotFoundError
-from pipelines.hub import _wanted_files, resolve_startup_checkpoint
+from pipelines.folders.hashing import HashCache
+from pipelines.folders.registry import ModelFolders
 from pipelines.loading import CONFIGS_DIR, LoadedModel
-from pipelines.registry import CheckpointRegistry, HashCache
 from tests.conftest import DEMO_YAML
 from tests.fake_hub import FakeHub
 from tests.ldm_export import save_single_file
@@ -35,10 +36,10 @@ UNET = "unet/diffusion_pytorch_model.safetensors"
 CLIENT = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from pipelines.engine import build_engine
+    from deployments.hub import resolve_startup_checkpoint
     from pipelines.errors import LorastackError
-    from pipelines.hub import resolve_startup_checkpoint
     from pipelines.schema import GenerationRequest
+    from pipelines.service import build_folders, build_service
     from pipelines.settings import parse_settings
 
     data = Path(sys.argv[1])
@@ -46,16 +47,15 @@ CLIENT = textwrap.dedent("""
         flags = ["--data-dir", str(data), "--ckpt", wanted, "--device", "cpu", "--threads", "2"]
         settings = parse_settings(flags, env={})
         settings.models_dirs[0].mkdir(parents=True, exist_ok=True)
-        engine = build_engine(settings)
+        folders = build_folders(settings)
+        engine = build_service(settings, folders=folders)
         result = {"wanted": wanted}
         started = time.monotonic()
         try:
-            relpath = resolve_startup_checkpoint(
-                settings.ckpt, engine.checkpoints, settings.models_dirs[0]
-            )
+            relpath = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
             result.update(seconds=time.monotonic() - started, relpath=relpath)
-            model = engine.load_checkpoint(relpath)
-            result.update(title=model.title, architecture=model.architecture.value)
+            model = engine.select_checkpoint(relpath)
+            result.update(title=model.title, architecture=model.family)
             request = GenerationRequest(
                 prompt="a cat", steps=2, width=64, height=64, seed=1, sampler_name="Euler"
             )
@@ -63,7 +63,8 @@ CLIENT = textwrap.dedent("""
         except LorastackError as error:
             result.setdefault("seconds", time.monotonic() - started)
             result["error"] = f"{type(error).__name__}: {error.message}"
-        result["listed"] = [entry.relpath for entry in engine.checkpoints.scan()]
+        folders.scan()
+        result["listed"] = [entry.relpath for entry in engine.checkpoints()]
         result["folder"] = sorted(os.listdir(settings.models_dirs[0]))
         print("RESULT " + json.dumps(result), flush=True)
 """)
@@ -264,7 +265,7 @@ def test_offline_mode_fails_fast_naming_the_repo(tmp_path: Path) -> None:
     """This process runs with HF_HUB_OFFLINE=1 (conftest)."""
     from huggingface_hub import constants
 
-    registry = CheckpointRegistry([tmp_path], HashCache(None))
+    registry = ModelFolders({"checkpoint": [tmp_path]}, HashCache(None))
     with pytest.raises(NotFoundError, match="--ckpt org/tiny: not found locally") as caught:
         resolve_startup_checkpoint("org/tiny", registry, tmp_path)
     if constants.HF_HUB_OFFLINE:
@@ -277,7 +278,7 @@ def test_offline_mode_fails_fast_naming_the_repo(tmp_path: Path) -> None:
 
 def test_listed_names_and_paths_never_download(models_dir: Path, tmp_path: Path) -> None:
     """This process is offline (conftest), so any download attempt would raise."""
-    registry = CheckpointRegistry([models_dir], HashCache(None))
+    registry = ModelFolders({"checkpoint": [models_dir]}, HashCache(None))
     registry.scan()
     resolve = resolve_startup_checkpoint
     assert resolve(None, registry, models_dir) is None
@@ -292,7 +293,7 @@ def test_listed_names_and_paths_never_download(models_dir: Path, tmp_path: Path)
 def test_unlisted_folder_in_the_way_is_reported(tmp_path: Path) -> None:
     (tmp_path / "org--junk").mkdir()
     (tmp_path / "org--junk" / "notes.txt").write_text("mine")
-    registry = CheckpointRegistry([tmp_path], HashCache(None))
+    registry = ModelFolders({"checkpoint": [tmp_path]}, HashCache(None))
     registry.scan()
     with pytest.raises(NotFoundError, match="org--junk exists but holds no listed checkpoint"):
         resolve_startup_checkpoint("org/junk", registry, tmp_path)

@@ -22,8 +22,7 @@ from typing import Any
 import pytest
 from safetensors.torch import save
 
-from pipelines.errors import InvalidRequestError, NotFoundError, UnusableFileError
-from pipelines.ingest import (
+from deployments.ingest import (
     HubReference,
     IngestPolicy,
     UrlReference,
@@ -34,12 +33,13 @@ from pipelines.ingest import (
     temporary_storage_warning,
     validate_and_place,
 )
+from pipelines.errors import InvalidRequestError, NotFoundError, UnusableFileError
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
 from pipelines.settings import PROJECT_DIR, Settings
 from tests.fake_hub import FakeHub
 from tests.ldm_export import save_single_file
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys
+from tests.test_lora_registry import LoraLibrary
 
 MB = 1024 * 1024
 
@@ -505,7 +505,7 @@ HUB_CLIENT = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     from pipelines.errors import LorastackError
-    from pipelines.ingest import download_hub
+    from deployments.ingest import download_hub
 
     folder = Path(sys.argv[1])
     for reference, kind in json.loads(sys.argv[2]):

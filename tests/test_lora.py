@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from pipelines.errors import UnusableFileError
 from pipelines.loading import LoadedModel, random_pipeline
-from pipelines.lora import LoraApplier, LoraFileCache, read_lora_file
+from pipelines.lora.files import LoraFileCache, read_lora_file
+from pipelines.lora.stack import AdapterStack
 from tests.conftest import DEMO_YAML, SDXL_YAML
 
 Weights = dict[tuple[str, str], torch.Tensor]
@@ -185,7 +186,7 @@ def test_kohya_sd1_exact(sd1: LoadedModel, tmp_path: Path, dtype, alpha) -> None
     keys = sd1_keys(SD1_MODULES)
     state = make_kohya(pipe, SD1_MODULES, keys, seed=1, alpha=alpha, dtype=dtype)
     path = write(tmp_path / "a.safetensors", state, {"ss_base_model_version": "sd_v1"})
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     warnings = applier.apply_paths([(path, "a", 0.7, -0.4)])
     assert warnings == []
     assert_matches(
@@ -203,7 +204,7 @@ def test_two_loras_stack_and_weight_zero(sd1: LoadedModel, tmp_path: Path) -> No
     second = make_kohya(pipe, SD1_MODULES[::2], keys, seed=3, rank=2)
     a = write(tmp_path / "a.safetensors", first)
     b = write(tmp_path / "b.safetensors", second)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     applier.apply_paths([(a, "a", 1.0, 1.0), (b, "b", 0.5, 2.0)])
     expected = kohya_contributions(base, SD1_MODULES, keys, first, 1.0, 1.0)
     expected += kohya_contributions(base, SD1_MODULES[::2], keys, second, 0.5, 2.0)
@@ -227,7 +228,7 @@ def test_hundred_random_stack_changes_restore_bit_exact(sd1: LoadedModel, tmp_pa
         chosen = rng.sample(SD1_MODULES, 5)
         state = make_kohya(pipe, chosen, keys, seed=10 + index)
         files.append((write(tmp_path / f"l{index}.safetensors", state), chosen, state))
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     for step in range(100):
         stack = []
         for index, (path, _, _) in enumerate(files):
@@ -244,6 +245,42 @@ def test_hundred_random_stack_changes_restore_bit_exact(sd1: LoadedModel, tmp_pa
     applier.apply_paths([])
     assert_bit_exact(pipe, base)
     assert applier.applied_layers == 0
+
+
+def test_backups_stay_under_their_budget(sd1: LoadedModel, tmp_path: Path) -> None:
+    """Backups of layers back at base are dropped (oldest first) beyond the budget; the
+    applied layers' backups are always kept, and every restore stays bit-exact."""
+    pipe = sd1.pipe
+    base = snapshot(pipe)
+    keys = sd1_keys(SD1_MODULES)
+    halves = [SD1_MODULES[:5], SD1_MODULES[5:]]
+    files = [
+        write(tmp_path / f"h{i}.safetensors", make_kohya(pipe, half, keys, seed=40 + i))
+        for i, half in enumerate(halves)
+    ]
+
+    def layer_bytes(half: list[tuple[str, str, str]]) -> int:
+        weights = [module(pipe, c, n).weight for c, n, _ in half]
+        return sum(w.numel() * w.element_size() for w in weights)
+
+    budget = layer_bytes(halves[0]) + 1
+    stack = AdapterStack(pipe, sd1.architecture, backup_budget=budget)
+    stack.apply_paths([(files[0], "h0", 1.0, 1.0)])
+    assert stack.backup_bytes == layer_bytes(halves[0])
+    stack.apply_paths([(files[1], "h1", 1.0, 1.0)])  # h0's layers are idle now: over budget
+    assert stack.backup_bytes == layer_bytes(halves[1])
+    assert stack.backup_bytes <= max(budget, layer_bytes(halves[1]))
+    stack.apply_paths([(files[0], "h0", 0.5, 0.5), (files[1], "h1", 1.0, 1.0)])
+    assert stack.backup_bytes == layer_bytes(halves[0]) + layer_bytes(halves[1])  # all needed
+    stack.apply_paths([])
+    assert_bit_exact(pipe, base)
+    assert stack.backup_bytes <= budget
+    unlimited = AdapterStack(pipe, sd1.architecture)  # default budget keeps idle backups
+    unlimited.apply_paths([(files[0], "h0", 1.0, 1.0)])
+    unlimited.apply_paths([(files[1], "h1", 1.0, 1.0)])
+    assert unlimited.backup_bytes == layer_bytes(halves[0]) + layer_bytes(halves[1])
+    unlimited.restore()
+    assert_bit_exact(pipe, base)
 
 
 def sdxl_ldm_modules() -> tuple[list[tuple[str, str, str]], dict[tuple[str, str], str]]:
@@ -318,7 +355,7 @@ def test_kohya_sdxl_ldm_names_exact(sdxl: LoadedModel, tmp_path: Path) -> None:
     modules, keys = sdxl_ldm_modules()
     state = make_kohya(pipe, modules, keys, seed=4, dtype=torch.float16)
     path = write(tmp_path / "xl.safetensors", state)
-    applier = LoraApplier(pipe, sdxl.architecture)
+    applier = AdapterStack(pipe, sdxl.architecture)
     assert applier.apply_paths([(path, "xl", 0.8, 1.2)]) == []
     assert_matches(pipe, oracle(base, kohya_contributions(base, modules, keys, state, 0.8, 1.2)))
     applier.restore()
@@ -338,7 +375,7 @@ def test_kohya_sdxl_diffusers_names(sdxl: LoadedModel, tmp_path: Path) -> None:
     }
     state = make_kohya(pipe, modules, keys, seed=5)
     path = write(tmp_path / "xl2.safetensors", state)
-    applier = LoraApplier(pipe, sdxl.architecture)
+    applier = AdapterStack(pipe, sdxl.architecture)
     applier.apply_paths([(path, "xl2", 1.0, 0.5)])
     assert_matches(pipe, oracle(base, kohya_contributions(base, modules, keys, state, 1.0, 0.5)))
     applier.restore()
@@ -355,15 +392,16 @@ def test_wrong_family_refused_naming_both(sd1: LoadedModel, sdxl: LoadedModel, t
     one = write(tmp_path / "one.safetensors", sd1_state)
     base = snapshot(sd1.pipe)
     with pytest.raises(UnusableFileError, match=r"SDXL.*SD1") as caught:
-        LoraApplier(sd1.pipe, sd1.architecture).apply_paths([(one, "one", 1, 1), (xl, "xl", 1, 1)])
+        AdapterStack(sd1.pipe, sd1.architecture).apply_paths([(one, "one", 1, 1), (xl, "xl", 1, 1)])
     assert caught.value.status == 400
     assert_bit_exact(sd1.pipe, base)  # validated before anything was merged
     with pytest.raises(UnusableFileError, match=r"SD1/SD2.*SDXL"):
-        LoraApplier(sdxl.pipe, sdxl.architecture).apply_paths([(one, "one", 1, 1)])
+        AdapterStack(sdxl.pipe, sdxl.architecture).apply_paths([(one, "one", 1, 1)])
 
 
 def test_width_detection_on_real_shapes() -> None:
-    from pipelines.lora import detect_lora_architecture, group_keys
+    from pipelines.lora.family import detect_lora_architecture
+    from pipelines.lora.keys import group_keys
 
     def shapes(width: int, prefix: str = "lora_te_") -> dict[str, tuple[int, ...]]:
         return {
@@ -388,7 +426,7 @@ def test_nothing_matches_refused_partial_match_warns(sd1: LoadedModel, tmp_path:
         "lora_unet_no_such_block_to_q.lora_up.weight": rand(gen, 32, 4),
     }
     path = write(tmp_path / "alien.safetensors", alien)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     with pytest.raises(UnusableFileError, match="matches no layer"):
         applier.apply_paths([(path, "alien", 1, 1)])
     keys = sd1_keys(SD1_MODULES)
@@ -424,7 +462,7 @@ def test_cache_reads_once_and_rereads_replaced_file(sd1: LoadedModel, tmp_path: 
     keys = sd1_keys(SD1_MODULES)
     path = write(tmp_path / "c.safetensors", make_kohya(pipe, SD1_MODULES, keys, seed=9))
     cache = LoraFileCache()
-    applier = LoraApplier(pipe, sd1.architecture, cache)
+    applier = AdapterStack(pipe, sd1.architecture, cache)
     for weight in (1.0, 0.5, -0.25, 0.5, 1.0):
         applier.apply_paths([(path, "c", weight, weight)])
     assert cache.reads == 1
@@ -518,7 +556,7 @@ def test_diffusers_format_save_lora_weights(sd1: LoadedModel, tmp_path: Path, do
     expected = dict(base)
     expected.update(_peft_oracle(unet, "unet", 0.6))
     expected.update(_peft_oracle(text, "text_encoder", 1.3))
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     assert applier.apply_paths([(path, "d", 0.6, 1.3)]) == []
     assert_matches(pipe, expected)
     applier.restore()
@@ -546,7 +584,7 @@ def test_peft_adapter_folder(sd1: LoadedModel, tmp_path: Path) -> None:
     expected = dict(base)
     oracle_weights = _peft_oracle(peft_model.base_model.model, "text_encoder", 0.9)
     expected.update(oracle_weights)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     assert applier.apply_paths([(folder, "te-adapter", 0.0, 0.9)]) == []
     assert_matches(pipe, expected)
     assert len(oracle_weights) == 6
@@ -589,7 +627,7 @@ def test_lycoris_package_files(sd1: LoadedModel, tmp_path: Path, algo: str, extr
     net.save_weights(str(path), torch.float32, {})
     keys = list(read_lora_file(path).groups)
     assert keys and all(k.startswith("lycoris_") for k in keys)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     assert applier.apply_paths([(path, algo, 1.0, 1.0)]) == []
     with torch.no_grad():
         for lora in net.loras:
@@ -698,7 +736,7 @@ def test_hand_built_kohya_loha_lokr(sd1: LoadedModel, tmp_path: Path) -> None:
         m = 0.8 if layer[0] == "unet" else 0.5
         formula = _loha if "hada_w1_a" in parts else _lokr
         contributions.append((layer, formula(base[layer], parts, m)))
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     assert applier.apply_paths([(path, "lyco", 0.8, 0.5)]) == []
     assert_matches(pipe, oracle(base, contributions))
     applier.restore()
@@ -731,7 +769,7 @@ def test_kohya_dora_scale(sd1: LoadedModel, tmp_path: Path) -> None:
         delta = oracle_lora(w0, state, key, 1.0)
         contributions.append(((component, name), _column_dora(w0, delta, dora, m)))
     path = write(tmp_path / "dora.safetensors", state)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     assert applier.apply_paths([(path, "dora", 0.7, 1.0)]) == []
     assert_matches(pipe, oracle(base, contributions))
     applier.restore()
@@ -761,7 +799,7 @@ def test_seeded_images_against_hand_merged_model(sd1: LoadedModel, tmp_path: Pat
     state = make_kohya(pipe, SD1_MODULES, keys, seed=18)
     path = write(tmp_path / "img.safetensors", state)
     base_image = _image(pipe)
-    applier = LoraApplier(pipe, sd1.architecture)
+    applier = AdapterStack(pipe, sd1.architecture)
     applier.apply_paths([(path, "img", 0.0, 0.0)])
     assert np.array_equal(_image(pipe), base_image)  # weight 0 == base, bit for bit
     applier.apply_paths([(path, "img", 1.0, 1.0)])
@@ -803,7 +841,8 @@ def test_adapter_config_scale_rules(tmp_path: Path) -> None:
 
 def test_library_entries_apply(sd1: LoadedModel, tmp_path: Path) -> None:
     """The integration path: scan, resolve a request's name, apply the entry."""
-    from pipelines.lora_registry import LoraLibrary
+    from pipelines.folders.hashing import HashCache
+    from pipelines.folders.registry import ModelFolders
 
     pipe = sd1.pipe
     base = snapshot(pipe)
@@ -811,14 +850,14 @@ def test_library_entries_apply(sd1: LoadedModel, tmp_path: Path) -> None:
     state = make_kohya(pipe, SD1_MODULES, keys, seed=19)
     write(tmp_path / "loras" / "sub" / "fox.safetensors", state, {"ss_output_name": "Fox"})
     (tmp_path / "loras" / "zero.safetensors").write_bytes(b"")
-    library = LoraLibrary([tmp_path / "loras"])
-    library.scan()
-    applier = LoraApplier(pipe, sd1.architecture, library.cache)
-    applier.apply([(library.resolve("Fox"), 0.5, 0.25)])
+    folders = ModelFolders({"lora": [tmp_path / "loras"]}, HashCache(None))
+    folders.scan()
+    applier = AdapterStack(pipe, sd1.architecture)
+    applier.apply([(folders.resolve("lora", "Fox"), 0.5, 0.25)])
     expected = kohya_contributions(base, SD1_MODULES, keys, state, 0.5, 0.25)
     assert_matches(pipe, oracle(base, expected))
     with pytest.raises(UnusableFileError, match="empty file"):
-        applier.apply([(library.resolve("zero"), 1.0, 1.0)])
+        applier.apply([(folders.resolve("lora", "zero"), 1.0, 1.0)])
     applier.restore()
     assert_bit_exact(pipe, base)
 

@@ -1,4 +1,4 @@
-"""pipelines.lora_registry: names, aliases, formats, unusable files, hashes, safe lookup."""
+"""The LoRA kind of the model folders: names, aliases, formats, unusable files, hashes, lookup."""
 
 from __future__ import annotations
 
@@ -12,8 +12,35 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines.errors import NotFoundError, UnusableFileError
-from pipelines.lora_registry import LoraLibrary, addnet_hash, trigger_words
-from pipelines.registry import HashCache
+from pipelines.folders.hashing import HashCache, addnet_hash
+from pipelines.folders.loras import trigger_words
+from pipelines.folders.registry import ModelFolders
+from pipelines.lora.files import read_lora_file
+
+
+class LoraLibrary:
+    """The LoRA kind of a ModelFolders, spelled as these tests use it."""
+
+    def __init__(self, roots: list[Path], hashes: HashCache | None = None) -> None:
+        self.folders = ModelFolders({"lora": roots}, hashes or HashCache(None))
+
+    def scan(self) -> list:
+        self.folders.scan()
+        return self.folders.entries("lora")
+
+    def hash_all(self) -> None:
+        self.folders.hash_missing()
+
+    def entries(self) -> list:
+        return self.folders.entries("lora")
+
+    def resolve(self, name: str):
+        return self.folders.resolve("lora", name)
+
+    def load(self, entry):
+        if entry.error:
+            raise UnusableFileError(entry.error, field="loras")
+        return read_lora_file(entry.path)
 
 
 def lora_state(

@@ -1,24 +1,25 @@
 """Scale-out through Ray Serve: one local cluster on 127.0.0.1 for the whole module, two
-replicas of the tiny model, compared bit for bit with an in-process Engine."""
+replicas of the tiny model behind the same Service as the local engine, compared bit for bit
+with the in-process service, and held to the same service contract."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pipelines.engine import Engine, Progress
+from pipelines.interface import ProgressSnapshot
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
+from pipelines.service import Service, build_service
 from pipelines.settings import Settings
+from tests import service_contract as contract
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
 ray = pytest.importorskip("ray")
@@ -49,22 +50,18 @@ def folders(
 
 
 @pytest.fixture(scope="module")
-def local(folders: Settings) -> Engine:
+def local(folders: Settings) -> Service:
     """The in-process reference, with the same settings and thread count."""
-    hashes = HashCache(None)
-    checkpoints = CheckpointRegistry(folders.models_dirs, hashes)
-    checkpoints.scan()
-    loras = LoraLibrary(folders.loras_dirs, hashes)
-    loras.scan()
-    loras.hash_all()
-    return Engine(folders, checkpoints, loras)
+    service = build_service(folders)
+    service.folders.hash_missing()
+    return service
 
 
 @pytest.fixture(scope="module")
-def remote(folders: Settings) -> Iterator[object]:
+def remote(folders: Settings) -> Iterator[Service]:
     from ray import serve
 
-    from pipelines.scaleout import ScaleOptions, connect
+    from deployments.ray.scaleout import ScaleOptions, connect
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(
@@ -75,9 +72,11 @@ def remote(folders: Settings) -> Iterator[object]:
         log_to_driver=False,
     )
     try:
-        engine = connect(folders, "local", ScaleOptions(replicas=2, num_cpus=1))
-        engine.load_checkpoint("tiny-sd1")
-        yield engine
+        options = ScaleOptions(replicas=2, num_cpus=1)
+        service = build_service(folders, lambda s, _: connect(s, "local", options))
+        service.folders.hash_missing()
+        service.select_checkpoint("tiny-sd1")
+        yield service
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -104,13 +103,29 @@ STACKS = {
 }
 
 
-def test_replicas_use_the_engine_thread_count(remote) -> None:
-    states = remote.states()
+def test_contract_plain_data(remote: Service) -> None:
+    contract.check_plain_data_crosses(remote)
+
+
+def test_contract_determinism(remote: Service) -> None:
+    contract.check_same_request_same_pixels(remote)
+
+
+def test_contract_validation_first(remote: Service) -> None:
+    contract.check_bad_requests_fail_before_queueing(remote)
+
+
+def test_contract_interrupt_by_id(remote: Service) -> None:
+    contract.check_interrupt_by_id_from_anywhere(remote)
+
+
+def test_replicas_use_the_engine_thread_count(remote: Service) -> None:
+    states = remote.runner.states()
     assert len(states) == 2
     assert {s.threads for s in states} == {THREADS}
 
 
-def test_concurrent_stacks_equal_in_process(remote, local: Engine) -> None:
+def test_concurrent_stacks_equal_in_process(remote: Service, local: Service) -> None:
     with ThreadPoolExecutor(3) as pool:
         results = dict(zip(STACKS, pool.map(remote.generate, STACKS.values()), strict=True))
     for name, req in STACKS.items():
@@ -118,34 +133,33 @@ def test_concurrent_stacks_equal_in_process(remote, local: Engine) -> None:
     assert len({r.replica for r in results.values()}) == 2  # spread over both
 
 
-def test_routing_prefers_the_warm_replica(remote) -> None:
+def test_routing_prefers_the_warm_replica(remote: Service) -> None:
     first = {name: remote.generate(STACKS[name]).replica for name in ("ink", "glow")}
-    hits = remote.stats.hits
+    hits = remote.runner.stats.hits
     for _ in range(2):
         for name in ("ink", "glow"):
             result = remote.generate(STACKS[name])
             assert result.replica == first[name]
     assert first["ink"] != first["glow"]
-    assert remote.stats.hits - hits == 4
+    assert remote.runner.stats.hits - hits == 4
 
 
-def test_interrupt_reaches_only_its_job(remote) -> None:
+def test_interrupt_reaches_only_its_job(remote: Service) -> None:
     long = request(seed=7, steps=6, n_iter=4)
 
-    def stop_early(progress: Progress) -> None:
+    def stop_early(progress: ProgressSnapshot) -> None:
         if progress.sampling_step == 2:
-            remote.interrupt()  # inside on_step: this job only (the UI's Interrupt)
+            remote.interrupt(progress.job_id)  # this job only (the page's Interrupt)
 
-    with ThreadPoolExecutor(2) as pool:
-        stopped = pool.submit(remote.generate, long, stop_early)
-        other = pool.submit(remote.generate, request(seed=8, steps=3, n_iter=3))
-        stopped_result, other_result = stopped.result(), other.result()
+    stopped = remote.submit(long, on_progress=stop_early)
+    other = remote.submit(request(seed=8, steps=3, n_iter=3))
+    stopped_result, other_result = remote.result(stopped), remote.result(other)
     assert stopped_result.interrupted and len(stopped_result.images) < 4
     assert not other_result.interrupted and len(other_result.images) == 3
 
 
 def test_new_lora_is_visible_through_both_replicas(
-    remote, local: Engine, folders: Settings, tiny_sd1: LoadedModel
+    remote: Service, local: Service, folders: Settings, tiny_sd1: LoadedModel
 ) -> None:
     keys = sd1_keys(SD1_MODULES)
     write(
@@ -154,29 +168,30 @@ def test_new_lora_is_visible_through_both_replicas(
     )
     remote.rescan()
     local.rescan()
-    local.loras.hash_all()
-    states = remote.states()
+    local.folders.hash_missing()
+    remote.folders.hash_missing()
+    states = remote.runner.states()
     assert len(states) == 2 and all("fresh" in s.loras for s in states)
-    assert "fresh" in [e.name for e in remote.loras.entries()]
+    assert "fresh" in [e.name for e in remote.loras()]
     fresh = request(seed=12, loras=(LoraSpec("fresh", 0.7),))
     assert same(remote.generate(fresh), local.generate(fresh))
 
 
-def wait_for_replicas(remote, count: int, timeout: float = 60) -> None:
+def wait_for_replicas(remote: Service, count: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while len(remote.replica_ids()) < count:
+    while len(remote.runner.replica_ids()) < count:
         assert time.monotonic() < deadline, "Serve did not restart the killed replica"
         time.sleep(0.5)
 
 
-def kill_running_replica(remote) -> callable:
-    """An on_step that SIGKILLs the replica process running this job at step 2."""
+def kill_running_replica(remote: Service) -> Callable[[ProgressSnapshot], None]:
+    """An on_progress that SIGKILLs the replica process running this job at step 2."""
     killed: list[str] = []
 
-    def on_step(progress: Progress) -> None:
+    def on_step(progress: ProgressSnapshot) -> None:
         if progress.sampling_step == 2 and not killed:
-            replica = remote.current_replica()
-            pid = next(s.pid for s in remote.states() if s.replica == replica)
+            replica = remote.runner.current_replica()
+            pid = next(s.pid for s in remote.runner.states() if s.replica == replica)
             killed.append(replica)
             os.kill(pid, signal.SIGKILL)
 
@@ -184,26 +199,26 @@ def kill_running_replica(remote) -> callable:
     return on_step
 
 
-def test_killed_replica_is_retried_on_the_other(remote, local: Engine) -> None:
+def test_killed_replica_is_retried_on_the_other(remote: Service, local: Service) -> None:
     job = request(seed=21, steps=8, loras=(LoraSpec("glow", 0.5),))
     on_step = kill_running_replica(remote)
-    result = remote.generate(job, on_step)
+    result = remote.generate(job, on_progress=on_step)
     assert on_step.killed and result.replica != on_step.killed[0]
     assert same(result, local.generate(job))  # the whole image, never a partial one
     wait_for_replicas(remote, 2)
 
 
-def test_killed_replica_without_retry_fails_clearly(remote, local: Engine) -> None:
-    from pipelines.scaleout import ReplicaLostError
+def test_killed_replica_without_retry_fails_clearly(remote: Service, local: Service) -> None:
+    from deployments.ray.scaleout import ReplicaLostError
 
     job = request(seed=22, steps=8)
     on_step = kill_running_replica(remote)
-    remote.retries = 0
+    remote.runner.retries = 0
     try:
         with pytest.raises(ReplicaLostError, match="stopped; no image was made") as error:
-            remote.generate(job, on_step)
+            remote.generate(job, on_progress=on_step)
     finally:
-        remote.retries = 1
+        remote.runner.retries = 1
     assert error.value.status == 503
     # the front end keeps serving
     assert same(remote.generate(job), local.generate(job))

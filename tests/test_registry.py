@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.errors import NotFoundError
-from pipelines.registry import CheckpointRegistry, HashCache
+from pipelines.folders.hashing import HashCache
+from pipelines.folders.registry import ModelFolders
 
 
 @pytest.fixture()
@@ -21,8 +22,28 @@ def folder(tmp_path: Path, models_dir: Path) -> Path:
     return root
 
 
-def _registry(*roots: Path, cache: Path | None = None) -> CheckpointRegistry:
-    registry = CheckpointRegistry(roots, HashCache(cache))
+class Checkpoints:
+    """The checkpoint kind of a ModelFolders, spelled as these tests use it."""
+
+    def __init__(self, roots: tuple[Path, ...], hashes: HashCache | None = None) -> None:
+        self.folders = ModelFolders({"checkpoint": roots}, hashes or HashCache(None))
+
+    def scan(self) -> list:
+        self.folders.scan()
+        return self.entries()
+
+    def hash_all(self) -> None:
+        self.folders.hash_missing()
+
+    def entries(self) -> list:
+        return self.folders.entries("checkpoint")
+
+    def resolve(self, name: str):
+        return self.folders.resolve("checkpoint", name)
+
+
+def _registry(*roots: Path, cache: Path | None = None, hashes: HashCache | None = None):
+    registry = Checkpoints(roots, hashes or HashCache(cache))
     registry.scan()
     return registry
 
@@ -39,9 +60,7 @@ def test_relative_names_and_hash(folder: Path) -> None:
     assert entry.infotext_name == "a"
 
 
-def test_hash_cache_survives_rescan_and_restart(
-    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_hash_cache_survives_rescan_and_restart(folder: Path, tmp_path: Path) -> None:
     cache = tmp_path / "hashes.json"
     _registry(folder, cache=cache).hash_all()
     calls: list[Path] = []
@@ -50,8 +69,8 @@ def test_hash_cache_survives_rescan_and_restart(
         calls.append(path)
         return "0" * 64
 
-    monkeypatch.setattr("pipelines.registry.sha256_of_file", counting)
-    again = _registry(folder, cache=cache)  # a "restart": new registry, same cache file
+    # a "restart": new registry, same cache file
+    again = _registry(folder, hashes=HashCache(cache, {"sha256": counting}))
     again.hash_all()
     assert calls == [] and again.resolve("sub/a").sha256 != "0" * 64
     (folder / "sub" / "a.safetensors").write_bytes(b"changed")  # new size and mtime
@@ -103,7 +122,7 @@ def test_clash_between_roots_is_reported(folder: Path, tmp_path: Path) -> None:
 def test_file_being_copied_is_picked_up_when_complete(folder: Path, models_dir: Path) -> None:
     data = (models_dir / "tiny-sd1.safetensors").read_bytes()
     target = folder / "copying.safetensors"
-    registry = CheckpointRegistry([folder], HashCache(None))
+    registry = Checkpoints((folder,), HashCache(None))
     for cut in (0, 7, 100, len(data) // 2):
         target.write_bytes(data[:cut])
         registry.scan()

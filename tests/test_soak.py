@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.engine import PROMPT_CACHE_SIZE, Engine, Progress
+from pipelines.interface import ProgressSnapshot
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
+from pipelines.model_manager import PROMPT_CACHE_SIZE
 from pipelines.schema import GenerationRequest, LoraSpec
+from pipelines.service import build_service
 from pipelines.settings import Settings
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
 ITERATIONS = int(os.environ.get("LORASTACK_SOAK", "40"))
 WARM_UP = 10
 RSS_BOUND_MB = 250
-CACHE_BUDGET = 1 << 20  # small on purpose: eviction must keep the cache under it
+CACHE_MB = 1  # small on purpose: eviction must keep the cache under it
 
 
 def rss_mb() -> float:
@@ -47,11 +47,13 @@ def test_soak(tmp_path: Path, models_dir: Path, tiny_sd1: LoadedModel) -> None:
             make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=seed),
         )
     settings = Settings(
-        data_dir=tmp_path, ckpt_dirs=(models_dir,), lora_dirs=(tmp_path / "loras",), threads=2
+        data_dir=tmp_path,
+        ckpt_dirs=(models_dir,),
+        lora_dirs=(tmp_path / "loras",),
+        threads=2,
+        lora_cache_mb=CACHE_MB,
     )
-    library = LoraLibrary(settings.loras_dirs, cache_budget_bytes=CACHE_BUDGET)
-    engine = Engine(settings, CheckpointRegistry(settings.models_dirs, HashCache(None)), library)
-    engine.rescan()
+    engine = build_service(settings)
     chooser = random.Random(0)
     baseline_rss = baseline_files = 0.0
     for iteration in range(ITERATIONS):
@@ -64,9 +66,9 @@ def test_soak(tmp_path: Path, models_dir: Path, tiny_sd1: LoadedModel) -> None:
             )
         interrupt_at = chooser.choice([None, None, None, 1])
 
-        def maybe_interrupt(progress: Progress, at: int | None = interrupt_at) -> None:
+        def maybe_interrupt(progress: ProgressSnapshot, at: int | None = interrupt_at) -> None:
             if at is not None and progress.sampling_step == at:
-                engine.interrupt()
+                engine.interrupt(progress.job_id)
 
         result = engine.generate(
             GenerationRequest(
@@ -79,7 +81,7 @@ def test_soak(tmp_path: Path, models_dir: Path, tiny_sd1: LoadedModel) -> None:
                 loras=stack,
                 sampler_name="Euler",
             ),
-            on_step=maybe_interrupt,
+            on_progress=maybe_interrupt,
         )
         assert result.images
         if iteration == WARM_UP - 1:
@@ -90,5 +92,6 @@ def test_soak(tmp_path: Path, models_dir: Path, tiny_sd1: LoadedModel) -> None:
     print(f"\nsoak: {ITERATIONS} generations, RSS growth after warm-up {growth:.1f} MB")
     assert growth < RSS_BOUND_MB, f"RSS grew by {growth:.0f} MB"
     assert open_files() <= baseline_files + 2
-    assert library.cache.nbytes <= CACHE_BUDGET
-    assert len(engine.model.prompt_cache) <= PROMPT_CACHE_SIZE
+    local = engine.runner
+    assert local.lora_cache.nbytes <= CACHE_MB << 20
+    assert len(local.manager.current.prompt_cache) <= PROMPT_CACHE_SIZE

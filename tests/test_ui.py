@@ -13,21 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine import DEMO_MODEL_NAME, Engine
+from frontends.page import stack as st
+from frontends.page.defaults import load_defaults, save_defaults, settings_file
+from frontends.page.recall import read_image_info, recall
+from frontends.page.ui import follow_job, interrupt_jobs
 from pipelines.errors import InvalidRequestError
 from pipelines.infotext import parse_infotext, read_infotext, write_png_with_infotext
+from pipelines.interface import DEMO_MODEL_NAME, ProgressSnapshot
 from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
 from pipelines.preview import latents_to_images
-from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
+from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.test_app_http import app_server
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
-from webui import stack as st
-from webui.defaults import load_defaults, save_defaults, settings_file
-from webui.jobs import JobControl, StepUpdate
-from webui.recall import read_image_info, recall
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -61,19 +60,13 @@ def make_lora_folder(folder: Path, pipe: object, sdxl_pipe: object) -> Path:
 @pytest.fixture(scope="module")
 def engine(
     tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel, tiny_sdxl: LoadedModel
-) -> Engine:
+) -> Service:
     data = tmp_path_factory.mktemp("ui-data")
-    loras = make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
     (data / "models").mkdir()
-    settings = Settings(data_dir=data, threads=2)
-    hashes = HashCache(None)
-    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
-    checkpoints.scan()
-    library = LoraLibrary((loras,), hashes)
-    library.scan()
-    library.hash_all()
-    engine = Engine(settings, checkpoints, library)
-    engine.load_checkpoint(None)
+    engine = build_service(Settings(data_dir=data, threads=2))
+    engine.folders.hash_missing()
+    engine.select_checkpoint(None)
     return engine
 
 
@@ -110,12 +103,12 @@ def test_rows_from_the_api_value() -> None:
             st.rows_from_value(bad)
 
 
-def test_add_set_remove_rows(engine: Engine) -> None:
-    ink = engine.loras.resolve("ink")
+def test_add_set_remove_rows(engine: Service) -> None:
+    ink = engine.resolve_lora("ink")
     rows = st.add_row([], ink)
     assert rows == [{"name": "ink", "weight": 0.8, "te_weight": None}]  # sidecar weight
     assert st.add_row(rows, ink) == rows  # a second click adds nothing
-    rows = st.add_row(rows, engine.loras.resolve("glow"))
+    rows = st.add_row(rows, engine.resolve_lora("glow"))
     rows = st.set_row(rows, "glow", "weight", -1.25)
     rows = st.set_row(rows, "ink", "te_weight", 0.3)
     assert st.specs_from_rows(rows) == (LoraSpec("ink", 0.8, 0.3), LoraSpec("glow", -1.25))
@@ -138,8 +131,8 @@ def test_move_tags_into_the_stack() -> None:
     assert st.move_tags_to_stack("plain", rows) == ("plain", rows)
 
 
-def test_trigger_words_and_filters(engine: Engine) -> None:
-    ink, soft, xl = (engine.loras.resolve(n) for n in ("ink", "soft", "xl-only"))
+def test_trigger_words_and_filters(engine: Service) -> None:
+    ink, soft, xl = (engine.resolve_lora(n) for n in ("ink", "soft", "xl-only"))
     assert st.trigger_text(ink) == "ink wash, monochrome"
     assert st.trigger_text(soft) == "soft light"  # the sidecar's activation text wins
     assert st.insert_text("castle", "soft light") == "castle, soft light"
@@ -152,16 +145,16 @@ def test_trigger_words_and_filters(engine: Engine) -> None:
     assert not st.matches(ink, "glow", "All", "SD1")
 
 
-def test_card_shows_preview_facts_and_reason(engine: Engine) -> None:
-    card = st.card_html(engine.loras.resolve("ink"), None)
+def test_card_shows_preview_facts_and_reason(engine: Service) -> None:
+    card = st.card_html(engine.resolve_lora("ink"), None)
     assert 'src="data:image/jpeg;base64,' in card and "rank 4" in card
     assert "alias ink_style" in card and "ink wash" in card
-    xl = engine.loras.resolve("xl-only")
+    xl = engine.resolve_lora("xl-only")
     card = st.card_html(xl, st.incompatibility(xl, "SD1"))
     assert "no preview" in card and "made for SDXL" in card
     assert "<script>" not in st.card_html(
-        engine.loras.resolve("glow").__class__(
-            **{**engine.loras.resolve("glow").__dict__, "name": "<script>x"}
+        engine.resolve_lora("glow").__class__(
+            **{**engine.resolve_lora("glow").__dict__, "name": "<script>x"}
         ),
         None,
     )
@@ -170,8 +163,8 @@ def test_card_shows_preview_facts_and_reason(engine: Engine) -> None:
 # --------------------------------------------------------------------------- PNG Info
 
 
-def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Engine) -> None:
-    glow_hash = engine.loras.resolve("glow").short_hash
+def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Service) -> None:
+    glow_hash = engine.resolve_lora("glow").short_hash
     text = (
         "castle <lora:ink_style:0.8> <lora:old-glow:-0.5> <lora:gone:1>\n"
         "Negative prompt: blurry\n"
@@ -179,7 +172,7 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Engi
         f'Model hash: 0123456789, Model: elsewhere, Clip skip: 2, Lora hashes: "old-glow: '
         f'{glow_hash}, gone: abcdefabcdef", Version: v1.10.1'
     )
-    found = recall(text, engine.loras, engine.checkpoints)
+    found = recall(text, engine)
     assert found.values == {
         "prompt": "castle",
         "negative_prompt": "blurry",
@@ -225,8 +218,8 @@ def test_image_info_png_jpeg_and_raw_other_metadata(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_admin_defaults_persist_and_bad_values_are_ignored(engine: Engine, tmp_path: Path) -> None:
-    bounds = engine.bounds
+def test_admin_defaults_persist_and_bad_values_are_ignored(engine: Service, tmp_path: Path) -> None:
+    bounds = engine.bounds()
     assert load_defaults(tmp_path, bounds)["steps"] == 20
     settings_file(tmp_path).write_text(json.dumps({"other": {"kept": True}}))
     values = {**load_defaults(tmp_path, bounds), "steps": 30, "sampler_name": "Euler a"}
@@ -246,59 +239,68 @@ def test_admin_defaults_persist_and_bad_values_are_ignored(engine: Engine, tmp_p
 # --------------------------------------------------------------------------- jobs
 
 
-def run_all(jobs: JobControl, session: str, request: GenerationRequest) -> list[object]:
-    return list(jobs.run(session, request, "SD1"))
+def run_all(
+    engine: Service, user: str, request: GenerationRequest, preview_every: int = 0
+) -> list[object]:
+    return list(follow_job(engine, request, user, preview_every))
 
 
-def test_job_streams_progress_and_previews(engine: Engine) -> None:
-    jobs = JobControl(engine, preview_every=2)
-    items = run_all(jobs, "a", GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 5}))
-    updates = [i for i in items if isinstance(i, StepUpdate)]
+def test_job_streams_progress_and_previews(engine: Service) -> None:
+    items = run_all(engine, "a", GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 5}), 2)
+    assert isinstance(items[0], str)  # the job id, first (the page keeps it for Interrupt)
+    updates = [i for i in items if isinstance(i, ProgressSnapshot) and i.sampling_step]
     assert [u.sampling_step for u in updates] == [1, 2, 3, 4, 5]
     assert [bool(u.preview) for u in updates] == [False, True, False, True, False]
     assert updates[1].preview[0].size == (64, 64)
     assert isinstance(items[-1], GenerationResult) and not items[-1].interrupted
 
 
-def test_interrupt_acts_only_on_the_sessions_own_job(engine: Engine) -> None:
-    jobs = JobControl(engine)
-    request = GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 6, "n_iter": 2})
+def _run_in_thread(engine: Service, user: str, request: GenerationRequest) -> tuple:
     items: list[object] = []
     started = threading.Event()
 
-    def alice() -> None:
-        for item in jobs.run("alice", request, "SD1"):
+    def run() -> None:
+        for item in follow_job(engine, request, user, 0):
             items.append(item)
-            started.set()
+            if isinstance(item, ProgressSnapshot) and item.sampling_step:
+                started.set()
 
-    thread = threading.Thread(target=alice)
+    thread = threading.Thread(target=run)
     thread.start()
+    return thread, items, started
+
+
+def test_interrupt_acts_only_on_the_users_own_job(engine: Service) -> None:
+    request = GenerationRequest(prompt="x", seed=3, **{**SMALL, "steps": 6, "n_iter": 2})
+    thread, items, started = _run_in_thread(engine, "alice", request)
     assert started.wait(60)
-    assert jobs.interrupt("bob") == "Nothing of yours is running"
+    assert interrupt_jobs(engine, "", "bob") == "Nothing of yours is running"
     thread.join(120)
     assert items[-1].interrupted is False and len(items[-1].images) == 2
 
-    items.clear()
-    started.clear()
-    thread = threading.Thread(target=alice)
-    thread.start()
+    thread, items, started = _run_in_thread(engine, "alice", request)
     assert started.wait(60)
-    assert jobs.interrupt("alice").startswith("Interrupting")
+    assert interrupt_jobs(engine, items[0], "alice").startswith("Interrupting")
     thread.join(120)
     result = items[-1]
     assert result.interrupted and len(result.images) < 2
 
 
-def test_queued_job_is_dropped_and_a_new_generate_clears_the_mark(engine: Engine) -> None:
-    jobs = JobControl(engine)
-    request = GenerationRequest(prompt="x", seed=3, **SMALL)
-    jobs.submitted("carol")
-    jobs.interrupt("carol")
-    assert run_all(jobs, "carol", request) == [None]
-    jobs.submitted("carol")
-    jobs.interrupt("carol")
-    jobs.submitted("carol")  # pressed Generate again: the old Interrupt no longer applies
-    assert isinstance(run_all(jobs, "carol", request)[-1], GenerationResult)
+def test_a_new_tab_interrupts_the_users_job_by_listing_it(engine: Service) -> None:
+    """The tab that started it is gone (no job id known): the user's jobs are found by
+    user and stopped; a queued one leaves the queue at once."""
+    blocker = engine.submit(GenerationRequest(prompt="x", seed=1, **{**SMALL, "steps": 8}))
+    thread, items, _ = _run_in_thread(engine, "carol", GenerationRequest(prompt="y", **SMALL))
+    deadline = threading.Event()
+    while not any(info.user == "carol" for info in engine.jobs()):
+        assert not deadline.wait(0.01) and thread.is_alive()
+    assert interrupt_jobs(engine, "", "carol") == "Interrupting 1 job(s) of yours"
+    thread.join(60)
+    assert items[-1] is None  # taken out of the queue before it started
+    assert engine.result(blocker).images
+    assert isinstance(
+        run_all(engine, "carol", GenerationRequest(prompt="y", **SMALL))[-1], GenerationResult
+    )
 
 
 # --------------------------------------------------------------------------- the endpoint
@@ -380,7 +382,8 @@ def test_endpoint_streams_previews_before_the_result(served: tuple[str, Path]) -
     final = job.result(timeout=120)
     outputs = job.outputs()
     client.close()
-    assert len(outputs) == 3  # previews after steps 3 and 6, then the result
+    # the job id (kept by the page for Interrupt), previews after steps 3 and 6, the result
+    assert len(outputs) == 4
     assert "Seed: 1" in final[1]
 
 
@@ -409,7 +412,7 @@ def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:
 def test_only_a_loopback_browser_may_save_defaults() -> None:
     from types import SimpleNamespace
 
-    from webui.tabs import is_admin
+    from frontends.page.tabs import is_admin
 
     def asking(host: str | None) -> SimpleNamespace:
         return SimpleNamespace(client=SimpleNamespace(host=host))

@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.engine import Engine
 from pipelines.errors import NotFoundError
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
 from pipelines.schema import GenerationRequest
+from pipelines.service import build_service
 from pipelines.settings import Settings
 from pipelines.watch import FolderWatcher
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
@@ -39,10 +37,7 @@ def setup(tmp_path: Path, models_dir: Path):
         threads=2,
     )
     (tmp_path / "models").mkdir()
-    checkpoints = CheckpointRegistry(settings.models_dirs, HashCache(None))
-    library = LoraLibrary(settings.loras_dirs)
-    engine = Engine(settings, checkpoints, library)
-    engine.rescan()
+    engine = build_service(settings)
     watcher = FolderWatcher(
         [*settings.models_dirs, *settings.loras_dirs],
         engine.rescan,
@@ -64,7 +59,7 @@ def test_growing_checkpoint_appears_once_complete(setup, models_dir: Path) -> No
             handle.write(data[start : start + len(data) // 5])
             handle.flush()
             time.sleep(0.3)
-    assert eventually(lambda: not engine.checkpoints.resolve("late").error)
+    assert eventually(lambda: not engine.resolve_checkpoint("late").error)
     result = engine.generate(
         GenerationRequest(prompt="x", seed=1, width=64, height=64, steps=2, checkpoint="late")
     )
@@ -74,19 +69,19 @@ def test_growing_checkpoint_appears_once_complete(setup, models_dir: Path) -> No
 def test_lora_dropped_replaced_and_deleted(setup, tiny_sd1) -> None:
     engine, root = setup
     keys = sd1_keys(SD1_MODULES)
-    engine.load_checkpoint(None)  # demo model: same shapes as the tiny SD1
+    engine.select_checkpoint(None)  # demo model: same shapes as the tiny SD1
     request = GenerationRequest(
         prompt="a tower <lora:fresh:1>", seed=4, width=64, height=64, steps=2
     )
     write(
         root / "loras" / "fresh.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=11)
     )
-    assert eventually(lambda: any(e.name == "fresh" for e in engine.loras.entries()))
+    assert eventually(lambda: any(e.name == "fresh" for e in engine.loras()))
     first = np.asarray(engine.generate(request).images[0])
     write(
         root / "loras" / "other.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=12)
     )
-    assert eventually(lambda: any(e.name == "other" for e in engine.loras.entries()))
+    assert eventually(lambda: any(e.name == "other" for e in engine.loras()))
     expected = np.asarray(
         engine.generate(
             GenerationRequest(prompt="a tower <lora:other:1>", seed=4, width=64, height=64, steps=2)
@@ -94,11 +89,11 @@ def test_lora_dropped_replaced_and_deleted(setup, tiny_sd1) -> None:
     )
     time.sleep(0.05)  # a new mtime for the replacement
     (root / "loras" / "other.safetensors").replace(root / "loras" / "fresh.safetensors")
-    assert eventually(lambda: [e.name for e in engine.loras.entries()] == ["fresh"])
+    assert eventually(lambda: [e.name for e in engine.loras()] == ["fresh"])
     replaced = np.asarray(engine.generate(request).images[0])
     assert not np.array_equal(replaced, first)
     assert np.array_equal(replaced, expected)  # the new content, never a stale cache
     (root / "loras" / "fresh.safetensors").unlink()
-    assert eventually(lambda: not engine.loras.entries())
+    assert eventually(lambda: not engine.loras())
     with pytest.raises(NotFoundError):
         engine.generate(request)

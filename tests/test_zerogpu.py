@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.engine import Engine
-from pipelines.loading import LoadedModel
-from pipelines.lora_registry import LoraLibrary
-from pipelines.registry import CheckpointRegistry, HashCache
-from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
-from pipelines.settings import Settings
-from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
-from webui.zerogpu import (
+from deployments.zerogpu import (
     MAX_SECONDS,
     MIN_SECONDS,
+    ZeroGpuRunner,
     duration_of_call,
     estimate_duration,
     gpu_wrapper,
     prepare,
     zero_gpu_active,
 )
+from pipelines.engine import Engine
+from pipelines.loading import LoadedModel
+from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
+from pipelines.service import build_folders
+from pipelines.settings import Settings
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
 
 @pytest.mark.parametrize(
@@ -91,19 +91,26 @@ def engine(
     settings = Settings(
         data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(data / "loras",), threads=2
     )
-    hashes = HashCache(None)
-    checkpoints = CheckpointRegistry(settings.models_dirs, hashes)
-    checkpoints.scan()
-    library = LoraLibrary(settings.loras_dirs, hashes)
-    library.scan()
-    engine = Engine(settings, checkpoints, library)
-    engine.load_checkpoint("tiny-sd1")
+    engine = Engine(settings, build_folders(settings))
+    engine.load("tiny-sd1")
     return engine
 
 
+class Unobserved:
+    """A run control nobody watches."""
+
+    interrupted = skipped = False
+
+    def batch(self, job_no: int, job_count: int, steps: int) -> None:
+        """Not watched."""
+
+    def step(self, step: int, preview: object = None) -> None:
+        """Not watched."""
+
+
 def weights(engine: Engine) -> dict[str, torch.Tensor]:
-    assert engine.model is not None
-    pipe = engine.model.pipe
+    assert engine.manager.current is not None
+    pipe = engine.manager.current.pipe
     return {
         f"{part}.{key}": value.detach().clone()
         for part in ("unet", "text_encoder")
@@ -125,17 +132,20 @@ def request(*loras: LoraSpec) -> GenerationRequest:
 
 
 def test_stateless_call_leaves_the_base_weights(engine: Engine) -> None:
+    """The ZeroGPU runner's calls (here off ZeroGPU, so in this process) leave the base
+    weights; the plain engine keeps the stack applied for the next request."""
+    zero = ZeroGpuRunner(engine, env={})
     base = weights(engine)
-    kept = engine.generate(request(LoraSpec("ink", 0.8)))
+    kept = engine.generate(request(LoraSpec("ink", 0.8)), Unobserved())
     assert not same(weights(engine), base)  # the default keeps the stack applied
-    glow = engine.generate(request(LoraSpec("glow", 0.7)), stateless=True)
+    glow = zero.generate(request(LoraSpec("glow", 0.7)), Unobserved())
     assert same(weights(engine), base)  # bit for bit
-    again = engine.generate(request(LoraSpec("ink", 0.8)), stateless=True)
+    again = zero.generate(request(LoraSpec("ink", 0.8)), Unobserved())
     assert same(weights(engine), base)
     # Each stateless call applied exactly its own stack, from the base.
     assert pixels(again) == pixels(kept)
     assert pixels(glow) != pixels(kept)
-    fresh = engine.generate(request(LoraSpec("glow", 0.7)))
+    fresh = engine.generate(request(LoraSpec("glow", 0.7)), Unobserved())
     assert pixels(fresh) == pixels(glow)
-    engine.generate(request(), stateless=True)
+    zero.generate(request(), Unobserved())
     assert same(weights(engine), base)

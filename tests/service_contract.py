@@ -1,0 +1,96 @@
+"""The contract every GenerationService implementation keeps (local engine, Ray).
+
+Each check takes a ready service whose model folders hold the tiny SD1 (`tiny-sd1`) and the
+LoRA `ink`, and a reference result maker; test modules run them against their service.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import numpy as np
+
+from pipelines.errors import InvalidRequestError, NotFoundError
+from pipelines.interface import GenerationService, ProgressSnapshot
+from pipelines.schema import GenerationRequest, LoraSpec
+
+SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1", "prompt": "a tower"}
+
+
+def request(**fields: object) -> GenerationRequest:
+    return GenerationRequest(**{**SMALL, **fields})  # type: ignore[arg-type]
+
+
+def check_plain_data_crosses(service: GenerationService) -> None:
+    """Every argument and answer pickles (a service may live in another process)."""
+    snapshots: list[ProgressSnapshot] = []
+    job = service.submit(request(seed=1), on_progress=snapshots.append, preview_every=1)
+    result = service.result(job)
+    answers = [
+        service.device(),
+        service.bounds(),
+        service.memory(),
+        result,
+        service.progress(job, preview=True),
+        service.progress(),
+        service.jobs(),
+        service.checkpoints(),
+        service.loras(),
+        service.resolve_checkpoint("tiny-sd1"),
+        service.resolve_lora("ink"),
+        service.current_model(),
+        request(seed=1, loras=(LoraSpec("ink", 0.5),)),
+        *snapshots,
+    ]
+    for answer in answers:
+        assert pickle.loads(pickle.dumps(answer)) is not None
+    assert any(s.preview for s in snapshots), "no live preview was reported"
+    assert {s.state for s in snapshots} >= {"running", "done"}
+
+
+def check_same_request_same_pixels(service: GenerationService) -> None:
+    stacked = request(seed=5, loras=(LoraSpec("ink", 0.7),))
+    first, second = service.generate(stacked), service.generate(stacked)
+    assert first.seeds == second.seeds == [5]
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    assert first.infotexts == second.infotexts
+
+
+def check_bad_requests_fail_before_queueing(service: GenerationService) -> None:
+    before = len(service.jobs())
+    for bad, error in (
+        (request(steps=0), InvalidRequestError),
+        (request(sampler_name="Bogus"), InvalidRequestError),
+        (request(checkpoint="nope"), NotFoundError),
+        (request(prompt="x <lora:nope:1>"), NotFoundError),
+    ):
+        try:
+            service.submit(bad)
+        except error:
+            continue
+        raise AssertionError(f"{bad} was accepted")
+    assert len(service.jobs()) == before
+
+
+def check_interrupt_by_id_from_anywhere(service: GenerationService) -> None:
+    """A job is stopped by its id alone: nothing of the submitter (a closed tab) is needed,
+    and the other job in the queue is not touched."""
+    steps: list[int] = []
+
+    def slow(snapshot: ProgressSnapshot) -> None:
+        if snapshot.state == "running" and snapshot.sampling_step:
+            steps.append(snapshot.sampling_step)
+            time.sleep(0.05)
+
+    long = service.submit(request(seed=7, steps=8, n_iter=4), user="tab", on_progress=slow)
+    other = service.submit(request(seed=8, n_iter=2), user="api")
+    deadline = time.monotonic() + 60
+    while service.progress(long).sampling_step < 2:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.01)
+    threading.Thread(target=service.interrupt, args=(long,)).start()
+    stopped, finished = service.result(long, 120), service.result(other, 120)
+    assert stopped.interrupted and len(stopped.images) < 4
+    assert not finished.interrupted and len(finished.images) == 2
