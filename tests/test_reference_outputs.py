@@ -7,6 +7,7 @@ pixels within 1/255 (2 torch threads, as recorded).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,9 @@ def service(
 
 
 @pytest.mark.parametrize("name", [name for name, _ in reference_cases()])
-def test_same_pixels_as_before_the_refactor(service: Service, name: str) -> None:
+def test_same_pixels_as_before_the_refactor(
+    service: Service, name: str, record_property: Callable[[str, object], None]
+) -> None:
     torch.set_num_threads(2)
     request = dict(reference_cases())[name]
     result = service.generate(request)
@@ -45,4 +48,5 @@ def test_same_pixels_as_before_the_refactor(service: Service, name: str) -> None
     expected = np.load(REFERENCE)[name]
     assert made.shape == expected.shape
     difference = np.abs(made.astype(int) - expected.astype(int)).max()
+    record_property("max_difference_of_255", int(difference))  # for the resolution note
     assert difference <= 1, f"{name}: differs by up to {difference}/255"
