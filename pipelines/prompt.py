@@ -755,6 +755,18 @@ def pad_to_same_length(
     return a, _pad(b, length_a, empty)
 
 
+def pad_to_longest(
+    prompts: list[EncodedPrompt], *, empty: EncodedPrompt | None = None
+) -> list[EncodedPrompt]:
+    """`pad_to_same_length` for any number of prompts (every text a scheduled or AND
+    prompt can switch to is batched with the others)."""
+    length = max(prompt.embeds.shape[1] for prompt in prompts)
+    return [
+        prompt if prompt.embeds.shape[1] == length else _pad(prompt, length, empty)
+        for prompt in prompts
+    ]
+
+
 def _pad(prompt: EncodedPrompt, length: int, empty: EncodedPrompt | None) -> EncodedPrompt:
     embeds = prompt.embeds
     missing = length - embeds.shape[1]

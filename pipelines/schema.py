@@ -74,6 +74,10 @@ class GenerationRequest:
     steps: int = 20
     cfg_scale: float = 7.0
     seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0  # 0 or -1: off (A1111's API sends -1)
+    seed_resize_from_h: int = 0
     width: int = 512
     height: int = 512
     batch_size: int = 1
@@ -82,6 +86,7 @@ class GenerationRequest:
     scheduler: str = "automatic"
     clip_skip: int = 1
     denoising_strength: float = 0.75
+    tiling: bool = False
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
 
@@ -103,6 +108,37 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("steps", int, 20, "Sampling steps", 1, 150, 1),
     FieldSpec("cfg_scale", float, 7.0, "CFG scale", 0.0, 30.0, 0.5),
     FieldSpec("seed", int, -1, "Seed", -1, SEED_MAX, 1, "-1 picks a random seed"),
+    FieldSpec("subseed", int, -1, "Variation seed", -1, SEED_MAX, 1, "-1 picks a random one"),
+    FieldSpec(
+        "subseed_strength",
+        float,
+        0.0,
+        "Variation strength",
+        0.0,
+        1.0,
+        0.01,
+        "0 is the seed's image, 1 the variation seed's",
+    ),
+    FieldSpec(
+        "seed_resize_from_w",
+        int,
+        0,
+        "Resize seed from width",
+        0,
+        2048,
+        8,
+        "keep a seed's composition made at another size; 0: off",
+    ),
+    FieldSpec(
+        "seed_resize_from_h",
+        int,
+        0,
+        "Resize seed from height",
+        0,
+        2048,
+        8,
+        "keep a seed's composition made at another size; 0: off",
+    ),
     FieldSpec("width", int, 512, "Width", 64, 2048, 8),
     FieldSpec("height", int, 512, "Height", 64, 2048, 8),
     FieldSpec("batch_size", int, 1, "Batch size", 1, 8, 1),
@@ -111,6 +147,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("scheduler", str, "automatic", "Schedule type"),
     FieldSpec("clip_skip", int, 1, "Clip skip", 1, 12, 1),
     FieldSpec("denoising_strength", float, 0.75, "Denoising strength", 0.0, 1.0, 0.01),
+    FieldSpec("tiling", bool, False, "Tiling", help="make an image that tiles seamlessly"),
 )
 
 
@@ -189,6 +226,17 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
         _check_int("seed", request.seed, 0, SEED_MAX)
     elif isinstance(request.seed, bool):
         raise InvalidRequestError("seed must be an integer", field="seed")
+    if request.subseed != -1:
+        _check_int("subseed", request.subseed, 0, SEED_MAX)
+    elif isinstance(request.subseed, bool):
+        raise InvalidRequestError("subseed must be an integer", field="subseed")
+    _check_float("subseed_strength", request.subseed_strength, 0.0, 1.0)
+    _check_int("seed_resize_from_w", request.seed_resize_from_w, -1, bounds.max_size)
+    _check_int("seed_resize_from_h", request.seed_resize_from_h, -1, bounds.max_size)
+    if not isinstance(request.tiling, bool):
+        raise InvalidRequestError(
+            f"tiling must be true or false, got {request.tiling!r}", field="tiling"
+        )
     width = _check_int("width", request.width, bounds.min_size, bounds.max_size) // 8 * 8
     height = _check_int("height", request.height, bounds.min_size, bounds.max_size) // 8 * 8
     batch = _check_int("batch_size", request.batch_size, 1, bounds.max_batch_size)

@@ -62,12 +62,59 @@ def test_override_settings_and_options() -> None:
     assert a1111.parse_options({"samples_format": "jpg"}).ignored == ["samples_format"]
 
 
-def test_ignored_fields_only_when_they_ask_for_something() -> None:
+def test_unimplemented_fields_pass_only_when_they_ask_for_nothing() -> None:
     neutral = {"restore_faces": False, "styles": [], "eta": None, "hr_scale": 2.0, "tiling": None}
     assert parse(neutral).ignored == []
-    asking = {"restore_faces": True, "enable_hr": True, "styles": ["a"], "brand_new": 0}
-    assert parse(asking).ignored == ["brand_new", "enable_hr", "restore_faces", "styles"]
-    assert parse({"styles": "not a list"}).ignored == ["styles"]  # never a crash
+    assert parse({"brand_new": 0}).ignored == ["brand_new"]  # not an A1111 field: reported
+
+
+def test_webuiapi_full_default_payload_is_accepted() -> None:
+    """webuiapi sends every field, with A1111's option defaults (eta 1, s_noise 1) and
+    hires settings that A1111 ignores while enable_hr is false."""
+    body = {
+        "enable_hr": False,
+        "hr_scale": 2,
+        "hr_upscaler": "Latent",
+        "hr_second_pass_steps": 0,
+        "firstphase_width": 0,
+        "styles": [],
+        "subseed_strength": 0.0,
+        "seed_resize_from_h": 0,
+        "seed_resize_from_w": 0,
+        "restore_faces": False,
+        "tiling": False,
+        "eta": 1.0,
+        "s_churn": 0,
+        "s_tmax": 0,
+        "s_tmin": 0,
+        "s_noise": 1,
+        "script_args": [],
+        "alwayson_scripts": {},
+    }
+    assert parse(body).ignored == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"restore_faces": True},
+        {"enable_hr": True},
+        {"styles": ["a"]},
+        {"styles": "not a list"},
+        {"script_name": "x/y/z plot"},
+        {"alwayson_scripts": {"controlnet": {"args": []}}},
+        {"s_noise": 0.9},
+        {"eta": 0.5},
+        {"eta": 1.0, "sampler_name": "DDIM"},
+        {"refiner_checkpoint": "xl-refiner"},
+        {"disable_extra_networks": True},
+    ],
+)
+def test_unimplemented_fields_asking_for_something_are_422(body: dict[str, object]) -> None:
+    key = next(k for k in body if k != "sampler_name")
+    with pytest.raises(InvalidRequestError, match="does not implement") as error:
+        parse(body)
+    assert error.value.field == key
 
 
 @pytest.mark.parametrize(

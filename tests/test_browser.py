@@ -183,3 +183,18 @@ def test_upload_in_the_add_files_tab(page: object, app: tuple[str, Path], tmp_pa
     assert (loras / "brush.safetensors").read_bytes() == upload.read_bytes()
     page.get_by_role("tab", name="txt2img").click()
     card(page, "brush").wait_for()  # listed at once, no refresh needed
+
+
+def test_extra_seed_row_and_tiling(page: object) -> None:
+    page.locator("#prompt textarea").fill("a tiled wall")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 5)):
+        set_number(page, elem_id, value)
+    page.locator("#seed_extras").get_by_text("Extra seed options").click()
+    set_number(page, "subseed", 77)
+    set_number(page, "subseed_strength", 0.4)
+    page.locator("#tiling input[type=checkbox]").check()
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    params = parse_infotext(infotext(page)).params
+    assert params["Variation seed"] == "77" and params["Variation seed strength"] == "0.4"
+    assert params["Tiling"] == "True" and params["Seed"] == "5"

@@ -67,6 +67,7 @@ def test_generate_writes_pngs_with_parameters(
         *("--prompt", "a castle", "--negative-prompt", "fog", "--seed", "9"),
         *("--batch-size", "2", "--n-iter", "2", "--lora", "inky:-0.3"),
         *("--sampler", "DPM++ 2M", "--scheduler", "karras", "--cfg-scale", "5"),
+        *("--subseed", "4", "--subseed-strength", "0.25", "--tiling"),
         *("--ckpt", "tiny-sd1", "--ckpt-dir", str(models_dir), "--lora-dir", str(loras_dir)),
         *("--data-dir", str(tmp_path), "--out", str(out), *SMALL),
     ]
@@ -84,6 +85,8 @@ def test_generate_writes_pngs_with_parameters(
     assert parsed.params["Seed"] == "10" and parsed.params["Schedule type"] == "Karras"
     assert parsed.params["CFG scale"] == "5" and parsed.negative_prompt == "fog"
     assert parsed.prompt.startswith("a castle") and "<lora:inky:-0.3>" in parsed.prompt
+    assert parsed.params["Variation seed"] == "5" and parsed.params["Tiling"] == "True"
+    assert parsed.params["Variation seed strength"] == "0.25"
 
 
 @pytest.mark.parametrize(

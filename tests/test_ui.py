@@ -184,6 +184,11 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
         "clip_skip": 2,
         "width": 96,
         "height": 64,
+        # what an infotext without these keys means (so the page replays it exactly)
+        "subseed_strength": 0.0,
+        "seed_resize_from_w": 0,
+        "seed_resize_from_h": 0,
+        "tiling": False,
     }
     assert found.rows == [
         {"name": "ink", "weight": 0.8, "te_weight": None},
@@ -194,6 +199,18 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
     assert "'old-glow' is here as 'glow'" in warnings
     assert "'gone' (hash abcdefabcdef) is not in the LoRA folders" in warnings
     assert "checkpoint elsewhere [0123456789]" in warnings
+
+
+def test_recall_fills_variation_seed_resize_and_tiling(engine: Service) -> None:
+    text = (
+        "castle\nSteps: 7, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 96x64, "
+        "Variation seed: 77, Variation seed strength: 0.3, Seed resize from: 64x48, "
+        "Tiling: True"
+    )
+    values = recall(text, engine).values
+    assert (values["subseed"], values["subseed_strength"]) == (77, 0.3)
+    assert (values["seed_resize_from_w"], values["seed_resize_from_h"]) == (64, 48)
+    assert values["tiling"] is True
 
 
 def test_image_info_png_jpeg_and_raw_other_metadata(tmp_path: Path) -> None:
@@ -356,6 +373,14 @@ def test_endpoint_named_parameters_stack_and_saved_png(served: tuple[str, Path])
     assert saved and read_infotext(saved[-1]) == infotext
     # the gallery serves the saved PNG itself, parameters included
     assert Path(images[0]["image"]).read_bytes() == saved[-1].read_bytes()
+
+
+def test_endpoint_takes_the_extra_seed_row_and_tiling(served: tuple[str, Path]) -> None:
+    fields = {"subseed": 5, "subseed_strength": 0.5, "seed_resize_from_w": 48}
+    _, infotext, _ = call(url=served[0], **fields, seed_resize_from_h=48, tiling=True)
+    params = parse_infotext(infotext).params
+    assert (params["Variation seed"], params["Variation seed strength"]) == ("5", "0.5")
+    assert params["Seed resize from"] == "48x48" and params["Tiling"] == "True"
 
 
 def test_endpoint_streams_previews_before_the_result(served: tuple[str, Path]) -> None:

@@ -7,8 +7,10 @@ defaults follow A1111 v1.10's `modules/api/models.py` (built from
 `sampler_index` ("Euler") when it is null and echoes the request back as `parameters`.
 
 Stricter than A1111 on purpose: wrong types and out-of-range values are 422 errors naming
-the field instead of 500s, and A1111 fields we do not implement are accepted and listed in
-`info["ignored"]` instead of being silently dropped.
+the field instead of 500s. An A1111 field we do not implement is accepted only at a value
+that asks for nothing (its default, or what A1111 itself does then); any other value is a
+422 naming the field, never a 200 without the feature. Keys that are not A1111 fields and
+options we do not keep are listed in `info["ignored"]`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
-from pipelines.schema import GenerationRequest, GenerationResult
+from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult
 
 VERSION = f"lorastack {__version__}"
 
@@ -99,6 +101,11 @@ _USED = frozenset(
         "prompt",
         "negative_prompt",
         "seed",
+        "subseed",
+        "subseed_strength",
+        "seed_resize_from_h",
+        "seed_resize_from_w",
+        "tiling",
         "sampler_name",
         "scheduler",
         "sampler_index",
@@ -172,6 +179,40 @@ class Txt2ImgCall:
 def _is_neutral(value: object) -> bool:
     """Values that ask for nothing (null, false, 0, empty), so ignoring them loses nothing."""
     return value is None or value is False or value in (0, "", [], {})
+
+
+_NO_OP_VALUES: dict[str, tuple[object, ...]] = {
+    # A1111's own option defaults, which clients such as webuiapi send explicitly.
+    "eta": (1.0,),  # eta_ancestral; DDIM's eta is checked below
+    "s_noise": (1.0,),
+    "s_tmax": (math.inf,),
+}
+"""Values of unimplemented sampler fields that equal what A1111 does without them."""
+
+_HIRES_ONLY = ("firstphase_", "hr_")
+"""Prefixes of fields A1111 reads only with `enable_hr` (ignored by A1111 without it)."""
+
+
+def _unimplemented_value(key: str, value: object, body: dict[str, Any], sampler: str) -> bool:
+    """Whether an A1111 field we do not implement asks for something with `value`."""
+    if _is_neutral(value) or value == TXT2IMG_DEFAULTS[key]:
+        return False
+    if key.startswith(_HIRES_ONLY) and not body.get("enable_hr"):
+        return False
+    if key == "refiner_switch_at" and not body.get("refiner_checkpoint"):
+        return False
+    if key == "eta" and sampler.startswith(("DDIM", "PLMS", "UniPC")):
+        return True  # A1111's eta_ddim: a different image
+    return value not in _NO_OP_VALUES.get(key, ())
+
+
+def _refuse_unimplemented(key: str, value: object) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{key}={json.dumps(value, default=str)[:80]} asks for an A1111 feature lorastack "
+        f"does not implement; leave {key} out or send its default "
+        f"{json.dumps(TXT2IMG_DEFAULTS[key])}",
+        field=key,
+    )
 
 
 def _integer(name: str, value: object) -> int:
@@ -284,6 +325,11 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         steps=_integer("steps", get("steps")),
         cfg_scale=_number("cfg_scale", get("cfg_scale")),
         seed=_integer("seed", get("seed")),
+        subseed=_integer("subseed", get("subseed")),
+        subseed_strength=_number("subseed_strength", get("subseed_strength")),
+        seed_resize_from_w=_integer("seed_resize_from_w", get("seed_resize_from_w")),
+        seed_resize_from_h=_integer("seed_resize_from_h", get("seed_resize_from_h")),
+        tiling=_flag("tiling", get("tiling") or False),
         width=_integer("width", get("width")),
         height=_integer("height", get("height")),
         batch_size=_integer("batch_size", get("batch_size")),
@@ -295,14 +341,14 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         checkpoint=checkpoint,
     )
 
-    # 4. what we accept but do not do
+    # 4. A1111 fields we do not do: refused unless they ask for nothing; other keys listed
     for key, value in body.items():
         if key in _USED:
             continue
-        if key not in TXT2IMG_DEFAULTS or (
-            value != TXT2IMG_DEFAULTS[key] and not _is_neutral(value)
-        ):
+        if key not in TXT2IMG_DEFAULTS:
             ignored.append(key)
+        elif _unimplemented_value(key, value, body, choice.sampler):
+            raise _refuse_unimplemented(key, value)
     return Txt2ImgCall(
         request=request,
         parameters={**TXT2IMG_DEFAULTS, **body},
@@ -319,8 +365,6 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
     """The dict A1111's `Processed.js()` returns (the response's `info`, before JSON)."""
     used = result.request
     count = max(len(result.images), 1)
-    subseed = call.parameters.get("subseed")
-    subseed = subseed if isinstance(subseed, int) and not isinstance(subseed, bool) else -1
     return {
         "prompt": used.prompt,
         "all_prompts": [used.prompt] * count,
@@ -328,9 +372,9 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "all_negative_prompts": [used.negative_prompt] * count,
         "seed": used.seed,
         "all_seeds": list(result.seeds) or [used.seed],
-        "subseed": subseed,
-        "all_subseeds": [subseed] * count,
-        "subseed_strength": 0,
+        "subseed": used.subseed,
+        "all_subseeds": [(used.subseed + i) % (SEED_MAX + 1) for i in range(count)],
+        "subseed_strength": used.subseed_strength,
         "width": used.width,
         "height": used.height,
         "sampler_name": used.sampler_name,
@@ -344,8 +388,8 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "sd_model_hash": result.model_hash,
         "sd_vae_name": None,
         "sd_vae_hash": None,
-        "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1,
+        "seed_resize_from_w": used.seed_resize_from_w,
+        "seed_resize_from_h": used.seed_resize_from_h,
         "denoising_strength": used.denoising_strength,
         "extra_generation_params": {},
         "index_of_first_image": 0,

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="make images; PNGs carry their parameters")
     for spec in FIELDS:
         flags = FLAG_NAMES.get(spec.name, ("--" + spec.name.replace("_", "-"),))
+        if spec.kind is bool:
+            generate.add_argument(*flags, dest=spec.name, action="store_true", help=spec.help)
+            continue
         limits = (
             f" ({spec.kind(spec.minimum)}..{spec.kind(spec.maximum)})"
             if spec.minimum is not None and spec.maximum is not None

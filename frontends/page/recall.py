@@ -9,6 +9,7 @@ reported, never silently dropped.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,20 @@ RECALLED: dict[str, str] = {
     "CFG scale": "cfg_scale",
     "Seed": "seed",
     "Clip skip": "clip_skip",
+    "Variation seed": "subseed",
+    "Variation seed strength": "subseed_strength",
 }
-"""Infotext key -> request field (schema.FIELDS names); Size fills width and height."""
+"""Infotext key -> request field (schema.FIELDS names); Size fills width and height,
+`Seed resize from` the resize pair, `Tiling` the checkbox."""
+
+REPLAY_DEFAULTS: dict[str, Any] = {
+    "subseed_strength": 0.0,
+    "seed_resize_from_w": 0,
+    "seed_resize_from_h": 0,
+    "tiling": False,
+}
+"""What an infotext without these keys means, so a pasted one replays its image even when
+the page held other values."""
 
 
 @dataclass
@@ -110,6 +123,12 @@ def _recall_numbers(parsed: ParsedInfotext, result: Recall) -> None:
         result.values["scheduler"] = scheduler_label(result.values["scheduler"])
     if parsed.width and parsed.height:
         result.values["width"], result.values["height"] = parsed.width, parsed.height
+    result.values.update({k: v for k, v in REPLAY_DEFAULTS.items() if k not in result.values})
+    resize = re.fullmatch(r"(\d+)x(\d+)", parsed.params.get("Seed resize from", ""))
+    if resize:
+        result.values["seed_resize_from_w"] = int(resize[1])
+        result.values["seed_resize_from_h"] = int(resize[2])
+    result.values["tiling"] = parsed.params.get("Tiling", "") == "True"
 
 
 def _local_lora(

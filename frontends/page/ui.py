@@ -53,7 +53,17 @@ API_FIELDS = (
     "clip_skip",
 )
 """The `/txt2img` endpoint's request parameters, in order (schema.FIELDS names), followed by
-`checkpoint` and `loras`."""
+`checkpoint`, `loras` and `EXTRA_FIELDS`."""
+
+EXTRA_FIELDS = (
+    "subseed",
+    "subseed_strength",
+    "seed_resize_from_w",
+    "seed_resize_from_h",
+    "tiling",
+)
+"""A1111's "Extra" seed row and tiling: after `loras`, so positional API callers of the
+first version keep working."""
 
 PAGE_JS = """
 const style = document.createElement('style');
@@ -156,12 +166,18 @@ def build_ui(
         clip_skip: float,
         checkpoint: str | None,
         loras: Any,
+        subseed: float,
+        subseed_strength: float,
+        seed_resize_from_w: float,
+        seed_resize_from_h: float,
+        tiling: bool,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
         gallery, the first image's infotext, the seeds and the job id (for Interrupt)."""
-        given = {name: value for name, value in locals().items() if name in API_FIELDS}
+        named = (*API_FIELDS, *EXTRA_FIELDS)
+        given = {name: value for name, value in locals().items() if name in named}
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -270,9 +286,14 @@ def build_ui(
 
         note_state = gr.State([])
         job_state = gr.State("")  # this session's running job, for Interrupt
-        inputs = [*(controls[name] for name in API_FIELDS), checkpoint, panel.stack]
+        inputs = [
+            *(controls[name] for name in API_FIELDS),
+            checkpoint,
+            panel.stack,
+            *(controls[name] for name in EXTRA_FIELDS),
+        ]
         parameters = list(inspect.signature(txt2img).parameters)
-        assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras"]
+        assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS]
         generated = run.click(
             txt2img,
             inputs,
@@ -379,4 +400,19 @@ def build_controls(slider: Any, defaults: dict[str, Any]) -> dict[str, Any]:
             value=seed.default, label=seed.label, precision=0, elem_id="seed", info=seed.help
         )
         controls["clip_skip"] = slider("clip_skip")
+        controls["tiling"] = gr.Checkbox(False, label="Tiling", elem_id="tiling", min_width=80)
+    with gr.Accordion("Extra seed options", open=False, elem_id="seed_extras"):
+        with gr.Row():
+            subseed = field_spec("subseed")
+            controls["subseed"] = gr.Number(
+                value=subseed.default,
+                label=subseed.label,
+                precision=0,
+                elem_id="subseed",
+                info=subseed.help,
+            )
+            controls["subseed_strength"] = slider("subseed_strength")
+        with gr.Row():
+            controls["seed_resize_from_w"] = slider("seed_resize_from_w")
+            controls["seed_resize_from_h"] = slider("seed_resize_from_h")
     return controls

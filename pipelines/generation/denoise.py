@@ -4,7 +4,8 @@ It does what a diffusers Stable Diffusion `__call__` does between "prepare laten
 "decode" (same operations in the same order, so images match plain diffusers bit for bit),
 and exposes the places other modes change: the UNet's input (inpainting models' extra
 channels), its conditioning per step (prompt editing), and the latents after each step
-(inpainting's mask blend).
+(inpainting's mask blend). Composable prompts (A1111's `AND`) are more conditioned passes
+in the same UNet batch, combined as A1111 does: uncond + cfg * sum(w_i * (cond_i - uncond)).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ OnStep = Callable[[int, torch.Tensor], bool]
 class DenoiseLoop:
     """One batch's denoising, built by a generation run and called once.
 
-    `conditioning(i)` returns the (uncond, cond)-stacked hidden states when `guidance`
-    applies, else the cond ones alone. `extra_step_kwargs` follow diffusers: `eta` (0) and
-    the per-item generators, for the schedulers whose `step` accepts them.
+    `conditioning(i)` returns the hidden states of the uncond pass (when guidance applies)
+    followed by one block per conditioned part, each block one row per batch item.
+    `cond_weights` are the parts' weights (one part of weight 1 is plain txt2img; without
+    guidance the parts are mixed by weight). `extra_step_kwargs` follow diffusers: `eta`
+    (0) and the per-item generators, for the schedulers whose `step` accepts them.
     """
 
     unet: Any
@@ -41,6 +44,7 @@ class DenoiseLoop:
     guidance_scale: float
     generators: list[torch.Generator]
     timestep_cond: torch.Tensor | None = None
+    cond_weights: tuple[float, ...] = (1.0,)
     unet_input: list[UNetInput] = field(default_factory=list)
     after_step: list[AfterStep] = field(default_factory=list)
 
@@ -49,6 +53,24 @@ class DenoiseLoop:
         """diffusers' `do_classifier_free_guidance`: CFG above 1 and no distilled guidance
         embedding in the UNet."""
         return self.guidance_scale > 1 and self.timestep_cond is None
+
+    @property
+    def copies(self) -> int:
+        """UNet batch rows per batch item: the uncond pass (when guided) and each part."""
+        return len(self.cond_weights) + (1 if self.guided else 0)
+
+    def combine(self, noise: torch.Tensor) -> torch.Tensor:
+        """The UNet's [copies*B, ...] predictions -> one guided prediction [B, ...]."""
+        if self.copies == 1:
+            return noise
+        if not self.guided:
+            parts = noise.chunk(self.copies)
+            return sum(w * part for w, part in zip(self.cond_weights, parts, strict=True))
+        uncond, *conds = noise.chunk(self.copies)
+        if self.cond_weights == (1.0,):
+            return uncond + self.guidance_scale * (conds[0] - uncond)  # diffusers' exact ops
+        delta = sum(w * (c - uncond) for w, c in zip(self.cond_weights, conds, strict=True))
+        return uncond + self.guidance_scale * delta
 
     def extra_step_kwargs(self) -> dict[str, Any]:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -66,8 +88,8 @@ class DenoiseLoop:
         says so (the latents reached so far are returned)."""
         extra = self.extra_step_kwargs()
         for index, timestep in enumerate(timesteps):
-            # [B, 4, h, w] -> [2B, 4, h, w]: uncond first, then cond (diffusers' order)
-            model_input = torch.cat([latents] * 2) if self.guided else latents
+            # [B, 4, h, w] -> [copies*B, 4, h, w]: uncond first, then each cond part
+            model_input = torch.cat([latents] * self.copies) if self.copies > 1 else latents
             model_input = self.scheduler.scale_model_input(model_input, timestep)
             for hook in self.unet_input:
                 model_input = hook(model_input, index)
@@ -81,9 +103,7 @@ class DenoiseLoop:
                 added_cond_kwargs=added,
                 return_dict=False,
             )[0]
-            if self.guided:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + self.guidance_scale * (cond - uncond)
+            noise = self.combine(noise)
             latents = self.scheduler.step(noise, timestep, latents, **extra, return_dict=False)[0]
             for after in self.after_step:
                 latents = after(latents, index)

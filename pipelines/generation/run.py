@@ -11,12 +11,12 @@ loop, not an `if mode ==` in five places.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from pipelines import __version__
@@ -25,6 +25,7 @@ from pipelines.errors import UnusableFileError
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.generation.denoise import DenoiseLoop
+from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import latents_to_images
@@ -33,9 +34,10 @@ from pipelines.prompt import (
     combine_stacks,
     extract_lora_tags,
     format_lora_tag,
-    pad_to_same_length,
+    pad_to_longest,
     strip_comments,
 )
+from pipelines.prompt_grammar import prompt_schedules, split_and, text_at
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
 
@@ -67,6 +69,7 @@ class RunInputs:
     negative_prompt: str
     stack: tuple[LoraSpec, ...]  # rows, then prompt tags
     seed: int
+    subseed: int
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,12 +83,30 @@ class Adapters:
     notes: list[str]
 
 
+Schedule = list[tuple[int, str]]
+"""A1111's prompt schedule: (last step, text) pairs; see `prompt_grammar`."""
+
+
 @dataclass
 class Conditioning:
-    """Step 3's result: the prompt and negative prompt, padded to one length."""
+    """Step 3's result: every text the prompts can switch to, encoded once and padded to
+    one length; the schedule and weight of each `AND` part; the negative's schedule."""
 
-    positive: EncodedPrompt
-    negative: EncodedPrompt
+    parts: list[tuple[Schedule, float]]
+    negative: Schedule
+    encoded: dict[tuple[str, bool], EncodedPrompt]
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(weight for _, weight in self.parts)
+
+    def at(self, step: int) -> tuple[EncodedPrompt, list[EncodedPrompt]]:
+        """(negative, one per part) in force at sampling step `step` (0-based)."""
+        negative = self.encoded[(text_at(self.negative, step), True)]
+        return negative, [self.encoded[(text_at(s, step), False)] for s, _ in self.parts]
+
+    def texts_at(self, step: int) -> tuple[str, ...]:
+        return (text_at(self.negative, step), *(text_at(s, step) for s, _ in self.parts))
 
 
 def check_request(request: GenerationRequest) -> RunInputs:
@@ -96,14 +117,16 @@ def check_request(request: GenerationRequest) -> RunInputs:
     prompt, tags = extract_lora_tags(strip_comments(request.prompt))
     stack, notes = combine_stacks(request.loras, tags)
     seed = request.seed if request.seed != -1 else random.randint(0, SEED_MAX)
+    subseed = request.subseed if request.subseed != -1 else random.randint(0, SEED_MAX)
     rows = stack[: len(stack) - len(tags)]
     return RunInputs(
-        replace(request, loras=rows, seed=seed),
+        replace(request, loras=rows, seed=seed, subseed=subseed),
         sampler,
         prompt,
         strip_comments(request.negative_prompt),
         stack,
         seed,
+        subseed,
         notes,
     )
 
@@ -139,27 +162,32 @@ class Txt2ImgRun:
         conditioning = self.encode_prompts(inputs, adapters)
         images: list[Image.Image] = []
         seeds: list[int] = []
+        subseeds: list[int] = []
         count = inputs.request.batch_size
         for iteration in range(inputs.request.n_iter):
             if self.control.interrupted:
                 break
-            # seeds: seed, seed+1, ... across the whole job (A1111)
-            batch_seeds = [
-                (inputs.seed + iteration * count + i) % (SEED_MAX + 1) for i in range(count)
-            ]
+            # seeds: seed, seed+1, ... across the whole job, subseeds alike (A1111)
+            first = iteration * count
+            batch_seeds = [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)]
+            batch_subseeds = [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)]
             scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
             # 4. prepare latents
-            latents, generators = self.prepare_latents(inputs, batch_seeds, scheduler)
+            latents, generators = self.prepare_latents(
+                inputs, SeedPlan(batch_seeds, batch_subseeds), scheduler
+            )
             timesteps = self.timesteps(inputs, scheduler)
             self.control.batch(iteration, inputs.request.n_iter, len(timesteps))
-            # 5. denoise
-            latents = self.denoise(inputs, conditioning, latents, generators, scheduler)
-            # 6. decode
-            pixels = self.decode(inputs, latents)
+            with self.tiling(inputs):
+                # 5. denoise
+                latents = self.denoise(inputs, conditioning, latents, generators, scheduler)
+                # 6. decode
+                pixels = self.decode(inputs, latents)
             # 7. post-process
             images.extend(self.post_process(pixels))
             seeds.extend(batch_seeds)
-        return self.result(inputs, adapters, images, seeds)
+            subseeds.extend(batch_subseeds)
+        return self.result(inputs, adapters, images, seeds, subseeds)
 
     # -- 1
 
@@ -189,12 +217,26 @@ class Txt2ImgRun:
     # -- 3
 
     def encode_prompts(self, inputs: RunInputs, adapters: Adapters) -> Conditioning:
-        """A1111 semantics (weights, BREAK, 75-token chunks, clip skip), padded alike."""
-        clip_skip = inputs.request.clip_skip
-        positive = self.encode(inputs.prompt, clip_skip, False, adapters.text_state)
-        negative = self.encode(inputs.negative_prompt, clip_skip, True, adapters.text_state)
-        positive, negative = pad_to_same_length(positive, negative, empty=self.model.empty_prompt)
-        return Conditioning(positive, negative)
+        """A1111 semantics (weights, BREAK, 75-token chunks, clip skip, prompt editing,
+        alternation, `AND` parts with weights), every distinct text encoded once and all
+        padded alike. The negative prompt takes editing and alternation, not `AND`."""
+        request = inputs.request
+        parts = split_and(inputs.prompt)
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            parts = [(inputs.prompt, 1.0)]  # a plain prompt stays exactly as written
+        texts = [text for text, _ in parts]
+        *schedules, negative = prompt_schedules([*texts, inputs.negative_prompt], request.steps)
+        wanted = {(text, False) for schedule in schedules for _, text in schedule}
+        wanted |= {(text, True) for _, text in negative}
+        keys = sorted(wanted)
+        encoded = [
+            self.encode(text, request.clip_skip, is_negative, adapters.text_state)
+            for text, is_negative in keys
+        ]
+        padded = pad_to_longest(encoded, empty=self.model.empty_prompt)
+        weights = [weight for _, weight in parts]
+        weighted = list(zip(schedules, weights, strict=True))
+        return Conditioning(weighted, negative, dict(zip(keys, padded, strict=True)))
 
     def encode(
         self, text: str, clip_skip: int, negative: bool, text_state: tuple[object, ...]
@@ -221,19 +263,24 @@ class Txt2ImgRun:
     # -- 4
 
     def prepare_latents(
-        self, inputs: RunInputs, seeds: list[int], scheduler: Any
+        self, inputs: RunInputs, seeds: SeedPlan, scheduler: Any
     ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Initial noise from per-item CPU generators, so a seed means the same image on
-        every device; scaled by the scheduler's initial sigma."""
+        every device (with A1111's variation seed and "resize seed from"); scaled by the
+        scheduler's initial sigma."""
         pipe = self.model.pipe
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         request = inputs.request
-        channels = pipe.vae.config.latent_channels
-        # [B, C, H/8, W/8]
-        shape = (len(seeds), channels, request.height // factor, request.width // factor)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        noise = randn_tensor(shape, generator=generators, device=self.plan.device, dtype=self.dtype)
-        return noise * scheduler.init_noise_sigma, generators
+        resize = (request.seed_resize_from_h, request.seed_resize_from_w)
+        plan = replace(
+            seeds,
+            subseed_strength=request.subseed_strength,
+            resize_from=resize if min(resize) > 0 else None,
+        )
+        # [C, H/8, W/8] per item
+        shape = (pipe.vae.config.latent_channels, request.height // factor, request.width // factor)
+        noise, generators = initial_noise(plan, shape, self.dtype, factor)
+        return noise.to(self.plan.device) * scheduler.init_noise_sigma, generators
 
     @property
     def dtype(self) -> torch.dtype:
@@ -282,40 +329,55 @@ class Txt2ImgRun:
                 scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
             ).to(device=self.plan.device, dtype=self.dtype)
         loop = DenoiseLoop(pipe.unet, scheduler, lambda i: (None, None), guidance, generators)
-        loop.timestep_cond = timestep_cond
-        hidden, added = self.unet_conditioning(inputs, conditioning, count, loop.guided)
-        loop.conditioning = lambda index: (hidden, added)
+        loop.cond_weights = conditioning.weights
+        if timestep_cond is not None:
+            loop.timestep_cond = timestep_cond.repeat(len(conditioning.parts), 1)
+        built: dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+
+        def at_step(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+            texts = conditioning.texts_at(index)  # each combination's tensors built once
+            if texts not in built:
+                negative, positives = conditioning.at(index)
+                built[texts] = self.unet_conditioning(
+                    inputs, negative, positives, count, loop.guided
+                )
+            return built[texts]
+
+        loop.conditioning = at_step
         if self.model.architecture.is_inpainting:
-            loop.unet_input.append(self.blank_inpainting_input(inputs, count, loop.guided))
+            loop.unet_input.append(self.blank_inpainting_input(inputs, count, loop.copies))
         return loop
 
     def unet_conditioning(
-        self, inputs: RunInputs, conditioning: Conditioning, count: int, guided: bool
+        self,
+        inputs: RunInputs,
+        negative: EncodedPrompt,
+        positives: list[EncodedPrompt],
+        count: int,
+        guided: bool,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """Hidden states [2B or B, T, D] and, for SDXL, the pooled text and size ids."""
-        positive = conditioning.positive.embeds.expand(count, -1, -1)
-        negative = conditioning.negative.embeds.expand(count, -1, -1)
-        hidden = torch.cat([negative, positive]) if guided else positive
+        """Hidden states [copies*B, T, D] (uncond when guided, then each part) and, for
+        SDXL, the pooled text and size ids."""
+        prompts = [negative, *positives] if guided else positives
+        hidden = torch.cat([prompt.embeds.expand(count, -1, -1) for prompt in prompts])
         if self.model.family != "SDXL":
             return hidden.to(self.plan.device), None
-        assert conditioning.positive.pooled is not None
-        assert conditioning.negative.pooled is not None
-        pooled = conditioning.positive.pooled.expand(count, -1)
-        negative_pooled = conditioning.negative.pooled.expand(count, -1)
-        text = torch.cat([negative_pooled, pooled]) if guided else pooled
+        pooled = []
+        for prompt in prompts:
+            assert prompt.pooled is not None
+            pooled.append(prompt.pooled.expand(count, -1))
         request = inputs.request
         # original size, crop top-left, target size (diffusers' SDXL defaults)
         ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
-        ids = ids.to(hidden.dtype)
-        ids = torch.cat([ids, ids]) if guided else ids
+        ids = ids.to(hidden.dtype).repeat(len(prompts) * count, 1)
         added = {
-            "text_embeds": text.to(self.plan.device),
-            "time_ids": ids.to(self.plan.device).repeat(count, 1),
+            "text_embeds": torch.cat(pooled).to(self.plan.device),
+            "time_ids": ids.to(self.plan.device),
         }
         return hidden.to(self.plan.device), added
 
     def blank_inpainting_input(
-        self, inputs: RunInputs, count: int, guided: bool
+        self, inputs: RunInputs, count: int, copies: int
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """txt2img on an inpainting (9-channel) model, as A1111: everything masked and the
         masked image blank (0 in the VAE's [-1, 1] range), encoded once with the latent
@@ -329,13 +391,36 @@ class Txt2ImgRun:
             encoded = vae.encode(blank.to(vae.dtype)).latent_dist.mode()
         masked = (encoded * vae.config.scaling_factor).to(self.dtype)  # [1, 4, h, w]
         mask = torch.ones_like(masked[:, :1])  # [1, 1, h, w]
-        extra = torch.cat([mask, masked], dim=1).repeat(count * (2 if guided else 1), 1, 1, 1)
+        extra = torch.cat([mask, masked], dim=1).repeat(count * copies, 1, 1, 1)
 
         def add_channels(model_input: torch.Tensor, index: int) -> torch.Tensor:
             # [2B, 4, h, w] -> [2B, 9, h, w]: latents, mask, masked-image latents
             return torch.cat([model_input, extra.to(model_input)], dim=1)
 
         return add_channels
+
+    @contextmanager
+    def tiling(self, inputs: RunInputs) -> Iterator[None]:
+        """With `tiling`, every convolution of the UNet and VAE pads circularly (A1111's
+        seamless tiling) while the batch is denoised and decoded; restored afterwards."""
+        if not inputs.request.tiling:
+            yield
+            return
+        pipe = self.model.pipe
+        convs = [
+            module
+            for model in (pipe.unet, pipe.vae)
+            for module in model.modules()
+            if isinstance(module, torch.nn.Conv2d)
+        ]
+        before = [conv.padding_mode for conv in convs]
+        for conv in convs:
+            conv.padding_mode = "circular"
+        try:
+            yield
+        finally:
+            for conv, mode in zip(convs, before, strict=True):
+                conv.padding_mode = mode
 
     # -- 6
 
@@ -384,13 +469,17 @@ class Txt2ImgRun:
         adapters: Adapters,
         images: list[Image.Image],
         seeds: list[int],
+        subseeds: list[int],
     ) -> GenerationResult:
         """The result with one infotext per image."""
         model = self.model
         notes = [*inputs.notes, *model.notes, *adapters.notes]
         if model.entry is not None and model.entry.sha256 is None:
             notes.append("the checkpoint's hash is still being computed: no Model hash written")
-        infotexts = [self.infotext(inputs, adapters, seed) for seed in seeds]
+        infotexts = [
+            self.infotext(inputs, adapters, seed, subseed)
+            for seed, subseed in zip(seeds, subseeds, strict=True)
+        ]
         return GenerationResult(
             images=images,
             seeds=seeds,
@@ -402,7 +491,7 @@ class Txt2ImgRun:
             notes=notes,
         )
 
-    def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int) -> str:
+    def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int, subseed: int) -> str:
         """A1111 `parameters` text for one image; UI-stack LoRAs are written into the
         prompt as tags so any A1111-compatible tool replays them."""
         request = inputs.request
@@ -416,8 +505,17 @@ class Txt2ImgRun:
             "Size": f"{request.width}x{request.height}",
             "Model hash": model.entry.short_hash if model.entry else None,
             "Model": model.name,
-            "Clip skip": request.clip_skip,
         }
+        if request.subseed_strength:
+            params["Variation seed"] = subseed
+            params["Variation seed strength"] = request.subseed_strength
+        if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+            params["Seed resize from"] = (
+                f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
+            )
+        params["Clip skip"] = request.clip_skip
+        if request.tiling:
+            params["Tiling"] = True
         params.update(self.extra_infotext(inputs))
         hashes = [(name, short) for name, short in adapters.applied if short]
         if hashes:
