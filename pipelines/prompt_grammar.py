@@ -57,7 +57,8 @@ def _switch_step(
         value = (value - (1.0 if hires else 0.0)) * steps
     else:
         value = value - (base_steps if hires else 0)
-    return min(steps, int(value))
+    # A1111 crashes on a number too large for an int; past either end means the same
+    return min(steps, int(max(min(value, steps), -1.0)))
 
 
 def _render(node: lark.Tree | lark.Token | None, step: int, when: dict[int, int]) -> str:

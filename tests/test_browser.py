@@ -190,9 +190,13 @@ def test_extra_seed_row_and_tiling(page: object) -> None:
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 5)):
         set_number(page, elem_id, value)
     page.locator("#seed_extras").get_by_text("Extra seed options").click()
-    set_number(page, "subseed", 77)
+    page.locator("#subseed_strength input[type=range]").wait_for(state="visible")
     set_number(page, "subseed_strength", 0.4)
+    set_number(page, "subseed", 77)
     page.locator("#tiling input[type=checkbox]").check()
+    # the values the page will send (an accordion still opening may re-render them)
+    assert page.locator("#subseed input").first.input_value() == "77"
+    assert page.locator("#subseed_strength input[type=number]").first.input_value() == "0.4"
     page.locator("#generate").click()
     page.locator("#gallery img").first.wait_for()
     params = parse_infotext(infotext(page)).params

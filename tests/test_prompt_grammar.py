@@ -89,3 +89,13 @@ def test_text_at_picks_the_first_entry_ending_at_or_after_the_step() -> None:
 )
 def test_and_parts_and_weights(prompt: str, expected: list[tuple[str, float]]) -> None:
     assert split_and(prompt) == expected
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("[a:b:1e400]", [(10, "a")]), ("[a:b:-1e400]", [(10, "b")]), ("[a:b:1e10]", [(10, "a")])],
+)
+def test_huge_step_numbers_clamp_instead_of_crashing(
+    prompt: str, expected: list[tuple[int, str]]
+) -> None:
+    assert prompt_schedules([prompt], 10) == [expected]

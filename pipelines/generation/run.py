@@ -221,9 +221,7 @@ class Txt2ImgRun:
         alternation, `AND` parts with weights), every distinct text encoded once and all
         padded alike. The negative prompt takes editing and alternation, not `AND`."""
         request = inputs.request
-        parts = split_and(inputs.prompt)
-        if len(parts) == 1 and parts[0][1] == 1.0:
-            parts = [(inputs.prompt, 1.0)]  # a plain prompt stays exactly as written
+        parts = split_and(inputs.prompt)  # A1111: even one part loses a trailing ":w"
         texts = [text for text, _ in parts]
         *schedules, negative = prompt_schedules([*texts, inputs.negative_prompt], request.steps)
         wanted = {(text, False) for schedule in schedules for _, text in schedule}
@@ -280,6 +278,10 @@ class Txt2ImgRun:
         # [C, H/8, W/8] per item
         shape = (pipe.vae.config.latent_channels, request.height // factor, request.width // factor)
         noise, generators = initial_noise(plan, shape, self.dtype, factor)
+        if hasattr(scheduler, "noise_sampler_seed"):
+            # DPM++ SDE's Brownian tree: one per item from its seed (A1111), never the
+            # global RNG, so the infotext's seed reproduces the image
+            scheduler.noise_sampler_seed = list(plan.seeds)
         return noise.to(self.plan.device) * scheduler.init_noise_sigma, generators
 
     @property
@@ -425,7 +427,8 @@ class Txt2ImgRun:
     # -- 6
 
     def decode(self, inputs: RunInputs, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] (the VAE upcast as diffusers does for SDXL)."""
+        """Latents -> images in [-1, 1] (the VAE upcast as diffusers does for SDXL), in the
+        VAE's own dtype."""
         vae = self.model.pipe.vae
         request = inputs.request
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -440,6 +443,7 @@ class Txt2ImgRun:
             latents = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             latents = latents / vae.config.scaling_factor
+        latents = latents.to(vae.dtype)  # --no-half-vae: an fp32 VAE gets half latents
         large = request.width * request.height > LARGE_DECODE_PIXELS
         if large:
             vae.enable_tiling()
