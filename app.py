@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     zero_gpu = prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before CUDA starts
     from deployments.hub import resolve_startup_checkpoint
+    from pipelines.output import remove_stale_placeholders
     from pipelines.service import build_folders, build_service
     from pipelines.settings import apply_threads, parse_settings
 
@@ -41,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     apply_threads(settings)
     for folder in (*settings.models_dirs, *settings.loras_dirs, settings.outputs_dir):
         Path(folder).mkdir(parents=True, exist_ok=True)
+    for leftover in remove_stale_placeholders(settings.outputs_dir):
+        logging.getLogger("lorastack").info("removed %s, left by an interrupted save", leftover)
     folders = build_folders(settings)
     startup = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
     if settings.ray is not None:

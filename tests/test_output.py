@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from pipelines.infotext import read_infotext, write_png_with_infotext
-from pipelines.output import next_sequence_number, save_png, write_new_file
+from pipelines.output import (
+    next_sequence_number,
+    remove_stale_placeholders,
+    save_png,
+    write_new_file,
+)
 
 DAY = dt.date(2026, 11, 23)
 
@@ -76,3 +83,44 @@ def test_sequence_ignores_other_names(tmp_path: Path) -> None:
 def test_saved_images_are_readable_by_others(tmp_path: Path) -> None:
     saved = save_png(tmp_path, _png(), 1, today=DAY)
     assert saved.stat().st_mode & 0o777 == 0o644
+
+
+def test_saving_works_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FUSE and SMB mounts (Space buckets) refuse os.link; saving must not need it."""
+
+    def no_links(*args: object, **kwargs: object) -> None:
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr("pipelines.output.os.link", no_links)
+    first = save_png(tmp_path, _png(), 1, today=DAY)
+    second = save_png(tmp_path, _png(), 1, today=DAY)
+    assert (first.name, second.name) == ("00000-1.png", "00001-1.png")
+    assert first.read_bytes() == _png()
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name, second.name]
+
+
+def test_a_reserved_name_is_never_taken_again(tmp_path: Path) -> None:
+    """An empty placeholder (a save in progress, or one a kill left) keeps its number."""
+    folder = tmp_path / "txt2img-images" / DAY.isoformat()
+    folder.mkdir(parents=True)
+    (folder / "00000-9.png").touch()
+    saved = save_png(tmp_path, _png(), 9, today=DAY)
+    assert saved.name == "00001-9.png" and (folder / "00000-9.png").stat().st_size == 0
+
+
+def test_stale_placeholders_are_removed_at_start_up(tmp_path: Path) -> None:
+    kept = save_png(tmp_path, _png(), 1, today=DAY)
+    folder = kept.parent
+    for name in ("00007-3.png", ".saving-abc.tmp", "00008-4.png"):
+        (folder / name).touch()
+    (folder / "notes.txt").touch()  # empty, but not ours
+    fresh = folder / "00008-4.png"  # a save happening right now
+    old = time.time() - 3600
+    for name in ("00007-3.png", ".saving-abc.tmp", "notes.txt"):
+        os.utime(folder / name, (old, old))
+    os.utime(kept, (old, old))
+    removed = remove_stale_placeholders(tmp_path)
+    assert sorted(p.name for p in removed) == [".saving-abc.tmp", "00007-3.png"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([kept.name, fresh.name, "notes.txt"])
