@@ -69,16 +69,20 @@ def plan_device(
     medvram: bool = False,
     lowvram: bool = False,
     no_half_vae: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> DevicePlan:
-    """Decide device, dtype (fp16 on CUDA, fp32 elsewhere), attention and memory mode."""
+    """Decide device, dtype (fp16 on CUDA, fp32 elsewhere unless `dtype` is given),
+    attention and memory mode. Offload modes run on the CPU too (accelerate with the CPU as
+    execution device), so every device path can be exercised without a GPU."""
     device = pick_device(requested)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
     attention, reason = "sdpa", "PyTorch scaled_dot_product_attention"
     if want_xformers:
         usable, why = xformers_status(device)
         attention, reason = ("xformers", why) if usable else ("sdpa", why)
     memory = "lowvram" if lowvram else "medvram" if medvram else "full"
-    if device.type != "cuda":
+    if device.type not in ("cuda", "cpu"):
         memory = "full"
     return DevicePlan(device, dtype, attention, reason, memory, no_half_vae)
 

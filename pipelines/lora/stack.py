@@ -50,6 +50,23 @@ class _Plan:
     warnings: list[str] = field(default_factory=list)
 
 
+def stored_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The tensor that really holds a layer's weight: the parameter's data, or, under
+    accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`), the
+    CPU copy its hook loads before every call. Merges write into that tensor in place, so
+    they reach the next forward pass in every memory mode."""
+    weight = module.weight
+    if weight.device.type != "meta":
+        return weight.data
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights_map = getattr(part, "weights_map", None)
+        if weights_map is not None:
+            stored: torch.Tensor = weights_map["weight"]
+            return stored
+    raise RuntimeError(f"{type(module).__name__} holds its weight nowhere we can write to")
+
+
 def check_compatible(parsed: ParsedLora, model_family: str, name: str) -> None:
     """Refuse a LoRA made for another family, naming both architectures."""
     if model_family not in parsed.architecture.families:
@@ -213,12 +230,12 @@ class AdapterStack:
         return plan
 
     def _restore_layer(self, target: Target) -> None:
-        weight = self.index.modules[target].weight
-        weight.data.copy_(self._backup[target].to(weight.device))
+        weight = stored_weight(self.index.modules[target])
+        weight.copy_(self._backup[target].to(weight.device))
         self._applied.pop(target, None)
 
     def _merge_layer(self, target: Target, items: list[tuple[ParsedLora, Contribution]]) -> None:
-        weight = self.index.modules[target].weight
+        weight = stored_weight(self.index.modules[target])
         if target not in self._backup:
             self._backup[target] = weight.detach().to("cpu", copy=True)
         self._backup.move_to_end(target)
@@ -229,5 +246,5 @@ class AdapterStack:
                 total += module_delta(parsed.groups[group_key], base, multiplier)
         except ValueError as error:
             raise UnusableFileError(f"{parsed.source}: {error}", field="loras") from error
-        weight.data.copy_(total.to(weight.dtype))
+        weight.copy_(total.to(weight.dtype))
         self._applied[target] = tuple(c for _, c in items)
