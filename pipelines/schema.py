@@ -15,6 +15,8 @@ from PIL import Image
 from pipelines.errors import InvalidRequestError
 
 SEED_MAX = 2**32 - 1
+RANDN_SOURCES = ("GPU", "CPU", "NV")
+"""A1111's `randn_source` values (see `generation.noise`)."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class GenerationRequest:
     clip_skip: int = 1
     denoising_strength: float = 0.75
     tiling: bool = False
+    randn_source: str = "CPU"  # A1111's noise source: "CPU", "GPU" or "NV"
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
 
@@ -148,6 +151,14 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("clip_skip", int, 1, "Clip skip", 1, 12, 1),
     FieldSpec("denoising_strength", float, 0.75, "Denoising strength", 0.0, 1.0, 0.01),
     FieldSpec("tiling", bool, False, "Tiling", help="make an image that tiles seamlessly"),
+    FieldSpec(
+        "randn_source",
+        str,
+        "CPU",
+        "Random number source",
+        help="CPU: the same image on every device; GPU: the model's device; "
+        "NV: NVIDIA's generator on any device (A1111 images made on NVIDIA GPUs)",
+    ),
 )
 
 
@@ -233,6 +244,11 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     _check_float("subseed_strength", request.subseed_strength, 0.0, 1.0)
     _check_int("seed_resize_from_w", request.seed_resize_from_w, -1, bounds.max_size)
     _check_int("seed_resize_from_h", request.seed_resize_from_h, -1, bounds.max_size)
+    if request.randn_source not in RANDN_SOURCES:
+        raise InvalidRequestError(
+            f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {request.randn_source!r}",
+            field="randn_source",
+        )
     if not isinstance(request.tiling, bool):
         raise InvalidRequestError(
             f"tiling must be true or false, got {request.tiling!r}", field="tiling"

@@ -183,3 +183,16 @@ def test_error_body_is_a1111_shaped() -> None:
         "body": "",
         "errors": "unknown checkpoint 'x'; known: a, b",
     }
+
+
+def test_randn_source_per_request_and_as_an_option() -> None:
+    call = parse({"override_settings": {"randn_source": "NV"}})
+    assert call.request.randn_source == "NV" and call.ignored == []
+    assert parse({}).request.randn_source == "CPU"  # ours; A1111's default is GPU
+    kept = a1111.ApiOptions(randn_source="GPU")
+    assert a1111.parse_txt2img({"prompt": "x"}, kept).request.randn_source == "GPU"
+    assert a1111.parse_options({"randn_source": "NV"}).randn_source == "NV"
+    assert a1111.current_options("m", None, kept)["randn_source"] == "GPU"
+    with pytest.raises(InvalidRequestError) as error:
+        parse({"override_settings": {"randn_source": "cuda"}})
+    assert error.value.field == "override_settings.randn_source"

@@ -298,7 +298,7 @@ def generate_event(page: gr.Blocks) -> Any:
 
 def press_generate(page: gr.Blocks, request: gr.Request, loras: list | None = None) -> list:
     values = ["a tower", "", 1, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1]
-    extra = [-1, 0.0, 0, 0, False]  # subseed, strength, resize from w/h, tiling
+    extra = [-1, 0.0, 0, 0, False, "CPU"]  # subseed, strength, resize w/h, tiling, source
     callback = generate_event(page)
     return list(
         callback(*values, DEMO_MODEL_NAME, loras or [], *extra, request, lambda *a, **k: None)
@@ -326,7 +326,7 @@ def test_queue_slot_is_held_while_the_job_runs(engine: Service) -> None:
     page = make_page(with_limits(engine, limits), env={})
     stream = generate_event(page)(
         "a tower", "", 2, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1,
-        DEMO_MODEL_NAME, [], -1, 0.0, 0, 0, False, visitor("ann"), lambda *a, **k: None,
+        DEMO_MODEL_NAME, [], -1, 0.0, 0, 0, False, "CPU", visitor("ann"), lambda *a, **k: None,
     )  # fmt: skip
     next(stream)  # the job is queued (its id came back)
     assert limits.slots.in_use("user:ann") == 1

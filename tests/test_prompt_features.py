@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipelines.generation import run as run_module
-from pipelines.generation.noise import SeedPlan, initial_noise, slerp
+from pipelines.generation.noise import PhiloxGenerator, SeedPlan, initial_noise, slerp
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
 from pipelines.model_manager import ActiveModel
@@ -333,3 +333,48 @@ def test_tiling_is_restored_afterwards(service: Service) -> None:
     modes = {m.padding_mode for m in model.pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)}
     assert modes == {"zeros"}
     assert not np.array_equal(tiled, image(service))
+
+
+# ----------------------------------------------------------------- noise sources
+
+
+def test_nv_source_reproduces_cuda_randn() -> None:
+    """`torch.randn((3, 4), device="cuda")` after `manual_seed(0)`, as A1111's
+    `rng_philox` documents it."""
+    expected = [
+        [-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+        [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+        [-1.07454231, -0.36314407, -1.67105067, 2.26550497],
+    ]
+    made = PhiloxGenerator(0).randn((3, 4))
+    assert torch.allclose(made, torch.tensor(expected), rtol=0, atol=1e-6)
+    second = PhiloxGenerator(0)
+    second.randn((3, 4))
+    assert not torch.allclose(second.randn((3, 4)), made)  # the offset moves on
+
+
+def test_nv_initial_noise_is_philox_per_seed_and_subseed() -> None:
+    shape = (4, 8, 8)
+    nv, generators = initial_noise(SeedPlan([7, 8], [0, 0], source="NV"), shape)
+    assert torch.equal(nv[1], PhiloxGenerator(8).randn(shape))
+    assert isinstance(generators[0], torch.Generator)  # later noise: CPU generators
+    varied, _ = initial_noise(SeedPlan([7], [9], 1.0, source="NV"), shape)
+    assert torch.equal(varied[0], PhiloxGenerator(9).randn(shape))
+
+
+def test_gpu_source_on_a_cpu_model_is_the_cpu_source() -> None:
+    shape = (4, 8, 8)
+    gpu, _ = initial_noise(SeedPlan([7], [0], source="GPU"), shape)
+    cpu, _ = initial_noise(SeedPlan([7], [0], source="CPU"), shape)
+    assert torch.equal(gpu, cpu)
+
+
+def test_noise_source_is_written_as_a1111_does(service: Service) -> None:
+    cpu = service.generate(request(seed=3))
+    nv = service.generate(request(seed=3, randn_source="NV"))
+    gpu = service.generate(request(seed=3, randn_source="GPU"))
+    assert parse_infotext(cpu.infotexts[0]).params["RNG"] == "CPU"
+    assert parse_infotext(nv.infotexts[0]).params["RNG"] == "NV"
+    assert "RNG" not in parse_infotext(gpu.infotexts[0]).params  # A1111's default
+    assert not np.array_equal(np.asarray(cpu.images[0]), np.asarray(nv.images[0]))
+    assert np.array_equal(np.asarray(cpu.images[0]), np.asarray(gpu.images[0]))  # on a CPU

@@ -189,6 +189,7 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
         "seed_resize_from_w": 0,
         "seed_resize_from_h": 0,
         "tiling": False,
+        "randn_source": "NV",  # an A1111 infotext without RNG, recalled on a CPU
     }
     assert found.rows == [
         {"name": "ink", "weight": 0.8, "te_weight": None},
@@ -199,18 +200,21 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
     assert "'old-glow' is here as 'glow'" in warnings
     assert "'gone' (hash abcdefabcdef) is not in the LoRA folders" in warnings
     assert "checkpoint elsewhere [0123456789]" in warnings
+    assert "made on an NVIDIA GPU, so its noise source NV was chosen" in warnings
 
 
 def test_recall_fills_variation_seed_resize_and_tiling(engine: Service) -> None:
     text = (
         "castle\nSteps: 7, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 96x64, "
         "Variation seed: 77, Variation seed strength: 0.3, Seed resize from: 64x48, "
-        "Tiling: True"
+        "Tiling: True, Version: lorastack 0.1.0"
     )
     values = recall(text, engine).values
     assert (values["subseed"], values["subseed_strength"]) == (77, 0.3)
     assert (values["seed_resize_from_w"], values["seed_resize_from_h"]) == (64, 48)
     assert values["tiling"] is True
+    assert values["randn_source"] == "CPU"  # a lorastack image from before RNG was written
+    assert recall(text.replace("Tiling", "RNG: NV, Tiling"), engine).values["randn_source"] == "NV"
 
 
 def test_image_info_png_jpeg_and_raw_other_metadata(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
-from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult
+from pipelines.schema import RANDN_SOURCES, SEED_MAX, GenerationRequest, GenerationResult
 
 VERSION = f"lorastack {__version__}"
 
@@ -129,6 +129,7 @@ _USED = frozenset(
 
 OPTION_CHECKPOINT = "sd_model_checkpoint"
 OPTION_CLIP_SKIP = "CLIP_stop_at_last_layers"
+OPTION_RANDN_SOURCE = "randn_source"
 CLIP_SKIP_MAX = 12
 
 # Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
@@ -159,6 +160,7 @@ class ApiOptions:
     """The A1111 options the API keeps between requests (A1111's `opts`)."""
 
     clip_skip: int = 1
+    randn_source: str = "CPU"  # ours; A1111's default is GPU (see generation.noise)
 
 
 @dataclass
@@ -254,6 +256,15 @@ def clip_skip_option(value: object, name: str = OPTION_CLIP_SKIP) -> int:
     return number
 
 
+def randn_source_option(value: object, name: str = OPTION_RANDN_SOURCE) -> str:
+    """A1111's `randn_source` option: GPU, CPU or NV."""
+    if value not in RANDN_SOURCES:
+        raise InvalidRequestError(
+            f"{name} must be one of {', '.join(RANDN_SOURCES)}, got {value!r}", field=name
+        )
+    return str(value)
+
+
 def checkpoint_option(value: object, name: str = OPTION_CHECKPOINT) -> str:
     text = _text(name, value).strip()
     if not text:
@@ -308,6 +319,7 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         )
     checkpoint = None
     clip_skip = options.clip_skip
+    randn_source = options.randn_source
     ignored = []
     for key, value in overrides.items():
         where = f"override_settings.{key}"
@@ -315,6 +327,8 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
             checkpoint = checkpoint_option(value, where)
         elif key == OPTION_CLIP_SKIP:
             clip_skip = clip_skip_option(value, where)
+        elif key == OPTION_RANDN_SOURCE:
+            randn_source = randn_source_option(value, where)
         else:
             ignored.append(where)
 
@@ -330,6 +344,7 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         seed_resize_from_w=_integer("seed_resize_from_w", get("seed_resize_from_w")),
         seed_resize_from_h=_integer("seed_resize_from_h", get("seed_resize_from_h")),
         tiling=_flag("tiling", get("tiling") or False),
+        randn_source=randn_source,
         width=_integer("width", get("width")),
         height=_integer("height", get("height")),
         batch_size=_integer("batch_size", get("batch_size")),
@@ -444,6 +459,7 @@ def current_options(title: str | None, sha256: str | None, options: ApiOptions) 
         OPTION_CHECKPOINT: title,
         "sd_checkpoint_hash": sha256,
         OPTION_CLIP_SKIP: options.clip_skip,
+        OPTION_RANDN_SOURCE: options.randn_source,
         "sd_vae": "Automatic",
         "samples_save": True,
         "samples_format": "png",
@@ -459,10 +475,12 @@ def current_options(title: str | None, sha256: str | None, options: ApiOptions) 
 
 @dataclass
 class OptionsChange:
-    """A POST `options` body, checked: the checkpoint to load, clip skip, ignored keys."""
+    """A POST `options` body, checked: the checkpoint to load, clip skip, noise source,
+    ignored keys."""
 
     checkpoint: str | None = None
     clip_skip: int | None = None
+    randn_source: str | None = None
     ignored: list[str] = field(default_factory=list)
 
 
@@ -476,6 +494,8 @@ def parse_options(body: object) -> OptionsChange:
             change.checkpoint = checkpoint_option(value)
         elif key == OPTION_CLIP_SKIP:
             change.clip_skip = clip_skip_option(value)
+        elif key == OPTION_RANDN_SOURCE:
+            change.randn_source = randn_source_option(value)
         else:
             change.ignored.append(key)
     return change

@@ -147,6 +147,8 @@ class A1111Api:
             self.service.select_checkpoint(change.checkpoint, user=user)
         if change.clip_skip is not None:
             self.options.clip_skip = change.clip_skip
+        if change.randn_source is not None:
+            self.options.randn_source = change.randn_source
         return {**self.get_options(), "ignored": change.ignored}
 
     # -- listings

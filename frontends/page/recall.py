@@ -23,7 +23,7 @@ from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
 from pipelines.interface import DEMO_MODEL_NAME, GenerationService
 from pipelines.prompt import extract_lora_tags
 from pipelines.samplers import split_combined_name
-from pipelines.schema import field_spec
+from pipelines.schema import RANDN_SOURCES, field_spec
 
 RECALLED: dict[str, str] = {
     "Steps": "steps",
@@ -95,7 +95,7 @@ def recall(text: str, service: GenerationService) -> Recall:
         result.warnings.append(error.message)
     result.values["prompt"] = strip_lora_tags(parsed.prompt) if tags else parsed.prompt
     result.values["negative_prompt"] = parsed.negative_prompt
-    _recall_numbers(parsed, result)
+    _recall_numbers(parsed, result, service.device().device.startswith("cuda"))
     for spec in tags:
         name = _local_lora(spec.name, parsed, service, result.warnings)
         if name is not None:
@@ -104,7 +104,7 @@ def recall(text: str, service: GenerationService) -> Recall:
     return result
 
 
-def _recall_numbers(parsed: ParsedInfotext, result: Recall) -> None:
+def _recall_numbers(parsed: ParsedInfotext, result: Recall, on_cuda: bool) -> None:
     for key, name in RECALLED.items():
         value = parsed.params.get(key)
         if value is None:
@@ -129,6 +129,20 @@ def _recall_numbers(parsed: ParsedInfotext, result: Recall) -> None:
         result.values["seed_resize_from_w"] = int(resize[1])
         result.values["seed_resize_from_h"] = int(resize[2])
     result.values["tiling"] = parsed.params.get("Tiling", "") == "True"
+    source = parsed.params.get("RNG")
+    if source in RANDN_SOURCES:
+        result.values["randn_source"] = source
+    elif source is None and parsed.params.get("Version", "").startswith("lorastack"):
+        result.values["randn_source"] = "CPU"  # ours from before RNG was written: CPU
+    elif source is None:  # A1111's default: torch's generator on the GPU it ran on
+        result.values["randn_source"] = "GPU" if on_cuda else "NV"
+        if not on_cuda:
+            result.warnings.append(
+                "no RNG in the parameters: made on an NVIDIA GPU, so its noise source NV "
+                "was chosen to draw the same initial noise here"
+            )
+    else:
+        result.warnings.append(f"RNG: {source!r} is not a noise source here; left unchanged")
 
 
 def _local_lora(

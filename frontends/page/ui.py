@@ -31,7 +31,13 @@ from pipelines.interface import (
 from pipelines.limits import user_key
 from pipelines.output import save_png
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
-from pipelines.schema import GenerationRequest, GenerationResult, field_spec, request_from_dict
+from pipelines.schema import (
+    RANDN_SOURCES,
+    GenerationRequest,
+    GenerationResult,
+    field_spec,
+    request_from_dict,
+)
 from pipelines.settings import Settings
 
 PREVIEW_EVERY = 3
@@ -61,6 +67,7 @@ EXTRA_FIELDS = (
     "seed_resize_from_w",
     "seed_resize_from_h",
     "tiling",
+    "randn_source",
 )
 """A1111's "Extra" seed row and tiling: after `loras`, so positional API callers of the
 first version keep working."""
@@ -171,6 +178,7 @@ def build_ui(
         seed_resize_from_w: float,
         seed_resize_from_h: float,
         tiling: bool,
+        randn_source: str,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
@@ -415,4 +423,12 @@ def build_controls(slider: Any, defaults: dict[str, Any]) -> dict[str, Any]:
         with gr.Row():
             controls["seed_resize_from_w"] = slider("seed_resize_from_w")
             controls["seed_resize_from_h"] = slider("seed_resize_from_h")
+        source = field_spec("randn_source")
+        controls["randn_source"] = gr.Radio(
+            list(RANDN_SOURCES),
+            value=source.default,
+            label=source.label,
+            info=source.help,
+            elem_id="randn_source",
+        )
     return controls

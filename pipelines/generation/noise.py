@@ -1,17 +1,72 @@
-"""Initial noise with A1111's seed features: variation seeds and "resize seed from".
+"""Initial noise with A1111's seed features: noise sources, variation seeds and "resize
+seed from".
 
 A1111 (`modules/processing.py`, `modules/rng.py`) makes each batch item's noise from its
 own seed; a variation seed's noise is blended in by spherical interpolation, and noise
 made at another size is pasted centred into (or cropped out of) the noise of this size so
-a seed keeps its composition when the size changes. Every draw here is from a CPU
-generator, so a seed means the same image on every device.
+a seed keeps its composition when the size changes.
+
+Noise sources are A1111's `randn_source`: `CPU` (our default: a CPU generator per item,
+so a seed means the same image on every device), `GPU` (a generator on the model's
+device, what A1111 draws by default) and `NV` (NVIDIA's CUDA generator emulated on any
+device: Philox 4x32-10 and Box-Muller as cuRAND's `curand_normal`, so an A1111 image made
+on an NVIDIA GPU starts from the same noise here). With NV only the initial noise is
+Philox; the noise ancestral samplers add later comes from CPU generators.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+_PHILOX_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+_UNIT = np.float32(2.3283064e-10)  # 2**-32 as cuRAND rounds it
+_UNIT_2PI = np.float32(2.3283064e-10 * 6.2831855)
+
+
+def _multiply_high_low(value: np.ndarray, multiplier: int) -> tuple[np.ndarray, np.ndarray]:
+    product = value.astype(np.uint64) * np.uint64(multiplier)
+    return (product >> np.uint64(32)).astype(np.uint32), product.astype(np.uint32)
+
+
+def _philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Ten Philox 4x32 rounds over columns of `counter` [4, N] with `key` [2, N]."""
+    c0, c1, c2, c3 = (row.copy() for row in counter)
+    k0, k1 = key[0].copy(), key[1].copy()
+    for round_no in range(10):
+        if round_no:
+            k0 = k0 + np.uint32(_PHILOX_KEY_STEPS[0])
+            k1 = k1 + np.uint32(_PHILOX_KEY_STEPS[1])
+        high0, low0 = _multiply_high_low(c0, _PHILOX_MULTIPLIERS[0])
+        high2, low2 = _multiply_high_low(c2, _PHILOX_MULTIPLIERS[1])
+        c0, c1, c2, c3 = high2 ^ c1 ^ k0, low2, high0 ^ c3 ^ k1, low0
+    return np.stack([c0, c1, c2, c3])
+
+
+class PhiloxGenerator:
+    """`torch.randn(..., device="cuda")` after `manual_seed(seed)`, on any device: element
+    i of the k-th draw is Box-Muller of Philox(counter=(k, 0, i, 0), key=seed)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.offset = 0
+
+    def randn(self, shape: tuple[int, ...]) -> torch.Tensor:
+        count = int(np.prod(shape))
+        counter = np.zeros((4, count), dtype=np.uint32)
+        counter[0] = self.offset
+        counter[2] = np.arange(count, dtype=np.uint32)
+        self.offset += 1
+        key = np.array([self.seed & 0xFFFFFFFF, self.seed >> 32], dtype=np.uint32)
+        words = _philox4x32_10(counter, np.repeat(key[:, None], count, axis=1))
+        with np.errstate(over="ignore"):
+            u = words[0] * _UNIT + _UNIT / 2
+            v = words[1] * _UNIT_2PI + _UNIT_2PI / 2
+        normal = (np.sqrt(-2.0 * np.log(u)) * np.sin(v)).astype(np.float32)
+        return torch.from_numpy(normal.reshape(shape))
 
 
 def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -44,16 +99,31 @@ class SeedPlan:
     subseeds: list[int]
     subseed_strength: float = 0.0
     resize_from: tuple[int, int] | None = None
+    source: str = "CPU"
+    device: torch.device = torch.device("cpu")  # the model's, for the GPU source
+
+
+Generator = torch.Generator | PhiloxGenerator
+
+
+def _generator(plan: SeedPlan, seed: int) -> Generator:
+    if plan.source == "NV":
+        return PhiloxGenerator(seed)
+    device = plan.device if plan.source == "GPU" else torch.device("cpu")
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _randn(
+    plan: SeedPlan,
     seed: int,
     shape: tuple[int, ...],
     dtype: torch.dtype,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
 ) -> torch.Tensor:
-    generator = generator or torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((1, *shape), generator=generator, dtype=dtype)[0]
+    generator = generator or _generator(plan, seed)
+    if isinstance(generator, PhiloxGenerator):
+        return generator.randn(shape).to(dtype)
+    return torch.randn((1, *shape), generator=generator, dtype=dtype, device=generator.device)[0]
 
 
 def initial_noise(
@@ -62,12 +132,13 @@ def initial_noise(
     dtype: torch.dtype = torch.float32,
     factor: int = 8,
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """The noise [B, C, h, w] (on the CPU, in `dtype`) and each item's generator, left
-    where A1111 leaves it (after one draw of the full shape), for the samplers' later
-    noise. `factor` is the VAE's downscale (pixels per latent).
+    """The noise [B, C, h, w] (in `dtype`, on the source's device) and each item's torch
+    generator, left where A1111 leaves it (after one draw of the full shape), for the
+    samplers' later noise. `factor` is the VAE's downscale (pixels per latent).
 
-    Without variation or resize this is exactly `randn_tensor` with one seeded CPU
-    generator per item (what diffusers' pipelines draw). The spherical mix runs in float32.
+    With the CPU source and no variation or resize this is exactly `randn_tensor` with one
+    seeded CPU generator per item (what diffusers' pipelines draw). The spherical mix runs
+    in float32.
     """
     channels, height, width = shape
     if plan.resize_from is None:
@@ -78,21 +149,23 @@ def initial_noise(
     items: list[torch.Tensor] = []
     generators: list[torch.Generator] = []
     for index, seed in enumerate(plan.seeds):
-        generator = torch.Generator("cpu").manual_seed(seed)
-        generators.append(generator)
+        generator = _generator(plan, seed)
         subnoise = None
         if plan.subseed_strength != 0:
-            subnoise = _randn(plan.subseeds[index], noise_shape, dtype)
+            subnoise = _randn(plan, plan.subseeds[index], noise_shape, dtype)
         if noise_shape == shape:
-            noise = _randn(seed, shape, dtype, generator)
+            noise = _randn(plan, seed, shape, dtype, generator)
         else:
-            noise = _randn(seed, noise_shape, dtype)
+            noise = _randn(plan, seed, noise_shape, dtype)
         if subnoise is not None:
             mixed = slerp(plan.subseed_strength, noise.float(), subnoise.float())
             noise = mixed.to(dtype)
         if noise_shape != shape:
-            noise = _paste_centred(_randn(seed, shape, dtype, generator), noise)
+            noise = _paste_centred(_randn(plan, seed, shape, dtype, generator), noise)
         items.append(noise)
+        if isinstance(generator, PhiloxGenerator):  # later noise: a CPU generator
+            generator = torch.Generator("cpu").manual_seed(seed)
+        generators.append(generator)
     return torch.stack(items), generators
 
 

@@ -274,6 +274,8 @@ class Txt2ImgRun:
             seeds,
             subseed_strength=request.subseed_strength,
             resize_from=resize if min(resize) > 0 else None,
+            source=request.randn_source,
+            device=self.plan.device,
         )
         # [C, H/8, W/8] per item
         shape = (pipe.vae.config.latent_channels, request.height // factor, request.width // factor)
@@ -518,6 +520,8 @@ class Txt2ImgRun:
                 f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
             )
         params["Clip skip"] = request.clip_skip
+        if request.randn_source != "GPU":  # A1111 writes RNG unless it is its default
+            params["RNG"] = request.randn_source
         if request.tiling:
             params["Tiling"] = True
         params.update(self.extra_infotext(inputs))
