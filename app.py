@@ -73,7 +73,8 @@ def serve(service: Service, settings: Settings) -> None:
     is mounted into the app Gradio launched."""
     import uvicorn
 
-    from frontends.api.routes import build_api, build_root, mount_api, parse_credentials
+    from frontends.api.routes import build_api, build_root, mount_api
+    from pipelines.settings import parse_credentials
 
     auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
     if settings.nowebui:

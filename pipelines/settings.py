@@ -32,6 +32,7 @@ class Settings:
     port: int = 7860
     gradio_auth: str | None = None
     api_auth: str | None = None
+    admin_auth: str | None = None
     cors_allow_origins: str | None = None
     xformers: bool = False
     medvram: bool = False
@@ -70,6 +71,10 @@ class Settings:
             raise ValueError("--min-replicas must not exceed --max-replicas")
         if self.checkpoints_limit < 1:
             raise ValueError("--checkpoints-limit must be at least 1")
+        if self.admin_auth is not None:
+            user, colon, password = self.admin_auth.partition(":")
+            if not (user and colon and password):
+                raise ValueError("--admin-auth must look like user:pass (both non-empty)")
         if self.lora_backup_mb < 0 or self.lora_cache_mb < 0:
             raise ValueError("--lora-backup-mb and --lora-cache-mb must be 0 or more")
         if self.bounds.max_steps < 1:
@@ -120,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--port", type=int, help="port (default 7860)")
     add("--gradio-auth", help="user:pass[,user2:pass2] for the web UI")
     add("--api-auth", help="user:pass[,user2:pass2] (HTTP basic) for every API route")
+    add("--admin-auth", help="user:pass that admin actions (saving defaults) ask for")
     add("--cors-allow-origins", help="comma-separated origins allowed by CORS")
     add("--xformers", action="store_true", help="use xformers attention when available")
     add("--medvram", action="store_true", help="offload whole models to CPU between uses")
@@ -228,3 +234,22 @@ def apply_threads(settings: Settings) -> None:
     import torch
 
     torch.set_num_threads(settings.torch_threads)
+
+
+def parse_credentials(text: str | None) -> list[tuple[str, str]]:
+    """`user:pass[,user2:pass2]` (A1111's --api-auth / --gradio-auth) -> pairs."""
+    pairs = []
+    for item in (text or "").split(","):
+        user, colon, password = item.strip().partition(":")
+        if not colon or not user:
+            raise ValueError(f"credentials must look like user:pass[,user2:pass2]; got {item!r}")
+        pairs.append((user, password))
+    return pairs
+
+
+def admin_credentials(settings: Settings) -> tuple[str, str] | None:
+    """The one `--admin-auth USER:PASS` pair, or None when no admin is configured."""
+    if not settings.admin_auth:
+        return None
+    user, _, password = settings.admin_auth.partition(":")
+    return user, password

@@ -438,14 +438,15 @@ def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:
     assert "<lora:ink:0.5>" in infotext and "<lora:ink:1>" not in infotext
 
 
-def test_only_a_loopback_browser_may_save_defaults() -> None:
-    from types import SimpleNamespace
+def test_admin_actions_need_the_admin_credential_not_an_address(tmp_path: Path) -> None:
+    """Behind a proxy every client can claim loopback; only --admin-auth counts."""
+    from frontends.page.tabs import admin_refusal
 
-    from frontends.page.tabs import is_admin
-
-    def asking(host: str | None) -> SimpleNamespace:
-        return SimpleNamespace(client=SimpleNamespace(host=host))
-
-    assert is_admin(asking("127.0.0.1")) and is_admin(asking("::1"))
-    assert not is_admin(asking("10.0.0.7")) and not is_admin(asking(None))
-    assert not is_admin(None)
+    closed = Settings(data_dir=tmp_path)
+    assert "--admin-auth" in (admin_refusal(closed, "", "") or "")
+    admin = Settings(data_dir=tmp_path, admin_auth="boss:s3cret:x")
+    assert admin_refusal(admin, "boss", "s3cret:x") is None
+    for user, password in (("boss", "s3cret"), ("Boss", "s3cret:x"), ("", ""), ("x", "s3cret:x")):
+        assert admin_refusal(admin, user, password) == "wrong admin user or password"
+    with pytest.raises(ValueError, match="--admin-auth must look like user:pass"):
+        Settings(data_dir=tmp_path, admin_auth="boss")

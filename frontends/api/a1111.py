@@ -591,7 +591,7 @@ def error_body(error: LorastackError | Exception, status: int) -> dict[str, Any]
 
 def cmd_flags(settings: Any) -> dict[str, Any]:
     """`cmd-flags`: the launch settings, secrets left out and paths as strings."""
-    secret = {"api_auth", "gradio_auth"}
+    secret = {"api_auth", "gradio_auth", "admin_auth"}
     flags: dict[str, Any] = {}
     for key, value in vars(settings).items():
         if key in secret or key == "bounds":

@@ -33,22 +33,11 @@ from pipelines.interface import GenerationService
 from pipelines.limits import user_key
 from pipelines.output import save_png
 from pipelines.samplers import list_samplers, list_schedulers
-from pipelines.settings import Settings
+from pipelines.settings import Settings, parse_credentials
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/sdapi/v1"
-
-
-def parse_credentials(text: str | None) -> list[tuple[str, str]]:
-    """`user:pass[,user2:pass2]` (A1111's --api-auth / --gradio-auth) -> pairs."""
-    pairs = []
-    for item in (text or "").split(","):
-        user, colon, password = item.strip().partition(":")
-        if not colon or not user:
-            raise ValueError(f"credentials must look like user:pass[,user2:pass2]; got {item!r}")
-        pairs.append((user, password))
-    return pairs
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:

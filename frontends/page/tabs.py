@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
+import hmac
 from typing import Any
 
 import gradio as gr
@@ -15,7 +15,7 @@ from pipelines.infotext import parse_infotext
 from pipelines.interface import GenerationService
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import field_spec
-from pipelines.settings import Settings
+from pipelines.settings import Settings, admin_credentials
 
 
 def build_pnginfo(
@@ -96,13 +96,17 @@ def build_pnginfo(
     )
 
 
-def is_admin(request: gr.Request | None) -> bool:
-    """The admin is whoever sits at the server: a browser on the loopback address."""
-    host = getattr(getattr(request, "client", None), "host", None)
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
+    """Why an admin action is refused, or None when `user`/`password` are the admin's.
+
+    A credential, never an address: behind a proxy every client can look like loopback.
+    Without `--admin-auth` nobody is the admin."""
+    expected = admin_credentials(settings)
+    if expected is None:
+        return "admin actions are off: start the server with --admin-auth USER:PASS"
+    same_user = hmac.compare_digest(user.encode(), expected[0].encode())
+    same_password = hmac.compare_digest(password.encode(), expected[1].encode())
+    return None if same_user and same_password else "wrong admin user or password"
 
 
 def build_settings(
@@ -120,8 +124,8 @@ def build_settings(
     )
     gr.Textbox(device.attention, label="Attention backend", interactive=False, elem_id="attention")
     gr.Markdown(
-        "### Defaults for new pages\nKept in `settings.json` in the data folder; only the "
-        "admin (a browser on the server itself) can save them."
+        "### Defaults for new pages\nKept in `settings.json` in the data folder; saving them "
+        "asks for the admin credential (`--admin-auth USER:PASS`)."
     )
     edits: dict[str, Any] = {}
     with gr.Row():
@@ -140,6 +144,11 @@ def build_settings(
                     maximum=spec.maximum,
                     precision=0 if spec.kind is int else None,
                 )
+    with gr.Row():
+        admin_user = gr.Textbox(label="Admin user", elem_id="admin_user")
+        admin_password = gr.Textbox(
+            label="Admin password", type="password", elem_id="admin_password"
+        )
     save = gr.Button("Save defaults", elem_id="save_defaults")
     names = list(DEFAULT_FIELDS)
 
@@ -148,15 +157,16 @@ def build_settings(
         values["scheduler"] = scheduler_label(values["scheduler"])
         return [values[name] for name in names]
 
-    def store(request: gr.Request, *values: Any) -> None:
-        if not is_admin(request):
-            raise gr.Error("Only the admin (a browser on the server itself) can save defaults")
+    def store(user: str, password: str, *values: Any) -> None:
+        refusal = admin_refusal(settings, user or "", password or "")
+        if refusal is not None:
+            raise gr.Error(f"Defaults not saved: {refusal}")
         try:
             save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), bounds)
         except ValueError as error:
             raise gr.Error(str(error)) from error
         gr.Info("Saved: new pages start with these defaults")
 
-    save.click(store, [edits[name] for name in names], None, **QUICK)
+    save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)
     page.load(current, None, [edits[name] for name in names], **QUICK)
     page.load(current, None, [controls[name] for name in names], **QUICK)
