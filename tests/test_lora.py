@@ -596,25 +596,35 @@ def test_peft_adapter_folder(sd1: LoadedModel, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("algo", "extra"),
+    ("algo", "extra", "multiplier"),
     [
-        ("loha", {}),
-        ("lokr", {"factor": 4}),
-        ("lokr", {"factor": 8, "full_matrix": True}),
-        ("locon", {"weight_decompose": True}),
-        ("loha", {"weight_decompose": True}),
+        ("loha", {}, 1.0),
+        ("loha", {}, 0.6),
+        ("lokr", {"factor": 4}, 1.0),
+        ("lokr", {"factor": 8, "full_matrix": True}, -0.7),
+        # DoRA (LyCORIS reads `dora_wd`): magnitudes per output row (its default) and per
+        # input column; square layers (attention q/k/v/out) tell the two apart by shape only
+        ("locon", {"dora_wd": True}, 1.0),
+        ("locon", {"dora_wd": True}, 0.6),
+        ("locon", {"dora_wd": True, "wd_on_output": False}, 0.6),
+        ("locon", {"dora_wd": True, "wd_on_output": False}, 1.3),
+        ("loha", {"dora_wd": True}, 0.6),
+        ("loha", {"dora_wd": True, "wd_on_output": False}, -0.5),
     ],
 )
-def test_lycoris_package_files(sd1: LoadedModel, tmp_path: Path, algo: str, extra: dict) -> None:
+def test_lycoris_package_files(
+    sd1: LoadedModel, tmp_path: Path, algo: str, extra: dict, multiplier: float
+) -> None:
     """Files written by the lycoris-lora package (its `lycoris_` keys). The oracle is the
-    trained network's own forward pass at multiplier 1 (LyCORIS 4.1.3's merge helpers
-    scale LoHa twice, its forward does not): each merged layer must give the same output."""
+    trained network's own forward pass at the same multiplier (LyCORIS 4.1.3's merge
+    helpers scale LoHa twice, its forward does not): each merged layer must give the same
+    output."""
     from lycoris import create_lycoris
 
     pipe = sd1.pipe
     base = snapshot(pipe)
     unet = copy.deepcopy(pipe.unet)
-    net = create_lycoris(unet, 1.0, linear_dim=4, linear_alpha=2.0, algo=algo, **extra)
+    net = create_lycoris(unet, multiplier, linear_dim=4, linear_alpha=2.0, algo=algo, **extra)
     net.apply_to()
     gen = torch.Generator().manual_seed(14)
     with torch.no_grad():
@@ -627,8 +637,12 @@ def test_lycoris_package_files(sd1: LoadedModel, tmp_path: Path, algo: str, extr
     net.save_weights(str(path), torch.float32, {})
     keys = list(read_lora_file(path).groups)
     assert keys and all(k.startswith("lycoris_") for k in keys)
+    if "dora_wd" in extra:
+        scales = [p for n, p in net.named_parameters() if "dora_scale" in n]
+        on_output = extra.get("wd_on_output", True)
+        assert scales and all((p.shape[1] == 1) == on_output for p in scales)
     applier = AdapterStack(pipe, sd1.architecture)
-    assert applier.apply_paths([(path, algo, 1.0, 1.0)]) == []
+    assert applier.apply_paths([(path, algo, multiplier, multiplier)]) == []
     with torch.no_grad():
         for lora in net.loras:
             target = next(n for n, m in unet.named_modules() if m is lora.org_module[0])
@@ -744,11 +758,13 @@ def test_hand_built_kohya_loha_lokr(sd1: LoadedModel, tmp_path: Path) -> None:
 
 
 def _column_dora(w0: torch.Tensor, delta: torch.Tensor, dora: torch.Tensor, m: float):
-    """A1111: merged = W0 + delta; renormalise each input column to dora_scale; minus W0."""
+    """merged = W0 + delta, each input column renormalised to dora_scale (A1111 at m = 1);
+    at other m LyCORIS's forward: merged * (m * (dora / norm - 1) + 1), minus W0."""
     merged = w0.double() + delta
     flat = merged.transpose(0, 1).reshape(merged.shape[1], -1)
     norm = flat.norm(dim=1).reshape(1, merged.shape[1], *[1] * (merged.dim() - 2))
-    return (merged * dora.double().reshape(norm.shape) / norm - w0.double()) * m
+    scale = dora.double().reshape(norm.shape) / norm
+    return merged * (m * (scale - 1) + 1) - w0.double()
 
 
 def test_kohya_dora_scale(sd1: LoadedModel, tmp_path: Path) -> None:

@@ -110,10 +110,14 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
 def module_delta(group: Group[torch.Tensor], base: torch.Tensor, multiplier: float) -> torch.Tensor:
     """What one module of one LoRA adds to `base` (fp32) at `multiplier`.
 
-    DoRA, kohya/LyCORIS `dora_scale` (A1111's apply_weight_decompose): the scaled update is
-    added to the base, each input column renormalised to dora_scale, the base subtracted
-    again, then the multiplier applied. PEFT `lora_magnitude_vector`: PEFT's row-wise
-    definition, W' = m * (W + s*BA) / ||W + s*BA||_row, with the multiplier inside s.
+    DoRA, LyCORIS `dora_scale` (also in kohya-named files): LyCORIS's own forward pass,
+    W' = (W + delta) * (m * (dora / ||W + delta|| - 1) + 1), the norm per output row when
+    the stored magnitude has the output's shape (LyCORIS's default `wd_on_output`, shape
+    (out, 1, ...)) and per input column when it has the input's (1, in, ...); the shape
+    tells them apart even on square layers. At m = 1 this is A1111's
+    apply_weight_decompose; at other m A1111 scales the whole difference instead, which
+    LyCORIS does not. PEFT `lora_magnitude_vector`: PEFT's row-wise definition,
+    W' = m * (W + s*BA) / ||W + s*BA||_row, with the multiplier inside s.
     """
     delta = unit_delta(group, base.shape, base.device)
     if "magnitude" in group.parts:
@@ -124,15 +128,10 @@ def module_delta(group: Group[torch.Tensor], base: torch.Tensor, multiplier: flo
     if "dora_scale" in group.parts:
         dora = _f32(group.parts["dora_scale"], base.device)
         merged = base + delta
-        if (
-            dora.shape[0] == base.shape[0]
-            and dora.numel() == base.shape[0]
-            and (dora.numel() != base.shape[1])
-        ):
-            norm = _row_norm(merged)  # LyCORIS wd_on_out files
-            dora = dora.reshape(norm.shape)
-        else:
-            norm = _column_norm(merged)
-            dora = dora.reshape(norm.shape)
-        delta = merged * (dora / norm) - base
+        per_output = dora.dim() >= 2 and dora.shape[0] == base.shape[0] and dora.shape[1] == 1
+        if dora.dim() < 2:  # a flat vector: its length says which axis
+            per_output = dora.numel() == base.shape[0] and dora.numel() != base.shape[1]
+        norm = _row_norm(merged) if per_output else _column_norm(merged)
+        scale = dora.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
+        return merged * (multiplier * (scale - 1) + 1) - base
     return delta * multiplier
