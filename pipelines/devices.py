@@ -93,7 +93,9 @@ def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
         pipe.to(dtype=plan.dtype)
     if plan.upcast_vae and plan.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)
-    if plan.memory_mode == "lowvram":
+    if plan.memory_mode == "lowvram" and plan.device.type == "cpu":
+        _sequential_offload_on_cpu(pipe)
+    elif plan.memory_mode == "lowvram":
         pipe.enable_sequential_cpu_offload(device=plan.device)
     elif plan.memory_mode == "medvram":
         pipe.enable_model_cpu_offload(device=plan.device)
@@ -101,6 +103,20 @@ def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
         pipe.to(plan.device)
     if plan.attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
+
+
+def _sequential_offload_on_cpu(pipe: DiffusionPipeline) -> None:
+    """`enable_sequential_cpu_offload` with the CPU as execution device (how CI runs
+    `--lowvram`). diffusers names that device "cpu:0", and accelerate's hooks then put a
+    plain tensor where transformers' CLIP embedding had a parameter and fail on the next
+    call; offloading each component to "cpu" as diffusers would avoids it."""
+    from accelerate import cpu_offload
+
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
+            cpu_offload(
+                component, torch.device("cpu"), offload_buffers=len(component._parameters) > 0
+            )
 
 
 def memory_report() -> dict[str, Any]:

@@ -2,12 +2,7 @@
 execution device, bf16 weights, an fp32 VAE beside half latents (`--no-half-vae`), and the
 SDE sampler's own noise source. The same LoRA stack must apply, change and come off
 bit-exactly in each.
-
-`--lowvram` end to end cannot run here: accelerate 1.15's sequential offload with the CPU
-as execution device breaks transformers 5's CLIP text encoder even without any LoRA
-(`set_module_tensor_to_device` rebuilds a parameter from a plain tensor and fails), so the
-UNet is offloaded alone below, exactly as `--lowvram` offloads it, and the merge is checked
-through its hook."""
+"""
 
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 PROJECT = Path(__file__).resolve().parents[1]
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "checkpoint": "tiny-sd1", "seed": 11}
-MODES = ("full", "medvram")
+MODES = ("full", "medvram", "lowvram")
 DTYPES = (torch.float32, torch.bfloat16)
 TOLERANCE = {torch.float32: 1, torch.bfloat16: 3}
 """Largest difference (of 255) from the full-memory image at the same precision: offload

@@ -450,3 +450,14 @@ def test_admin_actions_need_the_admin_credential_not_an_address(tmp_path: Path) 
         assert admin_refusal(admin, user, password) == "wrong admin user or password"
     with pytest.raises(ValueError, match="--admin-auth must look like user:pass"):
         Settings(data_dir=tmp_path, admin_auth="boss")
+
+
+def test_adding_files_is_an_admin_action_only_on_a_shared_server(tmp_path: Path) -> None:
+    from frontends.page.ui import files_admin_check
+
+    assert files_admin_check(Settings(data_dir=tmp_path)) is None  # this machine only
+    shared = files_admin_check(Settings(data_dir=tmp_path, listen=True))
+    assert shared is not None and "--admin-auth" in (shared("", "") or "")
+    admin = files_admin_check(Settings(data_dir=tmp_path, share=True, admin_auth="boss:pw"))
+    assert admin is not None and admin("boss", "pw") is None
+    assert admin("boss", "nope") == "wrong admin user or password"

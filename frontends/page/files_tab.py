@@ -164,8 +164,11 @@ def build_files_tab(
     *,
     hide_paths: bool = False,
     env: dict[str, str] | None = None,
+    admin_check: Callable[[str, str], str | None] | None = None,
 ) -> None:
-    """The tab's components and events (inside a `gr.Tab`)."""
+    """The tab's components and events (inside a `gr.Tab`). With `admin_check` (a shared
+    server), adding files is an admin action: it asks for the admin credential and is
+    refused with the check's reason."""
     hide = hide_paths
     labels = ["LoRA", "Checkpoint"] if policy.checkpoints else ["LoRA"]
     where = f"LoRAs go to {_folder_text(policy, 'lora', hide)}"
@@ -184,6 +187,11 @@ def build_files_tab(
     def refreshed(summary: str) -> tuple[str, gr.Dropdown, str]:
         return summary, gr.Dropdown(choices=checkpoint_choices()), library_signature(service)
 
+    with gr.Row(visible=admin_check is not None):
+        admin_user = gr.Textbox(label="Admin user", elem_id="files_admin_user")
+        admin_password = gr.Textbox(
+            label="Admin password", type="password", elem_id="files_admin_password"
+        )
     with gr.Group():
         gr.Markdown("### Upload")
         if not policy.uploads:
@@ -229,9 +237,18 @@ def build_files_tab(
             download = gr.Button("Download", variant="primary", elem_id="download_add")
         download_result = gr.Markdown(elem_id="download_result")
 
+    def refusal(user: str, password: str) -> str | None:
+        if admin_check is None:
+            return None
+        reason = admin_check(user or "", password or "")
+        return None if reason is None else f"Not added: adding files is an admin action; {reason}"
+
     def on_upload(
-        paths: list[str] | None, kind: str, overwrite: bool
+        paths: list[str] | None, kind: str, overwrite: bool, user: str, password: str
     ) -> tuple[str, None, gr.Dropdown, str]:
+        refused = refusal(user, password)
+        if refused is not None:
+            return refused, None, gr.skip(), gr.skip()
         summary = add_uploads(service, policy, paths, kind, overwrite, hide_paths=hide)
         text, models, version = refreshed(summary)
         return text, None, models, version
@@ -241,8 +258,13 @@ def build_files_tab(
         kind: str,
         digest: str,
         overwrite: bool,
+        user: str,
+        password: str,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> tuple[str, gr.Dropdown, str]:
+        refused = refusal(user, password)
+        if refused is not None:
+            return refused, gr.skip(), gr.skip()
         summary = add_download(
             service, policy, text, kind, digest, overwrite, hide_paths=hide, progress=progress
         )
@@ -252,13 +274,13 @@ def build_files_tab(
     light: dict[str, Any] = {"concurrency_limit": 2, "api_visibility": "private"}
     upload.click(
         on_upload,
-        [files, upload_kind, upload_overwrite],
+        [files, upload_kind, upload_overwrite, admin_user, admin_password],
         [upload_result, files, checkpoint, library_version],
         **light,
     )
     download.click(
         on_download,
-        [reference, download_kind, sha256, download_overwrite],
+        [reference, download_kind, sha256, download_overwrite, admin_user, admin_password],
         [download_result, checkpoint, library_version],
         **light,
     )

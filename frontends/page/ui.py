@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import queue
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gradio as gr
@@ -20,7 +20,7 @@ from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.files_tab import build_files_tab
 from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.stack import rows_from_value, specs_from_rows
-from frontends.page.tabs import build_pnginfo, build_settings
+from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from pipelines.errors import LorastackError
 from pipelines.infotext import write_png_with_infotext
 from pipelines.interface import (
@@ -288,6 +288,7 @@ def build_ui(
                     checkpoint_choices,
                     hide_paths=settings.hide_paths,
                     env=None if env is None else dict(env),
+                    admin_check=files_admin_check(settings),
                 )
             with gr.Tab("Settings", id="settings"):
                 build_settings(service, settings, page, controls)
@@ -324,6 +325,14 @@ def build_ui(
 
         refresh_models.click(rescan_models, None, checkpoint, **QUICK)
     return page
+
+
+def files_admin_check(settings: Settings) -> Callable[[str, str], str | None] | None:
+    """On a shared server (`--listen`, `--share`, a Space) adding files is an admin action
+    (CONTRACT); on one that only this machine can reach it is not."""
+    if not (settings.listen or settings.share):
+        return None
+    return lambda user, password: admin_refusal(settings, user, password)
 
 
 def page_user(request: gr.Request | None) -> str:
