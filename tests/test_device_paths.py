@@ -31,10 +31,10 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "checkpoint": "tiny-sd1", "seed": 11}
 MODES = ("full", "medvram", "lowvram")
-DTYPES = (torch.float32, torch.bfloat16)
-TOLERANCE = {torch.float32: 1, torch.bfloat16: 3}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TOLERANCE = {torch.float32: 1, torch.bfloat16: 3, torch.float16: 2}
 """Largest difference (of 255) from the full-memory image at the same precision: offload
-hooks move the same weights, so fp32 agrees to a level; bf16 rounds more."""
+hooks move the same weights, so fp32 agrees to a level; half precisions round more."""
 
 
 @pytest.fixture(scope="module")
