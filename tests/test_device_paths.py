@@ -29,7 +29,7 @@ from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
 PROJECT = Path(__file__).resolve().parents[1]
 
-SMALL = {"width": 64, "height": 64, "steps": 3, "checkpoint": "tiny-sd1", "seed": 11}
+SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1", "seed": 11}
 MODES = ("full", "medvram", "lowvram")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOLERANCE = {torch.float32: 1, torch.bfloat16: 3, torch.float16: 2}
