@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pipelines.errors import InvalidRequestError
-
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -280,15 +278,13 @@ def read_infotext(source: bytes | str | os.PathLike[str] | Image.Image) -> str |
     Raises:
         InvalidRequestError: the bytes or file are not an image Pillow can open.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from pipelines.images import open_image
 
     if isinstance(source, Image.Image):
         return _read_open(source)
-    try:
-        opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError(f"Not a readable image: {exc}", field="image") from exc
-    with opened as image:
+    with open_image(source) as image:
         return _read_open(image)
 
 

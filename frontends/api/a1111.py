@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from pipelines import __version__
 from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
 from pipelines.safeload import is_file_quietly, printable_name
@@ -561,11 +562,8 @@ def png_info(body: object) -> dict[str, Any]:
     if not data:
         return {"info": "", "items": {}, "parameters": {}}
     infotext = read_infotext(data) or ""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            extra = dict(image.info)
-    except (UnidentifiedImageError, OSError) as error:
-        raise InvalidRequestError(f"image is not readable: {error}", field="image") from error
+    with open_image(data) as image:
+        extra = dict(image.info)
     items = {
         str(key): value
         for key, value in extra.items()

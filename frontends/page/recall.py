@@ -8,17 +8,15 @@ reported, never silently dropped.
 
 from __future__ import annotations
 
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from frontends.page.defaults import scheduler_label
 from frontends.page.stack import strip_lora_tags
-from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.errors import LorastackError
+from pipelines.images import open_image
 from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
 from pipelines.interface import DEMO_MODEL_NAME, GenerationService
 from pipelines.prompt import extract_lora_tags
@@ -71,11 +69,8 @@ def read_image_info(data: bytes | str | Path) -> ImageInfo:
     `prompt`/`workflow` or InvokeAI's `invokeai_metadata`, shown as they are."""
     raw = Path(data).read_bytes() if isinstance(data, str | Path) else data
     infotext = read_infotext(raw)
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            chunks = dict(image.info)
-    except OSError as error:
-        raise InvalidRequestError(f"Not a readable image: {error}", field="image") from None
+    with open_image(raw) as image:
+        chunks = dict(image.info)
     other = {
         str(key): value
         for key, value in chunks.items()

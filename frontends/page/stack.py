@@ -21,10 +21,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.folders.loras import LoraEntry
+from pipelines.images import open_image
 from pipelines.prompt import combine_stacks, extract_lora_tags
 from pipelines.schema import LoraSpec
 
@@ -159,11 +158,11 @@ def human_size(size: int) -> str:
 def _thumbnail(path: str, mtime_ns: int) -> str | None:
     """A small inline JPEG of a preview image (inline, so no file path is ever served)."""
     try:
-        with Image.open(path) as image:
+        with open_image(path, "preview") as image:
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=80)
-    except OSError:
+    except (OSError, InvalidRequestError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
