@@ -97,7 +97,7 @@ def test_uploaded_lora_is_listed_with_its_facts(
 ) -> None:
     upload = received(tmp_path, "pen.safetensors", lora_bytes)
     text = add_uploads(engine, policy_for(engine), [upload], "LoRA", False, hide_paths=True)
-    assert text.startswith("✅ **pen.safetensors**: LoRA (SD1")
+    assert text.startswith("Added **pen.safetensors**: LoRA (SD1")
     assert "added as `loras/pen.safetensors`" in text
     assert str(engine.settings.data_dir) not in text and str(tmp_path) not in text
     assert "pen" in lora_names(engine)  # rescanned: the list and the cards pick it up
@@ -116,13 +116,16 @@ def test_each_file_gets_its_result_or_reason(
         received(tmp_path, "ink.safetensors", lora_bytes),  # the name is taken
         received(tmp_path, "brush.safetensors", lora_bytes),
     ]
+    files.append(received(tmp_path, "evil.safetensors", b"\x00" * 20))
     text = add_uploads(engine, policy_for(engine), files, "LoRA", False, hide_paths=True)
     lines = text.splitlines()
-    assert len(lines) == 4
-    assert lines[0].startswith("❌ **model.safetensors**:") and "LoRA" in lines[0]
-    assert lines[1].startswith("❌ **notes.txt**:") and "only .safetensors" in lines[1]
-    assert lines[2].startswith("❌ **ink.safetensors**:") and "already in loras/" in lines[2]
-    assert lines[3].startswith("✅ **brush.safetensors**")
+    assert len(lines) == 5
+    assert lines[4].startswith("Refused **evil.safetensors**: ") and "header" in lines[4]
+    assert lines[4].count("evil.safetensors") == 1  # named once, not "evil: evil: ..."
+    assert lines[0].startswith("Refused **model.safetensors**:") and "LoRA" in lines[0]
+    assert lines[1].startswith("Refused **notes.txt**:") and "only .safetensors" in lines[1]
+    assert lines[2].startswith("Refused **ink.safetensors**:") and "already in loras/" in lines[2]
+    assert lines[3].startswith("Added **brush.safetensors**")
     assert listing(folder) == sorted([*before, "brush.safetensors"])
     assert (folder / "ink.safetensors").read_bytes() != lora_bytes  # left as it was
 
@@ -152,12 +155,13 @@ def test_admin_flags_refuse_with_the_reason(
     upload = received(tmp_path, "off.safetensors", lora_bytes)
     off = policy_for(engine, uploads=False, downloads=False)
     text = add_uploads(engine, off, [upload], "LoRA", False, hide_paths=True)
-    assert text == "❌ **off.safetensors**: uploads are disabled on this server (--disable-uploads)"
+    disabled = "uploads are disabled on this server (--disable-uploads)"
+    assert text == f"Refused **off.safetensors**: {disabled}"
     text = add_download(engine, off, "org/repo", "LoRA", "", False, hide_paths=True)
     assert "downloads are disabled on this server (--disable-downloads)" in text
     model = received(tmp_path, "model.safetensors", checkpoint_bytes)
     text = add_uploads(engine, policy_for(engine), [model], "Checkpoint", False, hide_paths=True)
-    assert "--allow-checkpoint-uploads" in text and text.startswith("❌")
+    assert "--allow-checkpoint-uploads" in text and text.startswith("Refused")
     small = policy_for(engine, max_bytes=1024)
     text = add_uploads(engine, small, [upload], "LoRA", False, hide_paths=True)
     assert "over the 0.0 MB limit" in text
@@ -173,7 +177,7 @@ def test_checkpoint_upload_when_allowed_shows_in_the_menu(
     try:
         text = add_uploads(engine, allowed, [model], "Checkpoint", False, hide_paths=False)
         target = engine.settings.models_dirs[0] / "tiny upload.safetensors"
-        assert text.startswith("✅ **tiny upload.safetensors**: checkpoint (SD1)")
+        assert text.startswith("Added **tiny upload.safetensors**: checkpoint (SD1)")
         assert f"`{target}`" in text  # paths not hidden: the host path is shown
         titles = [entry.title for entry in engine.checkpoints()]
         assert any(title.startswith("tiny upload.safetensors") for title in titles)
@@ -216,7 +220,7 @@ def test_download_feeds_the_progress_bar_and_lists_the_file(
         hide_paths=True,
         progress=progress,
     )
-    assert text.startswith("✅ **sky.safetensors**: LoRA") and "`loras/sky.safetensors`" in text
+    assert text.startswith("Added **sky.safetensors**: LoRA") and "`loras/sky.safetensors`" in text
     assert "sky" in lora_names(engine)
     assert seen and seen[-1][0] == 1.0 and " of " in seen[-1][1]
     assert all(0 <= value <= 1 for value, _ in seen)
@@ -235,13 +239,13 @@ def test_failed_downloads_say_why_and_leave_nothing(
     }
     for path, reason in cases.items():
         text = add_download(engine, policy, files.url(path), "LoRA", "", False, hide_paths=True)
-        assert text.startswith(f"❌ **{files.url(path)}**:") and reason in text, text
+        assert text.startswith(f"Refused **{files.url(path)}**:") and reason in text, text
     text = add_download(
         engine, policy, files.url("/sky.safetensors"), "LoRA", "0" * 64, True, hide_paths=True
     )
     assert "sha256 is" in text and "expected " + "0" * 64 in text
     assert add_download(engine, policy, "  ", "LoRA", "", False, hide_paths=True).startswith(
-        "❌ **(nothing)**: nothing to download"
+        "Refused **(nothing)**: nothing to download"
     )
     # Without the test-only allowance, a local address is refused (a public server must
     # not fetch from its own network).

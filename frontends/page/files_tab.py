@@ -52,14 +52,16 @@ def placed_line(placed: PlacedFile, hide_paths: bool) -> str:
     what = "LoRA" if placed.kind == "lora" else "checkpoint"
     verb = "replaced" if placed.replaced else "added"
     line = (
-        f"✅ **{placed.filename}**: {what} ({placed.architecture}), "
+        f"Added **{placed.filename}**: {what} ({placed.architecture}), "
         f"{_megabytes(placed.size)}, {verb} as `{_where(placed, hide_paths)}`"
     )
     return line + "".join(f"\n   - {note}" for note in placed.notes)
 
 
 def refused_line(name: str, reason: str) -> str:
-    return f"❌ **{name}**: {reason}"
+    """One refusal line, the file named once (errors often start with the name already).
+    Words, not emoji: Debian's Chromium has no emoji font and showed an empty box."""
+    return f"Refused **{name}**: {reason.removeprefix(f'{name}: ')}"
 
 
 def _reason(error: Exception) -> str:
