@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -86,11 +87,13 @@ def remove_stale_placeholders(outputs_dir: Path, now: float | None = None) -> li
     for path in outputs_dir.rglob("*"):
         name = path.name
         leftover = name.startswith(".saving-") and name.endswith(".tmp")
+        if not leftover and SEQUENCE.match(name) is None:
+            continue  # not a name a save writes: no stat needed
         try:
             facts = path.lstat()
-            if not path.is_file() or path.is_symlink():
+            if not stat.S_ISREG(facts.st_mode):
                 continue
-            placeholder = SEQUENCE.match(name) is not None and facts.st_size == 0
+            placeholder = not leftover and facts.st_size == 0
             if (leftover or placeholder) and now - facts.st_mtime > PLACEHOLDER_GRACE_SECONDS:
                 path.unlink()
                 removed.append(path)
