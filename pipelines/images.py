@@ -32,8 +32,12 @@ def open_image(source: bytes | str | os.PathLike[str], field: str = "image") -> 
             f"{field}: the image is larger than {MAX_IMAGE_PIXELS:,} pixels ({error})",
             field=field,
         ) from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise InvalidRequestError(f"Not a readable image: {error}", field=field) from None
+    except UnidentifiedImageError:
+        raise InvalidRequestError(
+            f"{field}: not a readable image (no image format recognised)", field=field
+        ) from None
+    except OSError as error:
+        raise InvalidRequestError(f"{field}: not a readable image ({error})", field=field) from None
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()

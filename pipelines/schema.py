@@ -35,6 +35,60 @@ class LoraSpec:
         return self.weight if self.te_weight is None else self.te_weight
 
 
+OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
+OUTPAINT_METHODS = ("poor man's outpainting", "outpainting mk2")
+"""A1111's outpainting scripts, by the names API clients send as `script_name`."""
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Extend the canvas by `pixels` in `directions` and inpaint only the new area.
+
+    `method` picks how the new area is filled before inpainting: "outpainting mk2" with
+    noise matched to the image (`noise_q`, `color_variation`), "poor man's outpainting"
+    with the img2img `inpainting_fill` choice.
+    """
+
+    pixels: int = 128
+    directions: tuple[str, ...] = OUTPAINT_DIRECTIONS
+    method: str = "outpainting mk2"
+    mask_blur: int = 8
+    noise_q: float = 1.0
+    color_variation: float = 0.05
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What img2img and inpainting add to a request (A1111's names and API defaults).
+
+    `images`: one init image (repeated over the batch) or up to `batch_size` of them.
+    `mask`: white = repaint (an RGBA mask is read from its alpha). `resize_mode`: 0 just
+    resize, 1 crop and resize, 2 resize and fill, 3 just resize in latent space.
+    `inpainting_fill`: 0 fill, 1 original, 2 latent noise, 3 latent nothing.
+    `inpaint_full_res`: "only masked" (crop the masked region plus the padding, generate at
+    the request size, paste back). `fix_steps`: A1111's "do exactly the amount of steps
+    the slider specifies" (`img2img_fix_steps`).
+    """
+
+    images: tuple[Image.Image, ...]
+    mask: Image.Image | None = None
+    resize_mode: int = 0
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: bool = False
+    initial_noise_multiplier: float = 1.0
+    fix_steps: bool = False
+    outpaint: Outpaint | None = None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None or self.outpaint is not None
+
+
 @dataclass(frozen=True)
 class Bounds:
     """Admin-configurable request limits (contract defaults)."""
@@ -92,6 +146,12 @@ class GenerationRequest:
     randn_source: str = "CPU"  # A1111's noise source: "CPU", "GPU" or "NV"
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
+    img2img: ImageInputs | None = None  # None: txt2img
+
+    @property
+    def kind(self) -> str:
+        """A1111's job and output-folder kind: "txt2img" or "img2img"."""
+        return "txt2img" if self.img2img is None else "img2img"
 
     def validated(self, bounds: Bounds) -> GenerationRequest:
         """Check every field against `bounds`; return the request with sizes rounded down
@@ -273,7 +333,63 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     if request.checkpoint is not None:
         _check_text("checkpoint", request.checkpoint, 4096)
     loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
+    if request.img2img is not None:
+        _check_image_inputs(request.img2img, batch)
     return replace(request, width=width, height=height, loras=loras)
+
+
+def _check_image(name: str, image: object) -> None:
+    if not isinstance(image, Image.Image):
+        raise InvalidRequestError(f"{name} must be an image", field=name)
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidRequestError(f"{name} is empty ({width}x{height})", field=name)
+
+
+def _check_image_inputs(inputs: ImageInputs, batch_size: int) -> None:
+    """img2img's fields; the images themselves were size-checked when they were read."""
+    if not isinstance(inputs, ImageInputs):
+        raise InvalidRequestError("img2img must be image inputs", field="init_images")
+    if not inputs.images:
+        raise InvalidRequestError("init_images must hold at least one image", field="init_images")
+    for index, image in enumerate(inputs.images):
+        _check_image(f"init_images[{index}]", image)
+    if len(inputs.images) > 1 and len(inputs.images) > batch_size:
+        raise InvalidRequestError(
+            f"init_images holds {len(inputs.images)} images; send one, or at most batch_size "
+            f"({batch_size})",
+            field="init_images",
+        )
+    if inputs.mask is not None:
+        _check_image("mask", inputs.mask)
+    _check_int("resize_mode", inputs.resize_mode, 0, 3)
+    _check_int("mask_blur_x", inputs.mask_blur_x, 0, 64)
+    _check_int("mask_blur_y", inputs.mask_blur_y, 0, 64)
+    _check_int("inpainting_fill", inputs.inpainting_fill, 0, 3)
+    _check_int("inpaint_full_res_padding", inputs.inpaint_full_res_padding, 0, 256)
+    _check_float("initial_noise_multiplier", inputs.initial_noise_multiplier, 0.0, 1.5)
+    for name in ("mask_round", "inpaint_full_res", "inpainting_mask_invert", "fix_steps"):
+        if not isinstance(getattr(inputs, name), bool):
+            raise InvalidRequestError(f"{name} must be true or false", field=name)
+    outpaint = inputs.outpaint
+    if outpaint is not None:
+        _check_int("outpaint pixels", outpaint.pixels, 8, 256)
+        _check_int("outpaint mask_blur", outpaint.mask_blur, 0, 64)
+        _check_float("outpaint noise_q", outpaint.noise_q, 0.0, 4.0)
+        _check_float("outpaint color_variation", outpaint.color_variation, 0.0, 1.0)
+        if outpaint.method not in OUTPAINT_METHODS:
+            raise InvalidRequestError(
+                f"outpainting method must be one of {', '.join(OUTPAINT_METHODS)}, "
+                f"got {outpaint.method!r}",
+                field="script_name",
+            )
+        unknown = [d for d in outpaint.directions if d not in OUTPAINT_DIRECTIONS]
+        if unknown or not outpaint.directions:
+            raise InvalidRequestError(
+                f"outpainting directions must be some of {', '.join(OUTPAINT_DIRECTIONS)}, "
+                f"got {list(outpaint.directions)}",
+                field="script_args",
+            )
 
 
 def request_from_dict(data: dict[str, Any]) -> GenerationRequest:

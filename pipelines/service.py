@@ -144,7 +144,7 @@ class Service:
         cost = images * request.steps * request.width * request.height / (1 << 20)
         return self._jobs.submit(
             work,
-            kind="txt2img",
+            kind=request.kind,
             user=user,
             label=request.prompt[:80],
             cost=cost,

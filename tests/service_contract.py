@@ -11,10 +11,11 @@ import threading
 import time
 
 import numpy as np
+from PIL import Image
 
 from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.interface import GenerationService, ProgressSnapshot
-from pipelines.schema import GenerationRequest, LoraSpec
+from pipelines.schema import GenerationRequest, ImageInputs, LoraSpec
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1", "prompt": "a tower"}
 
@@ -94,3 +95,28 @@ def check_interrupt_by_id_from_anywhere(service: GenerationService) -> None:
     stopped, finished = service.result(long, 120), service.result(other, 120)
     assert stopped.interrupted and len(stopped.images) < 4
     assert not finished.interrupted and len(finished.images) == 2
+
+
+def inpainting_request(seed: int = 7) -> GenerationRequest:
+    """Inpaint a 32x24 box of a seeded 96x64 noise image (blur 0: a sharp mask)."""
+    rng = np.random.default_rng(seed)
+    init = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (32, 20, 64, 44))
+    inputs = ImageInputs(
+        images=(init,), mask=mask, inpaint_full_res=False, mask_blur_x=0, mask_blur_y=0
+    )
+    return request(seed=seed, width=96, height=64, denoising_strength=0.8, img2img=inputs)
+
+
+def check_img2img_same_pixels_and_kept_outside(service: GenerationService) -> None:
+    """Images and masks cross the service; inpainting keeps the original outside."""
+    wanted = inpainting_request()
+    first, second = service.generate(wanted), service.generate(wanted)
+    out = np.asarray(first.images[0])
+    assert np.array_equal(out, np.asarray(second.images[0]))
+    assert first.infotexts == second.infotexts
+    assert wanted.img2img is not None and wanted.img2img.mask is not None
+    outside = np.asarray(wanted.img2img.mask) == 0
+    assert np.array_equal(out[outside], np.asarray(wanted.img2img.images[0])[outside])
+    assert "Denoising strength: 0.8" in first.infotexts[0]

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.imageops import blur_mask
 from pipelines.infotext import read_infotext
 from pipelines.loading import LoadedModel
 from pipelines.schema import GenerationRequest
@@ -636,3 +637,150 @@ def test_nowebui_serves_the_api_alone(tmp_path: Path, models_dir: Path) -> None:
             assert error.code == 404
     finally:
         stop_app(process)
+
+
+# ---------------------------------------------------------------- img2img
+
+
+def _png_b64(image: Image.Image, prefix: bool = False) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f"data:image/png;base64,{data}" if prefix else data
+
+
+def _init_and_mask() -> tuple[Image.Image, Image.Image]:
+    rng = np.random.default_rng(4)
+    init = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    mask = Image.new("L", init.size, 0)
+    mask.paste(255, (28, 16, 60, 44))
+    return init, mask
+
+
+def test_webuiapi_img2img_and_inpainting(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1",
+        port=server.port,
+        sampler="Euler",
+        steps=4,
+        username=API_USER,
+        password=API_PASSWORD,
+    )
+    init, mask = _init_and_mask()
+    try:
+        client.util_set_model(SD1)
+        plain = client.img2img(
+            images=[init], prompt="a cat", seed=3, width=96, height=64, denoising_strength=0.5
+        )
+        inpainted = client.img2img(
+            images=[init],
+            mask_image=mask,
+            inpaint_full_res=False,
+            inpainting_fill=1,
+            prompt="a cat <lora:ink:0.5>",
+            seed=3,
+            width=96,
+            height=64,
+            denoising_strength=0.9,
+        )
+    finally:
+        client.session.close()
+    assert plain.image.size == (96, 64) and plain.info["denoising_strength"] == 0.5
+    assert "Denoising strength: 0.5" in plain.info["infotexts"][0]
+    assert inpainted.image.size == (96, 64)
+    outside = np.asarray(blur_mask(mask, 4, 4)) == 0
+    original = np.asarray(init)
+    assert np.array_equal(np.asarray(inpainted.image.convert("RGB"))[outside], original[outside])
+    assert "<lora:ink:0.5>" in inpainted.info["infotexts"][0]
+    assert inpainted.image.info["parameters"] == inpainted.info["infotexts"][0]
+    # A1111 echoes the request without the images unless include_init_images is true
+    assert inpainted.parameters["init_images"] is None and inpainted.parameters["mask"] is None
+
+
+def test_img2img_raw_json_sizes_saving_and_options(server: Server) -> None:
+    init, mask = _init_and_mask()
+    body = {
+        "init_images": [_png_b64(init, prefix=True)],
+        "mask": _png_b64(mask),
+        "steps": 4,
+        "seed": 9,
+        "sampler_name": "Euler",
+        "include_init_images": True,
+        "save_images": True,
+        "inpaint_full_res_padding": 4,
+        "override_settings": {"sd_model_checkpoint": SD1, "img2img_fix_steps": True},
+    }
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 200, payload
+    info = json.loads(payload["info"])
+    # no width/height: the init image's; "only masked" (A1111's API default) returns it too
+    assert (info["width"], info["height"]) == (96, 64)
+    assert pixels_of_b64(payload["images"][0]).shape == (64, 96, 3)
+    assert payload["parameters"]["init_images"] == body["init_images"]
+    assert "Inpaint area: Only masked" in info["infotexts"][0]
+    saved = list((server.data / "outputs" / "img2img-images").rglob("*.png"))
+    assert saved and read_infotext(saved[0].read_bytes()) == info["infotexts"][0]
+
+
+def test_img2img_outpainting_script(server: Server) -> None:
+    init, _ = _init_and_mask()
+    body = {
+        "init_images": [_png_b64(init)],
+        "steps": 2,
+        "seed": 1,
+        "script_name": "outpainting mk2",
+        "script_args": ["", 16, 4, ["left", "up"], 1.0, 0.05],
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 200, payload
+    info = json.loads(payload["info"])
+    out = pixels_of_b64(payload["images"][0])
+    assert out.shape[:2] == (info["height"], info["width"])
+    assert info["width"] > 96 and info["height"] > 64  # the canvas grew left and up
+    # the original sits in the bottom-right corner, untouched far from the seam (mk2's
+    # mask reaches 4 * mask_blur + its Gaussian's half width into the original)
+    corner = out[-16:, -40:]
+    assert np.array_equal(corner, np.asarray(init)[-16:, -40:])
+
+
+def _bomb_png() -> bytes:
+    """A PNG header claiming 50000 x 50000 pixels (no real pixel data)."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return b"\x89PNG\r\n\x1a\n" + ihdr
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"init_images": []}, "init_images"),
+        ({"init_images": ["bm90IGFuIGltYWdl"]}, "init_images[0]"),
+        ({"init_images": [base64.b64encode(_bomb_png()).decode()]}, "init_images[0]"),
+        ({"denoising_strength": 1.5}, "denoising_strength"),
+        ({"resize_mode": 9}, "resize_mode"),
+        ({"mask": "%%%"}, "mask"),
+        ({"script_name": "loopback"}, "script_name"),
+        (
+            {"script_name": "outpainting mk2", "script_args": ["", 16, 4, ["sideways"]]},
+            "script_args",
+        ),
+        ({"latent_mask": "abc"}, "latent_mask"),
+    ],
+)
+def test_img2img_client_errors_are_422_naming_the_field(
+    server: Server, change: dict[str, Any], field: str
+) -> None:
+    init, _ = _init_and_mask()
+    body = {"init_images": [_png_b64(init)], "steps": 2, **change}
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 422, payload
+    assert_a1111_error(payload, field)
+    # the server keeps serving
+    assert call(server, "GET", "/sd-models")[0] == 200

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from frontends.cli.__main__ import (
@@ -55,7 +56,11 @@ def test_generation_flags_come_from_the_schema() -> None:
     dests = {action.dest for action in generate._actions}
     assert {spec.name for spec in FIELDS} <= dests
     defaults = generate.parse_args([])
-    assert all(getattr(defaults, spec.name) == spec.default for spec in FIELDS)
+    sized = {"width", "height"}  # None until known: img2img takes the init image's size
+    assert all(
+        getattr(defaults, spec.name) == spec.default for spec in FIELDS if spec.name not in sized
+    )
+    assert all(getattr(defaults, name) is None for name in sized)
 
 
 def test_generate_writes_pngs_with_parameters(
@@ -145,3 +150,37 @@ def test_list_models_and_loras(
     assert (name, alias, problem) == ("ink", "inky", "")
     assert architecture.startswith("SD1") and len(short_hash) == 12
     assert words == "ink style, castle"
+
+
+def test_img2img_from_the_cli_gives_the_services_pixels(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from pipelines.service import build_service
+    from pipelines.settings import Settings
+    from tests.service_contract import inpainting_request
+
+    wanted = inpainting_request(seed=7)
+    assert wanted.img2img is not None and wanted.img2img.mask is not None
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    wanted.img2img.images[0].save(init)
+    wanted.img2img.mask.save(mask)
+    arguments = [
+        *("generate", "--prompt", wanted.prompt, "--seed", "7", "--steps", "2"),
+        *("--init-image", str(init), "--mask", str(mask), "--mask-blur", "0"),
+        *("--inpainting-fill", "0", "--denoising-strength", "0.8", "--threads", "2"),
+        *("--ckpt", "tiny-sd1", "--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)),
+    ]
+    assert main(arguments) == 0
+    (written,) = capsys.readouterr().out.split()
+    assert "/outputs/img2img-images/" in written  # no width/height: the image's size
+    cli_pixels = np.asarray(Image.open(written).convert("RGB"))
+    settings = Settings(data_dir=tmp_path / "service", ckpt_dirs=(models_dir,), threads=2)
+    service = build_service(settings)
+    service.folders.hash_missing()
+    result = service.generate(wanted)
+    assert np.array_equal(cli_pixels, np.asarray(result.images[0]))
+    assert read_infotext(Path(written)) == result.infotexts[0]
+    assert main([*arguments[:1], "--mask", str(mask), *SMALL]) == EXIT_USAGE
+    assert "--init-image" in capsys.readouterr().err

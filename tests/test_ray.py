@@ -119,6 +119,15 @@ def test_contract_interrupt_by_id(remote: Service) -> None:
     contract.check_interrupt_by_id_from_anywhere(remote)
 
 
+def test_contract_img2img(remote: Service) -> None:
+    contract.check_img2img_same_pixels_and_kept_outside(remote)
+
+
+def test_img2img_gives_the_local_pixels(remote: Service, local: Service) -> None:
+    wanted = contract.inpainting_request(seed=11)
+    assert same(remote.generate(wanted), local.generate(wanted))
+
+
 def test_replicas_use_the_engine_thread_count(remote: Service) -> None:
     states = remote.runner.states()
     assert len(states) == 2

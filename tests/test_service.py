@@ -55,6 +55,10 @@ def test_contract_interrupt_by_id(service: Service) -> None:
     contract.check_interrupt_by_id_from_anywhere(service)
 
 
+def test_contract_img2img(service: Service) -> None:
+    contract.check_img2img_same_pixels_and_kept_outside(service)
+
+
 def test_queued_job_is_cancelled_and_others_keep_their_order() -> None:
     """The queue serves in arrival order; interrupting a queued job takes it out (its
     result says so) without disturbing the others; positions count from the running job."""

@@ -21,7 +21,7 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,13 @@ from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
-from pipelines.schema import RANDN_SOURCES, SEED_MAX, GenerationRequest, GenerationResult
+from pipelines.schema import (
+    RANDN_SOURCES,
+    SEED_MAX,
+    GenerationRequest,
+    GenerationResult,
+    ImageInputs,
+)
 
 VERSION = f"lorastack {__version__}"
 
@@ -97,6 +103,28 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
 }
 """A1111 v1.10 `StableDiffusionProcessingTxt2Img` API fields and their defaults."""
 
+_TXT2IMG_ONLY = ("enable_hr", "firstphase_", "hr_", "firstpass_image")
+
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **{key: value for key, value in TXT2IMG_DEFAULTS.items() if not key.startswith(_TXT2IMG_ONLY)},
+    "init_images": None,
+    "resize_mode": 0,
+    "image_cfg_scale": None,
+    "mask": None,
+    "mask_blur_x": 4,
+    "mask_blur_y": 4,
+    "mask_blur": None,
+    "mask_round": True,
+    "inpainting_fill": 0,
+    "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0,
+    "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None,
+    "latent_mask": None,
+    "include_init_images": False,
+}
+"""A1111 v1.10 `StableDiffusionProcessingImg2Img` API fields and their defaults."""
+
 _USED = frozenset(
     {
         "prompt",
@@ -128,9 +156,31 @@ _USED = frozenset(
     }
 )
 
+_IMG2IMG_USED = _USED | {
+    "init_images",
+    "resize_mode",
+    "mask",
+    "mask_blur_x",
+    "mask_blur_y",
+    "mask_blur",
+    "mask_round",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+    "initial_noise_multiplier",
+    "include_init_images",
+    "script_name",
+    "script_args",
+    # Only instruct-pix2pix checkpoints read it; A1111 drops it for every other model.
+    "image_cfg_scale",
+}
+
 OPTION_CHECKPOINT = "sd_model_checkpoint"
 OPTION_CLIP_SKIP = "CLIP_stop_at_last_layers"
 OPTION_RANDN_SOURCE = "randn_source"
+OPTION_FIX_STEPS = "img2img_fix_steps"
+OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
 CLIP_SKIP_MAX = 12
 
 # Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
@@ -162,6 +212,8 @@ class ApiOptions:
 
     clip_skip: int = 1
     randn_source: str = "CPU"  # ours; A1111's default is GPU (see generation.noise)
+    fix_steps: bool = False  # img2img: "do exactly the amount of steps the slider says"
+    noise_multiplier: float = 1.0  # img2img's initial noise multiplier
 
 
 @dataclass
@@ -174,6 +226,7 @@ class Txt2ImgCall:
     save_images: bool = False
     restore_checkpoint: bool = True
     ignored: list[str] = field(default_factory=list)
+    include_init_images: bool = False
 
 
 # ------------------------------------------------------------------------ value checks
@@ -196,9 +249,11 @@ _HIRES_ONLY = ("firstphase_", "hr_")
 """Prefixes of fields A1111 reads only with `enable_hr` (ignored by A1111 without it)."""
 
 
-def _unimplemented_value(key: str, value: object, body: dict[str, Any], sampler: str) -> bool:
+def _unimplemented_value(
+    key: str, value: object, body: dict[str, Any], sampler: str, defaults: dict[str, Any]
+) -> bool:
     """Whether an A1111 field we do not implement asks for something with `value`."""
-    if _is_neutral(value) or value == TXT2IMG_DEFAULTS[key]:
+    if _is_neutral(value) or value == defaults[key]:
         return False
     if key.startswith(_HIRES_ONLY) and not body.get("enable_hr"):
         return False
@@ -209,11 +264,11 @@ def _unimplemented_value(key: str, value: object, body: dict[str, Any], sampler:
     return value not in _NO_OP_VALUES.get(key, ())
 
 
-def _refuse_unimplemented(key: str, value: object) -> InvalidRequestError:
+def _refuse_unimplemented(key: str, value: object, defaults: dict[str, Any]) -> InvalidRequestError:
     return InvalidRequestError(
         f"{key}={json.dumps(value, default=str)[:80]} asks for an A1111 feature lorastack "
         f"does not implement; leave {key} out or send its default "
-        f"{json.dumps(TXT2IMG_DEFAULTS[key])}",
+        f"{json.dumps(defaults[key])}",
         field=key,
     )
 
@@ -266,6 +321,17 @@ def randn_source_option(value: object, name: str = OPTION_RANDN_SOURCE) -> str:
     return str(value)
 
 
+def fix_steps_option(value: object, name: str = OPTION_FIX_STEPS) -> bool:
+    return _flag(name, value)
+
+
+def noise_multiplier_option(value: object, name: str = OPTION_NOISE_MULTIPLIER) -> float:
+    number = _number(name, value)
+    if not 0.0 <= number <= 1.5:
+        raise InvalidRequestError(f"{name} must be between 0 and 1.5, got {number}", field=name)
+    return number
+
+
 def checkpoint_option(value: object, name: str = OPTION_CHECKPOINT) -> str:
     text = _text(name, value).strip()
     if not text:
@@ -293,12 +359,21 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         ...               ApiOptions()).request.scheduler
         'karras'
     """
+    call, _ = _parse_generation(body, options, TXT2IMG_DEFAULTS, _USED)
+    return call
+
+
+def _parse_generation(
+    body: object, options: ApiOptions, defaults: dict[str, Any], used: frozenset[str]
+) -> tuple[Txt2ImgCall, dict[str, Any]]:
+    """The fields txt2img and img2img share; returns the call and the recognised
+    `override_settings` that only img2img reads (fix steps, noise multiplier)."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", field="body")
     values = {key: value for key, value in body.items() if value is not None}
 
     def get(name: str) -> Any:
-        return values.get(name, TXT2IMG_DEFAULTS[name])
+        return values.get(name, defaults[name])
 
     # 1. sampler: sampler_name, else sampler_index (A1111), combined names split
     sampler_field = "sampler_name" if values.get("sampler_name") else "sampler_index"
@@ -311,7 +386,8 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
             error.field = sampler_field
         raise
 
-    # 2. override_settings: checkpoint and clip skip; other keys are ignored
+    # 2. override_settings: checkpoint, clip skip, noise source (and img2img's options);
+    # other keys are ignored
     overrides = get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise InvalidRequestError(
@@ -321,6 +397,10 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
     checkpoint = None
     clip_skip = options.clip_skip
     randn_source = options.randn_source
+    img2img_options: dict[str, Any] = {
+        OPTION_FIX_STEPS: options.fix_steps,
+        OPTION_NOISE_MULTIPLIER: options.noise_multiplier,
+    }
     ignored = []
     for key, value in overrides.items():
         where = f"override_settings.{key}"
@@ -330,6 +410,10 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
             clip_skip = clip_skip_option(value, where)
         elif key == OPTION_RANDN_SOURCE:
             randn_source = randn_source_option(value, where)
+        elif key == OPTION_FIX_STEPS and "init_images" in defaults:
+            img2img_options[key] = fix_steps_option(value, where)
+        elif key == OPTION_NOISE_MULTIPLIER and "init_images" in defaults:
+            img2img_options[key] = noise_multiplier_option(value, where)
         else:
             ignored.append(where)
 
@@ -359,15 +443,15 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
 
     # 4. A1111 fields we do not do: refused unless they ask for nothing; other keys listed
     for key, value in body.items():
-        if key in _USED:
+        if key in used:
             continue
-        if key not in TXT2IMG_DEFAULTS:
+        if key not in defaults:
             ignored.append(key)
-        elif _unimplemented_value(key, value, body, choice.sampler):
-            raise _refuse_unimplemented(key, value)
-    return Txt2ImgCall(
+        elif _unimplemented_value(key, value, body, choice.sampler, defaults):
+            raise _refuse_unimplemented(key, value, defaults)
+    call = Txt2ImgCall(
         request=request,
-        parameters={**TXT2IMG_DEFAULTS, **body},
+        parameters={**defaults, **body},
         send_images=_flag("send_images", get("send_images")),
         save_images=_flag("save_images", get("save_images")),
         restore_checkpoint=_flag(
@@ -375,6 +459,109 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         ),
         ignored=sorted(ignored),
     )
+    return call, img2img_options
+
+
+# ------------------------------------------------------------------------ img2img
+
+
+def _choice_flag(name: str, value: object) -> bool:
+    """A1111 sends these two-way choices as a bool (webuiapi) or a radio index 0/1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise InvalidRequestError(f"{name} must be true/false or 0/1, got {value!r}", field=name)
+
+
+def _base64_image(value: object, name: str) -> Image.Image:
+    """A decoded, fully read image; bombs and non-images are refused naming `name`."""
+    image = open_image(decode_base64_image(value, name), field=name)
+    try:
+        image.load()
+    except (OSError, ValueError) as error:
+        raise InvalidRequestError(f"{name}: the image is damaged: {error}", field=name) from None
+    return image
+
+
+def parse_img2img(body: object, options: ApiOptions) -> Txt2ImgCall:
+    """Translate an A1111 img2img JSON body (txt2img's fields plus the init images, mask
+    and inpainting fields, and the two outpainting scripts by name).
+
+    Width and height default to the first init image's (rounded down to 8 by the
+    engine); with an outpainting script they are the extended canvas's. As in A1111,
+    `include_init_images` only decides whether the echoed `parameters` keep the images.
+
+    Example:
+        >>> parse_img2img({"init_images": []}, ApiOptions())  # doctest: +SKIP
+        InvalidRequestError: init_images must hold at least one base64 image
+    """
+    from pipelines.outpainting import outpaint_size, script_outpaint
+
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", field="body")
+    script = body.get("script_name")
+    outpaint = None
+    script_fill = None
+    if script:
+        outpaint, script_fill = script_outpaint(
+            _text("script_name", script), body.get("script_args") or []
+        )
+    call, img2img_options = _parse_generation(body, options, IMG2IMG_DEFAULTS, _IMG2IMG_USED)
+    values = {key: value for key, value in body.items() if value is not None}
+
+    def get(name: str) -> Any:
+        return values.get(name, IMG2IMG_DEFAULTS[name])
+
+    sources = get("init_images")
+    if not isinstance(sources, list) or not sources:
+        raise InvalidRequestError(
+            "init_images must hold at least one base64 image", field="init_images"
+        )
+    images = tuple(
+        _base64_image(item, f"init_images[{index}]") for index, item in enumerate(sources)
+    )
+    mask = _base64_image(values["mask"], "mask") if "mask" in values else None
+    blur_x, blur_y = get("mask_blur_x"), get("mask_blur_y")
+    if "mask_blur" in values:  # A1111's setter: one value for both
+        blur_x = blur_y = _integer("mask_blur", values["mask_blur"])
+    multiplier = img2img_options[OPTION_NOISE_MULTIPLIER]
+    if "initial_noise_multiplier" in values:
+        multiplier = noise_multiplier_option(
+            values["initial_noise_multiplier"], "initial_noise_multiplier"
+        )
+    fill_choice = _integer("inpainting_fill", get("inpainting_fill"))
+    inputs = ImageInputs(
+        images=images,
+        mask=mask,
+        resize_mode=_integer("resize_mode", get("resize_mode")),
+        mask_blur_x=_integer("mask_blur_x", blur_x),
+        mask_blur_y=_integer("mask_blur_y", blur_y),
+        mask_round=_flag("mask_round", get("mask_round")),
+        inpainting_fill=fill_choice if script_fill is None else script_fill,
+        inpaint_full_res=_choice_flag("inpaint_full_res", get("inpaint_full_res")),
+        inpaint_full_res_padding=_integer(
+            "inpaint_full_res_padding", get("inpaint_full_res_padding")
+        ),
+        inpainting_mask_invert=_choice_flag(
+            "inpainting_mask_invert", get("inpainting_mask_invert")
+        ),
+        initial_noise_multiplier=multiplier,
+        fix_steps=img2img_options[OPTION_FIX_STEPS],
+        outpaint=outpaint,
+    )
+    request = call.request
+    width, height = request.width, request.height
+    if outpaint is not None:
+        width, height = outpaint_size(*images[0].size, outpaint)
+    else:
+        width = width if "width" in values else images[0].width
+        height = height if "height" in values else images[0].height
+    call.request = replace(request, width=width, height=height, img2img=inputs)
+    call.include_init_images = _flag("include_init_images", get("include_init_images"))
+    if not call.include_init_images:
+        call.parameters = {**call.parameters, "init_images": None, "mask": None}
+    return call
 
 
 def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) -> dict[str, Any]:
@@ -413,7 +600,8 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
         "clip_skip": used.clip_skip,
-        "is_using_inpainting_conditioning": False,
+        "is_using_inpainting_conditioning": "Conditional mask weight"
+        in (result.infotexts[0] if result.infotexts else ""),
         "version": VERSION,
         "interrupted": result.interrupted,
         "ignored": call.ignored,
@@ -461,6 +649,8 @@ def current_options(title: str | None, sha256: str | None, options: ApiOptions) 
         "sd_checkpoint_hash": sha256,
         OPTION_CLIP_SKIP: options.clip_skip,
         OPTION_RANDN_SOURCE: options.randn_source,
+        OPTION_FIX_STEPS: options.fix_steps,
+        OPTION_NOISE_MULTIPLIER: options.noise_multiplier,
         "sd_vae": "Automatic",
         "samples_save": True,
         "samples_format": "png",
@@ -482,6 +672,8 @@ class OptionsChange:
     checkpoint: str | None = None
     clip_skip: int | None = None
     randn_source: str | None = None
+    fix_steps: bool | None = None
+    noise_multiplier: float | None = None
     ignored: list[str] = field(default_factory=list)
 
 
@@ -497,6 +689,10 @@ def parse_options(body: object) -> OptionsChange:
             change.clip_skip = clip_skip_option(value)
         elif key == OPTION_RANDN_SOURCE:
             change.randn_source = randn_source_option(value)
+        elif key == OPTION_FIX_STEPS:
+            change.fix_steps = fix_steps_option(value)
+        elif key == OPTION_NOISE_MULTIPLIER:
+            change.noise_multiplier = noise_multiplier_option(value)
         else:
             change.ignored.append(key)
     return change
@@ -577,8 +773,12 @@ def png_info(body: object) -> dict[str, Any]:
 
 
 def error_body(error: LorastackError | Exception, status: int) -> dict[str, Any]:
-    """A1111's error body `{error, detail, body, errors}`; `detail` is the sentence."""
+    """A1111's error body `{error, detail, body, errors}`; `detail` is the sentence, and
+    it always names the field at fault."""
     message = error.message if isinstance(error, LorastackError) else str(error)
+    field_name = getattr(error, "field", None)
+    if field_name and field_name not in message:
+        message = f"{field_name}: {message}"
     return {
         "error": type(error).__name__,
         "detail": message,

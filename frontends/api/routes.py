@@ -101,9 +101,16 @@ class A1111Api:
 
     def txt2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
         """Generate for `user` (the key the per-user limits count under)."""
-        call = a1111.parse_txt2img(body, self.options)
+        return self._generate(a1111.parse_txt2img(body, self.options), user)
+
+    def img2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
+        """img2img, inpainting and the outpainting scripts, for `user`."""
+        return self._generate(a1111.parse_img2img(body, self.options), user)
+
+    def _generate(self, call: a1111.Txt2ImgCall, user: str) -> dict[str, Any]:
+        kind = call.request.kind
         if call.ignored:
-            log.info("txt2img: ignored A1111 fields: %s", ", ".join(call.ignored))
+            log.info("%s: ignored A1111 fields: %s", kind, ", ".join(call.ignored))
         started = time.time()
         result = self.service.generate(call.request, user=user)
         if call.request.checkpoint and not call.restore_checkpoint:
@@ -115,7 +122,7 @@ class A1111Api:
         ):
             png = write_png_with_infotext(image, infotext)
             if call.save_images:
-                save_png(self.settings.outputs_dir, png, seed)
+                save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
             pngs.append(png)
         return a1111.txt2img_response(call, result, pngs, started)
 
@@ -138,6 +145,10 @@ class A1111Api:
             self.options.clip_skip = change.clip_skip
         if change.randn_source is not None:
             self.options.randn_source = change.randn_source
+        if change.fix_steps is not None:
+            self.options.fix_steps = change.fix_steps
+        if change.noise_multiplier is not None:
+            self.options.noise_multiplier = change.noise_multiplier
         return {**self.get_options(), "ignored": change.ignored}
 
     # -- listings
@@ -220,6 +231,11 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     async def txt2img(request: Request) -> Any:
         user = _user(request, bool(credentials))
         return await run_in_threadpool(api.txt2img, await _json_body(request), user)
+
+    @app.post("/img2img")
+    async def img2img(request: Request) -> Any:
+        user = _user(request, bool(credentials))
+        return await run_in_threadpool(api.img2img, await _json_body(request), user)
 
     @app.get("/options")
     def get_options() -> Any:

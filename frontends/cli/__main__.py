@@ -67,6 +67,100 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser._add_action(action)
 
 
+def _add_img2img_flags(parser: argparse.ArgumentParser) -> None:
+    """img2img, inpainting and outpainting (A1111's field names as flags)."""
+    from pipelines.imageops import MASKED_CONTENT, RESIZE_MODES
+    from pipelines.schema import OUTPAINT_DIRECTIONS, OUTPAINT_METHODS
+
+    group = parser.add_argument_group(
+        "img2img", "with --init-image the run is img2img; width and height default to the image's"
+    )
+    group.add_argument(
+        "--init-image",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PNG",
+        help="init image (repeatable: up to --batch-size images, one batch)",
+    )
+    group.add_argument("--mask", type=Path, help="inpainting mask: white is repainted")
+    group.add_argument(
+        "--resize-mode",
+        type=int,
+        default=0,
+        choices=range(4),
+        help="; ".join(f"{i} {label}" for i, label in enumerate(RESIZE_MODES)),
+    )
+    group.add_argument("--mask-blur", type=int, default=4, help="mask blur in pixels (4)")
+    group.add_argument(
+        "--inpainting-fill",
+        type=int,
+        default=1,
+        choices=range(4),
+        help="masked content: " + "; ".join(f"{i} {t}" for i, t in enumerate(MASKED_CONTENT)),
+    )
+    group.add_argument(
+        "--only-masked",
+        action="store_true",
+        help='inpaint area "only masked": crop the masked region, generate, paste back',
+    )
+    group.add_argument("--only-masked-padding", type=int, default=32, help="pixels (32)")
+    group.add_argument(
+        "--inpaint-not-masked", action="store_true", help="invert the mask (A1111's mask mode)"
+    )
+    group.add_argument("--initial-noise-multiplier", type=float, default=1.0, help="0..1.5 (1.0)")
+    group.add_argument(
+        "--img2img-fix-steps",
+        action="store_true",
+        help="run exactly --steps steps whatever the denoising strength (A1111's option)",
+    )
+    group.add_argument("--outpaint", type=int, metavar="PIXELS", help="extend the canvas")
+    group.add_argument(
+        "--outpaint-direction",
+        action="append",
+        choices=OUTPAINT_DIRECTIONS,
+        default=[],
+        help="repeatable; default: all four",
+    )
+    group.add_argument("--outpaint-method", choices=OUTPAINT_METHODS, default=OUTPAINT_METHODS[1])
+
+
+def _image_inputs(args: argparse.Namespace) -> Any:
+    """ImageInputs from the img2img flags (None without --init-image)."""
+    from pipelines.images import open_image
+    from pipelines.schema import OUTPAINT_DIRECTIONS, ImageInputs, Outpaint
+
+    def read(path: Path, flag: str) -> Any:
+        image = open_image(path, field=flag)
+        image.load()
+        return image
+
+    if not args.init_image:
+        if args.mask is not None or args.outpaint is not None:
+            raise InvalidRequestError(
+                "--mask and --outpaint need --init-image", field="init_images"
+            )
+        return None
+    outpaint = None
+    if args.outpaint is not None:
+        directions = tuple(args.outpaint_direction) or OUTPAINT_DIRECTIONS
+        outpaint = Outpaint(args.outpaint, directions, args.outpaint_method)
+    return ImageInputs(
+        images=tuple(read(path, "--init-image") for path in args.init_image),
+        mask=read(args.mask, "--mask") if args.mask is not None else None,
+        resize_mode=args.resize_mode,
+        mask_blur_x=args.mask_blur,
+        mask_blur_y=args.mask_blur,
+        inpainting_fill=args.inpainting_fill,
+        inpaint_full_res=args.only_masked,
+        inpaint_full_res_padding=args.only_masked_padding,
+        inpainting_mask_invert=args.inpaint_not_masked,
+        initial_noise_multiplier=args.initial_noise_multiplier,
+        fix_steps=args.img2img_fix_steps,
+        outpaint=outpaint,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m frontends.cli",
@@ -91,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
             *flags,
             dest=spec.name,
             type=spec.kind,
-            default=spec.default,
+            # width/height: None until known, so img2img can take the init image's
+            default=None if spec.name in ("width", "height") else spec.default,
             help=f"{spec.label}{limits}; default {spec.default!r}. {spec.help}".strip(),
         )
     generate.add_argument(
@@ -102,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:W]",
         help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately",
     )
+    _add_img2img_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
@@ -146,9 +242,22 @@ def _generate(args: argparse.Namespace) -> int:
     from pipelines.schema import GenerationRequest
 
     settings = _settings(args)
-    request = GenerationRequest(
-        **{spec.name: getattr(args, spec.name) for spec in FIELDS}, loras=tuple(args.lora)
-    )
+    values = {spec.name: getattr(args, spec.name) for spec in FIELDS}
+    inputs = _image_inputs(args)
+    if inputs is not None:
+        first = inputs.images[0]
+        size = first.size
+        if inputs.outpaint is not None:
+            from pipelines.outpainting import outpaint_size
+
+            size = outpaint_size(*first.size, inputs.outpaint)
+        for index, name in enumerate(("width", "height")):
+            if values[name] is None or inputs.outpaint is not None:
+                values[name] = size[index]
+    for name in ("width", "height"):
+        if values[name] is None:
+            values[name] = next(spec.default for spec in FIELDS if spec.name == name)
+    request = GenerationRequest(**values, loras=tuple(args.lora), img2img=inputs)
     request.validated(settings.bounds)  # fail on bad values before loading anything
     from tqdm import tqdm
 
@@ -173,7 +282,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.out is not None:
             path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
         else:
-            path = save_png(settings.outputs_dir, png, seed)
+            path = save_png(settings.outputs_dir, png, seed, kind=f"{request.kind}-images")
         print(path)
     if result.interrupted:
         print("interrupted: fewer images than asked for", file=sys.stderr)

@@ -3,9 +3,11 @@
 It does what a diffusers Stable Diffusion `__call__` does between "prepare latents" and
 "decode" (same operations in the same order, so images match plain diffusers bit for bit),
 and exposes the places other modes change: the UNet's input (inpainting models' extra
-channels), its conditioning per step (prompt editing), and the latents after each step
-(inpainting's mask blend). Composable prompts (A1111's `AND`) are more conditioned passes
-in the same UNet batch, combined as A1111 does: uncond + cfg * sum(w_i * (cond_i - uncond)).
+channels), its conditioning per step (prompt editing), the guided prediction before the
+scheduler steps with it (inpainting's blend of the denoised image with the original) and
+the latents after each step. Composable prompts (A1111's `AND`) are more conditioned
+passes in the same UNet batch, combined as A1111 does:
+uncond + cfg * sum(w_i * (cond_i - uncond)).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ Conditioning = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor] | Non
 """step index -> (encoder hidden states, added cond kwargs) for that step."""
 AfterStep = Callable[[torch.Tensor, int], torch.Tensor]
 """(latents after the scheduler step, step index) -> latents to carry on with."""
+Prediction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""(guided prediction [B, ...], latents [B, ...], timestep, step index) -> the prediction
+the scheduler steps with (inpainting's blend of the denoised image with the original)."""
 OnStep = Callable[[int, torch.Tensor], bool]
 """(steps done, latents) -> True to stop the loop (interrupt or skip)."""
 
@@ -46,6 +51,7 @@ class DenoiseLoop:
     timestep_cond: torch.Tensor | None = None
     cond_weights: tuple[float, ...] = (1.0,)
     unet_input: list[UNetInput] = field(default_factory=list)
+    on_prediction: list[Prediction] = field(default_factory=list)
     after_step: list[AfterStep] = field(default_factory=list)
 
     @property
@@ -104,6 +110,8 @@ class DenoiseLoop:
                 return_dict=False,
             )[0]
             noise = self.combine(noise)
+            for change in self.on_prediction:
+                noise = change(noise, latents, timestep, index)
             latents = self.scheduler.step(noise, timestep, latents, **extra, return_dict=False)[0]
             for after in self.after_step:
                 latents = after(latents, index)

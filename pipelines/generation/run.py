@@ -180,7 +180,9 @@ class Txt2ImgRun:
             self.control.batch(iteration, inputs.request.n_iter, len(timesteps))
             with self.tiling(inputs):
                 # 5. denoise
-                latents = self.denoise(inputs, conditioning, latents, generators, scheduler)
+                latents = self.denoise(
+                    inputs, conditioning, latents, generators, scheduler, timesteps
+                )
                 # 6. decode
                 pixels = self.decode(inputs, latents)
             # 7. post-process
@@ -263,9 +265,15 @@ class Txt2ImgRun:
     def prepare_latents(
         self, inputs: RunInputs, seeds: SeedPlan, scheduler: Any
     ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """The seeded noise scaled by the scheduler's initial sigma."""
+        noise, generators = self.seeded_noise(inputs, seeds, scheduler)
+        return noise * scheduler.init_noise_sigma, generators
+
+    def seeded_noise(
+        self, inputs: RunInputs, seeds: SeedPlan, scheduler: Any
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Initial noise from per-item CPU generators, so a seed means the same image on
-        every device (with A1111's variation seed and "resize seed from"); scaled by the
-        scheduler's initial sigma."""
+        every device (with A1111's variation seed and "resize seed from"), on the device."""
         pipe = self.model.pipe
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         request = inputs.request
@@ -284,7 +292,7 @@ class Txt2ImgRun:
             # DPM++ SDE's Brownian tree: one per item from its seed (A1111), never the
             # global RNG, so the infotext's seed reproduces the image
             scheduler.noise_sampler_seed = list(plan.seeds)
-        return noise.to(self.plan.device) * scheduler.init_noise_sigma, generators
+        return noise.to(self.plan.device), generators
 
     @property
     def dtype(self) -> torch.dtype:
@@ -305,6 +313,7 @@ class Txt2ImgRun:
         latents: torch.Tensor,
         generators: list[torch.Generator],
         scheduler: Any,
+        timesteps: torch.Tensor,
     ) -> torch.Tensor:
         loop = self.denoise_loop(inputs, conditioning, latents.shape[0], generators, scheduler)
         family = self.model.family
@@ -313,7 +322,7 @@ class Txt2ImgRun:
             self.control.step(done, lambda: latents_to_images(current, family))
             return self.control.interrupted or self.control.skipped
 
-        return loop(latents, scheduler.timesteps, on_step)
+        return loop(latents, timesteps, on_step)
 
     def denoise_loop(
         self,
@@ -349,7 +358,7 @@ class Txt2ImgRun:
 
         loop.conditioning = at_step
         if self.model.architecture.is_inpainting:
-            loop.unet_input.append(self.blank_inpainting_input(inputs, count, loop.copies))
+            loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
         return loop
 
     def unet_conditioning(
@@ -380,7 +389,7 @@ class Txt2ImgRun:
         }
         return hidden.to(self.plan.device), added
 
-    def blank_inpainting_input(
+    def inpainting_input(
         self, inputs: RunInputs, count: int, copies: int
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """txt2img on an inpainting (9-channel) model, as A1111: everything masked and the
@@ -519,6 +528,8 @@ class Txt2ImgRun:
             params["Seed resize from"] = (
                 f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
             )
+        if request.img2img is not None:
+            params["Denoising strength"] = request.denoising_strength
         params["Clip skip"] = request.clip_skip
         if request.randn_source != "GPU":  # A1111 writes RNG unless it is its default
             params["RNG"] = request.randn_source
