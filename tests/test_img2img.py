@@ -355,3 +355,23 @@ def test_an_inpainting_unet_gets_the_mask_and_masked_image(inpainting_service: S
     outside = np.asarray(mask) == 0
     out = np.asarray(result.images[0]).astype(int)
     assert np.array_equal(out[outside], np.asarray(image).astype(int)[outside])
+
+
+def test_every_sampler_inpaints_twice_alike_and_keeps_the_outside(service: Service) -> None:
+    from pipelines.samplers import list_samplers
+
+    image = init_image(64, 64)
+    mask = box_mask(image.size, (16, 16, 48, 48))
+    inputs = ImageInputs(
+        images=(image,), mask=mask, inpaint_full_res=False, mask_blur_x=0, mask_blur_y=0
+    )
+    outside = np.asarray(mask) == 0
+    original = np.asarray(image).astype(int)
+    names = [str(item["name"]) for item in list_samplers()]
+    assert len(names) > 10
+    for name in names:
+        first, _ = run(service, inputs, sampler_name=name, steps=4, denoising_strength=0.7)
+        second, _ = run(service, inputs, sampler_name=name, steps=4, denoising_strength=0.7)
+        assert np.array_equal(first, second), name
+        assert np.array_equal(first[outside], original[outside]), name
+        assert np.isfinite(first).all() and np.abs(first - original).mean() > 1, name
