@@ -366,8 +366,9 @@ class Img2ImgRun(Txt2ImgRun):
     def inpainting_input(
         self, inputs: RunInputs, count: int, copies: int
     ) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """A1111's `inpainting_image_conditioning`: the rounded mask and the latents of the
-        image with the masked part blanked (the whole image without a mask)."""
+        """A1111's `inpainting_image_conditioning`: the mask (rounded unless `mask_round` is
+        off) and the latents of the image with the masked part blanked (the whole image
+        without a mask)."""
         pixels = self.prepared.pixels
         image_mask = self.prepared.image_mask
         height, width = inputs.request.height, inputs.request.width
@@ -377,7 +378,10 @@ class Img2ImgRun(Txt2ImgRun):
             mask = torch.ones(1, 1, height, width)
         else:
             array = np.asarray(image_mask.convert("L"), dtype=np.float32) / 255.0
-            mask = torch.round(torch.from_numpy(array)[None, None])
+            mask = torch.from_numpy(array)[None, None]
+            spec = inputs.request.img2img
+            if spec is None or spec.mask_round:
+                mask = torch.round(mask)
         source = pixels * 2 - 1
         blanked = (source * (1 - mask) + 1) / 2  # back to [0, 1] for encode_pixels
         masked = encode_pixels(self.model.pipe.vae, blanked, self.dtype)
