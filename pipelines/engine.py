@@ -14,6 +14,7 @@ import torch
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.errors import DeviceOutOfMemoryError
 from pipelines.folders.registry import ModelFolders
+from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
 from pipelines.generation.run import RunControl, Txt2ImgRun
 from pipelines.interface import DeviceInfo, ModelStatus
@@ -91,7 +92,7 @@ class Engine:
         """
         try:
             model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-            run = Txt2ImgRun if request.img2img is None else Img2ImgRun
+            run = Img2ImgRun if request.img2img else HiresRun if request.hires else Txt2ImgRun
             return run(model, self.plan, self.folders, control)(request)
         except torch.cuda.OutOfMemoryError as error:
             self.manager.free_memory()

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from PIL import Image
 
+    from pipelines.schema import HiresFix
+
 _FIXED_ORDER: tuple[str, ...] = (
     "Steps",
     "Sampler",
@@ -302,3 +304,27 @@ def _read_open(image: Image.Image) -> str | None:
     if isinstance(gif_comment, bytes) and gif_comment:
         return gif_comment.decode("utf-8", "ignore")
     return None
+
+
+def hires_from_params(params: Mapping[str, str]) -> HiresFix | None:
+    """The hires fix an infotext's `Hires ...` keys describe (None without them), so a
+    pasted hires infotext replays its image. Raises ValueError on a malformed value."""
+    from pipelines.schema import HiresFix
+
+    if not any(key.startswith("Hires ") for key in params):
+        return None
+    resize_x = resize_y = 0
+    if "Hires resize" in params:
+        width, _, height = params["Hires resize"].partition("x")
+        resize_x, resize_y = int(width), int(height)
+    return HiresFix(
+        scale=float(params.get("Hires upscale", "2")),
+        resize_x=resize_x,
+        resize_y=resize_y,
+        upscaler=params.get("Hires upscaler", "Latent"),
+        second_pass_steps=int(params.get("Hires steps", "0")),
+        sampler_name=params.get("Hires sampler"),
+        scheduler=params.get("Hires schedule type"),
+        prompt=params.get("Hires prompt", ""),
+        negative_prompt=params.get("Hires negative prompt", ""),
+    )

@@ -89,6 +89,61 @@ class ImageInputs:
         return self.mask is not None or self.outpaint is not None
 
 
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+"""A1111's latent upscalers: name -> (torch interpolation mode, antialias)."""
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")
+"""A1111's built-in pixel upscalers (model upscalers are listed by the folders)."""
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: a second img2img pass over the upscaled first pass.
+
+    `scale` applies unless `resize_x`/`resize_y` ask for a size (one of them 0: keep the
+    aspect ratio; both: cover that size and crop the excess, as A1111). `second_pass_steps`
+    0 means the first pass's steps; `sampler_name`/`scheduler` None mean the first pass's;
+    an empty `prompt`/`negative_prompt` means the first pass's. The request's
+    `denoising_strength` is the second pass's.
+    """
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    upscaler: str = "Latent"
+    second_pass_steps: int = 0
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+
+    def target(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(upscale_to_x, upscale_to_y, truncate_x, truncate_y) as A1111's
+        `calculate_target_resolution` (truncation in latent pixels, 8 per unit)."""
+        if self.resize_x == 0 and self.resize_y == 0:
+            return int(width * self.scale), int(height * self.scale), 0, 0
+        if self.resize_y == 0:
+            return self.resize_x, self.resize_x * height // width, 0, 0
+        if self.resize_x == 0:
+            return self.resize_y * width // height, self.resize_y, 0, 0
+        if width / height < self.resize_x / self.resize_y:
+            to_x, to_y = self.resize_x, self.resize_x * height // width
+        else:
+            to_x, to_y = self.resize_y * width // height, self.resize_y
+        return to_x, to_y, (to_x - self.resize_x) // 8, (to_y - self.resize_y) // 8
+
+    def final_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size of the images the second pass returns."""
+        to_x, to_y, cut_x, cut_y = self.target(width, height)
+        return to_x // 8 * 8 - cut_x * 8, to_y // 8 * 8 - cut_y * 8
+
+
 @dataclass(frozen=True)
 class Bounds:
     """Admin-configurable request limits (contract defaults)."""
@@ -147,6 +202,7 @@ class GenerationRequest:
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     img2img: ImageInputs | None = None  # None: txt2img
+    hires: HiresFix | None = None  # txt2img only
 
     @property
     def kind(self) -> str:
@@ -335,7 +391,47 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
     if request.img2img is not None:
         _check_image_inputs(request.img2img, batch)
+    if request.hires is not None:
+        if request.img2img is not None:
+            raise InvalidRequestError("hires fix is a txt2img option", field="enable_hr")
+        _check_hires(request.hires, width, height, batch, bounds)
     return replace(request, width=width, height=height, loras=loras)
+
+
+def _check_hires(hires: HiresFix, width: int, height: int, batch: int, bounds: Bounds) -> None:
+    """The hires fix's fields, and its target against the size bounds and --max-pixels."""
+    if not isinstance(hires, HiresFix):
+        raise InvalidRequestError("hires must be hires fix settings", field="enable_hr")
+    _check_float("hr_scale", hires.scale, 1.0, 8.0)
+    _check_int("hr_resize_x", hires.resize_x, 0, bounds.max_size)
+    _check_int("hr_resize_y", hires.resize_y, 0, bounds.max_size)
+    _check_int("hr_second_pass_steps", hires.second_pass_steps, 0, bounds.max_steps)
+    for name, value in (
+        ("hr_upscaler", hires.upscaler),
+        ("hr_prompt", hires.prompt),
+        ("hr_negative_prompt", hires.negative_prompt),
+    ):
+        _check_text(name, value, bounds.max_prompt_chars)
+    for name, value in (("hr_sampler_name", hires.sampler_name), ("hr_scheduler", hires.scheduler)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequestError(f"{name} must be a string", field=name)
+    field_name = "hr_scale" if hires.resize_x == 0 and hires.resize_y == 0 else "hr_resize_x"
+    to_x, to_y = hires.final_size(width, height)
+    if not (
+        bounds.min_size <= to_x <= bounds.max_size and bounds.min_size <= to_y <= bounds.max_size
+    ):
+        raise InvalidRequestError(
+            f"the hires fix would make {to_x}x{to_y} images; each side must be between "
+            f"{bounds.min_size} and {bounds.max_size}",
+            field=field_name,
+        )
+    if to_x * to_y * batch > bounds.max_pixels:
+        raise InvalidRequestError(
+            f"the hires fix would make {to_x}x{to_y} x batch_size {batch} = "
+            f"{to_x * to_y * batch} pixels, over the limit of {bounds.max_pixels} "
+            "(set by --max-pixels); use a smaller hr_scale or batch",
+            field=field_name,
+        )
 
 
 def _check_image(name: str, image: object) -> None:

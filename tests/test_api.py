@@ -784,3 +784,68 @@ def test_img2img_client_errors_are_422_naming_the_field(
     assert_a1111_error(payload, field)
     # the server keeps serving
     assert call(server, "GET", "/sd-models")[0] == 200
+
+
+# ---------------------------------------------------------------- hires fix
+
+
+def test_webuiapi_hires_fix(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1",
+        port=server.port,
+        sampler="Euler",
+        steps=2,
+        username=API_USER,
+        password=API_PASSWORD,
+    )
+    try:
+        client.util_set_model(SD1)
+        result = client.txt2img(
+            prompt="a cat <lora:ink:0.5>",
+            seed=5,
+            width=64,
+            height=64,
+            enable_hr=True,
+            hr_scale=2,
+            hr_second_pass_steps=2,
+            denoising_strength=0.5,
+        )
+        resized = client.txt2img(
+            prompt="a cat",
+            seed=5,
+            width=64,
+            height=64,
+            enable_hr=True,
+            hr_resize_x=160,
+            hr_resize_y=96,
+            hr_upscaler=webuiapi.HiResUpscaler.Lanczos,
+        )
+    finally:
+        client.session.close()
+    assert result.image.size == (128, 128)
+    infotext = result.info["infotexts"][0]
+    for key in ("Hires upscale: 2", "Hires steps: 2", "Hires upscaler: Latent", "Size: 64x64"):
+        assert key in infotext, infotext
+    assert resized.image.size == (160, 96)
+    assert "Hires resize: 160x96" in resized.info["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"hr_scale": 40}, "hr_scale"),
+        ({"hr_sampler_name": "Bogus"}, "hr_sampler_name"),
+        ({"hr_upscaler": "Nope"}, "hr_upscaler"),
+        ({"hr_checkpoint_name": "other-model"}, "hr_checkpoint_name"),
+    ],
+)
+def test_hires_errors_name_the_field(server: Server, change: dict[str, Any], field: str) -> None:
+    body = {"enable_hr": True, "prompt": "x", **SMALL, **change}
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 422, payload
+    assert_a1111_error(payload, field)
+    # without enable_hr A1111 ignores every hr_ field
+    status, _, payload = call(server, "POST", "/txt2img", {**body, "enable_hr": False})
+    assert status == 200, payload

@@ -98,7 +98,7 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
     "body",
     [
         {"restore_faces": True},
-        {"enable_hr": True},
+        {"enable_hr": True, "hr_checkpoint_name": "other"},
         {"styles": ["a"]},
         {"styles": "not a list"},
         {"script_name": "x/y/z plot"},

@@ -39,6 +39,7 @@ from pipelines.schema import (
     SEED_MAX,
     GenerationRequest,
     GenerationResult,
+    HiresFix,
     ImageInputs,
 )
 
@@ -156,6 +157,21 @@ _USED = frozenset(
     }
 )
 
+_TXT2IMG_USED = _USED | {
+    "enable_hr",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "firstphase_width",
+    "firstphase_height",
+}
+
 _IMG2IMG_USED = _USED | {
     "init_images",
     "resize_mode",
@@ -237,11 +253,14 @@ def _is_neutral(value: object) -> bool:
     return value is None or value is False or value in (0, "", [], {})
 
 
+_SAME_CHECKPOINT = ("Use same checkpoint",)
+
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
     # A1111's own option defaults, which clients such as webuiapi send explicitly.
     "eta": (1.0,),  # eta_ancestral; DDIM's eta is checked below
     "s_noise": (1.0,),
     "s_tmax": (math.inf,),
+    "hr_checkpoint_name": _SAME_CHECKPOINT,
 }
 """Values of unimplemented sampler fields that equal what A1111 does without them."""
 
@@ -359,8 +378,57 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         ...               ApiOptions()).request.scheduler
         'karras'
     """
-    call, _ = _parse_generation(body, options, TXT2IMG_DEFAULTS, _USED)
+    call, _ = _parse_generation(body, options, TXT2IMG_DEFAULTS, _TXT2IMG_USED)
+    if isinstance(body, dict) and _flag("enable_hr", body.get("enable_hr") or False):
+        call.request = _with_hires(call.request, body)
     return call
+
+
+_SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")
+"""What A1111's UI sends for "as the first pass" in the hires fields."""
+
+
+def _with_hires(request: GenerationRequest, body: dict[str, Any]) -> GenerationRequest:
+    """A1111's hires fix fields (and the legacy first-phase size) on a txt2img request."""
+    values = {key: value for key, value in body.items() if value is not None}
+
+    def get(name: str) -> Any:
+        return values.get(name, TXT2IMG_DEFAULTS[name])
+
+    sampler_name = get("hr_sampler_name")
+    if sampler_name is not None:
+        sampler_name = None if sampler_name in _SAME else _text("hr_sampler_name", sampler_name)
+    scheduler = get("hr_scheduler")
+    if scheduler is not None:
+        scheduler = None if scheduler in _SAME else _text("hr_scheduler", scheduler)
+    if sampler_name is not None or scheduler is not None:
+        try:
+            choice = resolve_sampler(sampler_name or request.sampler_name, scheduler)
+        except InvalidRequestError as error:
+            error.field = "hr_sampler_name" if error.field == "sampler_name" else "hr_scheduler"
+            raise
+        sampler_name = choice.sampler if sampler_name is not None else None
+        scheduler = choice.scheduler if scheduler is not None else None
+    upscaler = get("hr_upscaler")
+    hires = HiresFix(
+        scale=_number("hr_scale", get("hr_scale")),
+        resize_x=_integer("hr_resize_x", get("hr_resize_x")),
+        resize_y=_integer("hr_resize_y", get("hr_resize_y")),
+        upscaler="Latent" if upscaler is None else _text("hr_upscaler", upscaler),
+        second_pass_steps=_integer("hr_second_pass_steps", get("hr_second_pass_steps")),
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        prompt=_text("hr_prompt", get("hr_prompt")),
+        negative_prompt=_text("hr_negative_prompt", get("hr_negative_prompt")),
+    )
+    first_width = _integer("firstphase_width", get("firstphase_width"))
+    first_height = _integer("firstphase_height", get("firstphase_height"))
+    if first_width or first_height:  # legacy: width x height is the hires target
+        hires = replace(hires, resize_x=request.width, resize_y=request.height)
+        request = replace(
+            request, width=first_width or request.width, height=first_height or request.height
+        )
+    return replace(request, hires=hires)
 
 
 def _parse_generation(

@@ -172,29 +172,44 @@ class Txt2ImgRun:
             batch_seeds = [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)]
             batch_subseeds = [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)]
             scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
+            seed_plan = SeedPlan(batch_seeds, batch_subseeds)
+            self.before_batch(inputs, adapters)
             # 4. prepare latents
-            latents, generators = self.prepare_latents(
-                inputs, SeedPlan(batch_seeds, batch_subseeds), scheduler
-            )
+            latents, generators = self.prepare_latents(inputs, seed_plan, scheduler)
             timesteps = self.timesteps(inputs, scheduler)
-            self.control.batch(iteration, inputs.request.n_iter, len(timesteps))
+            passes = self.passes
+            self.control.batch(iteration * passes, inputs.request.n_iter * passes, len(timesteps))
             with self.tiling(inputs):
-                # 5. denoise
+                # 5. denoise (and, for hires fix, the second pass)
                 latents = self.denoise(
                     inputs, conditioning, latents, generators, scheduler, timesteps
                 )
+                sized, latents = self.after_denoise(inputs, latents, seed_plan, iteration)
                 # 6. decode
-                pixels = self.decode(inputs, latents)
+                pixels = self.decode(sized, latents)
             # 7. post-process
             images.extend(self.post_process(pixels))
             seeds.extend(batch_seeds)
             subseeds.extend(batch_subseeds)
         return self.result(inputs, adapters, images, seeds, subseeds)
 
+    passes = 1
+    """Denoising passes per batch (hires fix: 2), for progress."""
+
     # -- 1
 
     def check_inputs(self, request: GenerationRequest) -> RunInputs:
         return check_request(request)
+
+    def before_batch(self, inputs: RunInputs, adapters: Adapters) -> None:
+        """Put back what a batch needs that the last one changed (hires fix: the stack)."""
+
+    def after_denoise(
+        self, inputs: RunInputs, latents: torch.Tensor, seeds: SeedPlan, iteration: int
+    ) -> tuple[RunInputs, torch.Tensor]:
+        """The latents to decode, with the inputs that size them (hires fix: upscaled and
+        denoised again)."""
+        return inputs, latents
 
     # -- 2
 
@@ -218,14 +233,19 @@ class Txt2ImgRun:
 
     # -- 3
 
-    def encode_prompts(self, inputs: RunInputs, adapters: Adapters) -> Conditioning:
+    def encode_prompts(
+        self, inputs: RunInputs, adapters: Adapters, hires_steps: int | None = None
+    ) -> Conditioning:
         """A1111 semantics (weights, BREAK, 75-token chunks, clip skip, prompt editing,
         alternation, `AND` parts with weights), every distinct text encoded once and all
-        padded alike. The negative prompt takes editing and alternation, not `AND`."""
+        padded alike. The negative prompt takes editing and alternation, not `AND`. With
+        `hires_steps`, the schedules are the hires pass's (A1111's hires offsets)."""
         request = inputs.request
         parts = split_and(inputs.prompt)  # A1111: even one part loses a trailing ":w"
         texts = [text for text, _ in parts]
-        *schedules, negative = prompt_schedules([*texts, inputs.negative_prompt], request.steps)
+        *schedules, negative = prompt_schedules(
+            [*texts, inputs.negative_prompt], request.steps, hires_steps=hires_steps
+        )
         wanted = {(text, False) for schedule in schedules for _, text in schedule}
         wanted |= {(text, True) for _, text in negative}
         keys = sorted(wanted)
@@ -528,7 +548,7 @@ class Txt2ImgRun:
             params["Seed resize from"] = (
                 f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
             )
-        if request.img2img is not None:
+        if request.img2img is not None or request.hires is not None:
             params["Denoising strength"] = request.denoising_strength
         params["Clip skip"] = request.clip_skip
         if request.randn_source != "GPU":  # A1111 writes RNG unless it is its default

@@ -1,0 +1,211 @@
+"""A1111's hires fix (`modules/processing.py`: `StableDiffusionProcessingTxt2Img`
+`calculate_target_resolution` and `sample_hr_pass`) as a step after txt2img's denoising.
+
+Each batch's first-pass latents are upscaled, either in latent space (A1111's `Latent*`
+modes: torch interpolation) or as pixels (decoded, resized by `None`/`Lanczos`/`Nearest`
+or a model upscaler, encoded again), cropped as A1111 truncates a `hr_resize` that does
+not keep the aspect ratio, then noised with the same seeds at the new size and denoised
+again for exactly the hires steps (A1111 passes `steps` to `sample_img2img`, which takes
+the "do exactly the amount of steps" branch), with the hires prompt, sampler and
+schedule. A hires prompt with other `<lora:...>` tags applies its own stack for the second
+pass, as A1111 activates `hr_extra_network_data`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.generation.img2img import encode_pixels, img2img_steps
+from pipelines.generation.noise import SeedPlan
+from pipelines.generation.run import Adapters, Conditioning, RunInputs, Txt2ImgRun, check_request
+from pipelines.imageops import resize_image
+from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
+from pipelines.schema import LATENT_UPSCALE_MODES, GenerationRequest, GenerationResult
+
+
+@dataclass
+class HiresPass:
+    """What the second pass uses, built once per run."""
+
+    inputs: RunInputs  # the hires prompt, size and steps
+    adapters: Adapters
+    conditioning: Conditioning
+    sampler: SamplerChoice
+    steps: int
+    size: tuple[int, int, int, int]  # upscale to x, y; truncate x, y (latent units)
+
+
+def pixel_upscale(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
+    """A1111's `resize_image(0, ...)` with an upscaler: the built-in ones here, a model
+    upscaler through `pipelines.upscalers` when one is installed."""
+    if upscaler in ("None", "Lanczos"):
+        return resize_image(0, image, width, height)
+    if upscaler == "Nearest":
+        return image.resize((width, height), Image.Resampling.NEAREST)
+    raise LookupError(upscaler)
+
+
+class HiresRun(Txt2ImgRun):
+    """txt2img with A1111's hires fix (see the module docstring).
+
+    Example:
+        >>> HiresRun(model, plan, folders, control)(request)  # doctest: +SKIP
+    """
+
+    passes = 2
+    second: HiresPass
+
+    def check_inputs(self, request: GenerationRequest) -> RunInputs:
+        inputs = super().check_inputs(request)
+        hires = request.hires
+        assert hires is not None
+        if hires.upscaler not in LATENT_UPSCALE_MODES:
+            self.check_upscaler(hires.upscaler)
+        return inputs
+
+    def check_upscaler(self, name: str) -> None:
+        """Refuse an unknown pixel upscaler before any work (422 naming hr_upscaler)."""
+        from pipelines.errors import InvalidRequestError
+
+        if name in ("None", "Lanczos", "Nearest"):
+            return
+        raise InvalidRequestError(
+            f"hr_upscaler {name!r} is not a known upscaler; use Latent, Latent (antialiased), "
+            "Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), "
+            "Latent (nearest-exact), None, Lanczos or Nearest",
+            field="hr_upscaler",
+        )
+
+    def encode_prompts(
+        self, inputs: RunInputs, adapters: Adapters, hires_steps: int | None = None
+    ) -> Conditioning:
+        """The first pass's conditioning; the second pass's is prepared here too, with its
+        own stack applied and then the first pass's put back (so text encoders see the
+        right LoRA weights for each)."""
+        first = super().encode_prompts(inputs, adapters, hires_steps)
+        if hires_steps is None:
+            self.second = self.prepare_second_pass(inputs, adapters)
+        return first
+
+    def prepare_second_pass(self, inputs: RunInputs, adapters: Adapters) -> HiresPass:
+        request = inputs.request
+        hires = request.hires
+        assert hires is not None
+        steps = hires.second_pass_steps or request.steps
+        to_x, to_y, cut_x, cut_y = hires.target(request.width, request.height)
+        sampler = resolve_sampler(
+            hires.sampler_name or request.sampler_name,
+            hires.scheduler if hires.scheduler is not None else request.scheduler,
+        )
+        hr_request = replace(
+            request,
+            prompt=hires.prompt or request.prompt,
+            negative_prompt=hires.negative_prompt or request.negative_prompt,
+            width=to_x // 8 * 8 - cut_x * 8,
+            height=to_y // 8 * 8 - cut_y * 8,
+        )
+        hr_inputs = check_request(hr_request)
+        hr_inputs = replace(hr_inputs, sampler=sampler, seed=inputs.seed, subseed=inputs.subseed)
+        hr_adapters = adapters
+        if hr_inputs.stack != inputs.stack:
+            hr_adapters = self.apply_adapters(hr_inputs)
+        conditioning = super().encode_prompts(hr_inputs, hr_adapters, hires_steps=steps)
+        if hr_inputs.stack != inputs.stack:
+            self.apply_adapters(inputs)
+        return HiresPass(
+            hr_inputs, hr_adapters, conditioning, sampler, steps, (to_x, to_y, cut_x, cut_y)
+        )
+
+    def before_batch(self, inputs: RunInputs, adapters: Adapters) -> None:
+        if self.second.inputs.stack != inputs.stack:
+            self.apply_adapters(inputs)  # the last batch's second pass changed the stack
+
+    def after_denoise(
+        self, inputs: RunInputs, latents: torch.Tensor, seeds: SeedPlan, iteration: int
+    ) -> tuple[RunInputs, torch.Tensor]:
+        """Upscale, noise and denoise again (nothing more once interrupted or skipped)."""
+        if self.control.interrupted or self.control.skipped:
+            return inputs, latents
+        second = self.second
+        hires = inputs.request.hires
+        assert hires is not None
+        to_x, to_y, cut_x, cut_y = second.size
+        if hires.upscaler in LATENT_UPSCALE_MODES:
+            mode, antialias = LATENT_UPSCALE_MODES[hires.upscaler]
+            upscaled = torch.nn.functional.interpolate(
+                latents, size=(to_y // 8, to_x // 8), mode=mode, antialias=antialias
+            )
+        else:
+            upscaled = self.upscale_pixels(inputs, latents, to_x, to_y, hires.upscaler)
+        height, width = upscaled.shape[-2:]
+        upscaled = upscaled[
+            :, :, cut_y // 2 : height - (cut_y + 1) // 2, cut_x // 2 : width - (cut_x + 1) // 2
+        ]
+        if second.inputs.stack != inputs.stack:
+            self.apply_adapters(second.inputs)
+        scheduler = make_scheduler(second.sampler, self.model.scheduler_config)
+        total, t_enc = img2img_steps(second.steps, inputs.request.denoising_strength, True)
+        scheduler.set_timesteps(total, device=self.plan.device)
+        start = (total - t_enc - 1) * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        tail = scheduler.timesteps[start:]
+        noise, generators = self.seeded_noise(second.inputs, seeds, scheduler)
+        noisy = scheduler.add_noise(upscaled.to(noise.dtype), noise, tail[:1])
+        self.control.batch(iteration * 2 + 1, inputs.request.n_iter * 2, len(tail))
+        result = self.denoise(
+            second.inputs, second.conditioning, noisy, generators, scheduler, tail
+        )
+        return second.inputs, result
+
+    def upscale_pixels(
+        self, inputs: RunInputs, latents: torch.Tensor, width: int, height: int, upscaler: str
+    ) -> torch.Tensor:
+        """Decode, resize each image with the upscaler, encode again (A1111's non-latent
+        hires path; 8-bit images in between, as A1111)."""
+        images = self.post_process(self.decode(inputs, latents))
+        resized = [pixel_upscale(image, width, height, upscaler) for image in images]
+        arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in resized])
+        pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)
+        return encode_pixels(self.model.pipe.vae, pixels, self.dtype).to(self.plan.device)
+
+    def result(
+        self,
+        inputs: RunInputs,
+        adapters: Adapters,
+        images: list[Image.Image],
+        seeds: list[int],
+        subseeds: list[int],
+    ) -> GenerationResult:
+        second = self.second
+        applied = list(adapters.applied)
+        applied += [item for item in second.adapters.applied if item not in applied]
+        merged = Adapters(applied, adapters.text_state, adapters.notes)
+        return super().result(inputs, merged, images, seeds, subseeds)
+
+    def extra_infotext(self, inputs: RunInputs) -> dict[str, object]:
+        """A1111's hires keys, in its order."""
+        request = inputs.request
+        hires = request.hires
+        assert hires is not None
+        params: dict[str, object] = {}
+        if hires.resize_x == 0 and hires.resize_y == 0:
+            params["Hires upscale"] = hires.scale
+        else:
+            params["Hires resize"] = f"{hires.resize_x}x{hires.resize_y}"
+        if hires.second_pass_steps:
+            params["Hires steps"] = hires.second_pass_steps
+        params["Hires upscaler"] = hires.upscaler
+        if hires.sampler_name and hires.sampler_name != request.sampler_name:
+            params["Hires sampler"] = self.second.sampler.sampler
+        if hires.scheduler is not None and hires.scheduler != request.scheduler:
+            params["Hires schedule type"] = self.second.sampler.label
+        if hires.prompt and hires.prompt != request.prompt:
+            params["Hires prompt"] = hires.prompt
+        if hires.negative_prompt and hires.negative_prompt != request.negative_prompt:
+            params["Hires negative prompt"] = hires.negative_prompt
+        return params
