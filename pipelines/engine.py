@@ -17,6 +17,7 @@ from pipelines.folders.registry import ModelFolders
 from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
 from pipelines.generation.run import RunControl, Txt2ImgRun
+from pipelines.generation.sd_upscale import SdUpscaleRun
 from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.loading import LoadedModel
 from pipelines.lora.files import LoraFileCache
@@ -92,8 +93,7 @@ class Engine:
         """
         try:
             model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-            run = Img2ImgRun if request.img2img else HiresRun if request.hires else Txt2ImgRun
-            return run(model, self.plan, self.folders, control)(request)
+            return self.run_for(request)(model, self.plan, self.folders, control)(request)
         except torch.cuda.OutOfMemoryError as error:
             self.manager.free_memory()
             raise DeviceOutOfMemoryError(
@@ -103,6 +103,13 @@ class Engine:
         finally:
             if stateless:
                 self.manager.restore_base()
+
+    @staticmethod
+    def run_for(request: GenerationRequest) -> type[Txt2ImgRun] | type[SdUpscaleRun]:
+        """The generation run a request asks for."""
+        if request.img2img is not None:
+            return SdUpscaleRun if request.img2img.sd_upscale is not None else Img2ImgRun
+        return HiresRun if request.hires is not None else Txt2ImgRun
 
     def load(self, name: str | None) -> ModelStatus:
         """Load (or switch to) a checkpoint; None: the first usable one, else the demo."""

@@ -58,6 +58,17 @@ class Outpaint:
 
 
 @dataclass(frozen=True)
+class SdUpscale:
+    """A1111's "SD upscale" img2img script: upscale the init image by `scale` with
+    `upscaler`, then img2img it in tiles of the request's size overlapping by `overlap`
+    pixels and blend the tiles back together."""
+
+    scale: float = 2.0
+    upscaler: str = "Lanczos"
+    overlap: int = 64
+
+
+@dataclass(frozen=True)
 class ImageInputs:
     """What img2img and inpainting add to a request (A1111's names and API defaults).
 
@@ -83,6 +94,7 @@ class ImageInputs:
     initial_noise_multiplier: float = 1.0
     fix_steps: bool = False
     outpaint: Outpaint | None = None
+    sd_upscale: SdUpscale | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -390,7 +402,7 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
         _check_text("checkpoint", request.checkpoint, 4096)
     loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
     if request.img2img is not None:
-        _check_image_inputs(request.img2img, batch)
+        _check_image_inputs(request.img2img, batch, bounds)
     if request.hires is not None:
         if request.img2img is not None:
             raise InvalidRequestError("hires fix is a txt2img option", field="enable_hr")
@@ -434,6 +446,29 @@ def _check_hires(hires: HiresFix, width: int, height: int, batch: int, bounds: B
         )
 
 
+SD_UPSCALE_PIXEL_FACTOR = 16
+"""SD upscale's result may have this many times --max-pixels (it is made tile by tile)."""
+
+
+def _check_sd_upscale(inputs: ImageInputs, bounds: Bounds) -> None:
+    spec = inputs.sd_upscale
+    assert spec is not None
+    _check_float("sd upscale scale_factor", spec.scale, 1.0, 8.0)
+    _check_int("sd upscale overlap", spec.overlap, 0, 256)
+    _check_text("sd upscale upscaler", spec.upscaler, 256)
+    if inputs.mask is not None or inputs.outpaint is not None:
+        raise InvalidRequestError("SD upscale takes no mask", field="script_name")
+    width, height = inputs.images[0].size
+    out_w, out_h = int(width * spec.scale), int(height * spec.scale)
+    limit = bounds.max_pixels * SD_UPSCALE_PIXEL_FACTOR
+    if out_w * out_h > limit:
+        raise InvalidRequestError(
+            f"SD upscale would make a {out_w}x{out_h} image; the limit is {limit} pixels "
+            f"({SD_UPSCALE_PIXEL_FACTOR} x --max-pixels)",
+            field="script_args",
+        )
+
+
 def _check_image(name: str, image: object) -> None:
     if not isinstance(image, Image.Image):
         raise InvalidRequestError(f"{name} must be an image", field=name)
@@ -442,7 +477,7 @@ def _check_image(name: str, image: object) -> None:
         raise InvalidRequestError(f"{name} is empty ({width}x{height})", field=name)
 
 
-def _check_image_inputs(inputs: ImageInputs, batch_size: int) -> None:
+def _check_image_inputs(inputs: ImageInputs, batch_size: int, bounds: Bounds) -> None:
     """img2img's fields; the images themselves were size-checked when they were read."""
     if not isinstance(inputs, ImageInputs):
         raise InvalidRequestError("img2img must be image inputs", field="init_images")
@@ -467,6 +502,8 @@ def _check_image_inputs(inputs: ImageInputs, batch_size: int) -> None:
     for name in ("mask_round", "inpaint_full_res", "inpainting_mask_invert", "fix_steps"):
         if not isinstance(getattr(inputs, name), bool):
             raise InvalidRequestError(f"{name} must be true or false", field=name)
+    if inputs.sd_upscale is not None:
+        _check_sd_upscale(inputs, bounds)
     outpaint = inputs.outpaint
     if outpaint is not None:
         _check_int("outpaint pixels", outpaint.pixels, 8, 256)

@@ -849,3 +849,22 @@ def test_hires_errors_name_the_field(server: Server, change: dict[str, Any], fie
     # without enable_hr A1111 ignores every hr_ field
     status, _, payload = call(server, "POST", "/txt2img", {**body, "enable_hr": False})
     assert status == 200, payload
+
+
+def test_img2img_sd_upscale_script(server: Server) -> None:
+    init, _ = _init_and_mask()
+    body = {
+        "init_images": [_png_b64(init)],
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "denoising_strength": 0.2,
+        "script_name": "SD upscale",
+        "script_args": ["", 16, 1, 1.5],  # overlap 16, Lanczos (index 1), x1.5
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 200, payload
+    assert pixels_of_b64(payload["images"][0]).shape == (96, 144, 3)
+    status, _, payload = call(server, "POST", "/img2img", {**body, "script_args": ["", 16, 99]})
+    assert status == 422 and "script_args" in payload["detail"]

@@ -375,3 +375,64 @@ def test_every_sampler_inpaints_twice_alike_and_keeps_the_outside(service: Servi
         assert np.array_equal(first, second), name
         assert np.array_equal(first[outside], original[outside]), name
         assert np.isfinite(first).all() and np.abs(first - original).mean() > 1, name
+
+
+# -- SD upscale
+
+
+def test_split_and_combine_grid_round_trip_exactly() -> None:
+    from pipelines.generation.sd_upscale import combine_grid, split_grid
+
+    image = init_image(200, 150)
+    grid = split_grid(image, 64, 64, 16)
+    xs = sorted({tile.x for _, row in grid.rows for tile in row})
+    ys = [y for y, _ in grid.rows]
+    assert xs[0] == 0 and xs[-1] == 200 - 64 and ys[0] == 0 and ys[-1] == 150 - 64
+    assert all(b - a <= 64 - 16 for a, b in zip(xs, xs[1:], strict=False))  # overlap kept
+    assert np.array_equal(np.asarray(combine_grid(grid)), np.asarray(image))
+
+
+def test_sd_upscale_makes_the_upscaled_size_from_tiles(service: Service) -> None:
+    from pipelines.schema import SdUpscale
+
+    image = init_image(96, 80)
+    inputs = ImageInputs(images=(image,), sd_upscale=SdUpscale(2.0, "Lanczos", 16))
+    out, result = run(
+        service,
+        inputs,
+        width=64,
+        height=64,
+        batch_size=2,
+        n_iter=2,
+        steps=3,
+        denoising_strength=0.3,
+    )
+    assert [im.size for im in result.images] == [(192, 160)] * 2  # type: ignore[attr-defined]
+    assert result.seeds == [5, 6]  # type: ignore[attr-defined]
+    assert "Size: 64x64" in result.infotexts[0]  # type: ignore[attr-defined]
+    # the top-left corner, before the next tiles' overlap, is the first tile batch's first
+    # image: tiles 0 and 1 of the Lanczos-upscaled image, img2img'd with seeds 5 and 6
+    from pipelines.generation.sd_upscale import split_grid
+
+    upscaled = image.resize((192, 160), Image.Resampling.LANCZOS)
+    grid = split_grid(upscaled, 64, 64, 16)
+    first_row = grid.rows[0][1]
+    alone, _ = run(
+        service,
+        ImageInputs(images=(first_row[0].image, first_row[1].image)),
+        width=64,
+        height=64,
+        batch_size=2,
+        steps=3,
+        denoising_strength=0.3,
+    )
+    next_x, next_y = first_row[1].x, grid.rows[1][0]
+    assert np.array_equal(out[:next_y, :next_x], alone[:next_y, :next_x])
+    with pytest.raises(InvalidRequestError) as error:
+        run(
+            service,
+            ImageInputs(images=(image,), sd_upscale=SdUpscale(1.0, "None", 16)),
+            width=128,
+            height=128,
+        )
+    assert error.value.field == "width"

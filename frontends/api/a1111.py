@@ -35,12 +35,14 @@ from pipelines.interface import ProgressSnapshot
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
 from pipelines.schema import (
+    PIXEL_UPSCALERS,
     RANDN_SOURCES,
     SEED_MAX,
     GenerationRequest,
     GenerationResult,
     HiresFix,
     ImageInputs,
+    SdUpscale,
 )
 
 VERSION = f"lorastack {__version__}"
@@ -552,7 +554,43 @@ def _base64_image(value: object, name: str) -> Image.Image:
     return image
 
 
-def parse_img2img(body: object, options: ApiOptions) -> Txt2ImgCall:
+SD_UPSCALE_SCRIPT = "sd upscale"
+
+
+def _sd_upscale(args: object, upscalers: list[str]) -> SdUpscale:
+    """A1111's `sd upscale` script arguments: [info, overlap, upscaler_index, scale_factor]
+    (the index counts in the `upscalers` listing; a name is accepted too)."""
+    if not isinstance(args, list) or len(args) > 4:
+        raise InvalidRequestError(
+            "script_args for sd upscale must be [info, overlap, upscaler_index, scale_factor]",
+            field="script_args",
+        )
+    padded = [*args, *[None] * (4 - len(args))]
+    overlap = 64 if padded[1] is None else _integer("script_args[1] (overlap)", padded[1])
+    choice = padded[2] if padded[2] is not None else 0
+    if isinstance(choice, str):
+        if choice not in upscalers:
+            raise InvalidRequestError(
+                f"script_args[2]: unknown upscaler {choice!r}; known: {', '.join(upscalers)}",
+                field="script_args",
+            )
+        upscaler = choice
+    else:
+        index = _integer("script_args[2] (upscaler_index)", choice)
+        if not 0 <= index < len(upscalers):
+            raise InvalidRequestError(
+                f"script_args[2]: upscaler index {index} is not in 0..{len(upscalers) - 1} "
+                f"({', '.join(upscalers)})",
+                field="script_args",
+            )
+        upscaler = upscalers[index]
+    scale = 2.0 if padded[3] is None else _number("script_args[3] (scale_factor)", padded[3])
+    return SdUpscale(scale=scale, upscaler=upscaler, overlap=overlap)
+
+
+def parse_img2img(
+    body: object, options: ApiOptions, upscalers: list[str] | None = None
+) -> Txt2ImgCall:
     """Translate an A1111 img2img JSON body (txt2img's fields plus the init images, mask
     and inpainting fields, and the two outpainting scripts by name).
 
@@ -571,7 +609,10 @@ def parse_img2img(body: object, options: ApiOptions) -> Txt2ImgCall:
     script = body.get("script_name")
     outpaint = None
     script_fill = None
-    if script:
+    sd_upscale = None
+    if script and _text("script_name", script).strip().lower() == SD_UPSCALE_SCRIPT:
+        sd_upscale = _sd_upscale(body.get("script_args") or [], upscalers or list(PIXEL_UPSCALERS))
+    elif script:
         outpaint, script_fill = script_outpaint(
             _text("script_name", script), body.get("script_args") or []
         )
@@ -617,6 +658,7 @@ def parse_img2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         initial_noise_multiplier=multiplier,
         fix_steps=img2img_options[OPTION_FIX_STEPS],
         outpaint=outpaint,
+        sd_upscale=sd_upscale,
     )
     request = call.request
     width, height = request.width, request.height
