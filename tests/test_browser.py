@@ -1,5 +1,6 @@
 """The page in headless Chromium (Debian's `chromium`, driven by Playwright): stack two
-LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip.
+LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip;
+inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -11,7 +12,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from playwright import sync_api
 
 from pipelines.infotext import parse_infotext
@@ -202,3 +205,98 @@ def test_extra_seed_row_and_tiling(page: object) -> None:
     params = parse_infotext(infotext(page)).params
     assert params["Variation seed"] == "77" and params["Variation seed strength"] == "0.4"
     assert params["Tiling"] == "True" and params["Seed"] == "5"
+
+
+def newest_output(data: Path, kind: str) -> Path:
+    return max((data / "outputs" / kind).rglob("*.png"), key=lambda path: path.stat().st_mtime_ns)
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(np.stack([x * 2, y * 2, x + y], -1).astype(np.uint8))
+
+
+def test_inpaint_a_mask_painted_with_the_mouse(
+    page: object, app: tuple[str, Path], tmp_path: Path
+) -> None:
+    source = tmp_path / "gradient.png"
+    gradient(128, 96).save(source)
+    page.set_viewport_size({"width": 1280, "height": 1000})
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    page.get_by_role("tab", name="Inpaint", exact=True).click()
+    editor = page.locator("#inpaint_editor")
+    canvas = editor.locator("canvas").first
+    canvas.wait_for()  # the editor is ready for files
+    editor.locator("input[type=file]").set_input_files(str(source))
+    for elem_id, value in (("img2img_width", "128"), ("img2img_height", "96")):
+        box = page.locator(f"#{elem_id} input[type=number]")
+        sync_api.expect(box).to_have_value(value, timeout=TIMEOUT_MS)  # from the upload
+    # a stroke across the middle (the image is drawn centred in the canvas)
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 100, y)
+    page.mouse.down()
+    for step in (-30, 40, 100):
+        page.mouse.move(x + step, y)
+    page.mouse.up()
+    page.locator("#img2img_prompt textarea").fill("a red ball")
+    set_number(page, "img2img_steps", 2)
+    set_number(page, "img2img_seed", 7)
+    page.locator("#img2img_generate").click()
+    page.locator("#img2img_gallery img").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#img2img_infotext textarea').value.includes('Steps:')"
+    )
+    params = parse_infotext(page.locator("#img2img_infotext textarea").input_value()).params
+    assert params["Denoising strength"] == "0.75" and params["Mask blur"] == "4"
+    assert params["Seed"] == "7" and params["Size"] == "128x96"
+    saved = newest_output(app[1], "img2img-images")
+    with Image.open(saved) as result:
+        assert result.size == (128, 96)
+        pixels = np.asarray(result.convert("RGB")).astype(int)
+    original = np.asarray(Image.open(source).convert("RGB")).astype(int)
+    far = np.r_[0:8, 88:96]  # rows far above and below the stroke (brush, blur, overlay)
+    assert np.array_equal(pixels[far], original[far])
+    assert np.abs(pixels[44:52, 56:72] - original[44:52, 56:72]).mean() > 5  # repainted
+    page.evaluate("window.scrollTo(0, 0)")  # README's docs/ui-inpaint.png: from the tab bar
+    top = page.get_by_role("tab", name="txt2img").bounding_box()["y"] - 12
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(
+        path=str(ARTIFACTS / "inpaint.png"),
+        clip={"x": 0, "y": top, "width": 1280, "height": 1222},
+        full_page=True,
+    )
+
+
+def test_send_to_img2img_and_inpaint(page: object) -> None:
+    page.get_by_role("tab", name="img2img", exact=True).click()
+    page.locator("#img2img_generate").click()  # no image yet: an error, nothing breaks
+    page.get_by_text("img2img: upload an image first").first.wait_for()
+
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#prompt textarea").fill("a blue boat")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 72), ("seed", 99)):
+        set_number(page, elem_id, value)
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    infotext(page)
+    page.locator("#txt2img_send_to_img2img").click()
+    page.locator("#img2img_image img").wait_for()
+    assert page.locator("#img2img_prompt textarea").input_value() == "a blue boat"
+    assert page.locator("#img2img_seed input").first.input_value() == "99"
+    assert page.locator("#img2img_width input[type=number]").input_value() == "64"
+    assert page.locator("#img2img_height input[type=number]").input_value() == "72"
+    set_number(page, "img2img_denoising_strength", 0.5)
+    page.locator("#img2img_generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#img2img_infotext textarea').value.includes('Steps:')"
+    )
+    params = parse_infotext(page.locator("#img2img_infotext textarea").input_value()).params
+    assert params["Denoising strength"] == "0.5" and params["Size"] == "64x72"
+
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#txt2img_send_to_inpaint").click()
+    inpaint = page.get_by_role("tab", name="Inpaint", exact=True)
+    sync_api.expect(inpaint).to_have_attribute("aria-selected", "true", timeout=TIMEOUT_MS)
+    page.locator("#img2img_generate").click()  # the image came, the mask is not painted
+    page.get_by_text("Inpaint: paint over the part of the image to repaint").first.wait_for()

@@ -32,6 +32,7 @@ RECALLED: dict[str, str] = {
     "Clip skip": "clip_skip",
     "Variation seed": "subseed",
     "Variation seed strength": "subseed_strength",
+    "Denoising strength": "denoising_strength",  # img2img's; txt2img has no such field
 }
 """Infotext key -> request field (schema.FIELDS names); Size fills width and height,
 `Seed resize from` the resize pair, `Tiling` the checkbox."""

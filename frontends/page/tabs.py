@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -18,6 +19,15 @@ from pipelines.schema import field_spec
 from pipelines.settings import Settings, admin_credentials
 
 
+@dataclass
+class PngInfo:
+    """The dropped image and the buttons that send it to the img2img tab (wired there)."""
+
+    image: gr.Image
+    send_img2img: gr.Button
+    send_inpaint: gr.Button
+
+
 def build_pnginfo(
     service: GenerationService,
     controls: dict[str, gr.components.Component],
@@ -25,8 +35,9 @@ def build_pnginfo(
     panel: LoraPanel,
     tabs: gr.Tabs,
     notes: gr.Markdown,
-) -> None:
-    """Drop an image, see its parameters, send them (fields, checkpoint, stack) to txt2img."""
+) -> PngInfo:
+    """Drop an image, see its parameters, send them (fields, checkpoint, stack) to txt2img,
+    or the image with them to img2img."""
     with gr.Row():
         with gr.Column():
             image = gr.Image(
@@ -44,6 +55,9 @@ def build_pnginfo(
             other = gr.JSON(label="Other metadata (shown raw)", visible=False)
             warnings = gr.Markdown(elem_id="pnginfo_warnings")
             send = gr.Button("Send to txt2img", variant="primary", elem_id="send_to_txt2img")
+            with gr.Row():
+                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img")
+                send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_to_inpaint")
 
     def inspect(path: str | None) -> tuple[str, Any, Any, str]:
         if not path:
@@ -94,6 +108,7 @@ def build_pnginfo(
         ],
         **QUICK,
     )
+    return PngInfo(image, send_img2img, send_inpaint)
 
 
 def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
@@ -110,9 +125,13 @@ def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
 
 
 def build_settings(
-    service: GenerationService, settings: Settings, page: gr.Blocks, controls: dict[str, Any]
+    service: GenerationService,
+    settings: Settings,
+    page: gr.Blocks,
+    tabs_controls: list[dict[str, Any]],
 ) -> None:
-    """Server-wide defaults (settings.json, admin only) and the device facts, read-only."""
+    """Server-wide defaults (settings.json, admin only) and the device facts, read-only;
+    new pages start every tab's fields (`tabs_controls`) with the defaults."""
     device = service.device()
     bounds = service.bounds()
     folder = "(hidden)" if settings.hide_paths else f"`{settings.outputs_dir}`"
@@ -169,4 +188,5 @@ def build_settings(
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)
     page.load(current, None, [edits[name] for name in names], **QUICK)
-    page.load(current, None, [controls[name] for name in names], **QUICK)
+    for controls in tabs_controls:
+        page.load(current, None, [controls[name] for name in names], **QUICK)

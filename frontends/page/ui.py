@@ -1,9 +1,10 @@
 """The Gradio page: a thin client of the generation service that builds GenerationRequests.
 
-Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), PNG Info, Add files,
-Settings. Per-user choices (checkpoint, stack, fields, the running job's id) are component
-values or `gr.State`, so each browser session has its own; jobs, their order and the
-per-user limits belong to the service (shared with the API and the CLI).
+Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), img2img (the same
+fields with image sub-tabs: img2img, Inpaint, Inpaint upload, Outpaint), PNG Info, Add
+files, Settings. Per-user choices (checkpoint, stack, fields, the running job's id) are
+component values or `gr.State`, so each browser session has its own; jobs, their order and
+the per-user limits belong to the service (shared with the API and the CLI).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import inspect
 import queue
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -18,10 +20,19 @@ import gradio as gr
 from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.files_tab import build_files_tab
+from frontends.page.img2img_tab import (
+    SendTargets,
+    build_images,
+    build_options,
+    fit_size,
+    image_request,
+    stack_text,
+)
 from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from pipelines.errors import LorastackError
+from pipelines.images import open_image
 from pipelines.infotext import write_png_with_infotext
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -88,15 +99,35 @@ style.textContent = `
 `;
 document.head.appendChild(style);
 document.addEventListener('keydown', (event) => {
-  const inPrompt = event.target && event.target.closest &&
-    event.target.closest('#prompt, #negative_prompt');
-  if (inPrompt && event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
-    event.preventDefault();
-    document.querySelector('#generate')?.click();
+  if (event.key !== 'Enter' || !(event.ctrlKey || event.metaKey) || !event.target.closest) {
+    return;
+  }
+  for (const tab of ['', 'img2img_']) {
+    if (event.target.closest(`#${tab}prompt, #${tab}negative_prompt`)) {
+      event.preventDefault();
+      document.querySelector(`#${tab}generate`)?.click();
+    }
   }
 });
 """
 """Page styling, and Ctrl+Enter in a prompt box generates (as in A1111)."""
+
+
+@dataclass
+class Results:
+    """A tab's Generate/Interrupt buttons, gallery, parameters, seed and "Send to" buttons."""
+
+    run: gr.Button
+    stop: gr.Button
+    gallery: gr.Gallery
+    selected: gr.State  # the gallery index the user clicked, for "Send to"
+    info: gr.Textbox
+    seeds: gr.JSON
+    notes: gr.Markdown
+    dice: gr.Button
+    reuse: gr.Button
+    send_img2img: gr.Button
+    send_inpaint: gr.Button
 
 
 def build_ui(
@@ -146,7 +177,7 @@ def build_ui(
             return None
         return entry.family
 
-    def slider(name: str, **extra: Any) -> gr.Slider:
+    def slider(name: str, prefix: str = "") -> gr.Slider:
         spec = field_spec(name, bounds)
         return gr.Slider(
             spec.minimum,
@@ -154,8 +185,7 @@ def build_ui(
             value=defaults.get(name, spec.default),
             step=spec.step,
             label=spec.label,
-            elem_id=name,
-            **extra,
+            elem_id=prefix + name,
         )
 
     def txt2img(
@@ -186,6 +216,35 @@ def build_ui(
         gallery, the first image's infotext, the seeds and the job id (for Interrupt)."""
         named = (*API_FIELDS, *EXTRA_FIELDS)
         given = {name: value for name, value in locals().items() if name in named}
+        yield from generate(given, checkpoint, loras, {}, request, progress)
+
+    def img2img(
+        data: dict[Any, Any],
+        request: gr.Request,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
+    ) -> Iterator[tuple[Any, ...]]:
+        """txt2img's stream for a request with the selected sub-tab's image inputs; its
+        inputs arrive by component (a set), never by position."""
+        try:
+            images, size = image_request({n: data[c] for n, c in panel_images.values.items()})
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
+        given = {name: data[component] for name, component in i2i_controls.items()}
+        if size is not None:  # outpainting: the canvas's size
+            given["width"], given["height"] = size
+        stack = data[panel.stack]
+        yield from generate(given, data[checkpoint], stack, {"img2img": images}, request, progress)
+
+    def generate(
+        given: dict[str, Any],
+        checkpoint: str | None,
+        loras: Any,
+        extra: dict[str, Any],
+        request: gr.Request,
+        progress: gr.Progress,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Build the request from the fields and `extra` (its other fields), submit it and
+        stream it; every user error shows in the page."""
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -196,6 +255,7 @@ def build_ui(
                     **values,
                     "checkpoint": None if checkpoint in (None, "", DEMO_MODEL_NAME) else checkpoint,
                     "loras": specs_from_rows(rows_from_value(loras)),
+                    **extra,
                 }
             )
             for item in follow_job(service, generation, page_user(request), preview_every):
@@ -210,18 +270,17 @@ def build_ui(
                     yield [], "", [], [], ""
                     return
                 else:
-                    yield (*finish(item), "")
+                    yield (*finish(item, f"{generation.kind}-images"), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
-    def finish(result: GenerationResult) -> tuple[list, str, list[int], list[str]]:
+    def finish(result: GenerationResult, kind: str) -> tuple[list, str, list[int], list[str]]:
         gallery = []
         for image, seed_used, infotext in zip(
             result.images, result.seeds, result.infotexts, strict=True
         ):
-            path = save_png(
-                settings.outputs_dir, write_png_with_infotext(image, infotext), seed_used
-            )
+            png = write_png_with_infotext(image, infotext)
+            path = save_png(settings.outputs_dir, png, seed_used, kind=kind)
             gallery.append((str(path), f"seed {seed_used}"))
         notes = list(result.notes)
         if result.interrupted:
@@ -257,28 +316,26 @@ def build_ui(
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        controls = build_controls(slider, defaults)
+                        controls = build_prompts(defaults)
+                        controls.update(build_parameters(slider, defaults))
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
                     with gr.Column(scale=2):
-                        with gr.Row():
-                            run = gr.Button("Generate", variant="primary", elem_id="generate")
-                            stop = gr.Button("Interrupt", elem_id="interrupt")
-                        gallery = gr.Gallery(
-                            label="Images", elem_id="gallery", columns=2, format="png"
-                        )
-                        info = gr.Textbox(
-                            label="Parameters", lines=5, elem_id="infotext", interactive=False
-                        )
-                        seeds = gr.JSON(visible=False, label="seeds")
-                        notes = gr.Markdown(elem_id="notes")
-                        with gr.Row():
-                            dice = gr.Button("Random seed (-1)", size="sm", elem_id="random_seed")
-                            reuse = gr.Button("Reuse last seed", size="sm", elem_id="reuse_seed")
+                        results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
                     build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
+            with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
+                with gr.Column(scale=3):
+                    i2i_controls = build_prompts(defaults, "img2img_")
+                    panel_images = build_images()
+                    build_options(panel_images)
+                    i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
+                    i2i_controls.update(build_parameters(slider, defaults, "img2img_"))
+                    stack_summary = gr.Markdown(stack_text([]), elem_id="img2img_stack_summary")
+                with gr.Column(scale=2):
+                    i2i_results = build_results("img2img", "img2img_")
             with gr.Tab("PNG Info", id="pnginfo"):
-                build_pnginfo(service, controls, checkpoint, panel, tabs, notes)
+                pnginfo = build_pnginfo(service, controls, checkpoint, panel, tabs, results.notes)
             with gr.Tab("Add files", id="files"):
                 build_files_tab(
                     service,
@@ -291,10 +348,8 @@ def build_ui(
                     admin_check=files_admin_check(settings),
                 )
             with gr.Tab("Settings", id="settings"):
-                build_settings(service, settings, page, controls)
+                build_settings(service, settings, page, [controls, i2i_controls])
 
-        note_state = gr.State([])
-        job_state = gr.State("")  # this session's running job, for Interrupt
         inputs = [
             *(controls[name] for name in API_FIELDS),
             checkpoint,
@@ -303,21 +358,50 @@ def build_ui(
         ]
         parameters = list(inspect.signature(txt2img).parameters)
         assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS]
-        generated = run.click(
-            txt2img,
-            inputs,
-            [gallery, info, seeds, note_state, job_state],
-            api_name="txt2img",
-            concurrency_limit=None,
+        wire_results(service, results, controls, txt2img, inputs, "txt2img")
+        i2i_inputs = {
+            *i2i_controls.values(),
+            *panel_images.values.values(),
+            checkpoint,
+            panel.stack,
+        }
+        wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
+        img2img_tab.select(stack_text, panel.stack, stack_summary, **QUICK)
+
+        def auto_size(upload: str | dict | None) -> tuple[Any, Any]:
+            """Width and height from a new upload: its size, rounded down to 8. A file
+            that cannot be read leaves them; generating says why."""
+            path = upload.get("background") if isinstance(upload, dict) else upload
+            if not path:
+                return gr.skip(), gr.skip()
+            try:
+                with open_image(path) as image:
+                    return fit_size(*image.size, bounds)
+            except LorastackError:
+                return gr.skip(), gr.skip()
+
+        size = [i2i_controls["width"], i2i_controls["height"]]
+        for upload in ("image", "editor", "upload_image"):
+            component = panel_images.values[upload]
+            component.upload(auto_size, component, size, **QUICK)
+
+        send = SendTargets(
+            service,
+            bounds,
+            tabs,
+            panel_images,
+            i2i_controls,
+            checkpoint,
+            panel,
+            i2i_results.notes,
+            stack_summary,
         )
-        generated.then(lambda found: "\n".join(f"ℹ {n}" for n in found), note_state, notes, **QUICK)
-
-        def interrupt(job_id: str, request: gr.Request) -> None:
-            gr.Info(interrupt_jobs(service, job_id, page_user(request)))
-
-        stop.click(interrupt, job_state, None, queue=False, api_visibility="private")
-        dice.click(lambda: -1, None, controls["seed"], **QUICK)
-        reuse.click(lambda used: used[0] if used else gr.skip(), seeds, controls["seed"], **QUICK)
+        for source in (results, i2i_results):
+            sources = [source.gallery, source.selected]
+            send.wire(source.send_img2img, "img2img", sources, selected_path)
+            send.wire(source.send_inpaint, "inpaint", sources, selected_path)
+        send.wire(pnginfo.send_img2img, "img2img", [pnginfo.image], lambda path: path)
+        send.wire(pnginfo.send_inpaint, "inpaint", [pnginfo.image], lambda path: path)
 
         def rescan_models() -> gr.Dropdown:
             service.rescan()
@@ -379,21 +463,27 @@ def step_text(update: ProgressSnapshot) -> str:
     )
 
 
-def build_controls(slider: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The request fields' components, keyed by schema.FIELDS name."""
+def build_prompts(defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The prompt boxes (`prefix` tells the tabs' elements apart)."""
+    return {
+        "prompt": gr.Textbox(
+            label="Prompt (Ctrl+Enter generates)",
+            lines=3,
+            elem_id=f"{prefix}prompt",
+            placeholder=field_spec("prompt").help,
+        ),
+        "negative_prompt": gr.Textbox(
+            value=defaults["negative_prompt"],
+            label="Negative prompt",
+            lines=2,
+            elem_id=f"{prefix}negative_prompt",
+        ),
+    }
+
+
+def build_parameters(slider: Any, defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The other request fields' components, keyed by schema.FIELDS name."""
     controls: dict[str, Any] = {}
-    controls["prompt"] = gr.Textbox(
-        label="Prompt (Ctrl+Enter generates)",
-        lines=3,
-        elem_id="prompt",
-        placeholder=field_spec("prompt").help,
-    )
-    controls["negative_prompt"] = gr.Textbox(
-        value=defaults["negative_prompt"],
-        label="Negative prompt",
-        lines=2,
-        elem_id="negative_prompt",
-    )
     with gr.Row():
         controls["sampler_name"] = gr.Dropdown(
             list(SAMPLER_NAMES), value=defaults["sampler_name"], label="Sampling method"
@@ -403,41 +493,119 @@ def build_controls(slider: Any, defaults: dict[str, Any]) -> dict[str, Any]:
             value=scheduler_label(defaults["scheduler"]),
             label="Schedule type",
         )
-        controls["steps"] = slider("steps")
+        controls["steps"] = slider("steps", prefix)
     with gr.Row():
-        controls["width"] = slider("width")
-        controls["height"] = slider("height")
+        controls["width"] = slider("width", prefix)
+        controls["height"] = slider("height", prefix)
     with gr.Row():
-        controls["n_iter"] = slider("n_iter")
-        controls["batch_size"] = slider("batch_size")
+        controls["n_iter"] = slider("n_iter", prefix)
+        controls["batch_size"] = slider("batch_size", prefix)
     with gr.Row():
-        controls["cfg_scale"] = slider("cfg_scale")
+        controls["cfg_scale"] = slider("cfg_scale", prefix)
         seed = field_spec("seed")
         controls["seed"] = gr.Number(
-            value=seed.default, label=seed.label, precision=0, elem_id="seed", info=seed.help
+            value=seed.default,
+            label=seed.label,
+            precision=0,
+            elem_id=f"{prefix}seed",
+            info=seed.help,
         )
-        controls["clip_skip"] = slider("clip_skip")
-        controls["tiling"] = gr.Checkbox(False, label="Tiling", elem_id="tiling", min_width=80)
-    with gr.Accordion("Extra seed options", open=False, elem_id="seed_extras"):
+        controls["clip_skip"] = slider("clip_skip", prefix)
+        controls["tiling"] = gr.Checkbox(
+            False, label="Tiling", elem_id=f"{prefix}tiling", min_width=80
+        )
+    with gr.Accordion("Extra seed options", open=False, elem_id=f"{prefix}seed_extras"):
         with gr.Row():
             subseed = field_spec("subseed")
             controls["subseed"] = gr.Number(
                 value=subseed.default,
                 label=subseed.label,
                 precision=0,
-                elem_id="subseed",
+                elem_id=f"{prefix}subseed",
                 info=subseed.help,
             )
-            controls["subseed_strength"] = slider("subseed_strength")
+            controls["subseed_strength"] = slider("subseed_strength", prefix)
         with gr.Row():
-            controls["seed_resize_from_w"] = slider("seed_resize_from_w")
-            controls["seed_resize_from_h"] = slider("seed_resize_from_h")
+            controls["seed_resize_from_w"] = slider("seed_resize_from_w", prefix)
+            controls["seed_resize_from_h"] = slider("seed_resize_from_h", prefix)
         source = field_spec("randn_source")
         controls["randn_source"] = gr.Radio(
             list(RANDN_SOURCES),
             value=source.default,
             label=source.label,
             info=source.help,
-            elem_id="randn_source",
+            elem_id=f"{prefix}randn_source",
         )
     return controls
+
+
+def build_results(tab: str, prefix: str) -> Results:
+    """Generate and Interrupt, the gallery with its parameters, the seed buttons and the
+    "Send to" buttons (`tab` names the latter's elements as A1111 does)."""
+    with gr.Row():
+        run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}generate")
+        stop = gr.Button("Interrupt", elem_id=f"{prefix}interrupt")
+    gallery = gr.Gallery(
+        label="Images", elem_id=f"{prefix}gallery", columns=2, format="png", interactive=False
+    )
+    with gr.Row():
+        send_img2img = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_to_img2img")
+        send_inpaint = gr.Button("Send to inpaint", size="sm", elem_id=f"{tab}_send_to_inpaint")
+    info = gr.Textbox(label="Parameters", lines=5, elem_id=f"{prefix}infotext", interactive=False)
+    seeds = gr.JSON(visible=False, label="seeds")
+    notes = gr.Markdown(elem_id=f"{prefix}notes")
+    with gr.Row():
+        dice = gr.Button("Random seed (-1)", size="sm", elem_id=f"{prefix}random_seed")
+        reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}reuse_seed")
+    selected = gr.State(0)
+    return Results(
+        run, stop, gallery, selected, info, seeds, notes, dice, reuse, send_img2img, send_inpaint
+    )
+
+
+def wire_results(
+    service: GenerationService,
+    results: Results,
+    controls: dict[str, Any],
+    generate: Callable[..., Iterator[tuple[Any, ...]]],
+    inputs: list[Any] | set[Any],
+    api_name: str | None,
+) -> None:
+    """Generate (`generate` streams gallery, infotext, seeds, notes, job id), Interrupt
+    (this session's job), the seed buttons and the gallery selection."""
+    note_state = gr.State([])
+    job_state = gr.State("")  # this session's running job, for Interrupt
+    generated = results.run.click(
+        generate,
+        inputs,
+        [results.gallery, results.info, results.seeds, note_state, job_state],
+        api_name=api_name,
+        api_visibility="public" if api_name else "private",
+        concurrency_limit=None,
+    )
+    results.run.click(lambda: 0, None, results.selected, **QUICK)
+    generated.then(
+        lambda found: "\n".join(f"ℹ {n}" for n in found), note_state, results.notes, **QUICK
+    )
+
+    def interrupt(job_id: str, request: gr.Request) -> None:
+        gr.Info(interrupt_jobs(service, job_id, page_user(request)))
+
+    results.stop.click(interrupt, job_state, None, queue=False, api_visibility="private")
+    results.dice.click(lambda: -1, None, controls["seed"], **QUICK)
+    results.reuse.click(
+        lambda used: used[0] if used else gr.skip(), results.seeds, controls["seed"], **QUICK
+    )
+
+    def select(event: gr.SelectData) -> int:
+        return event.index
+
+    results.gallery.select(select, None, results.selected, **QUICK)
+
+
+def selected_path(gallery: list | None, index: int) -> str | None:
+    """The gallery image the user clicked (the first when none was): its saved file, so
+    "Send to" reads its parameters."""
+    if not gallery:
+        return None
+    return gallery[min(index, len(gallery) - 1)][0]
