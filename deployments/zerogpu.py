@@ -22,6 +22,7 @@ from pipelines.schema import GenerationRequest
 
 if TYPE_CHECKING:  # `prepare` must run before anything imports torch's CUDA side
     from pipelines.engine import Engine
+    from pipelines.extras import ExtrasRequest, ExtrasResult
     from pipelines.folders.registry import ModelFolders
     from pipelines.generation.run import RunControl
     from pipelines.interface import DeviceInfo, ModelStatus
@@ -141,12 +142,19 @@ class ZeroGpuRunner:
     def __init__(self, engine: Engine, env: Mapping[str, str] | None = None) -> None:
         self.engine = engine
         self._gpu_generate = gpu_wrapper(self._stateless, env=env)
+        self._gpu_postprocess = gpu_wrapper(self._postprocess, env=env)
 
     def _stateless(self, request: GenerationRequest) -> GenerationResult:
         return self.engine.generate(request, _Unobserved(), stateless=True)
 
     def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
         return self._gpu_generate(request)
+
+    def _postprocess(self, request: ExtrasRequest) -> ExtrasResult:
+        return self.engine.postprocess(request, _Unobserved())
+
+    def postprocess(self, request: ExtrasRequest, control: RunControl) -> ExtrasResult:
+        return self._gpu_postprocess(request)
 
     def device(self) -> DeviceInfo:
         return self.engine.device()

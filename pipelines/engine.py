@@ -13,6 +13,7 @@ import torch
 
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.errors import DeviceOutOfMemoryError
+from pipelines.extras import ExtrasRequest, ExtrasResult, postprocess_here
 from pipelines.folders.registry import ModelFolders
 from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
@@ -110,6 +111,10 @@ class Engine:
         if request.img2img is not None:
             return SdUpscaleRun if request.img2img.sd_upscale is not None else Img2ImgRun
         return HiresRun if request.hires is not None else Txt2ImgRun
+
+    def postprocess(self, request: ExtrasRequest, control: RunControl) -> ExtrasResult:
+        """Extras (upscaling) on this engine's device, next to the loaded checkpoint."""
+        return postprocess_here(request, self.folders, self.plan, control)
 
     def load(self, name: str | None) -> ModelStatus:
         """Load (or switch to) a checkpoint; None: the first usable one, else the demo."""

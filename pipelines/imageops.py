@@ -8,6 +8,9 @@ so every geometry is unit-tested on its own.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -201,3 +204,66 @@ def apply_overlay(
     composed = image.convert("RGBA")
     composed.alpha_composite(overlay)
     return composed.convert("RGB")
+
+
+@dataclass
+class Tile:
+    x: int
+    y: int
+    image: Image.Image
+
+
+@dataclass
+class Grid:
+    """A1111's `Grid`: rows of tiles of `tile_w` x `tile_h` covering the image."""
+
+    rows: list[tuple[int, list[Tile]]]  # (y, tiles)
+    tile_w: int
+    tile_h: int
+    width: int
+    height: int
+    overlap: int
+
+
+def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Grid:
+    """Tiles spread evenly so the last one ends at the edge (A1111's `split_grid`)."""
+    width, height = image.size
+    cols = max(1, math.ceil((width - overlap) / (tile_w - overlap)))
+    rows = max(1, math.ceil((height - overlap) / (tile_h - overlap)))
+    dx = (width - tile_w) / (cols - 1) if cols > 1 else 0
+    dy = (height - tile_h) / (rows - 1) if rows > 1 else 0
+    grid = Grid([], tile_w, tile_h, width, height, overlap)
+    for row in range(rows):
+        y = min(int(row * dy), height - tile_h)
+        tiles = []
+        for col in range(cols):
+            x = min(int(col * dx), width - tile_w)
+            tiles.append(Tile(x, y, image.crop((x, y, x + tile_w, y + tile_h))))
+        grid.rows.append((y, tiles))
+    return grid
+
+
+def combine_grid(grid: Grid) -> Image.Image:
+    """Paste the tiles back, each overlap blended by a linear ramp (A1111's
+    `combine_grid`)."""
+    overlap = grid.overlap
+    ramp = np.arange(overlap, dtype=np.float32) * 255 / max(overlap, 1)
+    mask_w = Image.fromarray(np.repeat(ramp[None, :], grid.tile_h, 0).astype(np.uint8), "L")
+    mask_h = Image.fromarray(np.repeat(ramp[:, None], grid.width, 1).astype(np.uint8), "L")
+    combined = Image.new("RGB", (grid.width, grid.height))
+    for y, tiles in grid.rows:
+        row = Image.new("RGB", (grid.width, grid.tile_h))
+        for tile in tiles:
+            if tile.x == 0:
+                row.paste(tile.image, (0, 0))
+                continue
+            row.paste(tile.image.crop((0, 0, overlap, grid.tile_h)), (tile.x, 0), mask=mask_w)
+            row.paste(
+                tile.image.crop((overlap, 0, grid.tile_w, grid.tile_h)), (tile.x + overlap, 0)
+            )
+        if y == 0:
+            combined.paste(row, (0, 0))
+            continue
+        combined.paste(row.crop((0, 0, grid.width, overlap)), (0, y), mask=mask_h)
+        combined.paste(row.crop((0, overlap, grid.width, grid.tile_h)), (0, y + overlap))
+    return combined

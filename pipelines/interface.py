@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
+from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:
+    from pipelines.extras import ExtrasRequest, ExtrasResult
 
 DEMO_MODEL_NAME = "lorastack-demo-tiny"
 """The built-in demo model's title (used when no checkpoint is listed)."""
@@ -163,6 +167,17 @@ class GenerationService(Protocol):
         """`submit` then `result`."""
         ...
 
+    def postprocess(
+        self,
+        request: ExtrasRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExtrasResult:
+        """Queue an Extras (upscaling) run after checking it (sizes, upscaler names) and
+        wait for its result; it is a job like a generation (progress, interrupt)."""
+        ...
+
     def interrupt(self, job_id: str | None = None) -> bool:
         """Stop a job after its current step (None: the running job); a queued job is
         removed. True when there was such a job."""
@@ -185,6 +200,14 @@ class GenerationService(Protocol):
     def checkpoints(self) -> list[CheckpointEntry]: ...
 
     def loras(self) -> list[LoraEntry]: ...
+
+    def upscalers(self) -> list[UpscalerEntry]:
+        """Model upscaler files, usable or not (unusable ones carry the reason)."""
+        ...
+
+    def upscaler_names(self) -> list[str]:
+        """A1111's upscaler list: None, Lanczos, Nearest, then the usable files by name."""
+        ...
 
     def resolve_checkpoint(self, name: str) -> CheckpointEntry: ...
 

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.errors import BusyError, LorastackError
+from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.hashing import HashCache
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
+from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -32,8 +34,9 @@ from pipelines.interface import (
 )
 from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
 from pipelines.limits import UserLimits
-from pipelines.schema import Bounds, GenerationRequest, GenerationResult
+from pipelines.schema import LATENT_UPSCALE_MODES, Bounds, GenerationRequest, GenerationResult
 from pipelines.settings import Settings
+from pipelines.upscalers import Upscaling
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class Runner(Protocol):
 
     def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult: ...
 
+    def postprocess(self, request: ExtrasRequest, control: RunControl) -> ExtrasResult: ...
+
     def load(self, name: str | None) -> ModelStatus: ...
 
     def loaded(self) -> ModelStatus | None: ...
@@ -58,6 +63,11 @@ class Runner(Protocol):
 class _Generate:
     request: GenerationRequest  # validated, seed chosen, checkpoint resolved
     asked_checkpoint: str | None  # as the client named it (echoed in the result)
+
+
+@dataclass(frozen=True)
+class _Extras:
+    request: ExtrasRequest  # validated, upscaler names checked
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,11 @@ class Service:
         inputs = check_request(request)
         for spec in inputs.stack:
             self.folders.resolve("lora", spec.name)
+        upscaling = Upscaling(self.folders)
+        if request.hires is not None and request.hires.upscaler not in LATENT_UPSCALE_MODES:
+            upscaling.check(request.hires.upscaler, "hr_upscaler")
+        if request.img2img is not None and request.img2img.sd_upscale is not None:
+            upscaling.check(request.img2img.sd_upscale.upscaler, "script_args")
         with self._lock:
             loading = self._loading
         if loading is not None:
@@ -167,6 +182,41 @@ class Service:
         job = self.submit(request, user=user, on_progress=on_progress, preview_every=preview_every)
         return self.result(job)
 
+    def submit_extras(
+        self,
+        request: ExtrasRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+    ) -> str:
+        """Queue an Extras run after checking its fields, sizes and upscaler names."""
+        request = request.validated(EXTRAS_PIXEL_FACTOR * self._bounds.max_pixels)
+        upscaling = Upscaling(self.folders)
+        upscaling.check(request.upscaler_1, "upscaler_1")
+        if request.upscaler_2_visibility > 0:
+            upscaling.check(request.upscaler_2, "upscaler_2")
+        cost = sum(max(1, w * h) for w, h in map(request.output_size, request.images))
+        return self._jobs.submit(
+            _Extras(request),
+            kind="extras",
+            user=user,
+            label=f"extras: {request.upscaler_1}",
+            cost=cost / (1 << 20),
+            on_progress=on_progress,
+        )
+
+    def postprocess(
+        self,
+        request: ExtrasRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExtrasResult:
+        result: ExtrasResult = self._jobs.result(
+            self.submit_extras(request, user=user, on_progress=on_progress)
+        )
+        return result
+
     def interrupt(self, job_id: str | None = None) -> bool:
         return self._jobs.interrupt(job_id)
 
@@ -186,6 +236,12 @@ class Service:
 
     def loras(self) -> list[LoraEntry]:
         return self.folders.entries("lora")
+
+    def upscalers(self) -> list[UpscalerEntry]:
+        return self.folders.entries("upscaler")
+
+    def upscaler_names(self) -> list[str]:
+        return Upscaling(self.folders).names()
 
     def resolve_checkpoint(self, name: str) -> CheckpointEntry:
         entry: CheckpointEntry = self.folders.resolve("checkpoint", name)
@@ -265,6 +321,8 @@ class Service:
             result = self.runner.generate(work.request, control)
             result.request = replace(result.request, checkpoint=work.asked_checkpoint)
             return result
+        if isinstance(work, _Extras):
+            return self.runner.postprocess(work.request, control)
         assert isinstance(work, _Load)
         with self._lock:
             self._loading = work.title
@@ -284,7 +342,9 @@ RunnerFactory = Callable[[Settings, ModelFolders], Runner]
 def build_folders(settings: Settings, hashes: HashCache | None = None) -> ModelFolders:
     """The model folders of `settings`, scanned, with hashing started in the background."""
     hashes = hashes or HashCache(settings.cache_dir / "hashes.json")
-    folders = ModelFolders(default_roots(settings.models_dirs, settings.loras_dirs), hashes)
+    folders = ModelFolders(
+        default_roots(settings.models_dirs, settings.loras_dirs, settings.upscaler_dirs), hashes
+    )
     folders.scan()
     folders.start_hashing()
     return folders

@@ -25,6 +25,7 @@ class Settings:
     data_dir: Path = PROJECT_DIR
     ckpt_dirs: tuple[Path, ...] = ()
     lora_dirs: tuple[Path, ...] = ()
+    upscaler_dirs: tuple[Path, ...] = ()  # A1111's --esrgan-models-path and kin
     ckpt: str | None = None
     api: bool = False
     nowebui: bool = False
@@ -111,6 +112,10 @@ class Settings:
         return "0.0.0.0" if self.listen else "127.0.0.1"
 
 
+UPSCALER_FLAGS = ("esrgan", "realesrgan", "swinir", "dat")
+"""A1111's `--<kind>-models-path` flags; every folder given holds upscalers of any kind."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The contract's flags (A1111 names where they exist)."""
     parser = argparse.ArgumentParser(prog="lorastack", description="LoRA-first SD web UI")
@@ -118,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", type=Path, help="outputs, settings and caches; parent of models/ loras/")
     add("--ckpt-dir", action="append", type=Path, help="checkpoint folder (repeatable)")
     add("--lora-dir", action="append", type=Path, help="LoRA folder (repeatable)")
+    for kind in UPSCALER_FLAGS:
+        add(f"--{kind}-models-path", type=Path, help=f"{kind} upscaler folder (A1111's flag)")
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
     add("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
     add("--nowebui", action="store_true", help="serve the API only")
@@ -211,6 +218,11 @@ def parse_settings(
     data_dir = Path(values.pop("data_dir", PROJECT_DIR)).expanduser().resolve()
     ckpt_dirs = tuple(Path(p).expanduser().resolve() for p in values.pop("ckpt_dir", None) or ())
     lora_dirs = tuple(Path(p).expanduser().resolve() for p in values.pop("lora_dir", None) or ())
+    upscaler_dirs = tuple(
+        Path(path).expanduser().resolve()
+        for kind in UPSCALER_FLAGS
+        if (path := values.pop(f"{kind}_models_path", None))
+    )
     max_pixels = int(values.get("max_pixels") or 0)
     limits = {k: values.pop(k) for k in ("max_steps", "max_size") if k in values}
     try:
@@ -218,6 +230,7 @@ def parse_settings(
             data_dir=data_dir,
             ckpt_dirs=ckpt_dirs,
             lora_dirs=lora_dirs,
+            upscaler_dirs=upscaler_dirs,
             bounds=replace(Bounds(), **limits),  # type: ignore[arg-type]
             **{k: v for k, v in values.items() if v is not None},  # type: ignore[arg-type]
         )

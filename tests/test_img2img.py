@@ -381,7 +381,7 @@ def test_every_sampler_inpaints_twice_alike_and_keeps_the_outside(service: Servi
 
 
 def test_split_and_combine_grid_round_trip_exactly() -> None:
-    from pipelines.generation.sd_upscale import combine_grid, split_grid
+    from pipelines.imageops import combine_grid, split_grid
 
     image = init_image(200, 150)
     grid = split_grid(image, 64, 64, 16)
@@ -412,7 +412,7 @@ def test_sd_upscale_makes_the_upscaled_size_from_tiles(service: Service) -> None
     assert "Size: 64x64" in result.infotexts[0]  # type: ignore[attr-defined]
     # the top-left corner, before the next tiles' overlap, is the first tile batch's first
     # image: tiles 0 and 1 of the Lanczos-upscaled image, img2img'd with seeds 5 and 6
-    from pipelines.generation.sd_upscale import split_grid
+    from pipelines.imageops import split_grid
 
     upscaled = image.resize((192, 160), Image.Resampling.LANCZOS)
     grid = split_grid(upscaled, 64, 64, 16)

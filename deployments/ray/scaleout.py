@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.errors import BusyError, LorastackError
+from pipelines.extras import ExtrasRequest, ExtrasResult
 from pipelines.generation.run import RunControl
 from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.prompt import combine_stacks, extract_lora_tags, strip_comments
@@ -224,6 +225,14 @@ class EngineReplica:
 
     def describe(self) -> DeviceInfo:
         return self.engine.device()
+
+    def postprocess(self, request: ExtrasRequest, target: str = "") -> Any:
+        """Extras on this replica's device; returns the result or a RemoteError."""
+        try:
+            with self._run_lock:
+                return self.engine.postprocess(request, _ReplicaControl(queue.Queue(), 0))
+        except LorastackError as error:
+            return RemoteError(type(error), error.message, dict(error.__dict__))
 
     def load_checkpoint(self, name: str | None, route: str = "", target: str = "") -> Any:
         """Load a checkpoint (warming this replica); returns its status."""
@@ -581,6 +590,14 @@ class RayRunner:
         """Each running replica's own report (checkpoint, merged stack, busy)."""
         calls = [self.handle.state.remote(target=rid) for rid in self.replica_ids()]
         return [call.result() for call in calls]
+
+    def postprocess(self, request: ExtrasRequest, control: RunControl) -> ExtrasResult:
+        """Extras on any replica (upscalers are small; no routing by what is loaded)."""
+        answer = self.handle.postprocess.remote(request).result()
+        if isinstance(answer, RemoteError):
+            raise answer.rebuild()
+        result: ExtrasResult = answer
+        return result
 
     def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
         """Run `request` on the best replica (see the module docstring); a replica that

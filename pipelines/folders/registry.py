@@ -43,6 +43,15 @@ from pipelines.folders.loras import (
     lora_matchers,
     lora_weights,
 )
+from pipelines.folders.upscalers import (
+    UPSCALER_EXTENSIONS,
+    UPSCALER_SUBFOLDERS,
+    UpscalerEntry,
+    UpscalerFacts,
+    classify_upscaler,
+    upscaler_entry,
+    upscaler_matchers,
+)
 from pipelines.folders.walk import walk_files
 from pipelines.safeload import non_utf8_name_error, printable_name
 
@@ -138,17 +147,37 @@ LORAS: FolderKind[LoraEntry] = FolderKind(
     unusable=lambda reason: LoraFacts(error=reason),
     stem_names=True,
 )
-KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS)
+UPSCALERS: FolderKind[UpscalerEntry] = FolderKind(
+    name="upscaler",
+    label="upscaler",
+    field="upscaler",
+    extensions=UPSCALER_EXTENSIONS,
+    marker=None,
+    classify=classify_upscaler,
+    build=upscaler_entry,
+    identity=lambda path: path,
+    hash_entry=lambda entry, hashes: None,  # A1111 neither hashes nor records upscalers
+    matchers=upscaler_matchers,
+    unusable=lambda reason: UpscalerFacts(error=reason),
+    stem_names=True,
+)
+KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS)
 
 
 def default_roots(
-    models_dirs: Sequence[Path], lora_dirs: Sequence[Path]
+    models_dirs: Sequence[Path],
+    lora_dirs: Sequence[Path],
+    upscaler_dirs: Sequence[Path] = (),
 ) -> dict[str, tuple[Path, ...]]:
     """Each kind's roots (CONTRACT "Model folders"): its own folders, then the kind's
     A1111 subfolder inside every checkpoint folder, so an A1111 `models/` works as it is."""
     return {
         "checkpoint": (*models_dirs, *(d / "Stable-diffusion" for d in models_dirs)),
         "lora": (*lora_dirs, *(d / sub for d in models_dirs for sub in ("Lora", "LyCORIS"))),
+        "upscaler": (
+            *upscaler_dirs,
+            *(d / sub for d in models_dirs for sub in UPSCALER_SUBFOLDERS),
+        ),
     }
 
 

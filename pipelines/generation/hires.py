@@ -22,7 +22,6 @@ from PIL import Image
 from pipelines.generation.img2img import encode_pixels, img2img_steps
 from pipelines.generation.noise import SeedPlan
 from pipelines.generation.run import Adapters, Conditioning, RunInputs, Txt2ImgRun, check_request
-from pipelines.imageops import resize_image
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
 from pipelines.schema import LATENT_UPSCALE_MODES, GenerationRequest, GenerationResult
 
@@ -37,16 +36,6 @@ class HiresPass:
     sampler: SamplerChoice
     steps: int
     size: tuple[int, int, int, int]  # upscale to x, y; truncate x, y (latent units)
-
-
-def pixel_upscale(image: Image.Image, width: int, height: int, upscaler: str) -> Image.Image:
-    """A1111's `resize_image(0, ...)` with an upscaler: the built-in ones here, a model
-    upscaler through `pipelines.upscalers` when one is installed."""
-    if upscaler in ("None", "Lanczos"):
-        return resize_image(0, image, width, height)
-    if upscaler == "Nearest":
-        return image.resize((width, height), Image.Resampling.NEAREST)
-    raise LookupError(upscaler)
 
 
 class HiresRun(Txt2ImgRun):
@@ -64,21 +53,8 @@ class HiresRun(Txt2ImgRun):
         hires = request.hires
         assert hires is not None
         if hires.upscaler not in LATENT_UPSCALE_MODES:
-            self.check_upscaler(hires.upscaler)
+            self.upscaling().check(hires.upscaler, "hr_upscaler")
         return inputs
-
-    def check_upscaler(self, name: str) -> None:
-        """Refuse an unknown pixel upscaler before any work (422 naming hr_upscaler)."""
-        from pipelines.errors import InvalidRequestError
-
-        if name in ("None", "Lanczos", "Nearest"):
-            return
-        raise InvalidRequestError(
-            f"hr_upscaler {name!r} is not a known upscaler; use Latent, Latent (antialiased), "
-            "Latent (bicubic), Latent (bicubic antialiased), Latent (nearest), "
-            "Latent (nearest-exact), None, Lanczos or Nearest",
-            field="hr_upscaler",
-        )
 
     def encode_prompts(
         self, inputs: RunInputs, adapters: Adapters, hires_steps: int | None = None
@@ -168,7 +144,8 @@ class HiresRun(Txt2ImgRun):
         """Decode, resize each image with the upscaler, encode again (A1111's non-latent
         hires path; 8-bit images in between, as A1111)."""
         images = self.post_process(self.decode(inputs, latents))
-        resized = [pixel_upscale(image, width, height, upscaler) for image in images]
+        upscaling = self.upscaling()
+        resized = [upscaling.resize(image, width, height, upscaler) for image in images]
         arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in resized])
         pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)
         return encode_pixels(self.model.pipe.vae, pixels, self.dtype).to(self.plan.device)

@@ -40,6 +40,7 @@ from pipelines.prompt import (
 from pipelines.prompt_grammar import prompt_schedules, split_and, text_at
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
+from pipelines.upscalers import Upscaling
 
 LARGE_DECODE_PIXELS = 1536 * 1536
 """Above this many pixels the VAE decodes in tiles, so large images fit in memory."""
@@ -195,6 +196,13 @@ class Txt2ImgRun:
 
     passes = 1
     """Denoising passes per batch (hires fix: 2), for progress."""
+
+    def upscaling(self) -> Upscaling:
+        """Upscalers by name on this run's device (hires fix, SD upscale); an interrupt
+        stops a model upscaler between tiles."""
+        return Upscaling(
+            self.folders, self.plan.device, self.plan.dtype, lambda: self.control.interrupted
+        )
 
     # -- 1
 

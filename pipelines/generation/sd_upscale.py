@@ -12,83 +12,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import numpy as np
 from PIL import Image
 
 from pipelines.devices import DevicePlan
 from pipelines.errors import InvalidRequestError
 from pipelines.folders.registry import ModelFolders
-from pipelines.generation.hires import pixel_upscale
 from pipelines.generation.img2img import Img2ImgRun
 from pipelines.generation.run import RunControl
-from pipelines.imageops import flatten
+from pipelines.imageops import combine_grid, flatten, split_grid
 from pipelines.model_manager import ActiveModel
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult
-
-
-@dataclass
-class Tile:
-    x: int
-    y: int
-    image: Image.Image
-
-
-@dataclass
-class Grid:
-    """A1111's `Grid`: rows of tiles of `tile_w` x `tile_h` covering the image."""
-
-    rows: list[tuple[int, list[Tile]]]  # (y, tiles)
-    tile_w: int
-    tile_h: int
-    width: int
-    height: int
-    overlap: int
-
-
-def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Grid:
-    """Tiles spread evenly so the last one ends at the edge (A1111's `split_grid`)."""
-    width, height = image.size
-    cols = max(1, math.ceil((width - overlap) / (tile_w - overlap)))
-    rows = max(1, math.ceil((height - overlap) / (tile_h - overlap)))
-    dx = (width - tile_w) / (cols - 1) if cols > 1 else 0
-    dy = (height - tile_h) / (rows - 1) if rows > 1 else 0
-    grid = Grid([], tile_w, tile_h, width, height, overlap)
-    for row in range(rows):
-        y = min(int(row * dy), height - tile_h)
-        tiles = []
-        for col in range(cols):
-            x = min(int(col * dx), width - tile_w)
-            tiles.append(Tile(x, y, image.crop((x, y, x + tile_w, y + tile_h))))
-        grid.rows.append((y, tiles))
-    return grid
-
-
-def combine_grid(grid: Grid) -> Image.Image:
-    """Paste the tiles back, each overlap blended by a linear ramp (A1111's
-    `combine_grid`)."""
-    overlap = grid.overlap
-    ramp = np.arange(overlap, dtype=np.float32) * 255 / max(overlap, 1)
-    mask_w = Image.fromarray(np.repeat(ramp[None, :], grid.tile_h, 0).astype(np.uint8), "L")
-    mask_h = Image.fromarray(np.repeat(ramp[:, None], grid.width, 1).astype(np.uint8), "L")
-    combined = Image.new("RGB", (grid.width, grid.height))
-    for y, tiles in grid.rows:
-        row = Image.new("RGB", (grid.width, grid.tile_h))
-        for tile in tiles:
-            if tile.x == 0:
-                row.paste(tile.image, (0, 0))
-                continue
-            row.paste(tile.image.crop((0, 0, overlap, grid.tile_h)), (tile.x, 0), mask=mask_w)
-            row.paste(
-                tile.image.crop((overlap, 0, grid.tile_w, grid.tile_h)), (tile.x + overlap, 0)
-            )
-        if y == 0:
-            combined.paste(row, (0, 0))
-            continue
-        combined.paste(row.crop((0, 0, grid.width, overlap)), (0, y), mask=mask_h)
-        combined.paste(row.crop((0, overlap, grid.width, grid.tile_h)), (0, y + overlap))
-    return combined
+from pipelines.upscalers import Upscaling
 
 
 class _TileProgress:
@@ -133,9 +69,11 @@ class SdUpscaleRun:
         init = flatten(inputs.images[0])
         if spec.upscaler == "None":
             upscaled = init  # A1111: no upscaler, no scaling
-        else:
-            size = (int(init.width * spec.scale), int(init.height * spec.scale))
-            upscaled = pixel_upscale(init, *size, spec.upscaler)
+        else:  # A1111's Upscaler.upscale: the scaled size rounded down to 8
+            upscaling = Upscaling(
+                self.folders, self.plan.device, self.plan.dtype, lambda: self.control.interrupted
+            )
+            upscaled = upscaling.upscale(init, spec.scale, spec.upscaler)
         if upscaled.width < request.width or upscaled.height < request.height:
             raise InvalidRequestError(
                 f"the upscaled image ({upscaled.width}x{upscaled.height}) is smaller than "
