@@ -5,6 +5,7 @@ second upscaler blended in. Face restoration is out of scope and refused by the 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import DeviceOutOfMemoryError, InvalidRequestError
-from pipelines.infotext import quote
+from pipelines.infotext import quote, read_infotext
 from pipelines.upscalers import Upscaling
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ class ExtrasResult:
     images: list[Image.Image]
     infotexts: list[str]  # A1111's postprocessing text ("Postprocess upscale by: 2, ...")
     request: ExtrasRequest
+    parameters: list[str | None] = field(default_factory=list)  # each source's infotext
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -154,7 +156,28 @@ def run_extras(
         results.append(result)
         infotexts.append(", ".join(f"{key}: {quote(value)}" for key, value in info.items()))
         progress(number + 1)
-    return ExtrasResult(results, infotexts, request, interrupted=len(results) < len(request.images))
+    return ExtrasResult(
+        results,
+        infotexts,
+        request,
+        parameters=[read_infotext(image) for image in request.images[: len(results)]],
+        interrupted=len(results) < len(request.images),
+    )
+
+
+def extras_png(image: Image.Image, parameters: str | None, postprocessing: str) -> bytes:
+    """PNG bytes as A1111 writes an Extras result: the source's `parameters` kept, the
+    Extras text in a `postprocessing` chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    if postprocessing:
+        info.add_text("postprocessing", postprocessing)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def _upscale(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from PIL import Image
 
 from pipelines import __version__
 from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
@@ -882,6 +884,120 @@ def png_info(body: object) -> dict[str, Any]:
 # ------------------------------------------------------------------------ errors and probes
 
 
+EXTRAS_DEFAULTS: dict[str, Any] = {
+    "resize_mode": 0,
+    "show_extras_results": True,
+    "gfpgan_visibility": 0,
+    "codeformer_visibility": 0,
+    "codeformer_weight": 0,
+    "upscaling_resize": 2,
+    "upscaling_resize_w": 512,
+    "upscaling_resize_h": 512,
+    "upscaling_crop": True,
+    "upscaler_1": "None",
+    "upscaler_2": "None",
+    "extras_upscaler_2_visibility": 0,
+    "upscale_first": False,
+}
+"""A1111's `ExtrasBaseRequest` fields and defaults. `show_extras_results` only matters for
+A1111's folder mode and `upscale_first` only with face restoration: both are accepted."""
+EXTRAS_MAX_RESIZE = 8  # A1111's `upscaling_resize` bound (le=8)
+
+
+def parse_extras(body: object, *, batch: bool) -> ExtrasRequest:
+    """An `extra-single-image` (`image`) or `extra-batch-images` (`imageList` of
+    `{data, name}`) body as an ExtrasRequest; face restoration is refused (422)."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object", field="body")
+    values = {key: value for key, value in body.items() if value is not None}
+
+    def get(name: str) -> Any:
+        return values.get(name, EXTRAS_DEFAULTS[name])
+
+    for name in ("gfpgan_visibility", "codeformer_visibility"):
+        if _number(name, get(name)) != 0:
+            raise InvalidRequestError(
+                f"{name}: face restoration (GFPGAN, CodeFormer) is not supported; send 0",
+                field=name,
+            )
+    if batch:
+        items = values.get("imageList")
+        if not isinstance(items, list) or not items:
+            raise InvalidRequestError(
+                "imageList must hold at least one {data, name} object", field="imageList"
+            )
+        images = []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or "data" not in item:
+                raise InvalidRequestError(
+                    f"imageList[{index}] must be an object with data (base64) and name",
+                    field="imageList",
+                )
+            images.append(_base64_image(item["data"], f"imageList[{index}].data"))
+    else:
+        if not values.get("image"):
+            raise InvalidRequestError("image must be a base64 image", field="image")
+        images = [_base64_image(values["image"], "image")]
+    resize = _number("upscaling_resize", get("upscaling_resize"))
+    if not 1 <= resize <= EXTRAS_MAX_RESIZE:
+        raise InvalidRequestError(
+            f"upscaling_resize must be between 1 and {EXTRAS_MAX_RESIZE}, got {resize:g}",
+            field="upscaling_resize",
+        )
+    visibility = _number("extras_upscaler_2_visibility", get("extras_upscaler_2_visibility"))
+    if not 0 <= visibility <= 1:
+        raise InvalidRequestError(
+            "extras_upscaler_2_visibility must be between 0 and 1",
+            field="extras_upscaler_2_visibility",
+        )
+    _flag("show_extras_results", get("show_extras_results"))
+    _flag("upscale_first", get("upscale_first"))
+    raw_resize = get("upscaling_resize")
+    return ExtrasRequest(
+        images=tuple(images),
+        resize_mode=_integer("resize_mode", get("resize_mode")),
+        upscaling_resize=raw_resize if isinstance(raw_resize, int) else resize,
+        upscaling_resize_w=_integer("upscaling_resize_w", get("upscaling_resize_w")),
+        upscaling_resize_h=_integer("upscaling_resize_h", get("upscaling_resize_h")),
+        upscaling_crop=_flag("upscaling_crop", get("upscaling_crop")),
+        upscaler_1=_text("upscaler_1", get("upscaler_1")),
+        upscaler_2=_text("upscaler_2", get("upscaler_2")),
+        upscaler_2_visibility=visibility,
+    )
+
+
+def plaintext_to_html(text: str) -> str:
+    """A1111's `ui_common.plaintext_to_html`."""
+    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
+
+
+def extras_response(result: ExtrasResult, *, batch: bool) -> dict[str, Any]:
+    """A1111's Extras reply: base64 PNGs and the last image's info as HTML."""
+    pngs = [
+        base64.b64encode(extras_png(image, parameters, text)).decode()
+        for image, parameters, text in zip(
+            result.images, result.parameters, result.infotexts, strict=True
+        )
+    ]
+    info = plaintext_to_html(result.infotexts[-1] if result.infotexts else "")
+    if batch:
+        return {"html_info": info, "images": pngs}
+    return {"html_info": info, "image": pngs[0] if pngs else ""}
+
+
+def upscaler_item(name: str, entry: Any, hide_paths: bool) -> dict[str, Any]:
+    """A1111's `UpscalerItem` for a built-in upscaler (entry None) or a model file."""
+    if entry is None:
+        return {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+    return {
+        "name": name,
+        "model_name": entry.architecture,
+        "model_path": None if hide_paths else str(entry.path),
+        "model_url": None,
+        "scale": entry.scale,
+    }
+
+
 def error_body(error: LorastackError | Exception, status: int) -> dict[str, Any]:
     """A1111's error body `{error, detail, body, errors}`; `detail` is the sentence, and
     it always names the field at fault."""
@@ -913,8 +1029,6 @@ def cmd_flags(settings: Any) -> dict[str, Any]:
 
 
 NEUTRAL_PROBES: dict[str, Any] = {
-    "upscalers": [],
-    "latent-upscale-modes": [],
     "sd-vae": [],
     "hypernetworks": [],
     "face-restorers": [],

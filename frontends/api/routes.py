@@ -33,6 +33,7 @@ from pipelines.interface import GenerationService
 from pipelines.limits import user_key
 from pipelines.output import save_png
 from pipelines.samplers import list_samplers, list_schedulers
+from pipelines.schema import LATENT_UPSCALE_MODES
 from pipelines.settings import Settings, parse_credentials
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,17 @@ class A1111Api:
 
     def img2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
         """img2img, inpainting and the outpainting scripts, for `user`."""
-        return self._generate(a1111.parse_img2img(body, self.options), user)
+        upscalers = self.service.upscaler_names()
+        return self._generate(a1111.parse_img2img(body, self.options, upscalers), user)
+
+    def extra_single_image(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
+        """Extras on one image; as in A1111 the API never saves the result."""
+        result = self.service.postprocess(a1111.parse_extras(body, batch=False), user=user)
+        return a1111.extras_response(result, batch=False)
+
+    def extra_batch_images(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
+        result = self.service.postprocess(a1111.parse_extras(body, batch=True), user=user)
+        return a1111.extras_response(result, batch=True)
 
     def _generate(self, call: a1111.Txt2ImgCall, user: str) -> dict[str, Any]:
         kind = call.request.kind
@@ -169,6 +180,13 @@ class A1111Api:
     def loras(self) -> list[dict[str, Any]]:
         hide = self.settings.hide_paths
         return [a1111.lora_item(entry, hide) for entry in self.service.loras()]
+
+    def upscalers(self) -> list[dict[str, Any]]:
+        entries = {entry.name: entry for entry in self.service.upscalers()}
+        return [
+            a1111.upscaler_item(name, entries.get(name), self.settings.hide_paths)
+            for name in self.service.upscaler_names()
+        ]
 
     def progress(self, skip_current_image: bool) -> dict[str, Any]:
         snapshot = self.service.progress(preview=not skip_current_image)
@@ -237,6 +255,16 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
         user = _user(request, bool(credentials))
         return await run_in_threadpool(api.img2img, await _json_body(request), user)
 
+    @app.post("/extra-single-image")
+    async def extra_single_image(request: Request) -> Any:
+        user = _user(request, bool(credentials))
+        return await run_in_threadpool(api.extra_single_image, await _json_body(request), user)
+
+    @app.post("/extra-batch-images")
+    async def extra_batch_images(request: Request) -> Any:
+        user = _user(request, bool(credentials))
+        return await run_in_threadpool(api.extra_batch_images, await _json_body(request), user)
+
     @app.get("/options")
     def get_options() -> Any:
         return api.get_options()
@@ -268,6 +296,8 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     # Both rescan both folders (cheap: unchanged files keep their facts and hashes).
     app.post("/refresh-checkpoints")(lambda: service.rescan())
     app.get("/loras")(api.loras)
+    app.get("/upscalers")(api.upscalers)
+    app.get("/latent-upscale-modes")(lambda: [{"name": name} for name in LATENT_UPSCALE_MODES])
     app.post("/refresh-loras")(lambda: service.rescan())
     app.get("/samplers")(list_samplers)
     app.get("/schedulers")(list_schedulers)
