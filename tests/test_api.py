@@ -33,6 +33,7 @@ from pipelines.schema import GenerationRequest
 from tests.test_app_http import PROJECT, free_port, wait_for
 from tests.test_engine import make_engine
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.upscaler_files import esrgan_forward, esrgan_state_dict, write_esrgan
 
 API_USER, API_PASSWORD = "tester", "s3cret"
 UI_USER, UI_PASSWORD = "painter", "brush"
@@ -95,7 +96,12 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, loras_dir: Path
 ) -> Iterator[Server]:
     data = tmp_path_factory.mktemp("api-data")
+    upscalers = data / "my-upscalers"
+    write_esrgan(upscalers / "2x_tiny.safetensors", scale=2)
+    (upscalers / "broken.pth").write_bytes(b"not a checkpoint")
     args = [
+        "--esrgan-models-path",
+        str(upscalers),
         "--api",
         "--api-auth",
         f"{API_USER}:{API_PASSWORD}",
@@ -849,6 +855,94 @@ def test_hires_errors_name_the_field(server: Server, change: dict[str, Any], fie
     # without enable_hr A1111 ignores every hr_ field
     status, _, payload = call(server, "POST", "/txt2img", {**body, "enable_hr": False})
     assert status == 200, payload
+
+
+def test_upscaler_listings(server: Server) -> None:
+    status, _, upscalers = call(server, "GET", "/upscalers")
+    assert status == 200
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest", "2x_tiny"]
+    tiny = upscalers[-1]
+    assert (tiny["model_name"], tiny["scale"]) == ("ESRGAN", 2)
+    assert set(tiny) == {"name", "model_name", "model_path", "model_url", "scale"}
+    _, _, modes = call(server, "GET", "/latent-upscale-modes")
+    assert [m["name"] for m in modes][:2] == ["Latent", "Latent (antialiased)"]
+    assert len(modes) == 6
+
+
+def test_webuiapi_extras_with_a_model_upscaler(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1", port=server.port, username=API_USER, password=API_PASSWORD
+    )
+    pixels = np.random.default_rng(4).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    outputs_before = sorted((server.data / "outputs").rglob("*.png"))
+    try:
+        single = client.extra_single_image(image, upscaler_1="2x_tiny", upscaling_resize=2)
+        batch = client.extra_batch_images(
+            [image, image],
+            upscaler_1="Lanczos",
+            resize_mode=1,
+            upscaling_resize_w=64,
+            upscaling_resize_h=64,
+        )
+    finally:
+        client.session.close()
+    assert single.image.size == (80, 48)
+    tensor = torch_image(pixels)
+    expected = np.round(
+        esrgan_forward(esrgan_state_dict(scale=2), tensor)[0].permute(1, 2, 0).numpy() * 255
+    ).astype(np.uint8)
+    assert np.abs(np.asarray(single.image.convert("RGB")).astype(int) - expected).max() <= 1
+    assert "Postprocess upscaler: 2x_tiny" in single.info  # webuiapi: the html_info
+    assert [im.size for im in batch.images] == [(64, 64), (64, 64)]
+    # as A1111, the API never saves Extras results
+    assert sorted((server.data / "outputs").rglob("*.png")) == outputs_before
+
+
+def torch_image(pixels: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"gfpgan_visibility": 0.5}, "gfpgan_visibility"),
+        ({"codeformer_visibility": 1}, "codeformer_visibility"),
+        ({"upscaler_1": "4x-UltraSharp"}, "upscaler_1"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, "upscaling_resize"),
+        ({"upscaler_1": "Lanczos", "image": "bm90IGFuIGltYWdl"}, "image"),
+        ({"upscaler_1": "broken"}, "broken"),
+    ],
+)
+def test_extras_errors_name_the_field(server: Server, change: dict[str, Any], field: str) -> None:
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    body = {"image": _png_b64(image), **change}
+    status, _, payload = call(server, "POST", "/extra-single-image", body)
+    assert status in (400, 422), payload
+    assert field in json.dumps(payload)
+
+
+def test_hires_fix_with_a_model_upscaler_over_http(server: Server) -> None:
+    body = {
+        "prompt": "a cat",
+        **SMALL,
+        "seed": 2,
+        "enable_hr": True,
+        "hr_scale": 2,
+        "hr_upscaler": "2x_tiny",
+        "hr_second_pass_steps": 1,
+        "denoising_strength": 0.4,
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200, payload
+    image = Image.open(io.BytesIO(base64.b64decode(payload["images"][0])))
+    assert image.size == (128, 128)
+    assert "Hires upscaler: 2x_tiny" in json.loads(payload["info"])["infotexts"][0]
 
 
 def test_img2img_sd_upscale_script(server: Server) -> None:

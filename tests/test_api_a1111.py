@@ -196,3 +196,54 @@ def test_randn_source_per_request_and_as_an_option() -> None:
     with pytest.raises(InvalidRequestError) as error:
         parse({"override_settings": {"randn_source": "cuda"}})
     assert error.value.field == "override_settings.randn_source"
+
+
+def _b64_png(size: tuple[int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (40, 80, 120)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # A1111's own test/test_extras.py payloads: full, image only, and image + "model"
+        {
+            "resize_mode": 0,
+            "show_extras_results": True,
+            "gfpgan_visibility": 0,
+            "codeformer_visibility": 0,
+            "codeformer_weight": 0,
+            "upscaling_resize": 2,
+            "upscaling_resize_w": 128,
+            "upscaling_resize_h": 128,
+            "upscaling_crop": True,
+            "upscaler_1": "Lanczos",
+            "upscaler_2": "None",
+            "extras_upscaler_2_visibility": 0,
+        },
+        {},
+        {"model": "clip"},
+    ],
+)
+def test_a1111_extras_test_payloads_parse(extra: dict) -> None:
+    request = a1111.parse_extras({"image": _b64_png((32, 16)), **extra}, batch=False)
+    assert request.images[0].size == (32, 16)
+    assert request.upscaler_1 == extra.get("upscaler_1", "None")
+    assert request.upscaling_resize == 2 and request.resize_mode == 0
+
+
+def test_extras_batch_and_response_shapes() -> None:
+    from pipelines.extras import ExtrasResult
+
+    body = {"imageList": [{"data": _b64_png((8, 8)), "name": "a"}], "upscaler_1": "Nearest"}
+    request = a1111.parse_extras(body, batch=True)
+    result = ExtrasResult(
+        [Image.new("RGB", (16, 16))], ["Postprocess upscaler: Nearest"], request, parameters=[None]
+    )
+    reply = a1111.extras_response(result, batch=True)
+    assert set(reply) == {"html_info", "images"} and len(reply["images"]) == 1
+    assert reply["html_info"] == "<p>Postprocess upscaler: Nearest</p>"
+    with pytest.raises(InvalidRequestError) as raised:
+        a1111.parse_extras({"imageList": []}, batch=True)
+    assert raised.value.field == "imageList"
