@@ -114,3 +114,10 @@ def save_png(
     day = (today or dt.date.today()).isoformat()
     folder = outputs_dir / kind / day
     return write_new_file(folder, lambda n: f"{n:05d}-{seed}.png", png)
+
+
+def save_extras_png(outputs_dir: Path, png: bytes, *, today: dt.date | None = None) -> Path:
+    """Save an Extras result to `<outputs>/extras-images/YYYY-MM-DD/NNNNN.png` (no seed:
+    nothing was generated)."""
+    day = (today or dt.date.today()).isoformat()
+    return write_new_file(outputs_dir / "extras-images" / day, lambda n: f"{n:05d}.png", png)

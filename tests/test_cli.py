@@ -184,3 +184,72 @@ def test_img2img_from_the_cli_gives_the_services_pixels(
     assert read_infotext(Path(written)) == result.infotexts[0]
     assert main([*arguments[:1], "--mask", str(mask), *SMALL]) == EXIT_USAGE
     assert "--init-image" in capsys.readouterr().err
+
+
+def test_extras_and_list_upscalers(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from tests.upscaler_files import write_esrgan
+
+    upscalers = tmp_path / "ups"
+    write_esrgan(upscalers / "2x_tiny.safetensors", scale=2)
+    (upscalers / "junk.pth").write_bytes(b"junk")
+    source = tmp_path / "in.png"
+    Image.new("RGB", (40, 24), (200, 30, 90)).save(source)
+    common = ["--esrgan-models-path", str(upscalers), "--data-dir", str(tmp_path)]
+    assert main(["list-upscalers", *common]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["name", "architecture", "scale", "problem"]
+    assert ["2x_tiny", "ESRGAN", "2x", ""] in rows
+    junk = next(row for row in rows if row[0] == "junk")
+    assert "junk.pth" in junk[3]
+    assert main(["extras", "--image", str(source), "--upscaler", "2x_tiny", *common]) == 0
+    (written,) = capsys.readouterr().out.split()
+    assert "/outputs/extras-images/" in written
+    with Image.open(written) as image:
+        assert image.size == (80, 48)
+        assert image.info["postprocessing"] == (
+            "Postprocess upscale by: 2.0, Postprocess upscaler: 2x_tiny"
+        )
+    assert main(["extras", "--image", str(source), "--upscaler", "nope", *common]) == EXIT_USAGE
+    assert "upscaler_1" in capsys.readouterr().err
+
+
+def test_hires_flags_give_the_services_pixels(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from pipelines.schema import GenerationRequest, HiresFix
+    from pipelines.service import build_service
+    from pipelines.settings import Settings
+
+    arguments = [
+        *("generate", "--prompt", "a tower", "--seed", "3", "--steps", "2"),
+        *("--width", "64", "--height", "64", "--enable-hr", "--hr-scale", "1.5"),
+        *("--hr-upscaler", "Lanczos", "--hr-second-pass-steps", "2"),
+        *("--denoising-strength", "0.5", "--threads", "2", "--sampler", "Euler"),
+        *("--ckpt", "tiny-sd1", "--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)),
+    ]
+    assert main(arguments) == 0
+    (written,) = capsys.readouterr().out.split()
+    pixels = np.asarray(Image.open(written).convert("RGB"))
+    assert pixels.shape == (96, 96, 3)
+    service = build_service(Settings(data_dir=tmp_path / "s", ckpt_dirs=(models_dir,), threads=2))
+    service.folders.hash_missing()
+    result = service.generate(
+        GenerationRequest(
+            prompt="a tower",
+            seed=3,
+            steps=2,
+            width=64,
+            height=64,
+            sampler_name="Euler",
+            denoising_strength=0.5,
+            checkpoint="tiny-sd1",
+            hires=HiresFix(scale=1.5, upscaler="Lanczos", second_pass_steps=2),
+        )
+    )
+    assert np.array_equal(pixels, np.asarray(result.images[0]))

@@ -1,4 +1,5 @@
-"""The command line: `python -m frontends.cli generate|list-models|list-loras`.
+"""The command line: `python -m frontends.cli COMMAND` (generate, extras, list-models,
+list-loras, list-upscalers).
 
 A third front end over the same generation service: it builds the same GenerationRequest as the UI
 and the API (its generation flags come from `schema.FIELDS`), so the same request, model
@@ -31,7 +32,15 @@ EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNUSABLE = 0, 1, 2, 3, 4
 FLAG_NAMES = {"sampler_name": ("--sampler", "--sampler-name")}
 """Request fields whose flag differs from the field name (A1111's CLI-ish names)."""
 
-SETTINGS_FLAGS = ("data_dir", "ckpt_dir", "lora_dir", "threads", "device", "max_pixels")
+SETTINGS_FLAGS = (
+    "data_dir",
+    "ckpt_dir",
+    "lora_dir",
+    "threads",
+    "device",
+    "max_pixels",
+    *(f"{kind}_models_path" for kind in ("esrgan", "realesrgan", "swinir", "dat")),
+)
 """Launch settings the CLI shares with the server (same flags, same LORASTACK_* env)."""
 
 
@@ -125,6 +134,44 @@ def _add_img2img_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--outpaint-method", choices=OUTPAINT_METHODS, default=OUTPAINT_METHODS[1])
 
 
+def _add_hires_flags(parser: argparse.ArgumentParser) -> None:
+    """txt2img's hires fix (A1111's API field names as flags)."""
+    group = parser.add_argument_group(
+        "hires fix", "with --enable-hr a second pass on the upscaled first (txt2img only)"
+    )
+    group.add_argument("--enable-hr", action="store_true", help="run the hires fix")
+    group.add_argument("--hr-scale", type=float, default=2.0, help="upscale by (2.0)")
+    group.add_argument("--hr-resize-x", type=int, default=0, help="resize width to (0: scale)")
+    group.add_argument("--hr-resize-y", type=int, default=0, help="resize height to (0: scale)")
+    group.add_argument(
+        "--hr-upscaler", default="Latent", help="a latent mode, None, Lanczos, Nearest or a model"
+    )
+    group.add_argument("--hr-second-pass-steps", type=int, default=0, help="0: same as --steps")
+    group.add_argument("--hr-sampler", help="second pass sampler (default: the same)")
+    group.add_argument("--hr-scheduler", help="second pass scheduler (default: the same)")
+    group.add_argument("--hr-prompt", default="", help="second pass prompt (default: the same)")
+    group.add_argument("--hr-negative-prompt", default="", help="(default: the same)")
+
+
+def _hires(args: argparse.Namespace) -> Any:
+    """HiresFix from the hires flags (None without --enable-hr)."""
+    from pipelines.schema import HiresFix
+
+    if not args.enable_hr:
+        return None
+    return HiresFix(
+        scale=args.hr_scale,
+        resize_x=args.hr_resize_x,
+        resize_y=args.hr_resize_y,
+        upscaler=args.hr_upscaler,
+        second_pass_steps=args.hr_second_pass_steps,
+        sampler_name=args.hr_sampler,
+        scheduler=args.hr_scheduler,
+        prompt=args.hr_prompt,
+        negative_prompt=args.hr_negative_prompt,
+    )
+
+
 def _image_inputs(args: argparse.Namespace) -> Any:
     """ImageInputs from the img2img flags (None without --init-image)."""
     from pipelines.images import open_image
@@ -198,13 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately",
     )
     _add_img2img_flags(generate)
+    _add_hires_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
     )
     _add_settings_flags(generate)
 
-    for name, what in (("list-models", "checkpoints"), ("list-loras", "LoRAs")):
+    extras = commands.add_parser("extras", help="upscale images as A1111's Extras tab does")
+    extras.add_argument(
+        "--image", action="append", type=Path, required=True, help="input image (repeatable)"
+    )
+    extras.add_argument("--upscaler", default="Lanczos", help="upscaler 1 (Lanczos)")
+    extras.add_argument("--scale", type=float, default=2.0, help="scale by (2.0)")
+    extras.add_argument("--max-side-length", type=int, default=0, help="0: no limit")
+    extras.add_argument("--width", type=int, help="scale to this width (with --height)")
+    extras.add_argument("--height", type=int, help="scale to this height (with --width)")
+    extras.add_argument("--no-crop", action="store_true", help="scale to: do not crop to fit")
+    extras.add_argument("--upscaler-2", default="None", help="a second upscaler blended in")
+    extras.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0..1")
+    extras.add_argument("--out", type=Path, help="folder (default: <data-dir>/outputs/...)")
+    _add_settings_flags(extras)
+
+    for name, what in (
+        ("list-models", "checkpoints"),
+        ("list-loras", "LoRAs"),
+        ("list-upscalers", "model upscalers"),
+    ):
         listing = commands.add_parser(name, help=f"list the {what} (tab-separated)")
         _add_settings_flags(listing)
     return parser
@@ -257,7 +324,10 @@ def _generate(args: argparse.Namespace) -> int:
     for name in ("width", "height"):
         if values[name] is None:
             values[name] = next(spec.default for spec in FIELDS if spec.name == name)
-    request = GenerationRequest(**values, loras=tuple(args.lora), img2img=inputs)
+    hires = _hires(args)
+    if hires is not None and inputs is not None:
+        raise InvalidRequestError("--enable-hr is for txt2img; it cannot be used with --init-image")
+    request = GenerationRequest(**values, loras=tuple(args.lora), img2img=inputs, hires=hires)
     request.validated(settings.bounds)  # fail on bad values before loading anything
     from tqdm import tqdm
 
@@ -318,6 +388,54 @@ def _list_loras(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _extras(args: argparse.Namespace) -> int:
+    from pipelines.extras import ExtrasRequest, extras_png
+    from pipelines.images import open_image
+    from pipelines.output import save_extras_png, write_new_file
+
+    if (args.width is None) != (args.height is None):
+        raise InvalidRequestError("--width and --height go together (scale to a size)")
+    images = []
+    for path in args.image:
+        image = open_image(path, field="--image")
+        image.load()
+        images.append(image)
+    request = ExtrasRequest(
+        images=tuple(images),
+        resize_mode=0 if args.width is None else 1,
+        upscaling_resize=args.scale,
+        max_side_length=args.max_side_length,
+        upscaling_resize_w=args.width or 512,
+        upscaling_resize_h=args.height or 512,
+        upscaling_crop=not args.no_crop,
+        upscaler_1=args.upscaler,
+        upscaler_2=args.upscaler_2,
+        upscaler_2_visibility=args.upscaler_2_visibility,
+    )
+    settings = _settings(args)
+    service, _ = _service(args)
+    result = service.postprocess(request)
+    for image, parameters, text in zip(
+        result.images, result.parameters, result.infotexts, strict=True
+    ):
+        png = extras_png(image, parameters, text)
+        if args.out is not None:
+            path = write_new_file(args.out, lambda n: f"{n:05d}.png", png)
+        else:
+            path = save_extras_png(settings.outputs_dir, png)
+        print(path)
+    return EXIT_OK
+
+
+def _list_upscalers(args: argparse.Namespace) -> int:
+    service, _ = _service(args)
+    print("name\tarchitecture\tscale\tproblem")
+    for entry in service.upscalers():
+        scale = f"{entry.scale}x" if entry.scale else ""
+        print("\t".join((entry.name, entry.architecture or "?", scale, entry.error or "")))
+    return EXIT_OK
+
+
 def exit_code(error: LorastackError) -> int:
     """The documented exit code of an engine error."""
     if isinstance(error, InvalidRequestError):
@@ -334,7 +452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    command = {"generate": _generate, "list-models": _list_models, "list-loras": _list_loras}
+    command = {
+        "generate": _generate,
+        "extras": _extras,
+        "list-models": _list_models,
+        "list-loras": _list_loras,
+        "list-upscalers": _list_upscalers,
+    }
     try:
         return command[args.command](args)
     except LorastackError as error:
