@@ -120,3 +120,32 @@ def check_img2img_same_pixels_and_kept_outside(service: GenerationService) -> No
     outside = np.asarray(wanted.img2img.mask) == 0
     assert np.array_equal(out[outside], np.asarray(wanted.img2img.images[0])[outside])
     assert "Denoising strength: 0.8" in first.infotexts[0]
+
+
+def check_extras_with_a_model_upscaler(service: GenerationService) -> None:
+    """The folders also hold `2x_tiny` (tests.upscaler_files): Extras runs it as a job and
+    gives the network's own pixels; a bad upscaler name fails before queueing."""
+    import torch
+
+    from pipelines.extras import ExtrasRequest
+    from tests.upscaler_files import esrgan_forward, esrgan_state_dict
+
+    assert "2x_tiny" in service.upscaler_names()
+    pixels = np.random.default_rng(5).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    result = service.postprocess(ExtrasRequest((image, image), upscaler_1="2x_tiny"))
+    tensor = torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    expected = esrgan_forward(esrgan_state_dict(scale=2), tensor)[0].permute(1, 2, 0).numpy()
+    expected = np.round(expected * 255.0).astype(int)
+    for out in result.images:
+        assert out.size == (80, 48)
+        assert np.abs(np.asarray(out).astype(int) - expected).max() <= 1
+    assert result.infotexts[0].endswith("Postprocess upscaler: 2x_tiny")
+    with_unknown = ExtrasRequest((image,), upscaler_1="4x-UltraSharp")
+    try:
+        service.postprocess(with_unknown)
+    except InvalidRequestError as error:
+        assert error.field == "upscaler_1"
+    else:
+        raise AssertionError("an unknown upscaler was accepted")
+    assert service.jobs() == []

@@ -21,6 +21,7 @@ from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests import service_contract as contract
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.upscaler_files import write_esrgan
 
 ray = pytest.importorskip("ray")
 
@@ -46,7 +47,14 @@ def folders(
     keys = sd1_keys(SD1_MODULES)
     write(loras / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
     write(loras / "glow.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=2))
-    return Settings(data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(loras,), threads=THREADS)
+    upscalers = write_esrgan(data / "upscalers" / "2x_tiny.safetensors", scale=2).parent
+    return Settings(
+        data_dir=data,
+        ckpt_dirs=(models_dir,),
+        lora_dirs=(loras,),
+        upscaler_dirs=(upscalers,),
+        threads=THREADS,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +129,10 @@ def test_contract_interrupt_by_id(remote: Service) -> None:
 
 def test_contract_img2img(remote: Service) -> None:
     contract.check_img2img_same_pixels_and_kept_outside(remote)
+
+
+def test_contract_extras(remote: Service) -> None:
+    contract.check_extras_with_a_model_upscaler(remote)
 
 
 def test_img2img_gives_the_local_pixels(remote: Service, local: Service) -> None:

@@ -21,6 +21,7 @@ from pipelines.service import Service, build_folders, build_service
 from pipelines.settings import Settings
 from tests import service_contract as contract
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.upscaler_files import write_esrgan
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,14 @@ def settings(
     loras = data / "loras"
     keys = sd1_keys(SD1_MODULES)
     write(loras / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
-    return Settings(data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(loras,), threads=2)
+    upscalers = write_esrgan(data / "upscalers" / "2x_tiny.safetensors", scale=2).parent
+    return Settings(
+        data_dir=data,
+        ckpt_dirs=(models_dir,),
+        lora_dirs=(loras,),
+        upscaler_dirs=(upscalers,),
+        threads=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +65,10 @@ def test_contract_interrupt_by_id(service: Service) -> None:
 
 def test_contract_img2img(service: Service) -> None:
     contract.check_img2img_same_pixels_and_kept_outside(service)
+
+
+def test_contract_extras(service: Service) -> None:
+    contract.check_extras_with_a_model_upscaler(service)
 
 
 def test_queued_job_is_cancelled_and_others_keep_their_order() -> None:
