@@ -63,7 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     service.preload(startup)
     from pipelines.watch import FolderWatcher
 
-    FolderWatcher([*settings.models_dirs, *settings.loras_dirs], service.rescan).start()
+    watched = [*settings.models_dirs, *settings.loras_dirs, *settings.upscaler_dirs]
+    FolderWatcher(watched, service.rescan).start()
     serve(service, settings)
 
 
