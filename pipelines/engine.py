@@ -94,7 +94,10 @@ class Engine:
         """
         try:
             model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-            return self.run_for(request)(model, self.plan, self.folders, control)(request)
+            run = self.run_for(request)(model, self.plan, self.folders, control)
+            if isinstance(run, HiresRun):
+                run.switch_model = self.switch_model
+            return run(request)
         except torch.cuda.OutOfMemoryError as error:
             self.manager.free_memory()
             raise DeviceOutOfMemoryError(
@@ -104,6 +107,13 @@ class Engine:
         finally:
             if stateless:
                 self.manager.restore_base()
+
+    def switch_model(self, target: str | ActiveModel) -> ActiveModel:
+        """Make a checkpoint (by key) or an already loaded model current, for runs that
+        use two (hires fix with `hr_checkpoint_name`)."""
+        if isinstance(target, ActiveModel):
+            return self.manager.reactivate(target)
+        return self.manager.refresh_entry(self.manager.get(target))
 
     @staticmethod
     def run_for(request: GenerationRequest) -> type[Txt2ImgRun] | type[SdUpscaleRun]:

@@ -327,4 +327,13 @@ def hires_from_params(params: Mapping[str, str]) -> HiresFix | None:
         scheduler=params.get("Hires schedule type"),
         prompt=params.get("Hires prompt", ""),
         negative_prompt=params.get("Hires negative prompt", ""),
+        # A1111 writes the checkpoint's short title, "name [hash]"; the name resolves it
+        checkpoint=_without_hash(params["Hires checkpoint"])
+        if "Hires checkpoint" in params
+        else None,
     )
+
+
+def _without_hash(title: str) -> str:
+    """`name [0123456789]` -> `name` (A1111's short titles)."""
+    return re.sub(r"\s*\[[0-9a-fA-F]{8,}\]$", "", title.strip())

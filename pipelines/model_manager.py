@@ -136,6 +136,12 @@ class ModelManager:
             raise UnusableFileError(f"{entry.relpath}: {entry.error}", field="checkpoint")
         return self._activate((str(entry.path), entry.mtime_ns), lambda: self._load(entry))
 
+    def reactivate(self, model: ActiveModel) -> ActiveModel:
+        """Make `model` current again without reading its file, even if it was evicted
+        meanwhile (a hires fix on another checkpoint goes back and forth between two)."""
+        assert model.entry is not None, "the demo model is never a hires checkpoint"
+        return self._activate((str(model.entry.path), model.entry.mtime_ns), lambda: model)
+
     def use_pipeline(self, loaded: LoadedModel, name: str) -> ActiveModel:
         """Install an already built pipeline (benchmarks, embedding in other programs)."""
         return self._activate(("pipeline", id(loaded.pipe)), lambda: self._wrap(loaded, name))

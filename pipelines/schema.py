@@ -122,7 +122,9 @@ class HiresFix:
     aspect ratio; both: cover that size and crop the excess, as A1111). `second_pass_steps`
     0 means the first pass's steps; `sampler_name`/`scheduler` None mean the first pass's;
     an empty `prompt`/`negative_prompt` means the first pass's. The request's
-    `denoising_strength` is the second pass's.
+    `denoising_strength` is the second pass's. `checkpoint` (A1111's
+    `hr_checkpoint_name`) runs the second pass on another checkpoint of the same family;
+    None means the first pass's.
     """
 
     scale: float = 2.0
@@ -134,6 +136,7 @@ class HiresFix:
     scheduler: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
+    checkpoint: str | None = None
 
     def target(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(upscale_to_x, upscale_to_y, truncate_x, truncate_y) as A1111's
@@ -424,7 +427,11 @@ def _check_hires(hires: HiresFix, width: int, height: int, batch: int, bounds: B
         ("hr_negative_prompt", hires.negative_prompt),
     ):
         _check_text(name, value, bounds.max_prompt_chars)
-    for name, value in (("hr_sampler_name", hires.sampler_name), ("hr_scheduler", hires.scheduler)):
+    for name, value in (
+        ("hr_sampler_name", hires.sampler_name),
+        ("hr_scheduler", hires.scheduler),
+        ("hr_checkpoint_name", hires.checkpoint),
+    ):
         if value is not None and not isinstance(value, str):
             raise InvalidRequestError(f"{name} must be a string", field=name)
     field_name = "hr_scale" if hires.resize_x == 0 and hires.resize_y == 0 else "hr_resize_x"

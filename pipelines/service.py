@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
-from pipelines.errors import BusyError, LorastackError
+from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.hashing import HashCache
@@ -34,7 +34,13 @@ from pipelines.interface import (
 )
 from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
 from pipelines.limits import UserLimits
-from pipelines.schema import LATENT_UPSCALE_MODES, Bounds, GenerationRequest, GenerationResult
+from pipelines.schema import (
+    LATENT_UPSCALE_MODES,
+    Bounds,
+    GenerationRequest,
+    GenerationResult,
+    HiresFix,
+)
 from pipelines.settings import Settings
 from pipelines.upscalers import Upscaling
 
@@ -152,6 +158,8 @@ class Service:
         if loading is not None:
             raise BusyError(f"model {loading} is still loading", retry_after=10)
         checkpoint = self._checkpoint_key(request.checkpoint)
+        if request.hires is not None and request.hires.checkpoint is not None:
+            request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
         work = _Generate(
             replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
         )
@@ -315,6 +323,30 @@ class Service:
             return self.resolve_checkpoint(self.startup_checkpoint).key
         usable = [e for e in self.checkpoints() if not e.error]
         return usable[0].key if usable else None
+
+    def _hires_checkpoint(self, hires: HiresFix, checkpoint: str | None) -> HiresFix:
+        """`hr_checkpoint_name` as a key (None when it is the first pass's checkpoint);
+        another family's latents would not fit, so that is refused before queueing."""
+        assert hires.checkpoint is not None
+        try:
+            entry = self.resolve_checkpoint(hires.checkpoint)
+        except LorastackError as error:
+            error.field = "hr_checkpoint_name"
+            raise
+        if entry.key == checkpoint:
+            return replace(hires, checkpoint=None)
+        if entry.error:
+            raise UnusableFileError(
+                f"hr_checkpoint_name: {entry.relpath}: {entry.error}", field="hr_checkpoint_name"
+            )
+        first = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
+        if entry.family != first:
+            raise InvalidRequestError(
+                f"hr_checkpoint_name: {entry.title} is {entry.family or 'of unknown family'} "
+                f"but the first pass's checkpoint is {first}; use a checkpoint of the same family",
+                field="hr_checkpoint_name",
+            )
+        return replace(hires, checkpoint=entry.key)
 
     def _execute(self, work: object, control: JobControl) -> object:
         if isinstance(work, _Generate):

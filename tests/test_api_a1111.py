@@ -98,7 +98,6 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
     "body",
     [
         {"restore_faces": True},
-        {"enable_hr": True, "hr_checkpoint_name": "other"},  # the hires fix itself runs
         {"styles": ["a"]},
         {"styles": "not a list"},
         {"script_name": "x/y/z plot"},
@@ -247,3 +246,11 @@ def test_extras_batch_and_response_shapes() -> None:
     with pytest.raises(InvalidRequestError) as raised:
         a1111.parse_extras({"imageList": []}, batch=True)
     assert raised.value.field == "imageList"
+
+
+def test_hr_checkpoint_name_is_parsed_and_same_means_none() -> None:
+    hires = parse({"enable_hr": True, "hr_checkpoint_name": "other"}).request.hires
+    assert hires is not None and hires.checkpoint == "other"
+    for same in ("Use same checkpoint", "", None):
+        hires = parse({"enable_hr": True, "hr_checkpoint_name": same}).request.hires
+        assert hires is not None and hires.checkpoint is None

@@ -189,3 +189,83 @@ def test_interrupting_the_first_pass_skips_the_second(service: Service) -> None:
     result = service.result(job)
     assert result.interrupted
     assert all(image.size == (64, 64) for image in result.images)
+
+
+# ------------------------------------------------------------------ hr_checkpoint_name
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Service:
+    """`hrbase` (the tiny SD1) and `hrother` (the same with a different UNet), beside the
+    shared tiny models (the SDXL one is of another family)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import DEMO_YAML, copy_yaml_with_clip
+
+    folder = tmp_path_factory.mktemp("hr-checkpoints")
+    state = load_file(models_dir / "tiny-sd1.safetensors")
+    save_file(state, folder / "hrbase.safetensors")
+    changed = {
+        key: value * 1.3 if key.startswith("model.diffusion_model.out.") else value
+        for key, value in state.items()
+    }
+    save_file(changed, folder / "hrother.safetensors")
+    for name in ("hrbase", "hrother"):
+        copy_yaml_with_clip(DEMO_YAML, folder / f"{name}.yaml")
+    data = tmp_path_factory.mktemp("hr-checkpoints-data")
+    settings = Settings(data_dir=data, ckpt_dirs=(folder, models_dir), threads=2)
+    made = build_service(settings)
+    made.folders.hash_missing()
+    return made
+
+
+def checkpoint_request(**fields: object) -> GenerationRequest:
+    values = {**SMALL, "height": 64, "checkpoint": "hrbase", "denoising_strength": 0.6}
+    values.update(fields)
+    return GenerationRequest(**values)  # type: ignore[arg-type]
+
+
+def test_hires_checkpoint_runs_the_second_pass_on_it(two_checkpoints: Service) -> None:
+    service = two_checkpoints
+    same = service.generate(checkpoint_request(hires=HiresFix(scale=1.5), steps=2))
+    other = service.generate(
+        checkpoint_request(hires=HiresFix(scale=1.5, checkpoint="hrother"), steps=2)
+    )
+    assert other.images[0].size == same.images[0].size == (96, 96)
+    assert not np.array_equal(np.asarray(same.images[0]), np.asarray(other.images[0]))
+    params = parse_infotext(other.infotexts[0]).params
+    assert params["Model"] == "hrbase"  # A1111: Model is the first pass's
+    hrother = service.resolve_checkpoint("hrother")
+    assert params["Hires checkpoint"] == f"hrother [{hrother.short_hash}]"
+    # naming the first pass's own checkpoint is no switch at all
+    again = service.generate(
+        checkpoint_request(hires=HiresFix(scale=1.5, checkpoint="hrbase"), steps=2)
+    )
+    assert np.array_equal(np.asarray(same.images[0]), np.asarray(again.images[0]))
+    assert "Hires checkpoint" not in again.infotexts[0]
+
+
+def test_hires_checkpoint_switches_back_for_each_batch(two_checkpoints: Service) -> None:
+    """With two batches the second batch's first pass runs on the first checkpoint again:
+    its image is the one a run of only that batch gives."""
+    service = two_checkpoints
+    hires = HiresFix(scale=1.5, checkpoint="hrother", upscaler="Lanczos")
+    both = service.generate(checkpoint_request(hires=hires, steps=2, n_iter=2, seed=20))
+    alone = service.generate(checkpoint_request(hires=hires, steps=2, seed=21))
+    assert both.seeds == [20, 21]
+    assert np.array_equal(np.asarray(both.images[1]), np.asarray(alone.images[0]))
+    replay = hires_from_params(parse_infotext(both.infotexts[1]).params)
+    assert replay is not None and replay.checkpoint == "hrother"
+    replayed = service.generate(checkpoint_request(hires=replay, steps=2, seed=21))
+    assert np.array_equal(np.asarray(replayed.images[0]), np.asarray(alone.images[0]))
+
+
+def test_hires_checkpoint_errors_name_the_field(two_checkpoints: Service) -> None:
+    from pipelines.errors import NotFoundError
+
+    with pytest.raises(InvalidRequestError) as error:
+        two_checkpoints.submit(checkpoint_request(hires=HiresFix(checkpoint="xl/tiny-sdxl")))
+    assert error.value.field == "hr_checkpoint_name" and "SDXL" in error.value.message
+    with pytest.raises(NotFoundError) as missing:
+        two_checkpoints.submit(checkpoint_request(hires=HiresFix(checkpoint="nope")))
+    assert missing.value.field == "hr_checkpoint_name"

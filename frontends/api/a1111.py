@@ -172,6 +172,7 @@ _TXT2IMG_USED = _USED | {
     "hr_scheduler",
     "hr_prompt",
     "hr_negative_prompt",
+    "hr_checkpoint_name",
     "firstphase_width",
     "firstphase_height",
 }
@@ -264,7 +265,6 @@ _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
     "eta": (1.0,),  # eta_ancestral; DDIM's eta is checked below
     "s_noise": (1.0,),
     "s_tmax": (math.inf,),
-    "hr_checkpoint_name": _SAME_CHECKPOINT,
 }
 """Values of unimplemented sampler fields that equal what A1111 does without them."""
 
@@ -414,6 +414,9 @@ def _with_hires(request: GenerationRequest, body: dict[str, Any]) -> GenerationR
         sampler_name = choice.sampler if sampler_name is not None else None
         scheduler = choice.scheduler if scheduler is not None else None
     upscaler = get("hr_upscaler")
+    checkpoint = get("hr_checkpoint_name")
+    if checkpoint is not None:
+        checkpoint = _text("hr_checkpoint_name", checkpoint)
     hires = HiresFix(
         scale=_number("hr_scale", get("hr_scale")),
         resize_x=_integer("hr_resize_x", get("hr_resize_x")),
@@ -424,6 +427,7 @@ def _with_hires(request: GenerationRequest, body: dict[str, Any]) -> GenerationR
         scheduler=scheduler,
         prompt=_text("hr_prompt", get("hr_prompt")),
         negative_prompt=_text("hr_negative_prompt", get("hr_negative_prompt")),
+        checkpoint=None if checkpoint in (None, "", *_SAME_CHECKPOINT) else checkpoint,
     )
     first_width = _integer("firstphase_width", get("firstphase_width"))
     first_height = _integer("firstphase_height", get("firstphase_height"))

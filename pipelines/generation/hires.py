@@ -13,29 +13,33 @@ pass, as A1111 activates `hr_extra_network_data`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.errors import InvalidRequestError
 from pipelines.generation.img2img import encode_pixels, img2img_steps
 from pipelines.generation.noise import SeedPlan
 from pipelines.generation.run import Adapters, Conditioning, RunInputs, Txt2ImgRun, check_request
+from pipelines.model_manager import ActiveModel
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
 from pipelines.schema import LATENT_UPSCALE_MODES, GenerationRequest, GenerationResult
 
 
 @dataclass
 class HiresPass:
-    """What the second pass uses, built once per run."""
+    """What the second pass uses, built once per run (on another checkpoint, its stack and
+    conditioning are made on that checkpoint when the run first switches to it)."""
 
     inputs: RunInputs  # the hires prompt, size and steps
-    adapters: Adapters
-    conditioning: Conditioning
     sampler: SamplerChoice
     steps: int
     size: tuple[int, int, int, int]  # upscale to x, y; truncate x, y (latent units)
+    adapters: Adapters | None = None
+    conditioning: Conditioning | None = None
 
 
 class HiresRun(Txt2ImgRun):
@@ -56,18 +60,27 @@ class HiresRun(Txt2ImgRun):
             self.upscaling().check(hires.upscaler, "hr_upscaler")
         return inputs
 
+    switch_model: Callable[[str | ActiveModel], ActiveModel] | None = None
+    """Set by the engine: make a checkpoint (key) or a loaded model current."""
+    first: ActiveModel | None = None  # the first pass's model, once another one was used
+    hires_model: ActiveModel | None = None  # the `hr_checkpoint_name` model, once loaded
+
     def encode_prompts(
         self, inputs: RunInputs, adapters: Adapters, hires_steps: int | None = None
     ) -> Conditioning:
         """The first pass's conditioning; the second pass's is prepared here too, with its
         own stack applied and then the first pass's put back (so text encoders see the
-        right LoRA weights for each)."""
+        right LoRA weights for each). With a hires checkpoint, that waits for the switch."""
         first = super().encode_prompts(inputs, adapters, hires_steps)
         if hires_steps is None:
-            self.second = self.prepare_second_pass(inputs, adapters)
+            self.second = self.plan_second_pass(inputs)
+            hires = inputs.request.hires
+            assert hires is not None
+            if hires.checkpoint is None:
+                self.encode_second_pass(inputs, adapters)
         return first
 
-    def prepare_second_pass(self, inputs: RunInputs, adapters: Adapters) -> HiresPass:
+    def plan_second_pass(self, inputs: RunInputs) -> HiresPass:
         request = inputs.request
         hires = request.hires
         assert hires is not None
@@ -86,19 +99,48 @@ class HiresRun(Txt2ImgRun):
         )
         hr_inputs = check_request(hr_request)
         hr_inputs = replace(hr_inputs, sampler=sampler, seed=inputs.seed, subseed=inputs.subseed)
+        return HiresPass(hr_inputs, sampler, steps, (to_x, to_y, cut_x, cut_y))
+
+    def encode_second_pass(self, inputs: RunInputs, adapters: Adapters | None) -> None:
+        """The hires stack applied and the hires prompts encoded on the current model. On
+        the first pass's model (`adapters`: what it has applied) its stack is put back
+        afterwards; a hires checkpoint (None) keeps the hires stack."""
+        second = self.second
+        own_model = adapters is None
         hr_adapters = adapters
-        if hr_inputs.stack != inputs.stack:
-            hr_adapters = self.apply_adapters(hr_inputs)
-        conditioning = super().encode_prompts(hr_inputs, hr_adapters, hires_steps=steps)
-        if hr_inputs.stack != inputs.stack:
-            self.apply_adapters(inputs)
-        return HiresPass(
-            hr_inputs, hr_adapters, conditioning, sampler, steps, (to_x, to_y, cut_x, cut_y)
+        if hr_adapters is None or second.inputs.stack != inputs.stack:
+            hr_adapters = self.apply_adapters(second.inputs)
+        second.conditioning = super().encode_prompts(
+            second.inputs, hr_adapters, hires_steps=second.steps
         )
+        second.adapters = hr_adapters
+        if not own_model and second.inputs.stack != inputs.stack:
+            self.apply_adapters(inputs)
 
     def before_batch(self, inputs: RunInputs, adapters: Adapters) -> None:
+        if self.first is not None:
+            if self.model is not self.first:  # back from the hires checkpoint
+                assert self.switch_model is not None
+                self.model = self.switch_model(self.first)
+            return
         if self.second.inputs.stack != inputs.stack:
             self.apply_adapters(inputs)  # the last batch's second pass changed the stack
+
+    def use_hires_checkpoint(self, inputs: RunInputs) -> None:
+        """Switch to the `hr_checkpoint_name` model (A1111 reloads weights between the
+        passes) and make the second pass's stack and conditioning on it."""
+        hires = inputs.request.hires
+        assert hires is not None and hires.checkpoint is not None
+        if self.switch_model is None:
+            raise InvalidRequestError(
+                "hr_checkpoint_name: this runner cannot switch checkpoints",
+                field="hr_checkpoint_name",
+            )
+        if self.first is None:
+            self.first = self.model
+        self.model = self.switch_model(self.hires_model or hires.checkpoint)
+        self.hires_model = self.model
+        self.encode_second_pass(inputs, None)
 
     def after_denoise(
         self, inputs: RunInputs, latents: torch.Tensor, seeds: SeedPlan, iteration: int
@@ -115,13 +157,19 @@ class HiresRun(Txt2ImgRun):
             upscaled = torch.nn.functional.interpolate(
                 latents, size=(to_y // 8, to_x // 8), mode=mode, antialias=antialias
             )
-        else:
-            upscaled = self.upscale_pixels(inputs, latents, to_x, to_y, hires.upscaler)
+            if hires.checkpoint is not None:
+                self.use_hires_checkpoint(inputs)
+        else:  # decoded by the first pass's VAE, encoded by the second pass's
+            images = self.upscale_images(inputs, latents, to_x, to_y, hires.upscaler)
+            if hires.checkpoint is not None:
+                self.use_hires_checkpoint(inputs)
+            upscaled = self.encode_images(images)
+        assert second.conditioning is not None and second.adapters is not None
         height, width = upscaled.shape[-2:]
         upscaled = upscaled[
             :, :, cut_y // 2 : height - (cut_y + 1) // 2, cut_x // 2 : width - (cut_x + 1) // 2
         ]
-        if second.inputs.stack != inputs.stack:
+        if hires.checkpoint is None and second.inputs.stack != inputs.stack:
             self.apply_adapters(second.inputs)
         scheduler = make_scheduler(second.sampler, self.model.scheduler_config)
         total, t_enc = img2img_steps(second.steps, inputs.request.denoising_strength, True)
@@ -138,15 +186,17 @@ class HiresRun(Txt2ImgRun):
         )
         return second.inputs, result
 
-    def upscale_pixels(
+    def upscale_images(
         self, inputs: RunInputs, latents: torch.Tensor, width: int, height: int, upscaler: str
-    ) -> torch.Tensor:
-        """Decode, resize each image with the upscaler, encode again (A1111's non-latent
-        hires path; 8-bit images in between, as A1111)."""
+    ) -> list[Image.Image]:
+        """Decode and resize each image with the upscaler (A1111's non-latent hires path;
+        8-bit images in between, as A1111)."""
         images = self.post_process(self.decode(inputs, latents))
         upscaling = self.upscaling()
-        resized = [upscaling.resize(image, width, height, upscaler) for image in images]
-        arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in resized])
+        return [upscaling.resize(image, width, height, upscaler) for image in images]
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
         pixels = torch.from_numpy(arrays).permute(0, 3, 1, 2)
         return encode_pixels(self.model.pipe.vae, pixels, self.dtype).to(self.plan.device)
 
@@ -160,8 +210,11 @@ class HiresRun(Txt2ImgRun):
     ) -> GenerationResult:
         second = self.second
         applied = list(adapters.applied)
-        applied += [item for item in second.adapters.applied if item not in applied]
+        if second.adapters is not None:
+            applied += [item for item in second.adapters.applied if item not in applied]
         merged = Adapters(applied, adapters.text_state, adapters.notes)
+        if self.first is not None:
+            self.model = self.first  # `Model:` is the first pass's checkpoint (A1111)
         return super().result(inputs, merged, images, seeds, subseeds)
 
     def extra_infotext(self, inputs: RunInputs) -> dict[str, object]:
@@ -177,6 +230,12 @@ class HiresRun(Txt2ImgRun):
         if hires.second_pass_steps:
             params["Hires steps"] = hires.second_pass_steps
         params["Hires upscaler"] = hires.upscaler
+        if hires.checkpoint is not None:
+            entry = self.folders.resolve("checkpoint", hires.checkpoint)
+            short = entry.short_hash
+            params["Hires checkpoint"] = (
+                f"{entry.infotext_name} [{short}]" if short else entry.infotext_name
+            )
         if hires.sampler_name and hires.sampler_name != request.sampler_name:
             params["Hires sampler"] = self.second.sampler.sampler
         if hires.scheduler is not None and hires.scheduler != request.scheduler:
