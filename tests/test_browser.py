@@ -1,6 +1,7 @@
 """The page in headless Chromium (Debian's `chromium`, driven by Playwright): stack two
 LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip;
-inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint.
+inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint;
+upscale in Extras with a tiny model upscaler and send the result back to Extras.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -8,6 +9,7 @@ tests/artifacts/.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
 from tests.test_ui import make_lora_folder
+from tests.upscaler_files import write_esrgan
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -43,6 +46,7 @@ def app(
 ) -> Iterator[tuple[str, Path]]:
     data = tmp_path_factory.mktemp("browser")
     make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    write_esrgan(data / "models" / "ESRGAN" / "2x_tiny.safetensors", scale=2)
     with app_server(data) as url:
         yield url, data
 
@@ -300,3 +304,44 @@ def test_send_to_img2img_and_inpaint(page: object) -> None:
     sync_api.expect(inpaint).to_have_attribute("aria-selected", "true", timeout=TIMEOUT_MS)
     page.locator("#img2img_generate").click()  # the image came, the mask is not painted
     page.get_by_text("Inpaint: paint over the part of the image to repaint").first.wait_for()
+
+
+def test_extras_upscales_with_a_model_and_saves(
+    page: object, app: tuple[str, Path], tmp_path: Path
+) -> None:
+    source = tmp_path / "small.png"
+    gradient(48, 40).save(source)
+    page.get_by_role("tab", name="Extras", exact=True).click()
+    page.locator("#extras_image input[type=file]").set_input_files(str(source))
+    page.locator("#extras_image img").wait_for()
+    page.locator("#extras_upscaler_1 input").click()
+    page.get_by_role("option", name="2x_tiny").click()
+    set_number(page, "extras_upscaling_resize", 2)
+    page.locator("#extras_generate").click()
+    page.locator("#extras_gallery img").first.wait_for()
+    text = page.locator("#extras_infotext textarea")
+    sync_api.expect(text).to_have_value(
+        "Postprocess upscale by: 2, Postprocess upscaler: 2x_tiny", timeout=TIMEOUT_MS
+    )
+    saved = newest_output(app[1], "extras-images")
+    assert re.fullmatch(r"\d{5}\.png", saved.name) and saved.parent.parent.name == "extras-images"
+    with Image.open(saved) as result:
+        assert result.size == (96, 80)
+        assert result.info["postprocessing"] == text.input_value()
+    shot(page, "extras.png")
+
+    page.get_by_role("tab", name="PNG Info").click()  # send the result back: doubled again
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    page.locator("#pnginfo_image img").wait_for()
+    page.locator("#pnginfo_send_to_extras").click()
+    extras = page.get_by_role("tab", name="Extras", exact=True)
+    sync_api.expect(extras).to_have_attribute("aria-selected", "true", timeout=TIMEOUT_MS)
+    page.locator("#extras_generate").click()
+    folder = app[1] / "outputs" / "extras-images"
+    for _ in range(TIMEOUT_MS // 100):  # the second result lands beside the first
+        files = list(folder.rglob("*.png"))
+        if len(files) == 2 and all(path.stat().st_size for path in files):
+            break
+        page.wait_for_timeout(100)
+    with Image.open(newest_output(app[1], "extras-images")) as again:
+        assert again.size == (192, 160)

@@ -21,11 +21,13 @@ from pipelines.settings import Settings, admin_credentials
 
 @dataclass
 class PngInfo:
-    """The dropped image and the buttons that send it to the img2img tab (wired there)."""
+    """The dropped image and the buttons that send it to the img2img and Extras tabs
+    (wired there)."""
 
     image: gr.Image
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    send_extras: gr.Button
 
 
 def build_pnginfo(
@@ -58,6 +60,7 @@ def build_pnginfo(
             with gr.Row():
                 send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img")
                 send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_to_inpaint")
+                send_extras = gr.Button("Send to extras", elem_id="pnginfo_send_to_extras")
 
     def inspect(path: str | None) -> tuple[str, Any, Any, str]:
         if not path:
@@ -108,7 +111,7 @@ def build_pnginfo(
         ],
         **QUICK,
     )
-    return PngInfo(image, send_img2img, send_inpaint)
+    return PngInfo(image, send_img2img, send_inpaint, send_extras)
 
 
 def admin_refusal(settings: Settings, user: str, password: str) -> str | None:

@@ -1,10 +1,11 @@
 """The Gradio page: a thin client of the generation service that builds GenerationRequests.
 
 Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), img2img (the same
-fields with image sub-tabs: img2img, Inpaint, Inpaint upload, Outpaint), PNG Info, Add
-files, Settings. Per-user choices (checkpoint, stack, fields, the running job's id) are
-component values or `gr.State`, so each browser session has its own; jobs, their order and
-the per-user limits belong to the service (shared with the API and the CLI).
+fields with image sub-tabs: img2img, Inpaint, Inpaint upload, Outpaint), Extras
+(upscaling), PNG Info, Add files, Settings. Per-user choices (checkpoint, stack, fields,
+the running job's id) are component values or `gr.State`, so each browser session has its
+own; jobs, their order and the per-user limits belong to the service (shared with the API
+and the CLI).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import gradio as gr
 
 from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
+from frontends.page.extras_tab import build_extras_tab
 from frontends.page.files_tab import build_files_tab
 from frontends.page.img2img_tab import (
     SendTargets,
@@ -128,6 +130,7 @@ class Results:
     reuse: gr.Button
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    send_extras: gr.Button
 
 
 def build_ui(
@@ -334,6 +337,8 @@ def build_ui(
                     stack_summary = gr.Markdown(stack_text([]), elem_id="img2img_stack_summary")
                 with gr.Column(scale=2):
                     i2i_results = build_results("img2img", "img2img_")
+            with gr.Tab("Extras", id="extras"):
+                extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(service, controls, checkpoint, panel, tabs, results.notes)
             with gr.Tab("Add files", id="files"):
@@ -402,6 +407,9 @@ def build_ui(
             send.wire(source.send_inpaint, "inpaint", sources, selected_path)
         send.wire(pnginfo.send_img2img, "img2img", [pnginfo.image], lambda path: path)
         send.wire(pnginfo.send_inpaint, "inpaint", [pnginfo.image], lambda path: path)
+        for source in (results, i2i_results):
+            extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
+        extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
 
         def rescan_models() -> gr.Dropdown:
             service.rescan()
@@ -551,6 +559,7 @@ def build_results(tab: str, prefix: str) -> Results:
     with gr.Row():
         send_img2img = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_to_img2img")
         send_inpaint = gr.Button("Send to inpaint", size="sm", elem_id=f"{tab}_send_to_inpaint")
+        send_extras = gr.Button("Send to extras", size="sm", elem_id=f"{tab}_send_to_extras")
     info = gr.Textbox(label="Parameters", lines=5, elem_id=f"{prefix}infotext", interactive=False)
     seeds = gr.JSON(visible=False, label="seeds")
     notes = gr.Markdown(elem_id=f"{prefix}notes")
@@ -559,7 +568,18 @@ def build_results(tab: str, prefix: str) -> Results:
         reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}reuse_seed")
     selected = gr.State(0)
     return Results(
-        run, stop, gallery, selected, info, seeds, notes, dice, reuse, send_img2img, send_inpaint
+        run,
+        stop,
+        gallery,
+        selected,
+        info,
+        seeds,
+        notes,
+        dice,
+        reuse,
+        send_img2img,
+        send_inpaint,
+        send_extras,
     )
 
 
