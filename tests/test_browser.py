@@ -1,7 +1,8 @@
 """The page in headless Chromium (Debian's `chromium`, driven by Playwright): stack two
 LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip;
 inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint;
-upscale in Extras with a tiny model upscaler and send the result back to Extras.
+upscale in Extras with a tiny model upscaler and send the result back to Extras; Hires fix
+with a model upscaler, then recalled through PNG Info.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -345,3 +346,55 @@ def test_extras_upscales_with_a_model_and_saves(
         page.wait_for_timeout(100)
     with Image.open(newest_output(app[1], "extras-images")) as again:
         assert again.size == (192, 160)
+
+
+def test_hires_fix_from_the_page_and_back_through_png_info(
+    page: object, app: tuple[str, Path]
+) -> None:
+    page.locator("#prompt textarea").fill("a harbour")
+    section = page.locator("#txt2img_hires_fix").first  # Gradio nests two divs with the id
+    assert not section.is_visible()
+    page.locator("#txt2img_hr input[type=checkbox]").check()
+    section.wait_for(state="visible")
+    final = page.locator("#txt2img_hr_final_resolution")
+    for _ in range(3):  # the page's load events may still be writing the defaults
+        for elem_id, value in (("steps", 2), ("width", 64), ("height", 80), ("seed", 21)):
+            set_number(page, elem_id, value)
+        try:
+            sync_api.expect(final).to_have_text("from 64x80 to 128x160", timeout=5000)
+            break
+        except AssertionError:
+            continue
+    sync_api.expect(final).to_have_text("from 64x80 to 128x160", timeout=TIMEOUT_MS)
+    page.locator("#txt2img_hr_upscaler input").click()
+    page.get_by_role("option", name="2x_tiny").click()
+    set_number(page, "txt2img_hires_steps", 1)
+    set_number(page, "txt2img_denoising_strength", 0.5)
+    set_number(page, "txt2img_hr_scale", 1.5)
+    sync_api.expect(final).to_have_text("from 64x80 to 96x120", timeout=TIMEOUT_MS)
+    shot(page, "txt2img-hires-fix.png")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('Hires upscale')"
+    )
+    params = parse_infotext(infotext(page)).params
+    assert (params["Hires upscale"], params["Hires upscaler"]) == ("1.5", "2x_tiny")
+    assert (params["Hires steps"], params["Denoising strength"]) == ("1", "0.5")
+    saved = newest_output(app[1], "txt2img-images")
+    with Image.open(saved) as image:
+        assert image.size == (96, 120) and image.info["parameters"] == infotext(page)
+
+    page.reload()  # a new page: Hires fix off; PNG Info turns it back on with the values
+    page.locator("#generate").wait_for()
+    assert not page.locator("#txt2img_hr input[type=checkbox]").is_checked()
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_text textarea').value.includes('Hires upscale')"
+    )
+    page.locator("#send_to_txt2img").click()
+    section.wait_for(state="visible")
+    assert page.locator("#txt2img_hr input[type=checkbox]").is_checked()
+    assert page.locator("#txt2img_hr_upscaler input").input_value() == "2x_tiny"
+    assert page.locator("#txt2img_hr_scale input[type=number]").first.input_value() == "1.5"

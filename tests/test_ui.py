@@ -189,6 +189,7 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
         "seed_resize_from_w": 0,
         "seed_resize_from_h": 0,
         "tiling": False,
+        "enable_hr": False,  # no Hires keys: the pasted image was made without it
         "randn_source": "NV",  # an A1111 infotext without RNG, recalled on a CPU
     }
     assert found.rows == [
@@ -429,6 +430,40 @@ def test_engine_errors_are_readable_and_the_page_keeps_serving(served: tuple[str
     with pytest.raises(AppError, match="loras"):
         call(url, loras=[{"weight": 1}])
     assert call(url)[2] == [9]
+
+
+def test_endpoint_hires_fix_and_its_recalled_values_replay(
+    served: tuple[str, Path], engine: Service
+) -> None:
+    hires = {
+        "enable_hr": True,
+        "hr_upscaler": "Latent (bicubic)",
+        "hr_second_pass_steps": 1,
+        "denoising_strength": 0.6,
+        "hr_scale": 1.5,
+        "hr_sampler_name": "DPM++ 2M",
+        "hr_scheduler": "Karras",
+        "hr_prompt": "a tall tower",
+    }
+    images, infotext, _ = call(served[0], **hires)
+    with Image.open(images[0]["image"]) as image:
+        assert image.size == (96, 96)
+        first = np.asarray(image.convert("RGB"))
+    params = parse_infotext(infotext).params
+    assert params["Hires upscale"] == "1.5" and params["Hires upscaler"] == "Latent (bicubic)"
+    assert (params["Hires steps"], params["Denoising strength"]) == ("1", "0.6")
+    assert (params["Hires sampler"], params["Hires schedule type"]) == ("DPM++ 2M", "Karras")
+    assert params["Hires prompt"] == "a tall tower"
+
+    found = recall(infotext, engine)  # "Send to txt2img" fills the section back
+    assert {name: found.values[name] for name in hires} == hires
+    assert found.values["hr_checkpoint_name"] == "Use same checkpoint"
+    again, _, _ = call(served[0], **{**found.values, "checkpoint": DEMO_MODEL_NAME, "loras": []})
+    with Image.open(again[0]["image"]) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), first)
+    images, _, _ = call(served[0], **{**hires, "enable_hr": False})  # off: the first pass only
+    with Image.open(images[0]["image"]) as image:
+        assert image.size == (64, 64)
 
 
 def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:

@@ -1,9 +1,9 @@
 """PNG Info: read an image's generation parameters and turn them back into page values.
 
-"Send to txt2img" fills every field named in `RECALLED` plus the checkpoint and the LoRA
-stack. LoRAs and checkpoints are looked up by name, then by the hash the infotext carries
-(`Lora hashes`, `Model hash`), so a renamed file is still found; whatever is missing is
-reported, never silently dropped.
+"Send to txt2img" fills every field named in `RECALLED`, the Hires fix section, the
+checkpoint and the LoRA stack. LoRAs and checkpoints are looked up by name, then by the
+hash the infotext carries (`Lora hashes`, `Model hash`), so a renamed file is still found;
+whatever is missing is reported, never silently dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from frontends.page.defaults import scheduler_label
+from frontends.page.hires_panel import recall_hires
 from frontends.page.stack import strip_lora_tags
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -97,7 +98,17 @@ def recall(text: str, service: GenerationService) -> Recall:
         if name is not None:
             result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
     result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
+    hires, warnings = recall_hires(parsed.params, lambda name: _listed_title(name, service))
+    result.values.update(hires)
+    result.warnings.extend(warnings)
     return result
+
+
+def _listed_title(name: str, service: GenerationService) -> str | None:
+    try:
+        return service.resolve_checkpoint(name).title
+    except LorastackError:
+        return None
 
 
 def _recall_numbers(parsed: ParsedInfotext, result: Recall, on_cuda: bool) -> None:

@@ -1,6 +1,6 @@
 """The Gradio page: a thin client of the generation service that builds GenerationRequests.
 
-Layout: txt2img (prompt, parameters, LoRA stack, results, LoRA list), img2img (the same
+Layout: txt2img (prompt, parameters, Hires fix, LoRA stack, results, LoRA list), img2img (the same
 fields with image sub-tabs: img2img, Inpaint, Inpaint upload, Outpaint), Extras
 (upscaling), PNG Info, Add files, Settings. Per-user choices (checkpoint, stack, fields,
 the running job's id) are component values or `gr.State`, so each browser session has its
@@ -22,6 +22,13 @@ from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.extras_tab import build_extras_tab
 from frontends.page.files_tab import build_files_tab
+from frontends.page.hires_panel import (
+    HIRES_FIELDS,
+    SAME_CHECKPOINT,
+    build_hires,
+    hires_from_values,
+    wire_final_resolution,
+)
 from frontends.page.img2img_tab import (
     SendTargets,
     build_images,
@@ -212,14 +219,35 @@ def build_ui(
         seed_resize_from_h: float,
         tiling: bool,
         randn_source: str,
+        enable_hr: bool,
+        hr_upscaler: str,
+        hr_second_pass_steps: float,
+        denoising_strength: float,
+        hr_scale: float,
+        hr_resize_x: float,
+        hr_resize_y: float,
+        hr_checkpoint_name: str,
+        hr_sampler_name: str,
+        hr_scheduler: str,
+        hr_prompt: str,
+        hr_negative_prompt: str,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
-        gallery, the first image's infotext, the seeds and the job id (for Interrupt)."""
+        gallery, the first image's infotext, the seeds and the job id (for Interrupt).
+        With Hires. fix on, the request carries its HiresFix and denoising strength."""
         named = (*API_FIELDS, *EXTRA_FIELDS)
         given = {name: value for name, value in locals().items() if name in named}
-        yield from generate(given, checkpoint, loras, {}, request, progress)
+        hires_values = {name: value for name, value in locals().items() if name in HIRES_FIELDS}
+        try:
+            hires = hires_from_values({**hires_values, "sampler_name": sampler_name})
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
+        if hires is not None:
+            given["denoising_strength"] = denoising_strength
+        extra = {} if hires is None else {"hires": hires}
+        yield from generate(given, checkpoint, loras, extra, request, progress)
 
     def img2img(
         data: dict[Any, Any],
@@ -321,6 +349,10 @@ def build_ui(
                     with gr.Column(scale=3):
                         controls = build_prompts(defaults)
                         controls.update(build_parameters(slider, defaults))
+                        hires, hires_final = build_hires(
+                            service.upscaler_names, checkpoint_choices, bounds, page
+                        )
+                        controls.update(hires)
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
                     with gr.Column(scale=2):
@@ -360,9 +392,12 @@ def build_ui(
             checkpoint,
             panel.stack,
             *(controls[name] for name in EXTRA_FIELDS),
+            *(controls[name] for name in HIRES_FIELDS),
         ]
         parameters = list(inspect.signature(txt2img).parameters)
-        assert parameters[: len(inputs)] == [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS]
+        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS]
+        assert parameters[: len(inputs)] == named
+        wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
         i2i_inputs = {
             *i2i_controls.values(),
@@ -411,11 +446,14 @@ def build_ui(
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
 
-        def rescan_models() -> gr.Dropdown:
+        def rescan_models() -> tuple[gr.Dropdown, gr.Dropdown]:
             service.rescan()
-            return gr.Dropdown(choices=checkpoint_choices())
+            choices = checkpoint_choices()
+            return gr.Dropdown(choices=choices), gr.Dropdown(choices=[SAME_CHECKPOINT, *choices])
 
-        refresh_models.click(rescan_models, None, checkpoint, **QUICK)
+        refresh_models.click(
+            rescan_models, None, [checkpoint, hires["hr_checkpoint_name"]], **QUICK
+        )
     return page
 
 
