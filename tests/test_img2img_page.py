@@ -27,7 +27,7 @@ from frontends.page.recall import recall
 from frontends.page.ui import selected_path
 from pipelines.errors import InvalidRequestError
 from pipelines.outpainting import outpaint_size
-from pipelines.schema import Bounds, Outpaint, request_from_dict
+from pipelines.schema import Bounds, ImageInputs, Outpaint, SdUpscale, request_from_dict
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.test_image_bombs import bomb
@@ -40,7 +40,7 @@ def page_values() -> dict[str, Any]:
 
     async def build() -> dict[str, Any]:
         with gr.Blocks():
-            panel = build_images()
+            panel = build_images(["None", "Lanczos", "Nearest"])
             build_options(panel)
         return {name: c.preprocess(c.value) for name, c in panel.values.items()}
 
@@ -92,6 +92,11 @@ def test_page_defaults_are_a1111s(page_values: dict[str, Any], files: dict[str, 
     assert inputs.mask.getchannel("A").getbbox() == (24, 16, 40, 32)
     inputs, _ = image_request(with_mode(page_values, "img2img", files))
     assert inputs.mask is None and inputs.outpaint is None and inputs.resize_mode == 0
+    assert page_values["script"] == "None" and inputs.sd_upscale is None
+    # SD upscale's page defaults, as A1111's script: overlap 64, scale 2, the first upscaler
+    script = {**page_values, "script": "SD upscale"}
+    inputs, _ = image_request(with_mode(script, "img2img", files))
+    assert inputs.sd_upscale == SdUpscale(scale=2.0, upscaler="None", overlap=64)
 
 
 def test_inpaint_options_and_outpaint_canvas(
@@ -205,6 +210,29 @@ def test_each_sub_tab_runs_on_the_engine(
     if mode in ("inpaint", "inpaint_upload"):  # far from the mask: the original's pixels
         original = np.asarray(Image.open(files["image"]).convert("RGB"))
         assert np.array_equal(np.asarray(image)[:4], original[:4])
+
+
+def test_sd_upscale_from_the_page_tiles_the_upscaled_image(
+    service: Service, page_values: dict[str, Any], files: dict[str, str]
+) -> None:
+    chosen = {
+        "script": "SD upscale",
+        "sd_upscale_scale": 1.5,
+        "sd_upscale_upscaler": "Lanczos",
+        "sd_upscale_overlap": 16,
+    }
+    inputs, size = image_request(with_mode({**page_values, **chosen}, "img2img", files))
+    assert size is None
+    tiles = {"prompt": "x", "steps": 2, "seed": 3, "width": 64, "height": 64}
+    result = service.generate(request_from_dict({**tiles, "img2img": inputs}))
+    assert result.images[0].size == (144, 96)  # 96x64 x 1.5, tiled at 64x64
+    # the page's request is the API's: the same script values give the same pixels
+    api = SdUpscale(scale=1.5, upscaler="Lanczos", overlap=16)
+    image = load_image(files["image"], "init_images", "")
+    same = service.generate(
+        request_from_dict({**tiles, "img2img": ImageInputs((image,), sd_upscale=api)})
+    )
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(same.images[0]))
 
 
 def test_sending_an_img2img_image_recalls_its_denoising_strength(service: Service) -> None:

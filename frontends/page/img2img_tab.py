@@ -1,7 +1,8 @@
-"""The img2img tab's image inputs, as in A1111: the img2img, Inpaint (paint the mask on the
-image), Inpaint upload (image + mask) and Outpaint sub-tabs, the options that go with them,
-and "Send to img2img / inpaint". Only page values become `ImageInputs` here; what they
-mean (resize, mask blur, fill, the outpainting canvas) is the engine's.
+"""The img2img tab's image inputs, as in A1111: the img2img (with the "SD upscale" script),
+Inpaint (paint the mask on the image), Inpaint upload (image + mask) and Outpaint sub-tabs,
+the options that go with them, and "Send to img2img / inpaint". Only page values become
+`ImageInputs` here; what they mean (resize, mask blur, fill, the outpainting canvas, the
+tiles) is the engine's.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from pipelines.imageops import MASKED_CONTENT, RESIZE_MODES
 from pipelines.images import open_image
 from pipelines.interface import GenerationService
 from pipelines.outpainting import outpaint_size
-from pipelines.schema import OUTPAINT_DIRECTIONS, OUTPAINT_METHODS, Bounds, ImageInputs, Outpaint
+from pipelines.schema import (
+    OUTPAINT_DIRECTIONS,
+    OUTPAINT_METHODS,
+    Bounds,
+    ImageInputs,
+    Outpaint,
+    SdUpscale,
+)
 
+SCRIPTS = ("None", "SD upscale")
+"""The img2img sub-tab's Script choices (A1111's names)."""
 MODES = ("img2img", "inpaint", "inpaint_upload", "outpaint")
 """The sub-tabs; each one's tab id is `<mode>_tab`."""
 INPAINT_MODES = ("inpaint", "inpaint_upload")
@@ -43,8 +53,9 @@ class ImagePanel:
     values: dict[str, Any]  # name -> component, including the four above
 
 
-def build_images() -> ImagePanel:
-    """The four sub-tabs, each with its own image, as A1111 keeps one per tab."""
+def build_images(upscaler_names: list[str]) -> ImagePanel:
+    """The four sub-tabs, each with its own image, as A1111 keeps one per tab; the img2img
+    sub-tab has A1111's "SD upscale" script (`upscaler_names`: its upscaler choices)."""
     # Set in the browser as a sub-tab is clicked, so it is in order with the clicks that
     # follow (a server event per click could arrive after Generate).
     mode = gr.Textbox(MODES[0], visible=False, elem_id="img2img_mode")
@@ -58,6 +69,7 @@ def build_images() -> ImagePanel:
     with gr.Tabs(elem_id="img2img_modes") as subtabs:
         with gr.Tab("img2img", id="img2img_tab", elem_id="img2img_tab") as img2img_tab:
             values["image"] = gr.Image(label="Image", elem_id="img2img_image", **upload)
+            values.update(_sd_upscale_controls(upscaler_names))
         with gr.Tab("Inpaint", id="inpaint_tab", elem_id="inpaint_tab") as inpaint_tab:
             values["editor"] = gr.ImageEditor(
                 type="filepath",
@@ -89,6 +101,48 @@ def build_images() -> ImagePanel:
     for name, tab in zip(MODES, (img2img_tab, inpaint_tab, upload_tab, outpaint_tab), strict=True):
         tab.select(None, None, mode, js=f"() => '{name}'", **QUICK)
     return ImagePanel(mode, subtabs, values["image"], values["editor"], values)
+
+
+def _sd_upscale_controls(upscaler_names: list[str]) -> dict[str, Any]:
+    """A1111's img2img Script dropdown with its "SD upscale" script (`scripts/sd_upscale.py`:
+    the same labels and defaults); the width and height sliders are the tile size."""
+    values: dict[str, Any] = {}
+    values["script"] = gr.Dropdown(
+        list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="img2img_script"
+    )
+    defaults = SdUpscale()
+    with gr.Group(visible=False, elem_id="sd_upscale_options") as options:
+        gr.Markdown(
+            "Will upscale the image by the selected scale factor; use width and height "
+            "sliders to set tile size"
+        )
+        with gr.Row():
+            values["sd_upscale_overlap"] = gr.Slider(
+                0,
+                256,
+                value=defaults.overlap,
+                step=16,
+                label="Tile overlap",
+                elem_id="sd_upscale_overlap",
+            )
+            values["sd_upscale_scale"] = gr.Slider(
+                1.0,
+                4.0,
+                value=defaults.scale,
+                step=0.05,
+                label="Scale Factor",
+                elem_id="sd_upscale_scale",
+            )
+        values["sd_upscale_upscaler"] = gr.Radio(
+            upscaler_names,
+            value=upscaler_names[0],  # A1111's: the first, "None"
+            label="Upscaler",
+            elem_id="sd_upscale_upscaler",
+        )
+    values["script"].change(
+        lambda chosen: gr.Group(visible=chosen == SCRIPTS[1]), values["script"], options, **QUICK
+    )
+    return values
 
 
 def _outpaint_controls(upload: dict[str, Any]) -> dict[str, Any]:
@@ -296,7 +350,14 @@ def image_request(values: dict[str, Any]) -> tuple[ImageInputs, tuple[int, int] 
         inputs = ImageInputs((image,), inpainting_fill=values["outpaint_fill"], outpaint=spec)
         return inputs, outpaint_size(*image.size, spec)
     image = load_image(values["image"], "init_images", "img2img: upload an image first")
-    return ImageInputs((image,), resize_mode=resize_mode), None
+    sd_upscale = None
+    if values["script"] == SCRIPTS[1]:
+        sd_upscale = SdUpscale(
+            scale=float(values["sd_upscale_scale"]),
+            upscaler=values["sd_upscale_upscaler"] or "None",
+            overlap=int(values["sd_upscale_overlap"]),
+        )
+    return ImageInputs((image,), resize_mode=resize_mode, sd_upscale=sd_upscale), None
 
 
 @dataclass

@@ -362,7 +362,7 @@ def build_ui(
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")
-                    panel_images = build_images()
+                    panel_images = build_images(service.upscaler_names())
                     build_options(panel_images)
                     i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
                     i2i_controls.update(build_parameters(slider, defaults, "img2img_"))
@@ -407,6 +407,12 @@ def build_ui(
         }
         wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
         img2img_tab.select(stack_text, panel.stack, stack_summary, **QUICK)
+        page.load(
+            lambda: gr.Radio(choices=service.upscaler_names()),
+            None,
+            panel_images.values["sd_upscale_upscaler"],
+            **QUICK,
+        )
 
         def auto_size(upload: str | dict | None) -> tuple[Any, Any]:
             """Width and height from a new upload: its size, rounded down to 8. A file
