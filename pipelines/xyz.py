@@ -627,7 +627,21 @@ class GridOutput:
     seeds: list[int] = field(default_factory=list)
     grids: int = 0  # the first `grids` images are grids (saved to the grids folder)
     interrupted: bool = False
-    notes: list[str] = field(default_factory=list)
+    first: GenerationResult | None = None  # the first cell's result (model, request used)
+
+    def as_result(self, request: GenerationRequest) -> GenerationResult:
+        """The output as one GenerationResult (what the API and the page show)."""
+        first = self.first
+        return GenerationResult(
+            images=list(self.images),
+            seeds=list(self.seeds),
+            infotexts=list(self.infotexts),
+            request=first.request if first is not None else request,
+            model_name=first.model_name if first is not None else "",
+            model_hash=first.model_hash if first is not None else None,
+            interrupted=self.interrupted,
+            notes=[note for note in (first.notes if first is not None else [])],
+        )
 
 
 def _with_params(infotext: str, params: dict[str, str]) -> str:
@@ -663,9 +677,11 @@ def assemble_grid(plan: GridPlan, results: Sequence[GenerationResult]) -> GridOu
         infotexts[index] = result.infotexts[0]
         seeds[index] = result.seeds[0]
     made = [image for image in images if image is not None]
+    output_first = results[0] if results else None
     output = GridOutput(
         interrupted=len(results) < len(plan.cells) or any(r.interrupted for r in results)
     )
+    output.first = output_first
     if not made:
         return output
     size = made[0].size
