@@ -186,3 +186,32 @@ def test_grid_geometry_legend_and_infotext(service: Service) -> None:
     assert np.array_equal(top_right, grid[:64, 64:])
     header = pixels[:pad_top, pad_left:]
     assert (header == 255).mean() > 0.8 and header.min() < 100
+
+
+def test_page_values_make_the_same_grid_as_the_api_arguments() -> None:
+    import asyncio
+
+    import gradio as gr
+
+    from frontends.page.xyz_panel import build_xyz_controls, xyz_plot_from_values
+
+    async def build() -> dict[str, object]:
+        with gr.Blocks():
+            controls = build_xyz_controls("txt2img_")
+        return {name: c.preprocess(c.value) for name, c in controls.items()}
+
+    defaults = asyncio.run(build())
+    assert (defaults["x_type"], defaults["y_type"], defaults["draw_legend"]) == (
+        "Seed",
+        "Nothing",
+        True,
+    )
+    page = {**defaults, "x_type": "LoRA weight", "x_values": "ink: 0.2, 1"}
+    page |= {"y_type": "Seed", "y_values": "1,2", "vary_seeds_x": True, "margin_size": 4.0}
+    base = replace(BASE, subseed=9)  # no random choice in either plan
+    from_page = plan_grid(base, xyz_plot_from_values(page), Bounds())
+    args = [42, "ink: 0.2, 1", [], 1, "1,2", [], 0, "", [], True, False, False, False]
+    api = xyz_from_script_args([*args, True, False, False, 4, False])
+    from_api = plan_grid(base, api, Bounds())
+    assert [c.request for c in from_page.cells] == [c.request for c in from_api.cells]
+    assert from_page.plot.margin_size == from_api.plot.margin_size == 4
