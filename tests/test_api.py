@@ -1045,3 +1045,23 @@ def test_xyz_plot_raw_json_saves_grids_and_refuses_lacking_axes(server: Server) 
             server, "POST", "/txt2img", {**body, "script_args": xyz_args(x_type=index)}
         )
         assert status == 422 and name in payload["detail"], payload
+
+
+def test_img2img_xyz_plot_uses_the_img2img_axis_list(server: Server) -> None:
+    init, _ = _init_and_mask()
+    body = {
+        "init_images": [_png_b64(init)],
+        "prompt": "a door",
+        "seed": 2,
+        **SMALL,
+        "script_name": "X/Y/Z plot",
+        # img2img's list: 24 is Denoising (txt2img's 24 is Clip skip), 25 noise multiplier
+        "script_args": xyz_args(x_type=24, x_values="0.3, 0.6", y_type=25, y_values="1, 0.9"),
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 200, payload
+    assert pixels_of_b64(payload["images"][0]).shape == (128, 128, 3)
+    info = json.loads(payload["info"])
+    assert "X Type: Denoising" in info["infotexts"][0]
+    assert "Y Type: Initial noise multiplier" in info["infotexts"][0]
