@@ -215,3 +215,37 @@ def test_page_values_make_the_same_grid_as_the_api_arguments() -> None:
     from_api = plan_grid(base, api, Bounds())
     assert [c.request for c in from_page.cells] == [c.request for c in from_api.cells]
     assert from_page.plot.margin_size == from_api.plot.margin_size == 4
+
+
+def test_an_interrupted_grid_keeps_its_cells_and_leaves_the_rest_black() -> None:
+    from PIL import Image
+
+    from pipelines.schema import GenerationResult
+    from pipelines.xyz import assemble_grid
+
+    plot = XyzPlot(x=AxisSpec("Steps", "1,2"), y=AxisSpec("Seed", "1,2"), draw_legend=False)
+    plan = plan_grid(BASE, plot, Bounds())
+    done = [
+        GenerationResult(
+            images=[Image.new("RGB", (64, 64), (200, 10 * i, 0))],
+            seeds=[cell.request.seed],
+            infotexts=[f"cell {i}\nSteps: 1, Version: lorastack 0.1.0"],
+            request=cell.request,
+            model_name="tiny",
+            model_hash=None,
+            interrupted=i == 2,
+        )
+        for i, cell in enumerate(plan.cells[:3])
+    ]
+    output = assemble_grid(plan, done)
+    assert output.interrupted and output.grids == 1
+    grid = np.asarray(output.images[0])
+    corners = {(c.ix, c.iy): i for i, c in enumerate(plan.cells)}
+    for (ix, iy), i in corners.items():
+        pixel = tuple(grid[iy * 64 + 5, ix * 64 + 5])
+        assert pixel == ((200, 10 * i, 0) if i < 3 else (0, 0, 0))
+    text = output.infotexts[0]
+    assert text.endswith(
+        'Script: X/Y/Z plot, X Type: Steps, X Values: "1,2", Y Type: Seed, '
+        'Y Values: "1,2", Fixed Y Values: "1, 2", Version: lorastack 0.1.0'
+    )
