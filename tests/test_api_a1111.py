@@ -100,7 +100,7 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
         {"restore_faces": True},
         {"styles": ["a"]},
         {"styles": "not a list"},
-        {"script_name": "x/y/z plot"},
+        {"script_name": "prompt matrix"},
         {"alwayson_scripts": {"controlnet": {"args": []}}},
         {"s_noise": 0.9},
         {"eta": 0.5},
