@@ -123,19 +123,26 @@ class A1111Api:
         if call.ignored:
             log.info("%s: ignored A1111 fields: %s", kind, ", ".join(call.ignored))
         started = time.time()
-        result = self.service.generate(call.request, user=user)
+        if call.series is not None:  # a script: its requests as one job
+            label = call.series[0].prompt
+            results = self.service.series(call.series, label=label, user=user)
+        else:
+            results = [self.service.generate(call.request, user=user)]
         if call.request.checkpoint and not call.restore_checkpoint:
             # override_settings_restore_afterwards false: the override stays selected
             self.service.select_checkpoint(call.request.checkpoint, user=user)
         pngs = []
-        for image, seed, infotext in zip(
-            result.images, result.seeds, result.infotexts, strict=True
-        ):
-            png = write_png_with_infotext(image, infotext)
-            if call.save_images:
-                save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
-            pngs.append(png)
-        return a1111.txt2img_response(call, result, pngs, started)
+        for result in results:
+            for image, seed, infotext in zip(
+                result.images, result.seeds, result.infotexts, strict=True
+            ):
+                png = write_png_with_infotext(image, infotext)
+                if call.save_images:
+                    save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
+                pngs.append(png)
+        if call.series is not None:
+            return a1111.series_response(call, results, pngs, started)
+        return a1111.txt2img_response(call, results[0], pngs, started)
 
     # -- options
 
