@@ -38,6 +38,7 @@ from frontends.page.img2img_tab import (
     stack_text,
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from pipelines.errors import LorastackError
@@ -231,6 +232,11 @@ def build_ui(
         hr_scheduler: str,
         hr_prompt: str,
         hr_negative_prompt: str,
+        script_name: str,
+        prompts_iterate_seed: bool,
+        prompts_same_seed: bool,
+        prompts_position: str,
+        prompts_text: str,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
@@ -247,7 +253,9 @@ def build_ui(
         if hires is not None:
             given["denoising_strength"] = denoising_strength
         extra = {} if hires is None else {"hires": hires}
-        yield from generate(given, checkpoint, loras, extra, request, progress)
+        script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
+        script_values = (*script, prompts_text)
+        yield from generate(given, checkpoint, loras, extra, request, progress, script_values)
 
     def img2img(
         data: dict[Any, Any],
@@ -273,9 +281,11 @@ def build_ui(
         extra: dict[str, Any],
         request: gr.Request,
         progress: gr.Progress,
+        script_values: tuple[Any, ...] = (),
     ) -> Iterator[tuple[Any, ...]]:
         """Build the request from the fields and `extra` (its other fields), submit it and
-        stream it; every user error shows in the page."""
+        stream it; with a script (`script_values`), its requests as one job. Every user
+        error shows in the page."""
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -289,7 +299,14 @@ def build_ui(
                     **extra,
                 }
             )
-            for item in follow_job(service, generation, page_user(request), preview_every):
+            series = script_requests(generation, *script_values) if script_values else None
+            user = page_user(request)
+            items = (
+                follow_job(service, generation, user, preview_every)
+                if series is None
+                else follow_series(service, series, user, preview_every)
+            )
+            for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
                     yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), item
                 elif isinstance(item, ProgressSnapshot):
@@ -301,25 +318,32 @@ def build_ui(
                     yield [], "", [], [], ""
                     return
                 else:
-                    yield (*finish(item, f"{generation.kind}-images"), "")
+                    results = item if isinstance(item, list) else [item]
+                    yield (*finish(results, f"{generation.kind}-images"), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
-    def finish(result: GenerationResult, kind: str) -> tuple[list, str, list[int], list[str]]:
-        gallery = []
-        for image, seed_used, infotext in zip(
-            result.images, result.seeds, result.infotexts, strict=True
-        ):
-            png = write_png_with_infotext(image, infotext)
-            path = save_png(settings.outputs_dir, png, seed_used, kind=kind)
-            gallery.append((str(path), f"seed {seed_used}"))
-        notes = list(result.notes)
-        if result.interrupted:
-            notes.insert(0, f"interrupted: {len(result.images)} image(s) finished")
+    def finish(
+        results: list[GenerationResult], kind: str
+    ) -> tuple[list, str, list[int], list[str]]:
+        """Save every image of every result; the gallery, first infotext, seeds, notes."""
+        gallery, seeds, infotexts, notes = [], [], [], []
+        for result in results:
+            for image, seed_used, infotext in zip(
+                result.images, result.seeds, result.infotexts, strict=True
+            ):
+                png = write_png_with_infotext(image, infotext)
+                path = save_png(settings.outputs_dir, png, seed_used, kind=kind)
+                gallery.append((str(path), f"seed {seed_used}"))
+            seeds += result.seeds
+            infotexts += result.infotexts
+            notes += result.notes
+            if result.interrupted:
+                notes.insert(0, f"interrupted: {len(gallery)} image(s) finished")
         for note in notes:
             if "replaces the stack weight" in note:
                 gr.Warning(note)
-        return gallery, result.infotexts[0] if result.infotexts else "", result.seeds, notes
+        return gallery, infotexts[0] if infotexts else "", seeds, notes
 
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
@@ -355,6 +379,7 @@ def build_ui(
                         controls.update(hires)
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
+                        scripts = build_scripts_panel()
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
@@ -393,9 +418,10 @@ def build_ui(
             panel.stack,
             *(controls[name] for name in EXTRA_FIELDS),
             *(controls[name] for name in HIRES_FIELDS),
+            *scripts.inputs,
         ]
         parameters = list(inspect.signature(txt2img).parameters)
-        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS]
+        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -485,6 +511,29 @@ def follow_job(
     when it was taken out of the queue before it started)."""
     updates: queue.Queue[ProgressSnapshot] = queue.Queue()
     job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
+    yield from _follow(job, updates, service.result)
+
+
+def follow_series(
+    service: GenerationService, requests: list[GenerationRequest], user: str, preview_every: int
+) -> Iterator[str | ProgressSnapshot | list[GenerationResult] | None]:
+    """`follow_job` for a script's requests run as one job: the last item is the list of
+    their results."""
+    updates: queue.Queue[ProgressSnapshot] = queue.Queue()
+    job = service.submit_series(
+        requests,
+        label=requests[0].prompt,
+        user=user,
+        on_progress=updates.put,
+        preview_every=preview_every,
+    )
+    yield from _follow(job, updates, service.series_result)
+
+
+def _follow(
+    job: str, updates: queue.Queue[ProgressSnapshot], result: Callable[[str], Any]
+) -> Iterator[Any]:
+    """The job id, its running snapshots, then `result(job)` (None when cancelled)."""
     yield job
     while True:
         snapshot = updates.get()
@@ -495,7 +544,7 @@ def follow_job(
     if snapshot.state == "cancelled":
         yield None
         return
-    yield service.result(job)
+    yield result(job)
 
 
 def interrupt_jobs(service: GenerationService, job_id: str, user: str) -> str:
