@@ -319,3 +319,20 @@ def test_series_info_covers_every_image_of_every_line() -> None:
     assert a1111.series_info(call, results[:1], 0.0)["interrupted"]
     reply = a1111.series_response(call, results, [b"x", b"y", b"z"], 0.0)
     assert len(reply["images"]) == 3 and json.loads(reply["info"])["all_seeds"] == [3, 4, 5]
+
+
+def test_prompts_from_file_script_on_img2img() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (72, 40), "red").save(buffer, format="PNG")
+    body = {
+        "init_images": [base64.b64encode(buffer.getvalue()).decode()],
+        "script_name": "prompts from file or textbox",
+        "script_args": [False, True, "start", "a cat\n--prompt dog --denoising_strength 0.5"],
+    }
+    with pytest.raises(InvalidRequestError, match="line 2"):
+        a1111.parse_img2img(body, a1111.ApiOptions())
+    body["script_args"][3] = "a cat\n--prompt dog --seed 4"
+    call = a1111.parse_img2img(body, a1111.ApiOptions())
+    assert call.series is not None and len(call.series) == 2
+    assert all(r.img2img is not None and (r.width, r.height) == (72, 40) for r in call.series)
+    assert call.series[0].seed >= 0 and call.series[1].seed == 4  # drawn once; its own
