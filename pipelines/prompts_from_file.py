@@ -29,6 +29,8 @@ SCRIPT_NAME = SCRIPT_TITLE.lower()
 PROMPT_POSITIONS = ("start", "end")
 """A1111's "Insert prompts at the" choices: where a line's prompt joins the base prompt."""
 FIELD = "script_args"
+MAX_LINES = 1000
+"""The most lines one script run takes (each line is a request checked before any runs)."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,12 @@ def line_requests(
     if script.position not in PROMPT_POSITIONS:
         raise InvalidRequestError(
             f"the prompt position must be start or end, got {script.position!r}", field=FIELD
+        )
+    count = sum(1 for line in script.text.splitlines() if line.strip())
+    if count > MAX_LINES:
+        raise InvalidRequestError(
+            f"the list of prompt inputs holds {count} lines; the limit is {MAX_LINES}",
+            field=FIELD,
         )
     lines = parse_lines(script.text)
     if not lines:

@@ -121,6 +121,8 @@ def test_random_seed_is_drawn_once_with_either_checkbox() -> None:
 def test_no_lines_and_bad_position_are_refused() -> None:
     with pytest.raises(InvalidRequestError, match="no line"):
         line_requests(GenerationRequest(), PromptsScript(text=" \n\n"))
+    with pytest.raises(InvalidRequestError, match="1001 lines; the limit is 1000"):
+        line_requests(GenerationRequest(), PromptsScript(text="a\n" * 1001))
     with pytest.raises(InvalidRequestError, match="start or end"):
         line_requests(GenerationRequest(), PromptsScript(position="middle", text="a"))
 
