@@ -1065,3 +1065,62 @@ def test_img2img_xyz_plot_uses_the_img2img_axis_list(server: Server) -> None:
     info = json.loads(payload["info"])
     assert "X Type: Denoising" in info["infotexts"][0]
     assert "Y Type: Initial noise multiplier" in info["infotexts"][0]
+
+
+PROMPTS_SCRIPT = "prompts from file or textbox"
+
+
+def test_prompts_from_file_script_raw_json_and_webuiapi(server: Server) -> None:
+    text = 'a cat\n--prompt "a dog" --steps 3 --batch_size 2'
+    body = {
+        "prompt": "",
+        "seed": 11,
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "sampler_name": "Euler",
+        "override_settings": {"sd_model_checkpoint": SD1},
+        "script_name": "Prompts from file or textbox",
+        "script_args": [True, False, "start", text],
+    }
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200, payload
+    info = json.loads(payload["info"])
+    assert len(payload["images"]) == 3
+    assert info["all_prompts"] == ["a cat", "a dog", "a dog"]
+    assert info["all_seeds"] == [11, 12, 13] and len(info["infotexts"]) == 3
+    assert "Steps: 2," in info["infotexts"][0] and "Steps: 3," in info["infotexts"][1]
+    # each line's image is that line's request sent alone
+    alone = {**body, "prompt": "a dog", "steps": 3, "seed": 12, "batch_size": 2}
+    del alone["script_name"], alone["script_args"]
+    status, _, single = call(server, "POST", "/txt2img", alone)
+    assert status == 200, single
+    assert np.array_equal(pixels_of_b64(single["images"][1]), pixels_of_b64(payload["images"][2]))
+
+    bad = {**body, "script_args": [False, False, "start", "a\n--prompt x --stepz 3"]}
+    status, _, payload = call(server, "POST", "/txt2img", bad)
+    assert status == 422
+    assert_a1111_error(payload, "script_args", "line 2", "--stepz")
+
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1", port=server.port, username=API_USER, password=API_PASSWORD
+    )
+    try:
+        result = client.txt2img(
+            prompt="",
+            seed=5,
+            steps=2,
+            width=64,
+            height=64,
+            sampler_name="Euler",
+            override_settings={"sd_model_checkpoint": SD1},
+            script_name=PROMPTS_SCRIPT,
+            script_args=[False, False, "start", 'a cat\n--prompt "a dog" --steps 3'],
+        )
+    finally:
+        client.session.close()
+    assert len(result.images) == 2 and result.info["all_prompts"] == ["a cat", "a dog"]
+    assert result.info["all_seeds"] == [5, 5]
+    assert result.images[1].info["parameters"] == result.info["infotexts"][1]

@@ -254,3 +254,85 @@ def test_hr_checkpoint_name_is_parsed_and_same_means_none() -> None:
     for same in ("Use same checkpoint", "", None):
         hires = parse({"enable_hr": True, "hr_checkpoint_name": same}).request.hires
         assert hires is not None and hires.checkpoint is None
+
+
+def test_prompts_from_file_script_makes_one_request_per_line() -> None:
+    body = {
+        "prompt": "photo",
+        "seed": 7,
+        "steps": 4,
+        "script_name": "Prompts From File or Textbox",
+        "script_args": [True, False, "end", 'a cat\n\n--prompt "a dog" --steps 3'],
+    }
+    call = parse(body)
+    assert call.series is not None and call.request.prompt == "photo"
+    assert [(r.prompt, r.steps, r.seed) for r in call.series] == [
+        ("photo a cat", 4, 7),
+        ("photo a dog", 3, 8),
+    ]
+    assert call.parameters["script_name"] == body["script_name"]
+    assert parse({}).series is None
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"script_args": [False, False, "start", "--prompt x --stepz 3"]}, ["line 1", "--stepz"]),
+        ({"script_args": [False, False, "up", "a"]}, ["prompt_position"]),
+        ({"script_args": [False, False, "start", ""]}, ["no line"]),
+        ({"script_args": "a cat"}, ["list"]),
+    ],
+)
+def test_prompts_from_file_bad_args_are_422(body: dict, words: list[str]) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        parse({"script_name": "prompts from file or textbox", **body})
+    assert caught.value.field == "script_args"
+    for word in words:
+        assert word in caught.value.message
+
+
+def test_other_txt2img_scripts_are_still_refused() -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        parse({"script_name": "prompt matrix", "script_args": [1]})
+    assert caught.value.field == "script_name"
+
+
+def test_series_info_covers_every_image_of_every_line() -> None:
+    call = parse(
+        {
+            "prompt": "base",
+            "script_name": "prompts from file or textbox",
+            "script_args": [False, False, "start", "a\nb"],
+        }
+    )
+    assert call.series is not None
+    red = Image.new("RGB", (8, 8), "red")
+    results = [
+        GenerationResult([red], [3], ["a base\nSteps: 2"], call.series[0], "m", None),
+        GenerationResult([red, red], [4, 5], ["b1", "b2"], call.series[1], "m", None),
+    ]
+    info = a1111.series_info(call, results, 0.0)
+    assert info["all_prompts"] == ["a base", "b base", "b base"]
+    assert info["all_seeds"] == [3, 4, 5] and info["seed"] == 3
+    assert info["infotexts"] == ["a base\nSteps: 2", "b1", "b2"]
+    assert info["prompt"] == "base" and not info["interrupted"]
+    assert a1111.series_info(call, results[:1], 0.0)["interrupted"]
+    reply = a1111.series_response(call, results, [b"x", b"y", b"z"], 0.0)
+    assert len(reply["images"]) == 3 and json.loads(reply["info"])["all_seeds"] == [3, 4, 5]
+
+
+def test_prompts_from_file_script_on_img2img() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (72, 40), "red").save(buffer, format="PNG")
+    body = {
+        "init_images": [base64.b64encode(buffer.getvalue()).decode()],
+        "script_name": "prompts from file or textbox",
+        "script_args": [False, True, "start", "a cat\n--prompt dog --denoising_strength 0.5"],
+    }
+    with pytest.raises(InvalidRequestError, match="line 2"):
+        a1111.parse_img2img(body, a1111.ApiOptions())
+    body["script_args"][3] = "a cat\n--prompt dog --seed 4"
+    call = a1111.parse_img2img(body, a1111.ApiOptions())
+    assert call.series is not None and len(call.series) == 2
+    assert all(r.img2img is not None and (r.width, r.height) == (72, 40) for r in call.series)
+    assert call.series[0].seed >= 0 and call.series[1].seed == 4  # drawn once; its own

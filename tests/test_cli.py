@@ -279,3 +279,33 @@ def test_xyz_plot_from_the_cli_writes_the_grid_and_cells(
     bad = [*arguments[:-6], "--xyz-x", "Eta=0,1"]
     assert main(bad) == EXIT_USAGE
     assert "'Eta' axis is not implemented" in capsys.readouterr().err
+
+
+def test_prompts_file_writes_every_line_s_images(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lines = tmp_path / "prompts.txt"
+    lines.write_text(
+        'a cat\n\n--prompt "a dog" --steps 3 --batch_size 2\n--seed 77 --cfg_scale 4\n'
+    )
+    out = tmp_path / "out"
+    base = ["generate", *SMALL, "--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)]
+    flags = ["--prompt", "photo", "--seed", "30", "--prompts-file", str(lines), "--iterate-seed"]
+    assert main([*base, *flags, "--prompt-position", "end", "--out", str(out)]) == 0
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [
+        "00000-30.png",
+        "00001-31.png",
+        "00002-32.png",
+        "00003-77.png",
+    ]
+    assert capsys.readouterr().out.split() == [str(f) for f in files]
+    parsed = [parse_infotext(read_infotext(f)) for f in files]
+    assert [p.prompt for p in parsed] == ["photo a cat", "photo a dog", "photo a dog", "photo"]
+    assert parsed[1].params["Steps"] == "3" and parsed[3].params["CFG scale"] == "4"
+
+    lines.write_text("a cat\n--prompt x --stepz 3\n")
+    assert main([*base, "--prompts-file", str(lines), "--out", str(out)]) == EXIT_USAGE
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "line 2" in error and "--stepz" in error
+    assert len(list(out.glob("*.png"))) == 4

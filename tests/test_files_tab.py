@@ -320,6 +320,10 @@ XYZ_DEFAULTS = {
 PAGE_OFF = {
     **HIRES_OFF,
     "script_name": "None",
+    "prompts_iterate_seed": False,
+    "prompts_same_seed": False,
+    "prompts_position": "start",
+    "prompts_text": "",
     **{f"xyz_{name}": value for name, value in XYZ_DEFAULTS.items()},
 }
 """The Hires fix and Script values of a new page: off."""

@@ -524,3 +524,19 @@ def test_adding_files_is_an_admin_action_only_on_a_shared_server(tmp_path: Path)
     admin = files_admin_check(Settings(data_dir=tmp_path, share=True, admin_auth="boss:pw"))
     assert admin is not None and admin("boss", "pw") is None
     assert admin("boss", "nope") == "wrong admin user or password"
+
+
+def test_endpoint_prompts_from_file_script(served: tuple[str, Path]) -> None:
+    url, data = served
+    text = 'a cat\n--prompt "a dog" --steps 3 --batch_size 2'
+    images, infotext, seeds = call(
+        url,
+        prompt="",
+        script_name="Prompts from file or textbox",
+        prompts_iterate_seed=True,
+        prompts_text=text,
+    )
+    assert len(images) == 3 and seeds == [9, 10, 11]
+    assert parse_infotext(infotext).prompt == "a cat"
+    saved = sorted((data / "outputs" / "txt2img-images").rglob("*-11.png"))
+    assert saved and parse_infotext(read_infotext(saved[-1])).params["Steps"] == "3"

@@ -34,6 +34,12 @@ from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
+from pipelines.prompts_from_file import (
+    PromptsScript,
+    is_prompts_script,
+    line_requests,
+    script_from_args,
+)
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
 from pipelines.schema import (
@@ -250,6 +256,7 @@ class Txt2ImgCall:
     ignored: list[str] = field(default_factory=list)
     include_init_images: bool = False
     xyz: XyzPlot | None = None  # script_name "x/y/z plot": a grid of this request's cells
+    series: list[GenerationRequest] | None = None  # a script's requests, run as one job
 
 
 # ------------------------------------------------------------------------ value checks
@@ -385,14 +392,19 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         'karras'
     """
     plot, rest = _xyz_script(body)
-    call, _ = _parse_generation(rest, options, TXT2IMG_DEFAULTS, _TXT2IMG_USED)
+    script = _prompts_script(rest)
+    used = _TXT2IMG_USED | _SCRIPT_FIELDS if script is not None else _TXT2IMG_USED
+    call, _ = _parse_generation(rest, options, TXT2IMG_DEFAULTS, used)
     if isinstance(body, dict) and _flag("enable_hr", body.get("enable_hr") or False):
         call.request = _with_hires(call.request, body)
+    if script is not None:
+        call.series = line_requests(call.request, script)
     call.xyz = plot
     return call
 
 
 XYZ_SCRIPT = "x/y/z plot"
+_SCRIPT_FIELDS = frozenset({"script_name", "script_args"})
 
 
 def _xyz_script(body: object) -> tuple[XyzPlot | None, object]:
@@ -404,7 +416,14 @@ def _xyz_script(body: object) -> tuple[XyzPlot | None, object]:
     if not script or _text("script_name", script).strip().lower() != XYZ_SCRIPT:
         return None, body
     plot = xyz_from_script_args(body.get("script_args") or [])
-    return plot, {k: v for k, v in body.items() if k not in ("script_name", "script_args")}
+    return plot, {k: v for k, v in body.items() if k not in _SCRIPT_FIELDS}
+
+
+def _prompts_script(body: object) -> PromptsScript | None:
+    """The "prompts from file or textbox" script's settings when the body names it."""
+    if isinstance(body, dict) and is_prompts_script(body.get("script_name")):
+        return script_from_args(body.get("script_args") or [])
+    return None
 
 
 _SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")
@@ -637,6 +656,9 @@ def parse_img2img(
     outpaint = None
     script_fill = None
     sd_upscale = None
+    prompts = _prompts_script(body)
+    if prompts is not None:
+        script = None  # its requests are made from the parsed body below
     if script and _text("script_name", script).strip().lower() == SD_UPSCALE_SCRIPT:
         sd_upscale = _sd_upscale(body.get("script_args") or [], upscalers or list(PIXEL_UPSCALERS))
     elif script:
@@ -698,6 +720,8 @@ def parse_img2img(
     call.include_init_images = _flag("include_init_images", get("include_init_images"))
     if not call.include_init_images:
         call.parameters = {**call.parameters, "init_images": None, "mask": None}
+    if prompts is not None:
+        call.series = line_requests(call.request, prompts)
     call.xyz = plot
     return call
 
@@ -745,6 +769,38 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "ignored": call.ignored,
         "notes": list(result.notes),
     }
+
+
+def series_info(
+    call: Txt2ImgCall, results: list[GenerationResult], started: float
+) -> dict[str, Any]:
+    """A script's `info`: the base request's fields, and `all_prompts`, `all_seeds`,
+    `infotexts` (...) covering every image of every request, in order."""
+    first = results[0] if results else GenerationResult([], [], [], call.request, "", None)
+    info = txt2img_info(call, first, started)
+    done = [(result, index) for result in results for index in range(len(result.images))]
+    info.update(
+        prompt=call.request.prompt,
+        negative_prompt=call.request.negative_prompt,
+        all_prompts=[result.request.prompt for result, _ in done],
+        all_negative_prompts=[result.request.negative_prompt for result, _ in done],
+        all_seeds=[result.seeds[index] for result, index in done],
+        all_subseeds=[(result.request.subseed + index) % (SEED_MAX + 1) for result, index in done],
+        infotexts=[result.infotexts[index] for result, index in done],
+        interrupted=any(r.interrupted for r in results) or len(results) < len(call.series or ()),
+        notes=[note for result in results for note in result.notes],
+    )
+    info["seed"] = info["all_seeds"][0] if info["all_seeds"] else call.request.seed
+    return info
+
+
+def series_response(
+    call: Txt2ImgCall, results: list[GenerationResult], pngs: list[bytes], started: float
+) -> dict[str, Any]:
+    """A script's answer: every request's images in one A1111 response."""
+    images = [base64.b64encode(png).decode("ascii") for png in pngs] if call.send_images else []
+    info = series_info(call, results, started)
+    return {"images": images, "parameters": call.parameters, "info": json.dumps(info)}
 
 
 def txt2img_response(

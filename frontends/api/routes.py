@@ -127,22 +127,28 @@ class A1111Api:
         grids = 0
         if call.xyz is not None:
             output = run_xyz(self.service, call.request, call.xyz, user=user)
-            result, grids = output.as_result(call.request), output.grids
+            results, grids = [output.as_result(call.request)], output.grids
+        elif call.series is not None:  # a script: its requests as one job
+            label = call.series[0].prompt
+            results = self.service.series(call.series, label=label, user=user)
         else:
-            result = self.service.generate(call.request, user=user)
+            results = [self.service.generate(call.request, user=user)]
         if call.request.checkpoint and not call.restore_checkpoint:
             # override_settings_restore_afterwards false: the override stays selected
             self.service.select_checkpoint(call.request.checkpoint, user=user)
         pngs = []
-        for index, (image, seed, infotext) in enumerate(
-            zip(result.images, result.seeds, result.infotexts, strict=True)
-        ):
-            png = write_png_with_infotext(image, infotext)
-            if call.save_images:
-                folder = f"{kind}-grids" if index < grids else f"{kind}-images"
-                save_png(self.settings.outputs_dir, png, seed, kind=folder)
-            pngs.append(png)
-        return a1111.txt2img_response(call, result, pngs, started)
+        for result in results:
+            for index, (image, seed, infotext) in enumerate(
+                zip(result.images, result.seeds, result.infotexts, strict=True)
+            ):
+                png = write_png_with_infotext(image, infotext)
+                if call.save_images:
+                    folder = f"{kind}-grids" if index < grids else f"{kind}-images"
+                    save_png(self.settings.outputs_dir, png, seed, kind=folder)
+                pngs.append(png)
+        if call.series is not None:
+            return a1111.series_response(call, results, pngs, started)
+        return a1111.txt2img_response(call, results[0], pngs, started)
 
     # -- options
 

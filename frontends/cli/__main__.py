@@ -265,6 +265,47 @@ def _image_inputs(args: argparse.Namespace) -> Any:
     )
 
 
+def _add_prompts_file_flags(parser: argparse.ArgumentParser) -> None:
+    """A1111's "Prompts from file or textbox" script."""
+    group = parser.add_argument_group(
+        "prompts from file",
+        'one request per line: a prompt, or A1111\'s options (--prompt "a dog" --steps 3 '
+        "--seed 7 ...); the other flags are every line's defaults",
+    )
+    group.add_argument("--prompts-file", type=Path, metavar="FILE", help="the lines ('-': stdin)")
+    group.add_argument(
+        "--iterate-seed", action="store_true", help="each line's seed follows the previous one's"
+    )
+    group.add_argument(
+        "--same-seed", action="store_true", help="draw a -1 seed once, for all lines"
+    )
+    group.add_argument(
+        "--prompt-position",
+        choices=("start", "end"),
+        default="start",
+        help="a line's prompt goes before (start) or after (end) --prompt",
+    )
+
+
+def _line_requests(args: argparse.Namespace, base: Any, bounds: Any) -> list[Any]:
+    """The request of each line of --prompts-file, checked (or just `base` without it)."""
+    from pipelines.prompts_from_file import PromptsScript, line_requests
+
+    if args.prompts_file is None:
+        if args.iterate_seed or args.same_seed:
+            raise InvalidRequestError("--iterate-seed and --same-seed need --prompts-file")
+        return [base.validated(bounds)]
+    if str(args.prompts_file) == "-":
+        text = sys.stdin.read()
+    else:
+        text = args.prompts_file.read_text(encoding="utf-8", errors="ignore")
+    script = PromptsScript(args.iterate_seed, args.same_seed, args.prompt_position, text)
+    requests = line_requests(base, script)
+    for request in requests:
+        request.validated(bounds)
+    return requests
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m frontends.cli",
@@ -304,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_img2img_flags(generate)
     _add_hires_flags(generate)
     _add_xyz_flags(generate)
+    _add_prompts_file_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
@@ -386,12 +428,16 @@ def _generate(args: argparse.Namespace) -> int:
     if hires is not None and inputs is not None:
         raise InvalidRequestError("--enable-hr is for txt2img; it cannot be used with --init-image")
     request = GenerationRequest(**values, loras=tuple(args.lora), img2img=inputs, hires=hires)
-    request.validated(settings.bounds)  # fail on bad values before loading anything
-    plot = _xyz(args)
+    # fail on bad values before loading anything
+    requests = _line_requests(args, request, settings.bounds)
+    plot, plan = _xyz(args), None
     if plot is not None:
         from pipelines.xyz import plan_grid
 
-        plan_grid(request, plot, settings.bounds)  # axes and values checked before loading
+        if args.prompts_file is not None:
+            raise InvalidRequestError("--xyz-* and --prompts-file are two scripts: use one")
+        plan = plan_grid(request, plot, settings.bounds)
+        requests = [cell.request for cell in plan.cells]
     from tqdm import tqdm
 
     from pipelines.infotext import write_png_with_infotext
@@ -400,35 +446,44 @@ def _generate(args: argparse.Namespace) -> int:
     service, folders = _service(args, args.ckpt)
     folders.hash_missing()  # a one-shot run waits for its hashes: its infotexts name them
     service.select_checkpoint(service.startup_checkpoint)
-    total = request.n_iter * request.steps
+    total = sum(item.n_iter * item.steps for item in requests)
     with tqdm(total=total, unit="step", file=sys.stderr, disable=None) as bar:
 
         def on_step(progress: Any) -> None:
             done = progress.job_no * progress.sampling_steps + progress.sampling_step
-            bar.update(max(0, done - bar.n))
+            bar.update(max(0, min(total, done) - bar.n))
 
         grids = 0
-        if plot is not None:
-            from pipelines.xyz import run_xyz
+        if plan is not None:
+            from pipelines.xyz import assemble_grid
 
-            bar.total = None  # cells of other step counts: the bar counts steps as they come
-            output = run_xyz(service, request, plot, user="local", on_progress=on_step)
-            result, grids = output.as_result(request), output.grids
+            cells = service.series(
+                requests, label=f"X/Y/Z plot: {request.prompt}", on_progress=on_step
+            )
+            output = assemble_grid(plan, cells)
+            results, grids = [output.as_result(request)], output.grids
+            stopped = output.interrupted
+        elif args.prompts_file is None:
+            results = [service.generate(request, on_progress=on_step)]
+            stopped = results[0].interrupted
         else:
-            result = service.generate(request, on_progress=on_step)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for index, (image, seed, infotext) in enumerate(
-        zip(result.images, result.seeds, result.infotexts, strict=True)
-    ):
-        png = write_png_with_infotext(image, infotext)
-        kind = f"{request.kind}-grids" if index < grids else f"{request.kind}-images"
-        if args.out is not None:
-            path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
-        else:
-            path = save_png(settings.outputs_dir, png, seed, kind=kind)
-        print(path)
-    if result.interrupted:
+            label = f"prompts from {args.prompts_file}"
+            results = service.series(requests, label=label, on_progress=on_step)
+            stopped = any(r.interrupted for r in results) or len(results) < len(requests)
+    for result in results:
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        for index, (image, seed, infotext) in enumerate(
+            zip(result.images, result.seeds, result.infotexts, strict=True)
+        ):
+            png = write_png_with_infotext(image, infotext)
+            kind = f"{request.kind}-grids" if index < grids else f"{request.kind}-images"
+            if args.out is not None:
+                path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
+            else:
+                path = save_png(settings.outputs_dir, png, seed, kind=kind)
+            print(path)
+    if stopped:
         print("interrupted: fewer images than asked for", file=sys.stderr)
     return EXIT_OK
 

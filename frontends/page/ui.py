@@ -38,15 +38,10 @@ from frontends.page.img2img_tab import (
     stack_text,
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
-from frontends.page.xyz_panel import (
-    SCRIPTS,
-    XYZ_TITLE,
-    XYZ_VALUES,
-    build_xyz_controls,
-    xyz_plot_from_values,
-)
+from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.infotext import write_png_with_infotext
@@ -240,6 +235,10 @@ def build_ui(
         hr_prompt: str,
         hr_negative_prompt: str,
         script_name: str,
+        prompts_iterate_seed: bool,
+        prompts_same_seed: bool,
+        prompts_position: str,
+        prompts_text: str,
         xyz_x_type: str,
         xyz_x_values: str,
         xyz_y_type: str,
@@ -274,7 +273,9 @@ def build_ui(
         if hires is not None:
             given["denoising_strength"] = denoising_strength
         extra = {} if hires is None else {"hires": hires}
-        yield from generate(given, checkpoint, loras, extra, request, progress, plot)
+        script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
+        script_values = () if plot is not None else (*script, prompts_text)
+        yield from generate(given, checkpoint, loras, extra, request, progress, script_values, plot)
 
     def img2img(
         data: dict[Any, Any],
@@ -300,10 +301,12 @@ def build_ui(
         extra: dict[str, Any],
         request: gr.Request,
         progress: gr.Progress,
+        script_values: tuple[Any, ...] = (),
         plot: XyzPlot | None = None,
     ) -> Iterator[tuple[Any, ...]]:
-        """Build the request from the fields and `extra` (its other fields), submit it (or
-        the X/Y/Z `plot` of it) and stream it; every user error shows in the page."""
+        """Build the request from the fields and `extra` (its other fields), submit it and
+        stream it; with a script (`script_values`), its requests as one job; with an X/Y/Z
+        `plot`, its cells as one job and the grid. Every user error shows in the page."""
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -319,8 +322,14 @@ def build_ui(
             )
             plan = None if plot is None else plan_grid(generation, plot, bounds)
             unit = "cell" if plan is not None and generation.n_iter == 1 else "batch"
+            series = script_requests(generation, *script_values) if script_values else None
             user = page_user(request)
-            for item in follow_job(service, generation, user, preview_every, plan):
+            items = (
+                follow_series(service, series, user, preview_every)
+                if series is not None
+                else follow_job(service, generation, user, preview_every, plan)
+            )
+            for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
                     yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), item
                 elif isinstance(item, ProgressSnapshot):
@@ -332,31 +341,37 @@ def build_ui(
                     yield [], "", [], [], ""
                     return
                 elif isinstance(item, GridOutput):
-                    yield (*finish(item.as_result(generation), generation.kind, item.grids), "")
+                    result = item.as_result(generation)
+                    yield (*finish([result], generation.kind, item.grids), "")
                 else:
-                    yield (*finish(item, generation.kind), "")
+                    results = item if isinstance(item, list) else [item]
+                    yield (*finish(results, generation.kind), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
     def finish(
-        result: GenerationResult, kind: str, grids: int = 0
+        results: list[GenerationResult], kind: str, grids: int = 0
     ) -> tuple[list, str, list[int], list[str]]:
-        """Save every image (the first `grids` to the grids folder) and fill the gallery."""
-        gallery = []
-        for index, (image, seed_used, infotext) in enumerate(
-            zip(result.images, result.seeds, result.infotexts, strict=True)
-        ):
-            png = write_png_with_infotext(image, infotext)
-            folder = f"{kind}-grids" if index < grids else f"{kind}-images"
-            path = save_png(settings.outputs_dir, png, seed_used, kind=folder)
-            gallery.append((str(path), f"seed {seed_used}"))
-        notes = list(result.notes)
-        if result.interrupted:
-            notes.insert(0, f"interrupted: {len(result.images)} image(s) finished")
+        """Save every image of every result (the first `grids` to the grids folder); the
+        gallery, first infotext, seeds, notes."""
+        gallery, seeds, infotexts, notes = [], [], [], []
+        for result in results:
+            for image, seed_used, infotext in zip(
+                result.images, result.seeds, result.infotexts, strict=True
+            ):
+                png = write_png_with_infotext(image, infotext)
+                folder = f"{kind}-grids" if len(gallery) < grids else f"{kind}-images"
+                path = save_png(settings.outputs_dir, png, seed_used, kind=folder)
+                gallery.append((str(path), f"seed {seed_used}"))
+            seeds += result.seeds
+            infotexts += result.infotexts
+            notes += result.notes
+            if result.interrupted:
+                notes.insert(0, f"interrupted: {len(gallery)} image(s) finished")
         for note in notes:
             if "replaces the stack weight" in note:
                 gr.Warning(note)
-        return gallery, result.infotexts[0] if result.infotexts else "", result.seeds, notes
+        return gallery, infotexts[0] if infotexts else "", seeds, notes
 
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
@@ -390,19 +405,9 @@ def build_ui(
                             service.upscaler_names, checkpoint_choices, bounds, page
                         )
                         controls.update(hires)
-                        script = gr.Dropdown(
-                            list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="script_list"
-                        )
-                        with gr.Group(visible=False, elem_id="txt2img_xyz") as xyz_group:
-                            xyz = build_xyz_controls("txt2img_")
-                        script.change(
-                            lambda chosen: gr.Group(visible=chosen == XYZ_TITLE),
-                            script,
-                            xyz_group,
-                            **QUICK,
-                        )
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
+                        scripts = build_scripts_panel()
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
@@ -441,12 +446,10 @@ def build_ui(
             panel.stack,
             *(controls[name] for name in EXTRA_FIELDS),
             *(controls[name] for name in HIRES_FIELDS),
-            script,
-            *(xyz[name] for name in XYZ_VALUES),
+            *scripts.inputs,
         ]
         parameters = list(inspect.signature(txt2img).parameters)
-        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS]
-        named += ["script_name", *(f"xyz_{name}" for name in XYZ_VALUES)]
+        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -548,10 +551,34 @@ def follow_job(
             on_progress=updates.put,
             preview_every=preview_every,
         )
-    else:
-        job = service.submit(
-            request, user=user, on_progress=updates.put, preview_every=preview_every
+        yield from _follow(
+            job, updates, lambda job: assemble_grid(plan, service.series_result(job))
         )
+        return
+    job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
+    yield from _follow(job, updates, service.result)
+
+
+def follow_series(
+    service: GenerationService, requests: list[GenerationRequest], user: str, preview_every: int
+) -> Iterator[str | ProgressSnapshot | list[GenerationResult] | None]:
+    """`follow_job` for a script's requests run as one job: the last item is the list of
+    their results."""
+    updates: queue.Queue[ProgressSnapshot] = queue.Queue()
+    job = service.submit_series(
+        requests,
+        label=requests[0].prompt,
+        user=user,
+        on_progress=updates.put,
+        preview_every=preview_every,
+    )
+    yield from _follow(job, updates, service.series_result)
+
+
+def _follow(
+    job: str, updates: queue.Queue[ProgressSnapshot], result: Callable[[str], Any]
+) -> Iterator[Any]:
+    """The job id, its running snapshots, then `result(job)` (None when cancelled)."""
     yield job
     while True:
         snapshot = updates.get()
@@ -562,10 +589,7 @@ def follow_job(
     if snapshot.state == "cancelled":
         yield None
         return
-    if plan is not None:
-        yield assemble_grid(plan, service.series_result(job))
-        return
-    yield service.result(job)
+    yield result(job)
 
 
 def interrupt_jobs(service: GenerationService, job_id: str, user: str) -> str:

@@ -14,8 +14,6 @@ from frontends.page.lora_panel import QUICK
 from pipelines.xyz import LORA_WEIGHT, AxisSpec, XyzPlot, axes_for
 
 XYZ_TITLE = "X/Y/Z plot"
-SCRIPTS = ("None", XYZ_TITLE)
-"""The txt2img tab's Script choices (A1111's titles)."""
 XYZ_VALUES = (
     "x_type",
     "x_values",
