@@ -39,6 +39,7 @@ from frontends.page.img2img_tab import (
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.stack import rows_from_value, specs_from_rows
+from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -231,6 +232,7 @@ def build_ui(
         hr_scheduler: str,
         hr_prompt: str,
         hr_negative_prompt: str,
+        styles: list[str] | None,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
     ) -> Iterator[tuple[Any, ...]]:
@@ -246,7 +248,9 @@ def build_ui(
             raise gr.Error(error.message) from error
         if hires is not None:
             given["denoising_strength"] = denoising_strength
-        extra = {} if hires is None else {"hires": hires}
+        extra: dict[str, Any] = {"styles": tuple(styles or ())}
+        if hires is not None:
+            extra["hires"] = hires
         yield from generate(given, checkpoint, loras, extra, request, progress)
 
     def img2img(
@@ -264,7 +268,8 @@ def build_ui(
         if size is not None:  # outpainting: the canvas's size
             given["width"], given["height"] = size
         stack = data[panel.stack]
-        yield from generate(given, data[checkpoint], stack, {"img2img": images}, request, progress)
+        extra = {"img2img": images, "styles": tuple(data[i2i_styles.dropdown] or ())}
+        yield from generate(given, data[checkpoint], stack, extra, request, progress)
 
     def generate(
         given: dict[str, Any],
@@ -321,6 +326,7 @@ def build_ui(
                 gr.Warning(note)
         return gallery, result.infotexts[0] if result.infotexts else "", result.seeds, notes
 
+    shared = files_admin_check(settings) is not None  # styles: admin actions when shared
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
@@ -348,6 +354,9 @@ def build_ui(
                 with gr.Row():
                     with gr.Column(scale=3):
                         controls = build_prompts(defaults)
+                        styles = build_styles(
+                            service, controls["prompt"], controls["negative_prompt"], shared=shared
+                        )
                         controls.update(build_parameters(slider, defaults))
                         hires, hires_final = build_hires(
                             service.upscaler_names, checkpoint_choices, bounds, page
@@ -362,6 +371,13 @@ def build_ui(
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")
+                    i2i_styles = build_styles(
+                        service,
+                        i2i_controls["prompt"],
+                        i2i_controls["negative_prompt"],
+                        "img2img_",
+                        shared=shared,
+                    )
                     panel_images = build_images(service.upscaler_names())
                     build_options(panel_images)
                     i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
@@ -372,7 +388,9 @@ def build_ui(
             with gr.Tab("Extras", id="extras"):
                 extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
             with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo = build_pnginfo(service, controls, checkpoint, panel, tabs, results.notes)
+                pnginfo = build_pnginfo(
+                    service, controls, checkpoint, panel, tabs, results.notes, styles.dropdown
+                )
             with gr.Tab("Add files", id="files"):
                 build_files_tab(
                     service,
@@ -393,9 +411,10 @@ def build_ui(
             panel.stack,
             *(controls[name] for name in EXTRA_FIELDS),
             *(controls[name] for name in HIRES_FIELDS),
+            styles.dropdown,
         ]
         parameters = list(inspect.signature(txt2img).parameters)
-        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS]
+        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, "styles"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -404,8 +423,10 @@ def build_ui(
             *panel_images.values.values(),
             checkpoint,
             panel.stack,
+            i2i_styles.dropdown,
         }
         wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
+        wire_styles(service, page, [styles, i2i_styles], files_admin_check(settings))
         img2img_tab.select(stack_text, panel.stack, stack_summary, **QUICK)
         page.load(
             lambda: gr.Radio(choices=service.upscaler_names()),
