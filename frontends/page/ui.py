@@ -462,6 +462,7 @@ def build_ui(
             panel,
             i2i_results.notes,
             stack_summary,
+            i2i_styles.dropdown,
         )
         for source in (results, i2i_results):
             sources = [source.gallery, source.selected]
