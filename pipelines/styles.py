@@ -339,18 +339,23 @@ def read_styles(path: Path) -> StyleSheet:
 
 def write_styles(path: Path, sheet: StyleSheet) -> None:
     """Save atomically: a temporary file in the same folder, then `os.replace`; the file
-    it replaces is kept as `<name>.bak` (A1111 keeps one backup too)."""
+    it replaces is kept as `<name>.bak` (A1111 keeps one backup too). A symlinked file (one
+    styles.csv shared with A1111 or Forge) is saved where the link points, with its mode."""
     data = (_BOM + format_styles(sheet)).encode("utf-8", errors="surrogateescape")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".styles-", suffix=".tmp")
+    target = path.resolve() if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".styles-", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
-        if path.exists():
-            shutil.copy2(path, path.with_name(path.name + ".bak"))
-        os.replace(temporary, path)
+        if target.exists():
+            shutil.copymode(target, temporary)
+            shutil.copy2(target, target.with_name(target.name + ".bak"))
+        else:
+            os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from other tools
+        os.replace(temporary, target)
     finally:
         Path(temporary).unlink(missing_ok=True)
 

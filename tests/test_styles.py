@@ -241,3 +241,20 @@ def test_csv_module_reads_what_we_write(tmp_path: Path) -> None:
     with open(path, encoding="utf-8-sig", newline="") as stream:
         rows = list(csv.DictReader(io.StringIO(stream.read()), skipinitialspace=True))
     assert rows == [{"name": "q", "prompt": 'say "hi", then\nbye', "negative_prompt": "x, y"}]
+
+
+def test_a_symlinked_file_is_saved_where_it_points_with_its_mode(tmp_path: Path) -> None:
+    """People share one styles.csv between A1111, Forge and us: the link stays a link."""
+    shared = tmp_path / "a1111" / "styles.csv"
+    shared.parent.mkdir()
+    a1111_file(shared, A1111_ROWS[:1])
+    shared.chmod(0o664)
+    link = tmp_path / "data" / "styles.csv"
+    link.parent.mkdir()
+    link.symlink_to(shared)
+    StyleStore(link).save(PromptStyle("new", "x"))
+    assert link.is_symlink() and read_styles(shared).names == ["cinematic", "new"]
+    assert shared.stat().st_mode & 0o777 == 0o664
+    fresh = tmp_path / "fresh" / "styles.csv"
+    StyleStore(fresh).save(PromptStyle("new", "x"))
+    assert fresh.stat().st_mode & 0o777 == 0o644
