@@ -9,7 +9,7 @@ process or on another machine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -166,6 +166,35 @@ class GenerationService(Protocol):
         preview_every: int = 0,
     ) -> GenerationResult:
         """`submit` then `result`."""
+        ...
+
+    def submit_series(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        label: str,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> str:
+        """Validate every request, then queue them as one job that runs them in order
+        (a script's requests: X/Y/Z cells, prompts from a file); returns the job id."""
+        ...
+
+    def series_result(self, job_id: str, timeout: float | None = None) -> list[GenerationResult]:
+        """Wait for a series job: one result per request run (fewer when interrupted)."""
+        ...
+
+    def series(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        label: str,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> list[GenerationResult]:
+        """`submit_series` then `series_result`."""
         ...
 
     def postprocess(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
+
+from PIL import Image
 
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
@@ -70,6 +72,11 @@ class Runner(Protocol):
 class _Generate:
     request: GenerationRequest  # validated, seed chosen, checkpoint resolved
     asked_checkpoint: str | None  # as the client named it (echoed in the result)
+
+
+@dataclass(frozen=True)
+class _Series:
+    items: tuple[_Generate, ...]  # run in order as one job
 
 
 @dataclass(frozen=True)
@@ -145,9 +152,65 @@ class Service:
         on_progress: ProgressCallback | None = None,
         preview_every: int = 0,
     ) -> str:
-        """Validate everything a client can get wrong (422/404/400) before queueing.
-        Styles are merged into the prompts first, so the bounds hold for the styled
-        prompts and every runner gets the same prompts."""
+        """Validate everything a client can get wrong (422/404/400) before queueing."""
+        work = self._prepare(request)
+        return self._jobs.submit(
+            work,
+            kind=request.kind,
+            user=user,
+            label=request.prompt[:80],
+            cost=_cost(work.request),
+            on_progress=on_progress,
+            preview_every=preview_every,
+        )
+
+    def submit_series(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        label: str,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> str:
+        """Queue several requests as one job (an X/Y/Z plot's cells, prompts from a file):
+        all are checked before any is queued; they run in order on one worker, so nothing
+        else runs between them, and progress counts the batches of all of them."""
+        if not requests:
+            raise InvalidRequestError("the series holds no request", field="script_args")
+        items = tuple(self._prepare(request) for request in requests)
+        return self._jobs.submit(
+            _Series(items),
+            kind=requests[0].kind,
+            user=user,
+            label=label[:80],
+            cost=sum(_cost(item.request) for item in items),
+            on_progress=on_progress,
+            preview_every=preview_every,
+        )
+
+    def series(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        label: str,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+    ) -> list[GenerationResult]:
+        job = self.submit_series(
+            requests, label=label, user=user, on_progress=on_progress, preview_every=preview_every
+        )
+        return self.series_result(job)
+
+    def series_result(self, job_id: str, timeout: float | None = None) -> list[GenerationResult]:
+        results: list[GenerationResult] = self._jobs.result(job_id, timeout)
+        return results
+
+    def _prepare(self, request: GenerationRequest) -> _Generate:
+        """The checked request as a queue item: styles merged into the prompts (first, so
+        the bounds hold for the styled prompts and every runner gets the same prompts),
+        seed chosen, names resolved."""
         if request.styles:
             request = apply_to_request(request, self.style_store.resolve(request.styles))
         request = request.validated(self._bounds)
@@ -166,19 +229,8 @@ class Service:
         checkpoint = self._checkpoint_key(request.checkpoint)
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
-        work = _Generate(
+        return _Generate(
             replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
-        )
-        images = request.batch_size * request.n_iter
-        cost = images * request.steps * request.width * request.height / (1 << 20)
-        return self._jobs.submit(
-            work,
-            kind=request.kind,
-            user=user,
-            label=request.prompt[:80],
-            cost=cost,
-            on_progress=on_progress,
-            preview_every=preview_every,
         )
 
     def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
@@ -367,9 +419,9 @@ class Service:
 
     def _execute(self, work: object, control: JobControl) -> object:
         if isinstance(work, _Generate):
-            result = self.runner.generate(work.request, control)
-            result.request = replace(result.request, checkpoint=work.asked_checkpoint)
-            return result
+            return self._generate(work, control)
+        if isinstance(work, _Series):
+            return self._run_series(work, control)
         if isinstance(work, _Extras):
             return self.runner.postprocess(work.request, control)
         assert isinstance(work, _Load)
@@ -383,6 +435,57 @@ class Service:
         finally:
             with self._lock:
                 self._loading = None
+
+    def _generate(self, work: _Generate, control: RunControl) -> GenerationResult:
+        result = self.runner.generate(work.request, control)
+        result.request = replace(result.request, checkpoint=work.asked_checkpoint)
+        return result
+
+    def _run_series(self, work: _Series, control: JobControl) -> list[GenerationResult]:
+        """Each request in order; an interrupt ends the series with what is done (the
+        interrupted request's finished images included)."""
+        total = sum(item.request.n_iter for item in work.items)
+        results: list[GenerationResult] = []
+        offset = 0
+        for item in work.items:
+            if control.interrupted:
+                break
+            result = self._generate(item, _SeriesControl(control, offset, total))
+            results.append(result)
+            offset += item.request.n_iter
+        return results
+
+
+def _cost(request: GenerationRequest) -> float:
+    """A request's share of a user's queue budget: megapixel-steps."""
+    images = request.batch_size * request.n_iter
+    return images * request.steps * request.width * request.height / (1 << 20)
+
+
+class _SeriesControl:
+    """One request of a series reporting as part of the whole: its batches are numbered
+    after the earlier requests' ones, out of all the series' batches."""
+
+    def __init__(self, control: JobControl, offset: int, total: int) -> None:
+        self._control, self._offset, self._total = control, offset, total
+
+    @property
+    def interrupted(self) -> bool:
+        return self._control.interrupted
+
+    @property
+    def skipped(self) -> bool:
+        return self._control.skipped
+
+    @property
+    def preview_every(self) -> int:
+        return self._control.preview_every
+
+    def batch(self, job_no: int, job_count: int, steps: int) -> None:
+        self._control.batch(self._offset + job_no, self._total, steps)
+
+    def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
+        self._control.step(step, preview)
 
 
 RunnerFactory = Callable[[Settings, ModelFolders], Runner]

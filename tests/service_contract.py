@@ -179,3 +179,45 @@ def check_styles_are_applied_before_queueing(service: GenerationService) -> None
         assert len(service.jobs()) == before
     finally:
         assert frame.name not in service.delete_style(frame.name).names
+
+
+def check_series_runs_in_order_and_stops_with_what_is_done(service: GenerationService) -> None:
+    """A series is one job: every request is checked before any runs, each result equals
+    the request run alone, progress counts all batches, and an interrupt keeps the done."""
+    cells = [request(seed=seed, n_iter=n_iter) for seed, n_iter in ((3, 1), (4, 2), (5, 1))]
+    before = len(service.jobs())
+    try:
+        service.submit_series([*cells, request(checkpoint="nope")], label="bad")
+    except NotFoundError:
+        pass
+    else:
+        raise AssertionError("a series with an unknown checkpoint was accepted")
+    assert len(service.jobs()) == before
+    snapshots: list[ProgressSnapshot] = []
+    results = service.series(cells, label="grid", on_progress=snapshots.append)
+    assert [r.seeds for r in results] == [[3], [4, 5], [5]]
+    alone = service.generate(cells[1])
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(results[1].images, alone.images, strict=True)
+    )
+    assert {(s.job_no, s.job_count) for s in snapshots if s.state == "running"} >= {
+        (0, 4),
+        (3, 4),
+    }
+
+    long = [cells[0], request(seed=4, steps=8, n_iter=3), cells[2]]
+    asked: list[bool] = []
+
+    def stop_in_the_second(snapshot: ProgressSnapshot) -> None:
+        if snapshot.state != "running" or not snapshot.sampling_step:
+            return
+        time.sleep(0.05)  # slow steps: a remote replica sees the interrupt in time
+        if snapshot.job_no >= 1 and snapshot.sampling_step >= 2 and not asked:
+            asked.append(True)
+            threading.Thread(target=service.interrupt, args=(snapshot.job_id,)).start()
+
+    job = service.submit_series(long, label="grid", on_progress=stop_in_the_second)
+    stopped = service.series_result(job, 120)
+    assert len(stopped) == 2 and stopped[1].interrupted and len(stopped[1].images) < 3
+    assert np.array_equal(np.asarray(stopped[0].images[0]), np.asarray(results[0].images[0]))

@@ -1006,3 +1006,106 @@ def test_img2img_sd_upscale_script(server: Server) -> None:
     assert pixels_of_b64(payload["images"][0]).shape == (96, 144, 3)
     status, _, payload = call(server, "POST", "/img2img", {**body, "script_args": ["", 16, 99]})
     assert status == 422 and "script_args" in payload["detail"]
+
+
+def xyz_args(**changes: Any) -> list[Any]:
+    """A1111 1.10's 18 x/y/z plot script_args, X = Steps 1,2 and Y = Seed 5,6."""
+    args = {
+        "x_type": 4,
+        "x_values": "1,2",
+        "x_values_dropdown": [],
+        "y_type": 1,
+        "y_values": "5,6",
+        "y_values_dropdown": [],
+        "z_type": 0,
+        "z_values": "",
+        "z_values_dropdown": [],
+        "draw_legend": False,
+        "include_lone_images": False,
+        "include_sub_grids": False,
+        "no_fixed_seeds": False,
+        "vary_seeds_x": False,
+        "vary_seeds_y": False,
+        "vary_seeds_z": False,
+        "margin_size": 0,
+        "csv_mode": False,
+    }
+    return list({**args, **changes}.values())
+
+
+def test_webuiapi_xyz_plot_grid_equals_its_cells(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1", port=server.port, username=API_USER, password=API_PASSWORD
+    )
+    try:
+        client.util_set_model(SD1)
+        grid = client.txt2img(
+            prompt="a boat <lora:ink:0.5>",
+            sampler_name="Euler",
+            width=64,
+            height=64,
+            script_name="X/Y/Z plot",
+            script_args=xyz_args(),
+        )
+        cell = client.txt2img(
+            prompt="a boat <lora:ink:0.5>",
+            sampler_name="Euler",
+            steps=2,
+            seed=6,
+            width=64,
+            height=64,
+        )
+    finally:
+        client.session.close()
+    assert len(grid.images) == 1 and grid.image.size == (128, 128)
+    bottom_right = np.asarray(grid.image)[64:, 64:]  # x = 2 steps, y = seed 6
+    assert np.array_equal(bottom_right, np.asarray(cell.image.convert("RGB")))
+    params = grid.info["infotexts"][0]
+    assert "Script: X/Y/Z plot" in params and 'X Values: "1,2"' in params
+    assert "Fixed Y Values" in params
+
+
+def test_xyz_plot_raw_json_saves_grids_and_refuses_lacking_axes(server: Server) -> None:
+    body = {
+        "prompt": "a boat",
+        "seed": 3,
+        **SMALL,
+        "save_images": True,
+        "script_name": "x/y/z plot",
+        "script_args": xyz_args(draw_legend=True, include_lone_images=True, y_type=0),
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 200, payload
+    assert len(payload["images"]) == 3  # the grid, then its two cells
+    legend = pixels_of_b64(payload["images"][0])
+    assert legend.shape[1] == 128 and legend.shape[0] > 64  # the labels sit on top
+    grids = list((server.data / "outputs" / "txt2img-grids").rglob("*.png"))
+    assert grids and read_infotext(max(grids, key=os.path.getmtime)).count("X/Y/Z plot") == 1
+    for index, name in ((23, "'Eta' axis is not implemented"), (99, "axis index 99")):
+        status, _, payload = call(
+            server, "POST", "/txt2img", {**body, "script_args": xyz_args(x_type=index)}
+        )
+        assert status == 422 and name in payload["detail"], payload
+
+
+def test_img2img_xyz_plot_uses_the_img2img_axis_list(server: Server) -> None:
+    init, _ = _init_and_mask()
+    body = {
+        "init_images": [_png_b64(init)],
+        "prompt": "a door",
+        "seed": 2,
+        **SMALL,
+        "script_name": "X/Y/Z plot",
+        # img2img's list: 24 is Denoising (txt2img's 24 is Clip skip), 25 noise multiplier
+        "script_args": xyz_args(x_type=24, x_values="0.3, 0.6", y_type=25, y_values="1, 0.9"),
+        "override_settings": {"sd_model_checkpoint": SD1},
+    }
+    status, _, payload = call(server, "POST", "/img2img", body)
+    assert status == 200, payload
+    assert pixels_of_b64(payload["images"][0]).shape == (128, 128, 3)
+    info = json.loads(payload["info"])
+    assert "X Type: Denoising" in info["infotexts"][0]
+    assert "Y Type: Initial noise multiplier" in info["infotexts"][0]

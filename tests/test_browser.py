@@ -69,6 +69,7 @@ def page(browser: object, app: tuple[str, Path]) -> Iterator[object]:
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(app[0])
     page.locator("#generate").wait_for()
+    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
     try:
         yield page
     finally:
@@ -357,14 +358,8 @@ def test_hires_fix_from_the_page_and_back_through_png_info(
     page.locator("#txt2img_hr input[type=checkbox]").check()
     section.wait_for(state="visible")
     final = page.locator("#txt2img_hr_final_resolution")
-    for _ in range(3):  # the page's load events may still be writing the defaults
-        for elem_id, value in (("steps", 2), ("width", 64), ("height", 80), ("seed", 21)):
-            set_number(page, elem_id, value)
-        try:
-            sync_api.expect(final).to_have_text("from 64x80 to 128x160", timeout=5000)
-            break
-        except AssertionError:
-            continue
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 80), ("seed", 21)):
+        set_number(page, elem_id, value)
     sync_api.expect(final).to_have_text("from 64x80 to 128x160", timeout=TIMEOUT_MS)
     page.locator("#txt2img_hr_upscaler input").click()
     page.get_by_role("option", name="2x_tiny").click()
@@ -387,6 +382,7 @@ def test_hires_fix_from_the_page_and_back_through_png_info(
 
     page.reload()  # a new page: Hires fix off; PNG Info turns it back on with the values
     page.locator("#generate").wait_for()
+    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
     assert not page.locator("#txt2img_hr input[type=checkbox]").is_checked()
     page.get_by_role("tab", name="PNG Info").click()
     page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))

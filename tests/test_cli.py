@@ -287,3 +287,29 @@ def test_styles_from_the_data_dir(
     assert main(["generate", *SMALL, *common, "--style", "nope"]) == EXIT_USAGE
     error = capsys.readouterr().err
     assert "unknown style 'nope'" in error and "'frame'" in error
+
+
+def test_xyz_plot_from_the_cli_writes_the_grid_and_cells(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    arguments = [
+        *("generate", "--prompt", "a boat", "--seed", "4", "--steps", "2", "--threads", "2"),
+        *("--width", "64", "--height", "64", "--ckpt", "tiny-sd1"),
+        *("--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)),
+        *("--xyz-x", "Steps=1,2", "--xyz-y", "CFG Scale=3, 7", "--xyz-no-legend", "--xyz-cells"),
+    ]
+    assert main(arguments) == 0
+    grid, *cells = capsys.readouterr().out.split()
+    assert "/outputs/txt2img-grids/" in grid and len(cells) == 4
+    assert all("/outputs/txt2img-images/" in cell for cell in cells)
+    pixels = np.asarray(Image.open(grid).convert("RGB"))
+    assert pixels.shape == (128, 128, 3)
+    last = np.asarray(Image.open(cells[3]).convert("RGB"))  # x = 2 steps, y = CFG 7
+    assert np.array_equal(pixels[64:, 64:], last)
+    assert "Script: X/Y/Z plot" in (read_infotext(Path(grid)) or "")
+    assert "CFG scale: 7" in (read_infotext(Path(cells[3])) or "")
+    bad = [*arguments[:-6], "--xyz-x", "Eta=0,1"]
+    assert main(bad) == EXIT_USAGE
+    assert "'Eta' axis is not implemented" in capsys.readouterr().err

@@ -131,6 +131,10 @@ def test_contract_img2img(remote: Service) -> None:
     contract.check_img2img_same_pixels_and_kept_outside(remote)
 
 
+def test_contract_series(remote: Service) -> None:
+    contract.check_series_runs_in_order_and_stops_with_what_is_done(remote)
+
+
 def test_contract_extras(remote: Service) -> None:
     contract.check_extras_with_a_model_upscaler(remote)
 

@@ -67,6 +67,10 @@ def test_contract_img2img(service: Service) -> None:
     contract.check_img2img_same_pixels_and_kept_outside(service)
 
 
+def test_contract_series(service: Service) -> None:
+    contract.check_series_runs_in_order_and_stops_with_what_is_done(service)
+
+
 def test_contract_extras(service: Service) -> None:
     contract.check_extras_with_a_model_upscaler(service)
 

@@ -47,6 +47,7 @@ from pipelines.schema import (
     SdUpscale,
 )
 from pipelines.styles import PromptStyle, extract_styles
+from pipelines.xyz import XyzPlot, xyz_from_script_args
 
 VERSION = f"lorastack {__version__}"
 
@@ -250,6 +251,7 @@ class Txt2ImgCall:
     restore_checkpoint: bool = True
     ignored: list[str] = field(default_factory=list)
     include_init_images: bool = False
+    xyz: XyzPlot | None = None  # script_name "x/y/z plot": a grid of this request's cells
 
 
 # ------------------------------------------------------------------------ value checks
@@ -395,10 +397,27 @@ def parse_txt2img(body: object, options: ApiOptions) -> Txt2ImgCall:
         ...               ApiOptions()).request.scheduler
         'karras'
     """
-    call, _ = _parse_generation(body, options, TXT2IMG_DEFAULTS, _TXT2IMG_USED)
+    plot, rest = _xyz_script(body)
+    call, _ = _parse_generation(rest, options, TXT2IMG_DEFAULTS, _TXT2IMG_USED)
     if isinstance(body, dict) and _flag("enable_hr", body.get("enable_hr") or False):
         call.request = _with_hires(call.request, body)
+    call.xyz = plot
     return call
+
+
+XYZ_SCRIPT = "x/y/z plot"
+
+
+def _xyz_script(body: object) -> tuple[XyzPlot | None, object]:
+    """The X/Y/Z plot a body asks for by `script_name` (any case, as A1111 matches
+    script titles), and the body without the script fields."""
+    if not isinstance(body, dict):
+        return None, body
+    script = body.get("script_name")
+    if not script or _text("script_name", script).strip().lower() != XYZ_SCRIPT:
+        return None, body
+    plot = xyz_from_script_args(body.get("script_args") or [])
+    return plot, {k: v for k, v in body.items() if k not in ("script_name", "script_args")}
 
 
 _SAME = ("", "Use same sampler", "Use same scheduler", "Use same checkpoint")
@@ -626,6 +645,8 @@ def parse_img2img(
 
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", field="body")
+    plot, body = _xyz_script(body)
+    assert isinstance(body, dict)
     script = body.get("script_name")
     outpaint = None
     script_fill = None
@@ -691,6 +712,7 @@ def parse_img2img(
     call.include_init_images = _flag("include_init_images", get("include_init_images"))
     if not call.include_init_images:
         call.parameters = {**call.parameters, "init_images": None, "mask": None}
+    call.xyz = plot
     return call
 
 

@@ -35,6 +35,7 @@ from pipelines.output import save_png
 from pipelines.samplers import list_samplers, list_schedulers
 from pipelines.schema import LATENT_UPSCALE_MODES
 from pipelines.settings import Settings, parse_credentials
+from pipelines.xyz import run_xyz
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,23 @@ class A1111Api:
         if call.ignored:
             log.info("%s: ignored A1111 fields: %s", kind, ", ".join(call.ignored))
         started = time.time()
-        result = self.service.generate(call.request, user=user)
+        grids = 0
+        if call.xyz is not None:
+            output = run_xyz(self.service, call.request, call.xyz, user=user)
+            result, grids = output.as_result(call.request), output.grids
+        else:
+            result = self.service.generate(call.request, user=user)
         if call.request.checkpoint and not call.restore_checkpoint:
             # override_settings_restore_afterwards false: the override stays selected
             self.service.select_checkpoint(call.request.checkpoint, user=user)
         pngs = []
-        for image, seed, infotext in zip(
-            result.images, result.seeds, result.infotexts, strict=True
+        for index, (image, seed, infotext) in enumerate(
+            zip(result.images, result.seeds, result.infotexts, strict=True)
         ):
             png = write_png_with_infotext(image, infotext)
             if call.save_images:
-                save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
+                folder = f"{kind}-grids" if index < grids else f"{kind}-images"
+                save_png(self.settings.outputs_dir, png, seed, kind=folder)
             pngs.append(png)
         return a1111.txt2img_response(call, result, pngs, started)
 

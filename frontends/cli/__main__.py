@@ -153,6 +153,63 @@ def _add_hires_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hr-negative-prompt", default="", help="(default: the same)")
 
 
+def _add_xyz_flags(parser: argparse.ArgumentParser) -> None:
+    """A1111's X/Y/Z plot script: an axis is TYPE=VALUES (TYPE an axis label or A1111's
+    index)."""
+    group = parser.add_argument_group(
+        "X/Y/Z plot",
+        "a grid over up to three axes, e.g. --xyz-x 'LoRA weight=ink: 0-1 [5]' "
+        "--xyz-y 'Seed=1-4'; values as A1111's (lists, 1-5, 1-5 (+2), 0.2-1 [5])",
+    )
+    for axis in "xyz":
+        group.add_argument(f"--xyz-{axis}", metavar="TYPE=VALUES", help=f"the {axis.upper()} axis")
+    group.add_argument("--xyz-no-legend", action="store_true", help="no labels on the grid")
+    group.add_argument("--xyz-margin", type=int, default=0, help="pixels between cells (0)")
+    group.add_argument(
+        "--xyz-cells", action="store_true", help="also write every cell's image (sub images)"
+    )
+    group.add_argument(
+        "--xyz-vary-seeds",
+        default="",
+        metavar="AXES",
+        help="e.g. xy: the seed grows along those axes (A1111's Vary seeds)",
+    )
+    group.add_argument("--xyz-keep-random-seeds", action="store_true", help="keep -1 per cell")
+
+
+def _xyz(args: argparse.Namespace) -> Any:
+    """The XyzPlot the flags ask for (None without any --xyz-x/-y/-z)."""
+    from pipelines.xyz import AxisSpec, XyzPlot
+
+    specs = []
+    for axis in "xyz":
+        text = getattr(args, f"xyz_{axis}")
+        if text is None:
+            specs.append(AxisSpec())
+            continue
+        kind, equals, values = text.partition("=")
+        if not equals or not kind.strip():
+            raise InvalidRequestError(
+                f"--xyz-{axis} takes TYPE=VALUES, e.g. 'Steps=10,20', got {text!r}",
+                field=f"xyz_{axis}",
+            )
+        name = kind.strip()
+        specs.append(AxisSpec(int(name) if name.isdigit() else name, values.strip()))
+    if all(spec.type == "Nothing" for spec in specs):
+        return None
+    vary = args.xyz_vary_seeds.lower()
+    return XyzPlot(
+        *specs,
+        draw_legend=not args.xyz_no_legend,
+        include_lone_images=args.xyz_cells,
+        no_fixed_seeds=args.xyz_keep_random_seeds,
+        vary_seeds_x="x" in vary,
+        vary_seeds_y="y" in vary,
+        vary_seeds_z="z" in vary,
+        margin_size=args.xyz_margin,
+    )
+
+
 def _hires(args: argparse.Namespace) -> Any:
     """HiresFix from the hires flags (None without --enable-hr)."""
     from pipelines.schema import HiresFix
@@ -253,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_img2img_flags(generate)
     _add_hires_flags(generate)
+    _add_xyz_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
@@ -340,6 +398,11 @@ def _generate(args: argparse.Namespace) -> int:
     )
     request.validated(settings.bounds)  # fail on bad values before loading anything
     _style_store(settings).resolve(request.styles)  # and on unknown styles
+    plot = _xyz(args)
+    if plot is not None:
+        from pipelines.xyz import plan_grid
+
+        plan_grid(request, plot, settings.bounds)  # axes and values checked before loading
     from tqdm import tqdm
 
     from pipelines.infotext import write_png_with_infotext
@@ -355,15 +418,26 @@ def _generate(args: argparse.Namespace) -> int:
             done = progress.job_no * progress.sampling_steps + progress.sampling_step
             bar.update(max(0, done - bar.n))
 
-        result = service.generate(request, on_progress=on_step)
+        grids = 0
+        if plot is not None:
+            from pipelines.xyz import run_xyz
+
+            bar.total = None  # cells of other step counts: the bar counts steps as they come
+            output = run_xyz(service, request, plot, user="local", on_progress=on_step)
+            result, grids = output.as_result(request), output.grids
+        else:
+            result = service.generate(request, on_progress=on_step)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    for image, seed, infotext in zip(result.images, result.seeds, result.infotexts, strict=True):
+    for index, (image, seed, infotext) in enumerate(
+        zip(result.images, result.seeds, result.infotexts, strict=True)
+    ):
         png = write_png_with_infotext(image, infotext)
+        kind = f"{request.kind}-grids" if index < grids else f"{request.kind}-images"
         if args.out is not None:
             path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
         else:
-            path = save_png(settings.outputs_dir, png, seed, kind=f"{request.kind}-images")
+            path = save_png(settings.outputs_dir, png, seed, kind=kind)
         print(path)
     if result.interrupted:
         print("interrupted: fewer images than asked for", file=sys.stderr)

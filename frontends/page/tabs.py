@@ -130,6 +130,11 @@ def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
     return None if same_user and same_password else "wrong admin user or password"
 
 
+DEFAULTS_MARK = "defaultsLoaded"
+"""Set on the page's <html> dataset once the fields hold the server's defaults (the
+browser tests wait for it before typing, as a page load may overwrite earlier input)."""
+
+
 def build_settings(
     service: GenerationService,
     settings: Settings,
@@ -193,6 +198,11 @@ def build_settings(
         gr.Info("Saved: new pages start with these defaults")
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)
-    page.load(current, None, [edits[name] for name in names], **QUICK)
-    for controls in tabs_controls:
-        page.load(current, None, [controls[name] for name in names], **QUICK)
+    targets = [edits, *tabs_controls]  # one event, so one mark says all are set
+
+    def current_everywhere() -> list[Any]:
+        return current() * len(targets)
+
+    page.load(current_everywhere, None, [t[name] for t in targets for name in names], **QUICK).then(
+        None, js=f"() => {{ document.documentElement.dataset.{DEFAULTS_MARK} = '1'; }}"
+    )
