@@ -169,6 +169,8 @@ def check_styles_are_applied_before_queueing(service: GenerationService) -> None
         assert styled.request.styles == (frame.name,)
         assert np.array_equal(np.asarray(styled.images[0]), np.asarray(typed.images[0]))
         assert styled.infotexts == typed.infotexts
+        cells = service.series([request(seed=3, styles=(frame.name,))], label="styled cells")
+        assert cells[0].request.prompt == "masterpiece, a tower"  # X/Y/Z cells are styled too
         before = len(service.jobs())
         try:
             service.submit(request(styles=("no-such-style",)))
