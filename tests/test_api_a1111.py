@@ -99,6 +99,7 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
     "body",
     [
         {"restore_faces": True},
+        {"script_name": "prompt matrix"},
         {"alwayson_scripts": {"controlnet": {"args": []}}},
         {"s_noise": 0.9},
         {"eta": 0.5},

@@ -20,6 +20,7 @@ from safetensors.torch import save
 from deployments.ingest import IngestPolicy
 from deployments.zerogpu import ZeroGpuRunner
 from frontends.page.files_tab import add_download, add_uploads, storage_notes
+from frontends.page.hires_panel import OFF as HIRES_OFF
 from frontends.page.ui import build_ui
 from pipelines.engine import Engine
 from pipelines.interface import DEMO_MODEL_NAME
@@ -300,13 +301,49 @@ def generate_event(page: gr.Blocks) -> Any:
     return function
 
 
-def press_generate(page: gr.Blocks, request: gr.Request, loras: list | None = None) -> list:
-    values = ["a tower", "", 1, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1]
+XYZ_DEFAULTS = {
+    "x_type": "Seed",
+    "x_values": "",
+    "y_type": "Nothing",
+    "y_values": "",
+    "z_type": "Nothing",
+    "z_values": "",
+    "draw_legend": True,
+    "no_fixed_seeds": False,
+    "vary_seeds_x": False,
+    "vary_seeds_y": False,
+    "vary_seeds_z": False,
+    "include_lone_images": False,
+    "include_sub_grids": False,
+    "margin_size": 0,
+}
+PAGE_OFF = {
+    **HIRES_OFF,
+    "script_name": "None",
+    **{f"xyz_{name}": value for name, value in XYZ_DEFAULTS.items()},
+}
+"""The Hires fix and Script values of a new page: off."""
+
+
+def start_generate(
+    page: gr.Blocks, request: gr.Request, loras: list | None = None, steps: int = 1
+) -> Any:
+    values = ["a tower", "", steps, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1]
     extra = [-1, 0.0, 0, 0, False, "CPU"]  # subseed, strength, resize w/h, tiling, source
     callback = generate_event(page)
-    return list(
-        callback(*values, DEMO_MODEL_NAME, loras or [], *extra, request, lambda *a, **k: None)
+    return callback(
+        *values,
+        DEMO_MODEL_NAME,
+        loras or [],
+        *extra,
+        **PAGE_OFF,
+        request=request,
+        progress=lambda *a, **k: None,
     )
+
+
+def press_generate(page: gr.Blocks, request: gr.Request, loras: list | None = None) -> list:
+    return list(start_generate(page, request, loras))
 
 
 def visitor(username: str | None = None, host: str = "10.0.0.7") -> gr.Request:
@@ -328,10 +365,7 @@ def test_rate_limit_through_the_generate_callback(engine: Service) -> None:
 def test_queue_slot_is_held_while_the_job_runs(engine: Service) -> None:
     limits = UserLimits(queue_slots=1)
     page = make_page(with_limits(engine, limits), env={})
-    stream = generate_event(page)(
-        "a tower", "", 2, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1,
-        DEMO_MODEL_NAME, [], -1, 0.0, 0, 0, False, "CPU", visitor("ann"), lambda *a, **k: None,
-    )  # fmt: skip
+    stream = start_generate(page, visitor("ann"), steps=2)
     next(stream)  # the job is queued (its id came back)
     assert limits.slots.in_use("user:ann") == 1
     with pytest.raises(gr.Error, match="queue limit"):

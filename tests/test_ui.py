@@ -467,6 +467,34 @@ def test_endpoint_hires_fix_and_its_recalled_values_replay(
         assert image.size == (64, 64)
 
 
+def test_endpoint_xyz_plot_shows_and_saves_the_grid(served: tuple[str, Path]) -> None:
+    url, data = served
+    plot = {
+        "script_name": "X/Y/Z plot",
+        "xyz_x_type": "LoRA weight",
+        "xyz_x_values": "ink: 0, 1",
+        "xyz_y_type": "Steps",
+        "xyz_y_values": "1,2",
+        "xyz_draw_legend": False,
+        "xyz_include_lone_images": True,
+    }
+    images, infotext, seeds = call(url, **plot)
+    assert len(images) == 1 + 4 and seeds[0] == 9
+    with Image.open(images[0]["image"]) as grid:
+        assert grid.size == (128, 128)
+        pixels = np.asarray(grid.convert("RGB"))
+    with Image.open(images[4]["image"]) as cell:  # x = ink 1, y = 2 steps
+        assert np.array_equal(pixels[64:, 64:], np.asarray(cell.convert("RGB")))
+    params = parse_infotext(infotext).params
+    assert (params["Script"], params["X Type"], params["X Values"]) == (
+        "X/Y/Z plot",
+        "LoRA weight",
+        "ink: 0, 1",
+    )
+    assert sorted((data / "outputs" / "txt2img-grids").rglob("*.png"))
+    assert "<lora:ink:1>" in parse_infotext(read_infotext(images[4]["image"]) or "").prompt
+
+
 def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:
     _, infotext, _ = call(
         served[0], prompt="a tower <lora:ink:0.5>", loras=[{"name": "ink", "weight": 1.0}]

@@ -41,6 +41,13 @@ from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
+from frontends.page.xyz_panel import (
+    SCRIPTS,
+    XYZ_TITLE,
+    XYZ_VALUES,
+    build_xyz_controls,
+    xyz_plot_from_values,
+)
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.infotext import write_png_with_infotext
@@ -60,6 +67,7 @@ from pipelines.schema import (
     request_from_dict,
 )
 from pipelines.settings import Settings
+from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_grid
 
 PREVIEW_EVERY = 3
 """Steps between two live previews."""
@@ -232,18 +240,37 @@ def build_ui(
         hr_scheduler: str,
         hr_prompt: str,
         hr_negative_prompt: str,
-        styles: list[str] | None,
+        script_name: str,
+        xyz_x_type: str,
+        xyz_x_values: str,
+        xyz_y_type: str,
+        xyz_y_values: str,
+        xyz_z_type: str,
+        xyz_z_values: str,
+        xyz_draw_legend: bool,
+        xyz_no_fixed_seeds: bool,
+        xyz_vary_seeds_x: bool,
+        xyz_vary_seeds_y: bool,
+        xyz_vary_seeds_z: bool,
+        xyz_include_lone_images: bool,
+        xyz_include_sub_grids: bool,
+        xyz_margin_size: float,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
+        styles: list[str] | None = None,  # last: callers from before styles leave it out
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
         gallery, the first image's infotext, the seeds and the job id (for Interrupt).
-        With Hires. fix on, the request carries its HiresFix and denoising strength."""
+        With Hires. fix on, the request carries its HiresFix and denoising strength; with
+        the X/Y/Z plot script, the cells run as one job and the gallery shows the grid."""
         named = (*API_FIELDS, *EXTRA_FIELDS)
-        given = {name: value for name, value in locals().items() if name in named}
-        hires_values = {name: value for name, value in locals().items() if name in HIRES_FIELDS}
+        scope = locals()
+        given = {name: value for name, value in scope.items() if name in named}
+        hires_values = {name: value for name, value in scope.items() if name in HIRES_FIELDS}
+        xyz_values = {name: scope[f"xyz_{name}"] for name in XYZ_VALUES}
         try:
             hires = hires_from_values({**hires_values, "sampler_name": sampler_name})
+            plot = xyz_plot_from_values(xyz_values) if script_name == XYZ_TITLE else None
         except LorastackError as error:
             raise gr.Error(error.message) from error
         if hires is not None:
@@ -251,7 +278,7 @@ def build_ui(
         extra: dict[str, Any] = {"styles": tuple(styles or ())}
         if hires is not None:
             extra["hires"] = hires
-        yield from generate(given, checkpoint, loras, extra, request, progress)
+        yield from generate(given, checkpoint, loras, extra, request, progress, plot)
 
     def img2img(
         data: dict[Any, Any],
@@ -278,9 +305,10 @@ def build_ui(
         extra: dict[str, Any],
         request: gr.Request,
         progress: gr.Progress,
+        plot: XyzPlot | None = None,
     ) -> Iterator[tuple[Any, ...]]:
-        """Build the request from the fields and `extra` (its other fields), submit it and
-        stream it; every user error shows in the page."""
+        """Build the request from the fields and `extra` (its other fields), submit it (or
+        the X/Y/Z `plot` of it) and stream it; every user error shows in the page."""
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -294,29 +322,38 @@ def build_ui(
                     **extra,
                 }
             )
-            for item in follow_job(service, generation, page_user(request), preview_every):
+            plan = None if plot is None else plan_grid(generation, plot, bounds)
+            unit = "cell" if plan is not None and generation.n_iter == 1 else "batch"
+            user = page_user(request)
+            for item in follow_job(service, generation, user, preview_every, plan):
                 if isinstance(item, str):  # the job id, kept for Interrupt
                     yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), item
                 elif isinstance(item, ProgressSnapshot):
-                    progress(item.fraction, desc=step_text(item))
+                    progress(item.fraction, desc=step_text(item, unit))
                     if item.preview:
                         yield list(item.preview), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 elif item is None:
                     gr.Info("Interrupted before it started")
                     yield [], "", [], [], ""
                     return
+                elif isinstance(item, GridOutput):
+                    yield (*finish(item.as_result(generation), generation.kind, item.grids), "")
                 else:
-                    yield (*finish(item, f"{generation.kind}-images"), "")
+                    yield (*finish(item, generation.kind), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
-    def finish(result: GenerationResult, kind: str) -> tuple[list, str, list[int], list[str]]:
+    def finish(
+        result: GenerationResult, kind: str, grids: int = 0
+    ) -> tuple[list, str, list[int], list[str]]:
+        """Save every image (the first `grids` to the grids folder) and fill the gallery."""
         gallery = []
-        for image, seed_used, infotext in zip(
-            result.images, result.seeds, result.infotexts, strict=True
+        for index, (image, seed_used, infotext) in enumerate(
+            zip(result.images, result.seeds, result.infotexts, strict=True)
         ):
             png = write_png_with_infotext(image, infotext)
-            path = save_png(settings.outputs_dir, png, seed_used, kind=kind)
+            folder = f"{kind}-grids" if index < grids else f"{kind}-images"
+            path = save_png(settings.outputs_dir, png, seed_used, kind=folder)
             gallery.append((str(path), f"seed {seed_used}"))
         notes = list(result.notes)
         if result.interrupted:
@@ -362,6 +399,17 @@ def build_ui(
                             service.upscaler_names, checkpoint_choices, bounds, page
                         )
                         controls.update(hires)
+                        script = gr.Dropdown(
+                            list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="script_list"
+                        )
+                        with gr.Group(visible=False, elem_id="txt2img_xyz") as xyz_group:
+                            xyz = build_xyz_controls("txt2img_")
+                        script.change(
+                            lambda chosen: gr.Group(visible=chosen == XYZ_TITLE),
+                            script,
+                            xyz_group,
+                            **QUICK,
+                        )
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
                     with gr.Column(scale=2):
@@ -411,10 +459,14 @@ def build_ui(
             panel.stack,
             *(controls[name] for name in EXTRA_FIELDS),
             *(controls[name] for name in HIRES_FIELDS),
+            script,
+            *(xyz[name] for name in XYZ_VALUES),
             styles.dropdown,
         ]
-        parameters = list(inspect.signature(txt2img).parameters)
-        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, "styles"]
+        special = ("request", "progress")  # Gradio injects them where they stand
+        parameters = [p for p in inspect.signature(txt2img).parameters if p not in special]
+        named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS]
+        named += ["script_name", *(f"xyz_{name}" for name in XYZ_VALUES), "styles"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -501,12 +553,28 @@ def page_user(request: gr.Request | None) -> str:
 
 
 def follow_job(
-    service: GenerationService, request: GenerationRequest, user: str, preview_every: int
-) -> Iterator[str | ProgressSnapshot | GenerationResult | None]:
-    """Submit `request`; yield its job id, then progress snapshots, then the result (None
-    when it was taken out of the queue before it started)."""
+    service: GenerationService,
+    request: GenerationRequest,
+    user: str,
+    preview_every: int,
+    plan: GridPlan | None = None,
+) -> Iterator[str | ProgressSnapshot | GenerationResult | GridOutput | None]:
+    """Submit `request` (or, with an X/Y/Z `plan`, its cells as one series job); yield the
+    job id, then progress snapshots, then the result or the assembled grid (None when it
+    was taken out of the queue before it started)."""
     updates: queue.Queue[ProgressSnapshot] = queue.Queue()
-    job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
+    if plan is not None:
+        job = service.submit_series(
+            [cell.request for cell in plan.cells],
+            label=f"{XYZ_TITLE}: {request.prompt}",
+            user=user,
+            on_progress=updates.put,
+            preview_every=preview_every,
+        )
+    else:
+        job = service.submit(
+            request, user=user, on_progress=updates.put, preview_every=preview_every
+        )
     yield job
     while True:
         snapshot = updates.get()
@@ -516,6 +584,9 @@ def follow_job(
             yield snapshot
     if snapshot.state == "cancelled":
         yield None
+        return
+    if plan is not None:
+        yield assemble_grid(plan, service.series_result(job))
         return
     yield service.result(job)
 
@@ -530,8 +601,8 @@ def interrupt_jobs(service: GenerationService, job_id: str, user: str) -> str:
     return f"Interrupting {stopped} job(s) of yours" if stopped else "Nothing of yours is running"
 
 
-def step_text(update: ProgressSnapshot) -> str:
-    batch = f"batch {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
+def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
+    batch = f"{unit} {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
     return (
         f"{batch}step {update.sampling_step}/{update.sampling_steps}, ETA {update.eta_seconds:.0f}s"
     )

@@ -14,6 +14,26 @@ from frontends.page.lora_panel import QUICK
 from pipelines.xyz import LORA_WEIGHT, AxisSpec, XyzPlot, axes_for
 
 XYZ_TITLE = "X/Y/Z plot"
+SCRIPTS = ("None", XYZ_TITLE)
+"""The txt2img tab's Script choices (A1111's titles)."""
+XYZ_VALUES = (
+    "x_type",
+    "x_values",
+    "y_type",
+    "y_values",
+    "z_type",
+    "z_values",
+    "draw_legend",
+    "no_fixed_seeds",
+    "vary_seeds_x",
+    "vary_seeds_y",
+    "vary_seeds_z",
+    "include_lone_images",
+    "include_sub_grids",
+    "margin_size",
+)
+"""The controls `build_xyz_controls` returns, in the order the page's endpoint takes them
+(prefixed `xyz_`)."""
 AXIS_HINT = (
     "Values as in A1111: `1,2,3`, `1-5`, `1-5 (+2)`, `0.2-1 [5]`, quoted CSV for text. "
     f"**{LORA_WEIGHT}**: `NAME: weights`, e.g. `ink: 0-1 [5]` (overrides the LoRA's tag "
