@@ -19,6 +19,7 @@ from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
+from pipelines.styles import PromptStyle, StyleSheet
 
 if TYPE_CHECKING:
     from pipelines.extras import ExtrasRequest, ExtrasResult
@@ -253,4 +254,20 @@ class GenerationService(Protocol):
 
     def rescan(self) -> None:
         """Rescan every model folder (hashing runs in the background)."""
+        ...
+
+    # -- prompt styles (`styles.csv` in the data dir, A1111's format)
+
+    def styles(self) -> StyleSheet:
+        """The styles as the file holds them now, with the rows that could not be read
+        (line numbers and reasons)."""
+        ...
+
+    def save_style(self, style: PromptStyle) -> StyleSheet:
+        """Add `style` or replace the one of that name; the file is saved atomically.
+        Front ends decide who may (an admin action on a shared server)."""
+        ...
+
+    def delete_style(self, name: str) -> StyleSheet:
+        """Remove a style (NotFoundError when there is none of that name)."""
         ...

@@ -192,7 +192,9 @@ class GenerationRequest:
     """Everything that determines an image; every front end builds exactly this.
 
     `checkpoint=None` means the engine's current model. `loras` is the UI/API stack;
-    `<lora:...>` tags inside `prompt` are merged into it by the engine.
+    `<lora:...>` tags inside `prompt` are merged into it by the engine. `styles` names
+    prompt styles (`styles.csv`); the service merges them into the prompts before queueing,
+    so the runner sees the styled prompts and `styles` only records the names.
     """
 
     prompt: str = ""
@@ -218,6 +220,7 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     img2img: ImageInputs | None = None  # None: txt2img
     hires: HiresFix | None = None  # txt2img only
+    styles: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def kind(self) -> str:
@@ -404,13 +407,22 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     if request.checkpoint is not None:
         _check_text("checkpoint", request.checkpoint, 4096)
     loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
+    styles = _check_styles(request.styles)
     if request.img2img is not None:
         _check_image_inputs(request.img2img, batch, bounds)
     if request.hires is not None:
         if request.img2img is not None:
             raise InvalidRequestError("hires fix is a txt2img option", field="enable_hr")
         _check_hires(request.hires, width, height, batch, bounds)
-    return replace(request, width=width, height=height, loras=loras)
+    return replace(request, width=width, height=height, loras=loras, styles=styles)
+
+
+def _check_styles(styles: object) -> tuple[str, ...]:
+    if not isinstance(styles, tuple | list) or not all(
+        isinstance(name, str) and name and "\x00" not in name for name in styles
+    ):
+        raise InvalidRequestError("styles must be a list of style names", field="styles")
+    return tuple(styles)
 
 
 def _check_hires(hires: HiresFix, width: int, height: int, batch: int, bounds: Bounds) -> None:

@@ -44,6 +44,7 @@ from pipelines.schema import (
     HiresFix,
 )
 from pipelines.settings import Settings
+from pipelines.styles import STYLES_FILE, PromptStyle, StyleSheet, StyleStore, apply_to_request
 from pipelines.upscalers import Upscaling
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class Service:
         self.folders = folders
         self.runner = runner
         self.startup_checkpoint: str | None = None  # the operator's --ckpt, once resolved
+        self.style_store = StyleStore(settings.data_dir / STYLES_FILE)
         self._device = runner.device()
         default_pixels = CPU_MAX_PIXELS if self._device.device == "cpu" else GPU_MAX_PIXELS
         self._bounds = replace(settings.bounds, max_pixels=settings.max_pixels or default_pixels)
@@ -206,7 +208,11 @@ class Service:
         return results
 
     def _prepare(self, request: GenerationRequest) -> _Generate:
-        """The checked request as a queue item: seed chosen, names resolved."""
+        """The checked request as a queue item: styles merged into the prompts (first, so
+        the bounds hold for the styled prompts and every runner gets the same prompts),
+        seed chosen, names resolved."""
+        if request.styles:
+            request = apply_to_request(request, self.style_store.resolve(request.styles))
         request = request.validated(self._bounds)
         inputs = check_request(request)
         for spec in inputs.stack:
@@ -354,6 +360,17 @@ class Service:
             with self._lock:
                 self._loading = None
             raise
+
+    # -- prompt styles
+
+    def styles(self) -> StyleSheet:
+        return self.style_store.sheet()
+
+    def save_style(self, style: PromptStyle) -> StyleSheet:
+        return self.style_store.save(style)
+
+    def delete_style(self, name: str) -> StyleSheet:
+        return self.style_store.delete(name)
 
     def rescan(self) -> None:
         self.folders.scan()

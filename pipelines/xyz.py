@@ -100,6 +100,12 @@ def _size(request: GenerationRequest, value: str, _values: list[Any]) -> Generat
         ) from None
 
 
+def _styles(request: GenerationRequest, value: str, _values: list[Any]) -> GenerationRequest:
+    """A1111's apply_styles: the value's comma-separated names added to the request's."""
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    return replace(request, styles=(*request.styles, *names))
+
+
 def _noise_multiplier(
     request: GenerationRequest, value: float, _values: list[Any]
 ) -> GenerationRequest:
@@ -164,7 +170,7 @@ AXES: tuple[Axis, ...] = (
     Axis("Hires upscaler", "str", _hires("upscaler"), only="txt2img"),
     _lacking("Cond. Image Mask Weight", "img2img"),
     _lacking("VAE"),
-    _lacking("Styles"),
+    Axis("Styles", "str", _styles),
     _lacking("UniPC Order"),
     _lacking("Face restore"),
     _lacking("Token merging ratio"),

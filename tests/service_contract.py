@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.interface import GenerationService, ProgressSnapshot
 from pipelines.schema import GenerationRequest, ImageInputs, LoraSpec
+from pipelines.styles import PromptStyle
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1", "prompt": "a tower"}
 
@@ -42,6 +43,7 @@ def check_plain_data_crosses(service: GenerationService) -> None:
         service.resolve_checkpoint("tiny-sd1"),
         service.resolve_lora("ink"),
         service.current_model(),
+        service.styles(),
         request(seed=1, loras=(LoraSpec("ink", 0.5),)),
         *snapshots,
     ]
@@ -149,6 +151,36 @@ def check_extras_with_a_model_upscaler(service: GenerationService) -> None:
     else:
         raise AssertionError("an unknown upscaler was accepted")
     assert service.jobs() == []
+
+
+def check_styles_are_applied_before_queueing(service: GenerationService) -> None:
+    """A request's styles are merged into its prompts by the service (A1111's rules), so a
+    styled request makes the pixels and infotext of the same prompts typed out; an unknown
+    style fails before queueing, naming the field."""
+    frame = PromptStyle("contract-frame", "masterpiece, {prompt}", "{prompt}, lowres")
+    assert service.save_style(frame).get(frame.name) == frame
+    try:
+        styled = service.generate(request(seed=3, negative_prompt="blurry", styles=(frame.name,)))
+        typed = service.generate(
+            request(seed=3, prompt="masterpiece, a tower", negative_prompt="blurry, lowres")
+        )
+        assert styled.request.prompt == "masterpiece, a tower"
+        assert styled.request.negative_prompt == "blurry, lowres"
+        assert styled.request.styles == (frame.name,)
+        assert np.array_equal(np.asarray(styled.images[0]), np.asarray(typed.images[0]))
+        assert styled.infotexts == typed.infotexts
+        cells = service.series([request(seed=3, styles=(frame.name,))], label="styled cells")
+        assert cells[0].request.prompt == "masterpiece, a tower"  # X/Y/Z cells are styled too
+        before = len(service.jobs())
+        try:
+            service.submit(request(styles=("no-such-style",)))
+        except InvalidRequestError as error:
+            assert error.field == "styles" and frame.name in error.message
+        else:
+            raise AssertionError("an unknown style was accepted")
+        assert len(service.jobs()) == before
+    finally:
+        assert frame.name not in service.delete_style(frame.name).names
 
 
 def check_series_runs_in_order_and_stops_with_what_is_done(service: GenerationService) -> None:

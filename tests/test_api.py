@@ -405,6 +405,50 @@ def test_png_info(server: Server) -> None:
         assert_a1111_error(payload, "image")
 
 
+def test_prompt_styles_listing_styles_field_and_png_info(server: Server) -> None:
+    """An A1111 styles.csv dropped into the data dir is listed, applied by `styles` (the
+    styled prompt in `info` and the PNG), and found again by png-info (`Styles array`)."""
+    path = server.data / "styles.csv"
+    with open(path, "w", encoding="utf-8-sig", newline="") as stream:
+        stream.write(
+            "name,prompt,negative_prompt\r\n"
+            'frame,"masterpiece, {prompt}","{prompt}, lowres"\r\n'
+            "tail,film grain,blurry\r\n"
+        )
+    try:
+        status, _, styles = call(server, "GET", "/prompt-styles")
+        assert status == 200 and styles == [
+            {
+                "name": "frame",
+                "prompt": "masterpiece, {prompt}",
+                "negative_prompt": "{prompt}, lowres",
+            },
+            {"name": "tail", "prompt": "film grain", "negative_prompt": "blurry"},
+        ]
+        body = {"prompt": "a cat", "negative_prompt": "ugly", "styles": ["frame", "tail"]}
+        status, _, payload = call(server, "POST", "/txt2img", {**body, "seed": 2, **SMALL})
+        assert status == 200, payload
+        info = json.loads(payload["info"])
+        assert info["prompt"] == "masterpiece, a cat, film grain" and info["styles"] == [
+            "frame",
+            "tail",
+        ]
+        assert info["negative_prompt"] == "ugly, lowres, blurry"
+        assert info["infotexts"][0].startswith(
+            "masterpiece, a cat, film grain\nNegative prompt: ugly, lowres, blurry\n"
+        )
+        status, _, found = call(server, "POST", "/png-info", {"image": payload["images"][0]})
+        assert found["parameters"]["Styles array"] == ["frame", "tail"]
+        assert found["parameters"]["Prompt"] == "a cat"
+        status, _, payload = call(server, "POST", "/txt2img", {"styles": ["nope"], **SMALL})
+        assert status == 422
+        assert_a1111_error(payload, "styles", "nope", "frame")
+    finally:
+        path.unlink()
+    status, _, styles = call(server, "GET", "/prompt-styles")
+    assert status == 200 and styles == []
+
+
 def test_progress_and_interrupt_during_a_generation(server: Server) -> None:
     status, _, idle = call(server, "GET", "/progress")
     assert status == 200

@@ -13,6 +13,7 @@ from frontends.api import a1111
 from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.infotext import write_png_with_infotext
 from pipelines.schema import GenerationRequest, GenerationResult
+from pipelines.styles import PromptStyle
 
 
 def parse(body: dict) -> a1111.Txt2ImgCall:
@@ -98,8 +99,6 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
     "body",
     [
         {"restore_faces": True},
-        {"styles": ["a"]},
-        {"styles": "not a list"},
         {"script_name": "prompt matrix"},
         {"alwayson_scripts": {"controlnet": {"args": []}}},
         {"s_noise": 0.9},
@@ -131,6 +130,8 @@ def test_unimplemented_fields_asking_for_something_are_422(body: dict[str, objec
         ({"override_settings": {"CLIP_stop_at_last_layers": 0}}, "override_settings."),
         ({"override_settings": {"sd_model_checkpoint": 5}}, "override_settings."),
         ({"save_images": 1}, "save_images"),
+        ({"styles": "not a list"}, "styles"),
+        ({"styles": ["a", 1]}, "styles"),
     ],
 )
 def test_errors_name_the_field(body: dict, field: str) -> None:
@@ -336,3 +337,44 @@ def test_prompts_from_file_script_on_img2img() -> None:
     assert call.series is not None and len(call.series) == 2
     assert all(r.img2img is not None and (r.width, r.height) == (72, 40) for r in call.series)
     assert call.series[0].seed >= 0 and call.series[1].seed == 4  # drawn once; its own
+
+
+def test_styles_field_is_the_requests_and_info_lists_it() -> None:
+    """`styles` names styles (applied by the service); null and [] mean none."""
+    assert parse({"styles": ["frame", "tail"]}).request.styles == ("frame", "tail")
+    assert parse({"styles": None}).request.styles == () == parse({}).request.styles
+    img2img = a1111.parse_img2img(
+        {"init_images": [_png_b64()], "styles": ["frame"]}, a1111.ApiOptions()
+    )
+    assert img2img.request.styles == ("frame",)
+    call = parse({"prompt": "cat", "styles": ["frame"]})
+    used = GenerationRequest(prompt="masterpiece, cat", styles=("frame",))
+    result = GenerationResult(
+        [Image.new("RGB", (8, 8))], [1], ["masterpiece, cat"], used, "m", None
+    )
+    info = a1111.txt2img_info(call, result, started=0.0)
+    assert info["prompt"] == "masterpiece, cat" and info["styles"] == ["frame"]
+
+
+def _png_b64(infotext: str | None = None) -> str:
+    image = Image.new("RGB", (16, 16))
+    data = write_png_with_infotext(image, infotext) if infotext else None
+    if data is None:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return base64.b64encode(data).decode()
+
+
+def test_png_info_finds_styles_as_a1111_apply_if_any() -> None:
+    styles = (
+        PromptStyle("frame", "masterpiece, {prompt}", "{prompt}, lowres"),
+        PromptStyle("tail", "film grain", "blurry"),
+    )
+    params = "Steps: 2, Seed: 5, Size: 8x8"
+    text = f"masterpiece, a cat, film grain\nNegative prompt: ugly, lowres, blurry\n{params}"
+    parameters = a1111.png_info({"image": _png_b64(text)}, styles)["parameters"]
+    assert parameters["Prompt"] == "a cat" and parameters["Negative prompt"] == "ugly"
+    assert parameters["Styles array"] == ["frame", "tail"]
+    plain = a1111.png_info({"image": _png_b64(text)})["parameters"]
+    assert "Styles array" not in plain and plain["Prompt"] == "masterpiece, a cat, film grain"

@@ -237,7 +237,9 @@ def test_inpaint_a_mask_painted_with_the_mouse(
     for elem_id, value in (("img2img_width", "128"), ("img2img_height", "96")):
         box = page.locator(f"#{elem_id} input[type=number]")
         sync_api.expect(box).to_have_value(value, timeout=TIMEOUT_MS)  # from the upload
-    # a stroke across the middle (the image is drawn centred in the canvas)
+    # a stroke across the middle (the image is drawn centred in the canvas), in view: mouse
+    # events outside the viewport paint nothing
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x - 100, y)

@@ -255,6 +255,40 @@ def test_hires_flags_give_the_services_pixels(
     assert np.array_equal(pixels, np.asarray(result.images[0]))
 
 
+def test_styles_from_the_data_dir(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--style` applies styles.csv's styles in order (the infotext carries the styled
+    prompts); an unknown one is a usage error before anything loads; `list-styles` lists
+    them and reports a malformed row by its line."""
+    (tmp_path / "styles.csv").write_bytes(
+        b"\xef\xbb\xbfname,prompt,negative_prompt\r\n"
+        b'frame,"masterpiece, {prompt}",lowres\r\n'
+        b"tail,film grain,\r\n"
+        b"broken,a,b,c\r\n"
+    )
+    common = ["--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)]
+    assert main(["list-styles", *common]) == 0
+    listed = capsys.readouterr()
+    assert listed.out.splitlines() == [
+        "name\tprompt\tnegative_prompt",
+        "frame\tmasterpiece, {prompt}\tlowres",
+        "tail\tfilm grain\t",
+    ]
+    assert "warning: styles.csv line 4: 4 cells but the header has 3" in listed.err
+    out = tmp_path / "out"
+    styled = ["--style", "frame", "--style", "tail", "--prompt", "a castle", "--seed", "3"]
+    arguments = ["generate", *SMALL, *common, *styled, "--out", str(out)]
+    assert main(arguments) == 0
+    parsed = parse_infotext(read_infotext(next(out.glob("*.png"))))
+    assert parsed.prompt == "masterpiece, a castle, film grain"
+    assert parsed.negative_prompt == "lowres"
+    capsys.readouterr()
+    assert main(["generate", *SMALL, *common, "--style", "nope"]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert "unknown style 'nope'" in error and "'frame'" in error
+
+
 def test_xyz_plot_from_the_cli_writes_the_grid_and_cells(
     tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -238,3 +238,25 @@ def test_sd_upscale_from_the_page_tiles_the_upscaled_image(
 def test_sending_an_img2img_image_recalls_its_denoising_strength(service: Service) -> None:
     text = "a cat\nSteps: 4, Seed: 5, Size: 96x64, Denoising strength: 0.4, Mask blur: 4"
     assert recall(text, service).values["denoising_strength"] == 0.4
+
+
+def test_sending_an_image_recalls_the_styles_its_prompts_carry(
+    service: Service, tmp_path: Path
+) -> None:
+    """Send to img2img/inpaint selects the styles in the tab's Styles box and removes their
+    text from the prompts, as PNG Info's Send to txt2img does."""
+    from frontends.page.img2img_tab import SendTargets
+    from pipelines.infotext import write_png_with_infotext
+    from pipelines.styles import PromptStyle
+
+    service.save_style(PromptStyle("frame", "masterpiece, {prompt}", "{prompt}, lowres"))
+    try:
+        text = "masterpiece, a cat\nNegative prompt: fog, lowres\nSteps: 4, Seed: 5, Size: 96x64"
+        path = tmp_path / "styled.png"
+        path.write_bytes(write_png_with_infotext(Image.new("RGB", (96, 64)), text))
+        targets = SendTargets(service, Bounds(), *[None] * 7)  # type: ignore[arg-type]
+        fields = targets.recalled(str(path))[0]
+        assert fields["styles"] == ["frame"]
+        assert (fields["prompt"], fields["negative_prompt"]) == ("a cat", "fog")
+    finally:
+        service.delete_style("frame")

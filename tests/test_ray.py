@@ -139,6 +139,10 @@ def test_contract_extras(remote: Service) -> None:
     contract.check_extras_with_a_model_upscaler(remote)
 
 
+def test_contract_styles(remote: Service) -> None:
+    contract.check_styles_are_applied_before_queueing(remote)
+
+
 def test_img2img_gives_the_local_pixels(remote: Service, local: Service) -> None:
     wanted = contract.inpainting_request(seed=11)
     assert same(remote.generate(wanted), local.generate(wanted))

@@ -75,6 +75,10 @@ def test_contract_extras(service: Service) -> None:
     contract.check_extras_with_a_model_upscaler(service)
 
 
+def test_contract_styles(service: Service) -> None:
+    contract.check_styles_are_applied_before_queueing(service)
+
+
 def test_queued_job_is_cancelled_and_others_keep_their_order() -> None:
     """The queue serves in arrival order; interrupting a queued job takes it out (its
     result says so) without disturbing the others; positions count from the running job."""

@@ -17,7 +17,7 @@ from frontends.page import stack as st
 from frontends.page.defaults import load_defaults, save_defaults, settings_file
 from frontends.page.recall import read_image_info, recall
 from frontends.page.ui import follow_job, interrupt_jobs
-from pipelines.errors import InvalidRequestError
+from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.infotext import parse_infotext, read_infotext, write_png_with_infotext
 from pipelines.interface import DEMO_MODEL_NAME, ProgressSnapshot
 from pipelines.loading import LoadedModel
@@ -25,6 +25,7 @@ from pipelines.preview import latents_to_images
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
+from pipelines.styles import PromptStyle
 from tests.test_app_http import app_server
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
@@ -540,3 +541,75 @@ def test_endpoint_prompts_from_file_script(served: tuple[str, Path]) -> None:
     assert parse_infotext(infotext).prompt == "a cat"
     saved = sorted((data / "outputs" / "txt2img-images").rglob("*-11.png"))
     assert saved and parse_infotext(read_infotext(saved[-1])).params["Steps"] == "3"
+
+
+# --------------------------------------------------------------------------- styles
+
+
+def test_styles_apply_save_delete_and_admin_on_a_shared_server(
+    engine: Service, tmp_path: Path
+) -> None:
+    """📋 merges the selected styles into the prompts as A1111 does; saving the prompts as
+    a style and deleting one are admin actions only on a shared server."""
+    from frontends.page.styles_panel import apply_selected, delete_named, save_from_prompts
+    from frontends.page.ui import files_admin_check
+
+    local = files_admin_check(Settings(data_dir=tmp_path))
+    shared = files_admin_check(Settings(data_dir=tmp_path, listen=True, admin_auth="boss:pw"))
+    assert local is None and shared is not None
+    with pytest.raises(LorastackError, match="admin action; wrong admin user or password"):
+        save_from_prompts(engine, shared, "frame", "masterpiece, {prompt}", "{prompt}, lowres")
+    assert engine.styles().get("frame") is None
+    sheet = save_from_prompts(
+        engine, shared, "frame", "masterpiece, {prompt}", "{prompt}, lowres", "boss", "pw"
+    )
+    assert sheet.get("frame") == PromptStyle("frame", "masterpiece, {prompt}", "{prompt}, lowres")
+    save_from_prompts(engine, local, "tail", "film grain", "")
+    styled = apply_selected(engine, "a cat", "ugly", ["frame", "tail"])
+    assert styled == ("masterpiece, a cat, film grain", "ugly, lowres")
+    assert apply_selected(engine, "a cat", "", []) == ("a cat", "")
+    with pytest.raises(LorastackError, match="admin action"):
+        delete_named(engine, shared, "tail", "boss", "nope")
+    assert delete_named(engine, shared, "tail", "boss", "pw").names == ["frame"]
+    with pytest.raises(LorastackError, match="'tail' is no longer in styles.csv"):
+        apply_selected(engine, "a cat", "", ["tail"])
+    delete_named(engine, local, "frame")
+    assert engine.styles().styles == ()
+
+
+def test_recall_takes_styles_out_of_the_prompts(engine: Service) -> None:
+    """As A1111's paste ("Apply if any"): styles found at the prompts' ends are selected and
+    removed; the page's stack tags after the styled prompt do not hide them."""
+    engine.save_style(PromptStyle("frame", "masterpiece, {prompt}", "{prompt}, lowres"))
+    engine.save_style(PromptStyle("tail", "film grain", "blurry"))
+    try:
+        text = (
+            "masterpiece, castle, film grain <lora:glow:0.5>\n"
+            "Negative prompt: fog, lowres, blurry\n"
+            "Steps: 7, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 64x64"
+        )
+        found = recall(text, engine)
+        assert found.styles == ["frame", "tail"]
+        assert found.values["prompt"] == "castle" and found.values["negative_prompt"] == "fog"
+        assert found.rows == [{"name": "glow", "weight": 0.5, "te_weight": None}]
+        plain = recall(text.replace("film grain", "oil"), engine)
+        assert plain.styles == [] and plain.values["prompt"] == "masterpiece, castle, oil"
+    finally:
+        engine.delete_style("frame")
+        engine.delete_style("tail")
+
+
+def test_endpoint_applies_styles(served: tuple[str, Path]) -> None:
+    url, data = served
+    (data / "styles.csv").write_text(
+        'name,prompt,negative_prompt\r\nframe,"masterpiece, {prompt}",lowres\r\n',
+        encoding="utf-8-sig",
+    )
+    try:
+        _, infotext, _ = call(url, styles=["frame"])
+        parsed = parse_infotext(infotext)
+        assert parsed.prompt == "masterpiece, a tower" and parsed.negative_prompt == "lowres"
+        _, plain, _ = call(url)
+        assert parse_infotext(plain).prompt == "a tower"  # no styles: the prompt as typed
+    finally:
+        (data / "styles.csv").unlink()

@@ -80,6 +80,13 @@ def test_ranges_as_a1111() -> None:
         expand_numbers(["abc"], int, "Steps")
 
 
+def test_styles_axis_adds_the_names_to_the_requests_styles() -> None:
+    base = replace(BASE, styles=("frame",))
+    plot = XyzPlot(x=AxisSpec("Styles", '"tail, film", none'))
+    cells = plan_grid(base, plot, Bounds()).cells
+    assert [c.request.styles for c in cells] == [("frame", "tail", "film"), ("frame", "none")]
+
+
 def test_lora_weight_overrides_a_tag_or_a_row_or_adds_one() -> None:
     tagged = replace(BASE, prompt="x <lora:ink:0.3> y <lora:other:1>")
     assert lora_weight(tagged, "ink", 0.75).prompt == "x <lora:ink:0.75> y <lora:other:1>"

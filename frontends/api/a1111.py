@@ -52,6 +52,7 @@ from pipelines.schema import (
     ImageInputs,
     SdUpscale,
 )
+from pipelines.styles import PromptStyle, extract_styles
 from pipelines.xyz import XyzPlot, xyz_from_script_args
 
 VERSION = f"lorastack {__version__}"
@@ -141,6 +142,7 @@ _USED = frozenset(
     {
         "prompt",
         "negative_prompt",
+        "styles",
         "seed",
         "subseed",
         "subseed_strength",
@@ -326,6 +328,17 @@ def _text(name: str, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string, got {value!r}", field=name)
     return value
+
+
+def _style_names(value: object) -> tuple[str, ...]:
+    """A1111's `styles`: a list of style names (null or [] for none)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise InvalidRequestError(
+            f"styles must be a list of style names, got {value!r}"[:200], field="styles"
+        )
+    return tuple(value)
 
 
 def _flag(name: str, value: object) -> bool:
@@ -535,6 +548,7 @@ def _parse_generation(
     request = GenerationRequest(
         prompt=_text("prompt", get("prompt")),
         negative_prompt=_text("negative_prompt", get("negative_prompt")),
+        styles=_style_names(get("styles")),
         steps=_integer("steps", get("steps")),
         cfg_scale=_number("cfg_scale", get("cfg_scale")),
         seed=_integer("seed", get("seed")),
@@ -759,7 +773,7 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": list(result.infotexts),
-        "styles": [],
+        "styles": list(used.styles),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)),
         "clip_skip": used.clip_skip,
         "is_using_inpainting_conditioning": "Conditional mask weight"
@@ -828,6 +842,11 @@ def sd_model_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
         "filename": entry.relpath if hide_paths else printable_name(str(entry.path)),
         "config": None if shown_config is None else printable_name(shown_config),
     }
+
+
+def prompt_style_item(style: PromptStyle) -> dict[str, Any]:
+    """One `prompt-styles` item (A1111's `PromptStyleItem`)."""
+    return {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
 
 
 def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
@@ -944,8 +963,11 @@ def decode_base64_image(data: object, name: str = "image") -> bytes:
         raise InvalidRequestError(f"{name} is not valid base64: {error}", field=name) from error
 
 
-def png_info(body: object) -> dict[str, Any]:
-    """`png-info`: `{info: raw infotext, items: other text chunks, parameters: parsed}`."""
+def png_info(body: object, styles: tuple[PromptStyle, ...] = ()) -> dict[str, Any]:
+    """`png-info`: `{info: raw infotext, items: other text chunks, parameters: parsed}`.
+
+    As A1111 with its default "Apply if any", the `styles` the prompts carry are taken out
+    of `Prompt`/`Negative prompt` and listed as `Styles array`."""
     if not isinstance(body, dict) or "image" not in body:
         raise InvalidRequestError("png-info needs a JSON object with an 'image'", field="image")
     data = decode_base64_image(body["image"])
@@ -959,7 +981,14 @@ def png_info(body: object) -> dict[str, Any]:
         for key, value in extra.items()
         if key not in _IMAGE_FACT_KEYS and isinstance(value, str | int | float)
     }
-    parameters = parse_infotext(infotext).a1111_parameters() if infotext else {}
+    parameters: dict[str, Any] = parse_infotext(infotext).a1111_parameters() if infotext else {}
+    if parameters and styles:
+        found, prompt, negative = extract_styles(
+            styles, parameters["Prompt"], parameters["Negative prompt"]
+        )
+        if found:
+            parameters.update({"Prompt": prompt, "Negative prompt": negative})
+            parameters["Styles array"] = found
     return {"info": infotext, "items": items, "parameters": parameters}
 
 
@@ -1115,7 +1144,6 @@ NEUTRAL_PROBES: dict[str, Any] = {
     "hypernetworks": [],
     "face-restorers": [],
     "realesrgan-models": [],
-    "prompt-styles": [],
     "embeddings": {"loaded": {}, "skipped": {}},
     "scripts": {"txt2img": [], "img2img": []},
 }

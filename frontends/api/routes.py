@@ -190,6 +190,12 @@ class A1111Api:
             items.insert(0, {**demo, "sha256": None, "filename": "", "config": None})
         return items
 
+    def prompt_styles(self) -> list[dict[str, Any]]:
+        return [a1111.prompt_style_item(style) for style in self.service.styles().styles]
+
+    def png_info(self, body: Any) -> dict[str, Any]:
+        return a1111.png_info(body, self.service.styles().styles)
+
     def loras(self) -> list[dict[str, Any]]:
         hide = self.settings.hide_paths
         return [a1111.lora_item(entry, hide) for entry in self.service.loras()]
@@ -303,12 +309,13 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
 
     @app.post("/png-info")
     async def png_info(request: Request) -> Any:
-        return await run_in_threadpool(a1111.png_info, await _json_body(request))
+        return await run_in_threadpool(api.png_info, await _json_body(request))
 
     app.get("/sd-models")(api.sd_models)
     # Both rescan both folders (cheap: unchanged files keep their facts and hashes).
     app.post("/refresh-checkpoints")(lambda: service.rescan())
     app.get("/loras")(api.loras)
+    app.get("/prompt-styles")(api.prompt_styles)
     app.get("/upscalers")(api.upscalers)
     app.get("/latent-upscale-modes")(lambda: [{"name": name} for name in LATENT_UPSCALE_MODES])
     app.post("/refresh-loras")(lambda: service.rescan())

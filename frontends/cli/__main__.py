@@ -1,5 +1,5 @@
 """The command line: `python -m frontends.cli COMMAND` (generate, extras, list-models,
-list-loras, list-upscalers).
+list-loras, list-upscalers, list-styles).
 
 A third front end over the same generation service: it builds the same GenerationRequest as the UI
 and the API (its generation flags come from `schema.FIELDS`), so the same request, model
@@ -342,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:W]",
         help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately",
     )
+    generate.add_argument(
+        "--style",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="apply a prompt style from <data-dir>/styles.csv (repeatable, in order)",
+    )
     _add_img2img_flags(generate)
     _add_hires_flags(generate)
     _add_xyz_flags(generate)
@@ -371,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("list-models", "checkpoints"),
         ("list-loras", "LoRAs"),
         ("list-upscalers", "model upscalers"),
+        ("list-styles", "prompt styles of <data-dir>/styles.csv"),
     ):
         listing = commands.add_parser(name, help=f"list the {what} (tab-separated)")
         _add_settings_flags(listing)
@@ -427,7 +435,10 @@ def _generate(args: argparse.Namespace) -> int:
     hires = _hires(args)
     if hires is not None and inputs is not None:
         raise InvalidRequestError("--enable-hr is for txt2img; it cannot be used with --init-image")
-    request = GenerationRequest(**values, loras=tuple(args.lora), img2img=inputs, hires=hires)
+    request = GenerationRequest(
+        **values, loras=tuple(args.lora), img2img=inputs, hires=hires, styles=tuple(args.style)
+    )
+    _style_store(settings).resolve(request.styles)  # unknown styles fail before loading
     # fail on bad values before loading anything
     requests = _line_requests(args, request, settings.bounds)
     plot, plan = _xyz(args), None
@@ -556,6 +567,28 @@ def _extras(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _style_store(settings: Any) -> Any:
+    from pipelines.styles import STYLES_FILE, StyleStore
+
+    return StyleStore(settings.data_dir / STYLES_FILE)
+
+
+def _list_styles(args: argparse.Namespace) -> int:
+    """The styles, tab-separated (newlines and tabs in a text shown as \\n and \\t); rows
+    that could not be read go to stderr with their line numbers."""
+    sheet = _style_store(_settings(args)).sheet()
+
+    def cell(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t")
+
+    print("name\tprompt\tnegative_prompt")
+    for style in sheet.styles:
+        print("\t".join(cell(t) for t in (style.name, style.prompt, style.negative_prompt)))
+    for problem in sheet.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _list_upscalers(args: argparse.Namespace) -> int:
     service, _ = _service(args)
     print("name\tarchitecture\tscale\tproblem")
@@ -587,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list-models": _list_models,
         "list-loras": _list_loras,
         "list-upscalers": _list_upscalers,
+        "list-styles": _list_styles,
     }
     try:
         return command[args.command](args)

@@ -374,6 +374,7 @@ class SendTargets:
     stack: LoraPanel
     notes: gr.Markdown
     summary: gr.Markdown  # the tab's line about the stack
+    styles: gr.Dropdown | None = None  # the img2img tab's styles: those the prompts carry
 
     def wire(
         self, button: gr.Button, mode: str, sources: list[Any], path_of: Callable[..., str | None]
@@ -388,6 +389,8 @@ class SendTargets:
             if not path:
                 raise gr.Error("No image to send: generate or drop one first")
             fields, rows, model, warnings = self.recalled(path)
+            styles = fields.pop("styles", None)
+            chosen = [] if self.styles is None else [gr.skip() if styles is None else styles]
             return [
                 *(fields.get(name, gr.skip()) for name in names),
                 path,
@@ -399,6 +402,7 @@ class SendTargets:
                 gr.skip() if rows is None else version + 1,
                 "\n".join(f"⚠ {w}" for w in warnings),
                 gr.skip() if rows is None else stack_text(rows),
+                *chosen,
             ]
 
         button.click(
@@ -415,6 +419,7 @@ class SendTargets:
                 self.stack.rows_version,
                 self.notes,
                 self.summary,
+                *([] if self.styles is None else [self.styles]),
             ],
             **QUICK,
         )
@@ -431,7 +436,7 @@ class SendTargets:
         if not info.infotext:
             return {"width": size[0], "height": size[1]}, None, None, []
         found = recall(info.infotext, self.service)
-        fields = {**found.values, "width": size[0], "height": size[1]}
+        fields = {**found.values, "width": size[0], "height": size[1], "styles": found.styles}
         return fields, found.rows, found.checkpoint, found.warnings
 
 

@@ -1,9 +1,10 @@
 """PNG Info: read an image's generation parameters and turn them back into page values.
 
 "Send to txt2img" fills every field named in `RECALLED`, the Hires fix section, the
-checkpoint and the LoRA stack. LoRAs and checkpoints are looked up by name, then by the
-hash the infotext carries (`Lora hashes`, `Model hash`), so a renamed file is still found;
-whatever is missing is reported, never silently dropped.
+checkpoint, the LoRA stack and the styles: as A1111 ("Apply if any"), the styles the
+prompts carry are taken out of them and selected instead. LoRAs and checkpoints are
+looked up by name, then by the hash the infotext carries (`Lora hashes`, `Model hash`),
+so a renamed file is still found; whatever is missing is reported, never silently dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipelines.interface import DEMO_MODEL_NAME, GenerationService
 from pipelines.prompt import extract_lora_tags
 from pipelines.samplers import split_combined_name
 from pipelines.schema import RANDN_SOURCES, field_spec
+from pipelines.styles import extract_styles
 
 RECALLED: dict[str, str] = {
     "Steps": "steps",
@@ -56,6 +58,7 @@ class Recall:
     checkpoint: str | None = None  # a listed title
     rows: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    styles: list[str] = field(default_factory=list)  # styles.csv names, in applied order
 
 
 @dataclass
@@ -85,13 +88,14 @@ def recall(text: str, service: GenerationService) -> Recall:
     """Page values for `text` (an A1111 infotext), with warnings for what is not here."""
     parsed = parse_infotext(text)
     result = Recall()
+    prompt, negative, result.styles = _without_styles(parsed, service)
     try:
-        tags = extract_lora_tags(parsed.prompt)[1]
+        tags = extract_lora_tags(prompt)[1]
     except LorastackError as error:
         tags = []
         result.warnings.append(error.message)
-    result.values["prompt"] = strip_lora_tags(parsed.prompt) if tags else parsed.prompt
-    result.values["negative_prompt"] = parsed.negative_prompt
+    result.values["prompt"] = strip_lora_tags(prompt) if tags else prompt
+    result.values["negative_prompt"] = negative
     _recall_numbers(parsed, result, service.device().device.startswith("cuda"))
     for spec in tags:
         name = _local_lora(spec.name, parsed, service, result.warnings)
@@ -102,6 +106,23 @@ def recall(text: str, service: GenerationService) -> Recall:
     result.values.update(hires)
     result.warnings.extend(warnings)
     return result
+
+
+def _without_styles(
+    parsed: ParsedInfotext, service: GenerationService
+) -> tuple[str, str, list[str]]:
+    """The prompts without the styles they end with (A1111's `extract_styles_from_prompt`),
+    and those styles. The page's stack LoRAs follow the styled prompt as tags, so when
+    nothing matches the prompt as written it is tried without its LoRA tags."""
+    styles = service.styles().styles
+    found, prompt, negative = extract_styles(styles, parsed.prompt, parsed.negative_prompt)
+    if not found and "<" in parsed.prompt:
+        bare = strip_lora_tags(parsed.prompt)
+        names, rest, rest_negative = extract_styles(styles, bare, parsed.negative_prompt)
+        if names:
+            tags = " ".join(re.findall(r"<(?:lora|lyco):[^>]+>", parsed.prompt))
+            return f"{rest} {tags}".strip(), rest_negative, names
+    return prompt, negative, found
 
 
 def _listed_title(name: str, service: GenerationService) -> str | None:

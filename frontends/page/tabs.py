@@ -37,9 +37,10 @@ def build_pnginfo(
     panel: LoraPanel,
     tabs: gr.Tabs,
     notes: gr.Markdown,
+    styles: gr.Dropdown | None = None,
 ) -> PngInfo:
-    """Drop an image, see its parameters, send them (fields, checkpoint, stack) to txt2img,
-    or the image with them to img2img."""
+    """Drop an image, see its parameters, send them (fields, checkpoint, stack, and into
+    `styles` the styles found in the prompts) to txt2img, or the image with them to img2img."""
     with gr.Row():
         with gr.Column():
             image = gr.Image(
@@ -111,6 +112,8 @@ def build_pnginfo(
         ],
         **QUICK,
     )
+    if styles is not None:
+        send.click(lambda infotext: recall(infotext, service).styles, text, styles, **QUICK)
     return PngInfo(image, send_img2img, send_inpaint, send_extras)
 
 

@@ -40,6 +40,7 @@ from frontends.page.img2img_tab import (
 from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
+from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
@@ -255,6 +256,7 @@ def build_ui(
         xyz_margin_size: float,
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
+        styles: list[str] | None = None,  # last: callers from before styles leave it out
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
         gallery, the first image's infotext, the seeds and the job id (for Interrupt).
@@ -272,7 +274,9 @@ def build_ui(
             raise gr.Error(error.message) from error
         if hires is not None:
             given["denoising_strength"] = denoising_strength
-        extra = {} if hires is None else {"hires": hires}
+        extra: dict[str, Any] = {"styles": tuple(styles or ())}
+        if hires is not None:
+            extra["hires"] = hires
         script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
         script_values = () if plot is not None else (*script, prompts_text)
         yield from generate(given, checkpoint, loras, extra, request, progress, script_values, plot)
@@ -292,7 +296,8 @@ def build_ui(
         if size is not None:  # outpainting: the canvas's size
             given["width"], given["height"] = size
         stack = data[panel.stack]
-        yield from generate(given, data[checkpoint], stack, {"img2img": images}, request, progress)
+        extra = {"img2img": images, "styles": tuple(data[i2i_styles.dropdown] or ())}
+        yield from generate(given, data[checkpoint], stack, extra, request, progress)
 
     def generate(
         given: dict[str, Any],
@@ -373,6 +378,7 @@ def build_ui(
                 gr.Warning(note)
         return gallery, infotexts[0] if infotexts else "", seeds, notes
 
+    shared = files_admin_check(settings) is not None  # styles: admin actions when shared
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
@@ -400,6 +406,9 @@ def build_ui(
                 with gr.Row():
                     with gr.Column(scale=3):
                         controls = build_prompts(defaults)
+                        styles = build_styles(
+                            service, controls["prompt"], controls["negative_prompt"], shared=shared
+                        )
                         controls.update(build_parameters(slider, defaults))
                         hires, hires_final = build_hires(
                             service.upscaler_names, checkpoint_choices, bounds, page
@@ -415,6 +424,13 @@ def build_ui(
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")
+                    i2i_styles = build_styles(
+                        service,
+                        i2i_controls["prompt"],
+                        i2i_controls["negative_prompt"],
+                        "img2img_",
+                        shared=shared,
+                    )
                     panel_images = build_images(service.upscaler_names())
                     build_options(panel_images)
                     i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
@@ -425,7 +441,9 @@ def build_ui(
             with gr.Tab("Extras", id="extras"):
                 extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
             with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo = build_pnginfo(service, controls, checkpoint, panel, tabs, results.notes)
+                pnginfo = build_pnginfo(
+                    service, controls, checkpoint, panel, tabs, results.notes, styles.dropdown
+                )
             with gr.Tab("Add files", id="files"):
                 build_files_tab(
                     service,
@@ -447,9 +465,12 @@ def build_ui(
             *(controls[name] for name in EXTRA_FIELDS),
             *(controls[name] for name in HIRES_FIELDS),
             *scripts.inputs,
+            styles.dropdown,
         ]
-        parameters = list(inspect.signature(txt2img).parameters)
+        special = ("request", "progress")  # Gradio injects them where they stand
+        parameters = [p for p in inspect.signature(txt2img).parameters if p not in special]
         named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
+        named += ["styles"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -458,8 +479,10 @@ def build_ui(
             *panel_images.values.values(),
             checkpoint,
             panel.stack,
+            i2i_styles.dropdown,
         }
         wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
+        wire_styles(service, page, [styles, i2i_styles], files_admin_check(settings))
         img2img_tab.select(stack_text, panel.stack, stack_summary, **QUICK)
         page.load(
             lambda: gr.Radio(choices=service.upscaler_names()),
@@ -495,6 +518,7 @@ def build_ui(
             panel,
             i2i_results.notes,
             stack_summary,
+            i2i_styles.dropdown,
         )
         for source in (results, i2i_results):
             sources = [source.gallery, source.selected]
