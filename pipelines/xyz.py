@@ -634,6 +634,9 @@ class GridOutput:
     grids: int = 0  # the first `grids` images are grids (saved to the grids folder)
     interrupted: bool = False
     first: GenerationResult | None = None  # the first cell's result (model, request used)
+    unshown: list[tuple[Image.Image, str, int]] = field(default_factory=list)
+    """Cell images not among `images` (no Include Sub Images): saved all the same, each
+    with its own infotext, as A1111 saves every image it makes."""
 
     def as_result(self, request: GenerationRequest) -> GenerationResult:
         """The output as one GenerationResult (what the API and the page show)."""
@@ -730,6 +733,12 @@ def assemble_grid(plan: GridPlan, results: Sequence[GenerationResult]) -> GridOu
                 output.images.append(image)
                 output.infotexts.append(text)
                 output.seeds.append(seed)
+    else:
+        output.unshown = [
+            (image, text, seed)
+            for result in results
+            for image, text, seed in zip(result.images, result.infotexts, result.seeds, strict=True)
+        ]
     return output
 
 

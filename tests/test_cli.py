@@ -310,6 +310,11 @@ def test_xyz_plot_from_the_cli_writes_the_grid_and_cells(
     assert np.array_equal(pixels[64:, 64:], last)
     assert "Script: X/Y/Z plot" in (read_infotext(Path(grid)) or "")
     assert "CFG scale: 7" in (read_infotext(Path(cells[3])) or "")
+    quiet = [*arguments[:-1]]  # without --xyz-cells: the cells are written all the same
+    assert main(quiet) == 0
+    grid_again, *cells_again = capsys.readouterr().out.split()
+    assert "/txt2img-grids/" in grid_again and len(cells_again) == 4
+    assert np.array_equal(np.asarray(Image.open(grid_again).convert("RGB")), pixels)
     bad = [*arguments[:-6], "--xyz-x", "Eta=0,1"]
     assert main(bad) == EXIT_USAGE
     assert "'Eta' axis is not implemented" in capsys.readouterr().err

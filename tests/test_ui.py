@@ -493,6 +493,11 @@ def test_endpoint_xyz_plot_shows_and_saves_the_grid(served: tuple[str, Path]) ->
     )
     assert sorted((data / "outputs" / "txt2img-grids").rglob("*.png"))
     assert "<lora:ink:1>" in parse_infotext(read_infotext(images[4]["image"]) or "").prompt
+    cells = data / "outputs" / "txt2img-images"
+    before = len(list(cells.rglob("*.png")))
+    shown, _, _ = call(url, **{**plot, "xyz_include_lone_images": False})
+    assert len(shown) == 1  # the grid only; its 4 cells are saved with their parameters
+    assert len(list(cells.rglob("*.png"))) == before + 4
 
 
 def test_tag_beats_row_with_a_note(served: tuple[str, Path]) -> None:

@@ -128,6 +128,9 @@ class A1111Api:
         if call.xyz is not None:
             output = run_xyz(self.service, call.request, call.xyz, user=user)
             results, grids = [output.as_result(call.request)], output.grids
+            for image, infotext, seed in output.unshown if call.save_images else ():
+                png = write_png_with_infotext(image, infotext)
+                save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
         elif call.series is not None:  # a script: its requests as one job
             label = call.series[0].prompt
             results = self.service.series(call.series, label=label, user=user)

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -474,6 +475,12 @@ def _generate(args: argparse.Namespace) -> int:
             output = assemble_grid(plan, cells)
             results, grids = [output.as_result(request)], output.grids
             stopped = output.interrupted
+            # the cells without --xyz-cells: written too, each with its own parameters
+            results.append(replace(results[0], images=[], seeds=[], infotexts=[], notes=[]))
+            for image, infotext, seed in output.unshown:
+                results[1].images.append(image)
+                results[1].infotexts.append(infotext)
+                results[1].seeds.append(seed)
         elif args.prompts_file is None:
             results = [service.generate(request, on_progress=on_step)]
             stopped = results[0].interrupted
@@ -488,7 +495,8 @@ def _generate(args: argparse.Namespace) -> int:
             zip(result.images, result.seeds, result.infotexts, strict=True)
         ):
             png = write_png_with_infotext(image, infotext)
-            kind = f"{request.kind}-grids" if index < grids else f"{request.kind}-images"
+            grid = result is results[0] and index < grids
+            kind = f"{request.kind}-grids" if grid else f"{request.kind}-images"
             if args.out is not None:
                 path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
             else:

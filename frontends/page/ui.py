@@ -347,7 +347,12 @@ def build_ui(
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
-                    yield (*finish([result], generation.kind, item.grids), "")
+                    shown = finish([result], generation.kind, item.grids)
+                    for image, infotext, seed_used in item.unshown:  # saved, not shown
+                        png = write_png_with_infotext(image, infotext)
+                        kind = f"{generation.kind}-images"
+                        save_png(settings.outputs_dir, png, seed_used, kind=kind)
+                    yield (*shown, "")
                 else:
                     results = item if isinstance(item, list) else [item]
                     yield (*finish(results, generation.kind), "")
