@@ -316,6 +316,8 @@ def test_send_and_save_images(server: Server) -> None:
 @pytest.mark.parametrize(
     ("raw", "words"),
     [
+        (b"", ["body", "empty", "{}"]),
+        (b" \n", ["body", "empty"]),
         (b'{"prompt": ', ["not valid JSON"]),
         (b"[1, 2]", ["JSON object"]),
         (b'{"steps": "many"}', ["steps", "integer"]),

@@ -76,10 +76,16 @@ def _error_response(error: Exception, status: int) -> JSONResponse:
 
 
 async def _json_body(request: Request) -> Any:
-    """The decoded JSON body; malformed JSON is the client's 422, never a 500."""
+    """The decoded JSON body; a missing or malformed one is the client's 422, never a 500.
+
+    An empty body is refused as A1111's FastAPI refuses it ("Field required"), rather than
+    read as `{}`: a client that lost its body must not start a full-size default job.
+    """
     raw = await request.body()
     if not raw.strip():
-        return {}
+        raise InvalidRequestError(
+            "the request body is empty: send a JSON object ({} for all defaults)", field="body"
+        )
     try:
         parsed = json.loads(raw)
         # "\udce9"-style escapes decode to lone surrogates, which no reply could encode
