@@ -63,7 +63,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     service.preload(startup)
     from pipelines.watch import FolderWatcher
 
-    watched = [*settings.models_dirs, *settings.loras_dirs, *settings.upscaler_dirs]
+    watched = [
+        *settings.models_dirs,
+        *settings.loras_dirs,
+        *settings.upscaler_dirs,
+        *settings.vae_dirs,
+    ]
     FolderWatcher(watched, service.rescan).start()
     serve(service, settings)
 

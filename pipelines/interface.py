@@ -18,6 +18,7 @@ from PIL import Image
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
+from pipelines.folders.vaes import VaeEntry
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
 from pipelines.styles import PromptStyle, StyleSheet
 
@@ -237,6 +238,14 @@ class GenerationService(Protocol):
 
     def upscaler_names(self) -> list[str]:
         """A1111's upscaler list: None, Lanczos, Nearest, then the usable files by name."""
+        ...
+
+    def vaes(self) -> list[VaeEntry]:
+        """VAE files, usable or not (unusable ones carry the reason)."""
+        ...
+
+    def check_vae(self, name: str) -> str:
+        """`name` when it is `Automatic`, `None` or a usable listed VAE; else 4xx."""
         ...
 
     def resolve_checkpoint(self, name: str) -> CheckpointEntry: ...

@@ -31,6 +31,7 @@ from pipelines.lora.files import LoraFileCache
 from pipelines.lora.stack import DEFAULT_BACKUP_BUDGET, AdapterStack
 from pipelines.prompt import EncodedPrompt, PromptEncoder
 from pipelines.safeload import load_state_dict
+from pipelines.vae import VaeWeights
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ PROMPT_CACHE_SIZE = 32
 @dataclass
 class ActiveModel:
     """A loaded checkpoint with everything that belongs to it: its adapter stack, its
-    prompt encoder and prompt cache, and the scheduler config it was trained with."""
+    prompt encoder and prompt cache, the scheduler config it was trained with, and which
+    VAE weights its VAE holds."""
 
     pipe: DiffusionPipeline
     architecture: Architecture
@@ -53,6 +55,7 @@ class ActiveModel:
     adapters: AdapterStack
     encoder: PromptEncoder
     scheduler_config: dict[str, Any]
+    vae: VaeWeights
     empty_prompt: EncodedPrompt | None = None
     prompt_cache: OrderedDict[tuple[object, ...], EncodedPrompt] = field(
         default_factory=OrderedDict
@@ -256,6 +259,9 @@ class ModelManager:
             ),
             encoder=PromptEncoder(tokenizers, encoders, sdxl=sdxl),
             scheduler_config=dict(pipe.scheduler.config),
+            vae=VaeWeights(
+                pipe.vae, lambda vae, reason: self.folders.learn("vae", vae, error=reason)
+            ),
         )
 
     def refresh_entry(self, model: ActiveModel) -> ActiveModel:

@@ -194,7 +194,8 @@ class GenerationRequest:
     `checkpoint=None` means the engine's current model. `loras` is the UI/API stack;
     `<lora:...>` tags inside `prompt` are merged into it by the engine. `styles` names
     prompt styles (`styles.csv`); the service merges them into the prompts before queueing,
-    so the runner sees the styled prompts and `styles` only records the names.
+    so the runner sees the styled prompts and `styles` only records the names. `vae` is
+    A1111's `sd_vae` for this request (see `pipelines.vae`).
     """
 
     prompt: str = ""
@@ -221,6 +222,7 @@ class GenerationRequest:
     img2img: ImageInputs | None = None  # None: txt2img
     hires: HiresFix | None = None  # txt2img only
     styles: tuple[str, ...] = field(default_factory=tuple)
+    vae: str = "Automatic"  # A1111's sd_vae: "Automatic", "None" or a listed VAE
 
     @property
     def kind(self) -> str:
@@ -406,6 +408,9 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
             raise InvalidRequestError(f"{name} must be a string", field=name)
     if request.checkpoint is not None:
         _check_text("checkpoint", request.checkpoint, 4096)
+    _check_text("sd_vae", request.vae, 4096)
+    if not request.vae.strip():
+        raise InvalidRequestError("sd_vae must name a VAE, Automatic or None", field="sd_vae")
     loras = tuple(_check_lora(i, spec) for i, spec in enumerate(request.loras))
     styles = _check_styles(request.styles)
     if request.img2img is not None:

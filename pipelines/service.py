@@ -24,6 +24,7 @@ from pipelines.folders.hashing import HashCache
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
+from pipelines.folders.vaes import VaeEntry
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -46,6 +47,7 @@ from pipelines.schema import (
 from pipelines.settings import Settings
 from pipelines.styles import STYLES_FILE, PromptStyle, StyleSheet, StyleStore, apply_to_request
 from pipelines.upscalers import Upscaling
+from pipelines.vae import SPECIAL_CHOICES as SPECIAL_VAE_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,8 @@ class Service:
         inputs = check_request(request)
         for spec in inputs.stack:
             self.folders.resolve("lora", spec.name)
+        if request.vae not in SPECIAL_VAE_CHOICES:
+            request = replace(request, vae=self._vae_key(request.vae))
         upscaling = Upscaling(self.folders)
         if request.hires is not None and request.hires.upscaler not in LATENT_UPSCALE_MODES:
             upscaling.check(request.hires.upscaler, "hr_upscaler")
@@ -379,6 +383,22 @@ class Service:
 
     # -- internals
 
+    def _vae_key(self, name: str) -> str:
+        """A request's VAE name as the listed key the runner loads (4xx when unknown)."""
+        entry: VaeEntry = self.folders.resolve("vae", name)
+        if entry.error:
+            raise UnusableFileError(f"VAE '{entry.name}': {entry.error}", field="sd_vae")
+        return entry.key
+
+    def vaes(self) -> list[VaeEntry]:
+        return self.folders.entries("vae")
+
+    def check_vae(self, name: str) -> str:
+        """`name` if it is `Automatic`, `None` or a usable listed VAE (else 4xx)."""
+        if name not in SPECIAL_VAE_CHOICES:
+            self._vae_key(name)
+        return name
+
     def _checkpoint_key(self, name: str | None) -> str | None:
         """A request's checkpoint as the key the runner loads: the named one, else the
         selected one, else the operator's start-up choice, else the first usable one;
@@ -495,7 +515,10 @@ def build_folders(settings: Settings, hashes: HashCache | None = None) -> ModelF
     """The model folders of `settings`, scanned, with hashing started in the background."""
     hashes = hashes or HashCache(settings.cache_dir / "hashes.json")
     folders = ModelFolders(
-        default_roots(settings.models_dirs, settings.loras_dirs, settings.upscaler_dirs), hashes
+        default_roots(
+            settings.models_dirs, settings.loras_dirs, settings.upscaler_dirs, settings.vae_dirs
+        ),
+        hashes,
     )
     folders.scan()
     folders.start_hashing()

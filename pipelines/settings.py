@@ -26,6 +26,7 @@ class Settings:
     ckpt_dirs: tuple[Path, ...] = ()
     lora_dirs: tuple[Path, ...] = ()
     upscaler_dirs: tuple[Path, ...] = ()  # A1111's --esrgan-models-path and kin
+    vae_dir: Path | None = None  # A1111's --vae-dir
     ckpt: str | None = None
     api: bool = False
     nowebui: bool = False
@@ -96,6 +97,11 @@ class Settings:
         return self.lora_dirs or (self.data_dir / "loras",)
 
     @property
+    def vae_dirs(self) -> tuple[Path, ...]:
+        """`--vae-dir`; `models/VAE/` inside every checkpoint folder is scanned anyway."""
+        return (self.vae_dir,) if self.vae_dir else ()
+
+    @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
 
@@ -123,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", type=Path, help="outputs, settings and caches; parent of models/ loras/")
     add("--ckpt-dir", action="append", type=Path, help="checkpoint folder (repeatable)")
     add("--lora-dir", action="append", type=Path, help="LoRA folder (repeatable)")
+    add("--vae-dir", type=Path, help="VAE folder (models/VAE/ is scanned as well)")
     for kind in UPSCALER_FLAGS:
         add(f"--{kind}-models-path", type=Path, help=f"{kind} upscaler folder (A1111's flag)")
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
@@ -223,6 +230,8 @@ def parse_settings(
         for kind in UPSCALER_FLAGS
         if (path := values.pop(f"{kind}_models_path", None))
     )
+    if values.get("vae_dir") is not None:
+        values["vae_dir"] = Path(values["vae_dir"]).expanduser().resolve()  # type: ignore[arg-type]
     max_pixels = int(values.get("max_pixels") or 0)
     limits = {k: values.pop(k) for k in ("max_steps", "max_size") if k in values}
     try:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 from pipelines.imageops import blur_mask
 from pipelines.infotext import read_infotext
@@ -33,6 +34,7 @@ from pipelines.schema import GenerationRequest
 from tests.test_app_http import PROJECT, free_port, wait_for
 from tests.test_engine import make_engine
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.test_vae import shifted, vae_file_weights
 from tests.upscaler_files import esrgan_forward, esrgan_state_dict, write_esrgan
 
 API_USER, API_PASSWORD = "tester", "s3cret"
@@ -93,13 +95,22 @@ def loras_dir(tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel) -
 
 @pytest.fixture(scope="module")
 def server(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, loras_dir: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    loras_dir: Path,
+    tiny_sd1: LoadedModel,
 ) -> Iterator[Server]:
     data = tmp_path_factory.mktemp("api-data")
     upscalers = data / "my-upscalers"
     write_esrgan(upscalers / "2x_tiny.safetensors", scale=2)
     (upscalers / "broken.pth").write_bytes(b"not a checkpoint")
+    vaes = data / "my-vaes"
+    vaes.mkdir()
+    bright = shifted(vae_file_weights(tiny_sd1.pipe.vae), "decoder.conv_out.bias")
+    save_file(bright, vaes / "bright.safetensors")
     args = [
+        "--vae-dir",
+        str(vaes),
         "--esrgan-models-path",
         str(upscalers),
         "--api",
@@ -538,6 +549,49 @@ def _use_webuiapi(client: Any) -> None:
     assert "Euler" in client.util_get_sampler_names()
     assert "automatic" in client.util_get_scheduler_names()
     assert {lora["name"] for lora in client.get_loras()} == {"ink", "glow"}
+
+
+def test_sd_vae_from_webuiapi(server: Server) -> None:
+    import webuiapi
+
+    client = webuiapi.WebUIApi(
+        host="127.0.0.1",
+        port=server.port,
+        sampler="Euler",
+        steps=2,
+        username=API_USER,
+        password=API_PASSWORD,
+    )
+    same = {"prompt": "a cat", "seed": 5, "width": 64, "height": 64}
+    try:
+        client.util_set_model(SD1)
+        assert [vae["model_name"] for vae in client.get_sd_vae()] == ["bright.safetensors"]
+        plain = client.txt2img(**same)
+        bright = client.txt2img(**same, override_settings={"sd_vae": "bright.safetensors"})
+        assert "VAE: bright.safetensors" in bright.info["infotexts"][0]
+        assert bright.info["sd_vae_name"] == "bright.safetensors"
+        assert len(bright.info["sd_vae_hash"]) == 10
+        lighter = np.asarray(bright.image, np.int16) - np.asarray(plain.image, np.int16)
+        assert lighter.mean() > 20
+        assert client.get_options()["sd_vae"] == "Automatic"  # restored afterwards
+        again = client.txt2img(**same)
+        assert np.array_equal(np.asarray(again.image), np.asarray(plain.image))
+        client.set_options({"sd_vae": "bright.safetensors"})
+        kept = client.txt2img(**same)
+        assert np.array_equal(np.asarray(kept.image), np.asarray(bright.image))
+    finally:
+        client.set_options({"sd_vae": "Automatic"})
+        client.session.close()
+    status, _, payload = call(
+        server, "POST", "/options", {"sd_vae": "nope.pt", "CLIP_stop_at_last_layers": 2}
+    )
+    assert status == 404
+    assert_a1111_error(payload, "nope.pt", "bright.safetensors")
+    status, _, options = call(server, "GET", "/options")
+    assert options["sd_vae"] == "Automatic" and options["CLIP_stop_at_last_layers"] == 1
+    body = {"override_settings": {"sd_vae": "nope.pt"}, **SMALL}
+    status, _, payload = call(server, "POST", "/txt2img", body)
+    assert status == 404 and "nope.pt" in payload["detail"]
 
 
 def _gradio_txt2img(server: Server, checkpoint: str, **values: Any) -> tuple[list, str]:

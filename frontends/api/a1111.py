@@ -211,6 +211,7 @@ OPTION_CLIP_SKIP = "CLIP_stop_at_last_layers"
 OPTION_RANDN_SOURCE = "randn_source"
 OPTION_FIX_STEPS = "img2img_fix_steps"
 OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
+OPTION_VAE = "sd_vae"
 CLIP_SKIP_MAX = 12
 
 # Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
@@ -244,6 +245,7 @@ class ApiOptions:
     randn_source: str = "CPU"  # ours; A1111's default is GPU (see generation.noise)
     fix_steps: bool = False  # img2img: "do exactly the amount of steps the slider says"
     noise_multiplier: float = 1.0  # img2img's initial noise multiplier
+    sd_vae: str = "Automatic"  # "Automatic", "None" or a VAE's name
 
 
 @dataclass
@@ -258,6 +260,7 @@ class Txt2ImgCall:
     ignored: list[str] = field(default_factory=list)
     include_init_images: bool = False
     xyz: XyzPlot | None = None  # script_name "x/y/z plot": a grid of this request's cells
+    vae_override: str | None = None  # override_settings.sd_vae, kept when not restored
     series: list[GenerationRequest] | None = None  # a script's requests, run as one job
 
 
@@ -375,6 +378,13 @@ def noise_multiplier_option(value: object, name: str = OPTION_NOISE_MULTIPLIER) 
     if not 0.0 <= number <= 1.5:
         raise InvalidRequestError(f"{name} must be between 0 and 1.5, got {number}", field=name)
     return number
+
+
+def vae_option(value: object, name: str = OPTION_VAE) -> str:
+    text = _text(name, value).strip()
+    if not text:
+        raise InvalidRequestError(f"{name} must name a VAE, Automatic or None", field=name)
+    return text
 
 
 def checkpoint_option(value: object, name: str = OPTION_CHECKPOINT) -> str:
@@ -522,6 +532,7 @@ def _parse_generation(
             field="override_settings",
         )
     checkpoint = None
+    vae_override = None
     clip_skip = options.clip_skip
     randn_source = options.randn_source
     img2img_options: dict[str, Any] = {
@@ -533,6 +544,8 @@ def _parse_generation(
         where = f"override_settings.{key}"
         if key == OPTION_CHECKPOINT:
             checkpoint = checkpoint_option(value, where)
+        elif key == OPTION_VAE:
+            vae_override = vae_option(value, where)
         elif key == OPTION_CLIP_SKIP:
             clip_skip = clip_skip_option(value, where)
         elif key == OPTION_RANDN_SOURCE:
@@ -567,6 +580,7 @@ def _parse_generation(
         clip_skip=clip_skip,
         denoising_strength=_number("denoising_strength", get("denoising_strength")),
         checkpoint=checkpoint,
+        vae=vae_override or options.sd_vae,
     )
 
     # 4. A1111 fields we do not do: refused unless they ask for nothing; other keys listed
@@ -586,6 +600,7 @@ def _parse_generation(
             "override_settings_restore_afterwards", get("override_settings_restore_afterwards")
         ),
         ignored=sorted(ignored),
+        vae_override=vae_override,
     )
     return call, img2img_options
 
@@ -744,6 +759,7 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
     """The dict A1111's `Processed.js()` returns (the response's `info`, before JSON)."""
     used = result.request
     count = max(len(result.images), 1)
+    vae = parse_infotext(result.infotexts[0]).params if result.infotexts else {}
     return {
         "prompt": used.prompt,
         "all_prompts": [used.prompt] * count,
@@ -765,8 +781,8 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "face_restoration_model": None,
         "sd_model_name": result.model_name,
         "sd_model_hash": result.model_hash,
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
+        "sd_vae_name": vae.get("VAE"),
+        "sd_vae_hash": vae.get("VAE hash"),
         "seed_resize_from_w": used.seed_resize_from_w,
         "seed_resize_from_h": used.seed_resize_from_h,
         "denoising_strength": used.denoising_strength,
@@ -849,6 +865,12 @@ def prompt_style_item(style: PromptStyle) -> dict[str, Any]:
     return {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
 
 
+def sd_vae_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
+    """One `sd-vae` item (A1111's `SDVaeItem`): the VAE's name and its file."""
+    shown = entry.relpath if hide_paths else printable_name(str(entry.path))
+    return {"model_name": entry.name, "filename": shown}
+
+
 def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
     """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`)."""
     shown = entry.relpath if hide_paths else printable_name(str(entry.path))
@@ -864,7 +886,7 @@ def current_options(title: str | None, sha256: str | None, options: ApiOptions) 
         OPTION_RANDN_SOURCE: options.randn_source,
         OPTION_FIX_STEPS: options.fix_steps,
         OPTION_NOISE_MULTIPLIER: options.noise_multiplier,
-        "sd_vae": "Automatic",
+        OPTION_VAE: options.sd_vae,
         "samples_save": True,
         "samples_format": "png",
         "save_images_add_number": True,
@@ -887,6 +909,7 @@ class OptionsChange:
     randn_source: str | None = None
     fix_steps: bool | None = None
     noise_multiplier: float | None = None
+    vae: str | None = None
     ignored: list[str] = field(default_factory=list)
 
 
@@ -906,6 +929,8 @@ def parse_options(body: object) -> OptionsChange:
             change.fix_steps = fix_steps_option(value)
         elif key == OPTION_NOISE_MULTIPLIER:
             change.noise_multiplier = noise_multiplier_option(value)
+        elif key == OPTION_VAE:
+            change.vae = vae_option(value)
         else:
             change.ignored.append(key)
     return change
@@ -1140,7 +1165,6 @@ def cmd_flags(settings: Any) -> dict[str, Any]:
 
 
 NEUTRAL_PROBES: dict[str, Any] = {
-    "sd-vae": [],
     "hypernetworks": [],
     "face-restorers": [],
     "realesrgan-models": [],

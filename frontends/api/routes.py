@@ -145,6 +145,8 @@ class A1111Api:
         if call.request.checkpoint and not call.restore_checkpoint:
             # override_settings_restore_afterwards false: the override stays selected
             self.service.select_checkpoint(call.request.checkpoint, user=user)
+        if call.vae_override and not call.restore_checkpoint:
+            self.options.sd_vae = call.vae_override
         pngs = []
         for result in results:
             for index, (image, seed, infotext) in enumerate(
@@ -169,6 +171,8 @@ class A1111Api:
 
     def set_options(self, body: Any, user: str) -> dict[str, Any]:
         change = a1111.parse_options(body)
+        if change.vae is not None:
+            self.service.check_vae(change.vae)  # all or nothing: before anything changes
         current = self.service.current_model()
         if change.checkpoint is not None and (
             current is None or change.checkpoint != current.title
@@ -182,6 +186,8 @@ class A1111Api:
             self.options.fix_steps = change.fix_steps
         if change.noise_multiplier is not None:
             self.options.noise_multiplier = change.noise_multiplier
+        if change.vae is not None:
+            self.options.sd_vae = self.service.check_vae(change.vae)
         return {**self.get_options(), "ignored": change.ignored}
 
     # -- listings
@@ -208,6 +214,10 @@ class A1111Api:
     def loras(self) -> list[dict[str, Any]]:
         hide = self.settings.hide_paths
         return [a1111.lora_item(entry, hide) for entry in self.service.loras()]
+
+    def sd_vae(self) -> list[dict[str, Any]]:
+        hide = self.settings.hide_paths
+        return [a1111.sd_vae_item(e, hide) for e in self.service.vaes() if not e.error]
 
     def upscalers(self) -> list[dict[str, Any]]:
         entries = {entry.name: entry for entry in self.service.upscalers()}
@@ -326,6 +336,8 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     app.get("/loras")(api.loras)
     app.get("/prompt-styles")(api.prompt_styles)
     app.get("/upscalers")(api.upscalers)
+    app.get("/sd-vae")(api.sd_vae)
+    app.post("/refresh-vae")(lambda: service.rescan())
     app.get("/latent-upscale-modes")(lambda: [{"name": name} for name in LATENT_UPSCALE_MODES])
     app.post("/refresh-loras")(lambda: service.rescan())
     app.get("/samplers")(list_samplers)

@@ -52,6 +52,17 @@ from pipelines.folders.upscalers import (
     upscaler_entry,
     upscaler_matchers,
 )
+from pipelines.folders.vaes import (
+    VAE_EXTENSIONS,
+    VAE_SUBFOLDER,
+    VaeEntry,
+    VaeFacts,
+    classify_vae,
+    hash_vae,
+    is_sidecar_vae,
+    vae_entry,
+    vae_matchers,
+)
 from pipelines.folders.walk import walk_files
 from pipelines.safeload import non_utf8_name_error, printable_name
 
@@ -117,6 +128,7 @@ class FolderKind(Generic[E]):
     unusable: Callable[[str], Any]  # the kind's facts for a file it cannot read or name
     stem_names: bool = False
     skip_top: tuple[str, ...] = ()
+    skip_file: Callable[[Path], bool] = lambda path: False  # found, but another kind's
 
 
 CHECKPOINTS: FolderKind[CheckpointEntry] = FolderKind(
@@ -132,6 +144,7 @@ CHECKPOINTS: FolderKind[CheckpointEntry] = FolderKind(
     matchers=checkpoint_matchers,
     unusable=lambda reason: CheckpointFacts(error=reason),
     skip_top=OTHER_KIND_FOLDERS,
+    skip_file=is_sidecar_vae,  # A1111's ext_blacklist: `model.vae.safetensors` is a VAE
 )
 LORAS: FolderKind[LoraEntry] = FolderKind(
     name="lora",
@@ -161,13 +174,27 @@ UPSCALERS: FolderKind[UpscalerEntry] = FolderKind(
     unusable=lambda reason: UpscalerFacts(error=reason),
     stem_names=True,
 )
-KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS)
+VAES: FolderKind[VaeEntry] = FolderKind(
+    name="vae",
+    label="VAE",
+    field="sd_vae",
+    extensions=VAE_EXTENSIONS,
+    marker="config.json",
+    classify=classify_vae,
+    build=vae_entry,
+    identity=lambda path: path,
+    hash_entry=hash_vae,
+    matchers=vae_matchers,
+    unusable=lambda reason: VaeFacts(error=reason),
+)
+KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS, VAES)
 
 
 def default_roots(
     models_dirs: Sequence[Path],
     lora_dirs: Sequence[Path],
     upscaler_dirs: Sequence[Path] = (),
+    vae_dirs: Sequence[Path] = (),
 ) -> dict[str, tuple[Path, ...]]:
     """Each kind's roots (CONTRACT "Model folders"): its own folders, then the kind's
     A1111 subfolder inside every checkpoint folder, so an A1111 `models/` works as it is."""
@@ -178,6 +205,7 @@ def default_roots(
             *upscaler_dirs,
             *(d / sub for d in models_dirs for sub in UPSCALER_SUBFOLDERS),
         ),
+        "vae": (*vae_dirs, *(d / VAE_SUBFOLDER for d in models_dirs)),
     }
 
 
@@ -232,6 +260,8 @@ class ModelFolders:
             if not root.is_dir():
                 continue
             for path in walk_files(root, kind.extensions, kind.marker, kind.skip_top):
+                if kind.skip_file(path):
+                    continue
                 real = path.resolve()
                 if real not in seen:  # one file reachable from two roots is listed once
                     seen.add(real)

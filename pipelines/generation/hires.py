@@ -140,6 +140,7 @@ class HiresRun(Txt2ImgRun):
             self.first = self.model
         self.model = self.switch_model(self.hires_model or hires.checkpoint)
         self.hires_model = self.model
+        self.apply_vae(inputs)  # A1111 resolves the VAE again for the new checkpoint
         self.encode_second_pass(inputs, None)
 
     def after_denoise(

@@ -24,6 +24,7 @@ from pipelines.devices import DevicePlan
 from pipelines.errors import UnusableFileError
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
+from pipelines.folders.vaes import VaeEntry
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.infotext import format_infotext, format_lora_hashes
@@ -41,6 +42,7 @@ from pipelines.prompt_grammar import prompt_schedules, split_and, text_at
 from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
 from pipelines.upscalers import Upscaling
+from pipelines.vae import choose_vae, decode_checked
 
 LARGE_DECODE_PIXELS = 1536 * 1536
 """Above this many pixels the VAE decodes in tiles, so large images fit in memory."""
@@ -157,8 +159,9 @@ class Txt2ImgRun:
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         # 1. check inputs
         inputs = self.check_inputs(request)
-        # 2. apply adapters: the weights become base + this request's stack
+        # 2. apply adapters: the weights become base + this request's stack and VAE
         adapters = self.apply_adapters(inputs)
+        self.apply_vae(inputs)
         # 3. encode prompts (cached: a new seed or sampler never re-runs the text encoders)
         conditioning = self.encode_prompts(inputs, adapters)
         images: list[Image.Image] = []
@@ -238,6 +241,14 @@ class Txt2ImgRun:
             if t and any(part.startswith("te") for part in entry.parts)
         )
         return Adapters(applied, text_state, notes)
+
+    def apply_vae(self, inputs: RunInputs) -> None:
+        """Make the model's VAE the request's `sd_vae` (A1111's resolution order)."""
+        self.vae_used = choose_vae(inputs.request.vae, self.model.entry, self.folders)
+        self.model.vae.use(self.vae_used)
+
+    vae_used: VaeEntry | None = None
+    """The external VAE the images were decoded with (None: the checkpoint's own)."""
 
     # -- 3
 
@@ -487,8 +498,7 @@ class Txt2ImgRun:
         if large:
             vae.enable_tiling()
         try:
-            with torch.no_grad():
-                return vae.decode(latents, return_dict=False)[0]
+            return decode_checked(vae, lambda z: vae.decode(z, return_dict=False)[0], latents)
         finally:
             if large:
                 vae.disable_tiling()
@@ -549,6 +559,9 @@ class Txt2ImgRun:
             "Model hash": model.entry.short_hash if model.entry else None,
             "Model": model.name,
         }
+        if self.vae_used is not None:  # A1111 names only a VAE that is not the baked-in one
+            params["VAE hash"] = self.vae_used.short_hash
+            params["VAE"] = self.vae_used.name
         if request.subseed_strength:
             params["Variation seed"] = subseed
             params["Variation seed strength"] = request.subseed_strength
