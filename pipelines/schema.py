@@ -187,6 +187,11 @@ class FieldSpec:
     help: str = ""
 
 
+VAE_AUTOMATIC = "Automatic"
+VAE_NONE = "None"
+"""A1111's special `sd_vae` values: the VAE beside the checkpoint, else its own; its own."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """Everything that determines an image; every front end builds exactly this.
@@ -222,7 +227,7 @@ class GenerationRequest:
     img2img: ImageInputs | None = None  # None: txt2img
     hires: HiresFix | None = None  # txt2img only
     styles: tuple[str, ...] = field(default_factory=tuple)
-    vae: str = "Automatic"  # A1111's sd_vae: "Automatic", "None" or a listed VAE
+    vae: str = VAE_AUTOMATIC  # A1111's sd_vae: "Automatic", "None" or a listed VAE
 
     @property
     def kind(self) -> str:

@@ -20,11 +20,11 @@ from pipelines.errors import UnusableFileError
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.folders.vaes import VaeEntry, classify_vae, read_vae_weights, sidecar_vae
+from pipelines.schema import VAE_AUTOMATIC as AUTOMATIC
+from pipelines.schema import VAE_NONE as NONE
 
 log = logging.getLogger(__name__)
 
-AUTOMATIC = "Automatic"
-NONE = "None"
 SPECIAL_CHOICES = (AUTOMATIC, NONE)
 
 

@@ -24,7 +24,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipelines.errors import InvalidRequestError
-from pipelines.schema import SEED_MAX, Bounds, GenerationRequest, GenerationResult, LoraSpec
+from pipelines.schema import (
+    SEED_MAX,
+    VAE_AUTOMATIC,
+    VAE_NONE,
+    Bounds,
+    GenerationRequest,
+    GenerationResult,
+    LoraSpec,
+)
 
 SCRIPT_TITLE = "X/Y/Z plot"
 FIELD = "script_args"
@@ -100,6 +108,13 @@ def _size(request: GenerationRequest, value: str, _values: list[Any]) -> Generat
         ) from None
 
 
+def _vae(request: GenerationRequest, value: str, _values: list[Any]) -> GenerationRequest:
+    """A1111's apply_vae: `auto`/`automatic` and `none` (any case) are the special
+    choices; anything else names a VAE (resolved, case-insensitively, when queued)."""
+    special = {"auto": VAE_AUTOMATIC, "automatic": VAE_AUTOMATIC, "none": VAE_NONE}
+    return replace(request, vae=special.get(value.strip().lower(), value.strip()))
+
+
 def _styles(request: GenerationRequest, value: str, _values: list[Any]) -> GenerationRequest:
     """A1111's apply_styles: the value's comma-separated names added to the request's."""
     names = [name.strip() for name in value.split(",") if name.strip()]
@@ -169,7 +184,7 @@ AXES: tuple[Axis, ...] = (
     _lacking("Extra noise"),
     Axis("Hires upscaler", "str", _hires("upscaler"), only="txt2img"),
     _lacking("Cond. Image Mask Weight", "img2img"),
-    _lacking("VAE"),
+    Axis("VAE", "str", _vae, cost=0.7),
     Axis("Styles", "str", _styles),
     _lacking("UniPC Order"),
     _lacking("Face restore"),

@@ -579,6 +579,11 @@ def test_sd_vae_from_webuiapi(server: Server) -> None:
         client.set_options({"sd_vae": "bright.safetensors"})
         kept = client.txt2img(**same)
         assert np.array_equal(np.asarray(kept.image), np.asarray(bright.image))
+        # the page's SD VAE dropdown, on the same server
+        page_values = {"sampler_name": "Euler", "scheduler": "Automatic", "steps": 2, **same}
+        gallery, infotext = _gradio_txt2img(server, SD1, sd_vae="bright.safetensors", **page_values)
+        assert "VAE: bright.safetensors" in infotext
+        assert np.array_equal(_gallery_pixels(gallery)[0], np.asarray(bright.image))
     finally:
         client.set_options({"sd_vae": "Automatic"})
         client.session.close()

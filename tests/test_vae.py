@@ -21,6 +21,7 @@ from pipelines.schema import GenerationRequest
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from pipelines.vae import decode_checked
+from pipelines.xyz import AxisSpec, XyzPlot, run_xyz
 from tests.conftest import DEMO_YAML, copy_yaml_with_clip
 from tests.ldm_export import vae_to_ldm
 
@@ -190,3 +191,52 @@ def test_a_half_precision_overflow_is_decoded_again_in_float32(
     assert torch.isfinite(decoded).all()
     # the float32 decode of the half-rounded weights and latents: within a grey level
     assert torch.allclose(decoded.float(), reference, atol=1 / 255)
+
+
+def test_the_xyz_vae_axis_gives_each_cell_its_vae(service: Service) -> None:
+    base = GenerationRequest(**{**SMALL, "checkpoint": "vbase"})  # type: ignore[arg-type]
+    plot = XyzPlot(x=AxisSpec("VAE", "none, Brighter.safetensors"), include_lone_images=True)
+    output = run_xyz(service, base, plot, user="me")
+    own, _ = pixels(service, vae="None")
+    brighter, _ = pixels(service, vae="brighter.safetensors")
+    assert np.array_equal(np.asarray(output.images[1], dtype=np.int16), own)
+    assert np.array_equal(np.asarray(output.images[2], dtype=np.int16), brighter)
+    assert parse_infotext(output.infotexts[2]).params["VAE"] == "brighter.safetensors"
+
+
+def test_the_cli_lists_vaes_and_takes_one(
+    service: Service, vae_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from frontends.cli.__main__ import EXIT_NOT_FOUND, main
+
+    common = ["--ckpt-dir", str(vae_folder), "--data-dir", str(tmp_path), "--threads", "2"]
+    assert main(["list-vaes", *common]) == 0
+    rows = {row.split("\t")[0]: row.split("\t") for row in capsys.readouterr().out.splitlines()}
+    assert rows["brighter.safetensors"][1:] == ["4", rows["brighter.safetensors"][2], ""]
+    assert "not a VAE" in rows["not-a-vae.safetensors"][3]
+    small = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "5"]
+    run = ["generate", "--prompt", "a boat", "--sampler", "Euler", *small, "--ckpt", "vbase"]
+    assert main([*run, "--vae", "brighter.safetensors", *common]) == 0
+    (written,) = capsys.readouterr().out.split()
+    made = Image.open(written)
+    assert parse_infotext(made.info["parameters"]).params["VAE"] == "brighter.safetensors"
+    brighter, _ = pixels(service, vae="brighter.safetensors")
+    assert np.array_equal(np.asarray(made.convert("RGB"), dtype=np.int16), brighter)
+    assert main([*run, "--vae", "nope.pt", *common]) == EXIT_NOT_FOUND
+    assert "nope.pt" in capsys.readouterr().err
+
+
+def test_png_info_recalls_the_vae_by_hash_then_name(service: Service) -> None:
+    from frontends.page.recall import recall
+
+    _, info = pixels(service, vae="brighter.safetensors")
+    assert recall(info, service).vae == "brighter.safetensors"
+    renamed = info.replace("VAE: brighter.safetensors", "VAE: old-name.safetensors")
+    assert recall(renamed, service).vae == "brighter.safetensors"  # the hash wins
+    unknown = info.replace("VAE hash: ", "VAE hash: 00").replace("brighter", "gone")
+    found = recall(unknown, service)
+    assert found.vae is None and any("gone.safetensors" in w for w in found.warnings)
+    _, plain = pixels(service, vae="None")
+    assert recall(plain, service).vae is None

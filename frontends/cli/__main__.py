@@ -1,5 +1,5 @@
 """The command line: `python -m frontends.cli COMMAND` (generate, extras, list-models,
-list-loras, list-upscalers, list-styles).
+list-loras, list-upscalers, list-vaes, list-styles).
 
 A third front end over the same generation service: it builds the same GenerationRequest as the UI
 and the API (its generation flags come from `schema.FIELDS`), so the same request, model
@@ -40,6 +40,7 @@ SETTINGS_FLAGS = (
     "threads",
     "device",
     "max_pixels",
+    "vae_dir",
     *(f"{kind}_models_path" for kind in ("esrgan", "realesrgan", "swinir", "dat")),
 )
 """Launch settings the CLI shares with the server (same flags, same LORASTACK_* env)."""
@@ -356,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompts_file_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
+        "--vae",
+        default="Automatic",
+        help="A1111's SD VAE: Automatic (NAME.vae.* beside the checkpoint, else its own), "
+        "None (the checkpoint's own) or a listed VAE (see list-vaes)",
+    )
+    generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
     )
     _add_settings_flags(generate)
@@ -379,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("list-models", "checkpoints"),
         ("list-loras", "LoRAs"),
         ("list-upscalers", "model upscalers"),
+        ("list-vaes", "VAEs"),
         ("list-styles", "prompt styles of <data-dir>/styles.csv"),
     ):
         listing = commands.add_parser(name, help=f"list the {what} (tab-separated)")
@@ -437,7 +445,12 @@ def _generate(args: argparse.Namespace) -> int:
     if hires is not None and inputs is not None:
         raise InvalidRequestError("--enable-hr is for txt2img; it cannot be used with --init-image")
     request = GenerationRequest(
-        **values, loras=tuple(args.lora), img2img=inputs, hires=hires, styles=tuple(args.style)
+        **values,
+        loras=tuple(args.lora),
+        img2img=inputs,
+        hires=hires,
+        styles=tuple(args.style),
+        vae=args.vae,
     )
     _style_store(settings).resolve(request.styles)  # unknown styles fail before loading
     # fail on bad values before loading anything
@@ -606,6 +619,16 @@ def _list_upscalers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_vaes(args: argparse.Namespace) -> int:
+    service, _ = _service(args)
+    print("name\tlatent_channels\thash\tproblem")
+    for entry in service.vaes():
+        channels = str(entry.latent_channels or "?")
+        row = (entry.relpath, channels, entry.short_hash or "", entry.error or "")
+        print("\t".join(row))
+    return EXIT_OK
+
+
 def exit_code(error: LorastackError) -> int:
     """The documented exit code of an engine error."""
     if isinstance(error, InvalidRequestError):
@@ -628,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list-models": _list_models,
         "list-loras": _list_loras,
         "list-upscalers": _list_upscalers,
+        "list-vaes": _list_vaes,
         "list-styles": _list_styles,
     }
     try:

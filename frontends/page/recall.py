@@ -59,6 +59,7 @@ class Recall:
     rows: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     styles: list[str] = field(default_factory=list)  # styles.csv names, in applied order
+    vae: str | None = None  # a listed VAE's name, when the infotext names one
 
 
 @dataclass
@@ -102,6 +103,7 @@ def recall(text: str, service: GenerationService) -> Recall:
         if name is not None:
             result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
     result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
+    result.vae = _local_vae(parsed, service, result.warnings)
     hires, warnings = recall_hires(parsed.params, lambda name: _listed_title(name, service))
     result.values.update(hires)
     result.warnings.extend(warnings)
@@ -189,6 +191,26 @@ def _local_lora(
             return found[0].name
     hint = f" (hash {wanted})" if wanted else ""
     warnings.append(f"LoRA '{name}'{hint} is not in the LoRA folders; left out: {reason}")
+    return None
+
+
+def _local_vae(
+    parsed: ParsedInfotext, service: GenerationService, warnings: list[str]
+) -> str | None:
+    """The listed VAE the infotext names (A1111's `VAE` -> `sd_vae`): by `VAE hash`, else
+    by name. None when it names none (the checkpoint's own was used)."""
+    vae_hash = parsed.params.get("VAE hash", "").lower()
+    name = parsed.params.get("VAE")
+    usable = [e for e in service.vaes() if not e.error]
+    for entry in usable:
+        if vae_hash and entry.short_hash == vae_hash:
+            return entry.name
+    for entry in usable:
+        if name and name in (entry.name, entry.relpath):
+            return entry.name
+    if name or vae_hash:
+        what = " ".join(p for p in (name, f"[{vae_hash}]" if vae_hash else "") if p)
+        warnings.append(f"VAE {what} is not in the VAE folders; kept the current one")
     return None
 
 

@@ -38,6 +38,7 @@ def build_pnginfo(
     tabs: gr.Tabs,
     notes: gr.Markdown,
     styles: gr.Dropdown | None = None,
+    vae: gr.Dropdown | None = None,
 ) -> PngInfo:
     """Drop an image, see its parameters, send them (fields, checkpoint, stack, and into
     `styles` the styles found in the prompts) to txt2img, or the image with them to img2img."""
@@ -114,6 +115,8 @@ def build_pnginfo(
     )
     if styles is not None:
         send.click(lambda infotext: recall(infotext, service).styles, text, styles, **QUICK)
+    if vae is not None:
+        send.click(lambda infotext: recall(infotext, service).vae or gr.skip(), text, vae, **QUICK)
     return PngInfo(image, send_img2img, send_inpaint, send_extras)
 
 

@@ -56,6 +56,8 @@ from pipelines.output import save_png
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import (
     RANDN_SOURCES,
+    VAE_AUTOMATIC,
+    VAE_NONE,
     GenerationRequest,
     GenerationResult,
     field_spec,
@@ -173,6 +175,10 @@ def build_ui(
         model = service.current_model()
         return model.title if model is not None else None
 
+    def vae_choices() -> list[str]:
+        """A1111's SD VAE list: Automatic, None, then the usable VAE files by name."""
+        return [VAE_AUTOMATIC, VAE_NONE, *(e.name for e in service.vaes() if not e.error)]
+
     def checkpoint_choices() -> list[str]:
         titles = [e.title for e in service.checkpoints() if not e.error]
         current = current_title()
@@ -257,6 +263,7 @@ def build_ui(
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
         styles: list[str] | None = None,  # last: callers from before styles leave it out
+        sd_vae: str = VAE_AUTOMATIC,
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
         gallery, the first image's infotext, the seeds and the job id (for Interrupt).
@@ -274,7 +281,7 @@ def build_ui(
             raise gr.Error(error.message) from error
         if hires is not None:
             given["denoising_strength"] = denoising_strength
-        extra: dict[str, Any] = {"styles": tuple(styles or ())}
+        extra: dict[str, Any] = {"styles": tuple(styles or ()), "vae": sd_vae or VAE_AUTOMATIC}
         if hires is not None:
             extra["hires"] = hires
         script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
@@ -296,7 +303,11 @@ def build_ui(
         if size is not None:  # outpainting: the canvas's size
             given["width"], given["height"] = size
         stack = data[panel.stack]
-        extra = {"img2img": images, "styles": tuple(data[i2i_styles.dropdown] or ())}
+        extra = {
+            "img2img": images,
+            "styles": tuple(data[i2i_styles.dropdown] or ()),
+            "vae": data[sd_vae] or VAE_AUTOMATIC,
+        }
         yield from generate(given, data[checkpoint], stack, extra, request, progress)
 
     def generate(
@@ -403,6 +414,13 @@ def build_ui(
                 elem_id="checkpoint",
                 scale=4,
             )
+            sd_vae = gr.Dropdown(
+                vae_choices(),
+                value=VAE_AUTOMATIC,
+                label="SD VAE",
+                elem_id="sd_vae",
+                scale=2,
+            )
             refresh_models = gr.Button(
                 "Refresh", scale=0, min_width=80, elem_id="checkpoint_refresh"
             )
@@ -447,7 +465,14 @@ def build_ui(
                 extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(
-                    service, controls, checkpoint, panel, tabs, results.notes, styles.dropdown
+                    service,
+                    controls,
+                    checkpoint,
+                    panel,
+                    tabs,
+                    results.notes,
+                    styles.dropdown,
+                    sd_vae,
                 )
             with gr.Tab("Add files", id="files"):
                 build_files_tab(
@@ -471,11 +496,12 @@ def build_ui(
             *(controls[name] for name in HIRES_FIELDS),
             *scripts.inputs,
             styles.dropdown,
+            sd_vae,
         ]
         special = ("request", "progress")  # Gradio injects them where they stand
         parameters = [p for p in inspect.signature(txt2img).parameters if p not in special]
         named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
-        named += ["styles"]
+        named += ["styles", "sd_vae"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -485,6 +511,7 @@ def build_ui(
             checkpoint,
             panel.stack,
             i2i_styles.dropdown,
+            sd_vae,
         }
         wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
         wire_styles(service, page, [styles, i2i_styles], files_admin_check(settings))
@@ -535,13 +562,17 @@ def build_ui(
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
 
-        def rescan_models() -> tuple[gr.Dropdown, gr.Dropdown]:
+        def rescan_models() -> tuple[gr.Dropdown, gr.Dropdown, gr.Dropdown]:
             service.rescan()
             choices = checkpoint_choices()
-            return gr.Dropdown(choices=choices), gr.Dropdown(choices=[SAME_CHECKPOINT, *choices])
+            return (
+                gr.Dropdown(choices=choices),
+                gr.Dropdown(choices=[SAME_CHECKPOINT, *choices]),
+                gr.Dropdown(choices=vae_choices()),
+            )
 
         refresh_models.click(
-            rescan_models, None, [checkpoint, hires["hr_checkpoint_name"]], **QUICK
+            rescan_models, None, [checkpoint, hires["hr_checkpoint_name"], sd_vae], **QUICK
         )
     return page
 
