@@ -23,6 +23,7 @@ from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.loading import LoadedModel
 from pipelines.lora.files import LoraFileCache
 from pipelines.model_manager import ActiveModel, ModelManager
+from pipelines.preview import PreviewDecoders
 from pipelines.schema import GenerationRequest, GenerationResult
 from pipelines.settings import Settings
 
@@ -67,6 +68,7 @@ class Engine:
             keep_in_cpu=settings.checkpoints_keep_in_cpu,
             backup_budget=settings.lora_backup_mb * MEGABYTE,
         )
+        self.previews = PreviewDecoders(settings.models_dirs)
         log.info("device: %s", self.plan.describe())
 
     def device(self) -> DeviceInfo:
@@ -95,6 +97,7 @@ class Engine:
         try:
             model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
             run = self.run_for(request)(model, self.plan, self.folders, control)
+            run.previews = self.previews
             if isinstance(run, HiresRun):
                 run.switch_model = self.switch_model
             return run(request)

@@ -244,6 +244,15 @@ class GenerationService(Protocol):
         """VAE files, usable or not (unusable ones carry the reason)."""
         ...
 
+    @property
+    def preview_method(self) -> str:
+        """How live previews are made: "Approx cheap", "TAESD" or "Full"."""
+        ...
+
+    def set_preview_method(self, method: str) -> None:
+        """A1111's `show_progress_type` (4xx for another value)."""
+        ...
+
     def check_vae(self, name: str) -> str:
         """`name` when it is `Automatic`, `None` or a usable listed VAE; else 4xx."""
         ...

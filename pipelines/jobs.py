@@ -63,6 +63,11 @@ class JobControl:
     def skipped(self) -> bool:
         return self._job.skipped
 
+    @property
+    def preview_method(self) -> str:
+        """How previews are made (A1111's `show_progress_type`), as the server is set now."""
+        return self._service.preview_method
+
     def batch(self, job_no: int, job_count: int, steps: int) -> None:
         """A new batch starts (clears a skip of the previous one)."""
         self._service._update(
@@ -155,6 +160,7 @@ class JobService:
         self._jobs: OrderedDict[str, _Job] = OrderedDict()
         self._last: _Job | None = None
         self._seconds_per_cost: float | None = None
+        self.preview_method = "Approx cheap"  # set through the service's options
         for index in range(max(1, workers)):
             threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True).start()
 

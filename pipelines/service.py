@@ -37,6 +37,7 @@ from pipelines.interface import (
 )
 from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
 from pipelines.limits import UserLimits
+from pipelines.preview import check_preview_method
 from pipelines.schema import (
     LATENT_UPSCALE_MODES,
     Bounds,
@@ -393,6 +394,14 @@ class Service:
     def vaes(self) -> list[VaeEntry]:
         return self.folders.entries("vae")
 
+    @property
+    def preview_method(self) -> str:
+        return self._jobs.preview_method
+
+    def set_preview_method(self, method: str) -> None:
+        """A1111's `show_progress_type` for the jobs that sample from now on."""
+        self._jobs.preview_method = check_preview_method(method)
+
     def check_vae(self, name: str) -> str:
         """`name` if it is `Automatic`, `None` or a usable listed VAE (else 4xx)."""
         if name not in SPECIAL_VAE_CHOICES:
@@ -500,6 +509,10 @@ class _SeriesControl:
     @property
     def preview_every(self) -> int:
         return self._control.preview_every
+
+    @property
+    def preview_method(self) -> str:
+        return self._control.preview_method
 
     def batch(self, job_no: int, job_count: int, steps: int) -> None:
         self._control.batch(self._offset + job_no, self._total, steps)

@@ -599,6 +599,21 @@ def test_sd_vae_from_webuiapi(server: Server) -> None:
     assert status == 404 and "nope.pt" in payload["detail"]
 
 
+def test_live_preview_method_is_an_option(server: Server) -> None:
+    status, _, options = call(server, "POST", "/options", {"show_progress_type": "TAESD"})
+    assert status == 200 and options["show_progress_type"] == "TAESD"
+    try:
+        bad = {"show_progress_type": "Approx NN", "CLIP_stop_at_last_layers": 2}
+        status, _, payload = call(server, "POST", "/options", bad)
+        assert status == 422
+        assert_a1111_error(payload, "show_progress_type", "Approx NN", "TAESD")
+        status, _, options = call(server, "GET", "/options")
+        assert options["show_progress_type"] == "TAESD"
+        assert options["CLIP_stop_at_last_layers"] == 1  # nothing changed
+    finally:
+        call(server, "POST", "/options", {"show_progress_type": "Approx cheap"})
+
+
 def _gradio_txt2img(server: Server, checkpoint: str, **values: Any) -> tuple[list, str]:
     from gradio_client import Client
 

@@ -49,8 +49,10 @@ def test_sampler_names(body: dict, sampler: str, scheduler: str) -> None:
 
 def test_override_settings_and_options() -> None:
     options = a1111.ApiOptions(clip_skip=2)
-    call = a1111.parse_txt2img({"override_settings": {"sd_vae": "x"}}, options)
-    assert call.request.clip_skip == 2 and call.ignored == ["override_settings.sd_vae"]
+    call = a1111.parse_txt2img({"override_settings": {"sd_vae": "x", "eta_noise": 1}}, options)
+    assert call.request.clip_skip == 2 and call.ignored == ["override_settings.eta_noise"]
+    assert call.request.vae == "x" and call.vae_override == "x"
+    assert a1111.parse_txt2img({}, a1111.ApiOptions(sd_vae="kept.pt")).request.vae == "kept.pt"
     body = {
         "override_settings": {"sd_model_checkpoint": "xl/a", "CLIP_stop_at_last_layers": 3},
         "override_settings_restore_afterwards": False,
@@ -192,7 +194,7 @@ def test_randn_source_per_request_and_as_an_option() -> None:
     kept = a1111.ApiOptions(randn_source="GPU")
     assert a1111.parse_txt2img({"prompt": "x"}, kept).request.randn_source == "GPU"
     assert a1111.parse_options({"randn_source": "NV"}).randn_source == "NV"
-    assert a1111.current_options("m", None, kept)["randn_source"] == "GPU"
+    assert a1111.current_options("m", None, kept, "Approx cheap")["randn_source"] == "GPU"
     with pytest.raises(InvalidRequestError) as error:
         parse({"override_settings": {"randn_source": "cuda"}})
     assert error.value.field == "override_settings.randn_source"

@@ -177,9 +177,12 @@ class _ReplicaControl:
     """A job's run control on a replica: stop flags set by `EngineReplica.control`, and
     progress forwarded to the job's event stream."""
 
-    def __init__(self, events: queue.Queue[Any], preview_every: int) -> None:
+    def __init__(
+        self, events: queue.Queue[Any], preview_every: int, preview_method: str = "Approx cheap"
+    ) -> None:
         self.events = events
         self.preview_every = preview_every
+        self.preview_method = preview_method
         self.interrupted = False
         self.skipped = False
         self._batch = (0, 0, 0)
@@ -252,12 +255,13 @@ class EngineReplica:
         avoid: str = "",
         loads: dict[str, int] | None = None,
         preview_every: int = 0,
+        preview_method: str = "Approx cheap",
     ) -> Iterator[str | StepEvent | WireResult | RemoteError]:
         """Stream: this replica's id, then StepEvents, then the result (or the error).
         The engine runs in a thread so events flow while it samples."""
         yield self.replica
         events: queue.Queue[Any] = queue.Queue()
-        control = _ReplicaControl(events, preview_every)
+        control = _ReplicaControl(events, preview_every, preview_method)
         with self._lock:
             early = self._early.pop(job, None)
             if early == "interrupt":  # cancelled before it reached this replica
@@ -637,8 +641,15 @@ class RayRunner:
         with self._lock:
             loads = dict(self._inflight)
         every = getattr(control, "preview_every", 0)  # JobControl has it; others none
+        method = getattr(control, "preview_method", "Approx cheap")
         stream = self._stream.generate.remote(
-            job=job_id, request=request, route=route, avoid=avoid, loads=loads, preview_every=every
+            job=job_id,
+            request=request,
+            route=route,
+            avoid=avoid,
+            loads=loads,
+            preview_every=every,
+            preview_method=method,
         )
         replica = ""
         sent: set[str] = set()

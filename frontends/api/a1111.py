@@ -34,6 +34,7 @@ from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
+from pipelines.preview import check_preview_method
 from pipelines.prompts_from_file import (
     PromptsScript,
     is_prompts_script,
@@ -212,6 +213,7 @@ OPTION_RANDN_SOURCE = "randn_source"
 OPTION_FIX_STEPS = "img2img_fix_steps"
 OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
 OPTION_VAE = "sd_vae"
+OPTION_PREVIEW = "show_progress_type"
 CLIP_SKIP_MAX = 12
 
 # Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
@@ -378,6 +380,11 @@ def noise_multiplier_option(value: object, name: str = OPTION_NOISE_MULTIPLIER) 
     if not 0.0 <= number <= 1.5:
         raise InvalidRequestError(f"{name} must be between 0 and 1.5, got {number}", field=name)
     return number
+
+
+def preview_option(value: object) -> str:
+    """A1111's `show_progress_type`: the live-preview methods we have."""
+    return check_preview_method(_text(OPTION_PREVIEW, value))
 
 
 def vae_option(value: object, name: str = OPTION_VAE) -> str:
@@ -877,7 +884,9 @@ def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
     return {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
 
 
-def current_options(title: str | None, sha256: str | None, options: ApiOptions) -> dict[str, Any]:
+def current_options(
+    title: str | None, sha256: str | None, options: ApiOptions, preview_method: str
+) -> dict[str, Any]:
     """GET `options`: the settings clients read (SillyTavern, Open WebUI, webuiapi)."""
     return {
         OPTION_CHECKPOINT: title,
@@ -893,7 +902,7 @@ def current_options(title: str | None, sha256: str | None, options: ApiOptions) 
         "enable_pnginfo": True,
         "live_previews_enable": True,
         "show_progress_every_n_steps": 1,
-        "show_progress_type": "Approx cheap",
+        OPTION_PREVIEW: preview_method,
         "eta_noise_seed_delta": 0,
         "sd_checkpoints_limit": 1,
     }
@@ -910,6 +919,7 @@ class OptionsChange:
     fix_steps: bool | None = None
     noise_multiplier: float | None = None
     vae: str | None = None
+    preview_method: str | None = None
     ignored: list[str] = field(default_factory=list)
 
 
@@ -931,6 +941,8 @@ def parse_options(body: object) -> OptionsChange:
             change.noise_multiplier = noise_multiplier_option(value)
         elif key == OPTION_VAE:
             change.vae = vae_option(value)
+        elif key == OPTION_PREVIEW:
+            change.preview_method = preview_option(value)
         else:
             change.ignored.append(key)
     return change

@@ -167,7 +167,7 @@ class A1111Api:
         model = self.service.current_model()
         title = model.title if model is not None else None
         sha = model.sha256 if model is not None else None
-        return a1111.current_options(title, sha, self.options)
+        return a1111.current_options(title, sha, self.options, self.service.preview_method)
 
     def set_options(self, body: Any, user: str) -> dict[str, Any]:
         change = a1111.parse_options(body)
@@ -188,6 +188,8 @@ class A1111Api:
             self.options.noise_multiplier = change.noise_multiplier
         if change.vae is not None:
             self.options.sd_vae = self.service.check_vae(change.vae)
+        if change.preview_method is not None:
+            self.service.set_preview_method(change.preview_method)
         return {**self.get_options(), "ignored": change.ignored}
 
     # -- listings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from frontends.page.recall import read_image_info, recall
 from pipelines.errors import LorastackError
 from pipelines.infotext import parse_infotext
 from pipelines.interface import GenerationService
+from pipelines.preview import PREVIEW_METHODS
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import field_spec
 from pipelines.settings import Settings, admin_credentials
@@ -120,6 +122,37 @@ def build_pnginfo(
     return PngInfo(image, send_img2img, send_inpaint, send_extras)
 
 
+def build_preview_setting(
+    service: GenerationService,
+    admin_check: Callable[[str, str], str | None] | None,
+    admin_user: gr.Textbox,
+    admin_password: gr.Textbox,
+) -> None:
+    """A1111's "Live preview display" choice: Approx cheap, TAESD (a decoder from
+    `models/VAE-approx/`), or Full (the model's VAE)."""
+    with gr.Row():
+        method = gr.Radio(
+            list(PREVIEW_METHODS),
+            value=service.preview_method,
+            label="Live preview method (TAESD needs taesd_decoder.pth or "
+            "taesdxl_decoder.pth in models/VAE-approx/)",
+            elem_id="preview_method",
+        )
+        apply = gr.Button("Apply", scale=0, elem_id="apply_preview_method")
+
+    def choose(chosen: str, user: str, password: str) -> None:
+        refusal = admin_check(user or "", password or "") if admin_check else None
+        if refusal is not None:
+            raise gr.Error(f"Live preview method not changed: {refusal}")
+        try:
+            service.set_preview_method(chosen)
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
+        gr.Info(f"Live previews: {chosen}")
+
+    apply.click(choose, [method, admin_user, admin_password], None, **QUICK)
+
+
 def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
     """Why an admin action is refused, or None when `user`/`password` are the admin's.
 
@@ -143,9 +176,11 @@ def build_settings(
     settings: Settings,
     page: gr.Blocks,
     tabs_controls: list[dict[str, Any]],
+    admin_check: Callable[[str, str], str | None] | None = None,
 ) -> None:
     """Server-wide defaults (settings.json, admin only) and the device facts, read-only;
-    new pages start every tab's fields (`tabs_controls`) with the defaults."""
+    new pages start every tab's fields (`tabs_controls`) with the defaults. The live
+    preview method is server-wide too (an admin action on a shared server)."""
     device = service.device()
     bounds = service.bounds()
     folder = "(hidden)" if settings.hide_paths else f"`{settings.outputs_dir}`"
@@ -201,6 +236,7 @@ def build_settings(
         gr.Info("Saved: new pages start with these defaults")
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)
+    build_preview_setting(service, admin_check, admin_user, admin_password)
     targets = [edits, *tabs_controls]  # one event, so one mark says all are set
 
     def current_everywhere() -> list[Any]:

@@ -486,7 +486,13 @@ def build_ui(
                     admin_check=files_admin_check(settings),
                 )
             with gr.Tab("Settings", id="settings"):
-                build_settings(service, settings, page, [controls, i2i_controls])
+                build_settings(
+                    service,
+                    settings,
+                    page,
+                    [controls, i2i_controls],
+                    files_admin_check(settings),
+                )
 
         inputs = [
             *(controls[name] for name in API_FIELDS),

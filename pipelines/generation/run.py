@@ -29,7 +29,7 @@ from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
-from pipelines.preview import latents_to_images
+from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
     EncodedPrompt,
     combine_stacks,
@@ -248,6 +248,8 @@ class Txt2ImgRun:
         self.model.vae.use(self.vae_used)
 
     vae_used: VaeEntry | None = None
+    previews: PreviewDecoders | None = None
+    """The TAESD decoders, set by the engine (None: TAESD previews fall back to cheap)."""
     """The external VAE the images were decoded with (None: the checkpoint's own)."""
 
     # -- 3
@@ -355,10 +357,13 @@ class Txt2ImgRun:
         timesteps: torch.Tensor,
     ) -> torch.Tensor:
         loop = self.denoise_loop(inputs, conditioning, latents.shape[0], generators, scheduler)
-        family = self.model.family
+        family, vae = self.model.family, self.model.pipe.vae
+        method = getattr(self.control, "preview_method", CHEAP)  # JobControl has it
 
         def on_step(done: int, current: torch.Tensor) -> bool:
-            self.control.step(done, lambda: latents_to_images(current, family))
+            self.control.step(
+                done, lambda: render_preview(method, current, family, vae, self.previews)
+            )
             return self.control.interrupted or self.control.skipped
 
         return loop(latents, timesteps, on_step)
