@@ -2,7 +2,7 @@
 LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip;
 inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint;
 upscale in Extras with a tiny model upscaler and send the result back to Extras; Hires fix
-with a model upscaler, then recalled through PNG Info.
+with a model upscaler, then recalled through PNG Info; an SD VAE chosen, then recalled.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright import sync_api
+from safetensors.torch import save_file
 
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
 from tests.test_ui import make_lora_folder
+from tests.test_vae import shifted, vae_file_weights
 from tests.upscaler_files import write_esrgan
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,6 +50,9 @@ def app(
     data = tmp_path_factory.mktemp("browser")
     make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
     write_esrgan(data / "models" / "ESRGAN" / "2x_tiny.safetensors", scale=2)
+    bright = shifted(vae_file_weights(tiny_sd1.pipe.vae), "decoder.conv_out.bias")
+    (data / "models" / "VAE").mkdir()
+    save_file(bright, data / "models" / "VAE" / "bright.safetensors")  # fits the demo model
     with app_server(data) as url:
         yield url, data
 
@@ -396,3 +401,33 @@ def test_hires_fix_from_the_page_and_back_through_png_info(
     assert page.locator("#txt2img_hr input[type=checkbox]").is_checked()
     assert page.locator("#txt2img_hr_upscaler input").input_value() == "2x_tiny"
     assert page.locator("#txt2img_hr_scale input[type=number]").first.input_value() == "1.5"
+
+
+def test_sd_vae_from_the_page_and_back_through_png_info(
+    page: object, app: tuple[str, Path]
+) -> None:
+    page.locator("#prompt textarea").fill("a lantern")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 8)):
+        set_number(page, elem_id, value)
+    page.locator("#sd_vae input").click()
+    page.get_by_role("option", name="bright.safetensors").click()
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    params = parse_infotext(infotext(page)).params
+    assert params["VAE"] == "bright.safetensors" and len(params["VAE hash"]) == 10
+    shot(page, "txt2img-sd-vae.png")
+    saved = newest_output(app[1], "txt2img-images")
+
+    page.reload()  # a new page starts on Automatic; PNG Info brings the VAE back
+    page.locator("#generate").wait_for()
+    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
+    assert page.locator("#sd_vae input").input_value() == "Automatic"
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(saved))
+    page.wait_for_function(
+        "() => document.querySelector('#pnginfo_text textarea').value.includes('VAE hash')"
+    )
+    page.locator("#send_to_txt2img").click()
+    sync_api.expect(page.locator("#sd_vae input")).to_have_value(
+        "bright.safetensors", timeout=TIMEOUT_MS
+    )
