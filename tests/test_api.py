@@ -238,6 +238,9 @@ def test_listings_and_neutral_probes(server: Server) -> None:
     assert flags["api"] is True and "api_auth" not in flags and "gradio_auth" not in flags
     _, _, embeddings = call(server, "GET", "/embeddings")
     assert embeddings == {"loaded": {}, "skipped": {}}
+    _, _, scripts = call(server, "GET", "/scripts")
+    assert scripts["txt2img"] == ["prompts from file or textbox", "x/y/z plot"]
+    assert {"sd upscale", "outpainting mk2", "poor man's outpainting"} < set(scripts["img2img"])
     _, _, memory = call(server, "GET", "/memory")
     assert set(memory) == {"ram", "cuda"}
 

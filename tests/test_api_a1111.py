@@ -341,6 +341,20 @@ def test_prompts_from_file_script_on_img2img() -> None:
     assert call.series[0].seed >= 0 and call.series[1].seed == 4  # drawn once; its own
 
 
+def test_an_unknown_img2img_script_lists_the_ones_we_run() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+    body = {
+        "init_images": [base64.b64encode(buffer.getvalue()).decode()],
+        "script_name": "Prompt matrix",
+    }
+    with pytest.raises(InvalidRequestError) as caught:
+        a1111.parse_img2img(body, a1111.ApiOptions())
+    assert caught.value.field == "script_name"
+    for name in a1111.scripts_listing()["img2img"]:
+        assert name in caught.value.message
+
+
 def test_styles_field_is_the_requests_and_info_lists_it() -> None:
     """`styles` names styles (applied by the service); null and [] mean none."""
     assert parse({"styles": ["frame", "tail"]}).request.styles == ("frame", "tail")

@@ -35,6 +35,7 @@ from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
 from pipelines.preview import check_preview_method
+from pipelines.prompts_from_file import SCRIPT_NAME as PROMPTS_SCRIPT_NAME
 from pipelines.prompts_from_file import (
     PromptsScript,
     is_prompts_script,
@@ -44,6 +45,7 @@ from pipelines.prompts_from_file import (
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
 from pipelines.schema import (
+    OUTPAINT_METHODS,
     PIXEL_UPSCALERS,
     RANDN_SOURCES,
     SEED_MAX,
@@ -637,6 +639,15 @@ def _base64_image(value: object, name: str) -> Image.Image:
 SD_UPSCALE_SCRIPT = "sd upscale"
 
 
+def scripts_listing() -> dict[str, list[str]]:
+    """`scripts`: the `script_name`s each route runs, lowercased as A1111 lists them."""
+    shared = [PROMPTS_SCRIPT_NAME, XYZ_SCRIPT]
+    return {
+        "txt2img": sorted(shared),
+        "img2img": sorted([*shared, SD_UPSCALE_SCRIPT, *OUTPAINT_METHODS]),
+    }
+
+
 def _sd_upscale(args: object, upscalers: list[str]) -> SdUpscale:
     """A1111's `sd upscale` script arguments: [info, overlap, upscaler_index, scale_factor]
     (the index counts in the `upscalers` listing; a name is accepted too)."""
@@ -698,9 +709,13 @@ def parse_img2img(
     if script and _text("script_name", script).strip().lower() == SD_UPSCALE_SCRIPT:
         sd_upscale = _sd_upscale(body.get("script_args") or [], upscalers or list(PIXEL_UPSCALERS))
     elif script:
-        outpaint, script_fill = script_outpaint(
-            _text("script_name", script), body.get("script_args") or []
-        )
+        name = _text("script_name", script)
+        if name.strip().lower() not in OUTPAINT_METHODS:
+            raise InvalidRequestError(
+                f"unknown script {name!r}; img2img runs " + ", ".join(scripts_listing()["img2img"]),
+                field="script_name",
+            )
+        outpaint, script_fill = script_outpaint(name, body.get("script_args") or [])
     call, img2img_options = _parse_generation(body, options, IMG2IMG_DEFAULTS, _IMG2IMG_USED)
     values = {key: value for key, value in body.items() if value is not None}
 
@@ -1181,6 +1196,5 @@ NEUTRAL_PROBES: dict[str, Any] = {
     "face-restorers": [],
     "realesrgan-models": [],
     "embeddings": {"loaded": {}, "skipped": {}},
-    "scripts": {"txt2img": [], "img2img": []},
 }
 """Routes clients probe that we do not implement: valid, empty A1111 shapes."""

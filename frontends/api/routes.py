@@ -339,6 +339,7 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     app.get("/prompt-styles")(api.prompt_styles)
     app.get("/upscalers")(api.upscalers)
     app.get("/sd-vae")(api.sd_vae)
+    app.get("/scripts")(a1111.scripts_listing)
     app.post("/refresh-vae")(lambda: service.rescan())
     app.get("/latent-upscale-modes")(lambda: [{"name": name} for name in LATENT_UPSCALE_MODES])
     app.post("/refresh-loras")(lambda: service.rescan())
