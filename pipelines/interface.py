@@ -19,6 +19,7 @@ from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
+from pipelines.output import SaveOptions
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
 from pipelines.styles import PromptStyle, StyleSheet
 
@@ -251,6 +252,15 @@ class GenerationService(Protocol):
 
     def set_preview_method(self, method: str) -> None:
         """A1111's `show_progress_type` (4xx for another value)."""
+        ...
+
+    @property
+    def save_options(self) -> SaveOptions:
+        """How images are saved: A1111's format and file-name pattern."""
+        ...
+
+    def set_save_options(self, options: SaveOptions) -> SaveOptions:
+        """Check, keep and store them (4xx naming the option when one is bad)."""
         ...
 
     def check_vae(self, name: str) -> str:

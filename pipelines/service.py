@@ -37,6 +37,7 @@ from pipelines.interface import (
 )
 from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
 from pipelines.limits import UserLimits
+from pipelines.output import SaveOptions, read_save_options, write_save_options
 from pipelines.preview import check_preview_method
 from pipelines.schema import (
     LATENT_UPSCALE_MODES,
@@ -133,6 +134,7 @@ class Service:
         self._selected: ModelStatus | None = None
         self._selected_key: str | None = None
         self._loading: str | None = None
+        self._save_options = read_save_options(settings.data_dir)
 
     # -- device and limits
 
@@ -397,6 +399,18 @@ class Service:
     @property
     def preview_method(self) -> str:
         return self._jobs.preview_method
+
+    @property
+    def save_options(self) -> SaveOptions:
+        return self._save_options
+
+    def set_save_options(self, options: SaveOptions) -> SaveOptions:
+        """Check, keep and store A1111's saving options (format, file-name pattern)."""
+        checked = options.checked()
+        with self._lock:
+            write_save_options(self.settings.data_dir, checked)
+            self._save_options = checked
+        return checked
 
     def set_preview_method(self, method: str) -> None:
         """A1111's `show_progress_type` for the jobs that sample from now on."""

@@ -602,6 +602,31 @@ def test_sd_vae_from_webuiapi(server: Server) -> None:
     assert status == 404 and "nope.pt" in payload["detail"]
 
 
+def test_samples_format_and_pattern_from_the_options(server: Server) -> None:
+    saving = {"samples_format": "webp", "samples_filename_pattern": "[seed]-[prompt_words]"}
+    status, _, options = call(server, "POST", "/options", saving)
+    assert status == 200 and options["samples_format"] == "webp"
+    try:
+        body = {"prompt": "a quiet harbour", "seed": 31, "save_images": True, **SMALL}
+        _, _, payload = call(server, "POST", "/txt2img", body)
+        data = base64.b64decode(payload["images"][0])
+        assert Image.open(io.BytesIO(data)).format == "WEBP"  # A1111 sends samples_format
+        status, _, info = call(server, "POST", "/png-info", {"image": payload["images"][0]})
+        assert status == 200 and info["parameters"]["Seed"] == "31"
+        assert info["info"] == json.loads(payload["info"])["infotexts"][0]
+        saved = list(
+            (server.data / "outputs" / "txt2img-images").rglob("*-31-a quiet harbour.webp")
+        )
+        assert len(saved) == 1 and read_infotext(saved[0]) == info["info"]
+        status, _, payload = call(server, "POST", "/options", {"samples_format": "tiff"})
+        assert status == 422
+        assert_a1111_error(payload, "samples_format", "tiff")
+    finally:
+        reset = {"samples_format": "png", "samples_filename_pattern": ""}
+        status, _, options = call(server, "POST", "/options", reset)
+    assert status == 200 and options["samples_format"] == "png"
+
+
 def test_live_preview_method_is_an_option(server: Server) -> None:
     status, _, options = call(server, "POST", "/options", {"show_progress_type": "TAESD"})
     assert status == 200 and options["show_progress_type"] == "TAESD"

@@ -348,3 +348,19 @@ def test_prompts_file_writes_every_line_s_images(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "line 2" in error and "--stepz" in error
     assert len(list(out.glob("*.png"))) == 4
+
+
+def test_cli_saves_in_a1111_formats_and_names(
+    tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = [
+        *("generate", "--prompt", "a lighthouse", "--seed", "12", *SMALL),
+        *("--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path), "--out", str(tmp_path)),
+        *("--samples-format", "jpg", "--filename-pattern", "[seed]-[steps]-[prompt_words]"),
+    ]
+    assert main(arguments) == 0
+    (written,) = capsys.readouterr().out.splitlines()
+    assert Path(written).name == "00000-12-2-a lighthouse.jpg"
+    assert parse_infotext(read_infotext(written) or "").params["Seed"] == "12"
+    assert main([*arguments[:-4], "--samples-format", "bmp"]) == EXIT_USAGE
+    assert "samples_format" in capsys.readouterr().err

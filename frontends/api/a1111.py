@@ -34,6 +34,7 @@ from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
+from pipelines.output import SaveOptions
 from pipelines.preview import check_preview_method
 from pipelines.prompts_from_file import SCRIPT_NAME as PROMPTS_SCRIPT_NAME
 from pipelines.prompts_from_file import (
@@ -216,6 +217,13 @@ OPTION_FIX_STEPS = "img2img_fix_steps"
 OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
 OPTION_VAE = "sd_vae"
 OPTION_PREVIEW = "show_progress_type"
+SAVE_OPTIONS = {
+    "samples_format": "samples_format",
+    "samples_filename_pattern": "filename_pattern",
+    "jpeg_quality": "jpeg_quality",
+    "webp_lossless": "webp_lossless",
+}
+"""A1111's saving options -> `SaveOptions` fields."""
 CLIP_SKIP_MAX = 12
 
 # Pillow `info` keys that are image facts, not text chunks (A1111's IGNORED_INFO_KEYS).
@@ -900,7 +908,11 @@ def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
 
 
 def current_options(
-    title: str | None, sha256: str | None, options: ApiOptions, preview_method: str
+    title: str | None,
+    sha256: str | None,
+    options: ApiOptions,
+    preview_method: str,
+    saving: SaveOptions = SaveOptions(),  # noqa: B008 - frozen
 ) -> dict[str, Any]:
     """GET `options`: the settings clients read (SillyTavern, Open WebUI, webuiapi)."""
     return {
@@ -912,7 +924,7 @@ def current_options(
         OPTION_NOISE_MULTIPLIER: options.noise_multiplier,
         OPTION_VAE: options.sd_vae,
         "samples_save": True,
-        "samples_format": "png",
+        **{option: getattr(saving, name) for option, name in SAVE_OPTIONS.items()},
         "save_images_add_number": True,
         "enable_pnginfo": True,
         "live_previews_enable": True,
@@ -935,6 +947,7 @@ class OptionsChange:
     noise_multiplier: float | None = None
     vae: str | None = None
     preview_method: str | None = None
+    saving: dict[str, Any] = field(default_factory=dict)  # SaveOptions fields to change
     ignored: list[str] = field(default_factory=list)
 
 
@@ -958,6 +971,8 @@ def parse_options(body: object) -> OptionsChange:
             change.vae = vae_option(value)
         elif key == OPTION_PREVIEW:
             change.preview_method = preview_option(value)
+        elif key in SAVE_OPTIONS:
+            change.saving[SAVE_OPTIONS[key]] = value
         else:
             change.ignored.append(key)
     return change

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,10 +29,9 @@ from starlette.routing import Mount
 
 from frontends.api import a1111
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError
-from pipelines.infotext import write_png_with_infotext
 from pipelines.interface import GenerationService
 from pipelines.limits import user_key
-from pipelines.output import save_png
+from pipelines.output import batch_number, encode_image, save_image
 from pipelines.samplers import list_samplers, list_schedulers
 from pipelines.schema import LATENT_UPSCALE_MODES
 from pipelines.settings import Settings, parse_credentials
@@ -131,12 +131,12 @@ class A1111Api:
             log.info("%s: ignored A1111 fields: %s", kind, ", ".join(call.ignored))
         started = time.time()
         grids = 0
+        outputs, saving = self.settings.outputs_dir, self.service.save_options
         if call.xyz is not None:
             output = run_xyz(self.service, call.request, call.xyz, user=user)
             results, grids = [output.as_result(call.request)], output.grids
             for image, infotext, seed in output.unshown if call.save_images else ():
-                png = write_png_with_infotext(image, infotext)
-                save_png(self.settings.outputs_dir, png, seed, kind=f"{kind}-images")
+                save_image(outputs, image, infotext, seed, kind=f"{kind}-images", options=saving)
         elif call.series is not None:  # a script: its requests as one job
             label = call.series[0].prompt
             results = self.service.series(call.series, label=label, user=user)
@@ -152,11 +152,21 @@ class A1111Api:
             for index, (image, seed, infotext) in enumerate(
                 zip(result.images, result.seeds, result.infotexts, strict=True)
             ):
-                png = write_png_with_infotext(image, infotext)
+                encoded = encode_image(image, infotext, saving)  # A1111: samples_format too
                 if call.save_images:
                     folder = f"{kind}-grids" if index < grids else f"{kind}-images"
-                    save_png(self.settings.outputs_dir, png, seed, kind=folder)
-                pngs.append(png)
+                    number = batch_number(index - grids, result.request.batch_size)
+                    save_image(
+                        outputs,
+                        image,
+                        infotext,
+                        seed,
+                        kind=folder,
+                        options=saving,
+                        batch_number=None if index < grids else number,
+                        data=encoded,
+                    )
+                pngs.append(encoded)
         if call.series is not None:
             return a1111.series_response(call, results, pngs, started)
         return a1111.txt2img_response(call, results[0], pngs, started)
@@ -167,12 +177,16 @@ class A1111Api:
         model = self.service.current_model()
         title = model.title if model is not None else None
         sha = model.sha256 if model is not None else None
-        return a1111.current_options(title, sha, self.options, self.service.preview_method)
+        service = self.service
+        return a1111.current_options(
+            title, sha, self.options, service.preview_method, service.save_options
+        )
 
     def set_options(self, body: Any, user: str) -> dict[str, Any]:
         change = a1111.parse_options(body)
         if change.vae is not None:
             self.service.check_vae(change.vae)  # all or nothing: before anything changes
+        saving = replace(self.service.save_options, **change.saving).checked()
         current = self.service.current_model()
         if change.checkpoint is not None and (
             current is None or change.checkpoint != current.title
@@ -190,6 +204,8 @@ class A1111Api:
             self.options.sd_vae = self.service.check_vae(change.vae)
         if change.preview_method is not None:
             self.service.set_preview_method(change.preview_method)
+        if change.saving:
+            self.service.set_save_options(saving)
         return {**self.get_options(), "ignored": change.ignored}
 
     # -- listings

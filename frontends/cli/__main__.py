@@ -363,8 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
         "None (the checkpoint's own) or a listed VAE (see list-vaes)",
     )
     generate.add_argument(
-        "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
+        "--out", type=Path, help="folder for the images (default: <data-dir>/outputs/...)"
     )
+    generate.add_argument(
+        "--samples-format",
+        help="png, jpg or webp (A1111's samples_format; default: the server's, png)",
+    )
+    generate.add_argument(
+        "--filename-pattern",
+        help="A1111's samples_filename_pattern, e.g. '[seed]-[prompt_words]' (NNNNN- comes first)",
+    )
+    generate.add_argument("--jpeg-quality", type=int, help="1-100, for jpg and webp (80)")
     _add_settings_flags(generate)
 
     extras = commands.add_parser("extras", help="upscale images as A1111's Extras tab does")
@@ -465,10 +474,21 @@ def _generate(args: argparse.Namespace) -> int:
         requests = [cell.request for cell in plan.cells]
     from tqdm import tqdm
 
-    from pipelines.infotext import write_png_with_infotext
-    from pipelines.output import save_png, write_new_file
+    from pipelines.output import batch_number, save_image
 
     service, folders = _service(args, args.ckpt)
+    saving = replace(
+        service.save_options,
+        **{
+            name: value
+            for name, value in (
+                ("samples_format", args.samples_format),
+                ("filename_pattern", args.filename_pattern),
+                ("jpeg_quality", args.jpeg_quality),
+            )
+            if value is not None
+        },
+    ).checked()
     folders.hash_missing()  # a one-shot run waits for its hashes: its infotexts name them
     service.select_checkpoint(service.startup_checkpoint)
     total = sum(item.n_iter * item.steps for item in requests)
@@ -507,13 +527,18 @@ def _generate(args: argparse.Namespace) -> int:
         for index, (image, seed, infotext) in enumerate(
             zip(result.images, result.seeds, result.infotexts, strict=True)
         ):
-            png = write_png_with_infotext(image, infotext)
             grid = result is results[0] and index < grids
             kind = f"{request.kind}-grids" if grid else f"{request.kind}-images"
-            if args.out is not None:
-                path = write_new_file(args.out, lambda n, seed=seed: f"{n:05d}-{seed}.png", png)
-            else:
-                path = save_png(settings.outputs_dir, png, seed, kind=kind)
+            path = save_image(
+                settings.outputs_dir,
+                image,
+                infotext,
+                seed,
+                kind=kind,
+                options=saving,
+                batch_number=None if grid else batch_number(index, result.request.batch_size),
+                folder=args.out,
+            )
             print(path)
     if stopped:
         print("interrupted: fewer images than asked for", file=sys.stderr)

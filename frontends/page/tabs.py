@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -153,6 +153,57 @@ def build_preview_setting(
     apply.click(choose, [method, admin_user, admin_password], None, **QUICK)
 
 
+def build_saving_setting(
+    service: GenerationService,
+    admin_check: Callable[[str, str], str | None] | None,
+    admin_user: gr.Textbox,
+    admin_password: gr.Textbox,
+) -> None:
+    """A1111's "Saving images" options: the file format (parameters kept inside) and the
+    file-name pattern after the `NNNNN-` number."""
+    saving = service.save_options
+    with gr.Row():
+        fmt = gr.Dropdown(
+            ["png", "jpg", "webp"],
+            value=saving.samples_format,
+            label="File format for images",
+            elem_id="samples_format",
+        )
+        pattern = gr.Textbox(
+            saving.filename_pattern,
+            label="Images filename pattern (after NNNNN-; empty: [seed])",
+            placeholder="[seed]-[prompt_words]",
+            elem_id="samples_filename_pattern",
+        )
+        quality = gr.Number(
+            saving.jpeg_quality,
+            label="Quality for jpg and webp",
+            minimum=1,
+            maximum=100,
+            precision=0,
+            elem_id="jpeg_quality",
+        )
+        apply = gr.Button("Apply", scale=0, elem_id="apply_saving")
+
+    def choose(chosen: str, name: str, level: float, user: str, password: str) -> None:
+        refusal = admin_check(user or "", password or "") if admin_check else None
+        if refusal is not None:
+            raise gr.Error(f"Saving options not changed: {refusal}")
+        wanted = replace(
+            service.save_options,
+            samples_format=chosen,
+            filename_pattern=name or "",
+            jpeg_quality=int(level or 80),
+        )
+        try:
+            service.set_save_options(wanted)
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
+        gr.Info(f"Images are saved as {chosen}")
+
+    apply.click(choose, [fmt, pattern, quality, admin_user, admin_password], None, **QUICK)
+
+
 def admin_refusal(settings: Settings, user: str, password: str) -> str | None:
     """Why an admin action is refused, or None when `user`/`password` are the admin's.
 
@@ -237,6 +288,7 @@ def build_settings(
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)
     build_preview_setting(service, admin_check, admin_user, admin_password)
+    build_saving_setting(service, admin_check, admin_user, admin_password)
     targets = [edits, *tabs_controls]  # one event, so one mark says all are set
 
     def current_everywhere() -> list[Any]:

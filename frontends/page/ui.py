@@ -45,14 +45,13 @@ from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
-from pipelines.infotext import write_png_with_infotext
 from pipelines.interface import (
     DEMO_MODEL_NAME,
     GenerationService,
     ProgressSnapshot,
 )
 from pipelines.limits import user_key
-from pipelines.output import save_png
+from pipelines.output import batch_number, save_image
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import (
     RANDN_SOURCES,
@@ -360,9 +359,15 @@ def build_ui(
                     result = item.as_result(generation)
                     shown = finish([result], generation.kind, item.grids)
                     for image, infotext, seed_used in item.unshown:  # saved, not shown
-                        png = write_png_with_infotext(image, infotext)
                         kind = f"{generation.kind}-images"
-                        save_png(settings.outputs_dir, png, seed_used, kind=kind)
+                        save_image(
+                            settings.outputs_dir,
+                            image,
+                            infotext,
+                            seed_used,
+                            kind=kind,
+                            options=service.save_options,
+                        )
                     yield (*shown, "")
                 else:
                     results = item if isinstance(item, list) else [item]
@@ -376,13 +381,21 @@ def build_ui(
         """Save every image of every result (the first `grids` to the grids folder); the
         gallery, first infotext, seeds, notes."""
         gallery, seeds, infotexts, notes = [], [], [], []
+        saving = service.save_options
         for result in results:
-            for image, seed_used, infotext in zip(
-                result.images, result.seeds, result.infotexts, strict=True
+            for index, (image, seed_used, infotext) in enumerate(
+                zip(result.images, result.seeds, result.infotexts, strict=True)
             ):
-                png = write_png_with_infotext(image, infotext)
-                folder = f"{kind}-grids" if len(gallery) < grids else f"{kind}-images"
-                path = save_png(settings.outputs_dir, png, seed_used, kind=folder)
+                grid = len(gallery) < grids
+                path = save_image(
+                    settings.outputs_dir,
+                    image,
+                    infotext,
+                    seed_used,
+                    kind=f"{kind}-grids" if grid else f"{kind}-images",
+                    options=saving,
+                    batch_number=None if grid else batch_number(index, result.request.batch_size),
+                )
                 gallery.append((str(path), f"seed {seed_used}"))
             seeds += result.seeds
             infotexts += result.infotexts
