@@ -51,6 +51,15 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
+class PasteOptions:
+    """A1111's `send_seed` and `send_size`: whether "Send to img2img/inpaint" from a
+    result gallery carries the seed and the size along with the image's other fields."""
+
+    send_seed: bool = True
+    send_size: bool = True
+
+
+@dataclass(frozen=True)
 class ModelStatus:
     """The checkpoint requests without one use, as clients see it.
 
@@ -253,6 +262,13 @@ class GenerationService(Protocol):
     def set_preview_method(self, method: str) -> None:
         """A1111's `show_progress_type` (4xx for another value)."""
         ...
+
+    @property
+    def paste_options(self) -> PasteOptions:
+        """A1111's `send_seed` / `send_size` for the page's Send buttons."""
+        ...
+
+    def set_paste_options(self, options: PasteOptions) -> None: ...
 
     @property
     def save_options(self) -> SaveOptions:

@@ -32,6 +32,7 @@ from pipelines.interface import (
     DeviceInfo,
     JobInfo,
     ModelStatus,
+    PasteOptions,
     ProgressCallback,
     ProgressSnapshot,
 )
@@ -135,6 +136,7 @@ class Service:
         self._selected_key: str | None = None
         self._loading: str | None = None
         self._save_options = read_save_options(settings.data_dir)
+        self._paste_options = PasteOptions()
 
     # -- device and limits
 
@@ -403,6 +405,13 @@ class Service:
     @property
     def save_options(self) -> SaveOptions:
         return self._save_options
+
+    @property
+    def paste_options(self) -> PasteOptions:
+        return self._paste_options
+
+    def set_paste_options(self, options: PasteOptions) -> None:
+        self._paste_options = options
 
     def set_save_options(self, options: SaveOptions) -> SaveOptions:
         """Check, keep and store A1111's saving options (format, file-name pattern)."""

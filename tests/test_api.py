@@ -279,7 +279,7 @@ def test_txt2img_shape_info_and_png_parameters(server: Server) -> None:
         "sampler_name": "DPM++ 2M Karras",
         "restore_faces": False,
         "made_up_field": 1,
-        "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x.pt"},
+        "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "None", "x_opt": 1},
         **SMALL,
     }
     status, _, payload = call(server, "POST", "/txt2img", body)
@@ -297,7 +297,7 @@ def test_txt2img_shape_info_and_png_parameters(server: Server) -> None:
     assert info["prompt"] == "a red house" and info["all_negative_prompts"] == ["blurry"] * 2
     assert info["version"].startswith("lorastack")
     assert len(info["job_timestamp"]) == 14
-    assert set(info["ignored"]) == {"made_up_field", "override_settings.sd_vae"}
+    assert set(info["ignored"]) == {"made_up_field", "override_settings.x_opt"}
     first = info["infotexts"][0]
     assert "Seed: 11" in first and "Schedule type: Karras" in first and "Clip skip: 2" in first
     png = base64.b64decode(payload["images"][0])
@@ -376,9 +376,9 @@ def test_options_switch_checkpoints_and_clip_skip(server: Server) -> None:
         server,
         "POST",
         "/options",
-        {"sd_model_checkpoint": "xl/tiny-sdxl", "CLIP_stop_at_last_layers": 2, "foo": 1},
+        {"sd_model_checkpoint": "xl/tiny-sdxl", "CLIP_stop_at_last_layers": 2},
     )
-    assert status == 200 and changed["ignored"] == ["foo"]
+    assert status == 200 and changed["CLIP_stop_at_last_layers"] == 2
     _, _, options = call(server, "GET", "/options")
     assert options["sd_model_checkpoint"].startswith("xl/tiny-sdxl.safetensors")
     assert options["CLIP_stop_at_last_layers"] == 2
@@ -625,6 +625,25 @@ def test_samples_format_and_pattern_from_the_options(server: Server) -> None:
         reset = {"samples_format": "png", "samples_filename_pattern": ""}
         status, _, options = call(server, "POST", "/options", reset)
     assert status == 200 and options["samples_format"] == "png"
+
+
+def test_options_round_trip_as_a1111s_own_api_test(server: Server) -> None:
+    """A1111's test_options_write toggles send_seed; every option GET shows can be posted
+    back as it is; an unknown key is refused by name and changes nothing."""
+    _, _, before = call(server, "GET", "/options")
+    for key in ("send_seed", "send_size"):
+        status, _, _ = call(server, "POST", "/options", {key: not before[key]})
+        assert status == 200
+        _, _, after = call(server, "GET", "/options")
+        assert after[key] is (not before[key])
+        call(server, "POST", "/options", {key: before[key]})
+    status, _, echoed = call(server, "POST", "/options", before)
+    assert status == 200 and echoed == before
+    status, _, payload = call(server, "POST", "/options", {"send_seed": False, "nope_opt": 1})
+    assert status == 422
+    assert_a1111_error(payload, "nope_opt")
+    _, _, after = call(server, "GET", "/options")
+    assert after == before
 
 
 def test_live_preview_method_is_an_option(server: Server) -> None:

@@ -61,8 +61,21 @@ def test_override_settings_and_options() -> None:
     assert call.request.checkpoint == "xl/a" and call.request.clip_skip == 3
     assert not call.restore_checkpoint
     change = a1111.parse_options({"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 2})
-    assert (change.checkpoint, change.clip_skip, change.ignored) == ("m", 2, [])
-    assert a1111.parse_options({"samples_format": "jpg"}).ignored == ["samples_format"]
+    assert (change.checkpoint, change.clip_skip) == ("m", 2)
+    assert a1111.parse_options({"samples_format": "jpg"}).saving == {"samples_format": "jpg"}
+    assert a1111.parse_options({"send_seed": False}).paste == {"send_seed": False}
+    shown = a1111.current_options("m", None, options, "Approx cheap")
+    assert a1111.parse_options(shown, shown).checkpoint == "m"  # GET posted back: accepted
+    for bad, field in (
+        ({"enable_pnginfo": False}, "enable_pnginfo"),  # shown, but fixed here
+        ({"eta_noise_seed_delta": 31337}, "eta_noise_seed_delta"),
+        ({"sd_vea": "x"}, "sd_vea"),  # unknown: named, with the close match
+        ({"send_size": "yes"}, "send_size"),
+    ):
+        with pytest.raises(InvalidRequestError) as caught:
+            a1111.parse_options(bad, shown)
+        assert caught.value.field == field
+    assert "sd_vae" in str(caught.value.message) or field == "send_size"
 
 
 def test_unimplemented_fields_pass_only_when_they_ask_for_nothing() -> None:

@@ -260,3 +260,25 @@ def test_sending_an_image_recalls_the_styles_its_prompts_carry(
         assert (fields["prompt"], fields["negative_prompt"]) == ("a cat", "fog")
     finally:
         service.delete_style("frame")
+
+
+def test_send_seed_and_send_size_off_leave_the_tabs_seed_and_size(
+    service: Service, tmp_path: Path
+) -> None:
+    """A1111's `send_seed` / `send_size` options (on by default) for Send to img2img."""
+    from frontends.page.img2img_tab import SendTargets
+    from pipelines.infotext import write_png_with_infotext
+    from pipelines.interface import PasteOptions
+
+    text = "a cat\nSteps: 4, Seed: 5, Size: 96x64"
+    path = tmp_path / "sent.png"
+    path.write_bytes(write_png_with_infotext(Image.new("RGB", (96, 64)), text))
+    targets = SendTargets(service, Bounds(), *[None] * 7)  # type: ignore[arg-type]
+    fields = targets.recalled(str(path))[0]
+    assert (fields["seed"], fields["width"], fields["height"]) == (5, 96, 64)
+    try:
+        service.set_paste_options(PasteOptions(send_seed=False, send_size=False))
+        fields = targets.recalled(str(path))[0]
+        assert not {"seed", "width", "height"} & set(fields) and fields["steps"] == 4
+    finally:
+        service.set_paste_options(PasteOptions())

@@ -9,14 +9,16 @@ defaults follow A1111 v1.10's `modules/api/models.py` (built from
 Stricter than A1111 on purpose: wrong types and out-of-range values are 422 errors naming
 the field instead of 500s. An A1111 field we do not implement is accepted only at a value
 that asks for nothing (its default, or what A1111 itself does then); any other value is a
-422 naming the field, never a 200 without the feature. Keys that are not A1111 fields and
-options we do not keep are listed in `info["ignored"]`.
+422 naming the field, never a 200 without the feature. Keys that are not A1111 fields, and
+`override_settings` we do not keep, are listed in `info["ignored"]`; a POST to `options`
+with a key we do not keep is a 422 naming it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import html
 import io
 import json
@@ -33,7 +35,7 @@ from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
-from pipelines.interface import ProgressSnapshot
+from pipelines.interface import PasteOptions, ProgressSnapshot
 from pipelines.output import SaveOptions
 from pipelines.preview import check_preview_method
 from pipelines.prompts_from_file import SCRIPT_NAME as PROMPTS_SCRIPT_NAME
@@ -217,6 +219,8 @@ OPTION_FIX_STEPS = "img2img_fix_steps"
 OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
 OPTION_VAE = "sd_vae"
 OPTION_PREVIEW = "show_progress_type"
+OPTION_SEND_SEED = "send_seed"
+OPTION_SEND_SIZE = "send_size"
 SAVE_OPTIONS = {
     "samples_format": "samples_format",
     "samples_filename_pattern": "filename_pattern",
@@ -913,9 +917,13 @@ def current_options(
     options: ApiOptions,
     preview_method: str,
     saving: SaveOptions = SaveOptions(),  # noqa: B008 - frozen
+    paste: PasteOptions = PasteOptions(),  # noqa: B008 - frozen
+    checkpoints_limit: int = 1,
 ) -> dict[str, Any]:
     """GET `options`: the settings clients read (SillyTavern, Open WebUI, webuiapi)."""
     return {
+        OPTION_SEND_SEED: paste.send_seed,
+        OPTION_SEND_SIZE: paste.send_size,
         OPTION_CHECKPOINT: title,
         "sd_checkpoint_hash": sha256,
         OPTION_CLIP_SKIP: options.clip_skip,
@@ -931,8 +939,22 @@ def current_options(
         "show_progress_every_n_steps": 1,
         OPTION_PREVIEW: preview_method,
         "eta_noise_seed_delta": 0,
-        "sd_checkpoints_limit": 1,
+        "sd_checkpoints_limit": checkpoints_limit,
     }
+
+
+FIXED_OPTIONS = (
+    "sd_checkpoint_hash",
+    "samples_save",
+    "save_images_add_number",
+    "enable_pnginfo",
+    "live_previews_enable",
+    "show_progress_every_n_steps",
+    "eta_noise_seed_delta",
+    "sd_checkpoints_limit",
+)
+"""Options GET shows that a POST may send back unchanged but not change here (a client
+that posts back what it read must work; a change would be silently ignored)."""
 
 
 @dataclass
@@ -948,11 +970,14 @@ class OptionsChange:
     vae: str | None = None
     preview_method: str | None = None
     saving: dict[str, Any] = field(default_factory=dict)  # SaveOptions fields to change
-    ignored: list[str] = field(default_factory=list)
+    paste: dict[str, bool] = field(default_factory=dict)  # PasteOptions fields to change
 
 
-def parse_options(body: object) -> OptionsChange:
-    """Check a POST `options` body before anything changes (all or nothing)."""
+def parse_options(body: object, current: dict[str, Any] | None = None) -> OptionsChange:
+    """Check a POST `options` body before anything changes (all or nothing). Options we
+    only show (`FIXED_OPTIONS`) may come back at their `current` value; any other value,
+    and any unknown key, is a 422 naming it."""
+    current = current or {}
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object", field="body")
     change = OptionsChange()
@@ -973,8 +998,25 @@ def parse_options(body: object) -> OptionsChange:
             change.preview_method = preview_option(value)
         elif key in SAVE_OPTIONS:
             change.saving[SAVE_OPTIONS[key]] = value
+        elif key in (OPTION_SEND_SEED, OPTION_SEND_SIZE):
+            if not isinstance(value, bool):
+                raise InvalidRequestError(f"{key} must be true or false", field=key)
+            change.paste[key] = value
+        elif key in FIXED_OPTIONS:
+            if key in current and value != current[key]:
+                raise InvalidRequestError(
+                    f"{key} cannot be changed through the API here (it is {current[key]!r})",
+                    field=key,
+                )
         else:
-            change.ignored.append(key)
+            known = sorted(current) or [OPTION_CHECKPOINT]
+            close = difflib.get_close_matches(str(key), known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise InvalidRequestError(
+                f"unknown option {key!r}{hint} (GET /sdapi/v1/options lists the options "
+                "this server keeps)",
+                field=str(key),
+            )
     return change
 
 

@@ -179,11 +179,17 @@ class A1111Api:
         sha = model.sha256 if model is not None else None
         service = self.service
         return a1111.current_options(
-            title, sha, self.options, service.preview_method, service.save_options
+            title,
+            sha,
+            self.options,
+            service.preview_method,
+            service.save_options,
+            service.paste_options,
+            self.settings.checkpoints_limit,
         )
 
     def set_options(self, body: Any, user: str) -> dict[str, Any]:
-        change = a1111.parse_options(body)
+        change = a1111.parse_options(body, self.get_options())
         if change.vae is not None:
             self.service.check_vae(change.vae)  # all or nothing: before anything changes
         saving = replace(self.service.save_options, **change.saving).checked()
@@ -206,7 +212,9 @@ class A1111Api:
             self.service.set_preview_method(change.preview_method)
         if change.saving:
             self.service.set_save_options(saving)
-        return {**self.get_options(), "ignored": change.ignored}
+        if change.paste:
+            self.service.set_paste_options(replace(self.service.paste_options, **change.paste))
+        return self.get_options()
 
     # -- listings
 

@@ -426,18 +426,26 @@ class SendTargets:
 
     def recalled(self, path: str) -> tuple[dict[str, Any], list | None, str | None, list[str]]:
         """Fields, stack rows, checkpoint and warnings from the image's parameters; an
-        image without them sends only itself (and its size)."""
+        image without them sends only itself (and its size). A1111's `send_seed` and
+        `send_size` off leave the tab's seed and size as they are."""
         try:
             info = read_image_info(path)
             with open_image(path) as image:
                 size = fit_size(*image.size, self.bounds)
         except LorastackError as error:
             raise gr.Error(error.message) from error
-        if not info.infotext:
-            return {"width": size[0], "height": size[1]}, None, None, []
-        found = recall(info.infotext, self.service)
-        fields = {**found.values, "width": size[0], "height": size[1], "styles": found.styles}
-        return fields, found.rows, found.checkpoint, found.warnings
+        fields: dict[str, Any] = {"width": size[0], "height": size[1]}
+        rows, model, warnings = None, None, []
+        if info.infotext:
+            found = recall(info.infotext, self.service)
+            fields = {**found.values, **fields, "styles": found.styles}
+            rows, model, warnings = found.rows, found.checkpoint, found.warnings
+        paste = self.service.paste_options  # A1111's send_seed / send_size
+        dropped = [] if paste.send_seed else ["seed", "subseed", "subseed_strength"]
+        dropped += [] if paste.send_size else ["width", "height"]
+        for name in dropped:
+            fields.pop(name, None)
+        return fields, rows, model, warnings
 
 
 def stack_text(value: Any) -> str:
