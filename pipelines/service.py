@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from pipelines.architecture import Architecture
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
@@ -24,6 +25,7 @@ from pipelines.folders.hashing import HashCache
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
+from pipelines.generation.refiner import refuse_refiner_as_base
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -227,8 +229,15 @@ class Service:
         if loading is not None:
             raise BusyError(f"model {loading} is still loading", retry_after=10)
         checkpoint = self._checkpoint_key(request.checkpoint)
+        base = self.resolve_checkpoint(checkpoint) if checkpoint is not None else None
+        if request.img2img is None and base and base.architecture is Architecture.SDXL_REFINER:
+            raise refuse_refiner_as_base()
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
+        if request.refiner_checkpoint is not None:
+            request = replace(
+                request, refiner_checkpoint=self._refiner_checkpoint(request, checkpoint)
+            )
         return _Generate(
             replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
         )
@@ -416,6 +425,33 @@ class Service:
                 field="hr_checkpoint_name",
             )
         return replace(hires, checkpoint=entry.key)
+
+    def _refiner_checkpoint(self, request: GenerationRequest, checkpoint: str | None) -> str | None:
+        """`refiner_checkpoint` as a key (None when it is the request's own checkpoint, as
+        A1111 then does not switch); a checkpoint of another family (another latent space)
+        is refused before queueing, naming both."""
+        assert request.refiner_checkpoint is not None
+        try:
+            entry = self.resolve_checkpoint(request.refiner_checkpoint)
+        except LorastackError as error:
+            error.field = "refiner_checkpoint"
+            raise
+        if entry.key == checkpoint:
+            return None
+        if entry.error:
+            raise UnusableFileError(
+                f"refiner_checkpoint: {entry.relpath}: {entry.error}", field="refiner_checkpoint"
+            )
+        base_family = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
+        if entry.family != base_family:
+            kind = entry.architecture.value if entry.architecture else "of unknown family"
+            raise InvalidRequestError(
+                f"refiner_checkpoint: {entry.title} is {kind} but the checkpoint is "
+                f"{base_family}; a refiner must share the checkpoint's latent space (the "
+                "same family)",
+                field="refiner_checkpoint",
+            )
+        return entry.key
 
     def _execute(self, work: object, control: JobControl) -> object:
         if isinstance(work, _Generate):
