@@ -198,3 +198,26 @@ def test_switch_at_bounds_name_the_field(value: float) -> None:
     with pytest.raises(InvalidRequestError) as error:
         request(refiner_checkpoint="tiny-refiner", refiner_switch_at=value).validated(Bounds())
     assert error.value.field == "refiner_switch_at"
+
+
+def test_page_section_values_and_recall() -> None:
+    from frontends.page.refiner_panel import (
+        NO_REFINER,
+        recall_refiner,
+        refiner_request_fields,
+    )
+
+    assert refiner_request_fields(NO_REFINER, 0.5) == {}
+    assert refiner_request_fields("r.safetensors [0123456789]", 0.55) == {
+        "refiner_checkpoint": "r.safetensors [0123456789]",
+        "refiner_switch_at": 0.55,
+    }
+    params = {"Refiner": "tiny-refiner [0123456789]", "Refiner switch at": "0.7"}
+    titles = {"tiny-refiner": "tiny-refiner.safetensors [0123456789]"}
+    assert recall_refiner(params, titles.get) == (
+        {"refiner_checkpoint": "tiny-refiner.safetensors [0123456789]", "refiner_switch_at": 0.7},
+        [],
+    )
+    off, warnings = recall_refiner(params, lambda name: None)
+    assert off == {"refiner_checkpoint": NO_REFINER} and "not in the models" in warnings[0]
+    assert recall_refiner({"Steps": "4"}, titles.get) == ({"refiner_checkpoint": NO_REFINER}, [])

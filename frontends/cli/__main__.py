@@ -356,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompts_file_flags(generate)
     generate.add_argument("--ckpt", help="checkpoint: listed name, path, or Hub repo id")
     generate.add_argument(
+        "--refiner",
+        metavar="NAME",
+        help="refiner checkpoint (a listed name of the same family): sampling switches to it "
+        "at --refiner-switch-at",
+    )
+    generate.add_argument(
         "--out", type=Path, help="folder for the PNGs (default: <data-dir>/outputs/...)"
     )
     _add_settings_flags(generate)
@@ -437,7 +443,12 @@ def _generate(args: argparse.Namespace) -> int:
     if hires is not None and inputs is not None:
         raise InvalidRequestError("--enable-hr is for txt2img; it cannot be used with --init-image")
     request = GenerationRequest(
-        **values, loras=tuple(args.lora), img2img=inputs, hires=hires, styles=tuple(args.style)
+        **values,
+        loras=tuple(args.lora),
+        img2img=inputs,
+        hires=hires,
+        styles=tuple(args.style),
+        refiner_checkpoint=args.refiner,
     )
     _style_store(settings).resolve(request.styles)  # unknown styles fail before loading
     # fail on bad values before loading anything
