@@ -34,6 +34,7 @@ SMALL = {
     "height": 64,
     "checkpoint": "xl/tiny-sdxl",
 }
+REFINED = {"refiner_checkpoint": "tiny-refiner", "refiner_switch_at": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +222,40 @@ def test_page_section_values_and_recall() -> None:
     off, warnings = recall_refiner(params, lambda name: None)
     assert off == {"refiner_checkpoint": NO_REFINER} and "not in the models" in warnings[0]
     assert recall_refiner({"Steps": "4"}, titles.get) == ({"refiner_checkpoint": NO_REFINER}, [])
+
+
+def test_refiner_stays_loaded_and_runs_only_the_hires_second_passs_tail(
+    service: Service, tmp_path: Path
+) -> None:
+    """With room for two checkpoints (A1111's `sd_checkpoints_limit`) the refiner stays
+    loaded beside the base, which is current again after the run. With hires fix the
+    refiner takes only the second pass's steps after the switch (A1111's default
+    `hires_fix_refiner_pass`); img2img switches on its tail too."""
+    from dataclasses import replace
+
+    from pipelines.schema import HiresFix, ImageInputs
+    from tests.test_img2img import UNetCalls
+
+    roomy = build_service(replace(service.settings, checkpoints_limit=2, data_dir=tmp_path))
+    plain = roomy.generate(request(seed=13, steps=4, refiner_checkpoint="tiny-refiner"))
+    manager = roomy.runner.manager  # type: ignore[attr-defined]
+    loaded = {model.name: model for model in manager._loaded.values()}
+    assert set(loaded) == {"tiny-sdxl", "tiny-refiner"}
+    assert manager.current is loaded["tiny-sdxl"]
+    base, refiner = (UNetCalls(loaded[name].pipe.unet) for name in ("tiny-sdxl", "tiny-refiner"))
+    try:
+        # 4 Euler steps: timesteps 999, 666, 333, 0; switch at 0.6: the last two (t <= 399)
+        hires = HiresFix(scale=1.5, second_pass_steps=4)
+        both = roomy.generate(
+            request(seed=13, steps=4, hires=hires, denoising_strength=0.9, **REFINED)
+        )
+        assert (base.count, refiner.count) == (4 + 2, 2)  # CFG runs in one UNet batch
+        assert {model.name for model in manager._loaded.values()} == set(loaded)  # no reload
+        assert "Refiner: tiny-refiner" in both.infotexts[0]
+        base.count = refiner.count = 0
+        init = ImageInputs(images=(plain.images[0],))
+        roomy.generate(request(seed=13, steps=4, img2img=init, denoising_strength=0.9, **REFINED))
+        assert (base.count, refiner.count) == (2, 2)
+    finally:
+        base.close()
+        refiner.close()
