@@ -399,10 +399,10 @@ def write_config_folder(spec: ModelSpec, cache_root: Path) -> Path:
         elif spec.architecture.family == "SDXL" or component == "text_encoder":
             index[component] = [None, None]
             index[tokenizer_names[component]] = [None, None]
-    if spec.architecture.family == "SDXL":
-        index["force_zeros_for_empty_prompt"] = True
     if spec.architecture is Architecture.SDXL_REFINER:
         index["requires_aesthetics_score"] = True
+    if spec.architecture.family == "SDXL":
+        index["force_zeros_for_empty_prompt"] = True
     else:
         index["safety_checker"] = [None, None]
         index["feature_extractor"] = [None, None]

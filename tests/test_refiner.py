@@ -259,3 +259,21 @@ def test_refiner_stays_loaded_and_runs_only_the_hires_second_passs_tail(
     finally:
         base.close()
         refiner.close()
+
+
+def test_config_folders_say_which_pipeline(tmp_path: Path) -> None:
+    """The refiner's config folder asks for the aesthetic score; the base's stays SDXL's."""
+    import json
+
+    from pipelines.loading import read_model_spec, write_config_folder
+    from tests.conftest import SDXL_YAML
+
+    def index(yaml: Path) -> dict[str, object]:
+        folder = write_config_folder(read_model_spec(yaml), tmp_path)
+        return dict(json.loads((folder / "model_index.json").read_text()))
+
+    refiner, base = index(REFINER_YAML), index(SDXL_YAML)
+    assert refiner["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+    assert refiner["requires_aesthetics_score"] is True
+    assert base["_class_name"] == "StableDiffusionXLPipeline"
+    assert "requires_aesthetics_score" not in base and "safety_checker" not in base
