@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.errors import InvalidRequestError, UnusableFileError
 from pipelines.generation.refiner import switch_index
 from pipelines.infotext import parse_infotext, refiner_from_params
 from pipelines.loading import LoadedModel, random_pipeline
 from pipelines.samplers import make_scheduler, resolve_sampler
-from pipelines.schema import Bounds, GenerationRequest
+from pipelines.schema import Bounds, GenerationRequest, ImageInputs
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.conftest import FIXTURES, copy_yaml_with_clip
@@ -164,6 +165,10 @@ def test_wrong_family_and_refiner_as_base_are_refused(service: Service) -> None:
     with pytest.raises(UnusableFileError, match="refiner") as base:
         service.submit(request(checkpoint="tiny-refiner"))
     assert base.value.field == "checkpoint"
+    # the refiner alone works for img2img (A1111), with its aesthetic-score conditioning
+    init = ImageInputs(images=(Image.new("RGB", (64, 64), "gray"),))
+    refined = service.generate(request(checkpoint="tiny-refiner", img2img=init, steps=2))
+    assert refined.images[0].size == (64, 64)
     # naming the request's own checkpoint is no switch at all (A1111)
     same = service.generate(request(seed=9, refiner_checkpoint="xl/tiny-sdxl"))
     assert "Refiner" not in same.infotexts[0]
@@ -233,7 +238,7 @@ def test_refiner_stays_loaded_and_runs_only_the_hires_second_passs_tail(
     `hires_fix_refiner_pass`); img2img switches on its tail too."""
     from dataclasses import replace
 
-    from pipelines.schema import HiresFix, ImageInputs
+    from pipelines.schema import HiresFix
     from tests.test_img2img import UNetCalls
 
     roomy = build_service(replace(service.settings, checkpoints_limit=2, data_dir=tmp_path))
@@ -256,6 +261,11 @@ def test_refiner_stays_loaded_and_runs_only_the_hires_second_passs_tail(
         init = ImageInputs(images=(plain.images[0],))
         roomy.generate(request(seed=13, steps=4, img2img=init, denoising_strength=0.9, **REFINED))
         assert (base.count, refiner.count) == (2, 2)
+        # the CLIP-G LoRA is merged into the refiner's text encoder too; the UNet one not
+        tags = " <lora:xl-clipg:1> <lora:xl-unet:1>"
+        roomy.generate(request(seed=13, steps=2, prompt=SMALL["prompt"] + tags, **REFINED))
+        assert loaded["tiny-refiner"].adapters.applied_layers == 1
+        assert loaded["tiny-sdxl"].adapters.applied_layers == 11 + 1
     finally:
         base.close()
         refiner.close()

@@ -75,7 +75,6 @@ class RefinerSwitch:
     model: ActiveModel | None = None
     switched: bool = False
     notes: list[str] = field(default_factory=list)
-    checked: set[str] = field(default_factory=set)
 
     def index(self, scheduler: Any, timesteps: torch.Tensor) -> int:
         """Where this pass's steps go over to the refiner."""
@@ -108,13 +107,11 @@ class RefinerSwitch:
         for spec in inputs.stack:
             entry = run.folders.resolve("lora", spec.name)
             reason = self.misfit(entry)
+            note = f"refiner {self.model.name}: LoRA '{entry.name}' not applied: {reason}"
             if reason is None:
                 kept.append(spec)
-            elif entry.name not in self.checked:
-                self.notes.append(
-                    f"refiner {self.model.name}: LoRA '{entry.name}' not applied: {reason}"
-                )
-            self.checked.add(entry.name)
+            elif note not in self.notes:  # once per run, not per batch
+                self.notes.append(note)
         return run.apply_adapters(replace(inputs, stack=tuple(kept)))
 
     def misfit(self, entry: LoraEntry) -> str | None:
