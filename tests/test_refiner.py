@@ -6,6 +6,7 @@ wrong family is refused, LoRAs that do not fit the refiner are named."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,10 +94,18 @@ def test_switch_equals_base_then_refiner_by_hand(
         request(refiner_checkpoint="tiny-refiner", refiner_switch_at=0.3, height=96)
     )
 
-    choice = resolve_sampler("Euler", "automatic")
-    base, refiner = tiny_sdxl.pipe, tiny_refiner.pipe
-    base.scheduler = make_scheduler(choice, base.scheduler.config)
-    refiner.scheduler = make_scheduler(choice, base.scheduler.config)
+    choice = resolve_sampler("Euler", "automatic")  # A1111's Euler, as the run makes it
+    config = tiny_sdxl.pipe.scheduler.config
+
+    def own_scheduler(loaded: LoadedModel, **flags: bool) -> Any:
+        """The shared pipeline's modules with a scheduler of its own (fixture unchanged)."""
+        components = {**loaded.pipe.components, "scheduler": make_scheduler(choice, config)}
+        return type(loaded.pipe)(**components, add_watermarker=False, **flags)
+
+    base = own_scheduler(tiny_sdxl)
+    refiner = own_scheduler(tiny_refiner, requires_aesthetics_score=True)
+    base.set_progress_bar_config(disable=True)
+    refiner.set_progress_bar_config(disable=True)
     base.scheduler.set_timesteps(5)
     split = switch_index(base.scheduler, base.scheduler.timesteps, 0.3)
     assert 0 < split < 5, "the test should switch halfway"
