@@ -235,9 +235,10 @@ class Service:
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
         if request.refiner_checkpoint is not None:
-            request = replace(
-                request, refiner_checkpoint=self._refiner_checkpoint(request, checkpoint)
+            key = self._same_family_key(
+                request.refiner_checkpoint, checkpoint, "refiner_checkpoint", "the checkpoint"
             )
+            request = replace(request, refiner_checkpoint=key)
         return _Generate(
             replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
         )
@@ -403,53 +404,34 @@ class Service:
         return usable[0].key if usable else None
 
     def _hires_checkpoint(self, hires: HiresFix, checkpoint: str | None) -> HiresFix:
-        """`hr_checkpoint_name` as a key (None when it is the first pass's checkpoint);
-        another family's latents would not fit, so that is refused before queueing."""
+        """`hr_checkpoint_name` as a key (None when it is the first pass's checkpoint)."""
         assert hires.checkpoint is not None
-        try:
-            entry = self.resolve_checkpoint(hires.checkpoint)
-        except LorastackError as error:
-            error.field = "hr_checkpoint_name"
-            raise
-        if entry.key == checkpoint:
-            return replace(hires, checkpoint=None)
-        if entry.error:
-            raise UnusableFileError(
-                f"hr_checkpoint_name: {entry.relpath}: {entry.error}", field="hr_checkpoint_name"
-            )
-        first = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
-        if entry.family != first:
-            raise InvalidRequestError(
-                f"hr_checkpoint_name: {entry.title} is {entry.family or 'of unknown family'} "
-                f"but the first pass's checkpoint is {first}; use a checkpoint of the same family",
-                field="hr_checkpoint_name",
-            )
-        return replace(hires, checkpoint=entry.key)
+        key = self._same_family_key(
+            hires.checkpoint, checkpoint, "hr_checkpoint_name", "the first pass's checkpoint"
+        )
+        return replace(hires, checkpoint=key)
 
-    def _refiner_checkpoint(self, request: GenerationRequest, checkpoint: str | None) -> str | None:
-        """`refiner_checkpoint` as a key (None when it is the request's own checkpoint, as
-        A1111 then does not switch); a checkpoint of another family (another latent space)
-        is refused before queueing, naming both."""
-        assert request.refiner_checkpoint is not None
+    def _same_family_key(
+        self, name: str, checkpoint: str | None, field: str, role: str
+    ) -> str | None:
+        """A checkpoint a run switches to (hires fix's, a refiner) as a key; None when it is
+        the request's own `checkpoint` (no switch, as A1111). Another family's latents would
+        not fit, so that is refused before queueing, naming both families."""
         try:
-            entry = self.resolve_checkpoint(request.refiner_checkpoint)
+            entry = self.resolve_checkpoint(name)
         except LorastackError as error:
-            error.field = "refiner_checkpoint"
+            error.field = field
             raise
         if entry.key == checkpoint:
             return None
         if entry.error:
-            raise UnusableFileError(
-                f"refiner_checkpoint: {entry.relpath}: {entry.error}", field="refiner_checkpoint"
-            )
-        base_family = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
-        if entry.family != base_family:
-            kind = entry.architecture.value if entry.architecture else "of unknown family"
+            raise UnusableFileError(f"{field}: {entry.relpath}: {entry.error}", field=field)
+        first = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
+        if entry.family != first:
             raise InvalidRequestError(
-                f"refiner_checkpoint: {entry.title} is {kind} but the checkpoint is "
-                f"{base_family}; a refiner must share the checkpoint's latent space (the "
-                "same family)",
-                field="refiner_checkpoint",
+                f"{field}: {entry.title} is {entry.family or 'of unknown family'} but {role} "
+                f"is {first}; use a checkpoint of the same family (the same latent space)",
+                field=field,
             )
         return entry.key
 
