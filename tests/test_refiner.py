@@ -5,6 +5,7 @@ wrong family is refused, LoRAs that do not fit the refiner are named."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,26 @@ def test_config_folders_say_which_pipeline(tmp_path: Path) -> None:
     assert refiner["requires_aesthetics_score"] is True
     assert base["_class_name"] == "StableDiffusionXLPipeline"
     assert "requires_aesthetics_score" not in base and "safety_checker" not in base
+
+
+def test_api_fields_reach_the_engine(service: Service) -> None:
+    """A1111's JSON fields through the HTTP API: the refiner runs (infotext, notes) and a
+    switch point out of range is a 422 naming the field."""
+    from fastapi.testclient import TestClient
+
+    from frontends.api.routes import build_api
+
+    body = {
+        **{k: v for k, v in SMALL.items() if k != "checkpoint"},
+        "steps": 2,
+        "override_settings": {"sd_model_checkpoint": "xl/tiny-sdxl"},
+        "refiner_checkpoint": "tiny-refiner",
+        "refiner_switch_at": 0.5,
+    }
+    with TestClient(build_api(service, service.settings)) as client:
+        made = client.post("/txt2img", json=body)
+        assert made.status_code == 200, made.text
+        info = json.loads(made.json()["info"])
+        assert "Refiner: tiny-refiner" in info["infotexts"][0]
+        wrong = client.post("/txt2img", json={**body, "refiner_switch_at": 2})
+        assert wrong.status_code == 422 and "refiner_switch_at" in wrong.json()["detail"]
