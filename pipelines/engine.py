@@ -17,6 +17,7 @@ from pipelines.extras import ExtrasRequest, ExtrasResult, postprocess_here
 from pipelines.folders.registry import ModelFolders
 from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
+from pipelines.generation.refiner import RefinerSwitch
 from pipelines.generation.run import RunControl, Txt2ImgRun
 from pipelines.generation.sd_upscale import SdUpscaleRun
 from pipelines.interface import DeviceInfo, ModelStatus
@@ -100,6 +101,10 @@ class Engine:
             run.previews = self.previews
             if isinstance(run, HiresRun):
                 run.switch_model = self.switch_model
+            if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
+                run.refiner = RefinerSwitch(
+                    request.refiner_checkpoint, request.refiner_switch_at, self.switch_model
+                )
             return run(request)
         except torch.cuda.OutOfMemoryError as error:
             self.manager.free_memory()
@@ -113,7 +118,7 @@ class Engine:
 
     def switch_model(self, target: str | ActiveModel) -> ActiveModel:
         """Make a checkpoint (by key) or an already loaded model current, for runs that
-        use two (hires fix with `hr_checkpoint_name`)."""
+        use two (hires fix with `hr_checkpoint_name`, a refiner)."""
         if isinstance(target, ActiveModel):
             return self.manager.reactivate(target)
         return self.manager.refresh_entry(self.manager.get(target))

@@ -334,6 +334,15 @@ def hires_from_params(params: Mapping[str, str]) -> HiresFix | None:
     )
 
 
+def refiner_from_params(params: Mapping[str, str]) -> tuple[str, float] | None:
+    """(checkpoint name, switch at) of an infotext's `Refiner` keys (None without them),
+    so a pasted refiner infotext replays its image. Raises ValueError on a malformed
+    value."""
+    if "Refiner" not in params:
+        return None
+    return _without_hash(params["Refiner"]), float(params.get("Refiner switch at", "0.8"))
+
+
 def _without_hash(title: str) -> str:
     """`name [0123456789]` -> `name` (A1111's short titles)."""
     return re.sub(r"\s*\[[0-9a-fA-F]{8,}\]$", "", title.strip())

@@ -29,6 +29,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -100,12 +101,10 @@ class ModelSpec:
 
 
 def pipeline_class_for(architecture: Architecture) -> type[DiffusionPipeline]:
-    """The diffusers pipeline that runs txt2img for a family (inpainting models included)."""
+    """The diffusers pipeline that holds a family's modules (the SDXL refiner's is the
+    img2img one; the runs refuse it as the model of a txt2img job)."""
     if architecture is Architecture.SDXL_REFINER:
-        raise UnusableFileError(
-            "SDXL refiner checkpoints only refine images (img2img); they cannot make images "
-            "from text. Pick an SDXL base checkpoint."
-        )
+        return StableDiffusionXLImg2ImgPipeline
     if architecture.family == "SDXL":
         return (
             StableDiffusionXLInpaintPipeline
@@ -400,6 +399,8 @@ def write_config_folder(spec: ModelSpec, cache_root: Path) -> Path:
         elif spec.architecture.family == "SDXL" or component == "text_encoder":
             index[component] = [None, None]
             index[tokenizer_names[component]] = [None, None]
+    if spec.architecture is Architecture.SDXL_REFINER:
+        index["requires_aesthetics_score"] = True
     if spec.architecture.family == "SDXL":
         index["force_zeros_for_empty_prompt"] = True
     else:
@@ -586,6 +587,8 @@ def assemble_pipeline(
     if spec.architecture.family == "SDXL":
         for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             components.setdefault(name, None)
+        if spec.architecture is Architecture.SDXL_REFINER:
+            components["requires_aesthetics_score"] = True
         pipe = cls(**components, add_watermarker=False)
     else:
         pipe = cls(

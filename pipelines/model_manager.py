@@ -141,9 +141,10 @@ class ModelManager:
 
     def reactivate(self, model: ActiveModel) -> ActiveModel:
         """Make `model` current again without reading its file, even if it was evicted
-        meanwhile (a hires fix on another checkpoint goes back and forth between two)."""
-        assert model.entry is not None, "the demo model is never a hires checkpoint"
-        return self._activate((str(model.entry.path), model.entry.mtime_ns), lambda: model)
+        meanwhile (a hires fix on another checkpoint, or a refiner, goes back and forth
+        between two)."""
+        key = (str(model.entry.path), model.entry.mtime_ns) if model.entry else ("demo", 0)
+        return self._activate(key, lambda: model)
 
     def use_pipeline(self, loaded: LoadedModel, name: str) -> ActiveModel:
         """Install an already built pipeline (benchmarks, embedding in other programs)."""

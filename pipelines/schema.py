@@ -159,6 +159,10 @@ class HiresFix:
         return to_x // 8 * 8 - cut_x * 8, to_y // 8 * 8 - cut_y * 8
 
 
+REFINER_SWITCH_AT = 0.8
+"""A1111's default for "Switch at": the fraction of the timesteps done on the first model."""
+
+
 @dataclass(frozen=True)
 class Bounds:
     """Admin-configurable request limits (contract defaults)."""
@@ -228,6 +232,8 @@ class GenerationRequest:
     hires: HiresFix | None = None  # txt2img only
     styles: tuple[str, ...] = field(default_factory=tuple)
     vae: str = VAE_AUTOMATIC  # A1111's sd_vae: "Automatic", "None" or a listed VAE
+    refiner_checkpoint: str | None = None  # None: no refiner
+    refiner_switch_at: float = REFINER_SWITCH_AT
 
     @property
     def kind(self) -> str:
@@ -291,6 +297,16 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("scheduler", str, "automatic", "Schedule type"),
     FieldSpec("clip_skip", int, 1, "Clip skip", 1, 12, 1),
     FieldSpec("denoising_strength", float, 0.75, "Denoising strength", 0.0, 1.0, 0.01),
+    FieldSpec(
+        "refiner_switch_at",
+        float,
+        REFINER_SWITCH_AT,
+        "Switch at",
+        0.01,
+        1.0,
+        0.01,
+        "fraction of sampling done when the refiner takes over (1: never)",
+    ),
     FieldSpec("tiling", bool, False, "Tiling", help="make an image that tiles seamlessly"),
     FieldSpec(
         "randn_source",
@@ -420,11 +436,31 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     styles = _check_styles(request.styles)
     if request.img2img is not None:
         _check_image_inputs(request.img2img, batch, bounds)
+    _check_refiner(request)
     if request.hires is not None:
         if request.img2img is not None:
             raise InvalidRequestError("hires fix is a txt2img option", field="enable_hr")
         _check_hires(request.hires, width, height, batch, bounds)
     return replace(request, width=width, height=height, loras=loras, styles=styles)
+
+
+def _check_refiner(request: GenerationRequest) -> None:
+    """A refiner's name and switch point (the switch point is checked even without one,
+    so a wrong value is never silently kept)."""
+    spec = field_spec("refiner_switch_at")
+    assert spec.minimum is not None and spec.maximum is not None
+    _check_float("refiner_switch_at", request.refiner_switch_at, spec.minimum, spec.maximum)
+    if request.refiner_checkpoint is None:
+        return
+    _check_text("refiner_checkpoint", request.refiner_checkpoint, 4096)
+    if not request.refiner_checkpoint.strip():
+        raise InvalidRequestError(
+            "refiner_checkpoint must name a checkpoint", field="refiner_checkpoint"
+        )
+    if request.img2img is not None and request.img2img.sd_upscale is not None:
+        raise InvalidRequestError(
+            "refiner_checkpoint: SD upscale takes no refiner", field="refiner_checkpoint"
+        )
 
 
 def _check_styles(styles: object) -> tuple[str, ...]:

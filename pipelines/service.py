@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from pipelines.architecture import Architecture
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
@@ -25,6 +26,7 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
+from pipelines.generation.refiner import refuse_refiner_as_base
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -236,8 +238,16 @@ class Service:
         if loading is not None:
             raise BusyError(f"model {loading} is still loading", retry_after=10)
         checkpoint = self._checkpoint_key(request.checkpoint)
+        base = self.resolve_checkpoint(checkpoint) if checkpoint is not None else None
+        if request.img2img is None and base and base.architecture is Architecture.SDXL_REFINER:
+            raise refuse_refiner_as_base()
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
+        if request.refiner_checkpoint is not None:
+            key = self._same_family_key(
+                request.refiner_checkpoint, checkpoint, "refiner_checkpoint", "the checkpoint"
+            )
+            request = replace(request, refiner_checkpoint=key)
         return _Generate(
             replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
         )
@@ -446,28 +456,36 @@ class Service:
         return usable[0].key if usable else None
 
     def _hires_checkpoint(self, hires: HiresFix, checkpoint: str | None) -> HiresFix:
-        """`hr_checkpoint_name` as a key (None when it is the first pass's checkpoint);
-        another family's latents would not fit, so that is refused before queueing."""
+        """`hr_checkpoint_name` as a key (None when it is the first pass's checkpoint)."""
         assert hires.checkpoint is not None
+        key = self._same_family_key(
+            hires.checkpoint, checkpoint, "hr_checkpoint_name", "the first pass's checkpoint"
+        )
+        return replace(hires, checkpoint=key)
+
+    def _same_family_key(
+        self, name: str, checkpoint: str | None, field: str, role: str
+    ) -> str | None:
+        """A checkpoint a run switches to (hires fix's, a refiner) as a key; None when it is
+        the request's own `checkpoint` (no switch, as A1111). Another family's latents would
+        not fit, so that is refused before queueing, naming both families."""
         try:
-            entry = self.resolve_checkpoint(hires.checkpoint)
+            entry = self.resolve_checkpoint(name)
         except LorastackError as error:
-            error.field = "hr_checkpoint_name"
+            error.field = field
             raise
         if entry.key == checkpoint:
-            return replace(hires, checkpoint=None)
+            return None
         if entry.error:
-            raise UnusableFileError(
-                f"hr_checkpoint_name: {entry.relpath}: {entry.error}", field="hr_checkpoint_name"
-            )
+            raise UnusableFileError(f"{field}: {entry.relpath}: {entry.error}", field=field)
         first = self.resolve_checkpoint(checkpoint).family if checkpoint else "SD1"
         if entry.family != first:
             raise InvalidRequestError(
-                f"hr_checkpoint_name: {entry.title} is {entry.family or 'of unknown family'} "
-                f"but the first pass's checkpoint is {first}; use a checkpoint of the same family",
-                field="hr_checkpoint_name",
+                f"{field}: {entry.title} is {entry.family or 'of unknown family'} but {role} "
+                f"is {first}; use a checkpoint of the same family (the same latent space)",
+                field=field,
             )
-        return replace(hires, checkpoint=entry.key)
+        return entry.key
 
     def _execute(self, work: object, control: JobControl) -> object:
         if isinstance(work, _Generate):

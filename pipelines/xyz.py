@@ -147,6 +147,11 @@ def _lora(request: GenerationRequest, value: tuple[str, float], _values: list[An
     return lora_weight(request, *value)
 
 
+def _refiner(request: GenerationRequest, value: str, _values: list[Any]) -> GenerationRequest:
+    """A1111's choices start with "None": no refiner."""
+    return replace(request, refiner_checkpoint=None if value in ("", "None") else value)
+
+
 def _lacking(label: str, only: str | None = None) -> Axis:
     return Axis(label, "str", None, only=only)
 
@@ -192,8 +197,8 @@ AXES: tuple[Axis, ...] = (
     _lacking("Token merging ratio high-res"),
     _lacking("Always discard next-to-last sigma"),
     _lacking("SGM noise multiplier"),
-    _lacking("Refiner checkpoint"),
-    _lacking("Refiner switch at"),
+    Axis("Refiner checkpoint", "str", _refiner, cost=1.0, labelled=False),
+    Axis("Refiner switch at", "float", _field("refiner_switch_at")),
     Axis("RNG source", "str", _field("randn_source")),
     _lacking("FP8 mode"),
     Axis("Size", "str", _size),
@@ -319,7 +324,7 @@ def format_value(axis: Axis, value: Any) -> str:
     if axis.kind == "lora":
         name, weight = value
         return f"{name}: {round(weight, 8)}"
-    if axis.label == "Checkpoint name":
+    if axis.label in ("Checkpoint name", "Refiner checkpoint"):
         return str(value).replace("\\", "/").rsplit("/", 1)[-1]
     return f"{axis.label}: {value}" if axis.labelled else str(value)
 

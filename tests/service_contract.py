@@ -45,6 +45,7 @@ def check_plain_data_crosses(service: GenerationService) -> None:
         service.current_model(),
         service.styles(),
         request(seed=1, loras=(LoraSpec("ink", 0.5),)),
+        request(seed=1, refiner_checkpoint="tiny-sd1", refiner_switch_at=0.5),
         *snapshots,
     ]
     for answer in answers:
@@ -68,6 +69,8 @@ def check_bad_requests_fail_before_queueing(service: GenerationService) -> None:
         (request(sampler_name="Bogus"), InvalidRequestError),
         (request(checkpoint="nope"), NotFoundError),
         (request(prompt="x <lora:nope:1>"), NotFoundError),
+        (request(refiner_checkpoint="tiny-sd1", refiner_switch_at=2.0), InvalidRequestError),
+        (request(refiner_checkpoint="nope"), NotFoundError),
     ):
         try:
             service.submit(bad)

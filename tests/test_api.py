@@ -347,6 +347,8 @@ def test_send_and_save_images(server: Server) -> None:
         (b'{"override_settings": {"CLIP_stop_at_last_layers": 40}}', ["CLIP_stop"]),
         (b'{"prompt": 5}', ["prompt"]),
         (b'{"send_images": "yes"}', ["send_images"]),
+        (b'{"refiner_checkpoint": "tiny-sd1", "refiner_switch_at": 1.5}', ["refiner_switch_at"]),
+        (b'{"refiner_checkpoint": 5}', ["refiner_checkpoint"]),
     ],
 )
 def test_txt2img_client_errors_are_422(server: Server, raw: bytes, words: list[str]) -> None:

@@ -119,7 +119,6 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
         {"s_noise": 0.9},
         {"eta": 0.5},
         {"eta": 1.0, "sampler_name": "DDIM"},
-        {"refiner_checkpoint": "xl-refiner"},
         {"disable_extra_networks": True},
     ],
 )

@@ -102,6 +102,8 @@ def test_generate_writes_pngs_with_parameters(
         (["--ckpt", "no-such-model"], EXIT_NOT_FOUND, ["no-such-model"]),
         (["--lora", "missing:0.5"], EXIT_NOT_FOUND, ["missing"]),
         (["--ckpt", "broken"], EXIT_UNUSABLE, ["broken"]),
+        (["--refiner", "tiny-sd1", "--refiner-switch-at", "2"], EXIT_USAGE, ["refiner_switch_at"]),
+        (["--ckpt", "xl/tiny-sdxl", "--refiner", "tiny-sd1"], EXIT_USAGE, ["refiner", "SD1"]),
     ],
 )
 def test_exit_codes_and_messages(

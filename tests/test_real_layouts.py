@@ -88,9 +88,11 @@ def test_empty_module_keeps_buffers_real() -> None:
     assert all(p.is_meta for p in encoder.parameters())
 
 
-def test_refiner_is_named_and_refused_for_txt2img() -> None:
-    from pipelines.errors import UnusableFileError
+def test_refiner_loads_as_the_img2img_pipeline() -> None:
+    """A refiner is loaded (to serve as a refiner or for img2img); txt2img on it is
+    refused by the service (tests/test_refiner.py)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
     from pipelines.loading import pipeline_class_for
 
-    with pytest.raises(UnusableFileError, match="refiner"):
-        pipeline_class_for(Architecture.SDXL_REFINER)
+    assert pipeline_class_for(Architecture.SDXL_REFINER) is StableDiffusionXLImg2ImgPipeline

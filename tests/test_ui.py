@@ -191,6 +191,7 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
         "seed_resize_from_h": 0,
         "tiling": False,
         "enable_hr": False,  # no Hires keys: the pasted image was made without it
+        "refiner_checkpoint": "None",  # no Refiner keys: made without one
         "randn_source": "NV",  # an A1111 infotext without RNG, recalled on a CPU
     }
     assert found.rows == [
@@ -430,6 +431,8 @@ def test_engine_errors_are_readable_and_the_page_keeps_serving(served: tuple[str
         call(url, width=2048, height=2048)
     with pytest.raises(AppError, match="loras"):
         call(url, loras=[{"weight": 1}])
+    with pytest.raises(AppError, match="no-such-refiner"):  # the Refiner section's value
+        call(url, refiner_checkpoint="no-such-refiner", refiner_switch_at=0.5)
     assert call(url)[2] == [9]
 
 

@@ -23,6 +23,7 @@ from pipelines.xyz import (
     axes_for,
     expand_numbers,
     find_axis,
+    format_value,
     lora_weight,
     plan_grid,
     run_xyz,
@@ -85,6 +86,18 @@ def test_styles_axis_adds_the_names_to_the_requests_styles() -> None:
     plot = XyzPlot(x=AxisSpec("Styles", '"tail, film", none'))
     cells = plan_grid(base, plot, Bounds()).cells
     assert [c.request.styles for c in cells] == [("frame", "tail", "film"), ("frame", "none")]
+
+
+def test_refiner_axes_set_the_refiner_fields() -> None:
+    plot = XyzPlot(
+        x=AxisSpec("Refiner checkpoint", "None, xl/refiner.safetensors"),
+        y=AxisSpec("Refiner switch at", "0.5, 0.8"),
+    )
+    cells = plan_grid(BASE, plot, Bounds()).cells
+    got = {(c.request.refiner_checkpoint, c.request.refiner_switch_at) for c in cells}
+    assert got == {(r, s) for r in (None, "xl/refiner.safetensors") for s in (0.5, 0.8)}
+    axis = find_axis("Refiner checkpoint", img2img=True)
+    assert format_value(axis, "xl/refiner.safetensors") == "refiner.safetensors"
 
 
 def test_lora_weight_overrides_a_tag_or_a_row_or_adds_one() -> None:

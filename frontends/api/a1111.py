@@ -169,6 +169,8 @@ _USED = frozenset(
         "override_settings_restore_afterwards",
         "send_images",
         "save_images",
+        "refiner_checkpoint",
+        "refiner_switch_at",
         # Bookkeeping A1111 itself derives from save_images / ignores in the API.
         "do_not_save_samples",
         "do_not_save_grid",
@@ -309,8 +311,6 @@ def _unimplemented_value(
     if _is_neutral(value) or value == defaults[key]:
         return False
     if key.startswith(_HIRES_ONLY) and not body.get("enable_hr"):
-        return False
-    if key == "refiner_switch_at" and not body.get("refiner_checkpoint"):
         return False
     if key == "eta" and sampler.startswith(("DDIM", "PLMS", "UniPC")):
         return True  # A1111's eta_ddim: a different image
@@ -602,6 +602,7 @@ def _parse_generation(
         denoising_strength=_number("denoising_strength", get("denoising_strength")),
         checkpoint=checkpoint,
         vae=vae_override or options.sd_vae,
+        **_refiner(values),
     )
 
     # 4. A1111 fields we do not do: refused unless they ask for nothing; other keys listed
@@ -624,6 +625,19 @@ def _parse_generation(
         vae_override=vae_override,
     )
     return call, img2img_options
+
+
+def _refiner(values: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `refiner_checkpoint` ("None" or empty: no refiner) and `refiner_switch_at`
+    (read only with a refiner, as A1111; without one, A1111 switches at the first step, we
+    take the page's default 0.8)."""
+    name = values.get("refiner_checkpoint")
+    if name is None or name in ("", "None", "none"):
+        return {}
+    fields: dict[str, Any] = {"refiner_checkpoint": _text("refiner_checkpoint", name)}
+    if "refiner_switch_at" in values:
+        fields["refiner_switch_at"] = _number("refiner_switch_at", values["refiner_switch_at"])
+    return fields
 
 
 # ------------------------------------------------------------------------ img2img

@@ -363,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "None (the checkpoint's own) or a listed VAE (see list-vaes)",
     )
     generate.add_argument(
+        "--refiner",
+        metavar="NAME",
+        help="refiner checkpoint (a listed name of the same family): sampling switches to it "
+        "at --refiner-switch-at",
+    )
+    generate.add_argument(
         "--out", type=Path, help="folder for the images (default: <data-dir>/outputs/...)"
     )
     generate.add_argument(
@@ -460,6 +466,7 @@ def _generate(args: argparse.Namespace) -> int:
         hires=hires,
         styles=tuple(args.style),
         vae=args.vae,
+        refiner_checkpoint=args.refiner,
     )
     _style_store(settings).resolve(request.styles)  # unknown styles fail before loading
     # fail on bad values before loading anything

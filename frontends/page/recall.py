@@ -16,6 +16,7 @@ from typing import Any
 
 from frontends.page.defaults import scheduler_label
 from frontends.page.hires_panel import recall_hires
+from frontends.page.refiner_panel import recall_refiner
 from frontends.page.stack import strip_lora_tags
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -104,9 +105,16 @@ def recall(text: str, service: GenerationService) -> Recall:
             result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
     result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
     result.vae = _local_vae(parsed, service, result.warnings)
-    hires, warnings = recall_hires(parsed.params, lambda name: _listed_title(name, service))
-    result.values.update(hires)
-    result.warnings.extend(warnings)
+
+    def title(name: str) -> str | None:
+        return _listed_title(name, service)
+
+    for recalled, warnings in (
+        recall_hires(parsed.params, title),
+        recall_refiner(parsed.params, title),
+    ):
+        result.values.update(recalled)
+        result.warnings.extend(warnings)
     return result
 
 

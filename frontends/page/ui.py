@@ -38,6 +38,12 @@ from frontends.page.img2img_tab import (
     stack_text,
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.refiner_panel import (
+    NO_REFINER,
+    REFINER_FIELDS,
+    build_refiner,
+    refiner_request_fields,
+)
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.styles_panel import build_styles, wire_styles
@@ -262,6 +268,8 @@ def build_ui(
         request: gr.Request,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 - Gradio injects it
         styles: list[str] | None = None,  # last: callers from before styles leave it out
+        refiner_checkpoint: str | None = None,
+        refiner_switch_at: float | None = None,
         sd_vae: str = VAE_AUTOMATIC,
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
@@ -281,6 +289,7 @@ def build_ui(
         if hires is not None:
             given["denoising_strength"] = denoising_strength
         extra: dict[str, Any] = {"styles": tuple(styles or ()), "vae": sd_vae or VAE_AUTOMATIC}
+        extra.update(refiner_request_fields(refiner_checkpoint, refiner_switch_at))
         if hires is not None:
             extra["hires"] = hires
         script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
@@ -299,6 +308,7 @@ def build_ui(
         except LorastackError as error:
             raise gr.Error(error.message) from error
         given = {name: data[component] for name, component in i2i_controls.items()}
+        refiner = refiner_request_fields(*(given.pop(name) for name in REFINER_FIELDS))
         if size is not None:  # outpainting: the canvas's size
             given["width"], given["height"] = size
         stack = data[panel.stack]
@@ -306,6 +316,7 @@ def build_ui(
             "img2img": images,
             "styles": tuple(data[i2i_styles.dropdown] or ()),
             "vae": data[sd_vae] or VAE_AUTOMATIC,
+            **refiner,
         }
         yield from generate(given, data[checkpoint], stack, extra, request, progress)
 
@@ -450,6 +461,7 @@ def build_ui(
                             service.upscaler_names, checkpoint_choices, bounds, page
                         )
                         controls.update(hires)
+                        controls.update(build_refiner(checkpoint_choices, slider))
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
                         scripts = build_scripts_panel()
@@ -471,6 +483,7 @@ def build_ui(
                     build_options(panel_images)
                     i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
                     i2i_controls.update(build_parameters(slider, defaults, "img2img_"))
+                    i2i_controls.update(build_refiner(checkpoint_choices, slider, "img2img_"))
                     stack_summary = gr.Markdown(stack_text([]), elem_id="img2img_stack_summary")
                 with gr.Column(scale=2):
                     i2i_results = build_results("img2img", "img2img_")
@@ -515,12 +528,13 @@ def build_ui(
             *(controls[name] for name in HIRES_FIELDS),
             *scripts.inputs,
             styles.dropdown,
+            *(controls[name] for name in REFINER_FIELDS),
             sd_vae,
         ]
         special = ("request", "progress")  # Gradio injects them where they stand
         parameters = [p for p in inspect.signature(txt2img).parameters if p not in special]
         named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
-        named += ["styles", "sd_vae"]
+        named += ["styles", *REFINER_FIELDS, "sd_vae"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
@@ -581,18 +595,21 @@ def build_ui(
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
 
-        def rescan_models() -> tuple[gr.Dropdown, gr.Dropdown, gr.Dropdown]:
+        def rescan_models() -> tuple[gr.Dropdown, ...]:
             service.rescan()
             choices = checkpoint_choices()
+            refiners = gr.Dropdown(choices=[NO_REFINER, *choices])
             return (
                 gr.Dropdown(choices=choices),
                 gr.Dropdown(choices=[SAME_CHECKPOINT, *choices]),
+                refiners,
+                refiners,
                 gr.Dropdown(choices=vae_choices()),
             )
 
-        refresh_models.click(
-            rescan_models, None, [checkpoint, hires["hr_checkpoint_name"], sd_vae], **QUICK
-        )
+        refreshed = [checkpoint, hires["hr_checkpoint_name"]]
+        refreshed += [tab["refiner_checkpoint"] for tab in (controls, i2i_controls)]
+        refresh_models.click(rescan_models, None, [*refreshed, sd_vae], **QUICK)
     return page
 
 

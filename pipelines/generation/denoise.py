@@ -88,12 +88,13 @@ class DenoiseLoop:
         return extra
 
     def __call__(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, on_step: OnStep
+        self, latents: torch.Tensor, timesteps: torch.Tensor, on_step: OnStep, start: int = 0
     ) -> torch.Tensor:
-        """Denoise `latents` [B, 4, h, w] over `timesteps`; stops early when `on_step`
-        says so (the latents reached so far are returned)."""
+        """Denoise `latents` [B, 4, h, w] over `timesteps`, the first of which is step
+        `start` of the run (a refiner continues there); stops early when `on_step` says so
+        (the latents reached so far are returned)."""
         extra = self.extra_step_kwargs()
-        for index, timestep in enumerate(timesteps):
+        for index, timestep in enumerate(timesteps, start):
             # [B, 4, h, w] -> [copies*B, 4, h, w]: uncond first, then each cond part
             model_input = torch.cat([latents] * self.copies) if self.copies > 1 else latents
             model_input = self.scheduler.scale_model_input(model_input, timestep)

@@ -50,6 +50,7 @@ class HiresRun(Txt2ImgRun):
     """
 
     passes = 2
+    refines_first_pass = False
     second: HiresPass
 
     def check_inputs(self, request: GenerationRequest) -> RunInputs:

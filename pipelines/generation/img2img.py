@@ -356,9 +356,13 @@ class Img2ImgRun(Txt2ImgRun):
         generators: list[torch.Generator],
         scheduler: Any,
         timesteps: torch.Tensor,
+        *,
+        refine: bool = True,
     ) -> torch.Tensor:
         """Then, as A1111, the original's latents outside the mask once more."""
-        samples = super().denoise(inputs, conditioning, latents, generators, scheduler, timesteps)
+        samples = super().denoise(
+            inputs, conditioning, latents, generators, scheduler, timesteps, refine=refine
+        )
         if self.keep is None:
             return samples
         return samples * (1 - self.keep) + self.init_latents * self.keep

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipelines import __version__
+from pipelines.architecture import Architecture
 from pipelines.devices import DevicePlan
 from pipelines.errors import UnusableFileError
 from pipelines.folders.loras import LoraEntry
@@ -27,6 +28,7 @@ from pipelines.folders.registry import ModelFolders
 from pipelines.folders.vaes import VaeEntry
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
+from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
 from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
@@ -46,6 +48,9 @@ from pipelines.vae import choose_vae, decode_checked
 
 LARGE_DECODE_PIXELS = 1536 * 1536
 """Above this many pixels the VAE decodes in tiles, so large images fit in memory."""
+REFINER_AESTHETIC_SCORES = (2.5, 6.0)
+"""A1111's `sdxl_refiner_low_aesthetic_score` (negative prompt) and
+`sdxl_refiner_high_aesthetic_score` (prompt): an SDXL refiner's extra time id."""
 
 
 class RunControl(Protocol):
@@ -98,6 +103,7 @@ class Conditioning:
     parts: list[tuple[Schedule, float]]
     negative: Schedule
     encoded: dict[tuple[str, bool], EncodedPrompt]
+    hires_steps: int | None = None  # the schedules are a hires pass's
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -147,6 +153,11 @@ class Txt2ImgRun:
     """
 
     job = "txt2img"
+    refiner: RefinerSwitch | None = None
+    """Set by the engine when the request names a refiner."""
+    refines_first_pass = True
+    """Whether the refiner switch applies to the first denoising pass (hires fix: only to
+    the second, A1111's default `hires_fix_refiner_pass`)."""
 
     def __init__(
         self, model: ActiveModel, plan: DevicePlan, folders: ModelFolders, control: RunControl
@@ -184,9 +195,16 @@ class Txt2ImgRun:
             passes = self.passes
             self.control.batch(iteration * passes, inputs.request.n_iter * passes, len(timesteps))
             with self.tiling(inputs):
-                # 5. denoise (and, for hires fix, the second pass)
+                # 5. denoise (switching to the refiner on the way; for hires fix, the
+                # second pass)
                 latents = self.denoise(
-                    inputs, conditioning, latents, generators, scheduler, timesteps
+                    inputs,
+                    conditioning,
+                    latents,
+                    generators,
+                    scheduler,
+                    timesteps,
+                    refine=self.refines_first_pass,
                 )
                 sized, latents = self.after_denoise(inputs, latents, seed_plan, iteration)
                 # 6. decode
@@ -210,6 +228,8 @@ class Txt2ImgRun:
     # -- 1
 
     def check_inputs(self, request: GenerationRequest) -> RunInputs:
+        if self.model.architecture is Architecture.SDXL_REFINER and request.img2img is None:
+            raise refuse_refiner_as_base()
         return check_request(request)
 
     def before_batch(self, inputs: RunInputs, adapters: Adapters) -> None:
@@ -277,7 +297,7 @@ class Txt2ImgRun:
         padded = pad_to_longest(encoded, empty=self.model.empty_prompt)
         weights = [weight for _, weight in parts]
         weighted = list(zip(schedules, weights, strict=True))
-        return Conditioning(weighted, negative, dict(zip(keys, padded, strict=True)))
+        return Conditioning(weighted, negative, dict(zip(keys, padded, strict=True)), hires_steps)
 
     def encode(
         self, text: str, clip_skip: int, negative: bool, text_state: tuple[object, ...]
@@ -355,7 +375,44 @@ class Txt2ImgRun:
         generators: list[torch.Generator],
         scheduler: Any,
         timesteps: torch.Tensor,
+        *,
+        refine: bool = True,
     ) -> torch.Tensor:
+        """The steps on the current model, and with a refiner (when `refine`), the steps
+        from its switch point on the refiner; the current model is the same afterwards."""
+        refiner = self.refiner if refine else None
+        split = len(timesteps) if refiner is None else refiner.index(scheduler, timesteps)
+        latents = self.denoise_steps(
+            inputs, conditioning, latents, generators, scheduler, timesteps[:split]
+        )
+        if refiner is None or split == len(timesteps) or self.stopped:
+            return latents
+        # 5b. switch to the refiner: its conditioning, the same latents and sampler state
+        resume = self.model
+        try:
+            refined = refiner.enter(self, inputs, conditioning)
+            return self.denoise_steps(
+                inputs, refined, latents, generators, scheduler, timesteps[split:], split
+            )
+        finally:
+            if self.model is not resume:
+                self.model = refiner.switch_model(resume)
+
+    @property
+    def stopped(self) -> bool:
+        return self.control.interrupted or self.control.skipped
+
+    def denoise_steps(
+        self,
+        inputs: RunInputs,
+        conditioning: Conditioning,
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        scheduler: Any,
+        timesteps: torch.Tensor,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """`timesteps` (steps `start`... of this pass) on the current model."""
         loop = self.denoise_loop(inputs, conditioning, latents.shape[0], generators, scheduler)
         family, vae = self.model.family, self.model.pipe.vae
         method = getattr(self.control, "preview_method", CHEAP)  # JobControl has it
@@ -364,9 +421,9 @@ class Txt2ImgRun:
             self.control.step(
                 done, lambda: render_preview(method, current, family, vae, self.previews)
             )
-            return self.control.interrupted or self.control.skipped
+            return self.stopped
 
-        return loop(latents, timesteps, on_step)
+        return loop(latents, timesteps, on_step, start)
 
     def denoise_loop(
         self,
@@ -424,9 +481,18 @@ class Txt2ImgRun:
             assert prompt.pooled is not None
             pooled.append(prompt.pooled.expand(count, -1))
         request = inputs.request
-        # original size, crop top-left, target size (diffusers' SDXL defaults)
-        ids = torch.tensor([[request.height, request.width, 0, 0, request.height, request.width]])
-        ids = ids.to(hidden.dtype).repeat(len(prompts) * count, 1)
+        if self.model.architecture is Architecture.SDXL_REFINER:
+            # original size, crop top-left, aesthetic score: low for the uncond rows
+            low, high = REFINER_AESTHETIC_SCORES
+            scores = [low] * (len(prompts) - len(positives)) + [high] * len(positives)
+            size = [request.height, request.width, 0, 0]
+            ids = torch.tensor([size + [score] for score in scores])
+        else:
+            # original size, crop top-left, target size (diffusers' SDXL defaults)
+            size = [request.height, request.width, 0, 0, request.height, request.width]
+            ids = torch.tensor([size] * len(prompts))
+        # [copies, n] -> [copies*B, n], in the hidden states' order
+        ids = ids.to(hidden.dtype).repeat_interleave(count, dim=0)
         added = {
             "text_embeds": torch.cat(pooled).to(self.plan.device),
             "time_ids": ids.to(self.plan.device),
@@ -532,6 +598,8 @@ class Txt2ImgRun:
         """The result with one infotext per image."""
         model = self.model
         notes = [*inputs.notes, *model.notes, *adapters.notes]
+        if self.refiner is not None:
+            notes.extend(self.refiner.notes)
         if model.entry is not None and model.entry.sha256 is None:
             notes.append("the checkpoint's hash is still being computed: no Model hash written")
         infotexts = [
@@ -582,6 +650,9 @@ class Txt2ImgRun:
         if request.tiling:
             params["Tiling"] = True
         params.update(self.extra_infotext(inputs))
+        if self.refiner is not None:
+            refiner = self.folders.resolve("checkpoint", self.refiner.checkpoint)
+            params.update(self.refiner.infotext(refiner))
         hashes = [(name, short) for name, short in adapters.applied if short]
         if hashes:
             params["Lora hashes"] = format_lora_hashes(hashes)

@@ -141,6 +141,15 @@ class AdapterStack:
         self._trim_backups()
         return plan.warnings
 
+    def misfit(self, path: Path, name: str) -> str | None:
+        """Why the LoRA at `path` cannot apply to this model (another family, no layer
+        matches), or None when it fits; nothing is changed."""
+        try:
+            self._plan([(path, name, 1.0, 1.0)])
+        except UnusableFileError as error:
+            return error.message
+        return None
+
     def restore(self) -> None:
         """Put every touched layer back to its base weight and forget the backups."""
         with torch.no_grad():
