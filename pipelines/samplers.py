@@ -281,7 +281,21 @@ _SAMPLERS: tuple[_Sampler, ...] = (
         # `original_inference_steps` alone, so no schedule type can change it.
         ignores=frozenset({"timestep_spacing"}),
     ),
+    _Sampler(
+        "TCD",  # not in A1111 1.10; ComfyUI's and Forge's name for Hyper-SD/TCD models
+        "TCDScheduler",
+        ("tcd",),
+        {},
+        {},
+        automatic=None,
+        # like LCM, its steps come from `original_inference_steps`
+        ignores=frozenset({"timestep_spacing"}),
+    ),
 )
+
+STEP_ETA = {"TCDScheduler": 0.3}
+"""`eta` passed to a scheduler's `step` (TCD's gamma, its model card's default); every
+other scheduler that takes `eta` gets 0 (DDIM's deterministic sampling, as A1111)."""
 
 _UNSUPPORTED_SAMPLERS = {
     "dpm fast": "DPM fast",

@@ -84,6 +84,7 @@ EXPECTED_CLASS = {
     "PLMS": "PNDMScheduler",
     "UniPC": "UniPCMultistepScheduler",
     "LCM": "LCMScheduler",
+    "TCD": "TCDScheduler",
 }
 
 

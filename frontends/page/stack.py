@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.fewstep import suggest
 from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
 from pipelines.prompt import combine_stacks, extract_lora_tags
@@ -177,7 +178,8 @@ def preview_uri(preview: Path | None) -> str | None:
 
 
 def card_html(entry: LoraEntry, reason: str | None) -> str:
-    """One card of the list: preview, name, architecture, rank, size, trigger words."""
+    """One card of the list: preview, name, architecture, rank, size, trigger words, and
+    for a few-step LoRA (LCM, Turbo, Lightning, Hyper-SD, TCD) the settings it needs."""
     uri = preview_uri(entry.preview)
     image = (
         f'<img class="lora-thumb" src="{uri}" alt="">'
@@ -194,8 +196,10 @@ def card_html(entry: LoraEntry, reason: str | None) -> str:
     words = trigger_text(entry)
     trigger = f'<div class="lora-words">{html.escape(words)}</div>' if words else ""
     why = f'<div class="lora-why">⚠ {html.escape(reason)}</div>' if reason else ""
+    few = suggest(entry.name, entry.metadata)
+    hint = f'<div class="lora-fewstep">{html.escape(few.describe())}</div>' if few else ""
     return (
         f'<div class="lora-card-body" title="{html.escape(entry.relpath)}">{image}'
         f'<div class="lora-name">{html.escape(entry.name)}</div>{alias}'
-        f'<div class="lora-facts">{html.escape(facts)}</div>{trigger}{why}</div>'
+        f'<div class="lora-facts">{html.escape(facts)}</div>{trigger}{hint}{why}</div>'
     )

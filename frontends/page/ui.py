@@ -50,6 +50,7 @@ from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
+from pipelines.fewstep import suggest
 from pipelines.images import open_image
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -448,6 +449,11 @@ def build_ui(
             refresh_models = gr.Button(
                 "Refresh", scale=0, min_width=80, elem_id="checkpoint_refresh"
             )
+        with gr.Row(visible=False) as fewstep_row:
+            fewstep_note = gr.Markdown(elem_id="checkpoint_fewstep")
+            use_fewstep = gr.Button(
+                "Use these settings", scale=0, min_width=160, elem_id="use_fewstep"
+            )
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
@@ -594,6 +600,24 @@ def build_ui(
         for source in (results, i2i_results):
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
+
+        def fewstep_hint(title: str | None) -> tuple[Any, str]:
+            """A few-step checkpoint's (LCM, Turbo, Lightning, ...) settings, by its name."""
+            found = suggest(title or "")
+            text = f"**Few-step checkpoint** — {found.describe()}" if found else ""
+            return gr.Row(visible=found is not None), text
+
+        def use_suggested(title: str | None) -> list[Any]:
+            found = suggest(title or "")
+            if found is None:
+                return [gr.skip()] * 4
+            label = scheduler_label(found.scheduler)
+            return [found.sampler_name, label, found.steps, found.cfg_scale]
+
+        checkpoint.change(fewstep_hint, checkpoint, [fewstep_row, fewstep_note], **QUICK)
+        page.load(fewstep_hint, checkpoint, [fewstep_row, fewstep_note], **QUICK)
+        suggested = [controls[name] for name in ("sampler_name", "scheduler", "steps", "cfg_scale")]
+        use_fewstep.click(use_suggested, checkpoint, suggested, **QUICK)
 
         def rescan_models() -> tuple[gr.Dropdown, ...]:
             service.rescan()

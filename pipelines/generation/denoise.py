@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pipelines.samplers import STEP_ETA
+
 UNetInput = Callable[[torch.Tensor, int], torch.Tensor]
 """(scaled model input [2B or B, 4, h, w], step index) -> the UNet's input."""
 Conditioning = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor] | None]]
@@ -82,7 +84,7 @@ class DenoiseLoop:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         extra: dict[str, Any] = {}
         if "eta" in accepted:
-            extra["eta"] = 0.0
+            extra["eta"] = STEP_ETA.get(type(self.scheduler).__name__, 0.0)
         if "generator" in accepted:
             extra["generator"] = self.generators
         return extra
