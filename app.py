@@ -68,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         *settings.loras_dirs,
         *settings.upscaler_dirs,
         *settings.vae_dirs,
+        *settings.embeddings_dirs,
     ]
     FolderWatcher(watched, service.rescan).start()
     serve(service, settings)

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from pipelines.devices import DevicePlan, plan_device
+from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import DeviceOutOfMemoryError
 from pipelines.extras import ExtrasRequest, ExtrasResult, postprocess_here
 from pipelines.folders.registry import ModelFolders
@@ -70,6 +71,7 @@ class Engine:
             backup_budget=settings.lora_backup_mb * MEGABYTE,
         )
         self.previews = PreviewDecoders(settings.models_dirs)
+        self.embeddings = EmbeddingStore(folders)
         log.info("device: %s", self.plan.describe())
 
     def device(self) -> DeviceInfo:
@@ -99,6 +101,7 @@ class Engine:
             model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
             run = self.run_for(request)(model, self.plan, self.folders, control)
             run.previews = self.previews
+            run.embeddings = self.embeddings
             if isinstance(run, HiresRun):
                 run.switch_model = self.switch_model
             if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):

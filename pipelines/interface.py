@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from pipelines.embeddings import EmbeddingListing
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
@@ -74,6 +75,7 @@ class ModelStatus:
     is_demo: bool = False
     loading: bool = False
     notes: tuple[str, ...] = ()
+    text_widths: tuple[int, ...] = ()  # its text encoders' widths, once loaded
 
     @property
     def short_hash(self) -> str | None:
@@ -277,6 +279,11 @@ class GenerationService(Protocol):
 
     def set_save_options(self, options: SaveOptions) -> SaveOptions:
         """Check, keep and store them (4xx naming the option when one is bad)."""
+        ...
+
+    def embeddings(self) -> EmbeddingListing:
+        """The current checkpoint's usable textual-inversion embeddings, and the skipped
+        ones with the reason (A1111's `/embeddings`)."""
         ...
 
     def check_vae(self, name: str) -> str:

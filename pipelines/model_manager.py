@@ -78,6 +78,7 @@ class ActiveModel:
             is_demo=self.entry is None,
             loading=loading,
             notes=tuple(self.notes),
+            text_widths=self.encoder.widths,
         )
 
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -343,6 +344,45 @@ class PromptChunk:
 
     tokens: tuple[int, ...]
     multipliers: tuple[float, ...]
+    fixes: tuple[tuple[int, str], ...] = ()  # (offset after BOS, embedding name)
+
+
+class EmbeddingLookup:
+    """Textual-inversion embeddings by the token ids of their names (A1111's
+    `EmbeddingDatabase.ids_lookup`): at each prompt token, the longest name starting there
+    wins, and its vectors take the place of those tokens.
+
+    Args:
+        vectors: name -> {text-encoder width: [n, width] vectors}.
+        ids_of: the tokenizer's ids of a text (without BOS/EOS).
+        key: what identifies this set (part of the prompt cache key).
+    """
+
+    def __init__(
+        self,
+        vectors: dict[str, dict[int, torch.Tensor]],
+        ids_of: Callable[[list[str]], list[list[int]]],
+        key: tuple[object, ...] = (),
+    ) -> None:
+        self.vectors = vectors
+        self.key = key
+        names = list(vectors)
+        self._by_first: dict[int, list[tuple[tuple[int, ...], str]]] = {}
+        for name, ids in zip(names, ids_of(names) if names else [], strict=True):
+            if ids:
+                self._by_first.setdefault(ids[0], []).append((tuple(ids), name))
+        for found in self._by_first.values():
+            found.sort(key=lambda item: len(item[0]), reverse=True)
+
+    def match(self, ids: list[int], at: int) -> tuple[int, str] | None:
+        """(name's token count, name) of the embedding whose name starts at `ids[at]`."""
+        for name_ids, name in self._by_first.get(ids[at], ()):
+            if tuple(ids[at : at + len(name_ids)]) == name_ids:
+                return len(name_ids), name
+        return None
+
+    def count(self, name: str) -> int:
+        return int(next(iter(self.vectors[name].values())).shape[0])
 
 
 class PromptTokenizer:
@@ -376,6 +416,7 @@ class PromptTokenizer:
         comma_padding_backtrack: int = 20,
         emphasis: Emphasis = "Original",
         field: str = "prompt",
+        embeddings: EmbeddingLookup | None = None,
     ) -> tuple[list[PromptChunk], int]:
         """Split a prompt into 75-token chunks as A1111's `tokenize_line` does.
 
@@ -393,26 +434,42 @@ class PromptTokenizer:
         chunks: list[PromptChunk] = []
         tokens: list[int] = []
         mults: list[float] = []
+        fixes: list[tuple[int, str]] = []
         token_count = 0
         last_comma = -1
 
         def next_chunk(is_last: bool = False) -> None:
-            nonlocal tokens, mults, token_count, last_comma
+            nonlocal tokens, mults, fixes, token_count, last_comma
             token_count += len(tokens) if is_last else CHUNK_LENGTH
             pad = CHUNK_LENGTH - len(tokens)
             chunks.append(
                 PromptChunk(
                     tokens=(bos, *tokens, *[eos] * pad, eos),
                     multipliers=(1.0, *mults, *[1.0] * pad, 1.0),
+                    fixes=tuple(fixes),
                 )
             )
-            tokens, mults, last_comma = [], [], -1
+            tokens, mults, fixes, last_comma = [], [], [], -1
 
         for ids, (text, weight) in zip(tokenized, parsed, strict=True):
             if (text, weight) == BREAK:
                 next_chunk()
                 continue
-            for token in ids:
+            position = 0
+            while position < len(ids):
+                token = ids[position]
+                found = embeddings.match(ids, position) if embeddings is not None else None
+                if found is not None:  # A1111: the vectors go whole into one chunk
+                    length, name = found
+                    count = min(embeddings.count(name), CHUNK_LENGTH)  # type: ignore[union-attr]
+                    if len(tokens) + count > CHUNK_LENGTH:
+                        next_chunk()
+                    fixes.append((len(tokens), name))
+                    tokens.extend([0] * count)
+                    mults.extend([weight] * count)
+                    position += length
+                    continue
+                position += 1
                 if token == comma:
                     last_comma = len(tokens)
                 elif (
@@ -423,9 +480,11 @@ class PromptTokenizer:
                 ):
                     cut = last_comma + 1
                     moved_tokens, moved_mults = tokens[cut:], mults[cut:]
+                    moved_fixes = [(at - cut, name) for at, name in fixes if at >= cut]
                     tokens, mults = tokens[:cut], mults[:cut]
+                    fixes = [(at, name) for at, name in fixes if at < cut]
                     next_chunk()
-                    tokens, mults = moved_tokens, moved_mults
+                    tokens, mults, fixes = moved_tokens, moved_mults, moved_fixes
                 if len(tokens) == CHUNK_LENGTH:
                     next_chunk()
                 tokens.append(token)
@@ -497,6 +556,7 @@ class EncodedPrompt:
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    embeddings: tuple[str, ...] = ()  # textual-inversion embeddings the text used
 
     @property
     def chunks(self) -> int:
@@ -589,6 +649,15 @@ class PromptEncoder:
                 "SDXL needs its pooled projection"
             )
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each text encoder's width (768 CLIP-L, 1024 OpenCLIP-H, 1280 OpenCLIP-G)."""
+        return tuple(int(e.model.config.hidden_size) for e in self._encoders)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text by the first tokenizer (how embedding names match)."""
+        return self._encoders[0].tokenizer.ids(texts)
+
     def tokenize(self, prompt: str, *, field: str = "prompt") -> tuple[list[PromptChunk], int]:
         """Chunks and A1111 token count of `prompt` with the first tokenizer (UI counter)."""
         return self._encoders[0].tokenizer.chunks(
@@ -606,6 +675,7 @@ class PromptEncoder:
         device: torch.device | str,
         dtype: torch.dtype,
         negative: bool = False,
+        embeddings: EmbeddingLookup | None = None,
     ) -> EncodedPrompt:
         """Encode one prompt (tags and comments already removed) as A1111 conditions on it.
 
@@ -616,6 +686,8 @@ class PromptEncoder:
             dtype: dtype of the result (usually the UNet's).
             negative: True for the negative prompt. For SDXL an empty negative prompt gives
                 all-zero embeds and pooled, as A1111's `force_zero_negative_prompt` does.
+            embeddings: textual-inversion embeddings whose names, written in the text,
+                are replaced by their vectors (every encoder takes its own width's).
 
         Returns:
             EncodedPrompt with embeds [1, 77*k, D] and, for SDXL, pooled [1, P].
@@ -640,9 +712,11 @@ class PromptEncoder:
                 comma_padding_backtrack=self.comma_padding_backtrack,
                 emphasis=self.emphasis,
                 field=field,
+                embeddings=embeddings,
             )[0]
             for e in self._encoders
         ]
+        used = tuple(dict.fromkeys(name for c in per_encoder[0] for _, name in c.fixes))
         count = max(len(chunks) for chunks in per_encoder)
         features: list[torch.Tensor] = []
         pooled: torch.Tensor | None = None
@@ -653,7 +727,8 @@ class PromptEncoder:
                 parts = []
                 for start in range(0, count, _BATCH_CHUNKS):
                     batch = chunks[start : start + _BATCH_CHUNKS]
-                    z, pool = self._run(enc, batch, clip_skip, device)
+                    with _vectors_in_place(enc.model, batch, embeddings):
+                        z, pool = self._run(enc, batch, clip_skip, device)
                     parts.append(z)
                     if start == 0 and pool is not None:
                         pooled = pool[:1]  # A1111: zs[0].pooled, the first chunk's
@@ -663,6 +738,7 @@ class PromptEncoder:
         return EncodedPrompt(
             embeds=embeds.to(device=device, dtype=dtype),
             pooled=None if pooled is None else pooled.to(device=device, dtype=dtype),
+            embeddings=used,
         )
 
     def _run(
@@ -718,6 +794,33 @@ class PromptEncoder:
             embeds=torch.zeros(1, CHUNK_LENGTH + 2, width, device=device, dtype=dtype),
             pooled=torch.zeros(1, projection, device=device, dtype=dtype),
         )
+
+
+@contextmanager
+def _vectors_in_place(
+    model: Any, chunks: list[PromptChunk], embeddings: EmbeddingLookup | None
+) -> Iterator[None]:
+    """While `model` encodes `chunks`, its token embeddings at each chunk's fixes are the
+    embedding's vectors of the model's width (A1111's `EmbeddingsWithFixes`)."""
+    if embeddings is None or not any(chunk.fixes for chunk in chunks):
+        yield
+        return
+
+    def put(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        width = int(output.shape[-1])
+        for row, chunk in enumerate(chunks):
+            for offset, name in chunk.fixes:
+                vectors = embeddings.vectors[name][width].to(output)
+                room = output.shape[1] - offset - 1
+                output[row, offset + 1 : offset + 1 + min(room, vectors.shape[0])] = vectors[:room]
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(put)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _with_pad(tokens: tuple[int, ...], enc: _Encoder) -> list[int]:

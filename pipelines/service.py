@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipelines.architecture import Architecture
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
+from pipelines.embeddings import FAMILY_TEXT_WIDTHS, EmbeddingListing, EmbeddingStore
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
 from pipelines.folders.checkpoints import CheckpointEntry
@@ -139,6 +140,7 @@ class Service:
         self._loading: str | None = None
         self._save_options = read_save_options(settings.data_dir)
         self._paste_options = PasteOptions()
+        self._embedding_store = EmbeddingStore(folders)
 
     # -- device and limits
 
@@ -435,6 +437,16 @@ class Service:
         """A1111's `show_progress_type` for the jobs that sample from now on."""
         self._jobs.preview_method = check_preview_method(method)
 
+    def embeddings(self) -> EmbeddingListing:
+        """The loaded checkpoint's embeddings (by its text encoders' widths); before one is
+        loaded, by the selected one's family."""
+        loaded = self.runner.loaded()
+        widths = loaded.text_widths if loaded is not None else ()
+        if not widths:
+            current = self.current_model()
+            widths = FAMILY_TEXT_WIDTHS.get(current.family or "SD1", (768,)) if current else ()
+        return self._embedding_store.listing(widths)
+
     def check_vae(self, name: str) -> str:
         """`name` if it is `Automatic`, `None` or a usable listed VAE (else 4xx)."""
         if name not in SPECIAL_VAE_CHOICES:
@@ -570,7 +582,11 @@ def build_folders(settings: Settings, hashes: HashCache | None = None) -> ModelF
     hashes = hashes or HashCache(settings.cache_dir / "hashes.json")
     folders = ModelFolders(
         default_roots(
-            settings.models_dirs, settings.loras_dirs, settings.upscaler_dirs, settings.vae_dirs
+            settings.models_dirs,
+            settings.loras_dirs,
+            settings.upscaler_dirs,
+            settings.vae_dirs,
+            settings.embeddings_dirs,
         ),
         hashes,
     )

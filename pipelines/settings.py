@@ -27,6 +27,7 @@ class Settings:
     lora_dirs: tuple[Path, ...] = ()
     upscaler_dirs: tuple[Path, ...] = ()  # A1111's --esrgan-models-path and kin
     vae_dir: Path | None = None  # A1111's --vae-dir
+    embeddings_dir: Path | None = None  # A1111's --embeddings-dir
     ckpt: str | None = None
     api: bool = False
     nowebui: bool = False
@@ -102,6 +103,11 @@ class Settings:
         return (self.vae_dir,) if self.vae_dir else ()
 
     @property
+    def embeddings_dirs(self) -> tuple[Path, ...]:
+        """`--embeddings-dir`, else `<data-dir>/embeddings` (A1111's place)."""
+        return (self.embeddings_dir or self.data_dir / "embeddings",)
+
+    @property
     def outputs_dir(self) -> Path:
         return self.data_dir / "outputs"
 
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ckpt-dir", action="append", type=Path, help="checkpoint folder (repeatable)")
     add("--lora-dir", action="append", type=Path, help="LoRA folder (repeatable)")
     add("--vae-dir", type=Path, help="VAE folder (models/VAE/ is scanned as well)")
+    add("--embeddings-dir", type=Path, help="textual-inversion embeddings (default: embeddings/)")
     for kind in UPSCALER_FLAGS:
         add(f"--{kind}-models-path", type=Path, help=f"{kind} upscaler folder (A1111's flag)")
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
@@ -230,8 +237,9 @@ def parse_settings(
         for kind in UPSCALER_FLAGS
         if (path := values.pop(f"{kind}_models_path", None))
     )
-    if values.get("vae_dir") is not None:
-        values["vae_dir"] = Path(values["vae_dir"]).expanduser().resolve()  # type: ignore[arg-type]
+    for folder_flag in ("vae_dir", "embeddings_dir"):
+        if values.get(folder_flag) is not None:
+            values[folder_flag] = Path(values[folder_flag]).expanduser().resolve()  # type: ignore[arg-type]
     max_pixels = int(values.get("max_pixels") or 0)
     limits = {k: values.pop(k) for k in ("max_steps", "max_size") if k in values}
     try:

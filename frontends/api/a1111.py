@@ -31,6 +31,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines import __version__
+from pipelines.embeddings import EmbeddingListing
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.images import open_image
@@ -913,6 +914,36 @@ def prompt_style_item(style: PromptStyle) -> dict[str, Any]:
     return {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
 
 
+def embeddings_listing(listing: EmbeddingListing) -> dict[str, Any]:
+    """`embeddings`: A1111's `{loaded: {name: item}, skipped: {name: item}}` (`shape` is the
+    vector width, SDXL's two summed as A1111 sums them); a skipped item says why."""
+
+    def item(embedding: Any) -> dict[str, Any]:
+        if embedding is None:
+            return {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": None,
+                "vectors": None,
+            }
+        return {
+            "step": embedding.step,
+            "sd_checkpoint": embedding.sd_checkpoint,
+            "sd_checkpoint_name": embedding.sd_checkpoint_name,
+            "shape": sum(embedding.vectors),
+            "vectors": embedding.count,
+        }
+
+    return {
+        "loaded": {name: item(embedding) for name, (_, embedding) in listing.loaded.items()},
+        "skipped": {
+            name: {**item(embedding), "reason": reason}
+            for name, (_, embedding, reason) in listing.skipped.items()
+        },
+    }
+
+
 def sd_vae_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
     """One `sd-vae` item (A1111's `SDVaeItem`): the VAE's name and its file."""
     shown = entry.relpath if hide_paths else printable_name(str(entry.path))
@@ -1266,6 +1297,5 @@ NEUTRAL_PROBES: dict[str, Any] = {
     "hypernetworks": [],
     "face-restorers": [],
     "realesrgan-models": [],
-    "embeddings": {"loaded": {}, "skipped": {}},
 }
 """Routes clients probe that we do not implement: valid, empty A1111 shapes."""

@@ -363,6 +363,8 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     app.get("/prompt-styles")(api.prompt_styles)
     app.get("/upscalers")(api.upscalers)
     app.get("/sd-vae")(api.sd_vae)
+    app.get("/embeddings")(lambda: a1111.embeddings_listing(service.embeddings()))
+    app.post("/refresh-embeddings")(lambda: service.rescan())
     app.get("/scripts")(a1111.scripts_listing)
     app.post("/refresh-vae")(lambda: service.rescan())
     app.get("/latent-upscale-modes")(lambda: [{"name": name} for name in LATENT_UPSCALE_MODES])

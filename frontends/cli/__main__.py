@@ -1,5 +1,5 @@
 """The command line: `python -m frontends.cli COMMAND` (generate, extras, list-models,
-list-loras, list-upscalers, list-vaes, list-styles).
+list-loras, list-upscalers, list-vaes, list-embeddings, list-styles).
 
 A third front end over the same generation service: it builds the same GenerationRequest as the UI
 and the API (its generation flags come from `schema.FIELDS`), so the same request, model
@@ -41,6 +41,7 @@ SETTINGS_FLAGS = (
     "device",
     "max_pixels",
     "vae_dir",
+    "embeddings_dir",
     *(f"{kind}_models_path" for kind in ("esrgan", "realesrgan", "swinir", "dat")),
 )
 """Launch settings the CLI shares with the server (same flags, same LORASTACK_* env)."""
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("list-loras", "LoRAs"),
         ("list-upscalers", "model upscalers"),
         ("list-vaes", "VAEs"),
+        ("list-embeddings", "textual-inversion embeddings"),
         ("list-styles", "prompt styles of <data-dir>/styles.csv"),
     ):
         listing = commands.add_parser(name, help=f"list the {what} (tab-separated)")
@@ -661,6 +663,25 @@ def _list_vaes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list_embeddings(args: argparse.Namespace) -> int:
+    from pipelines.folders.embeddings import read_embedding
+
+    _, folders = _service(args)
+    print("name\tvectors\twidths\tproblem")
+    for entry in folders.entries("embedding"):
+        if entry.error:
+            print("\t".join((entry.name, "", "", entry.error)))
+            continue
+        try:
+            embedding = read_embedding(entry.path, entry.name)
+        except LorastackError as error:
+            print("\t".join((entry.name, "", "", error.message)))
+            continue
+        widths = "+".join(str(w) for w in sorted(embedding.vectors))
+        print("\t".join((entry.name, str(embedding.count), widths, "")))
+    return EXIT_OK
+
+
 def exit_code(error: LorastackError) -> int:
     """The documented exit code of an engine error."""
     if isinstance(error, InvalidRequestError):
@@ -684,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list-loras": _list_loras,
         "list-upscalers": _list_upscalers,
         "list-vaes": _list_vaes,
+        "list-embeddings": _list_embeddings,
         "list-styles": _list_styles,
     }
     try:

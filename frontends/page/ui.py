@@ -20,6 +20,7 @@ import gradio as gr
 
 from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
+from frontends.page.embeddings_panel import build_embeddings
 from frontends.page.extras_tab import build_extras_tab
 from frontends.page.files_tab import build_files_tab
 from frontends.page.hires_panel import (
@@ -475,6 +476,8 @@ def build_ui(
                         results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
                     build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
+                with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
+                    build_embeddings(service, prompt)
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")

@@ -31,6 +31,16 @@ from pipelines.folders.checkpoints import (
     classify_checkpoint,
     hash_checkpoint,
 )
+from pipelines.folders.embeddings import (
+    EMBEDDING_EXTENSIONS,
+    EMBEDDINGS_SUBFOLDER,
+    EmbeddingEntry,
+    EmbeddingFacts,
+    classify_embedding,
+    embedding_entry,
+    embedding_matchers,
+    hash_embedding,
+)
 from pipelines.folders.hashing import HashCache
 from pipelines.folders.loras import (
     LORA_EXTENSIONS,
@@ -187,7 +197,21 @@ VAES: FolderKind[VaeEntry] = FolderKind(
     matchers=vae_matchers,
     unusable=lambda reason: VaeFacts(error=reason),
 )
-KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS, VAES)
+EMBEDDINGS: FolderKind[EmbeddingEntry] = FolderKind(
+    name="embedding",
+    label="embedding",
+    field="prompt",
+    extensions=EMBEDDING_EXTENSIONS,
+    marker=None,
+    classify=classify_embedding,
+    build=embedding_entry,
+    identity=lambda path: path,
+    hash_entry=hash_embedding,
+    matchers=embedding_matchers,
+    unusable=lambda reason: EmbeddingFacts(error=reason),
+    stem_names=True,
+)
+KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS, VAES, EMBEDDINGS)
 
 
 def default_roots(
@@ -195,6 +219,7 @@ def default_roots(
     lora_dirs: Sequence[Path],
     upscaler_dirs: Sequence[Path] = (),
     vae_dirs: Sequence[Path] = (),
+    embedding_dirs: Sequence[Path] = (),
 ) -> dict[str, tuple[Path, ...]]:
     """Each kind's roots (CONTRACT "Model folders"): its own folders, then the kind's
     A1111 subfolder inside every checkpoint folder, so an A1111 `models/` works as it is."""
@@ -206,6 +231,7 @@ def default_roots(
             *(d / sub for d in models_dirs for sub in UPSCALER_SUBFOLDERS),
         ),
         "vae": (*vae_dirs, *(d / VAE_SUBFOLDER for d in models_dirs)),
+        "embedding": (*embedding_dirs, *(d / EMBEDDINGS_SUBFOLDER for d in models_dirs)),
     }
 
 

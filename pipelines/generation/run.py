@@ -22,7 +22,9 @@ from PIL import Image
 from pipelines import __version__
 from pipelines.architecture import Architecture
 from pipelines.devices import DevicePlan
+from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import UnusableFileError
+from pipelines.folders.embeddings import EmbeddingEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.folders.vaes import VaeEntry
@@ -33,6 +35,7 @@ from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
+    EmbeddingLookup,
     EncodedPrompt,
     combine_stacks,
     extract_lora_tags,
@@ -166,6 +169,9 @@ class Txt2ImgRun:
         self.plan = plan
         self.folders = folders
         self.control = control
+        self.embedding_lookup: EmbeddingLookup | None = None
+        self.embedding_entries: dict[str, EmbeddingEntry] = {}
+        self.embeddings_used: dict[str, None] = {}  # in order, for `TI hashes`
 
     def __call__(self, request: GenerationRequest) -> GenerationResult:
         # 1. check inputs
@@ -269,6 +275,8 @@ class Txt2ImgRun:
 
     vae_used: VaeEntry | None = None
     previews: PreviewDecoders | None = None
+    embeddings: EmbeddingStore | None = None
+    """The textual-inversion embeddings, set by the engine (None: none are matched)."""
     """The TAESD decoders, set by the engine (None: TAESD previews fall back to cheap)."""
     """The external VAE the images were decoded with (None: the checkpoint's own)."""
 
@@ -290,10 +298,16 @@ class Txt2ImgRun:
         wanted = {(text, False) for schedule in schedules for _, text in schedule}
         wanted |= {(text, True) for _, text in negative}
         keys = sorted(wanted)
+        if self.embeddings is not None:
+            self.embedding_lookup, self.embedding_entries = self.embeddings.lookup(
+                self.model.encoder
+            )
         encoded = [
             self.encode(text, request.clip_skip, is_negative, adapters.text_state)
             for text, is_negative in keys
         ]
+        for prompt in encoded:
+            self.embeddings_used.update(dict.fromkeys(prompt.embeddings))
         padded = pad_to_longest(encoded, empty=self.model.empty_prompt)
         weights = [weight for _, weight in parts]
         weighted = list(zip(schedules, weights, strict=True))
@@ -304,7 +318,8 @@ class Txt2ImgRun:
     ) -> EncodedPrompt:
         """One text's conditioning, from the model's small LRU cache when the same text was
         encoded with the same text-encoder weights before."""
-        key = (text, clip_skip, negative, text_state)
+        lookup = self.embedding_lookup
+        key = (text, clip_skip, negative, text_state, lookup.key if lookup else ())
         cache = self.model.prompt_cache
         if key in cache:
             cache.move_to_end(key)
@@ -315,6 +330,7 @@ class Txt2ImgRun:
             device=self.plan.device,
             dtype=self.plan.dtype,
             negative=negative,
+            embeddings=lookup,
         )
         cache[key] = encoded
         while len(cache) > PROMPT_CACHE_SIZE:
@@ -656,6 +672,10 @@ class Txt2ImgRun:
         hashes = [(name, short) for name, short in adapters.applied if short]
         if hashes:
             params["Lora hashes"] = format_lora_hashes(hashes)
+        used = [self.embedding_entries.get(name) for name in self.embeddings_used]
+        ti = [f"{entry.name}: {entry.short_hash}" for entry in used if entry and entry.short_hash]
+        if ti:
+            params["TI hashes"] = ", ".join(ti)
         params["Version"] = f"lorastack {__version__}"
         tags = " ".join(format_lora_tag(spec) for spec in request.loras)
         prompt = f"{request.prompt} {tags}" if request.prompt and tags else request.prompt or tags

@@ -17,12 +17,14 @@ from dataclasses import replace
 from PIL import Image
 
 from pipelines.devices import DevicePlan
+from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import InvalidRequestError
 from pipelines.folders.registry import ModelFolders
 from pipelines.generation.img2img import Img2ImgRun
 from pipelines.generation.run import RunControl
 from pipelines.imageops import combine_grid, flatten, split_grid
 from pipelines.model_manager import ActiveModel
+from pipelines.preview import PreviewDecoders
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult
 from pipelines.upscalers import Upscaling
 
@@ -56,6 +58,9 @@ class SdUpscaleRun:
     Example:
         >>> SdUpscaleRun(model, plan, folders, control)(request)  # doctest: +SKIP
     """
+
+    previews: PreviewDecoders | None = None  # set by the engine, passed to each tile's run
+    embeddings: EmbeddingStore | None = None
 
     def __init__(
         self, model: ActiveModel, plan: DevicePlan, folders: ModelFolders, control: RunControl
@@ -110,7 +115,9 @@ class SdUpscaleRun:
                     batch_size=len(chunk),
                     seed=(seed + i) % (SEED_MAX + 1),
                 )
-                result = Img2ImgRun(self.model, self.plan, self.folders, progress)(tile_request)
+                tile_run = Img2ImgRun(self.model, self.plan, self.folders, progress)
+                tile_run.previews, tile_run.embeddings = self.previews, self.embeddings
+                result = tile_run(tile_request)
                 progress.done += 1
                 first = first or result
                 done.extend(result.images)
