@@ -2,7 +2,8 @@
 LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round trip;
 inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint;
 upscale in Extras with a tiny model upscaler and send the result back to Extras; Hires fix
-with a model upscaler, then recalled through PNG Info; an SD VAE chosen, then recalled.
+with a model upscaler, then recalled through PNG Info; an SD VAE chosen, then recalled;
+an embedding added to the prompt from its card.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
+from tests.test_embeddings import word_vectors
 from tests.test_ui import make_lora_folder
 from tests.test_vae import shifted, vae_file_weights
 from tests.upscaler_files import write_esrgan
@@ -53,6 +55,9 @@ def app(
     bright = shifted(vae_file_weights(tiny_sd1.pipe.vae), "decoder.conv_out.bias")
     (data / "models" / "VAE").mkdir()
     save_file(bright, data / "models" / "VAE" / "bright.safetensors")  # fits the demo model
+    (data / "embeddings").mkdir()
+    castle = word_vectors(tiny_sd1.pipe, "castle")  # the demo model is the tiny SD1
+    save_file({"emb_params": castle}, data / "embeddings" / "mycastle.safetensors")
     with app_server(data) as url:
         yield url, data
 
@@ -431,3 +436,20 @@ def test_sd_vae_from_the_page_and_back_through_png_info(
     sync_api.expect(page.locator("#sd_vae input")).to_have_value(
         "bright.safetensors", timeout=TIMEOUT_MS
     )
+
+
+def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:
+    page.locator("#prompt textarea").fill("a hill")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):
+        set_number(page, elem_id, value)
+    page.locator("#embedding_library").get_by_text("Embeddings").first.click()
+    page.locator("#embedding_cards").get_by_text("mycastle").first.click()
+    sync_api.expect(page.locator("#prompt textarea")).to_have_value(
+        "a hill, mycastle", timeout=TIMEOUT_MS
+    )
+    shot(page, "txt2img-embeddings.png")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('TI hashes')"
+    )
+    assert 'TI hashes: "mycastle: ' in infotext(page)
