@@ -298,10 +298,9 @@ class Txt2ImgRun:
         wanted = {(text, False) for schedule in schedules for _, text in schedule}
         wanted |= {(text, True) for _, text in negative}
         keys = sorted(wanted)
-        if self.embeddings is not None:
-            self.embedding_lookup, self.embedding_entries = self.embeddings.lookup(
-                self.model.encoder
-            )
+        if self.embeddings is not None:  # the current model's (a refiner has its own)
+            self.embedding_lookup, entries = self.embeddings.lookup(self.model.encoder)
+            self.embedding_entries.update(entries)
         encoded = [
             self.encode(text, request.clip_skip, is_negative, adapters.text_state)
             for text, is_negative in keys
