@@ -20,6 +20,7 @@ from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
+from pipelines.gallery import GalleryIndex
 from pipelines.output import SaveOptions
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
 from pipelines.styles import PromptStyle, StyleSheet
@@ -279,6 +280,10 @@ class GenerationService(Protocol):
 
     def set_save_options(self, options: SaveOptions) -> SaveOptions:
         """Check, keep and store them (4xx naming the option when one is bad)."""
+        ...
+
+    def gallery(self) -> GalleryIndex:
+        """The outputs folders' images (listing, filters, thumbnails, trash)."""
         ...
 
     def embeddings(self) -> EmbeddingListing:

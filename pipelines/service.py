@@ -27,6 +27,7 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
+from pipelines.gallery import GalleryIndex
 from pipelines.generation.refiner import refuse_refiner_as_base
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
@@ -141,6 +142,7 @@ class Service:
         self._save_options = read_save_options(settings.data_dir)
         self._paste_options = PasteOptions()
         self._embedding_store = EmbeddingStore(folders)
+        self._gallery = GalleryIndex(settings.outputs_dir, settings.cache_dir)
 
     # -- device and limits
 
@@ -436,6 +438,9 @@ class Service:
     def set_preview_method(self, method: str) -> None:
         """A1111's `show_progress_type` for the jobs that sample from now on."""
         self._jobs.preview_method = check_preview_method(method)
+
+    def gallery(self) -> GalleryIndex:
+        return self._gallery
 
     def embeddings(self) -> EmbeddingListing:
         """The loaded checkpoint's embeddings (by its text encoders' widths); before one is
