@@ -93,7 +93,7 @@ def serve(service: Service, settings: Settings) -> None:
 
     page = build_ui(service, settings)
     page.queue(default_concurrency_limit=1)
-    allowed = [str(settings.outputs_dir)]
+    allowed = [str(settings.outputs_dir), str(settings.cache_dir / "thumbnails")]
     if settings.share:
         page.launch(
             server_name=settings.host,

@@ -453,3 +453,42 @@ def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) ->
         "() => document.querySelector('#infotext textarea').value.includes('TI hashes')"
     )
     assert 'TI hashes: "mycastle: ' in infotext(page)
+
+
+def test_find_an_image_in_the_gallery_by_lora_send_it_back_delete_and_restore(
+    page: object,
+) -> None:
+    page.locator("#prompt textarea").fill("a harbour at noon <lora:glow:0.4>")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 96), ("seed", 777)):
+        set_number(page, elem_id, value)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('Seed: 777')"
+    )
+    made = infotext(page)
+    page.reload()  # a new page: fields back to the defaults
+    page.locator("#generate").wait_for()
+    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery_lora input, #gallery_lora textarea").first.fill("glow")
+    page.locator("#gallery_text input, #gallery_text textarea").first.fill("harbour at noon")
+    page.locator("#gallery_search").click()
+    sync_api.expect(page.locator("#gallery_page")).to_contain_text("1 image(s)")
+    page.locator("#gallery_browser img").first.click()
+    sync_api.expect(page.locator("#gallery_infotext textarea")).to_have_value(made)
+    shot(page, "gallery.png")
+    page.locator("#gallery_send_txt2img").click()
+    sync_api.expect(page.locator("#prompt textarea")).to_have_value("a harbour at noon")
+    assert page.locator("#seed input").first.input_value() == "777"
+    assert page.locator("#height input[type=number]").first.input_value() == "96"
+    assert page.locator(".stack-row").filter(has_text="glow").count() == 1
+
+    page.get_by_role("tab", name="Gallery").click()
+    page.locator("#gallery_browser img").first.click()
+    page.locator("#gallery_delete").click()
+    sync_api.expect(page.locator("#gallery_page")).to_contain_text("0 image(s)")
+    page.locator("#gallery_trash").get_by_text("Trash").first.click()
+    page.locator("#gallery_trashed input").click()
+    page.get_by_role("option").first.click()
+    page.locator("#gallery_restore").click()
+    sync_api.expect(page.locator("#gallery_page")).to_contain_text("1 image(s)")

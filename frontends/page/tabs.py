@@ -85,12 +85,36 @@ def build_pnginfo(
 
     image.change(inspect, image, [text, parsed, other, warnings], **QUICK)
 
-    names = list(controls)
+    targets = Txt2ImgTargets(controls, checkpoint, panel, tabs, notes, styles, vae)
+    wire_send_to_txt2img(service, send, text, targets)
+    return PngInfo(image, send_img2img, send_inpaint, send_extras)
 
-    def send_to_txt2img(infotext: str, version: int) -> list[Any]:
-        if not infotext:
-            raise gr.Error("No parameters to send: drop an image with A1111 parameters first")
-        found = recall(infotext, service)
+
+@dataclass(frozen=True)
+class Txt2ImgTargets:
+    """What "Send to txt2img" fills: the tab's fields, checkpoint, LoRA stack, styles and
+    SD VAE, then the tab is shown with the warnings in its notes."""
+
+    controls: dict[str, gr.components.Component]
+    checkpoint: gr.Dropdown
+    panel: LoraPanel
+    tabs: gr.Tabs
+    notes: gr.Markdown
+    styles: gr.Dropdown | None = None
+    vae: gr.Dropdown | None = None
+
+
+def wire_send_to_txt2img(
+    service: GenerationService, button: gr.Button, infotext: Any, targets: Txt2ImgTargets
+) -> None:
+    """`button` recalls the infotext in `infotext` (a component's value) into txt2img."""
+    names = list(targets.controls)
+    panel = targets.panel
+
+    def send_to_txt2img(text: str, version: int) -> list[Any]:
+        if not text:
+            raise gr.Error("No parameters to send: choose an image with A1111 parameters first")
+        found = recall(text, service)
         fields = [found.values.get(name, gr.skip()) for name in names]
         warned = "\n".join(f"⚠ {w}" for w in found.warnings)
         return [
@@ -102,24 +126,21 @@ def build_pnginfo(
             warned,
         ]
 
-    send.click(
-        send_to_txt2img,
-        [text, panel.rows_version],
-        [
-            *controls.values(),
-            checkpoint,
-            panel.stack,
-            panel.rows_version,
-            tabs,
-            notes,
-        ],
-        **QUICK,
-    )
-    if styles is not None:
-        send.click(lambda infotext: recall(infotext, service).styles, text, styles, **QUICK)
-    if vae is not None:
-        send.click(lambda infotext: recall(infotext, service).vae or gr.skip(), text, vae, **QUICK)
-    return PngInfo(image, send_img2img, send_inpaint, send_extras)
+    outputs = [
+        *targets.controls.values(),
+        targets.checkpoint,
+        panel.stack,
+        panel.rows_version,
+        targets.tabs,
+        targets.notes,
+    ]
+    button.click(send_to_txt2img, [infotext, panel.rows_version], outputs, **QUICK)
+    if targets.styles is not None:
+        button.click(lambda text: recall(text, service).styles, infotext, targets.styles, **QUICK)
+    if targets.vae is not None:
+        button.click(
+            lambda text: recall(text, service).vae or gr.skip(), infotext, targets.vae, **QUICK
+        )
 
 
 def build_preview_setting(

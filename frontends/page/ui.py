@@ -23,6 +23,7 @@ from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.embeddings_panel import build_embeddings
 from frontends.page.extras_tab import build_extras_tab
 from frontends.page.files_tab import build_files_tab
+from frontends.page.gallery_tab import build_gallery_tab
 from frontends.page.hires_panel import (
     HIRES_FIELDS,
     SAME_CHECKPOINT,
@@ -48,7 +49,13 @@ from frontends.page.refiner_panel import (
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
 from frontends.page.styles_panel import build_styles, wire_styles
-from frontends.page.tabs import admin_refusal, build_pnginfo, build_settings
+from frontends.page.tabs import (
+    Txt2ImgTargets,
+    admin_refusal,
+    build_pnginfo,
+    build_settings,
+    wire_send_to_txt2img,
+)
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.fewstep import suggest
@@ -498,6 +505,8 @@ def build_ui(
                     i2i_results = build_results("img2img", "img2img_")
             with gr.Tab("Extras", id="extras"):
                 extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
+            with gr.Tab("Gallery", id="gallery"):
+                browser = build_gallery_tab(service, page, files_admin_check(settings))
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(
                     service,
@@ -598,6 +607,17 @@ def build_ui(
             sources = [source.gallery, source.selected]
             send.wire(source.send_img2img, "img2img", sources, selected_path)
             send.wire(source.send_inpaint, "inpaint", sources, selected_path)
+        send.wire(browser.send_img2img, "img2img", [browser.path], lambda path: path or None)
+        send.wire(browser.send_inpaint, "inpaint", [browser.path], lambda path: path or None)
+        extras.wire_send(browser.send_extras, [browser.path], lambda path: path or None)
+        wire_send_to_txt2img(
+            service,
+            browser.send_txt2img,
+            browser.infotext,
+            Txt2ImgTargets(
+                controls, checkpoint, panel, tabs, results.notes, styles.dropdown, sd_vae
+            ),
+        )
         send.wire(pnginfo.send_img2img, "img2img", [pnginfo.image], lambda path: path)
         send.wire(pnginfo.send_inpaint, "inpaint", [pnginfo.image], lambda path: path)
         for source in (results, i2i_results):
