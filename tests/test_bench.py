@@ -46,3 +46,15 @@ def test_gpu_bench_code_runs_on_cpu() -> None:
     assert {v.loras for v in found} == {0, 5}
     row = measure("tiny", Variant("sdpa", None, True, 5), torch.device("cpu"), torch.float32, 64, 2)
     assert row["it_per_s"] > 0 and row["peak_gpu_mb"] is None
+
+
+def test_gallery_bench_runs_and_prints_its_table() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gallery_listing", "--images", "120", "--runs", "2"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "index 120 images cold" in done.stdout and "last page (3 of 3)" in done.stdout
