@@ -617,3 +617,4 @@ class GenerationResult:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     replica: str | None = None  # the Ray Serve replica that made it (scale-out only)
+    lora_coverage: dict[str, dict[str, object]] = field(default_factory=dict)  # per LoRA

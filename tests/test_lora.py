@@ -434,7 +434,8 @@ def test_nothing_matches_refused_partial_match_warns(sd1: LoadedModel, tmp_path:
     state.update(alien)
     mixed = write(tmp_path / "mixed.safetensors", state)
     warnings = applier.apply_paths([(mixed, "mixed", 1, 1)])
-    assert len(warnings) == 1 and "1 of 4 modules" in warnings[0] and "skipped" in warnings[0]
+    assert len(warnings) == 1 and "3 of 4 modules applied" in warnings[0]
+    assert "1 matched nothing (other 1, e.g. 'lora_unet_no_such_block_to_q')" in warnings[0]
     expected = kohya_contributions(base, SD1_MODULES[:3], keys, state, 1, 1)
     assert_matches(pipe, oracle(base, expected))
     applier.restore()

@@ -106,6 +106,7 @@ class WireResult:
     replica: str
     hit: bool
     seconds: float
+    lora_coverage: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, result: GenerationResult, replica: str, hit: bool, seconds: float) -> WireResult:
@@ -122,6 +123,7 @@ class WireResult:
             replica,
             hit,
             seconds,
+            result.lora_coverage,
         )
 
     def to_result(self, request: GenerationRequest) -> GenerationResult:
@@ -136,6 +138,7 @@ class WireResult:
             interrupted=self.interrupted,
             notes=self.notes,
             replica=self.replica,
+            lora_coverage=self.lora_coverage,
         )
 
 

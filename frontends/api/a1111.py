@@ -847,6 +847,7 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "interrupted": result.interrupted,
         "ignored": call.ignored,
         "notes": list(result.notes),
+        "lora_coverage": dict(result.lora_coverage),
     }
 
 

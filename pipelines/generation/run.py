@@ -32,6 +32,7 @@ from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
 from pipelines.infotext import format_infotext, format_lora_hashes
+from pipelines.lora.stack import LoraCoverage
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
@@ -92,6 +93,7 @@ class Adapters:
     applied: list[tuple[str, str | None]]
     text_state: tuple[object, ...]
     notes: list[str]
+    coverage: list[LoraCoverage] = field(default_factory=list)
 
 
 Schedule = list[tuple[int, str]]
@@ -260,13 +262,17 @@ class Txt2ImgRun:
                 raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
             resolved.append((entry, spec.weight, spec.text_encoder_weight))
         notes = self.model.adapters.apply(resolved)
+        report = list(self.model.adapters.coverage)
+        for line in report:  # every LoRA's coverage; partial ones are among the warnings
+            if not line.skipped and not line.ignored:
+                notes.append(line.describe())
         applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
         text_state = tuple(
             (str(entry.path), entry.size, entry.mtime_ns, t)
             for entry, _, t in resolved
             if t and any(part.startswith("te") for part in entry.parts)
         )
-        return Adapters(applied, text_state, notes)
+        return Adapters(applied, text_state, notes, report)
 
     def apply_vae(self, inputs: RunInputs) -> None:
         """Make the model's VAE the request's `sd_vae` (A1111's resolution order)."""
@@ -630,6 +636,7 @@ class Txt2ImgRun:
             model_hash=model.entry.short_hash if model.entry else None,
             interrupted=self.control.interrupted,
             notes=notes,
+            lora_coverage={line.name: line.as_dict() for line in adapters.coverage},
         )
 
     def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int, subseed: int) -> str:

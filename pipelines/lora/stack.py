@@ -43,11 +43,99 @@ class Resolution:
 
 Contribution = tuple[tuple[str, int, int], str, float]  # (file key, group key, multiplier)
 
+REGIONS = ("text encoder", "text encoder 2", "UNet down", "UNet mid", "UNet up", "other")
+
+
+def target_region(target: Target) -> str:
+    """Where a matched layer sits: which text encoder, or which part of the UNet."""
+    if target.component == "text_encoder_2":
+        return "text encoder 2"
+    if target.is_text_encoder:
+        return "text encoder"
+    for prefix, region in (("down_blocks", "UNet down"), ("mid_block", "UNet mid")):
+        if target.module.startswith(prefix):
+            return region
+    return "UNet up" if target.module.startswith("up_blocks") else "other"
+
+
+def key_region(key: str) -> str:
+    """Where an unmatched module was meant to go, read from its spelling (kohya, LDM,
+    diffusers and PEFT names)."""
+    low = key.lower()
+    if any(mark in low for mark in ("te2", "text_encoder_2", "te_2", "embedders_1")):
+        return "text encoder 2"
+    if any(mark in low for mark in ("lora_te", "text_encoder", "te1", "te_text", "cond_stage")):
+        return "text encoder"
+    for marks, region in (
+        (("down_blocks", "down_", "input_blocks"), "UNet down"),
+        (("mid_block", "middle_block", "mid_"), "UNet mid"),
+        (("up_blocks", "up_", "output_blocks"), "UNet up"),
+    ):
+        if any(mark in low for mark in marks):
+            return region
+    return "other"
+
+
+@dataclass(frozen=True)
+class LoraCoverage:
+    """How much of one LoRA file found a layer of the model, per region."""
+
+    name: str
+    matched: dict[str, int]
+    skipped: dict[str, list[str]]  # region -> module keys that matched nothing
+    ignored: int  # keys of a kind we do not merge
+
+    @property
+    def total(self) -> int:
+        return sum(self.matched.values()) + sum(len(v) for v in self.skipped.values())
+
+    def describe(self) -> str:
+        """One line: `LoRA 'ink': 60 of 64 modules applied (text encoder 12, UNet down 20,
+        ...); 4 matched nothing (UNet up: e.g. 'lora_unet_...')`."""
+        applied = sum(self.matched.values())
+        parts = ", ".join(f"{region} {count}" for region, count in self.matched.items())
+        text = f"LoRA '{self.name}': {applied} of {self.total} modules applied ({parts})"
+        if self.skipped:
+            misses = "; ".join(
+                f"{region} {len(keys)}, e.g. {keys[0]!r}" for region, keys in self.skipped.items()
+            )
+            text += f"; {sum(len(v) for v in self.skipped.values())} matched nothing ({misses})"
+        if self.ignored:
+            text += f"; {self.ignored} keys of a kind we do not merge were ignored"
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        """The API's `lora_coverage` entry."""
+        return {
+            "modules": self.total,
+            "applied": sum(self.matched.values()),
+            "applied_by_region": dict(self.matched),
+            "skipped_by_region": {region: len(keys) for region, keys in self.skipped.items()},
+            "skipped_examples": {region: keys[:3] for region, keys in self.skipped.items()},
+            "ignored_keys": self.ignored,
+        }
+
+
+def coverage(name: str, resolution: Resolution, ignored: int) -> LoraCoverage:
+    matched: dict[str, int] = {}
+    for target in resolution.targets.values():
+        region = target_region(target)
+        matched[region] = matched.get(region, 0) + 1
+    skipped: dict[str, list[str]] = {}
+    for key in resolution.skipped:
+        skipped.setdefault(key_region(key), []).append(key)
+
+    def ordered(found: dict) -> dict:
+        return {region: found[region] for region in REGIONS if region in found}
+
+    return LoraCoverage(name, ordered(matched), ordered(skipped), ignored)
+
 
 @dataclass
 class _Plan:
     layers: dict[Target, list[tuple[ParsedLora, Contribution]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    coverage: list[LoraCoverage] = field(default_factory=list)
 
 
 def stored_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -108,6 +196,7 @@ class AdapterStack:
         self._backup: OrderedDict[Target, torch.Tensor] = OrderedDict()
         self._applied: dict[Target, tuple[Contribution, ...]] = {}
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
+        self.coverage: list[LoraCoverage] = []  # the last `apply`'s report, per LoRA
 
     # -- public
 
@@ -139,6 +228,7 @@ class AdapterStack:
                 if self._applied.get(target) != wanted[target]:
                     self._merge_layer(target, items)
         self._trim_backups()
+        self.coverage = plan.coverage
         return plan.warnings
 
     def misfit(self, path: Path, name: str) -> str | None:
@@ -216,17 +306,12 @@ class AdapterStack:
                     f"{next(iter(parsed.groups), '?')!r})",
                     field="loras",
                 )
-            total = len(resolution.targets) + len(resolution.skipped)
-            if resolution.skipped:
-                plan.warnings.append(
-                    f"LoRA '{name}': {len(resolution.skipped)} of {total} modules match "
-                    f"nothing in the model and were skipped (e.g. {resolution.skipped[0]!r})"
-                )
-            if resolution.unsupported or parsed.unknown_keys:
-                count = len(resolution.unsupported) + len(parsed.unknown_keys)
-                plan.warnings.append(
-                    f"LoRA '{name}': {count} keys of a kind we do not merge were ignored"
-                )
+            ignored = len(resolution.unsupported) + len(parsed.unknown_keys)
+            report = coverage(name, resolution, ignored)
+            plan.coverage.append(report)
+            log.info("%s", report.describe())
+            if resolution.skipped or ignored:
+                plan.warnings.append(report.describe())
             if parsed.architecture.disagreement:
                 plan.warnings.append(f"LoRA '{name}': {parsed.architecture.disagreement}")
             for group_key, target in resolution.targets.items():
