@@ -76,7 +76,7 @@ class ModelStatus:
     is_demo: bool = False
     loading: bool = False
     notes: tuple[str, ...] = ()
-    text_widths: tuple[int, ...] = ()  # its text encoders' widths, once loaded
+    text_widths: tuple[int, ...] = field(default=(), compare=False)  # known once loaded
 
     @property
     def short_hash(self) -> str | None:

@@ -64,9 +64,24 @@ def server(
     process, url, log = start_app([*args, "--ckpt", SD1, "--threads", "2"], data)
     try:
         wait_for(url, process)
-        yield Server(url, int(url.rsplit(":", 1)[1].strip("/")), data, models_dir, loras, log)
+        made = Server(url, int(url.rsplit(":", 1)[1].strip("/")), data, models_dir, loras, log)
+        wait_for_hashes(made)
+        yield made
     finally:
         stop_app(process)
+
+
+def wait_for_hashes(server: Server, seconds: float = 120) -> None:
+    """Until the background pass has hashed the single-file checkpoints: a reference made
+    before it has no `Model hash` and the same request made after it has one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        _, _, models = call(server, "GET", "/sd-models")
+        singles = [m for m in models if str(m["title"]).split(" [")[0].endswith(".safetensors")]
+        if singles and all(m["sha256"] for m in singles):
+            return
+        time.sleep(0.5)
+    raise AssertionError("the checkpoints were not hashed in time")
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
