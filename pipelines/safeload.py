@@ -281,7 +281,10 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                 raise _unusable(
                     path, f"too short for a safetensors file: {size} bytes, needs at least 8"
                 )
-            (header_size,) = struct.unpack("<Q", f.read(8))
+            prefix = f.read(8)
+            if len(prefix) < 8:  # replaced or cut while being read (a hash beside an upload)
+                raise _unusable(path, "changed while being read: fewer than 8 bytes left")
+            (header_size,) = struct.unpack("<Q", prefix)
             if header_size > MAX_HEADER_BYTES:
                 raise _unusable(
                     path,

@@ -481,7 +481,8 @@ def test_find_an_image_in_the_gallery_by_lora_send_it_back_delete_and_restore(
     sync_api.expect(page.locator("#prompt textarea")).to_have_value("a harbour at noon")
     assert page.locator("#seed input").first.input_value() == "777"
     assert page.locator("#height input[type=number]").first.input_value() == "96"
-    assert page.locator(".stack-row").filter(has_text="glow").count() == 1
+    rows = page.locator(".stack-row").filter(has_text="glow")
+    sync_api.expect(rows).to_have_count(1, timeout=TIMEOUT_MS)  # the stack renders after
 
     page.get_by_role("tab", name="Gallery").click()
     page.locator("#gallery_browser img").first.click()
