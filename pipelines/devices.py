@@ -105,6 +105,23 @@ def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
         pipe.enable_xformers_memory_efficient_attention()
 
 
+def stored_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor that really holds `module`'s own parameter or buffer `name`: its data,
+    or, under accelerate's sequential CPU offload (`--lowvram`: the tensor sits on `meta`),
+    the CPU copy its hook loads before every call. Writing into it in place reaches the
+    next forward pass in every memory mode (LoRA merges, VAE weights)."""
+    tensor = getattr(module, name)
+    if tensor.device.type != "meta":
+        return tensor.data
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights_map = getattr(part, "weights_map", None)
+        if weights_map is not None:
+            stored: torch.Tensor = weights_map[name]
+            return stored
+    raise RuntimeError(f"{type(module).__name__}.{name} is held nowhere we can write to")
+
+
 def _sequential_offload_on_cpu(pipe: DiffusionPipeline) -> None:
     """`enable_sequential_cpu_offload` with the CPU as execution device (how CI runs
     `--lowvram`). diffusers names that device "cpu:0", and accelerate's hooks then put a

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.devices import stored_tensor
 from pipelines.errors import UnusableFileError
 from pipelines.folders.checkpoints import CheckpointEntry
 from pipelines.folders.registry import ModelFolders
@@ -65,22 +66,9 @@ def _storages(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     `meta`) the CPU copy its hook loads before each call."""
     found: dict[str, torch.Tensor] = {}
     for prefix, owner in module.named_modules():
-        tensors = {**owner._parameters, **owner._buffers}
-        for local, tensor in tensors.items():
-            if tensor is None:
-                continue
-            name = f"{prefix}.{local}" if prefix else local
-            if tensor.device.type != "meta":
-                found[name] = tensor.data
-                continue
-            hook = getattr(owner, "_hf_hook", None)
-            for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-                weights_map = getattr(part, "weights_map", None)
-                if weights_map is not None:
-                    found[name] = weights_map[local]
-                    break
-            else:
-                raise RuntimeError(f"{name} of the VAE is held nowhere we can write to")
+        for local, tensor in {**owner._parameters, **owner._buffers}.items():
+            if tensor is not None:
+                found[f"{prefix}.{local}" if prefix else local] = stored_tensor(owner, local)
     return found
 
 

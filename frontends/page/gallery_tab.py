@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -189,10 +190,8 @@ def build_gallery_tab(
     return GalleryTab(send_txt2img, send_img2img, send_inpaint, send_extras, path, infotext)
 
 
-def _item_id(outputs_dir: Any, file: str) -> str:
+def _item_id(outputs_dir: Path, file: str) -> str:
     """The gallery id of a chosen file (its path relative to the outputs folder)."""
-    from pathlib import Path
-
     try:
         return Path(file).resolve().relative_to(Path(outputs_dir).resolve()).as_posix()
     except ValueError:

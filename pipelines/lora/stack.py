@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipelines.architecture import Architecture
+from pipelines.devices import stored_tensor
 from pipelines.errors import UnusableFileError
 from pipelines.lora.files import LoraFileCache, ParsedLora
 from pipelines.lora.maths import module_delta
@@ -143,16 +144,7 @@ def stored_weight(module: torch.nn.Module) -> torch.Tensor:
     accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`), the
     CPU copy its hook loads before every call. Merges write into that tensor in place, so
     they reach the next forward pass in every memory mode."""
-    weight = module.weight
-    if weight.device.type != "meta":
-        return weight.data
-    hook = getattr(module, "_hf_hook", None)
-    for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        weights_map = getattr(part, "weights_map", None)
-        if weights_map is not None:
-            stored: torch.Tensor = weights_map["weight"]
-            return stored
-    raise RuntimeError(f"{type(module).__name__} holds its weight nowhere we can write to")
+    return stored_tensor(module, "weight")
 
 
 def check_compatible(parsed: ParsedLora, model_family: str, name: str) -> None:
