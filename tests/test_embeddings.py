@@ -331,6 +331,42 @@ def test_ti_hashes_of_a_file_not_hashed_yet(service: Service, folder: Path) -> N
         service.rescan()
 
 
+def test_a_dropped_replaced_and_deleted_file_is_picked_up(
+    service: Service, folder: Path, tiny_sd1: LoadedModel
+) -> None:
+    """The folder watcher rescans: a new file works without a refresh, a replaced one gives
+    its new vectors (never a stale cache), a deleted one is a plain word again."""
+    from pipelines.watch import FolderWatcher
+    from tests.test_watch import eventually
+
+    path = folder / "hot.safetensors"
+    listed = lambda: "hot" in embeddings_listing(service.embeddings())["loaded"]  # noqa: E731
+    watcher = FolderWatcher([folder], service.rescan, debounce_ms=100, poll_seconds=2).start()
+    try:
+        pixels(service, prompt="x")
+        save_file({"emb_params": word_vectors(tiny_sd1.pipe, "castle")}, path)
+        assert eventually(listed)
+        castle, _ = pixels(service, prompt="a castle on a hill")
+        assert np.array_equal(pixels(service, prompt="a hot on a hill")[0], castle)
+        replacement = folder / "hot.tmp"  # written aside, then moved over it
+        save_file({"emb_params": word_vectors(tiny_sd1.pipe, "tower")}, replacement)
+        replacement.replace(path)
+        tower, _ = pixels(service, prompt="a tower on a hill")
+        assert eventually(
+            lambda: np.array_equal(pixels(service, prompt="a hot on a hill")[0], tower)
+        )
+        path.unlink()
+        assert eventually(
+            lambda: all(e.name != "hot" for e in service.folders.entries("embedding"))
+        )
+        _, info = pixels(service, prompt="a hot on a hill")
+        assert ti_hashes(info) is None
+    finally:
+        watcher.stop()
+        path.unlink(missing_ok=True)
+        service.rescan()
+
+
 def test_the_cli_lists_them(
     folder: Path, models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
