@@ -40,7 +40,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     apply_threads(settings)
-    for folder in (*settings.models_dirs, *settings.loras_dirs, settings.outputs_dir):
+    for folder in (
+        *settings.models_dirs,
+        *settings.loras_dirs,
+        *settings.embeddings_dirs,  # watched from the start, so new files show up
+        settings.outputs_dir,
+    ):
         Path(folder).mkdir(parents=True, exist_ok=True)
     for leftover in remove_stale_placeholders(settings.outputs_dir):
         logging.getLogger("lorastack").info("removed %s, left by an interrupted save", leftover)

@@ -51,11 +51,11 @@ class EmbeddingStore:
 
     def __init__(self, folders: ModelFolders) -> None:
         self.folders = folders
-        self._read: dict[tuple[str, int], Embedding] = {}
+        self._read: dict[tuple[str, int, int], Embedding] = {}
         self._lock = threading.Lock()
 
     def _embedding(self, entry: EmbeddingEntry) -> Embedding:
-        key = (str(entry.path), entry.mtime_ns)
+        key = (str(entry.path), entry.size, entry.mtime_ns)
         with self._lock:
             found = self._read.get(key)
         if found is None:
@@ -65,9 +65,15 @@ class EmbeddingStore:
         return found
 
     def listing(self, widths: Sequence[int]) -> EmbeddingListing:
+        """Every listed embedding, usable with text encoders of `widths` or skipped with why;
+        versions of files no longer listed are forgotten."""
         loaded: dict[str, tuple[EmbeddingEntry, Embedding]] = {}
         skipped: dict[str, tuple[EmbeddingEntry, Embedding | None, str]] = {}
-        for entry in self.folders.entries("embedding"):
+        entries = self.folders.entries("embedding")
+        current = {(str(e.path), e.size, e.mtime_ns) for e in entries}
+        with self._lock:
+            self._read = {key: value for key, value in self._read.items() if key in current}
+        for entry in entries:
             if entry.error:
                 skipped[entry.name] = (entry, None, entry.error)
                 continue
@@ -87,6 +93,6 @@ class EmbeddingStore:
         """The usable embeddings as the prompt encoder matches them, and their entries."""
         listing = self.listing(encoder.widths)
         vectors = {name: embedding.vectors for name, (_, embedding) in listing.loaded.items()}
-        key = tuple((e.name, str(e.path), e.mtime_ns) for e, _ in listing.loaded.values())
+        key = tuple((e.name, str(e.path), e.size, e.mtime_ns) for e, _ in listing.loaded.values())
         entries = {name: entry for name, (entry, _) in listing.loaded.items()}
         return EmbeddingLookup(vectors, encoder.token_ids, key), entries

@@ -286,9 +286,9 @@ class GenerationService(Protocol):
         """The outputs folders' images (listing, filters, thumbnails, trash)."""
         ...
 
-    def embeddings(self) -> EmbeddingListing:
+    def embeddings(self, checkpoint: str | None = None) -> EmbeddingListing:
         """The current checkpoint's usable textual-inversion embeddings, and the skipped
-        ones with the reason (A1111's `/embeddings`)."""
+        ones with the reason (A1111's `/embeddings`); with `checkpoint`, that one's."""
         ...
 
     def check_vae(self, name: str) -> str:

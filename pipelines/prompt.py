@@ -11,12 +11,15 @@ The engine applies the steps in A1111's order:
 1. `strip_comments` on the prompt and the negative prompt;
 2. `parse_extra_networks` / `extract_lora_tags` on the prompt only (A1111 leaves tags in the
    negative prompt, where CLIP reads them as text);
-3. `PromptEncoder.encode` on both (`negative=True` for the negative prompt);
+3. `PromptEncoder.encode` on both (`negative=True` for the negative prompt), with the
+   textual-inversion embeddings that fit the model (`EmbeddingLookup`: names matched on
+   token ids as `modules/textual_inversion`'s `find_embedding_at_position`, vectors put in
+   place of the token embeddings as `modules/sd_hijack.py`'s `EmbeddingsWithFixes`);
 4. `pad_to_same_length`, then `pipe(prompt_embeds=..., negative_prompt_embeds=...,
    pooled_prompt_embeds=..., negative_pooled_prompt_embeds=...)`.
 
 Not handled here (A1111 features outside this module): prompt editing `[a:b:when]`,
-alternation `[a|b]`, `AND` (composable diffusion) and textual-inversion embeddings.
+alternation `[a|b]` and `AND` (composable diffusion), in `prompt_grammar`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -458,18 +462,6 @@ class PromptTokenizer:
             position = 0
             while position < len(ids):
                 token = ids[position]
-                found = embeddings.match(ids, position) if embeddings is not None else None
-                if found is not None:  # A1111: the vectors go whole into one chunk
-                    length, name = found
-                    count = min(embeddings.count(name), CHUNK_LENGTH)  # type: ignore[union-attr]
-                    if len(tokens) + count > CHUNK_LENGTH:
-                        next_chunk()
-                    fixes.append((len(tokens), name))
-                    tokens.extend([0] * count)
-                    mults.extend([weight] * count)
-                    position += length
-                    continue
-                position += 1
                 if token == comma:
                     last_comma = len(tokens)
                 elif (
@@ -478,6 +470,8 @@ class PromptTokenizer:
                     and last_comma != -1
                     and len(tokens) - last_comma <= comma_padding_backtrack
                 ):
+                    # the text after the comma moves on, with the embeddings it holds (A1111
+                    # leaves their fixes behind, so their vectors land on the padding)
                     cut = last_comma + 1
                     moved_tokens, moved_mults = tokens[cut:], mults[cut:]
                     moved_fixes = [(at - cut, name) for at, name in fixes if at >= cut]
@@ -487,8 +481,21 @@ class PromptTokenizer:
                     tokens, mults, fixes = moved_tokens, moved_mults, moved_fixes
                 if len(tokens) == CHUNK_LENGTH:
                     next_chunk()
-                tokens.append(token)
-                mults.append(weight)
+                found = embeddings.match(ids, position) if embeddings is not None else None
+                if found is None:
+                    tokens.append(token)
+                    mults.append(weight)
+                    position += 1
+                    continue
+                # an embedding: its vectors go whole into one chunk, in place of its name
+                length, name = found
+                count = min(embeddings.count(name), CHUNK_LENGTH)  # type: ignore[union-attr]
+                if len(tokens) + count > CHUNK_LENGTH:
+                    next_chunk()
+                fixes.append((len(tokens), name))
+                tokens.extend([0] * count)
+                mults.extend([weight] * count)
+                position += length
 
         if tokens or not chunks:
             next_chunk(is_last=True)
@@ -801,12 +808,16 @@ def _vectors_in_place(
     model: Any, chunks: list[PromptChunk], embeddings: EmbeddingLookup | None
 ) -> Iterator[None]:
     """While `model` encodes `chunks`, its token embeddings at each chunk's fixes are the
-    embedding's vectors of the model's width (A1111's `EmbeddingsWithFixes`)."""
+    embedding's vectors of the model's width (A1111's `EmbeddingsWithFixes`). The hook acts
+    only in this thread and is gone afterwards: the model keeps no trace of the request."""
     if embeddings is None or not any(chunk.fixes for chunk in chunks):
         yield
         return
+    owner = threading.get_ident()
 
-    def put(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    def put(_module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner:
+            return None  # another thread encoding with the same model: not this call's
         output = output.clone()
         width = int(output.shape[-1])
         for row, chunk in enumerate(chunks):

@@ -442,11 +442,19 @@ class Service:
     def gallery(self) -> GalleryIndex:
         return self._gallery
 
-    def embeddings(self) -> EmbeddingListing:
+    def embeddings(self, checkpoint: str | None = None) -> EmbeddingListing:
         """The loaded checkpoint's embeddings (by its text encoders' widths); before one is
-        loaded, by the selected one's family."""
+        loaded, by the selected one's family. With `checkpoint` (the page's choice), that
+        one's: the loaded model's widths when it is of the same family, else the family's."""
         loaded = self.runner.loaded()
         widths = loaded.text_widths if loaded is not None else ()
+        if checkpoint:
+            try:
+                family = self.resolve_checkpoint(checkpoint).family
+            except LorastackError:  # the demo model, or a file gone since: as loaded
+                family = None
+            if family in FAMILY_TEXT_WIDTHS and (loaded is None or loaded.family != family):
+                widths = FAMILY_TEXT_WIDTHS[family]
         if not widths:
             current = self.current_model()
             widths = FAMILY_TEXT_WIDTHS.get(current.family or "SD1", (768,)) if current else ()

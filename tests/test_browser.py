@@ -58,6 +58,11 @@ def app(
     (data / "embeddings").mkdir()
     castle = word_vectors(tiny_sd1.pipe, "castle")  # the demo model is the tiny SD1
     save_file({"emb_params": castle}, data / "embeddings" / "mycastle.safetensors")
+    xl = {
+        "clip_l": word_vectors(tiny_sdxl.pipe, "castle"),
+        "clip_g": word_vectors(tiny_sdxl.pipe, "castle", "text_encoder_2"),
+    }
+    save_file(xl, data / "embeddings" / "xlcastle.safetensors")  # greyed out: not for SD1
     with app_server(data) as url:
         yield url, data
 
@@ -443,10 +448,22 @@ def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) ->
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):
         set_number(page, elem_id, value)
     page.locator("#embedding_library").get_by_text("Embeddings").first.click()
-    page.locator("#embedding_cards").get_by_text("mycastle").first.click()
+    cards = page.locator(".embedding-card")
+    mycastle = cards.filter(has=page.locator(".embedding-name", has_text="mycastle"))
+    mycastle.get_by_role("button", name="Prompt").click()
     sync_api.expect(page.locator("#prompt textarea")).to_have_value(
-        "a hill, mycastle", timeout=TIMEOUT_MS
+        "a hill mycastle", timeout=TIMEOUT_MS
     )
+    mycastle.get_by_role("button", name="Negative").click()
+    sync_api.expect(page.locator("#negative_prompt textarea")).to_have_value(
+        re.compile(r"(^|.* )mycastle$"), timeout=TIMEOUT_MS
+    )
+    mycastle.get_by_role("button", name="Negative").click()  # a second click takes it out
+    sync_api.expect(page.locator("#negative_prompt textarea")).not_to_have_value(
+        re.compile("mycastle"), timeout=TIMEOUT_MS
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator("#embedding_library").screenshot(path=str(ARTIFACTS / "embedding-cards.png"))
     shot(page, "txt2img-embeddings.png")
     page.locator("#generate").click()
     page.wait_for_function(

@@ -115,15 +115,15 @@ first version keep working."""
 PAGE_JS = """
 const style = document.createElement('style');
 style.textContent = `
-  .lora-cards { flex-wrap: wrap !important; gap: 8px; }
-  .lora-card { border: 1px solid var(--border-color-primary); border-radius: 8px;
-               padding: 6px; max-width: 220px; }
-  .lora-incompatible { opacity: 0.45; }
+  .lora-cards, .embedding-cards { flex-wrap: wrap !important; gap: 8px; }
+  .lora-card, .embedding-card { border: 1px solid var(--border-color-primary);
+               border-radius: 8px; padding: 6px; max-width: 220px; }
+  .lora-incompatible, .embedding-incompatible { opacity: 0.45; }
   .lora-thumb { width: 100%; max-height: 128px; object-fit: cover; border-radius: 4px; }
   .lora-nothumb { height: 48px; display: flex; align-items: center; justify-content: center;
                   color: var(--body-text-color-subdued); font-size: 12px; }
-  .lora-name { font-weight: 600; word-break: break-all; }
-  .lora-facts, .lora-alias, .lora-words { font-size: 12px; }
+  .lora-name, .embedding-name { font-weight: 600; word-break: break-all; }
+  .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
 `;
 document.head.appendChild(style);
@@ -484,7 +484,9 @@ def build_ui(
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
                     build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
-                    build_embeddings(service, prompt)
+                    build_embeddings(
+                        service, prompt, controls["negative_prompt"], checkpoint, refresh_seconds
+                    )
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")

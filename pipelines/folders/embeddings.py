@@ -12,7 +12,13 @@ import torch
 
 from pipelines.errors import UnusableFileError
 from pipelines.folders.hashing import HashCache
-from pipelines.safeload import load_pickle, load_state_dict
+from pipelines.folders.loras import PREVIEW_SUFFIXES
+from pipelines.safeload import (
+    is_file_quietly,
+    load_pickle,
+    load_state_dict,
+    read_safetensors_header,
+)
 
 EMBEDDING_EXTENSIONS = (".pt", ".safetensors", ".bin")
 EMBEDDINGS_SUBFOLDER = "embeddings"
@@ -48,6 +54,7 @@ class EmbeddingEntry:
     error: str | None = None
     sha256: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    preview: Path | None = None  # `name.preview.png` or `name.png` beside it, as A1111's cards
 
     @property
     def key(self) -> str:
@@ -79,6 +86,13 @@ def read_embedding(path: Path, name: str) -> Embedding:
     """The vectors of an embedding file (UnusableFileError naming the file if none)."""
     where = path.name
     if path.suffix.lower() == ".safetensors":
+        names = set(read_safetensors_header(path).tensors)  # before reading any tensor data
+        if not (len(names) == 1 or names <= {"clip_l", "clip_g", "emb_params"}):
+            raise UnusableFileError(
+                f"{where}: holds {len(names)} tensors, not a textual-inversion embedding "
+                "(emb_params, clip_l + clip_g, or one {token: tensor}); a LoRA or a checkpoint "
+                "belongs in its own folder"
+            )
         state: dict[str, object] = dict(load_state_dict(path))
     else:
         loaded = load_pickle(path)
@@ -145,6 +159,14 @@ def embedding_entry(
         mtime_ns=stat.st_mtime_ns,
         error=facts.error,
         sha256=hashes.get(path, "sha256"),
+        preview=next(
+            (
+                candidate
+                for suffix in PREVIEW_SUFFIXES
+                if is_file_quietly(candidate := path.parent / f"{path.stem}{suffix}")
+            ),
+            None,
+        ),
     )
 
 

@@ -280,11 +280,11 @@ class Txt2ImgRun:
         self.model.vae.use(self.vae_used)
 
     vae_used: VaeEntry | None = None
+    """The external VAE the images were decoded with (None: the checkpoint's own)."""
     previews: PreviewDecoders | None = None
+    """The TAESD decoders, set by the engine (None: TAESD previews fall back to cheap)."""
     embeddings: EmbeddingStore | None = None
     """The textual-inversion embeddings, set by the engine (None: none are matched)."""
-    """The TAESD decoders, set by the engine (None: TAESD previews fall back to cheap)."""
-    """The external VAE the images were decoded with (None: the checkpoint's own)."""
 
     # -- 3
 
@@ -311,7 +311,8 @@ class Txt2ImgRun:
             self.encode(text, request.clip_skip, is_negative, adapters.text_state)
             for text, is_negative in keys
         ]
-        for prompt in encoded:
+        # `TI hashes` names the prompt's embeddings, then the negative prompt's (A1111)
+        for _, prompt in sorted(zip(keys, encoded, strict=True), key=lambda pair: pair[0][1]):
             self.embeddings_used.update(dict.fromkeys(prompt.embeddings))
         padded = pad_to_longest(encoded, empty=self.model.empty_prompt)
         weights = [weight for _, weight in parts]
@@ -678,14 +679,30 @@ class Txt2ImgRun:
         hashes = [(name, short) for name, short in adapters.applied if short]
         if hashes:
             params["Lora hashes"] = format_lora_hashes(hashes)
-        used = [self.embedding_entries.get(name) for name in self.embeddings_used]
-        ti = [f"{entry.name}: {entry.short_hash}" for entry in used if entry and entry.short_hash]
-        if ti:
-            params["TI hashes"] = ", ".join(ti)
+        ti_hashes = self.ti_hashes()
+        if ti_hashes:
+            params["TI hashes"] = format_lora_hashes(ti_hashes)  # the same "name: hash" pairs
         params["Version"] = f"lorastack {__version__}"
         tags = " ".join(format_lora_tag(spec) for spec in request.loras)
         prompt = f"{request.prompt} {tags}" if request.prompt and tags else request.prompt or tags
         return format_infotext(prompt, request.negative_prompt, params)
+
+    def ti_hashes(self) -> list[tuple[str, str]]:
+        """(name, first 12 hex of the file's sha256) of each embedding the prompts used, in
+        order, as A1111's `TI hashes`; a file not hashed yet is hashed now (a few KB)."""
+        found = []
+        for name in self.embeddings_used:
+            entry = self.embedding_entries.get(name)
+            if entry is None:
+                continue
+            sha256 = entry.sha256
+            if sha256 is None:
+                try:
+                    sha256 = self.folders.hashes.compute(entry.path, "sha256")
+                except OSError:  # gone since the run read it: written without a hash
+                    continue
+            found.append((name, sha256[:12]))
+        return found
 
     def extra_infotext(self, inputs: RunInputs) -> dict[str, object]:
         """Keys a mode adds after the common ones (img2img: Denoising strength, ...)."""
