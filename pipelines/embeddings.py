@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ class EmbeddingStore:
     def __init__(self, folders: ModelFolders) -> None:
         self.folders = folders
         self._read: dict[tuple[str, int, int], Embedding] = {}
+        # the last lookup made, by its encoder (not kept alive) and set of files
+        self._lookup: (
+            tuple[weakref.ref[PromptEncoder], tuple[object, ...], EmbeddingLookup] | None
+        ) = None
         self._lock = threading.Lock()
 
     def _embedding(self, entry: EmbeddingEntry) -> Embedding:
@@ -92,7 +97,15 @@ class EmbeddingStore:
     def lookup(self, encoder: PromptEncoder) -> tuple[EmbeddingLookup, dict[str, EmbeddingEntry]]:
         """The usable embeddings as the prompt encoder matches them, and their entries."""
         listing = self.listing(encoder.widths)
-        vectors = {name: embedding.vectors for name, (_, embedding) in listing.loaded.items()}
         key = tuple((e.name, str(e.path), e.size, e.mtime_ns) for e, _ in listing.loaded.values())
         entries = {name: entry for name, (entry, _) in listing.loaded.items()}
-        return EmbeddingLookup(vectors, encoder.token_ids, key), entries
+        cache_key = (tuple(encoder.widths), key)
+        with self._lock:
+            known = self._lookup
+        if known is not None and known[0]() is encoder and known[1] == cache_key:
+            return known[2], entries  # the names are tokenized once per set and model
+        vectors = {name: embedding.vectors for name, (_, embedding) in listing.loaded.items()}
+        made = EmbeddingLookup(vectors, encoder.token_ids, key)
+        with self._lock:
+            self._lookup = (weakref.ref(encoder), cache_key, made)
+        return made, entries

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from frontends.api.a1111 import embeddings_listing
 from frontends.page.embeddings_panel import card_html, listing_signature, toggle_word
+from pipelines.embeddings import EmbeddingStore
 from pipelines.folders.hashing import sha256_of_file
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
@@ -219,6 +220,24 @@ def test_the_vectors_go_in_only_for_the_thread_that_encodes(tiny_sd1: LoadedMode
     assert torch.equal(mine[0, 2:4], torch.ones(2, 32)) and torch.equal(mine[0, :2], plain[0, :2])
     assert torch.equal(seen[0], plain)
     assert torch.equal(model.get_input_embeddings()(ids), plain)
+
+
+def test_names_are_tokenized_once_per_set_and_model(service: Service, folder: Path) -> None:
+    """The lookup is made again only when the files or the model change."""
+    store = EmbeddingStore(service.folders)
+    encoder = service.runner.manager.get("tiny-sd1").encoder  # type: ignore[attr-defined]
+    first, _ = store.lookup(encoder)
+    assert store.lookup(encoder)[0] is first
+    path = folder / "once.safetensors"
+    save_file({"emb_params": torch.ones(1, 32)}, path)
+    service.rescan()
+    try:
+        changed, _ = store.lookup(encoder)
+        assert changed is not first and "once" in changed.vectors
+    finally:
+        path.unlink()
+        service.rescan()
+    assert "once" not in store.lookup(encoder)[0].vectors
 
 
 # -- A1111's token matching and chunk layout -------------------------------------------------
