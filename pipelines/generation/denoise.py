@@ -40,7 +40,8 @@ class DenoiseLoop:
     followed by one block per conditioned part, each block one row per batch item.
     `cond_weights` are the parts' weights (one part of weight 1 is plain txt2img; without
     guidance the parts are mixed by weight). `extra_step_kwargs` follow diffusers: `eta`
-    (0) and the per-item generators, for the schedulers whose `step` accepts them.
+    (the sampler's: 0, TCD's gamma 0.3) and the per-item generators, for the schedulers
+    whose `step` accepts them.
     """
 
     unet: Any
@@ -49,6 +50,7 @@ class DenoiseLoop:
     guidance_scale: float
     generators: list[torch.Generator]
     timestep_cond: torch.Tensor | None = None
+    eta: float = 0.0
     cond_weights: tuple[float, ...] = (1.0,)
     unet_input: list[UNetInput] = field(default_factory=list)
     on_prediction: list[Prediction] = field(default_factory=list)
@@ -82,7 +84,7 @@ class DenoiseLoop:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         extra: dict[str, Any] = {}
         if "eta" in accepted:
-            extra["eta"] = 0.0
+            extra["eta"] = self.eta
         if "generator" in accepted:
             extra["generator"] = self.generators
         return extra
