@@ -31,6 +31,7 @@ from PIL import Image
 from pipelines import __version__
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
+from pipelines.fewstep import suggest_for_lora
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import ProgressSnapshot
@@ -850,9 +851,15 @@ def prompt_style_item(style: PromptStyle) -> dict[str, Any]:
 
 
 def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
-    """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`)."""
+    """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`), plus
+    `suggested_settings` (sampler_name, scheduler, steps, cfg_scale, ranges, source) for a
+    few-step LoRA (LCM, Turbo, Lightning, Hyper-SD, TCD); A1111 clients ignore the key."""
     shown = entry.relpath if hide_paths else printable_name(str(entry.path))
-    return {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
+    item = {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
+    suggestion = suggest_for_lora(entry)
+    if suggestion is not None:
+        item["suggested_settings"] = suggestion.as_dict()
+    return item
 
 
 def current_options(title: str | None, sha256: str | None, options: ApiOptions) -> dict[str, Any]:

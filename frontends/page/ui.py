@@ -21,6 +21,8 @@ import gradio as gr
 from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.extras_tab import build_extras_tab
+from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
+from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
 from frontends.page.files_tab import build_files_tab
 from frontends.page.hires_panel import (
     HIRES_FIELDS,
@@ -109,6 +111,7 @@ style.textContent = `
   .lora-name { font-weight: 600; word-break: break-all; }
   .lora-facts, .lora-alias, .lora-words { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
+  .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
 document.head.appendChild(style);
 document.addEventListener('keydown', (event) => {
@@ -406,6 +409,7 @@ def build_ui(
             refresh_models = gr.Button(
                 "Refresh", scale=0, min_width=80, elem_id="checkpoint_refresh"
             )
+        fewstep_note, fewstep_use = build_checkpoint_suggestion(service)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
@@ -425,7 +429,15 @@ def build_ui(
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
-                    build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
+                    build_library(
+                        service,
+                        panel,
+                        prompt,
+                        checkpoint,
+                        family_of,
+                        refresh_seconds,
+                        [controls[name] for name in FEWSTEP_TARGETS],
+                    )
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
                     i2i_controls = build_prompts(defaults, "img2img_")
@@ -478,6 +490,14 @@ def build_ui(
         named += ["styles"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
+        wire_checkpoint(
+            service,
+            page,
+            checkpoint,
+            fewstep_note,
+            fewstep_use,
+            [controls[name] for name in FEWSTEP_TARGETS],
+        )
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
         i2i_inputs = {
             *i2i_controls.values(),
