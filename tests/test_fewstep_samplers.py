@@ -428,3 +428,39 @@ def test_lcm_img2img_equals_a1111s_img2img_loop(service: Service):
         )
     )
     assert np.abs(np.asarray(made.images[0]).astype(int) - expected).max() <= 1
+
+
+# ---------------------------------------------------------------- CFG 1 and below
+
+
+def _unet_batches(service: Service, monkeypatch, **fields: object) -> tuple[list[int], np.ndarray]:
+    model = _model(service)
+    unet = model.pipe.unet
+    batches: list[int] = []
+    original = type(unet).forward
+
+    def spy(self, sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return original(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(type(unet), "forward", spy)
+    made = service.generate(_request(sampler_name="Euler", steps=3, **fields))
+    monkeypatch.undo()
+    return batches, np.asarray(made.images[0]).astype(int)
+
+
+def test_cfg_1_skips_the_uncond_pass_and_below_1_keeps_it_as_a1111(service: Service, monkeypatch):
+    """A1111 computes uncond + cfg * (cond - uncond) at every CFG: at 1 that is cond, so
+    the uncond pass is skipped; at 0 it is the negative prompt's own image."""
+    batches, _ = _unet_batches(service, monkeypatch, cfg_scale=1.0)
+    assert batches == [1, 1, 1]
+    batches, zero = _unet_batches(service, monkeypatch, cfg_scale=0.0)
+    assert batches == [2, 2, 2]
+    _, negative_alone = _unet_batches(
+        service, monkeypatch, cfg_scale=1.0, prompt="fog", negative_prompt=""
+    )
+    assert np.abs(zero - negative_alone).max() <= 1
+    batches, _ = _unet_batches(service, monkeypatch, cfg_scale=0.5, prompt="a AND b:0.5")
+    assert batches == [3, 3, 3]  # 0.5 * (1 + 0.5) != 1: uncond does not cancel
+    batches, _ = _unet_batches(service, monkeypatch, cfg_scale=0.5, prompt="a AND b")
+    assert batches == [2, 2, 2]  # 0.5 * (1 + 1) == 1: 0.5 * (cond_a + cond_b), no uncond
