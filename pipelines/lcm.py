@@ -144,9 +144,9 @@ class A1111LCMScheduler(SchedulerMixin, ConfigMixin):
             x0 = x - sigma * output
         else:  # v: x0 = c_skip * x + c_out * v with k-diffusion's v scalings
             x0 = x / (sigma**2 + 1) - output * sigma / (sigma**2 + 1) ** 0.5
-        scaled_t = (
-            self.table.sigma_to_t(sigma.reshape(1)).to(torch.float32) * self.config.timestep_scaling
-        )
+        # 0-d tensors, so they combine with latents on any device
+        timestep = self.table.sigma_to_t(sigma.reshape(1))[0].to(torch.float32)
+        scaled_t = timestep * self.config.timestep_scaling
         c_skip = SIGMA_DATA**2 / (scaled_t**2 + SIGMA_DATA**2)
         c_out = scaled_t / (scaled_t**2 + SIGMA_DATA**2) ** 0.5
         denoised = c_out * x0 + c_skip * x
