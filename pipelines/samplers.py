@@ -595,7 +595,6 @@ _LADDER_ROUTES: Mapping[str, tuple[str, frozenset[str]]] = {
     "EulerDiscreteScheduler": ("sigmas", frozenset({"sgm_uniform", "simple"})),
     "HeunDiscreteScheduler": ("timesteps", frozenset({"simple"})),
     "DPMSolverMultistepScheduler": ("timesteps", frozenset({"simple"})),
-    "DPMSolverSinglestepScheduler": ("timesteps", frozenset({"simple"})),
 }
 """Classes that take A1111's exact ladder for a schedule diffusers' spacing only
 approximates: as sigmas (SGM Uniform's timesteps are fractional), or as integer timesteps
