@@ -17,6 +17,13 @@ Facts from A1111 v1.10 (`modules/sd_samplers_*.py`, `modules/sd_schedulers.py`):
   `steps_offset=1`), so it is their automatic choice here.
 - The infotext's "Schedule type" is the label of the schedule automatic resolved to
   ("Karras" for DPM++ 2M), or "Automatic" when the sampler has no default of its own.
+- LCM is A1111's own loop (`pipelines/lcm.py`) over LCM's 50-sigma table, so every
+  schedule type applies to it as in A1111 (diffusers' `LCMScheduler` ignores them).
+- SGM Uniform and Simple are A1111's exact ladders (`pipelines/schedules.py`) for the
+  classes that take one (`_LADDER_ROUTES`: Euler both; Heun and the DPM++ multistep
+  family Simple); the others use "trailing" spacing, within one training timestep.
+- TCD (not in A1111 1.10; diffusers' `TCDScheduler`) runs with gamma (eta) 0.3, the TCD
+  model cards' value, and at most 50 steps (its distillation grid).
 
 Approximations (diffusers has no exact port): "DPM++ 2S a" uses the stochastic
 single-step DPM-Solver++ of order 2; DPM2, DPM2 a and DPM++ 3M SDE do not drop the
@@ -102,6 +109,10 @@ class _Sampler:
     ignores: frozenset[str] = frozenset()
     """Config keys the class accepts but never reads, so they cannot express a schedule."""
     requires: tuple[str, ...] = ()
+    own_schedules: bool = False
+    """The class computes A1111's ladders itself from a `schedule` config key (LCM)."""
+    eta: float = 0.0
+    """The `eta` its `step` gets, where it takes one (DDIM's A1111 default 0; TCD's gamma)."""
 
     @property
     def a1111_default(self) -> str | None:
@@ -272,30 +283,28 @@ _SAMPLERS: tuple[_Sampler, ...] = (
     ),
     _Sampler(
         "LCM",
-        "LCMScheduler",
+        "pipelines.lcm:A1111LCMScheduler",
         ("k_lcm", "lcm"),
         {},
         {},
         automatic=None,
-        # LCMScheduler takes `timestep_spacing` but derives its steps from
-        # `original_inference_steps` alone, so no schedule type can change it.
-        ignores=frozenset({"timestep_spacing"}),
+        # A1111's own LCM loop over LCM's 50-sigma table; every schedule type applies.
+        own_schedules=True,
     ),
     _Sampler(
-        "TCD",  # not in A1111 1.10; ComfyUI's and Forge's name for Hyper-SD/TCD models
+        "TCD",
         "TCDScheduler",
         ("tcd",),
         {},
         {},
         automatic=None,
-        # like LCM, its steps come from `original_inference_steps`
+        # TCDScheduler takes `timestep_spacing` but derives its steps from
+        # `original_inference_steps` alone, so no schedule type can change it.
         ignores=frozenset({"timestep_spacing"}),
+        # gamma 0.3, the TCD LoRAs' model cards' value (h1t/TCD-SD15-LoRA, TCD-SDXL-LoRA).
+        eta=0.3,
     ),
 )
-
-STEP_ETA = {"TCDScheduler": 0.3}
-"""`eta` passed to a scheduler's `step` (TCD's gamma, its model card's default); every
-other scheduler that takes `eta` gets 0 (DDIM's deterministic sampling, as A1111)."""
 
 _UNSUPPORTED_SAMPLERS = {
     "dpm fast": "DPM fast",
@@ -356,8 +365,9 @@ class SamplerChoice:
 
     `scheduler` is what was asked for ("automatic" stays "automatic"); `schedule` is what
     gets built (automatic resolved, e.g. "karras" for DPM++ 2M; "automatic" only for LCM,
-    whose diffusers class keeps its own timesteps); `label` is A1111's infotext
-    "Schedule type" value ("Karras", or "Automatic" when the sampler has no default).
+    whose ladder is its own table's, and TCD, which keeps diffusers' timesteps); `label`
+    is A1111's infotext "Schedule type" value ("Karras", or "Automatic" when the sampler
+    has no default).
     """
 
     sampler: str
@@ -380,12 +390,20 @@ def _unavailable_reason(sampler: _Sampler) -> str | None:
     return f'sampler "{sampler.name}" needs the Python package {names}, which is not installed'
 
 
-@functools.cache
-def _init_params(class_name: str) -> frozenset[str]:
-    """Config keys a diffusers scheduler class accepts, read from its `__init__`."""
+def _scheduler_class(class_name: str) -> type[SchedulerMixin]:
+    """A diffusers scheduler class by name, or one of ours as "module:Class"."""
+    if ":" in class_name:
+        module, name = class_name.split(":")
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
     import diffusers
 
-    cls = getattr(diffusers, class_name)
+    return getattr(diffusers, class_name)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _init_params(class_name: str) -> frozenset[str]:
+    """Config keys a scheduler class accepts, read from its `__init__`."""
+    cls = _scheduler_class(class_name)
     return frozenset(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
 
 
@@ -396,7 +414,7 @@ def _accepted(sampler: _Sampler) -> frozenset[str]:
 
 def _expressible(sampler: _Sampler, schedule: _Schedule) -> bool:
     """Whether the sampler's diffusers class can express the schedule at all."""
-    if schedule.name == AUTOMATIC:
+    if schedule.name == AUTOMATIC or sampler.own_schedules:
         return True
     return set(schedule.flags) <= _accepted(sampler)
 
@@ -536,9 +554,12 @@ def scheduler_config(
         k: v for k, v in base_scheduler_config.items() if k in _MODEL_CONFIG_KEYS
     }
     config.update(sampler.kwargs)
-    schedule = _SCHEDULE_BY_NAME[choice.schedule]
-    config.update(schedule.extras)
-    config.update(schedule.flags)
+    if sampler.own_schedules:
+        config["schedule"] = choice.schedule
+    else:
+        schedule = _SCHEDULE_BY_NAME[choice.schedule]
+        config.update(schedule.extras)
+        config.update(schedule.flags)
     return {k: v for k, v in config.items() if k in accepted}
 
 
@@ -557,13 +578,86 @@ def make_scheduler(
         A fresh scheduler, e.g. `DPMSolverMultistepScheduler(use_karras_sigmas=True, ...)`
         for `resolve_sampler("DPM++ 2M", None)`.
     """
-    import diffusers
-
     checked = resolve_sampler(choice.sampler, choice.scheduler)
     if checked != choice:
         raise InvalidRequestError(f"Inconsistent sampler choice {choice!r}", field="scheduler")
-    cls = getattr(diffusers, _SAMPLER_BY_NAME[choice.sampler].class_name)
+    cls = _scheduler_class(_SAMPLER_BY_NAME[choice.sampler].class_name)
     return cls.from_config(scheduler_config(choice, base_scheduler_config))
+
+
+def step_eta(choice: SamplerChoice) -> float:
+    """The `eta` the sampler's `step` is called with (where it takes one): 0 (A1111's DDIM
+    default) except TCD's gamma 0.3."""
+    return _SAMPLER_BY_NAME[choice.sampler].eta
+
+
+_LADDER_ROUTES: Mapping[str, tuple[str, frozenset[str]]] = {
+    "EulerDiscreteScheduler": ("sigmas", frozenset({"sgm_uniform", "simple"})),
+    "HeunDiscreteScheduler": ("timesteps", frozenset({"simple"})),
+    "DPMSolverMultistepScheduler": ("timesteps", frozenset({"simple"})),
+}
+"""Classes that take A1111's exact ladder for a schedule diffusers' spacing only
+approximates: as sigmas (SGM Uniform's timesteps are fractional), or as integer timesteps
+(Simple's are whole). The other classes use "trailing" spacing, within one training
+timestep of A1111's (tests/test_fewstep_samplers.py measures it)."""
+
+_STEP_LIMITED = {"TCDScheduler": "original_inference_steps"}
+"""Classes that cannot take more steps than their distillation grid has."""
+
+
+def set_timesteps(scheduler: Any, choice: SamplerChoice, steps: int, device: Any = None) -> None:
+    """`scheduler.set_timesteps(steps)`, with A1111's exact SGM Uniform / Simple ladder
+    where the class can take it (`_LADDER_ROUTES`).
+
+    Args:
+        scheduler: from `make_scheduler(choice, ...)`.
+        choice: the validated sampler and schedule.
+        steps: the full schedule's length (img2img and hires fix slice its tail).
+        device: where the timesteps go.
+
+    Raises:
+        InvalidRequestError: more steps than the sampler can take (TCD: 50), field "steps".
+    """
+    class_name = type(scheduler).__name__
+    limit_key = _STEP_LIMITED.get(class_name)
+    if limit_key is not None and steps > int(scheduler.config[limit_key]):
+        raise InvalidRequestError(
+            f'Sampler "{choice.sampler}" takes at most {scheduler.config[limit_key]} steps '
+            f"(its distillation grid); {steps} were asked for",
+            field="steps",
+        )
+    route, schedules = _LADDER_ROUTES.get(class_name, ("", frozenset()))
+    if choice.schedule in schedules:
+        from pipelines.schedules import SigmaTable, a1111_sigmas, alphas_cumprod_from_config
+
+        table = SigmaTable(alphas_cumprod_from_config(scheduler.config))
+        ladder = a1111_sigmas(choice.schedule, steps, table)
+        if route == "sigmas":
+            scheduler.set_timesteps(sigmas=ladder.tolist(), device=device)
+        else:
+            timesteps = [int(round(float(t))) for t in table.sigma_to_t(ladder[:-1])]
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
+        return
+    scheduler.set_timesteps(steps, device=device)
+
+
+def check_steps(choice: SamplerChoice, steps: int) -> None:
+    """Refuse, before any work, more steps than the sampler can take (TCD: 50)."""
+    sampler = _SAMPLER_BY_NAME[choice.sampler]
+    limit_key = _STEP_LIMITED.get(sampler.class_name)
+    if limit_key is None:
+        return
+    limit = (
+        inspect.signature(_scheduler_class(sampler.class_name).__init__)
+        .parameters[limit_key]
+        .default
+    )
+    if steps > limit:
+        raise InvalidRequestError(
+            f'Sampler "{choice.sampler}" takes at most {limit} steps (its distillation grid); '
+            f"{steps} were asked for",
+            field="steps",
+        )
 
 
 def list_samplers() -> list[dict[str, object]]:

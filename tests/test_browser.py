@@ -167,6 +167,37 @@ def test_new_lora_file_appears_after_refresh(page: object, app: tuple[str, Path]
     page.wait_for_function("() => document.querySelectorAll('.lora-card').length === 1")
 
 
+def test_a_few_step_loras_card_suggests_and_applies_its_settings(
+    page: object, app: tuple[str, Path]
+) -> None:
+    """An LCM-LoRA (by its file name) shows the LCM card settings; one click puts sampler,
+    schedule type, steps and CFG into the form, and the image is made with them."""
+    loras = app[1] / "loras"
+    shutil.copy(loras / "glow.safetensors", loras / "lcm-lora-sdv1-5.safetensors")
+    page.locator("#lora_refresh").click()
+    lcm = card(page, "lcm-lora-sdv1-5")
+    lcm.wait_for()
+    assert "LCM: LCM · Automatic · 4 steps (2–8) · CFG 1.5 (1–2)" in lcm.inner_text()
+    assert card(page, "ink").get_by_role("button", name="Use suggested settings").count() == 0
+    lcm.get_by_role("button", name="Use suggested settings").click()
+    page.wait_for_function(
+        "() => document.querySelector('#steps input[type=number]').value === '4'"
+    )
+    assert page.get_by_label("Sampling method").input_value() == "LCM"
+    assert page.get_by_label("Schedule type").input_value() == "Automatic"
+    assert page.locator("#cfg_scale input[type=number]").input_value() == "1.5"
+    lcm.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    lcm.screenshot(path=str(ARTIFACTS / "fewstep-card.png"))
+    for elem_id, value in (("width", 64), ("height", 64)):
+        set_number(page, elem_id, value)
+    page.locator("#prompt textarea").fill("a lighthouse")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    params = parse_infotext(infotext(page)).params
+    assert params["Sampler"] == "LCM" and params["Steps"] == "4" and params["CFG scale"] == "1.5"
+
+
 def test_png_info_round_trip(page: object, app: tuple[str, Path]) -> None:
     saved = sorted((app[1] / "outputs").rglob("*.png"))
     assert saved, "the generate test saves an image first"

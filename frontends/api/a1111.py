@@ -34,6 +34,7 @@ from pipelines import __version__
 from pipelines.embeddings import EmbeddingListing
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
+from pipelines.fewstep import suggest_for_lora
 from pipelines.images import open_image
 from pipelines.infotext import parse_infotext, read_infotext
 from pipelines.interface import PasteOptions, ProgressSnapshot
@@ -952,9 +953,15 @@ def sd_vae_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
 
 
 def lora_item(entry: Any, hide_paths: bool) -> dict[str, Any]:
-    """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`)."""
+    """One `loras` item: `{name, alias, path, metadata}` (metadata = `__metadata__`), plus
+    `suggested_settings` (sampler_name, scheduler, steps, cfg_scale, ranges, source) for a
+    few-step LoRA (LCM, Turbo, Lightning, Hyper-SD, TCD); A1111 clients ignore the key."""
     shown = entry.relpath if hide_paths else printable_name(str(entry.path))
-    return {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
+    item = {"name": entry.name, "alias": entry.alias, "path": shown, "metadata": entry.metadata}
+    suggestion = suggest_for_lora(entry)
+    if suggestion is not None:
+        item["suggested_settings"] = suggestion.as_dict()
+    return item
 
 
 def current_options(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
 
+from frontends.page.fewstep_panel import wire_use
 from frontends.page.stack import (
     WEIGHT_MAX,
     WEIGHT_MIN,
@@ -25,6 +27,7 @@ from frontends.page.stack import (
     trigger_text,
 )
 from pipelines.errors import LorastackError
+from pipelines.fewstep import suggest_for_lora
 from pipelines.interface import GenerationService
 
 QUICK: dict[str, Any] = {
@@ -149,8 +152,11 @@ def build_library(
     checkpoint: gr.Dropdown,
     family_of: Any,
     refresh_seconds: float,
+    settings: Sequence[Any] = (),
 ) -> gr.Button:
-    """The searchable card list; returns its refresh button (it also rescans checkpoints)."""
+    """The searchable card list; returns its refresh button (it also rescans checkpoints).
+    With `settings` (the sampler, schedule, steps and CFG controls), a few-step LoRA's card
+    gets "Use suggested settings"."""
     with gr.Row():
         search = gr.Textbox(
             placeholder="search name, alias, trigger words",
@@ -182,6 +188,10 @@ def build_library(
                         add = gr.Button("Add", size="sm", interactive=reason is None)
                         words = trigger_text(entry)
                         insert = gr.Button("Triggers", size="sm", visible=bool(words))
+                    suggestion = suggest_for_lora(entry)
+                    if suggestion is not None and settings:
+                        use = gr.Button("Use suggested settings", size="sm")
+                        wire_use(use, lambda found=suggestion: found, settings)
                 _card_events(service, entry.name, words, add, insert, panel, prompt)
 
     def rescan() -> str:

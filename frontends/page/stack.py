@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidRequestError, LorastackError
-from pipelines.fewstep import suggest
+from pipelines.fewstep import FewStepSettings, suggest_for_lora
 from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
 from pipelines.prompt import combine_stacks, extract_lora_tags
@@ -177,9 +177,23 @@ def preview_uri(preview: Path | None) -> str | None:
         return None
 
 
+def fewstep_html(suggestion: FewStepSettings | None) -> str:
+    """The suggested settings of a few-step model (LCM, Turbo, Lightning, Hyper-SD, TCD),
+    its model card and what gave it away in the tooltip; "" for a plain one."""
+    if suggestion is None:
+        return ""
+    tip = f"from the {suggestion.matched}; model card {suggestion.source}"
+    if suggestion.note:
+        tip += f"; {suggestion.note}"
+    return (
+        f'<div class="lora-fewstep" title="{html.escape(tip)}">'
+        f"⚡ {html.escape(suggestion.summary())}</div>"
+    )
+
+
 def card_html(entry: LoraEntry, reason: str | None) -> str:
     """One card of the list: preview, name, architecture, rank, size, trigger words, and
-    for a few-step LoRA (LCM, Turbo, Lightning, Hyper-SD, TCD) the settings it needs."""
+    a few-step LoRA's suggested sampler, schedule, steps and CFG."""
     uri = preview_uri(entry.preview)
     image = (
         f'<img class="lora-thumb" src="{uri}" alt="">'
@@ -196,10 +210,9 @@ def card_html(entry: LoraEntry, reason: str | None) -> str:
     words = trigger_text(entry)
     trigger = f'<div class="lora-words">{html.escape(words)}</div>' if words else ""
     why = f'<div class="lora-why">⚠ {html.escape(reason)}</div>' if reason else ""
-    few = suggest(entry.name, entry.metadata)
-    hint = f'<div class="lora-fewstep">{html.escape(few.describe())}</div>' if few else ""
+    fewstep = fewstep_html(suggest_for_lora(entry))
     return (
         f'<div class="lora-card-body" title="{html.escape(entry.relpath)}">{image}'
         f'<div class="lora-name">{html.escape(entry.name)}</div>{alias}'
-        f'<div class="lora-facts">{html.escape(facts)}</div>{trigger}{hint}{why}</div>'
+        f'<div class="lora-facts">{html.escape(facts)}</div>{fewstep}{trigger}{why}</div>'
     )

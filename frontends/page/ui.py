@@ -22,6 +22,8 @@ from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.embeddings_panel import build_embeddings
 from frontends.page.extras_tab import build_extras_tab
+from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
+from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
 from frontends.page.files_tab import build_files_tab
 from frontends.page.gallery_tab import build_gallery_tab
 from frontends.page.hires_panel import (
@@ -58,7 +60,6 @@ from frontends.page.tabs import (
 )
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
-from pipelines.fewstep import suggest
 from pipelines.images import open_image
 from pipelines.interface import (
     DEMO_MODEL_NAME,
@@ -125,6 +126,7 @@ style.textContent = `
   .lora-name, .embedding-name { font-weight: 600; word-break: break-all; }
   .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
+  .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
 document.head.appendChild(style);
 document.addEventListener('keydown', (event) => {
@@ -457,11 +459,7 @@ def build_ui(
             refresh_models = gr.Button(
                 "Refresh", scale=0, min_width=80, elem_id="checkpoint_refresh"
             )
-        with gr.Row(visible=False) as fewstep_row:
-            fewstep_note = gr.Markdown(elem_id="checkpoint_fewstep")
-            use_fewstep = gr.Button(
-                "Use these settings", scale=0, min_width=160, elem_id="use_fewstep"
-            )
+        fewstep_note, fewstep_use = build_checkpoint_suggestion(service)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
@@ -482,7 +480,15 @@ def build_ui(
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
-                    build_library(service, panel, prompt, checkpoint, family_of, refresh_seconds)
+                    build_library(
+                        service,
+                        panel,
+                        prompt,
+                        checkpoint,
+                        family_of,
+                        refresh_seconds,
+                        [controls[name] for name in FEWSTEP_TARGETS],
+                    )
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
                         service, prompt, controls["negative_prompt"], checkpoint, refresh_seconds
@@ -557,6 +563,14 @@ def build_ui(
         named += ["styles", *REFINER_FIELDS, "sd_vae"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
+        wire_checkpoint(
+            service,
+            page,
+            checkpoint,
+            fewstep_note,
+            fewstep_use,
+            [controls[name] for name in FEWSTEP_TARGETS],
+        )
         wire_results(service, results, controls, txt2img, inputs, "txt2img")
         i2i_inputs = {
             *i2i_controls.values(),
@@ -625,24 +639,6 @@ def build_ui(
         for source in (results, i2i_results):
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
-
-        def fewstep_hint(title: str | None) -> tuple[Any, str]:
-            """A few-step checkpoint's (LCM, Turbo, Lightning, ...) settings, by its name."""
-            found = suggest(title or "")
-            text = f"**Few-step checkpoint** — {found.describe()}" if found else ""
-            return gr.Row(visible=found is not None), text
-
-        def use_suggested(title: str | None) -> list[Any]:
-            found = suggest(title or "")
-            if found is None:
-                return [gr.skip()] * 4
-            label = scheduler_label(found.scheduler)
-            return [found.sampler_name, label, found.steps, found.cfg_scale]
-
-        checkpoint.change(fewstep_hint, checkpoint, [fewstep_row, fewstep_note], **QUICK)
-        page.load(fewstep_hint, checkpoint, [fewstep_row, fewstep_note], **QUICK)
-        suggested = [controls[name] for name in ("sampler_name", "scheduler", "steps", "cfg_scale")]
-        use_fewstep.click(use_suggested, checkpoint, suggested, **QUICK)
 
         def rescan_models() -> tuple[gr.Dropdown, ...]:
             service.rescan()

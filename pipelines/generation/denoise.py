@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from pipelines.samplers import STEP_ETA
-
 UNetInput = Callable[[torch.Tensor, int], torch.Tensor]
 """(scaled model input [2B or B, 4, h, w], step index) -> the UNet's input."""
 Conditioning = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor] | None]]
@@ -42,7 +40,8 @@ class DenoiseLoop:
     followed by one block per conditioned part, each block one row per batch item.
     `cond_weights` are the parts' weights (one part of weight 1 is plain txt2img; without
     guidance the parts are mixed by weight). `extra_step_kwargs` follow diffusers: `eta`
-    (0) and the per-item generators, for the schedulers whose `step` accepts them.
+    (the sampler's: 0, TCD's gamma 0.3) and the per-item generators, for the schedulers
+    whose `step` accepts them.
     """
 
     unet: Any
@@ -51,6 +50,7 @@ class DenoiseLoop:
     guidance_scale: float
     generators: list[torch.Generator]
     timestep_cond: torch.Tensor | None = None
+    eta: float = 0.0
     cond_weights: tuple[float, ...] = (1.0,)
     unet_input: list[UNetInput] = field(default_factory=list)
     on_prediction: list[Prediction] = field(default_factory=list)
@@ -58,9 +58,18 @@ class DenoiseLoop:
 
     @property
     def guided(self) -> bool:
-        """diffusers' `do_classifier_free_guidance`: CFG above 1 and no distilled guidance
-        embedding in the UNet."""
-        return self.guidance_scale > 1 and self.timestep_cond is None
+        """Whether the uncond pass runs: always, as in A1111, unless it cancels out or the
+        UNet has a distilled guidance embedding (LCM checkpoints' `timestep_cond`).
+
+        A1111 1.10 (`CFGDenoiser.forward`) skips the uncond pass only for its "skip early
+        CFG" and NGMS options, never for CFG 1; but its result, uncond + cfg * sum(w_i *
+        (cond_i - uncond)), does not depend on uncond when cfg * sum(w_i) == 1 (plain CFG
+        1), so that pass is skipped here: the same image within float rounding, half the
+        UNet work. CFG below 1 keeps the negative prompt's pull, as in A1111 (diffusers
+        would drop guidance there)."""
+        if self.timestep_cond is not None:
+            return False
+        return abs(self.guidance_scale * sum(self.cond_weights) - 1) > 1e-9
 
     @property
     def copies(self) -> int:
@@ -71,9 +80,10 @@ class DenoiseLoop:
         """The UNet's [copies*B, ...] predictions -> one guided prediction [B, ...]."""
         if self.copies == 1:
             return noise
-        if not self.guided:
+        if not self.guided:  # cfg * sum(w) == 1: sum(cfg * w_i * cond_i) (distilled: w_i)
+            scale = 1.0 if self.timestep_cond is not None else self.guidance_scale
             parts = noise.chunk(self.copies)
-            return sum(w * part for w, part in zip(self.cond_weights, parts, strict=True))
+            return sum(scale * w * p for w, p in zip(self.cond_weights, parts, strict=True))
         uncond, *conds = noise.chunk(self.copies)
         if self.cond_weights == (1.0,):
             return uncond + self.guidance_scale * (conds[0] - uncond)  # diffusers' exact ops
@@ -84,7 +94,7 @@ class DenoiseLoop:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         extra: dict[str, Any] = {}
         if "eta" in accepted:
-            extra["eta"] = STEP_ETA.get(type(self.scheduler).__name__, 0.0)
+            extra["eta"] = self.eta
         if "generator" in accepted:
             extra["generator"] = self.generators
         return extra

@@ -25,7 +25,7 @@ from pipelines.generation.img2img import encode_pixels, img2img_steps
 from pipelines.generation.noise import SeedPlan
 from pipelines.generation.run import Adapters, Conditioning, RunInputs, Txt2ImgRun, check_request
 from pipelines.model_manager import ActiveModel
-from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
+from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler, set_timesteps
 from pipelines.schema import LATENT_UPSCALE_MODES, GenerationRequest, GenerationResult
 
 
@@ -175,7 +175,7 @@ class HiresRun(Txt2ImgRun):
             self.apply_adapters(second.inputs)
         scheduler = make_scheduler(second.sampler, self.model.scheduler_config)
         total, t_enc = img2img_steps(second.steps, inputs.request.denoising_strength, True)
-        scheduler.set_timesteps(total, device=self.plan.device)
+        set_timesteps(scheduler, second.sampler, total, self.plan.device)
         start = (total - t_enc - 1) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)

@@ -52,6 +52,7 @@ from pipelines.imageops import (
     overlay_of,
     resize_image,
 )
+from pipelines.samplers import set_timesteps
 from pipelines.schema import GenerationRequest, GenerationResult, ImageInputs
 
 MAX_LATENT_RESIZE_SIDE = 2048
@@ -253,7 +254,7 @@ class Img2ImgRun(Txt2ImgRun):
         spec = request.img2img
         assert spec is not None
         total, t_enc = img2img_steps(request.steps, request.denoising_strength, spec.fix_steps)
-        scheduler.set_timesteps(total, device=self.plan.device)
+        set_timesteps(scheduler, inputs.sampler, total, self.plan.device)
         start = (total - t_enc - 1) * scheduler.order
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)

@@ -45,7 +45,14 @@ from pipelines.prompt import (
     strip_comments,
 )
 from pipelines.prompt_grammar import prompt_schedules, split_and, text_at
-from pipelines.samplers import SamplerChoice, make_scheduler, resolve_sampler
+from pipelines.samplers import (
+    SamplerChoice,
+    check_steps,
+    make_scheduler,
+    resolve_sampler,
+    set_timesteps,
+    step_eta,
+)
 from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
 from pipelines.upscalers import Upscaling
 from pipelines.vae import choose_vae, decode_checked
@@ -126,6 +133,7 @@ class Conditioning:
 def check_request(request: GenerationRequest) -> RunInputs:
     """Step 1 without a model: sampler, comments, tags and the stack (fast 4xx errors)."""
     sampler = resolve_sampler(request.sampler_name, request.scheduler)
+    check_steps(sampler, request.steps)
     # A1111: comments go first; tags are read from the prompt only (in the negative
     # prompt they are plain text).
     prompt, tags = extract_lora_tags(strip_comments(request.prompt))
@@ -197,9 +205,9 @@ class Txt2ImgRun:
             scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
             seed_plan = SeedPlan(batch_seeds, batch_subseeds)
             self.before_batch(inputs, adapters)
-            # 4. prepare latents
-            latents, generators = self.prepare_latents(inputs, seed_plan, scheduler)
+            # 4. prepare latents (after the timesteps: the first sigma scales the noise)
             timesteps = self.timesteps(inputs, scheduler)
+            latents, generators = self.prepare_latents(inputs, seed_plan, scheduler)
             passes = self.passes
             self.control.batch(iteration * passes, inputs.request.n_iter * passes, len(timesteps))
             with self.tiling(inputs):
@@ -384,7 +392,7 @@ class Txt2ImgRun:
         )
 
     def timesteps(self, inputs: RunInputs, scheduler: Any) -> torch.Tensor:
-        scheduler.set_timesteps(inputs.request.steps, device=self.plan.device)
+        set_timesteps(scheduler, inputs.sampler, inputs.request.steps, self.plan.device)
         return scheduler.timesteps
 
     # -- 5
@@ -465,6 +473,7 @@ class Txt2ImgRun:
                 scale, embedding_dim=pipe.unet.config.time_cond_proj_dim
             ).to(device=self.plan.device, dtype=self.dtype)
         loop = DenoiseLoop(pipe.unet, scheduler, lambda i: (None, None), guidance, generators)
+        loop.eta = step_eta(inputs.sampler)
         loop.cond_weights = conditioning.weights
         if timestep_cond is not None:
             loop.timestep_cond = timestep_cond.repeat(len(conditioning.parts), 1)
