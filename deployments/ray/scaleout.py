@@ -34,6 +34,7 @@ from pipelines.errors import BusyError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult
 from pipelines.generation.run import RunControl
 from pipelines.interface import DeviceInfo, ModelStatus
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.prompt import combine_stacks, extract_lora_tags, strip_comments
 from pipelines.schema import GenerationRequest, GenerationResult
 from pipelines.settings import PROJECT_DIR, Settings
@@ -106,6 +107,7 @@ class WireResult:
     replica: str
     hit: bool
     seconds: float
+    lora_coverage: list[LoraCoverage] = field(default_factory=list)
 
     @classmethod
     def of(cls, result: GenerationResult, replica: str, hit: bool, seconds: float) -> WireResult:
@@ -122,6 +124,7 @@ class WireResult:
             replica,
             hit,
             seconds,
+            result.lora_coverage,
         )
 
     def to_result(self, request: GenerationRequest) -> GenerationResult:
@@ -136,6 +139,7 @@ class WireResult:
             interrupted=self.interrupted,
             notes=self.notes,
             replica=self.replica,
+            lora_coverage=self.lora_coverage,
         )
 
 

@@ -28,6 +28,7 @@ from pipelines.folders.vaes import VaeEntry
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.infotext import format_infotext, format_lora_hashes
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
@@ -84,6 +85,7 @@ class Adapters:
     applied: list[tuple[str, str | None]]
     text_state: tuple[object, ...]
     notes: list[str]
+    coverage: list[LoraCoverage] = field(default_factory=list)
 
 
 Schedule = list[tuple[int, str]]
@@ -234,13 +236,15 @@ class Txt2ImgRun:
                 raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
             resolved.append((entry, spec.weight, spec.text_encoder_weight))
         notes = self.model.adapters.apply(resolved)
+        coverage = self.model.adapters.coverage(resolved)
+        notes += [report.summary() for report in coverage if report.complete]
         applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
         text_state = tuple(
             (str(entry.path), entry.size, entry.mtime_ns, t)
             for entry, _, t in resolved
             if t and any(part.startswith("te") for part in entry.parts)
         )
-        return Adapters(applied, text_state, notes)
+        return Adapters(applied, text_state, notes, coverage)
 
     def apply_vae(self, inputs: RunInputs) -> None:
         """Make the model's VAE the request's `sd_vae` (A1111's resolution order)."""
@@ -547,6 +551,7 @@ class Txt2ImgRun:
             model_hash=model.entry.short_hash if model.entry else None,
             interrupted=self.control.interrupted,
             notes=notes,
+            lora_coverage=list(adapters.coverage),
         )
 
     def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int, subseed: int) -> str:

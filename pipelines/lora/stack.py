@@ -19,6 +19,7 @@ import torch
 
 from pipelines.architecture import Architecture
 from pipelines.errors import UnusableFileError
+from pipelines.lora.coverage import LoraCoverage, count_regions, group_region, region_of
 from pipelines.lora.files import LoraFileCache, ParsedLora
 from pipelines.lora.maths import module_delta
 from pipelines.lora.targets import Target, TargetIndex
@@ -48,6 +49,7 @@ Contribution = tuple[tuple[str, int, int], str, float]  # (file key, group key, 
 class _Plan:
     layers: dict[Target, list[tuple[ParsedLora, Contribution]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    coverage: list[LoraCoverage] = field(default_factory=list)
 
 
 def stored_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -118,7 +120,8 @@ class AdapterStack:
             resolved: (entry, unet multiplier, text-encoder multiplier) in stack order;
                 a multiplier of 0 means that part is absent.
         Returns:
-            Warnings for the caller to show (partial matches, metadata disagreements).
+            Warnings for the caller to show (partial matches with what was skipped,
+            metadata disagreements); `coverage` gives the full report of each LoRA.
         Raises:
             UnusableFileError: a file that cannot be read, is for another family, or
                 matches nothing in the model. Nothing is changed in that case.
@@ -139,7 +142,47 @@ class AdapterStack:
                 if self._applied.get(target) != wanted[target]:
                     self._merge_layer(target, items)
         self._trim_backups()
+        for report in plan.coverage:
+            log.log(logging.INFO if report.complete else logging.WARNING, report.summary())
         return plan.warnings
+
+    def coverage(self, resolved: list[tuple[LoraEntry, float, float]]) -> list[LoraCoverage]:
+        """The coverage report of each LoRA of a stack with a weight, against this model.
+
+        Args:
+            resolved: as for `apply`.
+        Returns:
+            One report per LoRA with a non-zero weight, in stack order. Files that cannot
+            be read are left out (applying them raises with the reason).
+        """
+        return self.coverage_paths([(e.path, e.name, u, t) for e, u, t in resolved if not e.error])
+
+    def coverage_paths(self, stack: list[tuple[Path, str, float, float]]) -> list[LoraCoverage]:
+        """`coverage` for (path, display name, unet weight, te weight) tuples."""
+        reports = []
+        for path, name, unet_w, te_w in stack:
+            if unet_w == 0 and te_w == 0:
+                continue
+            try:
+                parsed = self.cache.get(path)
+            except UnusableFileError:
+                continue
+            reports.append(self.report(parsed, LoraFileCache.key(path), name))
+        return reports
+
+    def report(self, parsed: ParsedLora, key: tuple[str, int, int], name: str) -> LoraCoverage:
+        """How many of a parsed file's modules match this model, by region."""
+        resolution = self.resolve(parsed, key)
+        matched = [region_of(t.component, t.module) for t in resolution.targets.values()]
+        skipped = [group_region(parsed.groups[k]) for k in resolution.skipped]
+        return LoraCoverage(
+            name=name,
+            matched=len(matched),
+            total=len(matched) + len(skipped),
+            regions=count_regions(matched, skipped),
+            skipped=resolution.skipped,
+            ignored=resolution.unsupported + parsed.unknown_keys,
+        )
 
     def restore(self) -> None:
         """Put every touched layer back to its base weight and forget the backups."""
@@ -200,24 +243,15 @@ class AdapterStack:
             parsed = self.cache.get(path)
             check_compatible(parsed, family, name)
             resolution = self.resolve(parsed, key)
+            report = self.report(parsed, key, name)
             if not resolution.targets:
                 raise UnusableFileError(
-                    f"LoRA '{name}' matches no layer of this {family} model "
-                    f"({len(parsed.groups)} modules in the file, e.g. "
-                    f"{next(iter(parsed.groups), '?')!r})",
+                    f"LoRA '{name}' matches no layer of this {family} model: {report.details()}",
                     field="loras",
                 )
-            total = len(resolution.targets) + len(resolution.skipped)
-            if resolution.skipped:
-                plan.warnings.append(
-                    f"LoRA '{name}': {len(resolution.skipped)} of {total} modules match "
-                    f"nothing in the model and were skipped (e.g. {resolution.skipped[0]!r})"
-                )
-            if resolution.unsupported or parsed.unknown_keys:
-                count = len(resolution.unsupported) + len(parsed.unknown_keys)
-                plan.warnings.append(
-                    f"LoRA '{name}': {count} keys of a kind we do not merge were ignored"
-                )
+            plan.coverage.append(report)
+            if not report.complete:
+                plan.warnings.append(report.summary())
             if parsed.architecture.disagreement:
                 plan.warnings.append(f"LoRA '{name}': {parsed.architecture.disagreement}")
             for group_key, target in resolution.targets.items():
