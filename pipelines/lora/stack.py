@@ -52,21 +52,34 @@ class _Plan:
     coverage: list[LoraCoverage] = field(default_factory=list)
 
 
-def stored_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The tensor that really holds a layer's weight: the parameter's data, or, under
-    accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`), the
-    CPU copy its hook loads before every call. Merges write into that tensor in place, so
-    they reach the next forward pass in every memory mode."""
-    weight = module.weight
+def stored_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor that really holds a layer's weight (or `bias`): the parameter's data, or,
+    under accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`),
+    the CPU copy its hook loads before every call. Merges write into that tensor in place,
+    so they reach the next forward pass in every memory mode."""
+    weight = getattr(module, name)
     if weight.device.type != "meta":
         return weight.data
     hook = getattr(module, "_hf_hook", None)
     for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
         weights_map = getattr(part, "weights_map", None)
         if weights_map is not None:
-            stored: torch.Tensor = weights_map["weight"]
+            stored: torch.Tensor = weights_map[name]
             return stored
-    raise RuntimeError(f"{type(module).__name__} holds its weight nowhere we can write to")
+    raise RuntimeError(f"{type(module).__name__} holds its {name} nowhere we can write to")
+
+
+def stored_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    """`stored_weight` for the layer's bias, or None when it has none."""
+    return stored_weight(module, "bias") if getattr(module, "bias", None) is not None else None
+
+
+Backup = tuple[torch.Tensor, torch.Tensor | None]
+"""A layer's base weight and bias (None: no bias), on the CPU."""
+
+
+def _nbytes(backup: Backup) -> int:
+    return sum(t.numel() * t.element_size() for t in backup if t is not None)
 
 
 def check_compatible(parsed: ParsedLora, model_family: str, name: str) -> None:
@@ -107,7 +120,7 @@ class AdapterStack:
         self.cache = cache if cache is not None else LoraFileCache()
         self.backup_budget = backup_budget
         self.index = TargetIndex(pipe)
-        self._backup: OrderedDict[Target, torch.Tensor] = OrderedDict()
+        self._backup: OrderedDict[Target, Backup] = OrderedDict()
         self._applied: dict[Target, tuple[Contribution, ...]] = {}
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
 
@@ -198,7 +211,7 @@ class AdapterStack:
     @property
     def backup_bytes(self) -> int:
         """Bytes held by base-weight backups now."""
-        return sum(t.numel() * t.element_size() for t in self._backup.values())
+        return sum(_nbytes(backup) for backup in self._backup.values())
 
     def _trim_backups(self) -> None:
         """Drop backups of layers at base, oldest first, until the budget holds."""
@@ -206,8 +219,7 @@ class AdapterStack:
         for target in [t for t in self._backup if t not in self._applied]:
             if total <= self.backup_budget:
                 break
-            dropped = self._backup.pop(target)
-            total -= dropped.numel() * dropped.element_size()
+            total -= _nbytes(self._backup.pop(target))
 
     # -- steps
 
@@ -264,21 +276,42 @@ class AdapterStack:
         return plan
 
     def _restore_layer(self, target: Target) -> None:
-        weight = stored_weight(self.index.modules[target])
-        weight.copy_(self._backup[target].to(weight.device))
+        module = self.index.modules[target]
+        weight, bias = stored_weight(module), stored_bias(module)
+        base_weight, base_bias = self._backup[target]
+        weight.copy_(base_weight.to(weight.device))
+        if bias is not None and base_bias is not None:
+            bias.copy_(base_bias.to(bias.device))
         self._applied.pop(target, None)
 
     def _merge_layer(self, target: Target, items: list[tuple[ParsedLora, Contribution]]) -> None:
-        weight = stored_weight(self.index.modules[target])
+        module = self.index.modules[target]
+        weight, bias = stored_weight(module), stored_bias(module)
         if target not in self._backup:
-            self._backup[target] = weight.detach().to("cpu", copy=True)
+            self._backup[target] = (weight.detach().to("cpu", copy=True), None)
         self._backup.move_to_end(target)
-        base = self._backup[target].to(device=weight.device, dtype=torch.float32)
+        base_weight, base_bias = self._backup[target]
+        touches_bias = any(
+            {"diff_b", "b_norm"} & set(parsed.groups[group_key].parts)
+            for parsed, (_key, group_key, _m) in items
+        )
+        if touches_bias and bias is not None and base_bias is None:
+            # the bias is still the base one: only a backed-up bias is ever changed
+            base_bias = bias.detach().to("cpu", copy=True)
+            self._backup[target] = (base_weight, base_bias)
+        base = base_weight.to(device=weight.device, dtype=torch.float32)
         total = base.clone()
+        base_b = None if base_bias is None else base_bias.to(weight.device, torch.float32)
+        total_b = None if base_b is None else base_b.clone()
         try:
             for parsed, (_key, group_key, multiplier) in items:
-                total += module_delta(parsed.groups[group_key], base, multiplier)
+                delta, bias_delta = module_delta(parsed.groups[group_key], base, multiplier, base_b)
+                total += delta
+                if bias_delta is not None and total_b is not None:
+                    total_b += bias_delta
         except ValueError as error:
             raise UnusableFileError(f"{parsed.source}: {error}", field="loras") from error
         weight.copy_(total.to(weight.dtype))
+        if bias is not None and total_b is not None:
+            bias.copy_(total_b.to(bias.dtype))
         self._applied[target] = tuple(c for _, c in items)
