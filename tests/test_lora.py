@@ -933,3 +933,4 @@ def test_bench_quick_runs(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--quick", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| 5 |" in out and "change one weight" in out
+    assert all(f"| {kind} |" in out for kind in ("ia3", "full", "norm", "glora", "oft", "boft"))
