@@ -90,6 +90,59 @@ def write_loras(
     return paths, states
 
 
+TYPES = ("lora", "loha", "lokr", "ia3", "full", "norm", "glora", "oft", "boft")
+
+
+def typed_state(unet: torch.nn.Module, kind: str, rank: int) -> dict[str, torch.Tensor]:
+    """One LyCORIS-keyed file of network type `kind` over the attention-block layers
+    (`norm`: their LayerNorm/GroupNorm layers), with seeded random tensors."""
+    gen = torch.Generator().manual_seed(TYPES.index(kind))
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.01
+
+    state: dict[str, torch.Tensor] = {}
+    if kind == "norm":
+        for name, layer in unet.named_modules():
+            if isinstance(layer, torch.nn.LayerNorm | torch.nn.GroupNorm) and "attentions" in name:
+                key = "lycoris_" + name.replace(".", "_")
+                state[f"{key}.w_norm"] = rand(*layer.weight.shape)
+                state[f"{key}.b_norm"] = rand(*layer.bias.shape)
+        return state
+    for name, layer in lora_targets(unet):
+        key = "lycoris_" + name.replace(".", "_")
+        out, inp = layer.out_features, layer.in_features
+        parts: dict[str, torch.Tensor] = {"alpha": torch.tensor(float(rank // 2))}
+        if kind == "lora":
+            parts.update({"lora_down.weight": rand(rank, inp), "lora_up.weight": rand(out, rank)})
+        elif kind == "loha":
+            for w in ("w1", "w2"):
+                parts.update({f"hada_{w}_a": rand(out, rank), f"hada_{w}_b": rand(rank, inp)})
+        elif kind == "lokr":
+            parts = {"lokr_w1": rand(4, 4), "lokr_w2": rand(out // 4, inp // 4)}
+        elif kind == "ia3":
+            parts = {"weight": rand(out), "on_input": torch.tensor(0)}
+        elif kind == "full":
+            parts = {"diff": rand(out, inp)}
+            if layer.bias is not None:
+                parts["diff_b"] = rand(out)
+        elif kind == "glora":
+            parts.update(
+                {
+                    "a1.weight": rand(inp, rank),
+                    "a2.weight": rand(rank, inp),
+                    "b1.weight": rand(out, rank),
+                    "b2.weight": rand(rank, inp),
+                }
+            )
+        elif kind == "oft":
+            parts = {"oft_blocks": rand(out // 8, 8, 8), "alpha": torch.tensor(0.0)}
+        else:  # boft: two butterfly stages of 4x4 blocks
+            parts = {"oft_blocks": rand(2, out // 4, 4, 4), "alpha": torch.tensor(0.0)}
+        state.update({f"{key}.{part}": tensor for part, tensor in parts.items()})
+    return state
+
+
 def add_hooks(unet: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> list:
     """Unmerged mode: each LoRA adds its low-rank product to the layer output per forward."""
     handles = []
@@ -189,6 +242,20 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
         operations["remove all 5 (restore from backup)"] = timed(lambda: applier.apply_paths([]))
         operations["load one LoRA file cold"] = timed(lambda: LoraFileCache().get(paths[0]))
         operations["load the same file from the cache"] = timed(lambda: cache.get(paths[0]))
+        result["types"] = []
+        for kind in TYPES:
+            path = Path(folder) / f"{kind}.safetensors"
+            save_file(typed_state(unet, kind, rank), str(path))
+            groups = len(cache.get(path).groups)
+            one = [(path, kind, 0.8, 0.8)]
+            merges, restores = [], []
+            for _ in range(repeats):
+                merges.append(timed(lambda one=one: applier.apply_paths(one)))
+                restores.append(timed(lambda: applier.apply_paths([])))
+            merge, restore = statistics.median(merges), statistics.median(restores)
+            result["types"].append(
+                {"type": kind, "modules": groups, "merge": merge, "restore": restore}
+            )
     return result
 
 
@@ -208,6 +275,10 @@ def print_tables(result: dict) -> None:
     print("|---|---:|")
     for name, seconds in result["operations"].items():
         print(f"| {name} | {seconds:.4f} |")
+    print("\n| network type | modules | merge s (multiplier 0.8) | restore s |")
+    print("|---|---:|---:|---:|")
+    for row in result.get("types", []):
+        print(f"| {row['type']} | {row['modules']} | {row['merge']:.4f} | {row['restore']:.4f} |")
 
 
 def main(argv: list[str] | None = None) -> None:

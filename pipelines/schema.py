@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.errors import InvalidRequestError
+from pipelines.lora.coverage import LoraCoverage
 
 SEED_MAX = 2**32 - 1
 RANDN_SOURCES = ("GPU", "CPU", "NV")
@@ -617,4 +618,5 @@ class GenerationResult:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     replica: str | None = None  # the Ray Serve replica that made it (scale-out only)
-    lora_coverage: dict[str, dict[str, object]] = field(default_factory=dict)  # per LoRA
+    lora_coverage: list[LoraCoverage] = field(default_factory=list)
+    """Per applied LoRA: how many of its modules matched the model, by region."""

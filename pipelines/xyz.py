@@ -670,6 +670,7 @@ class GridOutput:
             model_hash=first.model_hash if first is not None else None,
             interrupted=self.interrupted,
             notes=[note for note in (first.notes if first is not None else [])],
+            lora_coverage=list(first.lora_coverage) if first is not None else [],
         )
 
 

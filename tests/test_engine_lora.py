@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from pathlib import Path
 
@@ -50,6 +52,14 @@ def engine(
     xl_keys = {(c, n): prefixes[c] + n.replace(".", "_") for c, n, _ in xl_modules}
     xl = make_kohya(tiny_sdxl.pipe, xl_modules, xl_keys, seed=3)
     write(loras / "xl-only.safetensors", xl, {"ss_base_model_version": "sdxl_base_v1-0"})
+    partial = make_kohya(tiny_sd1.pipe, SD1_MODULES[:2], keys, seed=4)
+    partial["lora_unet_output_blocks_99_1_proj_in.lora_down.weight"] = partial[
+        f"{keys[SD1_MODULES[0][:2]]}.lora_down.weight"
+    ].clone()
+    partial["lora_unet_output_blocks_99_1_proj_in.lora_up.weight"] = partial[
+        f"{keys[SD1_MODULES[0][:2]]}.lora_up.weight"
+    ].clone()
+    write(loras / "partial.safetensors", partial)
     settings = Settings(data_dir=data, ckpt_dirs=(models_dir,), lora_dirs=(loras,), threads=2)
     service = build_service(settings)
     service.folders.hash_missing()
@@ -144,6 +154,39 @@ def test_tag_overrides_stack_row_with_a_note(engine: Service) -> None:
     only_tag = pixels(engine, prompt="a tower <lora:ink:0.5>")
     assert np.array_equal(np.asarray(result.images[0]), only_tag)
     assert "<lora:ink:1>" not in result.infotexts[0]
+
+
+def test_coverage_report_per_applied_lora(
+    engine: Service, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every applied LoRA is reported in the notes, the result and the log; a partial one
+    says what it skipped; the API's info carries `lora_coverage`."""
+    from frontends.api import a1111
+
+    with caplog.at_level(logging.INFO, logger="pipelines.lora.stack"):
+        result = engine.generate(
+            GenerationRequest(prompt="a tower <lora:partial:0.5> <lora:ink:1>", seed=9, **SMALL)
+        )
+    by_name = {report.name: report for report in result.lora_coverage}
+    assert set(by_name) == {"ink", "partial"}
+    assert by_name["ink"].complete and by_name["ink"].total == len(SD1_MODULES)
+    partial = by_name["partial"]
+    assert (partial.matched, partial.total) == (2, 3)
+    assert partial.skipped == ("lora_unet_output_blocks_99_1_proj_in",)
+    assert ("UNet up", 0, 1) in partial.regions
+    assert by_name["ink"].summary() in result.notes
+    assert partial.summary() in result.notes
+    assert "skipped 1: 'lora_unet_output_blocks_99_1_proj_in'" in partial.summary()
+    logged = [r for r in caplog.records if "LoRA 'partial'" in r.getMessage()]
+    assert logged and logged[0].levelno == logging.WARNING
+    call = a1111.parse_txt2img({"prompt": "a tower"}, a1111.ApiOptions())
+    info = a1111.txt2img_info(call, result, started=0.0)
+    assert [entry["name"] for entry in info["lora_coverage"]] == ["partial", "ink"]
+    assert info["lora_coverage"][0]["skipped"] == ["lora_unet_output_blocks_99_1_proj_in"]
+    assert info["lora_coverage"][0]["regions"]["UNet down"] == {"matched": 2, "total": 2}
+    json.dumps(info)
+    plain = engine.generate(GenerationRequest(prompt="a tower", seed=9, **SMALL))
+    assert plain.lora_coverage == []
 
 
 def test_negative_prompt_tags_are_text(engine: Service) -> None:

@@ -417,29 +417,76 @@ def test_width_detection_on_real_shapes() -> None:
     assert xl.disagreement and "SD2" in xl.disagreement
 
 
-def test_nothing_matches_refused_partial_match_warns(sd1: LoadedModel, tmp_path: Path) -> None:
+def test_coverage_full_partial_and_zero(sd1: LoadedModel, tmp_path: Path) -> None:
+    """Every applied LoRA gets a report by region; nothing matching is refused with it;
+    a partial match is applied and names what was skipped."""
     pipe = sd1.pipe
     base = snapshot(pipe)
     gen = torch.Generator().manual_seed(7)
     alien = {
         "lora_unet_no_such_block_to_q.lora_down.weight": rand(gen, 4, 32),
         "lora_unet_no_such_block_to_q.lora_up.weight": rand(gen, 32, 4),
+        "lora_unet_up_blocks_9_attentions_0_proj_in.lora_down.weight": rand(gen, 4, 32),
+        "lora_unet_up_blocks_9_attentions_0_proj_in.lora_up.weight": rand(gen, 32, 4),
     }
     path = write(tmp_path / "alien.safetensors", alien)
     applier = AdapterStack(pipe, sd1.architecture)
-    with pytest.raises(UnusableFileError, match="matches no layer"):
+    with pytest.raises(UnusableFileError) as refused:
         applier.apply_paths([(path, "alien", 1, 1)])
+    message = refused.value.message
+    assert "matches no layer" in message and "0 of 2 modules matched" in message
+    assert "UNet up 0/1, UNet other 0/1" in message and "lora_unet_no_such_block_to_q" in message
+    assert_bit_exact(pipe, base)
+    # full: no warning, a complete report with every region of SD1_MODULES
     keys = sd1_keys(SD1_MODULES)
+    full = write(tmp_path / "full.safetensors", make_kohya(pipe, SD1_MODULES, keys, seed=8))
+    assert applier.apply_paths([(full, "full", 1, 1)]) == []
+    (report,) = applier.coverage_paths([(full, "full", 1, 1)])
+    assert report.complete and (report.matched, report.total) == (10, 10)
+    assert report.regions == (
+        ("text encoder", 2, 2),
+        ("UNet down", 5, 5),
+        ("UNet mid", 1, 1),
+        ("UNet up", 2, 2),
+    )
+    assert report.summary() == (
+        "LoRA 'full': 10 of 10 modules matched "
+        "(text encoder 2/2, UNet down 5/5, UNet mid 1/1, UNet up 2/2)"
+    )
+    # partial: applied, and the warning names the skipped keys by region
     state = make_kohya(pipe, SD1_MODULES[:3], keys, seed=8)
     state.update(alien)
+    state["lora_unet_down_blocks_0_attentions_0_oops.weird_tensor"] = torch.ones(2)
     mixed = write(tmp_path / "mixed.safetensors", state)
     warnings = applier.apply_paths([(mixed, "mixed", 1, 1)])
-    assert len(warnings) == 1 and "3 of 4 modules applied" in warnings[0]
-    assert "1 matched nothing (other 1, e.g. 'lora_unet_no_such_block_to_q')" in warnings[0]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("LoRA 'mixed': 3 of 5 modules matched (")
+    assert "UNet down 2/2, UNet mid 1/1, UNet up 0/1, UNet other 0/1" in warnings[0]
+    assert "skipped 2: 'lora_unet_no_such_block_to_q'" in warnings[0]
+    assert "1 keys of a kind we do not merge ignored" in warnings[0]
+    (report,) = applier.coverage_paths([(mixed, "mixed", 1, 0)])
+    as_json = report.as_dict()
+    assert as_json["matched"] == 3 and as_json["total"] == 5 and not as_json["complete"]
+    assert as_json["regions"]["UNet up"] == {"matched": 0, "total": 1}
+    assert set(as_json["skipped"]) == {
+        "lora_unet_no_such_block_to_q",
+        "lora_unet_up_blocks_9_attentions_0_proj_in",
+    }
+    assert as_json["ignored"] == ["lora_unet_down_blocks_0_attentions_0_oops.weird_tensor"]
+    assert applier.coverage_paths([(mixed, "mixed", 0, 0)]) == []
     expected = kohya_contributions(base, SD1_MODULES[:3], keys, state, 1, 1)
     assert_matches(pipe, oracle(base, expected))
     applier.restore()
     assert_bit_exact(pipe, base)
+
+
+def test_coverage_regions_of_sdxl_text_encoders(sdxl: LoadedModel, tmp_path: Path) -> None:
+    modules, keys = sdxl_ldm_modules()
+    path = write(tmp_path / "xl.safetensors", make_kohya(sdxl.pipe, modules, keys, seed=5))
+    applier = AdapterStack(sdxl.pipe, sdxl.architecture)
+    (report,) = applier.coverage_paths([(path, "xl", 1, 1)])
+    regions = {region for region, _, _ in report.regions}
+    assert {"text encoder", "text encoder 2"} <= regions and report.complete
 
 
 def test_not_a_lora_and_nan_refused(tmp_path: Path) -> None:
@@ -886,3 +933,4 @@ def test_bench_quick_runs(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--quick", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "| 5 |" in out and "change one weight" in out
+    assert all(f"| {kind} |" in out for kind in ("ia3", "full", "norm", "glora", "oft", "boft"))

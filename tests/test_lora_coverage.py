@@ -12,7 +12,7 @@ import torch
 
 from pipelines.errors import LorastackError
 from pipelines.loading import LoadedModel
-from pipelines.lora.stack import key_region
+from pipelines.lora.coverage import LoraCoverage, region_of
 from pipelines.schema import GenerationRequest, LoraSpec
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
@@ -49,34 +49,40 @@ def run(service: Service, name: str) -> object:
     return service.generate(request)
 
 
+def report_of(result: object, name: str) -> LoraCoverage:
+    return next(r for r in result.lora_coverage if r.name == name)  # type: ignore[attr-defined]
+
+
 def test_a_whole_match_is_reported_by_region(
     service: Service, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="pipelines.lora.stack"):
         result = run(service, "whole")
-    report = result.lora_coverage["whole"]  # type: ignore[attr-defined]
-    assert report["modules"] == report["applied"] == len(SD1_MODULES)
-    regions = report["applied_by_region"]
+    report = report_of(result, "whole")
+    assert report.complete and report.matched == report.total == len(SD1_MODULES)
     expected = {"text encoder": 0, "UNet down": 0, "UNet mid": 0, "UNet up": 0}
     for component, name, _ in SD1_MODULES:  # counted from the module names, independently
         prefix = name.split(".")[0]
         where = {"down_blocks": "UNet down", "mid_block": "UNet mid", "up_blocks": "UNet up"}
         expected["text encoder" if component != "unet" else where[prefix]] += 1
-    assert regions == expected
-    assert report["skipped_by_region"] == {}
-    line = f"LoRA 'whole': {len(SD1_MODULES)} of {len(SD1_MODULES)} modules applied"
+    assert {region: (hit, of) for region, hit, of in report.regions} == {
+        region: (count, count) for region, count in expected.items()
+    }
+    assert report.skipped == ()
+    line = f"LoRA 'whole': {len(SD1_MODULES)} of {len(SD1_MODULES)} modules matched"
     assert any(note.startswith(line) for note in result.notes)  # type: ignore[attr-defined]
     assert line in caplog.text
 
 
 def test_a_partial_match_is_applied_and_names_what_was_skipped(service: Service) -> None:
     result = run(service, "partial")
-    report = result.lora_coverage["partial"]  # type: ignore[attr-defined]
-    assert report["applied"] == len(SD1_MODULES) and report["modules"] == len(SD1_MODULES) + 1
-    assert report["skipped_by_region"] == {"UNet up": 1}
-    assert report["skipped_examples"]["UNet up"] == [STRAY]
+    report = report_of(result, "partial")
+    assert report.matched == len(SD1_MODULES) and report.total == len(SD1_MODULES) + 1
+    assert report.skipped == (STRAY,)
+    up = next((hit, of) for region, hit, of in report.regions if region == "UNet up")
+    assert up[1] == up[0] + 1
     note = next(n for n in result.notes if n.startswith("LoRA 'partial'"))  # type: ignore[attr-defined]
-    assert "1 matched nothing (UNet up 1, e.g." in note and STRAY in note
+    assert f"skipped 1: {STRAY!r}" in note
 
 
 def test_a_file_matching_nothing_is_refused(service: Service) -> None:
@@ -93,8 +99,8 @@ def test_a_file_matching_nothing_is_refused(service: Service) -> None:
         ("lora_unet_input_blocks_4_1_proj_in", "UNet down"),
         ("unet.mid_block.attentions.0.proj_out", "UNet mid"),
         ("lora_unet_output_blocks_3_0_emb_layers_1", "UNet up"),
-        ("something_else", "other"),
+        ("something_else", "UNet other"),
     ],
 )
 def test_unmatched_keys_are_placed_by_their_spelling(key: str, region: str) -> None:
-    assert key_region(key) == region
+    assert region_of(None, key, key) == region

@@ -34,6 +34,7 @@ from pipelines.errors import BusyError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult
 from pipelines.generation.run import RunControl
 from pipelines.interface import DeviceInfo, ModelStatus
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.prompt import combine_stacks, extract_lora_tags, strip_comments
 from pipelines.schema import GenerationRequest, GenerationResult
 from pipelines.settings import PROJECT_DIR, Settings
@@ -106,7 +107,7 @@ class WireResult:
     replica: str
     hit: bool
     seconds: float
-    lora_coverage: dict[str, dict[str, object]] = field(default_factory=dict)
+    lora_coverage: list[LoraCoverage] = field(default_factory=list)
 
     @classmethod
     def of(cls, result: GenerationResult, replica: str, hit: bool, seconds: float) -> WireResult:

@@ -848,7 +848,7 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "interrupted": result.interrupted,
         "ignored": call.ignored,
         "notes": list(result.notes),
-        "lora_coverage": dict(result.lora_coverage),
+        "lora_coverage": [report.as_dict() for report in result.lora_coverage],
     }
 
 
@@ -870,6 +870,13 @@ def series_info(
         infotexts=[result.infotexts[index] for result, index in done],
         interrupted=any(r.interrupted for r in results) or len(results) < len(call.series or ()),
         notes=[note for result in results for note in result.notes],
+        lora_coverage=list(
+            {
+                (report.name, report.matched, report.total): report.as_dict()
+                for result in results
+                for report in result.lora_coverage
+            }.values()
+        ),
     )
     info["seed"] = info["all_seeds"][0] if info["all_seeds"] else call.request.seed
     return info

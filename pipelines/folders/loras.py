@@ -27,7 +27,9 @@ from pipelines.lora.keys import (
 )
 from pipelines.safeload import is_file_quietly, read_safetensors_header
 
-LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt")
+LORA_EXTENSIONS = (".safetensors", ".pt", ".ckpt", ".bin")
+"""A1111 lists the first three; `.bin` is diffusers' `pytorch_lora_weights.bin` (a pickle, read
+with `weights_only` like the others)."""
 LORA_MARKER = PEFT_CONFIG
 PREVIEW_SUFFIXES = (".png", ".preview.png", ".jpg", ".jpeg", ".preview.jpg", ".webp")
 TRIGGER_WORDS = 10

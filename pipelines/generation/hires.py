@@ -214,7 +214,7 @@ class HiresRun(Txt2ImgRun):
         applied = list(adapters.applied)
         if second.adapters is not None:
             applied += [item for item in second.adapters.applied if item not in applied]
-        merged = Adapters(applied, adapters.text_state, adapters.notes)
+        merged = Adapters(applied, adapters.text_state, adapters.notes, adapters.coverage)
         if self.first is not None:
             self.model = self.first  # `Model:` is the first pass's checkpoint (A1111)
         return super().result(inputs, merged, images, seeds, subseeds)

@@ -32,7 +32,7 @@ from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
 from pipelines.infotext import format_infotext, format_lora_hashes
-from pipelines.lora.stack import LoraCoverage
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
@@ -270,17 +270,15 @@ class Txt2ImgRun:
                 raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
             resolved.append((entry, spec.weight, spec.text_encoder_weight))
         notes = self.model.adapters.apply(resolved)
-        report = list(self.model.adapters.coverage)
-        for line in report:  # every LoRA's coverage; partial ones are among the warnings
-            if not line.skipped and not line.ignored:
-                notes.append(line.describe())
+        coverage = self.model.adapters.coverage(resolved)
+        notes += [report.summary() for report in coverage if report.complete]
         applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
         text_state = tuple(
             (str(entry.path), entry.size, entry.mtime_ns, t)
             for entry, _, t in resolved
             if t and any(part.startswith("te") for part in entry.parts)
         )
-        return Adapters(applied, text_state, notes, report)
+        return Adapters(applied, text_state, notes, coverage)
 
     def apply_vae(self, inputs: RunInputs) -> None:
         """Make the model's VAE the request's `sd_vae` (A1111's resolution order)."""
@@ -646,7 +644,7 @@ class Txt2ImgRun:
             model_hash=model.entry.short_hash if model.entry else None,
             interrupted=self.control.interrupted,
             notes=notes,
-            lora_coverage={line.name: line.as_dict() for line in adapters.coverage},
+            lora_coverage=list(adapters.coverage),
         )
 
     def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int, subseed: int) -> str:

@@ -46,12 +46,23 @@ _SUFFIXES: tuple[tuple[str, str], ...] = tuple(
                 f".lokr_{p}": f"lokr_{p}"
                 for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
             },
+            # IA3 (`weight` is the learned vector), full diffs, norms, GLoRA, OFT/BOFT
+            ".weight": "weight",
+            ".on_input": "on_input",
+            ".diff": "diff",
+            ".diff_b": "diff_b",
+            ".w_norm": "w_norm",
+            ".b_norm": "b_norm",
+            **{f".{p}.weight": p for p in ("a1", "a2", "b1", "b2", "bm")},
+            ".oft_blocks": "oft_blocks",
+            ".oft_diag": "oft_diag",
+            ".rescale": "rescale",
         }.items(),
         key=lambda item: -len(item[0]),
     )
 )
-# Parts of formats we recognise but do not merge (IA3, OFT, GLoRA, full diffs, biases).
-_UNSUPPORTED_MARKERS = ("on_input", "oft_", "a1.weight", "b1.weight", ".diff", ".diff_b", ".w_norm")
+KINDS: tuple[str, ...] = ("lora", "loha", "lokr", "ia3", "full", "norm", "glora", "oft", "boft")
+"""Every network type we merge (A1111 1.10's network modules), in `file_format` order."""
 _OLD_PROCESSOR = re.compile(r"^(.*)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _PREFIXES: tuple[tuple[str, str | None, str], ...] = (
     # (key prefix, component or None = "find it", naming style)
@@ -88,7 +99,7 @@ class Group(Generic[T]):
 
     @property
     def kind(self) -> str:
-        """ "lora", "loha", "lokr" or "unsupported" (IA3, OFT, missing halves...)."""
+        """One of KINDS, or "unsupported" (missing halves, parts of no known type)."""
         keys = set(self.parts)
         if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= keys:
             return "loha"
@@ -98,6 +109,17 @@ class Group(Generic[T]):
             return "lokr"
         if {"up", "down"} <= keys:
             return "lora"
+        if {"weight", "on_input"} <= keys:
+            return "ia3"
+        if "diff" in keys:
+            return "full"
+        if "w_norm" in keys:
+            return "norm"
+        if {"a1", "a2", "b1", "b2"} <= keys:
+            return "glora"
+        for blocks in ("oft_blocks", "oft_diag"):
+            if blocks in keys:
+                return "boft" if len(shape_of(self.parts[blocks])) == 4 else "oft"
         return "unsupported"
 
 
@@ -152,10 +174,7 @@ def file_format(groups: Mapping[str, Group[Any]], folder: bool = False) -> str:
         label = "kohya"
     else:
         label = "diffusers"
-    if "loha" in kinds:
-        label += "+loha"
-    if "lokr" in kinds:
-        label += "+lokr"
+    label += "".join(f"+{kind}" for kind in KINDS[1:] if kind in kinds)
     return label + ("+dora" if dora else "")
 
 

@@ -107,8 +107,115 @@ def _row_norm(weight: torch.Tensor) -> torch.Tensor:
     return rows.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
 
 
-def module_delta(group: Group[torch.Tensor], base: torch.Tensor, multiplier: float) -> torch.Tensor:
-    """What one module of one LoRA adds to `base` (fp32) at `multiplier`.
+def _channel_shape(vector: torch.Tensor, weight: torch.Tensor, axis: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast along `axis` (0: outputs, 1: inputs)."""
+    shape = [1] * weight.dim()
+    shape[axis] = weight.shape[axis]
+    return vector.reshape(shape)
+
+
+def _ia3(p: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """IA3 at multiplier 1: W * w along the inputs (`on_input`) or the outputs."""
+    on_input = bool(p["on_input"].reshape(-1)[0].item()) if p["on_input"].numel() else False
+    axis = 1 if on_input else 0
+    weight = p["weight"].to(device=base.device, dtype=torch.float32)
+    if weight.numel() != base.shape[axis]:
+        raise ValueError(
+            f"IA3 vector has {weight.numel()} values, the layer {base.shape[axis]} "
+            f"{'inputs' if on_input else 'outputs'}"
+        )
+    return base * _channel_shape(weight, base, axis)
+
+
+def _glora(p: Mapping[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """GLoRA at multiplier 1: (W a1 a2 + b1 b2) * alpha / r in LyCORIS's current layout
+    (a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in*k*k]); the old layout (a1 [r, in],
+    a2 [in, r], b1 [r, in], b2 [out, r]; A1111's W a2 a1 + b2 b1) is told by its shapes."""
+    a1, a2, b1, b2 = (p[k].flatten(1) for k in ("a1", "a2", "b1", "b2"))
+    old = b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]
+    new = b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+    if old and new:  # square shapes: A1111's rule (an old a2 [in, r] on a square layer)
+        old = a2.shape[0] == base.shape[0] == base.shape[1]
+    if old:
+        a1, a2, b1, b2 = a2, a1, b2, b1
+    rank = a2.shape[0]
+    weighted = torch.einsum("o i ..., i j -> o j ...", base, a1)
+    weighted = torch.einsum("o j ..., j i -> o i ...", weighted, a2)
+    delta = (b1 @ b2).reshape(base.shape) + weighted
+    alpha = _scalar(p, "alpha")
+    return delta * (alpha / rank if alpha else 1.0)
+
+
+def _cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """LyCORIS's orthogonal blocks from skew parts: (I + Q)(I - Q)^-1, the norm of Q
+    clamped to `constraint` when it is positive."""
+    eye = torch.eye(blocks.shape[-1], device=blocks.device, dtype=blocks.dtype)
+    q = blocks - blocks.transpose(-1, -2)
+    if constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * constraint / norm
+    return (eye + q) @ (eye - q).inverse()
+
+
+def _oft(p: Mapping[str, torch.Tensor], base: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """OFT (kohya and LyCORIS `oft_blocks`, old LyCORIS `oft_diag` = R itself): each block
+    of output rows rotated, W' = R_m^T W with R_m = m R + (1 - m) I, then `rescale`."""
+    if "oft_blocks" in p:
+        alpha = _scalar(p, "alpha") or 0.0
+        rotation = _cayley(p["oft_blocks"], alpha * base.shape[0])
+    else:
+        rotation = p["oft_diag"]
+    count, size = rotation.shape[0], rotation.shape[1]
+    if count * size != base.shape[0]:
+        raise ValueError(f"OFT blocks {count} x {size} do not cover {base.shape[0]} outputs")
+    eye = torch.eye(size, device=base.device, dtype=base.dtype)
+    rotation = multiplier * rotation + (1 - multiplier) * eye
+    # base (count * size, ...) -> (count, size, ...) -> rotated -> (count * size, ...)
+    blocks = base.reshape(count, size, *base.shape[1:])
+    merged = torch.einsum("k n m, k n ... -> k m ...", rotation, blocks).reshape(base.shape)
+    if "rescale" in p:
+        merged = merged * p["rescale"].reshape(-1, *[1] * (base.dim() - 1))
+    return merged - base
+
+
+def _boft(p: Mapping[str, torch.Tensor], base: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """Butterfly OFT (LyCORIS): m stages, stage i mixing rows 2^i * b/2 apart; the
+    multiplier moves each stage toward identity (LyCORIS), then `rescale`."""
+    blocks = p["oft_blocks"] if "oft_blocks" in p else p["oft_diag"]
+    stages, _count, size, _ = blocks.shape
+    if "oft_blocks" in p:
+        rotations = _cayley(blocks, (_scalar(p, "alpha") or 0.0) * base.shape[0])
+    else:
+        rotations = blocks
+    eye = torch.eye(size, device=base.device, dtype=base.dtype)
+    rows = base
+    for stage in range(stages):
+        rotation = rotations[stage]
+        if multiplier != 1:
+            rotation = rotation * multiplier + (1 - multiplier) * eye
+        step = 2**stage * (size // 2)
+        # rows (c g k) -> (c k g) -> (d b): pair rows `step` apart into blocks of `size`
+        rows = rows.unflatten(0, (-1, 2, step)).transpose(1, 2).flatten(0, 2)
+        rows = torch.einsum("b i j, b j ... -> b i ...", rotation, rows.unflatten(0, (-1, size)))
+        rows = rows.flatten(0, 1).unflatten(0, (-1, step, 2)).transpose(1, 2).flatten(0, 2)
+    if "rescale" in p:
+        rows = rows * p["rescale"].reshape(-1, *[1] * (base.dim() - 1))
+    return rows - base
+
+
+def module_delta(
+    group: Group[torch.Tensor],
+    base: torch.Tensor,
+    multiplier: float,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What one module of one LoRA adds to `base` (fp32) and its `bias` at `multiplier`.
+
+    Returns the weight's update and the bias's (None: the bias is unchanged). Every type
+    follows the library that writes it (LyCORIS for IA3, full, norm, GLoRA, OFT, BOFT):
+    IA3 W * (1 + m w); full and norm W + m diff, b + m diff_b; GLoRA
+    W + m (W a1 a2 + b1 b2) alpha / r; OFT/BOFT rotations moved toward identity by m.
 
     DoRA, LyCORIS `dora_scale` (also in kohya-named files): LyCORIS's own forward pass,
     W' = (W + delta) * (m * (dora / ||W + delta|| - 1) + 1), the norm per output row when
@@ -119,12 +226,35 @@ def module_delta(group: Group[torch.Tensor], base: torch.Tensor, multiplier: flo
     LyCORIS does not. PEFT `lora_magnitude_vector`: PEFT's row-wise definition,
     W' = m * (W + s*BA) / ||W + s*BA||_row, with the multiplier inside s.
     """
+    kind = group.kind
+    if kind in ("ia3", "full", "norm", "glora", "oft", "boft"):
+        p = {k: _f32(v, base.device) for k, v in group.parts.items()}
+        bias_delta = None
+        if kind == "ia3":
+            delta = _ia3(p, base) * multiplier
+        elif kind in ("full", "norm"):
+            weight, extra = ("diff", "diff_b") if kind == "full" else ("w_norm", "b_norm")
+            if p[weight].numel() != base.numel():
+                raise ValueError(
+                    f"{group.key}: update has shape {tuple(p[weight].shape)}, "
+                    f"layer {tuple(base.shape)}"
+                )
+            delta = p[weight].reshape(base.shape) * multiplier
+            if extra in p and bias is not None:
+                bias_delta = p[extra].reshape(bias.shape) * multiplier
+        elif kind == "glora":
+            delta = _glora(p, base) * multiplier
+        elif kind == "oft":
+            delta = _oft(p, base, multiplier)
+        else:
+            delta = _boft(p, base, multiplier)
+        return delta, bias_delta
     delta = unit_delta(group, base.shape, base.device)
     if "magnitude" in group.parts:
         magnitude = _f32(group.parts["magnitude"], base.device)
         merged = base + delta * multiplier
         scale = magnitude.reshape(-1, *[1] * (base.dim() - 1)) / _row_norm(merged)
-        return merged * scale - base
+        return merged * scale - base, None
     if "dora_scale" in group.parts:
         dora = _f32(group.parts["dora_scale"], base.device)
         merged = base + delta
@@ -133,5 +263,5 @@ def module_delta(group: Group[torch.Tensor], base: torch.Tensor, multiplier: flo
             per_output = dora.numel() == base.shape[0] and dora.numel() != base.shape[1]
         norm = _row_norm(merged) if per_output else _column_norm(merged)
         scale = dora.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
-        return merged * (multiplier * (scale - 1) + 1) - base
-    return delta * multiplier
+        return merged * (multiplier * (scale - 1) + 1) - base, None
+    return delta * multiplier, None

@@ -20,6 +20,7 @@ import torch
 from pipelines.architecture import Architecture
 from pipelines.devices import stored_tensor
 from pipelines.errors import UnusableFileError
+from pipelines.lora.coverage import LoraCoverage, count_regions, group_region, region_of
 from pipelines.lora.files import LoraFileCache, ParsedLora
 from pipelines.lora.maths import module_delta
 from pipelines.lora.targets import Target, TargetIndex
@@ -44,93 +45,6 @@ class Resolution:
 
 Contribution = tuple[tuple[str, int, int], str, float]  # (file key, group key, multiplier)
 
-REGIONS = ("text encoder", "text encoder 2", "UNet down", "UNet mid", "UNet up", "other")
-
-
-def target_region(target: Target) -> str:
-    """Where a matched layer sits: which text encoder, or which part of the UNet."""
-    if target.component == "text_encoder_2":
-        return "text encoder 2"
-    if target.is_text_encoder:
-        return "text encoder"
-    for prefix, region in (("down_blocks", "UNet down"), ("mid_block", "UNet mid")):
-        if target.module.startswith(prefix):
-            return region
-    return "UNet up" if target.module.startswith("up_blocks") else "other"
-
-
-def key_region(key: str) -> str:
-    """Where an unmatched module was meant to go, read from its spelling (kohya, LDM,
-    diffusers and PEFT names)."""
-    low = key.lower()
-    if any(mark in low for mark in ("te2", "text_encoder_2", "te_2", "embedders_1")):
-        return "text encoder 2"
-    if any(mark in low for mark in ("lora_te", "text_encoder", "te1", "te_text", "cond_stage")):
-        return "text encoder"
-    for marks, region in (
-        (("down_blocks", "down_", "input_blocks"), "UNet down"),
-        (("mid_block", "middle_block", "mid_"), "UNet mid"),
-        (("up_blocks", "up_", "output_blocks"), "UNet up"),
-    ):
-        if any(mark in low for mark in marks):
-            return region
-    return "other"
-
-
-@dataclass(frozen=True)
-class LoraCoverage:
-    """How much of one LoRA file found a layer of the model, per region."""
-
-    name: str
-    matched: dict[str, int]
-    skipped: dict[str, list[str]]  # region -> module keys that matched nothing
-    ignored: int  # keys of a kind we do not merge
-
-    @property
-    def total(self) -> int:
-        return sum(self.matched.values()) + sum(len(v) for v in self.skipped.values())
-
-    def describe(self) -> str:
-        """One line: `LoRA 'ink': 60 of 64 modules applied (text encoder 12, UNet down 20,
-        ...); 4 matched nothing (UNet up: e.g. 'lora_unet_...')`."""
-        applied = sum(self.matched.values())
-        parts = ", ".join(f"{region} {count}" for region, count in self.matched.items())
-        text = f"LoRA '{self.name}': {applied} of {self.total} modules applied ({parts})"
-        if self.skipped:
-            misses = "; ".join(
-                f"{region} {len(keys)}, e.g. {keys[0]!r}" for region, keys in self.skipped.items()
-            )
-            text += f"; {sum(len(v) for v in self.skipped.values())} matched nothing ({misses})"
-        if self.ignored:
-            text += f"; {self.ignored} keys of a kind we do not merge were ignored"
-        return text
-
-    def as_dict(self) -> dict[str, object]:
-        """The API's `lora_coverage` entry."""
-        return {
-            "modules": self.total,
-            "applied": sum(self.matched.values()),
-            "applied_by_region": dict(self.matched),
-            "skipped_by_region": {region: len(keys) for region, keys in self.skipped.items()},
-            "skipped_examples": {region: keys[:3] for region, keys in self.skipped.items()},
-            "ignored_keys": self.ignored,
-        }
-
-
-def coverage(name: str, resolution: Resolution, ignored: int) -> LoraCoverage:
-    matched: dict[str, int] = {}
-    for target in resolution.targets.values():
-        region = target_region(target)
-        matched[region] = matched.get(region, 0) + 1
-    skipped: dict[str, list[str]] = {}
-    for key in resolution.skipped:
-        skipped.setdefault(key_region(key), []).append(key)
-
-    def ordered(found: dict) -> dict:
-        return {region: found[region] for region in REGIONS if region in found}
-
-    return LoraCoverage(name, ordered(matched), ordered(skipped), ignored)
-
 
 @dataclass
 class _Plan:
@@ -139,12 +53,25 @@ class _Plan:
     coverage: list[LoraCoverage] = field(default_factory=list)
 
 
-def stored_weight(module: torch.nn.Module) -> torch.Tensor:
-    """The tensor that really holds a layer's weight: the parameter's data, or, under
-    accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`), the
-    CPU copy its hook loads before every call. Merges write into that tensor in place, so
-    they reach the next forward pass in every memory mode."""
-    return stored_tensor(module, "weight")
+def stored_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor that really holds a layer's weight (or `bias`): the parameter's data, or,
+    under accelerate's sequential CPU offload (`--lowvram`: the parameter sits on `meta`),
+    the CPU copy its hook loads before every call. Merges write into that tensor in place,
+    so they reach the next forward pass in every memory mode."""
+    return stored_tensor(module, name)
+
+
+def stored_bias(module: torch.nn.Module) -> torch.Tensor | None:
+    """`stored_weight` for the layer's bias, or None when it has none."""
+    return stored_weight(module, "bias") if getattr(module, "bias", None) is not None else None
+
+
+Backup = tuple[torch.Tensor, torch.Tensor | None]
+"""A layer's base weight and bias (None: no bias), on the CPU."""
+
+
+def _nbytes(backup: Backup) -> int:
+    return sum(t.numel() * t.element_size() for t in backup if t is not None)
 
 
 def check_compatible(parsed: ParsedLora, model_family: str, name: str) -> None:
@@ -185,10 +112,9 @@ class AdapterStack:
         self.cache = cache if cache is not None else LoraFileCache()
         self.backup_budget = backup_budget
         self.index = TargetIndex(pipe)
-        self._backup: OrderedDict[Target, torch.Tensor] = OrderedDict()
+        self._backup: OrderedDict[Target, Backup] = OrderedDict()
         self._applied: dict[Target, tuple[Contribution, ...]] = {}
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
-        self.coverage: list[LoraCoverage] = []  # the last `apply`'s report, per LoRA
 
     # -- public
 
@@ -199,7 +125,8 @@ class AdapterStack:
             resolved: (entry, unet multiplier, text-encoder multiplier) in stack order;
                 a multiplier of 0 means that part is absent.
         Returns:
-            Warnings for the caller to show (partial matches, metadata disagreements).
+            Warnings for the caller to show (partial matches with what was skipped,
+            metadata disagreements); `coverage` gives the full report of each LoRA.
         Raises:
             UnusableFileError: a file that cannot be read, is for another family, or
                 matches nothing in the model. Nothing is changed in that case.
@@ -220,8 +147,47 @@ class AdapterStack:
                 if self._applied.get(target) != wanted[target]:
                     self._merge_layer(target, items)
         self._trim_backups()
-        self.coverage = plan.coverage
+        for report in plan.coverage:
+            log.log(logging.INFO if report.complete else logging.WARNING, report.summary())
         return plan.warnings
+
+    def coverage(self, resolved: list[tuple[LoraEntry, float, float]]) -> list[LoraCoverage]:
+        """The coverage report of each LoRA of a stack with a weight, against this model.
+
+        Args:
+            resolved: as for `apply`.
+        Returns:
+            One report per LoRA with a non-zero weight, in stack order. Files that cannot
+            be read are left out (applying them raises with the reason).
+        """
+        return self.coverage_paths([(e.path, e.name, u, t) for e, u, t in resolved if not e.error])
+
+    def coverage_paths(self, stack: list[tuple[Path, str, float, float]]) -> list[LoraCoverage]:
+        """`coverage` for (path, display name, unet weight, te weight) tuples."""
+        reports = []
+        for path, name, unet_w, te_w in stack:
+            if unet_w == 0 and te_w == 0:
+                continue
+            try:
+                parsed = self.cache.get(path)
+            except UnusableFileError:
+                continue
+            reports.append(self.report(parsed, LoraFileCache.key(path), name))
+        return reports
+
+    def report(self, parsed: ParsedLora, key: tuple[str, int, int], name: str) -> LoraCoverage:
+        """How many of a parsed file's modules match this model, by region."""
+        resolution = self.resolve(parsed, key)
+        matched = [region_of(t.component, t.module) for t in resolution.targets.values()]
+        skipped = [group_region(parsed.groups[k]) for k in resolution.skipped]
+        return LoraCoverage(
+            name=name,
+            matched=len(matched),
+            total=len(matched) + len(skipped),
+            regions=count_regions(matched, skipped),
+            skipped=resolution.skipped,
+            ignored=resolution.unsupported + parsed.unknown_keys,
+        )
 
     def misfit(self, path: Path, name: str) -> str | None:
         """Why the LoRA at `path` cannot apply to this model (another family, no layer
@@ -246,7 +212,7 @@ class AdapterStack:
     @property
     def backup_bytes(self) -> int:
         """Bytes held by base-weight backups now."""
-        return sum(t.numel() * t.element_size() for t in self._backup.values())
+        return sum(_nbytes(backup) for backup in self._backup.values())
 
     def _trim_backups(self) -> None:
         """Drop backups of layers at base, oldest first, until the budget holds."""
@@ -254,8 +220,7 @@ class AdapterStack:
         for target in [t for t in self._backup if t not in self._applied]:
             if total <= self.backup_budget:
                 break
-            dropped = self._backup.pop(target)
-            total -= dropped.numel() * dropped.element_size()
+            total -= _nbytes(self._backup.pop(target))
 
     # -- steps
 
@@ -291,19 +256,15 @@ class AdapterStack:
             parsed = self.cache.get(path)
             check_compatible(parsed, family, name)
             resolution = self.resolve(parsed, key)
+            report = self.report(parsed, key, name)
             if not resolution.targets:
                 raise UnusableFileError(
-                    f"LoRA '{name}' matches no layer of this {family} model "
-                    f"({len(parsed.groups)} modules in the file, e.g. "
-                    f"{next(iter(parsed.groups), '?')!r})",
+                    f"LoRA '{name}' matches no layer of this {family} model: {report.details()}",
                     field="loras",
                 )
-            ignored = len(resolution.unsupported) + len(parsed.unknown_keys)
-            report = coverage(name, resolution, ignored)
             plan.coverage.append(report)
-            log.info("%s", report.describe())
-            if resolution.skipped or ignored:
-                plan.warnings.append(report.describe())
+            if not report.complete:
+                plan.warnings.append(report.summary())
             if parsed.architecture.disagreement:
                 plan.warnings.append(f"LoRA '{name}': {parsed.architecture.disagreement}")
             for group_key, target in resolution.targets.items():
@@ -316,21 +277,42 @@ class AdapterStack:
         return plan
 
     def _restore_layer(self, target: Target) -> None:
-        weight = stored_weight(self.index.modules[target])
-        weight.copy_(self._backup[target].to(weight.device))
+        module = self.index.modules[target]
+        weight, bias = stored_weight(module), stored_bias(module)
+        base_weight, base_bias = self._backup[target]
+        weight.copy_(base_weight.to(weight.device))
+        if bias is not None and base_bias is not None:
+            bias.copy_(base_bias.to(bias.device))
         self._applied.pop(target, None)
 
     def _merge_layer(self, target: Target, items: list[tuple[ParsedLora, Contribution]]) -> None:
-        weight = stored_weight(self.index.modules[target])
+        module = self.index.modules[target]
+        weight, bias = stored_weight(module), stored_bias(module)
         if target not in self._backup:
-            self._backup[target] = weight.detach().to("cpu", copy=True)
+            self._backup[target] = (weight.detach().to("cpu", copy=True), None)
         self._backup.move_to_end(target)
-        base = self._backup[target].to(device=weight.device, dtype=torch.float32)
+        base_weight, base_bias = self._backup[target]
+        touches_bias = any(
+            {"diff_b", "b_norm"} & set(parsed.groups[group_key].parts)
+            for parsed, (_key, group_key, _m) in items
+        )
+        if touches_bias and bias is not None and base_bias is None:
+            # the bias is still the base one: only a backed-up bias is ever changed
+            base_bias = bias.detach().to("cpu", copy=True)
+            self._backup[target] = (base_weight, base_bias)
+        base = base_weight.to(device=weight.device, dtype=torch.float32)
         total = base.clone()
+        base_b = None if base_bias is None else base_bias.to(weight.device, torch.float32)
+        total_b = None if base_b is None else base_b.clone()
         try:
             for parsed, (_key, group_key, multiplier) in items:
-                total += module_delta(parsed.groups[group_key], base, multiplier)
+                delta, bias_delta = module_delta(parsed.groups[group_key], base, multiplier, base_b)
+                total += delta
+                if bias_delta is not None and total_b is not None:
+                    total_b += bias_delta
         except ValueError as error:
             raise UnusableFileError(f"{parsed.source}: {error}", field="loras") from error
         weight.copy_(total.to(weight.dtype))
+        if bias is not None and total_b is not None:
+            bias.copy_(total_b.to(bias.dtype))
         self._applied[target] = tuple(c for _, c in items)

@@ -18,11 +18,15 @@ log = logging.getLogger(__name__)
 
 
 _RESNET_LDM = {
+    "norm1": "in_layers_0",
     "conv1": "in_layers_2",
+    "norm2": "out_layers_0",
     "conv2": "out_layers_3",
     "time_emb_proj": "emb_layers_1",
     "conv_shortcut": "skip_connection",
 }
+MERGEABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
+"""Layers a network may change: Linear/Conv (every type) and norms (`norm`, `full`)."""
 
 
 def ldm_unet_name(name: str, layers_per_block: int, up_has_attention: list[bool]) -> str | None:
@@ -60,6 +64,7 @@ def ldm_unet_name(name: str, layers_per_block: int, up_has_attention: list[bool]
     fixed = {
         "conv_in": "input_blocks_0_0",
         "conv_out": "out_2",
+        "conv_norm_out": "out_0",
         "time_embedding.linear_1": "time_embed_0",
         "time_embedding.linear_2": "time_embed_2",
         "add_embedding.linear_1": "label_emb_0_0",
@@ -81,7 +86,7 @@ class Target:
 
 
 class TargetIndex:
-    """Every spelling a LoRA file may use for each Linear/Conv layer of the pipeline."""
+    """Every spelling a LoRA file may use for each mergeable layer of the pipeline."""
 
     def __init__(self, pipe: Any) -> None:
         self.modules: dict[Target, torch.nn.Module] = {}
@@ -97,7 +102,7 @@ class TargetIndex:
             per = per if isinstance(per, int) else per[0]
             up_attn = ["CrossAttn" in t for t in (getattr(config, "up_block_types", None) or [])]
             for name, module in model.named_modules():
-                if not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                if not isinstance(module, MERGEABLE) or getattr(module, "weight", None) is None:
                     continue
                 target = Target(component, name)
                 self.modules[target] = module
@@ -126,12 +131,25 @@ class TargetIndex:
 
 
 def _fits(group: Group[Any], module: torch.nn.Module) -> bool:
-    """Cheap shape check: a low-rank LoRA's in/out features must match the layer."""
+    """Cheap shape check: the group's tensors must fit the layer's weight."""
     weight = module.weight
-    if group.kind == "lora":
+    kind = group.kind
+    is_norm = isinstance(module, torch.nn.LayerNorm | torch.nn.GroupNorm)
+    if kind == "norm":
+        return is_norm and math.prod(shape_of(group.parts["w_norm"])) == weight.numel()
+    if kind == "full":
+        return math.prod(shape_of(group.parts["diff"])) == weight.numel()
+    if is_norm:
+        return False
+    if kind == "lora":
         up, down = shape_of(group.parts["up"]), shape_of(group.parts["down"])
         if "mid" in group.parts:
             return up[0] == weight.shape[0] and down[1] == weight.shape[1]
         numel = up[0] * math.prod(down[1:])
         return up[0] == weight.shape[0] and numel == weight.numel()
+    if kind == "ia3":
+        return math.prod(shape_of(group.parts["weight"])) in weight.shape[:2]
+    if kind in ("oft", "boft"):
+        blocks = shape_of(group.parts.get("oft_blocks", group.parts.get("oft_diag", ())))
+        return blocks[-3] * blocks[-1] == weight.shape[0] if len(blocks) >= 3 else False
     return True
