@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipelines.folders.loras import LoraEntry
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.schema import GenerationRequest
 
 if TYPE_CHECKING:  # `prepare` must run before anything imports torch's CUDA side
@@ -167,6 +169,11 @@ class ZeroGpuRunner:
 
     def rescanned(self) -> None:
         self.engine.rescanned()
+
+    def lora_coverage(
+        self, entries: Sequence[LoraEntry], checkpoint: str
+    ) -> list[LoraCoverage] | None:
+        return self.engine.lora_coverage(entries, checkpoint)  # the pipeline lives in this process
 
 
 def zero_gpu_runner(settings: Settings, folders: ModelFolders) -> ZeroGpuRunner:

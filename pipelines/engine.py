@@ -8,6 +8,7 @@ it from its single worker thread, so one pipeline never runs two jobs at once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -15,6 +16,7 @@ from pipelines.devices import DevicePlan, plan_device
 from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import DeviceOutOfMemoryError
 from pipelines.extras import ExtrasRequest, ExtrasResult, postprocess_here
+from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
@@ -23,6 +25,7 @@ from pipelines.generation.run import RunControl, Txt2ImgRun
 from pipelines.generation.sd_upscale import SdUpscaleRun
 from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.loading import LoadedModel
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.lora.files import LoraFileCache
 from pipelines.model_manager import ActiveModel, ModelManager
 from pipelines.preview import PreviewDecoders
@@ -147,6 +150,16 @@ class Engine:
 
     def loading(self) -> str | None:
         return self.manager.loading
+
+    def lora_coverage(
+        self, entries: Sequence[LoraEntry], checkpoint: str
+    ) -> list[LoraCoverage] | None:
+        """How much of each LoRA file matches checkpoint `checkpoint` (a key), when it is
+        the loaded model (None: it is not loaded)."""
+        model = self.manager.current
+        if model is None or model.key != checkpoint:
+            return None
+        return model.adapters.coverage([(entry, 1.0, 1.0) for entry in entries])
 
     def rescanned(self) -> None:
         """Nothing to tell: this engine reads the same folders object."""

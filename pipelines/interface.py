@@ -21,6 +21,7 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
 from pipelines.gallery import GalleryIndex
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.output import SaveOptions
 from pipelines.schema import Bounds, GenerationRequest, GenerationResult
 from pipelines.styles import PromptStyle, StyleSheet
@@ -298,6 +299,11 @@ class GenerationService(Protocol):
     def resolve_checkpoint(self, name: str) -> CheckpointEntry: ...
 
     def resolve_lora(self, name: str) -> LoraEntry: ...
+
+    def lora_coverage(self, name: str, checkpoint: str | None = None) -> LoraCoverage | str:
+        """LoRA `name`'s modules matched against the loaded checkpoint, by region, before
+        generating; or a sentence saying why there is no report yet."""
+        ...
 
     def current_model(self) -> ModelStatus | None:
         """The checkpoint requests without one use (None before anything was chosen)."""

@@ -42,6 +42,7 @@ from pipelines.interface import (
 )
 from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
 from pipelines.limits import UserLimits
+from pipelines.lora.coverage import LoraCoverage
 from pipelines.output import SaveOptions, read_save_options, write_save_options
 from pipelines.preview import check_preview_method
 from pipelines.schema import (
@@ -75,6 +76,13 @@ class Runner(Protocol):
     def loaded(self) -> ModelStatus | None: ...
 
     def rescanned(self) -> None: ...
+
+    def lora_coverage(
+        self, entries: Sequence[LoraEntry], checkpoint: str
+    ) -> list[LoraCoverage] | None:
+        """Each file's coverage against checkpoint key `checkpoint` when that is the loaded
+        model (None: it is not, or the runner holds no single model)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -339,6 +347,25 @@ class Service:
     def resolve_lora(self, name: str) -> LoraEntry:
         entry: LoraEntry = self.folders.resolve("lora", name)
         return entry
+
+    def lora_coverage(self, name: str, checkpoint: str | None = None) -> LoraCoverage | str:
+        """The coverage report of LoRA `name` against the loaded checkpoint, or why there
+        is none yet (the file is unusable; `checkpoint`, the page's choice, is not the
+        loaded one; the runner holds no single model)."""
+        entry = self.resolve_lora(name)
+        if entry.error:
+            return f"LoRA '{entry.name}' cannot be used: {entry.error}"
+        if checkpoint == DEMO_MODEL_NAME:
+            key = DEMO_MODEL_NAME
+        else:
+            key = self._checkpoint_key(checkpoint or None) or DEMO_MODEL_NAME
+        reports = self.runner.lora_coverage([entry], key)
+        if reports is None:
+            wanted = checkpoint or "the checkpoint"
+            return f"the report shows once {wanted} is loaded (it loads on Generate)"
+        if not reports:
+            return f"no report for LoRA '{entry.name}': its file could not be read"
+        return reports[0]
 
     def current_model(self) -> ModelStatus | None:
         """The selected checkpoint; before any selection, the one a request without a

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from playwright import sync_api
 from safetensors.torch import save_file
@@ -472,6 +473,47 @@ def test_sd_vae_from_the_page_and_back_through_png_info(
     sync_api.expect(page.locator("#sd_vae input")).to_have_value(
         "bright.safetensors", timeout=TIMEOUT_MS
     )
+
+
+def test_a_lora_cards_coverage_report_names_what_would_be_skipped(
+    page: object, app: tuple[str, Path]
+) -> None:
+    """Before generating with it: the card's Coverage shows the modules matched by region
+    against the loaded checkpoint and lists the key that matches no layer."""
+    from safetensors.torch import load_file
+
+    loras = app[1] / "loras"
+    state = load_file(loras / "ink.safetensors")
+    stray = "lora_unet_up_blocks_9_attentions_0_proj_in"
+    state.update(
+        {f"{stray}.lora_down.weight": torch.zeros(4, 32), f"{stray}.alpha": torch.tensor(4.0)}
+    )
+    state[f"{stray}.lora_up.weight"] = torch.zeros(32, 4)
+    save_file(state, loras / "inkpartial.safetensors")
+    page.locator("#lora_refresh").click()
+    partial = card(page, "inkpartial")
+    partial.wait_for()
+    for elem_id, value in (("steps", 1), ("width", 64), ("height", 64)):
+        set_number(page, elem_id, value)
+    page.locator("#prompt textarea").fill("a hill")
+    page.locator("#generate").click()  # the checkpoint is loaded once something ran on it
+    page.locator("#gallery img").first.wait_for()
+    partial.get_by_role("button", name="Coverage").click()
+    report = partial.locator(".lora-coverage")
+    sync_api.expect(report).to_contain_text("modules match", timeout=TIMEOUT_MS)
+    text = report.inner_text()
+    matched, total = map(int, re.search(r"(\d+) of (\d+) modules match", text).groups())
+    assert text.startswith("⚠") and total == matched + 1 and "UNet up" in text
+    report.get_by_text("1 skipped (no such layer)").click()
+    sync_api.expect(report).to_contain_text(stray, timeout=TIMEOUT_MS)
+    partial.scroll_into_view_if_needed()
+    ARTIFACTS.mkdir(exist_ok=True)
+    partial.screenshot(path=str(ARTIFACTS / "lora-coverage-card.png"))
+    card(page, "glow").get_by_role("button", name="Coverage").click()
+    sync_api.expect(card(page, "glow").locator(".lora-coverage")).to_contain_text(
+        f"✓ {matched} of {matched} modules match", timeout=TIMEOUT_MS
+    )
+    (loras / "inkpartial.safetensors").unlink()
 
 
 def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:

@@ -104,3 +104,23 @@ def test_a_file_matching_nothing_is_refused(service: Service) -> None:
 )
 def test_unmatched_keys_are_placed_by_their_spelling(key: str, region: str) -> None:
     assert region_of(None, key, key) == region
+
+
+def test_the_card_report_before_generating(service: Service) -> None:
+    """The LoRA card's report (`Service.lora_coverage`): the same numbers a generation
+    reports, once the checkpoint is loaded; a sentence saying why before that."""
+    from frontends.page.stack import coverage_html
+
+    service.select_checkpoint("tiny-sd1")
+    other = service.lora_coverage("partial", "tiny-sd1-diffusers")  # listed, not loaded
+    assert isinstance(other, str) and "tiny-sd1-diffusers is loaded" in other
+    report = service.lora_coverage("partial", "tiny-sd1")
+    assert isinstance(report, LoraCoverage)
+    assert report == report_of(run(service, "partial"), "partial")
+    shown = coverage_html(report)
+    assert shown.startswith(f'<div class="lora-coverage">⚠ {len(SD1_MODULES)} of ')
+    assert f"<code>{STRAY}</code>" in shown and "1 skipped (no such layer)" in shown
+    whole = coverage_html(service.lora_coverage("whole", "tiny-sd1"))
+    assert "✓" in whole and "<details>" not in whole
+    with pytest.raises(LorastackError, match="no-such-lora"):
+        service.lora_coverage("no-such-lora", "tiny-sd1")

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipelines.errors import BusyError, LorastackError
 from pipelines.extras import ExtrasRequest, ExtrasResult
+from pipelines.folders.loras import LoraEntry
 from pipelines.generation.run import RunControl
 from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.lora.coverage import LoraCoverage
@@ -574,6 +575,12 @@ class RayRunner:
 
     def loaded(self) -> ModelStatus | None:
         """Which model each replica holds differs; the service reports its selection."""
+        return None
+
+    def lora_coverage(
+        self, entries: Sequence[LoraEntry], checkpoint: str
+    ) -> list[LoraCoverage] | None:
+        """Each replica holds its own models: no one loaded model to check against."""
         return None
 
     def rescanned(self) -> None:

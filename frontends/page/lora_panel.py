@@ -17,6 +17,7 @@ from frontends.page.stack import (
     add_row,
     card_html,
     conflict_notes,
+    coverage_html,
     incompatibility,
     insert_text,
     matches,
@@ -188,6 +189,9 @@ def build_library(
                         add = gr.Button("Add", size="sm", interactive=reason is None)
                         words = trigger_text(entry)
                         insert = gr.Button("Triggers", size="sm", visible=bool(words))
+                        check = gr.Button("Coverage", size="sm", interactive=not entry.error)
+                    report = gr.HTML("", elem_classes=["lora-coverage-report"])
+                    _coverage_event(service, entry.name, check, report, checkpoint)
                     suggestion = suggest_for_lora(entry)
                     if suggestion is not None and settings:
                         use = gr.Button("Use suggested settings", size="sm")
@@ -205,6 +209,24 @@ def build_library(
     refresh.click(rescan, None, panel.library_version, **QUICK)
     timer.tick(poll, panel.library_version, panel.library_version, **QUICK)
     return refresh
+
+
+def _coverage_event(
+    service: GenerationService,
+    name: str,
+    check: gr.Button,
+    report: gr.HTML,
+    checkpoint: gr.Dropdown,
+) -> None:
+    """The card's Coverage button: the report against the session's checkpoint."""
+
+    def show(choice: str | None) -> str:
+        try:
+            return coverage_html(service.lora_coverage(name, choice))
+        except LorastackError as error:
+            raise friendly(error) from error
+
+    check.click(show, checkpoint, report, **QUICK)
 
 
 def _card_events(

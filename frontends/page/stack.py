@@ -25,6 +25,7 @@ from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.fewstep import FewStepSettings, suggest_for_lora
 from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
+from pipelines.interface import LoraCoverage
 from pipelines.prompt import combine_stacks, extract_lora_tags
 from pipelines.schema import LoraSpec
 
@@ -189,6 +190,24 @@ def fewstep_html(suggestion: FewStepSettings | None) -> str:
         f'<div class="lora-fewstep" title="{html.escape(tip)}">'
         f"⚡ {html.escape(suggestion.summary())}</div>"
     )
+
+
+def coverage_html(report: LoraCoverage | str) -> str:
+    """A card's coverage report against the loaded checkpoint: modules matched by region
+    and every skipped or ignored key, or the sentence saying why there is none yet."""
+    if isinstance(report, str):
+        return f'<div class="lora-coverage">{html.escape(report)}</div>'
+    mark = "✓" if report.complete else "⚠"
+    head = f"{mark} {report.matched} of {report.total} modules match ({report.breakdown()})"
+    lists = [("skipped (no such layer)", report.skipped), ("ignored (not merged)", report.ignored)]
+    details = "".join(
+        f"<details><summary>{len(keys)} {label}</summary>"
+        + "".join(f"<div><code>{html.escape(key)}</code></div>" for key in keys)
+        + "</details>"
+        for label, keys in lists
+        if keys
+    )
+    return f'<div class="lora-coverage">{html.escape(head)}{details}</div>'
 
 
 def card_html(entry: LoraEntry, reason: str | None) -> str:

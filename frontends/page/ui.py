@@ -126,6 +126,7 @@ style.textContent = `
   .lora-name, .embedding-name { font-weight: 600; word-break: break-all; }
   .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
+  .lora-coverage { font-size: 12px; word-break: break-all; }
   .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
 document.head.appendChild(style);
