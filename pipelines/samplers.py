@@ -111,6 +111,9 @@ class _Sampler:
     requires: tuple[str, ...] = ()
     own_schedules: bool = False
     """The class computes A1111's ladders itself from a `schedule` config key (LCM)."""
+    fallback: str | None = None
+    """A class running A1111's own loop (it takes a `schedule` config key) for the schedule
+    types `class_name` cannot express, so every A1111 combination exists (Euler a)."""
     eta: float = 0.0
     """The `eta` its `step` gets, where it takes one (DDIM's A1111 default 0; TCD's gamma)."""
 
@@ -236,6 +239,8 @@ _SAMPLERS: tuple[_Sampler, ...] = (
         ("k_euler_a", "k_euler_ancestral", "euler_ancestral"),
         {},
         {"uses_ensd": "True"},
+        # diffusers' class takes no Karras, Exponential or Beta sigmas; A1111's loop does
+        fallback="pipelines.kdiffusion:A1111EulerAncestralScheduler",
     ),
     _Sampler("Euler", "EulerDiscreteScheduler", ("k_euler", "euler"), {}, {}),
     _Sampler("LMS", "LMSDiscreteScheduler", ("k_lms", "lms"), {}, {}, requires=("scipy",)),
@@ -412,11 +417,22 @@ def _accepted(sampler: _Sampler) -> frozenset[str]:
     return _init_params(sampler.class_name) - sampler.ignores
 
 
-def _expressible(sampler: _Sampler, schedule: _Schedule) -> bool:
-    """Whether the sampler's diffusers class can express the schedule at all."""
+def _class_expresses(sampler: _Sampler, schedule: _Schedule) -> bool:
+    """Whether the sampler's own diffusers class can express the schedule."""
     if schedule.name == AUTOMATIC or sampler.own_schedules:
         return True
     return set(schedule.flags) <= _accepted(sampler)
+
+
+def _expressible(sampler: _Sampler, schedule: _Schedule) -> bool:
+    """Whether the sampler can run the schedule at all (its class, or its fallback)."""
+    return sampler.fallback is not None or _class_expresses(sampler, schedule)
+
+
+def _runs_fallback(sampler: _Sampler, schedule_name: str) -> bool:
+    """Whether `schedule_name` runs on the sampler's A1111-loop fallback class."""
+    schedule = _SCHEDULE_BY_NAME[schedule_name]
+    return sampler.fallback is not None and not _class_expresses(sampler, schedule)
 
 
 def _schedules_for(sampler: _Sampler) -> list[_Schedule]:
@@ -549,10 +565,14 @@ def scheduler_config(
 ) -> dict[str, Any]:
     """The config `make_scheduler` builds from: model keys, then sampler, then schedule."""
     sampler = _SAMPLER_BY_NAME[choice.sampler]
-    accepted = _accepted(sampler)
     config: dict[str, Any] = {
         k: v for k, v in base_scheduler_config.items() if k in _MODEL_CONFIG_KEYS
     }
+    if _runs_fallback(sampler, choice.schedule):
+        assert sampler.fallback is not None
+        config["schedule"] = choice.schedule
+        return {k: v for k, v in config.items() if k in _init_params(sampler.fallback)}
+    accepted = _accepted(sampler)
     config.update(sampler.kwargs)
     if sampler.own_schedules:
         config["schedule"] = choice.schedule
@@ -581,7 +601,9 @@ def make_scheduler(
     checked = resolve_sampler(choice.sampler, choice.scheduler)
     if checked != choice:
         raise InvalidRequestError(f"Inconsistent sampler choice {choice!r}", field="scheduler")
-    cls = _scheduler_class(_SAMPLER_BY_NAME[choice.sampler].class_name)
+    sampler = _SAMPLER_BY_NAME[choice.sampler]
+    fallback = _runs_fallback(sampler, choice.schedule) and sampler.fallback
+    cls = _scheduler_class(fallback or sampler.class_name)
     return cls.from_config(scheduler_config(choice, base_scheduler_config))
 
 
