@@ -300,6 +300,12 @@ class GenerationService(Protocol):
 
     def resolve_lora(self, name: str) -> LoraEntry: ...
 
+    def token_count(
+        self, prompt: str, steps: int = 20, *, negative: bool = False, checkpoint: str | None = None
+    ) -> tuple[int, int]:
+        """A1111's prompt token counter: (tokens, 75 x chunks)."""
+        ...
+
     def lora_coverage(self, name: str, checkpoint: str | None = None) -> LoraCoverage | str:
         """LoRA `name`'s modules matched against the loaded checkpoint, by region, before
         generating; or a sentence saying why there is no report yet."""

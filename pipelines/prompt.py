@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 
 from pipelines.errors import InvalidRequestError, UnusableFileError
+from pipelines.prompt_grammar import prompt_schedules, split_and
 from pipelines.schema import LoraSpec
 
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +508,40 @@ class PromptTokenizer:
             tokens=(self.bos, *[self.eos] * (CHUNK_LENGTH + 1)),
             multipliers=(1.0,) * (CHUNK_LENGTH + 2),
         )
+
+
+def prompt_token_count(
+    tokenizer: PromptTokenizer,
+    prompt: str,
+    steps: int,
+    *,
+    negative: bool = False,
+    embeddings: EmbeddingLookup | None = None,
+) -> tuple[int, int]:
+    """A1111's `n/75` counter under a prompt box (`update_token_counter`): comments and
+    extra-network tags out, each AND part (not for the negative prompt) at each prompt-edit
+    step counted, the largest count shown over 75 per chunk.
+
+    Example: `prompt_token_count(tokenizer, "a cat <lora:ink:1>", 20)` -> `(2, 75)`.
+    """
+    text = strip_comments(prompt)
+    try:
+        text = parse_extra_networks(text).text
+        parts = [text] if negative else [part for part, _ in split_and(text)]
+        texts = [
+            part for schedule in prompt_schedules(parts, max(steps, 1)) for _, part in schedule
+        ]
+    except (InvalidRequestError, ValueError):  # A1111 then counts the text as it stands
+        texts = [text]
+
+    def count(text: str) -> int:
+        try:
+            return tokenizer.chunks(text, embeddings=embeddings)[1]
+        except InvalidRequestError:  # a weight it cannot read: count the words alone
+            return tokenizer.chunks(text, emphasis="None", embeddings=embeddings)[1]
+
+    most = max(count(text) for text in texts)
+    return most, math.ceil(max(most, 1) / CHUNK_LENGTH) * CHUNK_LENGTH
 
 
 def tokenize_prompt(

@@ -45,6 +45,7 @@ from pipelines.limits import UserLimits
 from pipelines.lora.coverage import LoraCoverage
 from pipelines.output import SaveOptions, read_save_options, write_save_options
 from pipelines.preview import check_preview_method
+from pipelines.prompt import EmbeddingLookup, PromptTokenizer, prompt_token_count
 from pipelines.schema import (
     LATENT_UPSCALE_MODES,
     Bounds,
@@ -144,6 +145,7 @@ class Service:
             self._execute, workers=runner.workers, limits=limits, max_queued=max_queued
         )
         self._lock = threading.Lock()
+        self._count_tokenizer: PromptTokenizer | None = None  # made on first use
         self._selected: ModelStatus | None = None
         self._selected_key: str | None = None
         self._loading: str | None = None
@@ -347,6 +349,27 @@ class Service:
     def resolve_lora(self, name: str) -> LoraEntry:
         entry: LoraEntry = self.folders.resolve("lora", name)
         return entry
+
+    def token_count(
+        self, prompt: str, steps: int = 20, *, negative: bool = False, checkpoint: str | None = None
+    ) -> tuple[int, int]:
+        """A1111's `n/75` counter for a prompt box (`prompt_token_count`), with the
+        embeddings usable on `checkpoint` counted as their vectors. Every SD text encoder
+        reads the same CLIP vocabulary, so the bundled tokenizer counts for all of them."""
+        with self._lock:
+            if self._count_tokenizer is None:
+                from transformers import CLIPTokenizer
+
+                from pipelines.loading import CONFIGS_DIR
+
+                self._count_tokenizer = PromptTokenizer(
+                    CLIPTokenizer.from_pretrained(CONFIGS_DIR / "clip_l")
+                )
+            tokenizer = self._count_tokenizer
+        listing = self.embeddings(checkpoint)
+        vectors = {name: embedding.vectors for name, (_, embedding) in listing.loaded.items()}
+        lookup = EmbeddingLookup(vectors, tokenizer.ids) if vectors else None
+        return prompt_token_count(tokenizer, prompt, steps, negative=negative, embeddings=lookup)
 
     def lora_coverage(self, name: str, checkpoint: str | None = None) -> LoraCoverage | str:
         """The coverage report of LoRA `name` against the loaded checkpoint, or why there

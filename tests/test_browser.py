@@ -516,6 +516,26 @@ def test_a_lora_cards_coverage_report_names_what_would_be_skipped(
     (loras / "inkpartial.safetensors").unlink()
 
 
+def test_token_counter_time_taken_and_skip(page: object) -> None:
+    """A1111's conveniences: the n/75 counter follows the prompt (LoRA tags not counted),
+    the notes end with "Time taken", and Skip answers."""
+    counter = page.locator("#prompt_tokens .token-counter")
+    page.locator("#prompt textarea").fill("a lighthouse <lora:ink:0.5>")
+    sync_api.expect(counter).to_have_text("2/75", timeout=TIMEOUT_MS)
+    page.locator("#prompt textarea").fill(", ".join(["tower"] * 40))
+    sync_api.expect(counter).to_have_text(re.compile(r"^\d+/150$"), timeout=TIMEOUT_MS)
+    sync_api.expect(page.locator("#negative_prompt_tokens .token-counter")).to_contain_text("/75")
+    page.locator("#prompt textarea").fill("a lighthouse")
+    for elem_id, value in (("steps", 1), ("width", 64), ("height", 64)):
+        set_number(page, elem_id, value)
+    page.locator("#generate").click()
+    sync_api.expect(page.locator("#notes")).to_contain_text(
+        re.compile(r"Time taken: \d+\.\d sec\."), timeout=TIMEOUT_MS
+    )
+    page.locator("#skip").click()
+    page.get_by_text("Nothing of this page is running").first.wait_for()
+
+
 def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:
     page.locator("#prompt textarea").fill("a hill")
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import queue
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -127,6 +128,7 @@ style.textContent = `
   .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
   .lora-coverage { font-size: 12px; word-break: break-all; }
+  .token-counter { font-size: 12px; text-align: right; color: var(--body-text-color-subdued); }
   .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
 document.head.appendChild(style);
@@ -151,6 +153,7 @@ class Results:
 
     run: gr.Button
     stop: gr.Button
+    skip: gr.Button
     gallery: gr.Gallery
     selected: gr.State  # the gallery index the user clicked, for "Send to"
     info: gr.Textbox
@@ -345,6 +348,7 @@ def build_ui(
         """Build the request from the fields and `extra` (its other fields), submit it and
         stream it; with a script (`script_values`), its requests as one job; with an X/Y/Z
         `plot`, its cells as one job and the grid. Every user error shows in the page."""
+        started = time.perf_counter()
         values = {}
         for name, value in given.items():
             spec = field_spec(name, bounds)
@@ -391,10 +395,10 @@ def build_ui(
                             kind=kind,
                             options=service.save_options,
                         )
-                    yield (*shown, "")
+                    yield (*timed(shown, started), "")
                 else:
                     results = item if isinstance(item, list) else [item]
-                    yield (*finish(results, generation.kind), "")
+                    yield (*timed(finish(results, generation.kind), started), "")
         except LorastackError as error:
             raise gr.Error(error.message) from error
 
@@ -465,7 +469,8 @@ def build_ui(
             with gr.Tab("txt2img", id="txt2img"):
                 with gr.Row():
                     with gr.Column(scale=3):
-                        controls = build_prompts(defaults)
+                        counters: dict[str, gr.HTML] = {}
+                        controls = build_prompts(defaults, counters=counters)
                         styles = build_styles(
                             service, controls["prompt"], controls["negative_prompt"], shared=shared
                         )
@@ -496,7 +501,8 @@ def build_ui(
                     )
             with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
                 with gr.Column(scale=3):
-                    i2i_controls = build_prompts(defaults, "img2img_")
+                    i2i_counters: dict[str, gr.HTML] = {}
+                    i2i_controls = build_prompts(defaults, "img2img_", i2i_counters)
                     i2i_styles = build_styles(
                         service,
                         i2i_controls["prompt"],
@@ -564,6 +570,8 @@ def build_ui(
         named += ["styles", *REFINER_FIELDS, "sd_vae"]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
+        wire_token_counters(service, controls, counters, checkpoint, page)
+        wire_token_counters(service, i2i_controls, i2i_counters, checkpoint, page)
         wire_checkpoint(
             service,
             page,
@@ -744,6 +752,21 @@ def interrupt_jobs(service: GenerationService, job_id: str, user: str) -> str:
     return f"Interrupting {stopped} job(s) of yours" if stopped else "Nothing of yours is running"
 
 
+def time_taken(seconds: float) -> str:
+    """A1111's "Time taken" line: `1.2 sec.`, `1 min. 3.0 sec.`."""
+    minutes, rest = divmod(seconds, 60)
+    shown = f"{int(minutes)} min. {rest:.1f} sec." if minutes else f"{rest:.1f} sec."
+    return f"Time taken: {shown}"
+
+
+def timed(
+    shown: tuple[list, str, list[int], list[str]], started: float
+) -> tuple[list, str, list[int], list[str]]:
+    """`finish`'s output with the time since `started` as the last note."""
+    gallery, info, seeds, notes = shown
+    return gallery, info, seeds, [*notes, time_taken(time.perf_counter() - started)]
+
+
 def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
     batch = f"{unit} {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
     return (
@@ -751,22 +774,62 @@ def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
     )
 
 
-def build_prompts(defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The prompt boxes (`prefix` tells the tabs' elements apart)."""
-    return {
+def build_prompts(
+    defaults: dict[str, Any], prefix: str = "", counters: dict[str, gr.HTML] | None = None
+) -> dict[str, Any]:
+    """The prompt boxes (`prefix` tells the tabs' elements apart); with `counters`, each
+    box gets A1111's token counter under it, put there by field name."""
+    made = {
         "prompt": gr.Textbox(
             label="Prompt (Ctrl+Enter generates)",
             lines=3,
             elem_id=f"{prefix}prompt",
             placeholder=field_spec("prompt").help,
-        ),
-        "negative_prompt": gr.Textbox(
-            value=defaults["negative_prompt"],
-            label="Negative prompt",
-            lines=2,
-            elem_id=f"{prefix}negative_prompt",
-        ),
+        )
     }
+    if counters is not None:
+        counters["prompt"] = gr.HTML("", elem_id=f"{prefix}prompt_tokens", padding=False)
+    made["negative_prompt"] = gr.Textbox(
+        value=defaults["negative_prompt"],
+        label="Negative prompt",
+        lines=2,
+        elem_id=f"{prefix}negative_prompt",
+    )
+    if counters is not None:
+        counters["negative_prompt"] = gr.HTML(
+            "", elem_id=f"{prefix}negative_prompt_tokens", padding=False
+        )
+    return made
+
+
+def wire_token_counters(
+    service: GenerationService,
+    controls: dict[str, Any],
+    counters: dict[str, gr.HTML],
+    checkpoint: gr.Dropdown,
+    page: gr.Blocks,
+) -> None:
+    """A1111's `n/75` under each prompt box, kept up to date as the text, the steps (prompt
+    editing) or the checkpoint (its embeddings) change."""
+    for name, counter in counters.items():
+
+        def count(
+            text: str, steps: float, choice: str | None, negative: bool = name != "prompt"
+        ) -> str:
+            try:
+                used, room = service.token_count(
+                    text or "", int(steps or 1), negative=negative, checkpoint=choice or None
+                )
+            except LorastackError:  # a checkpoint gone since: count without its embeddings
+                used, room = service.token_count(text or "", int(steps or 1), negative=negative)
+            return f'<div class="token-counter">{used}/{room}</div>'
+
+        sources = [controls[name], controls["steps"], checkpoint]
+        quiet = {**QUICK, "show_progress": "hidden"}
+        controls[name].change(count, sources, counter, **quiet)
+        controls["steps"].change(count, sources, counter, **quiet)
+        checkpoint.change(count, sources, counter, **quiet)
+        page.load(count, sources, counter, **quiet)
 
 
 def build_parameters(slider: Any, defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -833,6 +896,7 @@ def build_results(tab: str, prefix: str) -> Results:
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}generate")
         stop = gr.Button("Interrupt", elem_id=f"{prefix}interrupt")
+        skip = gr.Button("Skip", elem_id=f"{prefix}skip")
     gallery = gr.Gallery(
         label="Images", elem_id=f"{prefix}gallery", columns=2, format="png", interactive=False
     )
@@ -850,6 +914,7 @@ def build_results(tab: str, prefix: str) -> Results:
     return Results(
         run,
         stop,
+        skip,
         gallery,
         selected,
         info,
@@ -892,6 +957,12 @@ def wire_results(
         gr.Info(interrupt_jobs(service, job_id, page_user(request)))
 
     results.stop.click(interrupt, job_state, None, queue=False, api_visibility="private")
+
+    def skip(job_id: str) -> None:
+        done = bool(job_id) and service.skip(job_id)
+        gr.Info("Skipping to the next batch" if done else "Nothing of this page is running")
+
+    results.skip.click(skip, job_state, None, **QUICK)
     results.dice.click(lambda: -1, None, controls["seed"], **QUICK)
     results.reuse.click(
         lambda used: used[0] if used else gr.skip(), results.seeds, controls["seed"], **QUICK
