@@ -90,7 +90,12 @@ def serve(service: Service, settings: Settings) -> None:
 
     auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
     if settings.nowebui:
-        uvicorn.run(build_root(service, settings), host=settings.host, port=settings.port)
+        uvicorn.run(
+            build_root(service, settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=settings.access_log,
+        )
         return
     import gradio as gr
 
@@ -100,6 +105,8 @@ def serve(service: Service, settings: Settings) -> None:
     page.queue(default_concurrency_limit=1)
     allowed = [str(settings.outputs_dir), str(settings.cache_dir / "thumbnails")]
     if settings.share:
+        if not settings.access_log:  # Gradio's own uvicorn: quiet its access logger
+            logging.getLogger("uvicorn.access").disabled = True
         page.launch(
             server_name=settings.host,
             server_port=settings.port,
@@ -114,7 +121,7 @@ def serve(service: Service, settings: Settings) -> None:
         return
     root = build_root(service, settings)
     gr.mount_gradio_app(root, page, path="/", auth=auth, allowed_paths=allowed)
-    uvicorn.run(root, host=settings.host, port=settings.port)
+    uvicorn.run(root, host=settings.host, port=settings.port, access_log=settings.access_log)
 
 
 if __name__ == "__main__":

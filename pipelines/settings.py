@@ -31,6 +31,7 @@ class Settings:
     ckpt: str | None = None
     api: bool = False
     nowebui: bool = False
+    access_log: bool = False  # one log line per HTTP request (off: page polling is quiet)
     listen: bool = False
     port: int = 7860
     gradio_auth: str | None = None
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
     add("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
     add("--nowebui", action="store_true", help="serve the API only")
+    add("--access-log", action="store_true", help="log every HTTP request (off by default)")
     add("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1")
     add("--port", type=int, help="port (default 7860)")
     add("--gradio-auth", help="user:pass[,user2:pass2] for the web UI")

@@ -536,6 +536,21 @@ def test_token_counter_time_taken_and_skip(page: object) -> None:
     page.get_by_text("Nothing of this page is running").first.wait_for()
 
 
+def test_a_user_mistake_is_one_log_line_and_polling_is_quiet(
+    page: object, app: tuple[str, Path]
+) -> None:
+    """An unknown LoRA is shown to the user and logged once, without a traceback; the
+    page's polling and assets write no access-log lines (off unless --access-log)."""
+    page.locator("#prompt textarea").fill("a hill <lora:nosuchlora:1>")
+    page.locator("#generate").click()
+    page.get_by_text("unknown LoRA 'nosuchlora'").first.wait_for()
+    page.wait_for_timeout(6000)  # an idle tab polls the LoRA listing every few seconds
+    log = (app[1] / "app.log").read_text()
+    assert log.count("refused: unknown LoRA 'nosuchlora'") == 1
+    assert "Traceback" not in log
+    assert "GET /gradio_api" not in log and "POST /gradio_api" not in log
+
+
 def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:
     page.locator("#prompt textarea").fill("a hill")
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):

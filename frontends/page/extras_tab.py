@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 
+from frontends.page.errors import user_error
 from frontends.page.img2img_tab import load_image
 from frontends.page.lora_panel import QUICK
 from pipelines.errors import InvalidRequestError, LorastackError
@@ -51,7 +52,7 @@ class ExtrasPanel:
         def send(*values: Any) -> tuple[Any, ...]:
             path = path_of(*values)
             if not path:
-                raise gr.Error("No image to send: generate or drop one first")
+                raise user_error("No image to send: generate or drop one first")
             return (
                 path,
                 SOURCES[0],
@@ -310,7 +311,7 @@ def run_extras_page(
                 # as A1111, the text of the last image (all share their settings)
                 yield [str(path) for path in paths], item.infotexts[-1] if paths else "", ""
     except LorastackError as error:
-        raise gr.Error(error.message) from error
+        raise user_error(error.message) from error
 
 
 def stop_extras(service: GenerationService, job_id: str, user: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 import gradio as gr
 
+from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK
 from pipelines.errors import LorastackError
 from pipelines.gallery import KINDS, GalleryPage, GalleryQuery
@@ -134,7 +135,7 @@ def build_gallery_tab(
             item = gallery.item(listed[event.index])
             file = str(gallery.path(item.id))
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         return file, item.infotext, file, gr.DownloadButton(value=file)
 
     shown.select(choose, ids, [full, infotext, path, download], **QUICK)
@@ -142,17 +143,17 @@ def build_gallery_tab(
     def refused(who: str, secret: str, action: str) -> None:
         reason = admin_check(who or "", secret or "") if admin_check else None
         if reason is not None:
-            raise gr.Error(f"{action}: {reason}")
+            raise user_error(f"{action}: {reason}")
 
     def remove(file: str, who: str, secret: str, *values: Any) -> tuple[Any, ...]:
         refused(who, secret, "Not deleted")
         if not file:
-            raise gr.Error("Choose an image first")
+            raise user_error("Choose an image first")
         item_id = _item_id(gallery.outputs_dir, file)
         try:
             gallery.delete(item_id)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         *chosen, page_number = values
         listed = render(gallery.query(query(chosen, page_number)))
         cleared = (None, "", "", gr.Dropdown(choices=gallery.trashed()))
@@ -164,11 +165,11 @@ def build_gallery_tab(
     def put_back(trash_id: str, who: str, secret: str, *values: Any) -> tuple[Any, ...]:
         refused(who, secret, "Not restored")
         if not trash_id:
-            raise gr.Error("Choose a deleted image first")
+            raise user_error("Choose a deleted image first")
         try:
             item_id = gallery.restore(trash_id)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         *chosen, page_number = values
         listed = render(gallery.query(query(chosen, page_number)))
         return (*listed, gr.Dropdown(choices=gallery.trashed(), value=None), f"Restored {item_id}")
@@ -195,4 +196,4 @@ def _item_id(outputs_dir: Path, file: str) -> str:
     try:
         return Path(file).resolve().relative_to(Path(outputs_dir).resolve()).as_posix()
     except ValueError:
-        raise gr.Error("That image is not in the outputs folder") from None
+        raise user_error("That image is not in the outputs folder") from None

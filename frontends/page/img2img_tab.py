@@ -15,6 +15,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageOps
 
+from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK, LoraPanel
 from frontends.page.recall import read_image_info, recall
 from frontends.page.stack import rows_from_value
@@ -387,7 +388,7 @@ class SendTargets:
             *values, version = given
             path = path_of(*values)
             if not path:
-                raise gr.Error("No image to send: generate or drop one first")
+                raise user_error("No image to send: generate or drop one first")
             fields, rows, model, warnings = self.recalled(path)
             styles = fields.pop("styles", None)
             chosen = [] if self.styles is None else [gr.skip() if styles is None else styles]
@@ -433,7 +434,7 @@ class SendTargets:
             with open_image(path) as image:
                 size = fit_size(*image.size, self.bounds)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         fields: dict[str, Any] = {"width": size[0], "height": size[1]}
         rows, model, warnings = None, None, []
         if info.infotext:

@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from frontends.page.errors import user_error
 from frontends.page.fewstep_panel import wire_use
 from frontends.page.stack import (
     WEIGHT_MAX,
@@ -59,7 +60,7 @@ def library_signature(service: GenerationService) -> str:
 
 
 def friendly(error: LorastackError) -> gr.Error:
-    return gr.Error(error.message)
+    return user_error(error.message)
 
 
 def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:

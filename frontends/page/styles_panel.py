@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK
 from pipelines.errors import LorastackError
 from pipelines.interface import GenerationService
@@ -184,7 +185,7 @@ def wire_styles(
             try:
                 styled, styled_negative = apply_selected(service, prompt, negative, names)
             except LorastackError as error:
-                raise gr.Error(error.message) from error
+                raise user_error(error.message) from error
             return styled, styled_negative, []
 
         boxes = [panel.prompt, panel.negative]
@@ -196,7 +197,7 @@ def wire_styles(
                     service, admin_check, name, prompt, negative, user, password
                 )
             except LorastackError as error:
-                raise gr.Error(error.message) from error
+                raise user_error(error.message) from error
             gr.Info(f"Style {name.strip()!r} saved to {STYLES_FILE}")
             return refreshed(sheet)
 
@@ -207,7 +208,7 @@ def wire_styles(
             try:
                 sheet = delete_named(service, admin_check, name, user, password)
             except LorastackError as error:
-                raise gr.Error(error.message) from error
+                raise user_error(error.message) from error
             gr.Info(f"Style {name!r} deleted from {STYLES_FILE}")
             return refreshed(sheet)
 

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from frontends.page.defaults import DEFAULT_FIELDS, load_defaults, save_defaults, scheduler_label
+from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK, LoraPanel
 from frontends.page.recall import read_image_info, recall
 from pipelines.errors import LorastackError
@@ -72,7 +73,7 @@ def build_pnginfo(
         try:
             info = read_image_info(path)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         raw = gr.JSON(value=info.other, visible=bool(info.other))
         if not info.infotext:
             note = "No A1111 parameters in this image." + (
@@ -113,7 +114,7 @@ def wire_send_to_txt2img(
 
     def send_to_txt2img(text: str, version: int) -> list[Any]:
         if not text:
-            raise gr.Error("No parameters to send: choose an image with A1111 parameters first")
+            raise user_error("No parameters to send: choose an image with A1111 parameters first")
         found = recall(text, service)
         fields = [found.values.get(name, gr.skip()) for name in names]
         warned = "\n".join(f"⚠ {w}" for w in found.warnings)
@@ -164,11 +165,11 @@ def build_preview_setting(
     def choose(chosen: str, user: str, password: str) -> None:
         refusal = admin_check(user or "", password or "") if admin_check else None
         if refusal is not None:
-            raise gr.Error(f"Live preview method not changed: {refusal}")
+            raise user_error(f"Live preview method not changed: {refusal}")
         try:
             service.set_preview_method(chosen)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         gr.Info(f"Live previews: {chosen}")
 
     apply.click(choose, [method, admin_user, admin_password], None, **QUICK)
@@ -209,7 +210,7 @@ def build_saving_setting(
     def choose(chosen: str, name: str, level: float, user: str, password: str) -> None:
         refusal = admin_check(user or "", password or "") if admin_check else None
         if refusal is not None:
-            raise gr.Error(f"Saving options not changed: {refusal}")
+            raise user_error(f"Saving options not changed: {refusal}")
         wanted = replace(
             service.save_options,
             samples_format=chosen,
@@ -219,7 +220,7 @@ def build_saving_setting(
         try:
             service.set_save_options(wanted)
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         gr.Info(f"Images are saved as {chosen}")
 
     apply.click(choose, [fmt, pattern, quality, admin_user, admin_password], None, **QUICK)
@@ -300,11 +301,11 @@ def build_settings(
     def store(user: str, password: str, *values: Any) -> None:
         refusal = admin_refusal(settings, user or "", password or "")
         if refusal is not None:
-            raise gr.Error(f"Defaults not saved: {refusal}")
+            raise user_error(f"Defaults not saved: {refusal}")
         try:
             save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), bounds)
         except ValueError as error:
-            raise gr.Error(str(error)) from error
+            raise user_error(str(error)) from error
         gr.Info("Saved: new pages start with these defaults")
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)

@@ -22,6 +22,7 @@ import gradio as gr
 from deployments.ingest import IngestPolicy
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.embeddings_panel import build_embeddings
+from frontends.page.errors import user_error
 from frontends.page.extras_tab import build_extras_tab
 from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
 from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
@@ -300,7 +301,7 @@ def build_ui(
             hires = hires_from_values({**hires_values, "sampler_name": sampler_name})
             plot = xyz_plot_from_values(xyz_values) if script_name == XYZ_TITLE else None
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         if hires is not None:
             given["denoising_strength"] = denoising_strength
         extra: dict[str, Any] = {"styles": tuple(styles or ()), "vae": sd_vae or VAE_AUTOMATIC}
@@ -321,7 +322,7 @@ def build_ui(
         try:
             images, size = image_request({n: data[c] for n, c in panel_images.values.items()})
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
         given = {name: data[component] for name, component in i2i_controls.items()}
         refiner = refiner_request_fields(*(given.pop(name) for name in REFINER_FIELDS))
         if size is not None:  # outpainting: the canvas's size
@@ -400,7 +401,7 @@ def build_ui(
                     results = item if isinstance(item, list) else [item]
                     yield (*timed(finish(results, generation.kind), started), "")
         except LorastackError as error:
-            raise gr.Error(error.message) from error
+            raise user_error(error.message) from error
 
     def finish(
         results: list[GenerationResult], kind: str, grids: int = 0
