@@ -551,6 +551,36 @@ def test_a_user_mistake_is_one_log_line_and_polling_is_quiet(
     assert "GET /gradio_api" not in log and "POST /gradio_api" not in log
 
 
+def test_phone_width_puts_generate_first_and_keeps_stack_rows_on_one_line(
+    browser: object, app: tuple[str, Path]
+) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    phone = context.new_page()
+    phone.set_default_timeout(TIMEOUT_MS)
+    try:
+        phone.goto(app[0])
+        phone.locator("#generate").wait_for()
+        phone.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
+        generate = phone.locator("#generate").bounding_box()
+        prompt = phone.locator("#prompt textarea").bounding_box()
+        assert generate["y"] + generate["height"] < prompt["y"]
+        assert generate["y"] < 844  # on the first screen
+        card(phone, "glow").get_by_role("button", name="Add").click()
+        row = phone.locator(".stack-row").filter(has_text="glow")
+        row.wait_for()
+        ARTIFACTS.mkdir(exist_ok=True)
+        phone.evaluate("window.scrollTo(0, 0)")
+        phone.screenshot(path=str(ARTIFACTS / "phone-txt2img.png"))
+        assert phone.get_by_text("dictionary changed size").count() == 0  # renders one at a time
+        row.screenshot(path=str(ARTIFACTS / "phone-stack-row.png"))
+        remove = row.get_by_role("button", name="✕").bounding_box()
+        name = row.locator(".stack-name").first.bounding_box()
+        assert remove["x"] > name["x"] + name["width"]  # beside the row's parts
+        assert remove["y"] < name["y"] + name["height"]  # not on a line of its own
+    finally:
+        context.close()
+
+
 def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:
     page.locator("#prompt textarea").fill("a hill")
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):

@@ -13,7 +13,7 @@ from typing import Any
 
 import gradio as gr
 
-from frontends.page.lora_panel import QUICK
+from frontends.page.lora_panel import ONE_RENDER_AT_A_TIME, QUICK
 from frontends.page.stack import human_size, preview_uri
 from pipelines.embeddings import FAMILY_TEXT_WIDTHS, EmbeddingListing
 from pipelines.folders.embeddings import Embedding, EmbeddingEntry
@@ -102,7 +102,7 @@ def build_embeddings(
         refresh = gr.Button("Refresh", elem_id="embedding_refresh", scale=0, min_width=100)
     timer = gr.Timer(refresh_seconds)
 
-    @gr.render(inputs=[search, checkpoint, version])
+    @gr.render(inputs=[search, checkpoint, version], **ONE_RENDER_AT_A_TIME)
     def cards(query: str, choice: str | None, _version: str) -> None:
         listing = service.embeddings(choice or None)
         wanted = (query or "").strip().lower()

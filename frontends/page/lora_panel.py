@@ -32,6 +32,12 @@ from pipelines.errors import LorastackError
 from pipelines.fewstep import suggest_for_lora
 from pipelines.interface import GenerationService
 
+ONE_RENDER_AT_A_TIME: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": "render"}
+"""For every `gr.render`: a render registers its components' events in the page's one
+table of functions, and two renders at once (two tabs, or a checkpoint change during a
+listing refresh) made Gradio iterate that table while it grew ("dictionary changed size
+during iteration")."""
+
 QUICK: dict[str, Any] = {
     "concurrency_limit": None,
     "api_visibility": "private",
@@ -77,7 +83,7 @@ def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:
         )
         move = gr.Button("Move prompt tags into the stack", size="sm", scale=0)
 
-    @gr.render(inputs=[stack], triggers=[rows_version.change, page.load])
+    @gr.render(inputs=[stack], triggers=[rows_version.change, page.load], **ONE_RENDER_AT_A_TIME)
     def rows(value: Any) -> None:
         current = rows_from_value(value)
         if not current:
@@ -170,7 +176,7 @@ def build_library(
         refresh = gr.Button("Refresh", elem_id="lora_refresh", scale=0, min_width=100)
     timer = gr.Timer(refresh_seconds)
 
-    @gr.render(inputs=[search, kind, checkpoint, panel.library_version])
+    @gr.render(inputs=[search, kind, checkpoint, panel.library_version], **ONE_RENDER_AT_A_TIME)
     def cards(query: str, wanted: str, choice: str | None, _version: str) -> None:
         family = family_of(choice)
         everything = service.loras()

@@ -129,6 +129,11 @@ style.textContent = `
   .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
   .lora-coverage { font-size: 12px; word-break: break-all; }
+  @media (max-width: 640px) {  /* phones: Generate and the result above the settings */
+    .main-row { flex-direction: column-reverse !important; }
+    .stack-row { flex-wrap: nowrap !important; }
+    .stack-row > * { min-width: 0 !important; }
+  }
   .token-counter { font-size: 12px; text-align: right; color: var(--body-text-color-subdued); }
   .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
@@ -468,7 +473,7 @@ def build_ui(
         fewstep_note, fewstep_use = build_checkpoint_suggestion(service)
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                with gr.Row():
+                with gr.Row(elem_classes=["main-row"]):
                     with gr.Column(scale=3):
                         counters: dict[str, gr.HTML] = {}
                         controls = build_prompts(defaults, counters=counters)
@@ -500,7 +505,10 @@ def build_ui(
                     build_embeddings(
                         service, prompt, controls["negative_prompt"], checkpoint, refresh_seconds
                     )
-            with gr.Tab("img2img", id="img2img") as img2img_tab, gr.Row():
+            with (
+                gr.Tab("img2img", id="img2img") as img2img_tab,
+                gr.Row(elem_classes=["main-row"]),
+            ):
                 with gr.Column(scale=3):
                     i2i_counters: dict[str, gr.HTML] = {}
                     i2i_controls = build_prompts(defaults, "img2img_", i2i_counters)
