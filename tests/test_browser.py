@@ -581,6 +581,22 @@ def test_phone_width_puts_generate_first_and_keeps_stack_rows_on_one_line(
         context.close()
 
 
+def test_a_bad_default_is_refused_naming_the_field_and_sliders_have_no_reset(
+    page: object,
+) -> None:
+    """Settings: steps 0 is refused naming the field (not Gradio's nameless "Value 0 is
+    less than minimum value 1"); the page's sliders have no ↺, which went back to the
+    start-up value rather than the saved default."""
+    assert page.locator("#steps button").count() == 0
+    page.get_by_role("tab", name="Settings").click()
+    box = page.locator("#default_steps input")
+    box.wait_for()
+    box.fill("0")
+    page.locator("#save_defaults").click()
+    page.get_by_text("steps must be between").first.wait_for()
+    assert page.get_by_text("less than minimum value").count() == 0
+
+
 def test_an_embedding_card_adds_its_word_and_the_image_names_it(page: object) -> None:
     page.locator("#prompt textarea").fill("a hill")
     for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 4)):

@@ -9,7 +9,13 @@ from typing import Any
 
 import gradio as gr
 
-from frontends.page.defaults import DEFAULT_FIELDS, load_defaults, save_defaults, scheduler_label
+from frontends.page.defaults import (
+    DEFAULT_FIELDS,
+    check_default,
+    load_defaults,
+    save_defaults,
+    scheduler_label,
+)
 from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK, LoraPanel
 from frontends.page.recall import read_image_info, recall
@@ -279,11 +285,15 @@ def build_settings(
             elif spec.kind is str:
                 edits[name] = gr.Textbox(label=spec.label)
             else:
+                # no minimum/maximum here: Gradio's own refusal ("Value 0 is less than
+                # minimum value 1") names no field; save_defaults' does
                 edits[name] = gr.Number(
                     label=spec.label,
-                    minimum=spec.minimum,
-                    maximum=spec.maximum,
+                    info=None
+                    if spec.minimum is None or spec.maximum is None
+                    else f"{spec.minimum:g}–{spec.maximum:g}",
                     precision=0 if spec.kind is int else None,
+                    elem_id=f"default_{name}",
                 )
     with gr.Row():
         admin_user = gr.Textbox(label="Admin user", elem_id="admin_user")
@@ -299,13 +309,16 @@ def build_settings(
         return [values[name] for name in names]
 
     def store(user: str, password: str, *values: Any) -> None:
+        given = dict(zip(names, values, strict=True))
+        try:  # a bad value is named first, whoever asks
+            for name in names:
+                check_default(name, given[name], bounds)
+        except ValueError as error:
+            raise user_error(f"Defaults not saved: {error}") from error
         refusal = admin_refusal(settings, user or "", password or "")
         if refusal is not None:
             raise user_error(f"Defaults not saved: {refusal}")
-        try:
-            save_defaults(settings.data_dir, dict(zip(names, values, strict=True)), bounds)
-        except ValueError as error:
-            raise user_error(str(error)) from error
+        save_defaults(settings.data_dir, given, bounds)
         gr.Info("Saved: new pages start with these defaults")
 
     save.click(store, [admin_user, admin_password, *(edits[name] for name in names)], None, **QUICK)

@@ -232,6 +232,7 @@ def build_ui(
             step=spec.step,
             label=spec.label,
             elem_id=prefix + name,
+            buttons=[],  # no ↺: it reset to the start-up value, not the saved default
         )
 
     def txt2img(
