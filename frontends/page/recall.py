@@ -96,10 +96,12 @@ def recall(text: str, service: GenerationService) -> Recall:
     except LorastackError as error:
         tags = []
         result.warnings.append(error.message)
-    result.values["prompt"] = strip_lora_tags(prompt) if tags else prompt
+    # a tag with keyframes, block weights or hires weights stays in the prompt as written
+    stay = {spec.name.lower() for spec in tags if not spec.plain}
+    result.values["prompt"] = strip_lora_tags(prompt, keep=stay) if tags else prompt
     result.values["negative_prompt"] = negative
     _recall_numbers(parsed, result, service.device().device.startswith("cuda"))
-    for spec in tags:
+    for spec in (spec for spec in tags if spec.plain):
         name = _local_lora(spec.name, parsed, service, result.warnings)
         if name is not None:
             result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})

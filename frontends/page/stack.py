@@ -103,13 +103,22 @@ def move_tags_to_stack(prompt: str, rows: list[Row]) -> tuple[str, list[Row]]:
         return prompt, rows
     tagged = {spec.name.lower() for spec in tags}
     kept = [r for r in rows if r["name"].lower() not in tagged]
-    added = [{"name": s.name, "weight": s.weight, "te_weight": s.te_weight} for s in tags]
-    return strip_lora_tags(prompt), [*kept, *added]
+    added = [
+        {"name": s.name, "weight": s.weight, "te_weight": s.te_weight} for s in tags if s.plain
+    ]
+    # a tag with keyframes, block weights or hires weights says more than a row can hold
+    stay = {spec.name.lower() for spec in tags if not spec.plain}
+    return strip_lora_tags(prompt, keep=stay), [*kept, *added]
 
 
-def strip_lora_tags(prompt: str) -> str:
-    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave."""
-    text = re.sub(r"<(?:lora|lyco):[^>]+>", "", prompt)
+def strip_lora_tags(prompt: str, keep: set[str] | frozenset[str] = frozenset()) -> str:
+    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave; tags
+    of the names in `keep` (lower case) stay."""
+
+    def drop(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(1).lower() in keep else ""
+
+    text = re.sub(r"<(?:lora|lyco):([^:>]*)[^>]*>", drop, prompt)
     return re.sub(r"[ \t]{2,}", " ", text).strip().strip(",").strip()
 
 
