@@ -8,6 +8,7 @@ checked against weights computed by hand.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,38 @@ def test_infotext_writes_every_form_and_replays(engine: Service) -> None:
     assert parsed.prompt == "a tower <lora:ink:0.5:0@0,1@1:lbw=OUTALL>"
     replay = engine.generate(GenerationRequest(prompt=parsed.prompt, **SMALL))
     assert np.array_equal(np.asarray(replay.images[0]), np.asarray(result.images[0]))
+
+
+def test_front_ends_keep_every_form(engine: Service) -> None:
+    """Stack rows hold a name and two numbers: tags saying more stay in the prompt when
+    the page moves tags to the stack or recalls an infotext; the CLI takes every form."""
+    from frontends.cli.__main__ import parse_lora
+    from frontends.page.recall import recall
+    from frontends.page.stack import (
+        NO_PRESET,
+        blocks_value,
+        move_tags_to_stack,
+        rows_from_value,
+        specs_from_rows,
+    )
+
+    prompt, rows = move_tags_to_stack(
+        "a <lora:ink:0.8> b <lora:glow:1:lbw=ALL> <lora:soft:0@0,1@1:in=0>", []
+    )
+    assert prompt == "a b <lora:soft:0@0,1@1:in=0>"
+    assert rows == [
+        {"name": "ink", "weight": 0.8, "te_weight": None},
+        {"name": "glow", "weight": 1.0, "te_weight": None, "blocks": {"lbw": "ALL"}},
+    ]
+    assert specs_from_rows(rows_from_value(json.dumps(rows)))[1] == LoraSpec(
+        "glow", 1.0, blocks=BlockWeights(lbw="ALL")
+    )
+    assert blocks_value(1, 1, 1, NO_PRESET) is None
+    assert blocks_value(0, 1, 0.5, NO_PRESET) == {"in": 0, "mid": 1, "out": 0.5}
+    assert blocks_value(0, 1, 0.5, "INALL") == {"lbw": "INALL"}
+    with pytest.raises(InvalidRequestError, match="in/mid/out and lbw"):
+        rows_from_value([{"name": "ink", "blocks": {"in": 0, "lbw": "ALL"}}])
+    recalled = recall("a tower <lora:ink:0@0,1@1>\nSteps: 4, Seed: 3, Size: 64x64", engine)
+    assert recalled.values["prompt"] == "a tower <lora:ink:0@0,1@1>" and recalled.rows == []
+    assert parse_lora("ink:0.5:lbw=INALL") == LoraSpec("ink", 0.5, blocks=BlockWeights(lbw="INALL"))
+    assert parse_lora("ink:0@0,1@1").weight == WeightSchedule(((0.0, 0.0), (1.0, 1.0)))
