@@ -14,7 +14,13 @@ from PIL import Image
 
 from pipelines.errors import InvalidRequestError
 from pipelines.lora.coverage import LoraCoverage
-from pipelines.lora.weights import BlockWeights, Weight, WeightSchedule, is_scheduled
+from pipelines.lora.weights import (
+    BlockWeights,
+    Weight,
+    WeightSchedule,
+    is_scheduled,
+    preset_names,
+)
 
 SEED_MAX = 2**32 - 1
 RANDN_SOURCES = ("GPU", "CPU", "NV")
@@ -51,10 +57,14 @@ class LoraSpec:
     @property
     def plain(self) -> bool:
         """Whether a stack row `{name, weight, te_weight}` of numbers says all of it."""
+        return self.steady and self.blocks is None
+
+    @property
+    def steady(self) -> bool:
+        """Whether its weights are numbers, the same in both passes (no keyframes, no hr)."""
         return (
             not isinstance(self.weight, WeightSchedule)
             and not isinstance(self.te_weight, WeightSchedule)
-            and self.blocks is None
             and self.hr_weight is None
             and self.hr_te_weight is None
         )
@@ -66,6 +76,10 @@ class LoraSpec:
         unet = self.weight if self.hr_weight is None else self.hr_weight
         te = self.text_encoder_weight if self.hr_te_weight is None else self.hr_te_weight
         return LoraSpec(self.name, unet, None if te == unet else te, self.blocks)
+
+
+LBW_PRESETS: tuple[str, ...] = tuple(preset_names())
+"""lora-block-weight preset names (SD1/SD2's, then SDXL's), for front ends' pickers."""
 
 
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
