@@ -241,6 +241,59 @@ def test_block_weights_merge_exactly(sd1: LoadedModel, ink: tuple[Path, dict]) -
     assert_bit_exact(pipe, base)
 
 
+XL_BLOCK_OF = {  # the tiny SDXL: two levels, one res block each, attention on the second
+    "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k": "IN03",
+    "mid_block.attentions.0.transformer_blocks.0.attn1.to_q": "M00",
+    "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2": "OUT01",
+    "up_blocks.1.resnets.1.conv1": "OUT03",
+}
+
+
+def test_sdxl_lbw_layouts_and_base_on_both_text_encoders(cache_root: Path, tmp_path: Path) -> None:
+    from tests.conftest import SDXL_YAML
+
+    loaded = random_pipeline(SDXL_YAML, 0, cache_root)
+    pipe = loaded.pipe
+    modules = [("unet", name, "conv3" if "conv" in name else "linear") for name in XL_BLOCK_OF]
+    modules += [
+        ("text_encoder", "encoder.layers.0.self_attn.q_proj", "linear"),
+        ("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj", "linear"),
+    ]
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_text_model_"}
+    keys = {(c, n): prefixes.get(c, "lora_te2_") + n.replace(".", "_") for c, n, _ in modules}
+    state = make_kohya(pipe, modules, keys, seed=8)
+    path = write(tmp_path / "xl.safetensors", state)
+    base = snapshot(pipe)
+    stack = AdapterStack(pipe, loaded.architecture)
+    ids20 = ["BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))]
+    lbw = tuple(round(0.1 * (i + 1), 2) for i in range(20))
+    for values, ids in ((lbw, ids20), (PRESETS[12]["OUTALL"], None)):
+        stack.apply_paths([StackEntry(path, "xl", 0.9, 0.7, BlockWeights(lbw=values))])
+
+        def ratio(component: str, name: str, values: Any = values, ids: Any = ids) -> float:
+            block = "BASE" if component != "unet" else XL_BLOCK_OF[name]
+            if ids is None:  # the 12-block layout: IN03 and OUT03 are not in it
+                twelve = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"]
+                twelve += [f"OUT{i:02d}" for i in range(6)]
+                return values[twelve.index(block)] if block in twelve else 0.0
+            return values[ids.index(block)]
+
+        deltas = [
+            (
+                (c, n),
+                oracle_lora(
+                    base[(c, n)], state, keys[(c, n)], ratio(c, n) * (0.7 if c != "unet" else 0.9)
+                ),
+            )
+            for c, n, _ in modules
+        ]
+        assert_matches(pipe, oracle(base, deltas))
+    with pytest.raises(InvalidRequestError, match="takes 12 or 20"):
+        stack.apply_paths([StackEntry(path, "xl", 1.0, 1.0, BlockWeights(lbw=(1.0,) * 17))])
+    stack.apply_paths([])
+    assert_bit_exact(pipe, base)
+
+
 def test_block_weights_that_do_not_fit_the_family(sd1: LoadedModel, ink: tuple[Path, dict]):
     stack = AdapterStack(sd1.pipe, sd1.architecture)
     base = snapshot(sd1.pipe)
@@ -319,8 +372,11 @@ class Switcher:
             model.adapters.apply_paths([(path, "ink", unet, te)])
 
 
-def hand_built(engine: Service, prompt: str, after: dict[int, tuple[float, float]]) -> np.ndarray:
-    request = GenerationRequest(prompt=f"a tower {prompt}", **SMALL).validated(Bounds())
+def hand_built(
+    engine: Service, prompt: str, after: dict[int, tuple[float, float]], **fields: object
+) -> np.ndarray:
+    request = GenerationRequest(prompt=f"a tower {prompt}", **{**SMALL, **fields})
+    request = request.validated(Bounds())
     request = replace(request, checkpoint=engine.resolve_checkpoint("tiny-sd1").key)
     result = engine.runner.generate(request, Switcher(engine, after))  # type: ignore[arg-type]
     return np.asarray(result.images[0])
@@ -354,6 +410,29 @@ def test_ramp_equals_hand_built_per_step_weights(engine: Service) -> None:
     # 4 steps at positions 0, 1/3, 2/3, 1: set after step k for step k+1
     ramp = {1: (1 / 3, 0.5), 2: (2 / 3, 0.5), 3: (1.0, 0.5)}
     assert np.array_equal(scheduled, hand_built(engine, "<lora:ink:0.5:0>", ramp))
+
+
+def test_second_order_sampler_keeps_one_weight_per_step(engine: Service) -> None:
+    """Heun evaluates the UNet twice per step after the first (7 evaluations for 4
+    steps); both evaluations of a step use that step's weight."""
+    scheduled = pixels(engine, "<lora:ink:te=0.5:unet=0@0,1@1>", sampler_name="Heun")
+    ramp = {1: (1 / 3, 0.5), 3: (2 / 3, 0.5), 5: (1.0, 0.5)}  # after evaluations 1, 3, 5
+    assert np.array_equal(
+        scheduled, hand_built(engine, "<lora:ink:0.5:0>", ramp, sampler_name="Heun")
+    )
+
+
+def test_img2img_ramp_runs_over_the_steps_it_denoises(engine: Service) -> None:
+    from PIL import Image
+
+    from pipelines.schema import ImageInputs
+
+    image = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    fields = {"img2img": ImageInputs(images=(image,)), "denoising_strength": 0.75}
+    # strength 0.75 of 4 steps denoises 4 steps (A1111's t_enc + 1): 0, 1/3, 2/3, 1
+    scheduled = pixels(engine, "<lora:ink:te=0.5:unet=0@0,1@1>", **fields)
+    ramp = {1: (1 / 3, 0.5), 2: (2 / 3, 0.5), 3: (1.0, 0.5)}
+    assert np.array_equal(scheduled, hand_built(engine, "<lora:ink:0.5:0>", ramp, **fields))
 
 
 def test_constant_schedule_is_the_plain_weight_and_base_comes_back(engine: Service) -> None:
