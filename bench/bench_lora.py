@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from pipelines.architecture import Architecture
 from pipelines.lora.files import LoraFileCache
-from pipelines.lora.stack import AdapterStack
+from pipelines.lora.stack import AdapterStack, StackEntry
+from pipelines.lora.weights import WeightSchedule
 
 
 def sd15_unet() -> torch.nn.Module:
@@ -256,7 +257,45 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
             result["types"].append(
                 {"type": kind, "modules": groups, "merge": merge, "restore": restore}
             )
+        result["schedules"] = schedule_costs(applier, paths[0], unet, latent)
     return result
+
+
+SCHEDULES = (
+    ("constant (1@0,1@1)", WeightSchedule(((1.0, 0.0), (1.0, 1.0)))),
+    ("ramp (0@0,1@1)", WeightSchedule(((0.0, 0.0), (1.0, 1.0)))),
+    ("two-keyframe step (0@10,1@11)", WeightSchedule(((0.0, 10.0), (1.0, 11.0)))),
+)
+SCHEDULE_STEPS = 20
+
+
+def schedule_costs(applier: AdapterStack, path: Path, unet: torch.nn.Module, latent: int) -> list:
+    """What a per-step schedule adds to a 20-step run: the denoising loop's hook
+    (`AdapterStack.reweight` with the step's weight) timed at every step, next to one UNet
+    step. Only steps whose weight changes re-merge, each the LoRA's layers once."""
+    step = seconds_per_step(unet, latent, 1)
+    rows = []
+    for label, schedule in SCHEDULES:
+        applier.apply_paths(
+            [StackEntry(path, "lora0", schedule.at(0, SCHEDULE_STEPS), 0.0, scheduled=True)]
+        )
+        times, merged = [], 0
+        for index in range(SCHEDULE_STEPS):
+            weight = schedule.at(index, SCHEDULE_STEPS)
+            start = time.perf_counter()
+            merged += applier.reweight({0: (weight, 0.0)})
+            times.append(time.perf_counter() - start)
+        rows.append(
+            {
+                "schedule": label,
+                "layers_merged": merged,
+                "per_step": sum(times) / SCHEDULE_STEPS,
+                "worst_step": max(times),
+                "unet_step": step,
+            }
+        )
+        applier.apply_paths([])
+    return rows
 
 
 def print_tables(result: dict) -> None:
@@ -279,6 +318,17 @@ def print_tables(result: dict) -> None:
     print("|---|---:|---:|---:|")
     for row in result.get("types", []):
         print(f"| {row['type']} | {row['modules']} | {row['merge']:.4f} | {row['restore']:.4f} |")
+    print(
+        f"\n| one LoRA's weight schedule over {SCHEDULE_STEPS} steps | layers re-merged | "
+        "added s/step (mean) | worst step s | vs one UNet step |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for row in result.get("schedules", []):
+        share = 100 * row["per_step"] / row["unet_step"]
+        print(
+            f"| {row['schedule']} | {row['layers_merged']} | {row['per_step']:.5f} | "
+            f"{row['worst_step']:.5f} | {share:+.1f}% |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

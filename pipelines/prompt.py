@@ -36,6 +36,15 @@ from typing import Any, Literal
 import torch
 
 from pipelines.errors import InvalidRequestError, UnusableFileError
+from pipelines.lora.weights import (
+    REGION_KEYS,
+    BlockWeights,
+    Weight,
+    WeightSchedule,
+    parse_weight,
+    preset_names,
+    weight_text,
+)
 from pipelines.prompt_grammar import prompt_schedules, split_and
 from pipelines.schema import LoraSpec
 
@@ -180,13 +189,17 @@ def parse_extra_networks(prompt: str) -> ExtraNetworks:
     `<lora:NAME>` is weight 1; `<lora:NAME:M>` sets text encoder and UNet to M;
     `<lora:NAME:TE:UNET>` sets them apart (text encoder first); `te=` and `unet=` override
     them, and a `te=` without a UNet value also sets the UNet (as in A1111); `dyn=` or a
-    fourth value is checked like A1111 does and otherwise ignored; other `key=value` items
-    are ignored. A malformed value raises InvalidRequestError(field="prompt") quoting the tag.
+    fourth value is checked like A1111 does and otherwise ignored. Extensions' forms:
+    any multiplier may be loractl keyframes (`0@0,1@0.5`), `hr=`/`hrte=`/`hrunet=` set
+    the hires pass's, `in=`/`mid=`/`out=` (SD.Next) or `lbw=` (lora-block-weight) set
+    block weights. Other `key=value` items are ignored, as A1111 does, except
+    lora-block-weight's `lbwe=`/`start=`/`stop=`/`step=`, which are refused. A malformed
+    value raises InvalidRequestError(field="prompt") quoting the tag.
 
     Example:
         >>> parsed = parse_extra_networks("a cat <lora:ink:0.8>, <hypernet:x:1>")
         >>> parsed.text, parsed.loras, parsed.ignored
-        ('a cat , ', (LoraSpec(name='ink', weight=0.8, te_weight=None),), ('<hypernet:x:1>',))
+        ('a cat , ', (LoraSpec(name='ink', weight=0.8, te_weight=None, ...),), ('<hypernet:x:1>',))
     """
     found: list[tuple[str, str]] = []
 
@@ -208,8 +221,17 @@ def parse_extra_networks(prompt: str) -> ExtraNetworks:
     )
 
 
+_UNSUPPORTED_KEYS = {
+    "lbwe": "lora-block-weight's elemental weights are not supported",
+    "start": "use keyframes instead, e.g. 0@4,1@5 to start at the fifth step",
+    "stop": "use keyframes instead, e.g. 1@10,0@11 to stop after the tenth step",
+    "step": "use keyframes instead, e.g. 0@4,1@5,1@10,0@11",
+}
+
+
 def _lora_from_tag(tag: str) -> LoraSpec:
-    """One `<lora:...>` tag to a LoraSpec, as extra_networks_lora.activate reads it."""
+    """One `<lora:...>` tag to a LoraSpec, as extra_networks_lora.activate reads it, with
+    loractl's keyframes and hr forms and SD.Next's / lora-block-weight's block weights."""
     items = tag[1:-1].split(":")[1:]
     positional: list[str] = []
     named: dict[str, str] = {}
@@ -221,23 +243,25 @@ def _lora_from_tag(tag: str) -> LoraSpec:
             positional.append(item)
     if not positional or not positional[0]:
         raise InvalidRequestError(f"prompt: {tag} names no LoRA", field="prompt")
-
-    def number(value: str) -> float:
-        try:
-            result = float(value)
-        except ValueError:
-            result = math.nan
-        if not math.isfinite(result):
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if key in named:
             raise InvalidRequestError(
-                f"prompt: {tag} has the multiplier {value!r}; expected a number such as 0.8",
+                f"prompt: {tag}: {key}= is not supported; {why}", field="prompt"
+            )
+
+    def weight(value: str) -> Weight:
+        if value in preset_names():
+            raise InvalidRequestError(
+                f"prompt: {tag} has the multiplier {value!r}; block weight presets are "
+                f"written lbw={value}",
                 field="prompt",
             )
-        return result
+        return parse_weight(value, tag)
 
-    te = number(positional[1]) if len(positional) > 1 else 1.0
-    te = number(named["te"]) if "te" in named else te
-    unet = number(positional[2]) if len(positional) > 2 else te
-    unet = number(named["unet"]) if "unet" in named else unet
+    te = weight(positional[1]) if len(positional) > 1 else 1.0
+    te = weight(named["te"]) if "te" in named else te
+    unet = weight(positional[2]) if len(positional) > 2 else te
+    unet = weight(named["unet"]) if "unet" in named else unet
     for dyn in ([positional[3]] if len(positional) > 3 else []) + (
         [named["dyn"]] if "dyn" in named else []
     ):
@@ -248,7 +272,67 @@ def _lora_from_tag(tag: str) -> LoraSpec:
                 f"prompt: {tag} has the dyn value {dyn!r}; expected an integer",
                 field="prompt",
             ) from None
-    return LoraSpec(name=positional[0], weight=unet, te_weight=None if te == unet else te)
+    # loractl: hr= sets both hires weights; hrunet=/hrte= override it
+    hr_unet = hr_te = weight(named["hr"]) if "hr" in named else None
+    hr_unet = weight(named["hrunet"]) if "hrunet" in named else hr_unet
+    hr_te = weight(named["hrte"]) if "hrte" in named else hr_te
+    return LoraSpec(
+        name=positional[0],
+        weight=unet,
+        te_weight=None if te == unet else te,
+        blocks=_blocks_from_tag(tag, named),
+        hr_weight=hr_unet,
+        hr_te_weight=hr_te,
+    )
+
+
+def _blocks_from_tag(tag: str, named: dict[str, str]) -> BlockWeights | None:
+    """`in=`/`mid=`/`out=` or `lbw=` of a tag (None without them), checked."""
+    regions = {key: named[key] for key in REGION_KEYS if key in named}
+    if not regions and "lbw" not in named:
+        return None
+    if regions and "lbw" in named:
+        raise InvalidRequestError(
+            f"prompt: {tag} sets block weights twice: {'/'.join(regions)}= and lbw=; "
+            "use one of them",
+            field="prompt",
+        )
+    numbers: dict[str, float] = {}
+    for key, value in regions.items():
+        parsed = parse_weight(value, tag)
+        if isinstance(parsed, WeightSchedule):
+            raise InvalidRequestError(
+                f"prompt: {tag}: {key}= takes a number; schedule the LoRA's weight instead "
+                "(unet=0@0,1@1)",
+                field="prompt",
+            )
+        numbers[key] = parsed
+    if regions:
+        blocks = BlockWeights(numbers.get("in"), numbers.get("mid"), numbers.get("out"))
+    else:
+        text = named["lbw"].strip()
+        values = text.split(",")
+        lbw = tuple(_lbw_value(v, tag) for v in values) if len(values) > 1 else text
+        blocks = BlockWeights(lbw=lbw)
+    try:
+        return blocks.check("prompt")
+    except InvalidRequestError as error:
+        raise InvalidRequestError(
+            error.message.replace("prompt:", f"prompt: {tag}:", 1), field="prompt"
+        ) from None
+
+
+def _lbw_value(text: str, tag: str) -> float:
+    """One lbw value; the extension's random `R`/`U` and inherited `X` values are refused,
+    since an infotext could not replay them."""
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidRequestError(
+            f"prompt: {tag}: lbw= value {text.strip()!r} is not a number (random R/U and "
+            "inherited X values are not supported: an infotext could not replay them)",
+            field="prompt",
+        ) from None
 
 
 def fold_duplicate_loras(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
@@ -267,9 +351,18 @@ def fold_duplicate_loras(specs: Sequence[LoraSpec]) -> list[LoraSpec]:
     folded = []
     for name, spec in last.items():
         n = counts[name]
-        unet, te = spec.weight * n, spec.text_encoder_weight * n
-        folded.append(LoraSpec(name=name, weight=unet, te_weight=None if te == unet else te))
+        if n == 1:
+            folded.append(spec)
+            continue
+        unet, te = _times(spec.weight, n), _times(spec.text_encoder_weight, n)
+        hr_unet = None if spec.hr_weight is None else _times(spec.hr_weight, n)
+        hr_te = None if spec.hr_te_weight is None else _times(spec.hr_te_weight, n)
+        folded.append(LoraSpec(name, unet, None if te == unet else te, spec.blocks, hr_unet, hr_te))
     return folded
+
+
+def _times(weight: Weight, n: int) -> Weight:
+    return weight.scaled(n) if isinstance(weight, WeightSchedule) else weight * n
 
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
@@ -280,7 +373,7 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
 
     Example:
         >>> extract_lora_tags("castle <lora:ink:0.5:1>")
-        ('castle ', [LoraSpec(name='ink', weight=1.0, te_weight=0.5)])
+        ('castle ', [LoraSpec(name='ink', weight=1.0, te_weight=0.5, ...)])
     """
     parsed = parse_extra_networks(prompt)
     return parsed.text, fold_duplicate_loras(parsed.loras)
@@ -294,7 +387,8 @@ def combine_stacks(
     replayed), and the result says so instead of silently doubling it."""
     tagged = {spec.name.lower() for spec in tag_stack}
     notes = [
-        f"LoRA '{spec.name}': the prompt tag's weight replaces the stack weight {spec.weight:g}"
+        f"LoRA '{spec.name}': the prompt tag's weight replaces the stack weight "
+        f"{weight_text(spec.weight)}"
         for spec in ui_stack
         if spec.name.lower() in tagged
     ]
@@ -310,7 +404,8 @@ def format_weight(value: float) -> str:
 
 
 def format_lora_tag(spec: LoraSpec) -> str:
-    """The `<lora:...>` tag that A1111 reads back as `spec` (text encoder weight first).
+    """The `<lora:...>` tag that reads back as `spec` (text encoder weight first), with
+    every form it uses: keyframes, `hr=`/`hrte=`/`hrunet=`, `in=`/`mid=`/`out=`, `lbw=`.
 
     Example:
         >>> format_lora_tag(LoraSpec("ink", 0.8)), format_lora_tag(LoraSpec("ink", 1.0, 0.5))
@@ -323,9 +418,21 @@ def format_lora_tag(spec: LoraSpec) -> str:
             field="loras",
         )
     te, unet = spec.text_encoder_weight, spec.weight
-    if te == unet:
-        return f"<lora:{spec.name}:{format_weight(unet)}>"
-    return f"<lora:{spec.name}:{format_weight(te)}:{format_weight(unet)}>"
+    items = (
+        [spec.name, weight_text(unet)]
+        if te == unet
+        else [spec.name, weight_text(te), weight_text(unet)]
+    )
+    if spec.hr_weight is not None and spec.hr_weight == spec.hr_te_weight:
+        items.append(f"hr={weight_text(spec.hr_weight)}")
+    else:
+        if spec.hr_te_weight is not None:
+            items.append(f"hrte={weight_text(spec.hr_te_weight)}")
+        if spec.hr_weight is not None:
+            items.append(f"hrunet={weight_text(spec.hr_weight)}")
+    if spec.blocks is not None and spec.blocks.text():
+        items.append(spec.blocks.text())
+    return f"<lora:{':'.join(items)}>"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from PIL import Image
 
 from pipelines.errors import InvalidRequestError
 from pipelines.lora.coverage import LoraCoverage
+from pipelines.lora.weights import (
+    BlockWeights,
+    Weight,
+    WeightSchedule,
+    is_scheduled,
+    preset_names,
+)
 
 SEED_MAX = 2**32 - 1
 RANDN_SOURCES = ("GPU", "CPU", "NV")
@@ -24,16 +31,55 @@ RANDN_SOURCES = ("GPU", "CPU", "NV")
 class LoraSpec:
     """One LoRA of a stack: `weight` acts on the UNet, `te_weight` on the text encoder(s).
 
-    `te_weight=None` means "same as weight" (A1111's `<lora:name:w>`).
+    `te_weight=None` means "same as weight" (A1111's `<lora:name:w>`). A weight is a
+    number or keyframes over the steps of a pass (`WeightSchedule`, loractl's `0@0,1@0.5`).
+    `blocks` scales the weight per UNet block (and, with lbw's BASE, the text encoders).
+    `hr_weight` / `hr_te_weight` are the hires pass's (loractl's `hrunet=`/`hrte=`; None:
+    the first pass's).
     """
 
     name: str
-    weight: float = 1.0
-    te_weight: float | None = None
+    weight: Weight = 1.0
+    te_weight: Weight | None = None
+    blocks: BlockWeights | None = None
+    hr_weight: Weight | None = None
+    hr_te_weight: Weight | None = None
 
     @property
-    def text_encoder_weight(self) -> float:
+    def text_encoder_weight(self) -> Weight:
         return self.weight if self.te_weight is None else self.te_weight
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether a weight of this pass changes between steps."""
+        return is_scheduled(self.weight) or is_scheduled(self.te_weight)
+
+    @property
+    def plain(self) -> bool:
+        """Whether a stack row `{name, weight, te_weight}` of numbers says all of it."""
+        return self.steady and self.blocks is None
+
+    @property
+    def steady(self) -> bool:
+        """Whether its weights are numbers, the same in both passes (no keyframes, no hr)."""
+        return (
+            not isinstance(self.weight, WeightSchedule)
+            and not isinstance(self.te_weight, WeightSchedule)
+            and self.hr_weight is None
+            and self.hr_te_weight is None
+        )
+
+    def for_hires(self) -> LoraSpec:
+        """The spec the hires pass applies: its hr weights in place of the first pass's."""
+        if self.hr_weight is None and self.hr_te_weight is None:
+            return self
+        unet = self.weight if self.hr_weight is None else self.hr_weight
+        te = self.text_encoder_weight if self.hr_te_weight is None else self.hr_te_weight
+        return LoraSpec(self.name, unet, None if te == unet else te, self.blocks)
+
+
+LBW_PRESETS: tuple[str, ...] = tuple(preset_names())
+"""lora-block-weight preset names (SD1/SD2's, then SDXL's), for front ends' pickers."""
 
 
 OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
@@ -379,10 +425,32 @@ def _check_lora(index: int, spec: object) -> LoraSpec:
         raise InvalidRequestError(f"{where} must be a LoRA spec", field=where)
     if not isinstance(spec.name, str) or not spec.name.strip() or "\x00" in spec.name:
         raise InvalidRequestError(f"{where}.name must be a non-empty name", field=where)
-    for label, weight in (("weight", spec.weight), ("te_weight", spec.te_weight)):
-        if weight is not None:
+    for label in ("weight", "te_weight", "hr_weight", "hr_te_weight"):
+        weight = getattr(spec, label)
+        if isinstance(weight, WeightSchedule):
+            _check_schedule(f"{where}.{label}", weight)
+        elif weight is not None or label == "weight":
             _check_float(f"{where}.{label}", weight, -100.0, 100.0)
+    if spec.blocks is not None:
+        if not isinstance(spec.blocks, BlockWeights):
+            raise InvalidRequestError(f"{where}.blocks must be block weights", field=where)
+        spec.blocks.check(f"{where}.blocks")
     return spec
+
+
+def _check_schedule(name: str, schedule: WeightSchedule) -> None:
+    """Keyframes: at least one, weights in the weight bounds, positions rising from 0."""
+    keyframes = schedule.keyframes
+    if not isinstance(keyframes, tuple) or not keyframes:
+        raise InvalidRequestError(f"{name} must hold at least one keyframe", field=name)
+    positions = []
+    for weight, at in keyframes:
+        _check_float(name, weight, -100.0, 100.0)
+        positions.append(_check_float(f"{name} position", at, 0.0, 1e6))
+    if any(b <= a for a, b in zip(positions, positions[1:], strict=False)):
+        raise InvalidRequestError(
+            f"{name}: keyframe positions must rise, got {positions}", field=name
+        )
 
 
 def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRequest:

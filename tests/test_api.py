@@ -371,6 +371,23 @@ def test_unknown_names_are_404_listing_known(server: Server) -> None:
     assert status == 404 and set(payload) == {"error", "detail", "body", "errors"}
 
 
+def test_block_weights_and_keyframes_through_prompt_tags(server: Server) -> None:
+    """The extensions' tag forms work through the API's prompt; a malformed one is a 422
+    naming the prompt and the form."""
+    for tag, words in (
+        ("<lora:ink:1:in=0.5:lbw=ALL>", "in= and lbw="),
+        ("<lora:ink:1:lbw=NOPE>", "unknown lbw preset 'NOPE'"),
+        ("<lora:ink:1@0.5,0@0.5>", "two keyframes at one position"),
+    ):
+        status, _, payload = call(server, "POST", "/txt2img", {"prompt": f"a {tag}", **SMALL})
+        assert status == 422
+        assert_a1111_error(payload, "prompt", words)
+    tag = "<lora:ink:0.5:0@0,1@1:hr=0.8:lbw=OUTALL>"
+    status, _, payload = call(server, "POST", "/txt2img", {"prompt": f"a cat {tag}", **SMALL})
+    assert status == 200
+    assert json.loads(payload["info"])["infotexts"][0].startswith(f"a cat {tag}\n")
+
+
 def test_options_switch_checkpoints_and_clip_skip(server: Server) -> None:
     status, _, options = call(server, "GET", "/options")
     assert status == 200 and options["sd_model_checkpoint"].startswith(SD1)

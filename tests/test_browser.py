@@ -158,6 +158,36 @@ def test_stack_three_loras_generate_and_read_parameters(page: object) -> None:
     page.locator("#stack_notes").filter(has_text="replaces the stack weight").wait_for()
 
 
+def test_a_stack_rows_block_weights_reach_the_image(page: object) -> None:
+    """A row's expandable per-block section: a preset, then the in/mid/out sliders, each
+    written into the infotext's tag."""
+    page.locator("#prompt textarea").fill("a lighthouse")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 5)):
+        set_number(page, elem_id, value)
+    add_lora(page, "ink", 0.65)
+    page.get_by_text("ink: block weights").click()
+    page.locator(".stack-block-preset input").click()
+    page.get_by_role("option", name="OUTALL", exact=True).click()
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('lbw=OUTALL')"
+    )
+    assert "<lora:ink:0.65:lbw=OUTALL>" in parse_infotext(infotext(page)).prompt
+    shot(page, "txt2img-lora-block-weights.png")
+
+    page.locator(".stack-block-preset input").click()
+    page.get_by_role("option", name="(sliders)").click()
+    for key in ("in", "mid"):
+        box = page.locator(f".stack-block-{key} input[type=number]").first
+        box.fill("0")
+        box.press("Enter")
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('in=0:mid=0')"
+    )
+    assert "<lora:ink:0.65:in=0:mid=0:out=1>" in parse_infotext(infotext(page)).prompt
+
+
 def test_new_lora_file_appears_after_refresh(page: object, app: tuple[str, Path]) -> None:
     loras = app[1] / "loras"
     assert card(page, "fresh").count() == 0

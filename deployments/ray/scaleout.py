@@ -36,6 +36,7 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.generation.run import RunControl
 from pipelines.interface import DeviceInfo, ModelStatus
 from pipelines.lora.coverage import LoraCoverage
+from pipelines.lora.weights import weight_text
 from pipelines.prompt import combine_stacks, extract_lora_tags, strip_comments
 from pipelines.schema import GenerationRequest, GenerationResult
 from pipelines.settings import PROJECT_DIR, Settings
@@ -61,9 +62,10 @@ def stack_key(request: GenerationRequest) -> str:
     _, tags = extract_lora_tags(strip_comments(request.prompt))
     stack, _ = combine_stacks(request.loras, tags)
     parts = [
-        f"{spec.name.lower()}:{spec.weight:g}:{spec.text_encoder_weight:g}"
+        f"{spec.name.lower()}:{weight_text(spec.weight)}:{weight_text(spec.text_encoder_weight)}"
+        + ("" if spec.plain else f":{spec.blocks}:{spec.hr_weight}:{spec.hr_te_weight}")
         for spec in stack
-        if spec.weight or spec.text_encoder_weight
+        if spec.weight or spec.text_encoder_weight  # a schedule is never 0
     ]
     return ",".join(parts)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InvalidRequestError, LorastackError, NotFoundError, UnusableFileError
+from pipelines.prompt import extract_lora_tags
 from pipelines.schema import FIELDS, LoraSpec
 
 EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_UNUSABLE = 0, 1, 2, 3, 4
@@ -48,10 +49,20 @@ SETTINGS_FLAGS = (
 
 
 def parse_lora(text: str) -> LoraSpec:
-    """`NAME`, `NAME:W` or `NAME:TE:UNET` (A1111's tag order: text encoder first).
+    """`NAME`, `NAME:W` or `NAME:TE:UNET` (A1111's tag order: text encoder first), or
+    anything a `<lora:...>` tag holds: keyframes (`ink:0@0,1@1`), `key=value` items
+    (`ink:1:lbw=INALL`, `ink:0.8:in=0:out=1`, `ink:1:hr=0.5`).
 
     Example: `parse_lora("ink:0.8")` -> `LoraSpec("ink", 0.8)`.
     """
+    if "=" in text or "@" in text:
+        try:
+            specs = extract_lora_tags(f"<lora:{text}>")[1]
+        except LorastackError as error:
+            raise argparse.ArgumentTypeError(f"--lora {text!r}: {error.message}") from None
+        if len(specs) == 1:
+            return specs[0]
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME[:WEIGHT][:KEY=VALUE]")
     parts = text.split(":")
     numbers: list[float] = []
     while len(parts) > 1 and len(numbers) < 2:
@@ -343,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_lora,
         default=[],
         metavar="NAME[:W]",
-        help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately",
+        help="apply a LoRA (repeatable); NAME:TE:UNET sets the two weights separately; "
+        "anything a <lora:...> tag takes works too (NAME:0@0,1@1, NAME:1:lbw=INALL)",
     )
     generate.add_argument(
         "--style",

@@ -12,10 +12,12 @@ import gradio as gr
 from frontends.page.errors import user_error
 from frontends.page.fewstep_panel import wire_use
 from frontends.page.stack import (
+    NO_PRESET,
     WEIGHT_MAX,
     WEIGHT_MIN,
     WEIGHT_STEP,
     add_row,
+    blocks_value,
     card_html,
     conflict_notes,
     coverage_html,
@@ -31,6 +33,7 @@ from frontends.page.stack import (
 from pipelines.errors import LorastackError
 from pipelines.fewstep import suggest_for_lora
 from pipelines.interface import GenerationService
+from pipelines.schema import LBW_PRESETS
 
 ONE_RENDER_AT_A_TIME: dict[str, Any] = {"concurrency_limit": 1, "concurrency_id": "render"}
 """For every `gr.render`: a render registers its components' events in the page's one
@@ -138,6 +141,44 @@ def _stack_row(row: dict[str, Any], stack: gr.JSON, rows_version: gr.State) -> N
             interactive=True,
         )
         remove = gr.Button("✕", key=("remove", name), size="sm", scale=0, min_width=40)
+    blocks = row.get("blocks") or {}
+    with (
+        gr.Accordion(
+            f"{name}: block weights",
+            open=bool(blocks),
+            key=("blocks", name),
+            elem_classes=["stack-blocks"],
+        ),
+        gr.Row(),
+    ):
+        sliders = [
+            gr.Slider(
+                WEIGHT_MIN,
+                WEIGHT_MAX,
+                value=blocks.get(key, 1.0),
+                step=WEIGHT_STEP,
+                label=f"{name} {key}",
+                info=info,
+                key=(key, name),
+                elem_classes=[f"stack-block-{key}"],
+                interactive=True,
+            )
+            for key, info in (
+                ("in", "UNet down blocks"),
+                ("mid", "UNet mid block"),
+                ("out", "UNet up blocks"),
+            )
+        ]
+        lbw = blocks.get("lbw")
+        preset = gr.Dropdown(
+            [NO_PRESET, *LBW_PRESETS],
+            value=lbw if isinstance(lbw, str) else NO_PRESET,
+            label=f"{name} lbw preset",
+            info="lora-block-weight preset (replaces the sliders)",
+            key=("preset", name),
+            elem_classes=["stack-block-preset"],
+            interactive=True,
+        )
 
     def set_weight(value: float, rows: Any) -> list:
         return set_row(rows_from_value(rows), name, "weight", float(value))
@@ -145,11 +186,16 @@ def _stack_row(row: dict[str, Any], stack: gr.JSON, rows_version: gr.State) -> N
     def set_te(value: float | None, rows: Any) -> list:
         return set_row(rows_from_value(rows), name, "te_weight", value)
 
+    def set_blocks(down: float, mid: float, up: float, chosen: str | None, rows: Any) -> list:
+        return set_row(rows_from_value(rows), name, "blocks", blocks_value(down, mid, up, chosen))
+
     def drop(rows: Any, version: int) -> tuple[list, int]:
         return remove_row(rows_from_value(rows), name), version + 1
 
     weight.change(set_weight, [weight, stack], stack, **QUICK)
     te.change(set_te, [te, stack], stack, **QUICK)
+    for control in (*sliders, preset):
+        control.change(set_blocks, [*sliders, preset, stack], stack, **QUICK)
     remove.click(drop, [stack, rows_version], [stack, rows_version], **QUICK)
 
 

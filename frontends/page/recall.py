@@ -17,7 +17,7 @@ from typing import Any
 from frontends.page.defaults import scheduler_label
 from frontends.page.hires_panel import recall_hires
 from frontends.page.refiner_panel import recall_refiner
-from frontends.page.stack import strip_lora_tags
+from frontends.page.stack import row_of, strip_lora_tags
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
@@ -96,13 +96,16 @@ def recall(text: str, service: GenerationService) -> Recall:
     except LorastackError as error:
         tags = []
         result.warnings.append(error.message)
-    result.values["prompt"] = strip_lora_tags(prompt) if tags else prompt
+    # a tag with keyframes or hires weights stays in the prompt as written
+    stay = {spec.name.lower() for spec in tags if row_of(spec) is None}
+    result.values["prompt"] = strip_lora_tags(prompt, keep=stay) if tags else prompt
     result.values["negative_prompt"] = negative
     _recall_numbers(parsed, result, service.device().device.startswith("cuda"))
     for spec in tags:
-        name = _local_lora(spec.name, parsed, service, result.warnings)
-        if name is not None:
-            result.rows.append({"name": name, "weight": spec.weight, "te_weight": spec.te_weight})
+        row = row_of(spec)
+        name = None if row is None else _local_lora(spec.name, parsed, service, result.warnings)
+        if row is not None and name is not None:
+            result.rows.append({**row, "name": name})
     result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
     result.vae = _local_vae(parsed, service, result.warnings)
 

@@ -1,8 +1,9 @@
 """The page's LoRA stack as plain data, and the rules that tie it to the prompt.
 
 A stack is a JSON list of rows `{"name", "weight", "te_weight"}` (te_weight null: same as
-weight). It is per session (a component value), travels with every request as `loras`, and
-is what the API's `loras` parameter accepts.
+weight), with optional `"blocks"`: `{"in", "mid", "out"}` or `{"lbw": preset}`. It is
+per session (a component value), travels with every request as `loras`, and is what the
+API's `loras` parameter accepts.
 
 The rule between stack rows and `<lora:...>` tags in the prompt is the core's
 (`combine_stacks`): both apply; a LoRA named in both takes the tag's weight, and the page
@@ -27,7 +28,9 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
 from pipelines.interface import LoraCoverage
 from pipelines.prompt import combine_stacks, extract_lora_tags
-from pipelines.schema import LoraSpec
+from pipelines.schema import BlockWeights, LoraSpec
+
+REGION_KEYS = ("in", "mid", "out")
 
 Row = dict[str, Any]
 WEIGHT_MIN, WEIGHT_MAX, WEIGHT_STEP = -2.0, 2.0, 0.05
@@ -50,14 +53,58 @@ def rows_from_value(value: object) -> list[Row]:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidRequestError(f"loras[{index}] must be {{name, weight}}", field="loras")
         te = item.get("te_weight")
-        rows.append(
-            {
-                "name": item["name"],
-                "weight": _number(item.get("weight", 1.0), index),
-                "te_weight": None if te is None else _number(te, index),
-            }
-        )
+        row: Row = {
+            "name": item["name"],
+            "weight": _number(item.get("weight", 1.0), index),
+            "te_weight": None if te is None else _number(te, index),
+        }
+        if item.get("blocks"):
+            row["blocks"] = _blocks_row(item["blocks"], index)
+        rows.append(row)
     return rows
+
+
+def _blocks_row(value: object, index: int) -> dict[str, Any]:
+    """A row's block weights: `{"in", "mid", "out"}` numbers or `{"lbw": preset or list}`."""
+    where = f"loras[{index}].blocks"
+    if not isinstance(value, dict) or not set(value) <= {*REGION_KEYS, "lbw"}:
+        raise InvalidRequestError(f"{where} must be {{in, mid, out}} or {{lbw}}", field="loras")
+    lbw = value.get("lbw")
+    if isinstance(lbw, list):
+        lbw = tuple(_number(v, index) for v in lbw)
+    regions = [None if value.get(k) is None else _number(value[k], index) for k in REGION_KEYS]
+    try:
+        BlockWeights(*regions, lbw=lbw).check(where)
+    except InvalidRequestError as error:
+        raise InvalidRequestError(error.message, field="loras") from None
+    return dict(value)
+
+
+def blocks_of(row: Row) -> BlockWeights | None:
+    """A row's block weights as the request's type (None: plain)."""
+    blocks = row.get("blocks")
+    if not blocks:
+        return None
+    lbw = blocks.get("lbw")
+    regions = (blocks.get(key) for key in REGION_KEYS)
+    return BlockWeights(*regions, lbw=tuple(lbw) if isinstance(lbw, list) else lbw)
+
+
+def row_of(spec: LoraSpec) -> Row | None:
+    """The stack row of a tag's spec, or None when a row cannot hold it (keyframes, hires
+    weights)."""
+    if not spec.steady:
+        return None
+    row: Row = {"name": spec.name, "weight": spec.weight, "te_weight": spec.te_weight}
+    blocks = spec.blocks
+    if blocks is not None:
+        if blocks.lbw is not None:
+            lbw = blocks.lbw
+            row["blocks"] = {"lbw": lbw if isinstance(lbw, str) else list(lbw)}
+        else:
+            regions = zip(REGION_KEYS, (blocks.down, blocks.mid, blocks.up), strict=True)
+            row["blocks"] = {key: value for key, value in regions if value is not None}
+    return row
 
 
 def _number(value: object, index: int) -> float:
@@ -68,7 +115,7 @@ def _number(value: object, index: int) -> float:
 
 def specs_from_rows(rows: list[Row]) -> tuple[LoraSpec, ...]:
     """The request's `loras` (the engine validates names and weights)."""
-    return tuple(LoraSpec(r["name"], r["weight"], r.get("te_weight")) for r in rows)
+    return tuple(LoraSpec(r["name"], r["weight"], r.get("te_weight"), blocks_of(r)) for r in rows)
 
 
 def add_row(rows: list[Row], entry: LoraEntry) -> list[Row]:
@@ -78,9 +125,22 @@ def add_row(rows: list[Row], entry: LoraEntry) -> list[Row]:
     return [*rows, {"name": entry.name, "weight": entry.preferred_weight or 1.0, "te_weight": None}]
 
 
-def set_row(rows: list[Row], name: str, key: str, value: float | None) -> list[Row]:
-    """Rows with `name`'s `key` ("weight" or "te_weight") set to `value`."""
+def set_row(rows: list[Row], name: str, key: str, value: object) -> list[Row]:
+    """Rows with `name`'s `key` ("weight", "te_weight" or "blocks") set to `value`."""
     return [{**r, key: value} if r["name"] == name else r for r in rows]
+
+
+NO_PRESET = "(sliders)"
+"""The preset picker's choice that leaves the in/mid/out sliders in force."""
+
+
+def blocks_value(down: float, mid: float, up: float, preset: str | None) -> dict[str, Any] | None:
+    """A row's `blocks` from its per-block section: the preset when one is picked, else
+    the three sliders (None when all are 1: the plain LoRA)."""
+    if preset and preset != NO_PRESET:
+        return {"lbw": preset}
+    values = {"in": float(down), "mid": float(mid), "out": float(up)}
+    return None if all(v == 1.0 for v in values.values()) else values
 
 
 def remove_row(rows: list[Row], name: str) -> list[Row]:
@@ -104,13 +164,20 @@ def move_tags_to_stack(prompt: str, rows: list[Row]) -> tuple[str, list[Row]]:
         return prompt, rows
     tagged = {spec.name.lower() for spec in tags}
     kept = [r for r in rows if r["name"].lower() not in tagged]
-    added = [{"name": s.name, "weight": s.weight, "te_weight": s.te_weight} for s in tags]
-    return strip_lora_tags(prompt), [*kept, *added]
+    added = [row for row in map(row_of, tags) if row is not None]
+    # a tag with keyframes or hires weights says more than a row can hold
+    stay = {spec.name.lower() for spec in tags if row_of(spec) is None}
+    return strip_lora_tags(prompt, keep=stay), [*kept, *added]
 
 
-def strip_lora_tags(prompt: str) -> str:
-    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave."""
-    text = re.sub(r"<(?:lora|lyco):[^>]+>", "", prompt)
+def strip_lora_tags(prompt: str, keep: set[str] | frozenset[str] = frozenset()) -> str:
+    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave; tags
+    of the names in `keep` (lower case) stay."""
+
+    def drop(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(1).lower() in keep else ""
+
+    text = re.sub(r"<(?:lora|lyco):([^:>]*)[^>]*>", drop, prompt)
     return re.sub(r"[ \t]{2,}", " ", text).strip().strip(",").strip()
 
 

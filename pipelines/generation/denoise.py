@@ -30,6 +30,8 @@ Prediction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Ten
 the scheduler steps with (inpainting's blend of the denoised image with the original)."""
 OnStep = Callable[[int, torch.Tensor], bool]
 """(steps done, latents) -> True to stop the loop (interrupt or skip)."""
+BeforeStep = Callable[[int], None]
+"""step index -> None, before the UNet runs (per-step LoRA schedules re-merge here)."""
 
 
 @dataclass
@@ -55,6 +57,7 @@ class DenoiseLoop:
     unet_input: list[UNetInput] = field(default_factory=list)
     on_prediction: list[Prediction] = field(default_factory=list)
     after_step: list[AfterStep] = field(default_factory=list)
+    before_step: list[BeforeStep] = field(default_factory=list)
 
     @property
     def guided(self) -> bool:
@@ -107,6 +110,8 @@ class DenoiseLoop:
         (the latents reached so far are returned)."""
         extra = self.extra_step_kwargs()
         for index, timestep in enumerate(timesteps, start):
+            for before in self.before_step:
+                before(index)
             # [B, 4, h, w] -> [copies*B, 4, h, w]: uncond first, then each cond part
             model_input = torch.cat([latents] * self.copies) if self.copies > 1 else latents
             model_input = self.scheduler.scale_model_input(model_input, timestep)

@@ -99,7 +99,15 @@ class HiresRun(Txt2ImgRun):
             height=to_y // 8 * 8 - cut_y * 8,
         )
         hr_inputs = check_request(hr_request)
-        hr_inputs = replace(hr_inputs, sampler=sampler, seed=inputs.seed, subseed=inputs.subseed)
+        # loractl's hr=/hrte=/hrunet= weights are the second pass's
+        hires_stack = tuple(spec.for_hires() for spec in hr_inputs.stack)
+        hr_inputs = replace(
+            hr_inputs,
+            sampler=sampler,
+            seed=inputs.seed,
+            subseed=inputs.subseed,
+            stack=hires_stack,
+        )
         return HiresPass(hr_inputs, sampler, steps, (to_x, to_y, cut_x, cut_y))
 
     def encode_second_pass(self, inputs: RunInputs, adapters: Adapters | None) -> None:

@@ -33,6 +33,7 @@ from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
 from pipelines.infotext import format_infotext, format_lora_hashes
 from pipelines.lora.coverage import LoraCoverage
+from pipelines.lora.weights import base_ratio, is_scheduled, weight_at
 from pipelines.model_manager import PROMPT_CACHE_SIZE, ActiveModel
 from pipelines.preview import CHEAP, PreviewDecoders, render_preview
 from pipelines.prompt import (
@@ -95,12 +96,55 @@ class RunInputs:
 @dataclass
 class Adapters:
     """What step 2 applied: names and short hashes for the infotext, and what the text
-    encoders now hold (part of the prompt cache's key)."""
+    encoders now hold (part of the prompt cache's key).
+
+    `specs` is the applied stack (positions as in the model's adapter stack) and
+    `text_keys` each LoRA's identity and text-encoder block factor (None: it has no text
+    encoder layers), so a per-step schedule can say what each step needs."""
 
     applied: list[tuple[str, str | None]]
     text_state: tuple[object, ...]
     notes: list[str]
     coverage: list[LoraCoverage] = field(default_factory=list)
+    specs: tuple[LoraSpec, ...] = ()
+    text_keys: tuple[tuple[str, int, int, float] | None, ...] = ()
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether some weight changes between steps (then the loop re-merges)."""
+        return any(spec.scheduled for spec in self.specs)
+
+    @property
+    def text_scheduled(self) -> bool:
+        """Whether some text-encoder weight changes between steps (then each step's text
+        encoder state may need its own encoding)."""
+        return any(
+            is_scheduled(spec.text_encoder_weight) and key is not None
+            for spec, key in zip(self.specs, self.text_keys, strict=True)
+        )
+
+    def weights_at(self, step: int, steps: int) -> dict[int, tuple[float, float]]:
+        """(unet, text encoder) multipliers of the scheduled LoRAs at `step` of `steps`."""
+        return {
+            index: (
+                weight_at(spec.weight, step, steps),
+                weight_at(spec.text_encoder_weight, step, steps),
+            )
+            for index, spec in enumerate(self.specs)
+            if spec.scheduled
+        }
+
+    def text_state_at(self, step: int, steps: int) -> tuple[object, ...]:
+        """What the text encoders hold at `step`: each LoRA's file and effective weight."""
+        state: list[object] = []
+        for spec, key in zip(self.specs, self.text_keys, strict=True):
+            if key is None:
+                continue
+            *identity, base = key
+            weight = weight_at(spec.text_encoder_weight, step, steps) * base
+            if weight:
+                state.append((*identity, weight))
+        return tuple(state)
 
 
 Schedule = list[tuple[int, str]]
@@ -116,15 +160,24 @@ class Conditioning:
     negative: Schedule
     encoded: dict[tuple[str, bool], EncodedPrompt]
     hires_steps: int | None = None  # the schedules are a hires pass's
+    adapters: Adapters | None = None  # the stack it was encoded with (per-step schedules)
+    by_state: dict[tuple[object, ...], dict[tuple[str, bool], EncodedPrompt]] = field(
+        default_factory=dict
+    )
+    """Texts encoded with other text-encoder weights (scheduled `te=`), by text state."""
 
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(weight for _, weight in self.parts)
 
-    def at(self, step: int) -> tuple[EncodedPrompt, list[EncodedPrompt]]:
-        """(negative, one per part) in force at sampling step `step` (0-based)."""
-        negative = self.encoded[(text_at(self.negative, step), True)]
-        return negative, [self.encoded[(text_at(s, step), False)] for s, _ in self.parts]
+    def at(
+        self, step: int, encoded: dict[tuple[str, bool], EncodedPrompt] | None = None
+    ) -> tuple[EncodedPrompt, list[EncodedPrompt]]:
+        """(negative, one per part) in force at sampling step `step` (0-based), from
+        `encoded` (default: the texts as first encoded)."""
+        found = self.encoded if encoded is None else encoded
+        negative = found[(text_at(self.negative, step), True)]
+        return negative, [found[(text_at(s, step), False)] for s, _ in self.parts]
 
     def texts_at(self, step: int) -> tuple[str, ...]:
         return (text_at(self.negative, step), *(text_at(s, step) for s, _ in self.parts))
@@ -268,17 +321,29 @@ class Txt2ImgRun:
             entry = self.folders.resolve("lora", spec.name)
             if entry.error:
                 raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
-            resolved.append((entry, spec.weight, spec.text_encoder_weight))
-        notes = self.model.adapters.apply(resolved)
-        coverage = self.model.adapters.coverage(resolved)
+            # the first step's weights (a schedule's are re-merged by the denoising loop)
+            first = (weight_at(spec.weight, 0, 1), weight_at(spec.text_encoder_weight, 0, 1))
+            resolved.append((entry, *first))
+        blocks = [spec.blocks for spec in inputs.stack]
+        scheduled = [spec.scheduled for spec in inputs.stack]
+        notes = self.model.adapters.apply(resolved, blocks, scheduled)
+        coverage = self.model.adapters.coverage(resolved, scheduled)
         notes += [report.summary() for report in coverage if report.complete]
-        applied = [(entry.name, entry.short_hash) for entry, u, t in resolved if u or t]
-        text_state = tuple(
-            (str(entry.path), entry.size, entry.mtime_ns, t)
-            for entry, _, t in resolved
-            if t and any(part.startswith("te") for part in entry.parts)
+        applied = [
+            (entry.name, entry.short_hash)
+            for (entry, u, t), moving in zip(resolved, scheduled, strict=True)
+            if u or t or moving
+        ]
+        family = self.model.adapters.architecture.family
+        text_keys = tuple(
+            (str(entry.path), entry.size, entry.mtime_ns, base_ratio(spec.blocks, family))
+            if any(part.startswith("te") for part in entry.parts)
+            else None
+            for (entry, _, _), spec in zip(resolved, inputs.stack, strict=True)
         )
-        return Adapters(applied, text_state, notes, coverage)
+        adapters = Adapters(applied, (), notes, coverage, tuple(inputs.stack), text_keys)
+        adapters.text_state = adapters.text_state_at(0, 1)
+        return adapters
 
     def apply_vae(self, inputs: RunInputs) -> None:
         """Make the model's VAE the request's `sd_vae` (A1111's resolution order)."""
@@ -323,7 +388,27 @@ class Txt2ImgRun:
         padded = pad_to_longest(encoded, empty=self.model.empty_prompt)
         weights = [weight for _, weight in parts]
         weighted = list(zip(schedules, weights, strict=True))
-        return Conditioning(weighted, negative, dict(zip(keys, padded, strict=True)), hires_steps)
+        found = dict(zip(keys, padded, strict=True))
+        return Conditioning(
+            weighted, negative, found, hires_steps, adapters, {adapters.text_state: found}
+        )
+
+    def encoded_for(
+        self, inputs: RunInputs, conditioning: Conditioning, state: tuple[object, ...]
+    ) -> dict[tuple[str, bool], EncodedPrompt]:
+        """Every text of `conditioning` encoded with the text encoders as they are now,
+        holding `state` (a scheduled `te=` changed them), padded to the same length."""
+        if state not in conditioning.by_state:
+            clip_skip = inputs.request.clip_skip
+            reference = next(iter(conditioning.encoded.values()))
+            conditioning.by_state[state] = {
+                key: pad_to_longest(
+                    [reference, self.encode(key[0], clip_skip, key[1], state)],
+                    empty=self.model.empty_prompt,
+                )[1]
+                for key in conditioning.encoded
+            }
+        return conditioning.by_state[state]
 
     def encode(
         self, text: str, clip_skip: int, negative: bool, text_state: tuple[object, ...]
@@ -409,6 +494,7 @@ class Txt2ImgRun:
         """The steps on the current model, and with a refiner (when `refine`), the steps
         from its switch point on the refiner; the current model is the same afterwards."""
         refiner = self.refiner if refine else None
+        self.pass_evals = (len(timesteps), int(getattr(scheduler, "order", 1)))
         split = len(timesteps) if refiner is None else refiner.index(scheduler, timesteps)
         latents = self.denoise_steps(
             inputs, conditioning, latents, generators, scheduler, timesteps[:split]
@@ -426,9 +512,19 @@ class Txt2ImgRun:
             if self.model is not resume:
                 self.model = refiner.switch_model(resume)
 
+    pass_evals: tuple[int, int] = (1, 1)
+    """(UNet evaluations in the current pass, the scheduler's order), for schedules."""
+
     @property
     def stopped(self) -> bool:
         return self.control.interrupted or self.control.skipped
+
+    def pass_step(self, index: int) -> tuple[int, int]:
+        """(sampler step, steps in the pass) of UNet evaluation `index`: second-order
+        schedulers (Heun, DPM2) evaluate twice per step after the first."""
+        evals, order = self.pass_evals
+        step_of = (lambda i: (i + order - 1) // order) if order > 1 else (lambda i: i)
+        return step_of(index), step_of(max(evals - 1, 0)) + 1
 
     def denoise_steps(
         self,
@@ -475,18 +571,32 @@ class Txt2ImgRun:
         loop.cond_weights = conditioning.weights
         if timestep_cond is not None:
             loop.timestep_cond = timestep_cond.repeat(len(conditioning.parts), 1)
-        built: dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+        built: dict[tuple[object, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+        adapters = conditioning.adapters
+        text_scheduled = adapters is not None and adapters.text_scheduled
 
         def at_step(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-            texts = conditioning.texts_at(index)  # each combination's tensors built once
-            if texts not in built:
-                negative, positives = conditioning.at(index)
-                built[texts] = self.unet_conditioning(
-                    inputs, negative, positives, count, loop.guided
-                )
-            return built[texts]
+            state: tuple[object, ...] = ()
+            if text_scheduled:
+                assert adapters is not None
+                state = adapters.text_state_at(*self.pass_step(index))
+            key = (conditioning.texts_at(index), state)  # each combination built once
+            if key not in built:
+                found = self.encoded_for(inputs, conditioning, state) if text_scheduled else None
+                negative, positives = conditioning.at(index, found)
+                built[key] = self.unet_conditioning(inputs, negative, positives, count, loop.guided)
+            return built[key]
 
         loop.conditioning = at_step
+        if adapters is not None and adapters.scheduled:
+            stack = self.model.adapters
+
+            def reweight(index: int) -> None:
+                """Per-step schedules: re-merge the layers of LoRAs whose weight changes."""
+                assert adapters is not None
+                stack.reweight(adapters.weights_at(*self.pass_step(index)))
+
+            loop.before_step.append(reweight)
         if self.model.architecture.is_inpainting:
             loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
         return loop

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,10 +21,17 @@ import torch
 from pipelines.architecture import Architecture
 from pipelines.devices import stored_tensor
 from pipelines.errors import UnusableFileError
-from pipelines.lora.coverage import LoraCoverage, count_regions, group_region, region_of
+from pipelines.lora.coverage import (
+    LoraCoverage,
+    count_regions,
+    group_region,
+    region_of,
+    unet_region,
+)
 from pipelines.lora.files import LoraFileCache, ParsedLora
 from pipelines.lora.maths import module_delta
 from pipelines.lora.targets import Target, TargetIndex
+from pipelines.lora.weights import BlockWeights, layer_ratio
 
 if TYPE_CHECKING:
     from pipelines.folders.loras import LoraEntry
@@ -46,11 +54,48 @@ class Resolution:
 Contribution = tuple[tuple[str, int, int], str, float]  # (file key, group key, multiplier)
 
 
+@dataclass(frozen=True)
+class StackEntry:
+    """One LoRA of a stack as the adapter stack applies it.
+
+    `unet`/`te` are its multipliers now (0: that part is absent); `blocks` scales them per
+    layer; `scheduled` keeps its layers known even at weight 0, since a per-step schedule
+    will raise it (`reweight`).
+    """
+
+    path: Path
+    name: str
+    unet: float
+    te: float
+    blocks: BlockWeights | None = None
+    scheduled: bool = False
+
+
+StackItem = StackEntry | tuple[Path, str, float, float]
+"""A stack entry, or (path, display name, unet weight, te weight)."""
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One group of one stack entry on one layer, with the layer's block ratio."""
+
+    entry: int
+    parsed: ParsedLora
+    key: tuple[str, int, int]
+    group_key: str
+    is_text_encoder: bool
+    ratio: float
+
+
 @dataclass
 class _Plan:
-    layers: dict[Target, list[tuple[ParsedLora, Contribution]]] = field(default_factory=dict)
+    slots: dict[Target, list[_Slot]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     coverage: list[LoraCoverage] = field(default_factory=list)
+
+
+def _entry(item: StackItem) -> StackEntry:
+    return item if isinstance(item, StackEntry) else StackEntry(*item)
 
 
 def stored_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
@@ -115,64 +160,124 @@ class AdapterStack:
         self._backup: OrderedDict[Target, Backup] = OrderedDict()
         self._applied: dict[Target, tuple[Contribution, ...]] = {}
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
+        self._entries: list[StackEntry] = []  # the stack last applied, with its weights now
+        self._slots: dict[Target, list[_Slot]] = {}  # its groups on each layer, in order
 
     # -- public
 
-    def apply(self, resolved: list[tuple[LoraEntry, float, float]]) -> list[str]:
+    def apply(
+        self,
+        resolved: list[tuple[LoraEntry, float, float]],
+        blocks: Sequence[BlockWeights | None] = (),
+        scheduled: Sequence[bool] = (),
+    ) -> list[str]:
         """Make the live weights exactly base + the stack's deltas.
 
         Args:
             resolved: (entry, unet multiplier, text-encoder multiplier) in stack order;
                 a multiplier of 0 means that part is absent.
+            blocks: each entry's block weights (missing or None: 1 on every layer).
+            scheduled: whether each entry's weights change per step (see `StackEntry`).
         Returns:
             Warnings for the caller to show (partial matches with what was skipped,
             metadata disagreements); `coverage` gives the full report of each LoRA.
         Raises:
             UnusableFileError: a file that cannot be read, is for another family, or
-                matches nothing in the model. Nothing is changed in that case.
+                matches nothing in the model. InvalidRequestError: block weights that do
+                not fit the model's family. Nothing is changed in either case.
         """
-        for entry, unet_w, te_w in resolved:
-            if entry.error and (unet_w or te_w):
+        for index, (entry, unet_w, te_w) in enumerate(resolved):
+            live = unet_w or te_w or (index < len(scheduled) and scheduled[index])
+            if entry.error and live:
                 raise UnusableFileError(f"LoRA '{entry.name}': {entry.error}", field="loras")
-        return self.apply_paths([(e.path, e.name, u, t) for e, u, t in resolved])
+        return self.apply_paths(
+            [
+                StackEntry(
+                    e.path,
+                    e.name,
+                    u,
+                    t,
+                    blocks[i] if i < len(blocks) else None,
+                    i < len(scheduled) and scheduled[i],
+                )
+                for i, (e, u, t) in enumerate(resolved)
+            ]
+        )
 
-    def apply_paths(self, stack: list[tuple[Path, str, float, float]]) -> list[str]:
-        """`apply` for (path, display name, unet weight, te weight) tuples."""
-        plan = self._plan(stack)  # 1. validate every file before touching any weight
-        wanted = {t: tuple(c for _, c in items) for t, items in plan.layers.items()}
+    def apply_paths(self, stack: Sequence[StackItem]) -> list[str]:
+        """`apply` for stack entries or (path, display name, unet weight, te weight)."""
+        entries = [_entry(item) for item in stack]
+        plan = self._plan(entries)  # 1. validate every file before touching any weight
+        self._entries, self._slots = entries, plan.slots
         with torch.no_grad():
-            for target in [t for t in self._applied if t not in wanted]:  # 2. untouched
+            for target in [t for t in self._applied if t not in plan.slots]:  # 2. untouched
                 self._restore_layer(target)
-            for target, items in plan.layers.items():  # 3. changed layers only
-                if self._applied.get(target) != wanted[target]:
-                    self._merge_layer(target, items)
+            for target in plan.slots:  # 3. changed layers only
+                self._update_layer(target)
         self._trim_backups()
         for report in plan.coverage:
             log.log(logging.INFO if report.complete else logging.WARNING, report.summary())
         return plan.warnings
 
-    def coverage(self, resolved: list[tuple[LoraEntry, float, float]]) -> list[LoraCoverage]:
+    def reweight(self, weights: dict[int, tuple[float, float]]) -> int:
+        """Give entries of the stack last applied new (unet, te) multipliers, re-merging
+        only the layers whose contributions change, each once, from its backup.
+
+        This is what a per-step schedule calls: its cost is that of merging the scheduled
+        LoRA's layers (and whatever else sits on them), nothing when no weight changes.
+
+        Args:
+            weights: stack position -> (unet multiplier, text-encoder multiplier).
+        Returns:
+            How many layers were merged or restored.
+        """
+        touched_parts: dict[int, tuple[bool, bool]] = {}  # entry -> (unet, te) changed
+        for index, (unet_w, te_w) in weights.items():
+            entry = self._entries[index]
+            if (entry.unet, entry.te) != (unet_w, te_w):
+                touched_parts[index] = (entry.unet != unet_w, entry.te != te_w)
+                self._entries[index] = replace(entry, unet=unet_w, te=te_w)
+        if not touched_parts:
+            return 0
+        changed = 0
+        with torch.no_grad():
+            for target, slots in self._slots.items():
+                part = 1 if target.is_text_encoder else 0
+                if any(touched_parts.get(s.entry, (False, False))[part] for s in slots):
+                    changed += self._update_layer(target)
+        return changed
+
+    def coverage(
+        self, resolved: list[tuple[LoraEntry, float, float]], scheduled: Sequence[bool] = ()
+    ) -> list[LoraCoverage]:
         """The coverage report of each LoRA of a stack with a weight, against this model.
 
         Args:
             resolved: as for `apply`.
+            scheduled: as for `apply` (a scheduled LoRA is reported even at weight 0).
         Returns:
             One report per LoRA with a non-zero weight, in stack order. Files that cannot
             be read are left out (applying them raises with the reason).
         """
-        return self.coverage_paths([(e.path, e.name, u, t) for e, u, t in resolved if not e.error])
+        return self.coverage_paths(
+            [
+                StackEntry(e.path, e.name, u, t, scheduled=i < len(scheduled) and scheduled[i])
+                for i, (e, u, t) in enumerate(resolved)
+                if not e.error
+            ]
+        )
 
-    def coverage_paths(self, stack: list[tuple[Path, str, float, float]]) -> list[LoraCoverage]:
-        """`coverage` for (path, display name, unet weight, te weight) tuples."""
+    def coverage_paths(self, stack: Sequence[StackItem]) -> list[LoraCoverage]:
+        """`coverage` for stack entries or (path, display name, unet weight, te weight)."""
         reports = []
-        for path, name, unet_w, te_w in stack:
-            if unet_w == 0 and te_w == 0:
+        for entry in map(_entry, stack):
+            if entry.unet == 0 and entry.te == 0 and not entry.scheduled:
                 continue
             try:
-                parsed = self.cache.get(path)
+                parsed = self.cache.get(entry.path)
             except UnusableFileError:
                 continue
-            reports.append(self.report(parsed, LoraFileCache.key(path), name))
+            reports.append(self.report(parsed, LoraFileCache.key(entry.path), entry.name))
         return reports
 
     def report(self, parsed: ParsedLora, key: tuple[str, int, int], name: str) -> LoraCoverage:
@@ -193,7 +298,7 @@ class AdapterStack:
         """Why the LoRA at `path` cannot apply to this model (another family, no layer
         matches), or None when it fits; nothing is changed."""
         try:
-            self._plan([(path, name, 1.0, 1.0)])
+            self._plan([StackEntry(path, name, 1.0, 1.0)])
         except UnusableFileError as error:
             return error.message
         return None
@@ -204,6 +309,7 @@ class AdapterStack:
             for target in list(self._applied):
                 self._restore_layer(target)
         self._backup.clear()
+        self._entries, self._slots = [], {}
 
     @property
     def applied_layers(self) -> int:
@@ -246,35 +352,65 @@ class AdapterStack:
         self._resolutions[(key, "")] = resolution
         return resolution
 
-    def _plan(self, stack: list[tuple[Path, str, float, float]]) -> _Plan:
+    def _plan(self, stack: list[StackEntry]) -> _Plan:
         plan = _Plan()
         family = self.architecture.family
-        for path, name, unet_w, te_w in stack:
-            if unet_w == 0 and te_w == 0:
+        for index, entry in enumerate(stack):
+            if entry.unet == 0 and entry.te == 0 and not entry.scheduled:
                 continue
-            key = LoraFileCache.key(path)
-            parsed = self.cache.get(path)
-            check_compatible(parsed, family, name)
+            key = LoraFileCache.key(entry.path)
+            parsed = self.cache.get(entry.path)
+            check_compatible(parsed, family, entry.name)
             resolution = self.resolve(parsed, key)
-            report = self.report(parsed, key, name)
+            report = self.report(parsed, key, entry.name)
             if not resolution.targets:
                 raise UnusableFileError(
-                    f"LoRA '{name}' matches no layer of this {family} model: {report.details()}",
+                    f"LoRA '{entry.name}' matches no layer of this {family} model: "
+                    f"{report.details()}",
                     field="loras",
                 )
+            lbw = None if entry.blocks is None else entry.blocks.values(family)
             plan.coverage.append(report)
             if not report.complete:
                 plan.warnings.append(report.summary())
             if parsed.architecture.disagreement:
-                plan.warnings.append(f"LoRA '{name}': {parsed.architecture.disagreement}")
+                plan.warnings.append(f"LoRA '{entry.name}': {parsed.architecture.disagreement}")
             for group_key, target in resolution.targets.items():
-                multiplier = te_w if target.is_text_encoder else unet_w
-                if multiplier == 0:
-                    continue
-                plan.layers.setdefault(target, []).append(
-                    (parsed, (key, group_key, float(multiplier)))
+                ratio = layer_ratio(
+                    entry.blocks,
+                    lbw,
+                    target.is_text_encoder,
+                    "" if target.is_text_encoder else unet_region(target.module),
+                    self.index.ldm_names.get(target),
+                )
+                plan.slots.setdefault(target, []).append(
+                    _Slot(index, parsed, key, group_key, target.is_text_encoder, ratio)
                 )
         return plan
+
+    def _items(self, target: Target) -> list[tuple[ParsedLora, Contribution]]:
+        """The contributions the current entries make to `target`, in stack order: each
+        group's multiplier is its part's weight times the layer's block ratio (0: absent)."""
+        items = []
+        for slot in self._slots.get(target, ()):
+            entry = self._entries[slot.entry]
+            weight = entry.te if slot.is_text_encoder else entry.unet
+            multiplier = float(weight * slot.ratio)
+            if multiplier != 0:
+                items.append((slot.parsed, (slot.key, slot.group_key, multiplier)))
+        return items
+
+    def _update_layer(self, target: Target) -> int:
+        """Make one layer base + its current contributions; 1 if it had to change."""
+        items = self._items(target)
+        wanted = tuple(c for _, c in items)
+        if self._applied.get(target, ()) == wanted:
+            return 0
+        if not items:
+            self._restore_layer(target)
+        else:
+            self._merge_layer(target, items)
+        return 1
 
     def _restore_layer(self, target: Target) -> None:
         module = self.index.modules[target]

@@ -91,6 +91,7 @@ class TargetIndex:
     def __init__(self, pipe: Any) -> None:
         self.modules: dict[Target, torch.nn.Module] = {}
         self.aliases: dict[str, dict[str, Target]] = {}
+        self.ldm_names: dict[Target, str] = {}  # UNet layer -> LDM name (block weights)
         for component in COMPONENTS:
             model = getattr(pipe, component, None)
             if not isinstance(model, torch.nn.Module):
@@ -110,6 +111,7 @@ class TargetIndex:
                 if component == "unet":
                     old = ldm_unet_name(name, per, up_attn)
                     if old:
+                        self.ldm_names[target] = old
                         ldm[old] = target
                         ldm["diffusion_model_" + old] = target
                 elif name.startswith("text_model."):
