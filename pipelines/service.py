@@ -28,6 +28,7 @@ from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
 from pipelines.gallery import GalleryIndex
+from pipelines.generation.batch import BatchKey, batch_key
 from pipelines.generation.refiner import refuse_refiner_as_base
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
@@ -40,7 +41,7 @@ from pipelines.interface import (
     ProgressCallback,
     ProgressSnapshot,
 )
-from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
+from pipelines.jobs import DEFAULT_MAX_QUEUED, Batchable, JobControl, JobService
 from pipelines.limits import UserLimits
 from pipelines.output import SaveOptions, read_save_options, write_save_options
 from pipelines.preview import check_preview_method
@@ -77,10 +78,19 @@ class Runner(Protocol):
     def rescanned(self) -> None: ...
 
 
+class BatchRunner(Runner, Protocol):
+    """A runner that can denoise compatible requests as one batch (`--batch-requests`)."""
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], controls: Sequence[RunControl]
+    ) -> list[GenerationResult]: ...
+
+
 @dataclass(frozen=True)
 class _Generate:
     request: GenerationRequest  # validated, seed chosen, checkpoint resolved
     asked_checkpoint: str | None  # as the client named it (echoed in the result)
+    batch_key: BatchKey | None = None  # None: never shares a batch
 
 
 @dataclass(frozen=True)
@@ -132,8 +142,20 @@ class Service:
         default_pixels = CPU_MAX_PIXELS if self._device.device == "cpu" else GPU_MAX_PIXELS
         self._bounds = replace(settings.bounds, max_pixels=settings.max_pixels or default_pixels)
         limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
+        batching = settings.batch_requests > 0 and callable(getattr(runner, "generate_batch", None))
+        if settings.batch_requests > 0 and not batching:
+            log.warning(
+                "--batch-requests is ignored: %s runs each request on its own",
+                type(runner).__name__,
+            )
         self._jobs = JobService(
-            self._execute, workers=runner.workers, limits=limits, max_queued=max_queued
+            self._execute,
+            workers=runner.workers,
+            limits=limits,
+            max_queued=max_queued,
+            execute_batch=self._execute_batch if batching else None,
+            batch_window=settings.batch_requests / 1000 if batching else 0.0,
+            batch_capacity=self._bounds.max_pixels,
         )
         self._lock = threading.Lock()
         self._selected: ModelStatus | None = None
@@ -167,14 +189,21 @@ class Service:
     ) -> str:
         """Validate everything a client can get wrong (422/404/400) before queueing."""
         work = self._prepare(request)
+        checked = work.request
+        batchable = None
+        if work.batch_key is not None:
+            batchable = Batchable(
+                work.batch_key, checked.width * checked.height * checked.batch_size
+            )
         return self._jobs.submit(
             work,
             kind=request.kind,
             user=user,
             label=request.prompt[:80],
-            cost=_cost(work.request),
+            cost=_cost(checked),
             on_progress=on_progress,
             preview_every=preview_every,
+            batchable=batchable,
         )
 
     def submit_series(
@@ -252,9 +281,9 @@ class Service:
                 request.refiner_checkpoint, checkpoint, "refiner_checkpoint", "the checkpoint"
             )
             request = replace(request, refiner_checkpoint=key)
-        return _Generate(
-            replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
-        )
+        checked = replace(request, seed=inputs.seed, checkpoint=checkpoint)
+        key = batch_key(replace(inputs, request=checked))  # names resolved as the runner's
+        return _Generate(checked, request.checkpoint, key)
 
     def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
         result: GenerationResult = self._jobs.result(job_id, timeout)
@@ -530,6 +559,18 @@ class Service:
         finally:
             with self._lock:
                 self._loading = None
+
+    def _execute_batch(
+        self, works: list[object], controls: list[JobControl]
+    ) -> list[GenerationResult]:
+        """Compatible generations (one batch key) as one batch on a `BatchRunner`."""
+        items = [work for work in works if isinstance(work, _Generate)]
+        assert len(items) == len(works)
+        runner: BatchRunner = self.runner  # type: ignore[assignment]
+        results = runner.generate_batch([item.request for item in items], controls)
+        for item, result in zip(items, results, strict=True):
+            result.request = replace(result.request, checkpoint=item.asked_checkpoint)
+        return results
 
     def _generate(self, work: _Generate, control: RunControl) -> GenerationResult:
         result = self.runner.generate(work.request, control)

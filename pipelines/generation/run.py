@@ -28,6 +28,7 @@ from pipelines.folders.embeddings import EmbeddingEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.folders.vaes import VaeEntry
+from pipelines.generation.denoise import Conditioning as StepConditioning
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
@@ -194,16 +195,11 @@ class Txt2ImgRun:
         images: list[Image.Image] = []
         seeds: list[int] = []
         subseeds: list[int] = []
-        count = inputs.request.batch_size
         for iteration in range(inputs.request.n_iter):
             if self.control.interrupted:
                 break
-            # seeds: seed, seed+1, ... across the whole job, subseeds alike (A1111)
-            first = iteration * count
-            batch_seeds = [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)]
-            batch_subseeds = [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)]
             scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
-            seed_plan = SeedPlan(batch_seeds, batch_subseeds)
+            seed_plan = self.seed_plan(inputs, iteration)
             self.before_batch(inputs, adapters)
             # 4. prepare latents (after the timesteps: the first sigma scales the noise)
             timesteps = self.timesteps(inputs, scheduler)
@@ -227,8 +223,8 @@ class Txt2ImgRun:
                 pixels = self.decode(sized, latents)
             # 7. post-process
             images.extend(self.post_process(pixels))
-            seeds.extend(batch_seeds)
-            subseeds.extend(batch_subseeds)
+            seeds.extend(seed_plan.seeds)
+            subseeds.extend(seed_plan.subseeds)
         return self.result(inputs, adapters, images, seeds, subseeds)
 
     passes = 1
@@ -239,6 +235,17 @@ class Txt2ImgRun:
         stops a model upscaler between tiles."""
         return Upscaling(
             self.folders, self.plan.device, self.plan.dtype, lambda: self.control.interrupted
+        )
+
+    @staticmethod
+    def seed_plan(inputs: RunInputs, iteration: int) -> SeedPlan:
+        """Batch `iteration`'s seeds: seed, seed+1, ... across the whole job, subseeds
+        alike (A1111)."""
+        count = inputs.request.batch_size
+        first = iteration * count
+        return SeedPlan(
+            [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)],
+            [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)],
         )
 
     # -- 1
@@ -475,21 +482,26 @@ class Txt2ImgRun:
         loop.cond_weights = conditioning.weights
         if timestep_cond is not None:
             loop.timestep_cond = timestep_cond.repeat(len(conditioning.parts), 1)
-        built: dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
-
-        def at_step(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-            texts = conditioning.texts_at(index)  # each combination's tensors built once
-            if texts not in built:
-                negative, positives = conditioning.at(index)
-                built[texts] = self.unet_conditioning(
-                    inputs, negative, positives, count, loop.guided
-                )
-            return built[texts]
-
-        loop.conditioning = at_step
+        loop.conditioning = self.step_conditioning(inputs, conditioning, count, loop.guided)
         if self.model.architecture.is_inpainting:
             loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
         return loop
+
+    def step_conditioning(
+        self, inputs: RunInputs, conditioning: Conditioning, count: int, guided: bool
+    ) -> StepConditioning:
+        """The UNet's conditioning at each step for `count` batch items, each combination
+        of texts built once."""
+        built: dict[tuple[str, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+
+        def at_step(index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+            texts = conditioning.texts_at(index)
+            if texts not in built:
+                negative, positives = conditioning.at(index)
+                built[texts] = self.unet_conditioning(inputs, negative, positives, count, guided)
+            return built[texts]
+
+        return at_step
 
     def unet_conditioning(
         self,
