@@ -88,6 +88,12 @@ class JobControl:
         """`step` sampling steps of the current batch are done."""
         self._service._step(self._job, step, preview)
 
+    def finish(self, result: Any) -> None:
+        """The job's result before the run it shares ends (a job of a batch that was
+        interrupted): its submitter gets it now, and the run's later result for it is
+        ignored."""
+        self._service._finish_early(self._job, result)
+
 
 @dataclass(frozen=True)
 class Batchable:
@@ -344,13 +350,17 @@ class JobService:
                     rate = elapsed / cost
                     old = self._seconds_per_cost
                     self._seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
+                ended = []
                 for job, outcome in zip(group, outcomes, strict=True):
+                    if job.done.is_set():  # finished early (`JobControl.finish`)
+                        continue
                     self._running.remove(job)
                     if isinstance(outcome, BaseException):
                         self._finish(job, "failed", None, outcome)
                     else:
                         self._finish(job, "done", outcome, None)
-            for job in group:
+                    ended.append(job)
+            for job in ended:
                 self._notify(job)
 
     def _take(self) -> list[_Job]:
@@ -424,6 +434,14 @@ class JobService:
             error = RuntimeError(f"the batch of jobs {ids} returned {len(results)} results")
             return [error] * len(group)
         return results
+
+    def _finish_early(self, job: _Job, result: Any) -> None:
+        with self._lock:
+            if job.state != "running":
+                return
+            self._running.remove(job)
+            self._finish(job, "done", result, None)
+        self._notify(job)
 
     def _finish(self, job: _Job, state: str, result: Any, error: BaseException | None) -> None:
         """Called with the lock held."""

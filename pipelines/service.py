@@ -83,7 +83,10 @@ class BatchRunner(Runner, Protocol):
 
     def generate_batch(
         self, requests: Sequence[GenerationRequest], controls: Sequence[RunControl]
-    ) -> list[GenerationResult]: ...
+    ) -> list[GenerationResult]:
+        """One result per request; a control with a `finish(result)` method may get its
+        result before the batch ends (an interrupted request's)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -567,14 +570,18 @@ class Service:
         items = [work for work in works if isinstance(work, _Generate)]
         assert len(items) == len(works)
         runner: BatchRunner = self.runner  # type: ignore[assignment]
-        results = runner.generate_batch([item.request for item in items], controls)
+        echoing = [
+            _EchoingControl(control, item.asked_checkpoint)
+            for control, item in zip(controls, items, strict=True)
+        ]
+        results = runner.generate_batch([item.request for item in items], echoing)
         for item, result in zip(items, results, strict=True):
-            result.request = replace(result.request, checkpoint=item.asked_checkpoint)
+            _echo_checkpoint(result, item.asked_checkpoint)
         return results
 
     def _generate(self, work: _Generate, control: RunControl) -> GenerationResult:
         result = self.runner.generate(work.request, control)
-        result.request = replace(result.request, checkpoint=work.asked_checkpoint)
+        _echo_checkpoint(result, work.asked_checkpoint)
         return result
 
     def _run_series(self, work: _Series, control: JobControl) -> list[GenerationResult]:
@@ -590,6 +597,45 @@ class Service:
             results.append(result)
             offset += item.request.n_iter
         return results
+
+
+def _echo_checkpoint(result: GenerationResult, asked: str | None) -> None:
+    """The result's request names the checkpoint as the client did (not the runner's key)."""
+    result.request = replace(result.request, checkpoint=asked)
+
+
+class _EchoingControl:
+    """A batched job's control whose early result (an interrupted job's, handed over
+    before the batch ends) names the checkpoint as the client did."""
+
+    def __init__(self, control: JobControl, asked: str | None) -> None:
+        self._control, self._asked = control, asked
+
+    @property
+    def interrupted(self) -> bool:
+        return self._control.interrupted
+
+    @property
+    def skipped(self) -> bool:
+        return self._control.skipped
+
+    @property
+    def preview_every(self) -> int:
+        return self._control.preview_every
+
+    @property
+    def preview_method(self) -> str:
+        return self._control.preview_method
+
+    def batch(self, job_no: int, job_count: int, steps: int) -> None:
+        self._control.batch(job_no, job_count, steps)
+
+    def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
+        self._control.step(step, preview)
+
+    def finish(self, result: GenerationResult) -> None:
+        _echo_checkpoint(result, self._asked)
+        self._control.finish(result)
 
 
 def _cost(request: GenerationRequest) -> float:

@@ -321,7 +321,8 @@ def test_progress_and_previews_stay_per_job(batched: Service) -> None:
 
 def interrupt_at_step_one(service: Service) -> Callable[[ProgressSnapshot], None]:
     def on_progress(snapshot: ProgressSnapshot) -> None:
-        if snapshot.state == "running" and snapshot.sampling_step == 1:
+        running = snapshot.state == "running" and not snapshot.interrupted
+        if running and snapshot.sampling_step == 1:
             service.interrupt(snapshot.job_id)
 
     return on_progress
@@ -331,13 +332,23 @@ def test_interrupting_one_job_drops_only_its_rows(
     batched: Service, alone: Service, unet_rows: list[int]
 ) -> None:
     """The middle job is interrupted after step 1: its image is what its own run gives
-    when interrupted there, its rows leave the UNet, and the others run to the end."""
+    when interrupted there, it is done at once (its submitter does not wait for the
+    others), its rows leave the UNet, and the others run to the end."""
     requests = [request(seed=31), request(seed=32, prompt="a ship"), request(seed=33)]
-    ids = submit_together(batched, requests, [None, interrupt_at_step_one(batched), None])
+    listed_at_step_two: list[str] = []
+
+    def first_job(snapshot: ProgressSnapshot) -> None:
+        if snapshot.state == "running" and snapshot.sampling_step == 2:
+            listed_at_step_two.extend(info.job_id for info in batched.jobs())
+
+    progress = [first_job, interrupt_at_step_one(batched), None]
+    ids = submit_together(batched, requests, progress)
     first, stopped, third = (batched.result(job) for job in ids)
     assert unet_rows == [2 * 3, 2 * 2, 2 * 2]
     unet_rows.clear()
+    assert sorted(listed_at_step_two) == sorted([ids[0], ids[2]])
     assert stopped.interrupted and not first.interrupted and not third.interrupted
+    assert stopped.request.checkpoint == "tiny-sd1"  # as asked, in the early result too
     own = alone.result(alone.submit(requests[1], on_progress=interrupt_at_step_one(alone)))
     assert own.interrupted
     assert_close(stopped, own)

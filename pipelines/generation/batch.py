@@ -12,7 +12,9 @@ after encoding), then per batch iteration:
     -> one decode -> images, seeds and infotexts split back per request
 
 An interrupted (or skipped) request's rows are frozen where its own run would have stopped
-and left out of the UNet's later calls; the other rows continue. Images equal the same
+and left out of the UNet's later calls; the other rows continue. An interrupted request's
+images are decoded at once and its result handed to its control's `finish` (the job
+service's), so its submitter need not wait for the others. Images equal the same
 request run alone within float rounding (a batched matmul may round differently), which
 is why `--batch-requests` is off by default: without it the same request gives the same
 bits.
@@ -28,7 +30,8 @@ import torch
 from PIL import Image
 
 from pipelines.generation.denoise import Conditioning as StepConditioning
-from pipelines.generation.run import Conditioning, RunInputs, Txt2ImgRun
+from pipelines.generation.noise import SeedPlan
+from pipelines.generation.run import Adapters, Conditioning, RunInputs, Txt2ImgRun
 from pipelines.preview import CHEAP, render_preview
 from pipelines.prompt_grammar import prompt_schedules, split_and
 from pipelines.samplers import make_scheduler
@@ -140,6 +143,7 @@ class _Member:
     images: list[Image.Image] | None = None
     seeds: list[int] | None = None
     subseeds: list[int] | None = None
+    result: GenerationResult | None = None  # set when delivered early (interrupted)
 
 
 class MergedTxt2Img:
@@ -156,6 +160,7 @@ class MergedTxt2Img:
         if not runs or any(type(run) is not Txt2ImgRun or run.refiner for run in runs):
             raise ValueError("only plain txt2img runs are batched")
         self.runs = runs
+        self.adapters: Adapters | None = None  # applied once for all, in step 2
 
     def __call__(self, requests: list[Any]) -> list[GenerationResult]:
         # 1. check inputs (each request's own notes, seeds and prompts)
@@ -168,7 +173,7 @@ class MergedTxt2Img:
             raise ValueError("requests of different batch keys cannot share a batch")
         # 2. apply adapters once: the stack, VAE and model are the same for all
         lead = members[0]
-        adapters = lead.run.apply_adapters(lead.inputs)
+        adapters = self.adapters = lead.run.apply_adapters(lead.inputs)
         lead.run.apply_vae(lead.inputs)
         for member in members[1:]:
             member.run.vae_used = lead.run.vae_used
@@ -180,16 +185,17 @@ class MergedTxt2Img:
             groups.setdefault(conditioning_shape(member.conditioning), []).append(member)
         for group in groups.values():
             self.run_group(group)
-        return [
-            member.run.result(
-                member.inputs,
-                adapters,
-                member.images or [],
-                member.seeds or [],
-                member.subseeds or [],
-            )
-            for member in members
-        ]
+        return [member.result or self.result(member) for member in members]
+
+    def result(self, member: _Member) -> GenerationResult:
+        assert self.adapters is not None
+        return member.run.result(
+            member.inputs,
+            self.adapters,
+            member.images or [],
+            member.seeds or [],
+            member.subseeds or [],
+        )
 
     def run_group(self, group: list[_Member]) -> None:
         """Every batch iteration of `group`, each request's rows side by side."""
@@ -225,21 +231,40 @@ class MergedTxt2Img:
             member.run.control.batch(iteration, inputs.request.n_iter, len(timesteps))
         with run.tiling(inputs):
             # 5. denoise once for all
-            latents = self.denoise(live, latents, counts, starts, generators, scheduler, timesteps)
+            latents = self.denoise(
+                live, plans, latents, counts, starts, generators, scheduler, timesteps
+            )
             # 6. decode once
             pixels = run.decode(inputs, latents)
         # 7. post-process and split back per request
         images = run.post_process(pixels)
         for member, plan, start, count in zip(live, plans, starts, counts, strict=True):
-            assert member.images is not None and member.seeds is not None
-            assert member.subseeds is not None
-            member.images.extend(images[start : start + count])
-            member.seeds.extend(plan.seeds)
-            member.subseeds.extend(plan.subseeds)
+            if member.result is None:  # not delivered already
+                self.keep(member, plan, images[start : start + count])
+
+    @staticmethod
+    def keep(member: _Member, plan: SeedPlan, images: list[Image.Image]) -> None:
+        assert member.images is not None and member.seeds is not None
+        assert member.subseeds is not None
+        member.images.extend(images)
+        member.seeds.extend(plan.seeds)
+        member.subseeds.extend(plan.subseeds)
+
+    def finish_early(self, member: _Member, plan: SeedPlan, latents: torch.Tensor) -> None:
+        """An interrupted request's images decoded now and its result handed to its job
+        (when its control takes one: the job service's does)."""
+        finish = getattr(member.run.control, "finish", None)
+        if finish is None:
+            return
+        run = member.run
+        self.keep(member, plan, run.post_process(run.decode(member.inputs, latents)))
+        member.result = self.result(member)
+        finish(member.result)
 
     def denoise(
         self,
         live: list[_Member],
+        plans: list[SeedPlan],
         latents: torch.Tensor,
         counts: list[int],
         starts: list[int],
@@ -287,6 +312,8 @@ class MergedTxt2Img:
                     frozen[number] = rows.clone()
                     for row in range(starts[number], starts[number] + counts[number]):
                         alive[row] = False
+                    if member.run.control.interrupted:
+                        self.finish_early(member, plans[number], frozen[number])
             return len(frozen) == len(live)
 
         return loop(latents, timesteps, on_step)
