@@ -8,7 +8,8 @@ it from its single worker thread, so one pipeline never runs two jobs at once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -18,6 +19,7 @@ from pipelines.errors import DeviceOutOfMemoryError
 from pipelines.extras import ExtrasRequest, ExtrasResult, postprocess_here
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
+from pipelines.generation.batch import MergedTxt2Img
 from pipelines.generation.hires import HiresRun
 from pipelines.generation.img2img import Img2ImgRun
 from pipelines.generation.refiner import RefinerSwitch
@@ -101,26 +103,50 @@ class Engine:
                 changes are lost, so every call must apply exactly its own stack).
         """
         try:
-            model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-            run = self.run_for(request)(model, self.plan, self.folders, control)
-            run.previews = self.previews
-            run.embeddings = self.embeddings
-            if isinstance(run, HiresRun):
-                run.switch_model = self.switch_model
-            if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
-                run.refiner = RefinerSwitch(
-                    request.refiner_checkpoint, request.refiner_switch_at, self.switch_model
-                )
-            return run(request)
+            with self.out_of_memory(request, request.batch_size):
+                model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
+                run = self.run_for(request)(model, self.plan, self.folders, control)
+                run.previews = self.previews
+                run.embeddings = self.embeddings
+                if isinstance(run, HiresRun):
+                    run.switch_model = self.switch_model
+                if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
+                    run.refiner = RefinerSwitch(
+                        request.refiner_checkpoint, request.refiner_switch_at, self.switch_model
+                    )
+                return run(request)
+        finally:
+            if stateless:
+                self.manager.restore_base()
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], controls: Sequence[RunControl]
+    ) -> list[GenerationResult]:
+        """Run compatible txt2img requests (one `generation.batch.batch_key`) as one
+        denoising batch: one result per request, each with its own images, seeds and
+        infotexts; each control sees its own request's progress and stop requests."""
+        lead = requests[0]
+        with self.out_of_memory(lead, sum(request.batch_size for request in requests)):
+            model = self.manager.refresh_entry(self.manager.get(lead.checkpoint))
+            runs = []
+            for control in controls:
+                run = Txt2ImgRun(model, self.plan, self.folders, control)
+                run.previews = self.previews
+                run.embeddings = self.embeddings
+                runs.append(run)
+            return MergedTxt2Img(runs)(list(requests))
+
+    @contextmanager
+    def out_of_memory(self, request: GenerationRequest, batch: int) -> Iterator[None]:
+        """Device OOM -> memory freed and a 4xx-style error naming the size."""
+        try:
+            yield
         except torch.cuda.OutOfMemoryError as error:
             self.manager.free_memory()
             raise DeviceOutOfMemoryError(
                 f"out of device memory at {request.width}x{request.height} x"
-                f"{request.batch_size}: use a smaller size or batch, or start with --medvram"
+                f"{batch}: use a smaller size or batch, or start with --medvram"
             ) from error
-        finally:
-            if stateless:
-                self.manager.restore_base()
 
     def switch_model(self, target: str | ActiveModel) -> ActiveModel:
         """Make a checkpoint (by key) or an already loaded model current, for runs that

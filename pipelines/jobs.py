@@ -5,6 +5,11 @@ job at a time), and its progress is kept under one lock, so any front end can re
 snapshot, interrupt, skip or cancel it by id, also after the tab that started it closed.
 Per-user limits are checked here (requests per minute, queued or running jobs per user),
 so the page, the API and the CLI share them.
+
+With a batch window (`--batch-requests`), the worker that takes a job also takes the queued
+jobs with the same batch key (up to a capacity), waiting until the window after the first
+one's submission for more to arrive, and hands them to the batch executor together; each
+keeps its own record, control, progress and result, and its own per-user slot.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,6 +88,21 @@ class JobControl:
         """`step` sampling steps of the current batch are done."""
         self._service._step(self._job, step, preview)
 
+    def finish(self, result: Any) -> None:
+        """The job's result before the run it shares ends (a job of a batch that was
+        interrupted): its submitter gets it now, and the run's later result for it is
+        ignored."""
+        self._service._finish_early(self._job, result)
+
+
+@dataclass(frozen=True)
+class Batchable:
+    """A job that may share a run with queued jobs of the same `key`; `size` is its share
+    of the batch's capacity (for generation: pixels x batch size)."""
+
+    key: Hashable
+    size: float
+
 
 @dataclass
 class _Job:
@@ -95,7 +115,9 @@ class _Job:
     on_progress: ProgressCallback | None
     preview_every: int
     context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    batchable: Batchable | None = None
     submitted: float = field(default_factory=time.time)
+    submitted_monotonic: float = field(default_factory=time.monotonic)
     state: str = "queued"
     started: float = 0.0
     started_monotonic: float = 0.0
@@ -127,6 +149,8 @@ class _Job:
 
 
 Executor = Callable[[Any, JobControl], Any]
+BatchExecutor = Callable[[list[Any], list[JobControl]], list[Any]]
+"""Runs several jobs' `work` together; returns one result per job, in order."""
 
 
 class JobService:
@@ -137,6 +161,10 @@ class JobService:
         workers: how many jobs run at once (1 for one pipeline; replicas for Ray).
         limits: per-user limits (rate and queued-or-running jobs per user).
         max_queued: jobs queued or running at once for everybody together.
+        execute_batch: runs compatible jobs together (None: every job runs alone).
+        batch_window: seconds after a batchable job's submission that its worker waits
+            for compatible jobs (0: no batching).
+        batch_capacity: the most `Batchable.size` one batch holds.
     Example:
         >>> jobs = JobService(lambda work, control: work * 2)
         >>> jobs.result(jobs.submit(21, kind="double", user="ann"))
@@ -150,8 +178,14 @@ class JobService:
         workers: int = 1,
         limits: UserLimits | None = None,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        execute_batch: BatchExecutor | None = None,
+        batch_window: float = 0.0,
+        batch_capacity: float = float("inf"),
     ) -> None:
         self._execute = execute
+        self._execute_batch = execute_batch if batch_window > 0 else None
+        self._batch_window = batch_window
+        self._batch_capacity = batch_capacity
         self._limits = limits or UserLimits()
         self._max_queued = max_queued
         self._lock = threading.Condition()
@@ -176,9 +210,11 @@ class JobService:
         cost: float = 1.0,
         on_progress: ProgressCallback | None = None,
         preview_every: int = 0,
+        batchable: Batchable | None = None,
     ) -> str:
         """Queue `work` for `user`; returns its job id. Raises BusyError (503) when the
-        user is over a limit or the queue is full."""
+        user is over a limit or the queue is full. A `batchable` job may run together with
+        compatible ones (when the service batches)."""
         with self._lock:
             if len(self._queue) + len(self._running) >= self._max_queued:
                 raise BusyError("too many jobs are queued; retry later", retry_after=10)
@@ -193,6 +229,7 @@ class JobService:
             cost=cost,
             on_progress=on_progress,
             preview_every=preview_every,
+            batchable=batchable,
         )
         with self._lock:
             self._jobs[job.job_id] = job
@@ -300,35 +337,111 @@ class JobService:
 
     def _work(self) -> None:
         while True:
+            group = self._take()
+            for job in group:
+                self._notify(job)
+            alone = len(group) == 1
+            outcomes = [self._run_one(group[0])] if alone else self._run_batch(group)
             with self._lock:
-                while not self._queue:
-                    self._lock.wait()
-                job = self._queue.popleft()
-                job.state = "running"
-                job.started = time.time()
-                job.started_monotonic = time.monotonic()
-                self._running.append(job)
-            self._notify(job)
-            result: Any = None
-            error: BaseException | None = None
-            try:
-                # In the submitter's context: ZeroGPU's `spaces.GPU` reads the visitor's
-                # request (for its quota) from Gradio's context variables.
-                result = job.context.run(self._execute, job.work, JobControl(self, job))
-            except LorastackError as caught:
-                error = caught
-            except Exception as caught:  # reported to the caller, logged once here
-                log.exception("job %s (%s) failed", job.job_id, job.kind)
-                error = caught
-            with self._lock:
-                self._running.remove(job)
-                elapsed = time.monotonic() - job.started_monotonic
-                if error is None and job.cost > 0 and not job.interrupted:
-                    rate = elapsed / job.cost
+                elapsed = time.monotonic() - group[0].started_monotonic
+                cost = sum(job.cost for job in group)
+                failed = any(isinstance(outcome, BaseException) for outcome in outcomes)
+                if not failed and cost > 0 and not any(job.interrupted for job in group):
+                    rate = elapsed / cost
                     old = self._seconds_per_cost
                     self._seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
-                self._finish(job, "failed" if error else "done", result, error)
-            self._notify(job)
+                ended = []
+                for job, outcome in zip(group, outcomes, strict=True):
+                    if job.done.is_set():  # finished early (`JobControl.finish`)
+                        continue
+                    self._running.remove(job)
+                    if isinstance(outcome, BaseException):
+                        self._finish(job, "failed", None, outcome)
+                    else:
+                        self._finish(job, "done", outcome, None)
+                    ended.append(job)
+            for job in ended:
+                self._notify(job)
+
+    def _take(self) -> list[_Job]:
+        """The next job and, when batching, the queued jobs that run with it (in queue
+        order, within the capacity), marked running. A batchable job waits until the
+        window after its submission has passed or the batch is full."""
+        with self._lock:
+            while True:
+                while not self._queue:
+                    self._lock.wait()
+                head = self._queue[0]
+                group = [head]
+                if self._execute_batch is not None and head.batchable is not None:
+                    group, full = self._compatible(head.batchable)
+                    wait = head.submitted_monotonic + self._batch_window - time.monotonic()
+                    if wait > 0 and not full:
+                        self._lock.wait(wait)  # a new job or the window's end
+                        continue  # the queue may have changed (cancelled, new jobs)
+                now, clock = time.time(), time.monotonic()
+                for job in group:
+                    self._queue.remove(job)
+                    job.state = "running"
+                    job.started = now
+                    job.started_monotonic = clock
+                    self._running.append(job)
+                return group
+
+    def _compatible(self, batchable: Batchable) -> tuple[list[_Job], bool]:
+        """Queued jobs with `batchable`'s key, in order, within the capacity (the first
+        always); and whether the batch is full (another like the first would not fit).
+        Called with the lock held."""
+        group: list[_Job] = []
+        total = 0.0
+        full = False
+        for job in self._queue:
+            if job.batchable is None or job.batchable.key != batchable.key:
+                continue
+            if group and total + job.batchable.size > self._batch_capacity:
+                full = True
+                continue
+            group.append(job)
+            total += job.batchable.size
+        return group, full or total + batchable.size > self._batch_capacity
+
+    def _run_one(self, job: _Job) -> Any:
+        """The job's result, or the error it raised."""
+        try:
+            # In the submitter's context: ZeroGPU's `spaces.GPU` reads the visitor's
+            # request (for its quota) from Gradio's context variables.
+            return job.context.run(self._execute, job.work, JobControl(self, job))
+        except LorastackError as caught:
+            return caught
+        except Exception as caught:  # reported to the caller, logged once here
+            log.exception("job %s (%s) failed", job.job_id, job.kind)
+            return caught
+
+    def _run_batch(self, group: list[_Job]) -> list[Any]:
+        """The jobs' results (or one error for all), from one batch run."""
+        assert self._execute_batch is not None
+        controls = [JobControl(self, job) for job in group]
+        works = [job.work for job in group]
+        ids = ", ".join(job.job_id for job in group)
+        try:
+            results = group[0].context.run(self._execute_batch, works, controls)
+        except LorastackError as caught:
+            return [caught] * len(group)
+        except Exception as caught:
+            log.exception("batch of jobs %s failed", ids)
+            return [caught] * len(group)
+        if len(results) != len(group):
+            error = RuntimeError(f"the batch of jobs {ids} returned {len(results)} results")
+            return [error] * len(group)
+        return results
+
+    def _finish_early(self, job: _Job, result: Any) -> None:
+        with self._lock:
+            if job.state != "running":
+                return
+            self._running.remove(job)
+            self._finish(job, "done", result, None)
+        self._notify(job)
 
     def _finish(self, job: _Job, state: str, result: Any, error: BaseException | None) -> None:
         """Called with the lock held."""

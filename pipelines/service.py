@@ -28,6 +28,7 @@ from pipelines.folders.registry import ModelFolders, default_roots
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
 from pipelines.gallery import GalleryIndex
+from pipelines.generation.batch import BatchKey, batch_key
 from pipelines.generation.refiner import refuse_refiner_as_base
 from pipelines.generation.run import RunControl, check_request
 from pipelines.interface import (
@@ -40,7 +41,7 @@ from pipelines.interface import (
     ProgressCallback,
     ProgressSnapshot,
 )
-from pipelines.jobs import DEFAULT_MAX_QUEUED, JobControl, JobService
+from pipelines.jobs import DEFAULT_MAX_QUEUED, Batchable, JobControl, JobService
 from pipelines.limits import UserLimits
 from pipelines.lora.coverage import LoraCoverage
 from pipelines.output import SaveOptions, read_save_options, write_save_options
@@ -86,10 +87,22 @@ class Runner(Protocol):
         ...
 
 
+class BatchRunner(Runner, Protocol):
+    """A runner that can denoise compatible requests as one batch (`--batch-requests`)."""
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], controls: Sequence[RunControl]
+    ) -> list[GenerationResult]:
+        """One result per request; a control with a `finish(result)` method may get its
+        result before the batch ends (an interrupted request's)."""
+        ...
+
+
 @dataclass(frozen=True)
 class _Generate:
     request: GenerationRequest  # validated, seed chosen, checkpoint resolved
     asked_checkpoint: str | None  # as the client named it (echoed in the result)
+    batch_key: BatchKey | None = None  # None: never shares a batch
 
 
 @dataclass(frozen=True)
@@ -141,8 +154,20 @@ class Service:
         default_pixels = CPU_MAX_PIXELS if self._device.device == "cpu" else GPU_MAX_PIXELS
         self._bounds = replace(settings.bounds, max_pixels=settings.max_pixels or default_pixels)
         limits = limits or UserLimits(settings.rate_limit, settings.queue_slots)
+        batching = settings.batch_requests > 0 and callable(getattr(runner, "generate_batch", None))
+        if settings.batch_requests > 0 and not batching:
+            log.warning(
+                "--batch-requests is ignored: %s runs each request on its own",
+                type(runner).__name__,
+            )
         self._jobs = JobService(
-            self._execute, workers=runner.workers, limits=limits, max_queued=max_queued
+            self._execute,
+            workers=runner.workers,
+            limits=limits,
+            max_queued=max_queued,
+            execute_batch=self._execute_batch if batching else None,
+            batch_window=settings.batch_requests / 1000 if batching else 0.0,
+            batch_capacity=self._bounds.max_pixels,
         )
         self._lock = threading.Lock()
         self._count_tokenizer: PromptTokenizer | None = None  # made on first use
@@ -177,14 +202,21 @@ class Service:
     ) -> str:
         """Validate everything a client can get wrong (422/404/400) before queueing."""
         work = self._prepare(request)
+        checked = work.request
+        batchable = None
+        if work.batch_key is not None:
+            batchable = Batchable(
+                work.batch_key, checked.width * checked.height * checked.batch_size
+            )
         return self._jobs.submit(
             work,
             kind=request.kind,
             user=user,
             label=request.prompt[:80],
-            cost=_cost(work.request),
+            cost=_cost(checked),
             on_progress=on_progress,
             preview_every=preview_every,
+            batchable=batchable,
         )
 
     def submit_series(
@@ -262,9 +294,9 @@ class Service:
                 request.refiner_checkpoint, checkpoint, "refiner_checkpoint", "the checkpoint"
             )
             request = replace(request, refiner_checkpoint=key)
-        return _Generate(
-            replace(request, seed=inputs.seed, checkpoint=checkpoint), request.checkpoint
-        )
+        checked = replace(request, seed=inputs.seed, checkpoint=checkpoint)
+        key = batch_key(replace(inputs, request=checked))  # names resolved as the runner's
+        return _Generate(checked, request.checkpoint, key)
 
     def result(self, job_id: str, timeout: float | None = None) -> GenerationResult:
         result: GenerationResult = self._jobs.result(job_id, timeout)
@@ -581,9 +613,25 @@ class Service:
             with self._lock:
                 self._loading = None
 
+    def _execute_batch(
+        self, works: list[object], controls: list[JobControl]
+    ) -> list[GenerationResult]:
+        """Compatible generations (one batch key) as one batch on a `BatchRunner`."""
+        items = [work for work in works if isinstance(work, _Generate)]
+        assert len(items) == len(works)
+        runner: BatchRunner = self.runner  # type: ignore[assignment]
+        echoing = [
+            _EchoingControl(control, item.asked_checkpoint)
+            for control, item in zip(controls, items, strict=True)
+        ]
+        results = runner.generate_batch([item.request for item in items], echoing)
+        for item, result in zip(items, results, strict=True):
+            _echo_checkpoint(result, item.asked_checkpoint)
+        return results
+
     def _generate(self, work: _Generate, control: RunControl) -> GenerationResult:
         result = self.runner.generate(work.request, control)
-        result.request = replace(result.request, checkpoint=work.asked_checkpoint)
+        _echo_checkpoint(result, work.asked_checkpoint)
         return result
 
     def _run_series(self, work: _Series, control: JobControl) -> list[GenerationResult]:
@@ -599,6 +647,45 @@ class Service:
             results.append(result)
             offset += item.request.n_iter
         return results
+
+
+def _echo_checkpoint(result: GenerationResult, asked: str | None) -> None:
+    """The result's request names the checkpoint as the client did (not the runner's key)."""
+    result.request = replace(result.request, checkpoint=asked)
+
+
+class _EchoingControl:
+    """A batched job's control whose early result (an interrupted job's, handed over
+    before the batch ends) names the checkpoint as the client did."""
+
+    def __init__(self, control: JobControl, asked: str | None) -> None:
+        self._control, self._asked = control, asked
+
+    @property
+    def interrupted(self) -> bool:
+        return self._control.interrupted
+
+    @property
+    def skipped(self) -> bool:
+        return self._control.skipped
+
+    @property
+    def preview_every(self) -> int:
+        return self._control.preview_every
+
+    @property
+    def preview_method(self) -> str:
+        return self._control.preview_method
+
+    def batch(self, job_no: int, job_count: int, steps: int) -> None:
+        self._control.batch(job_no, job_count, steps)
+
+    def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
+        self._control.step(step, preview)
+
+    def finish(self, result: GenerationResult) -> None:
+        _echo_checkpoint(result, self._asked)
+        self._control.finish(result)
 
 
 def _cost(request: GenerationRequest) -> float:

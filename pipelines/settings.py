@@ -61,6 +61,7 @@ class Settings:
     lora_cache_mb: int = 2048  # parsed LoRA files kept in memory
     min_replicas: int = 0
     max_replicas: int = 0  # > 0: autoscale between min_replicas and max_replicas
+    batch_requests: int = 0  # ms to wait for compatible requests to denoise as one batch; 0: off
     bounds: Bounds = field(default_factory=Bounds)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class Settings:
             raise ValueError("--replicas must be at least 1, --min/--max-replicas 0 or more")
         if self.max_replicas and self.min_replicas > self.max_replicas:
             raise ValueError("--min-replicas must not exceed --max-replicas")
+        if self.batch_requests < 0:
+            raise ValueError("--batch-requests must be 0 (off) or a number of milliseconds")
         if self.checkpoints_limit < 1:
             raise ValueError("--checkpoints-limit must be at least 1")
         if self.admin_auth is not None:
@@ -178,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoints-limit", type=int, help="checkpoints kept loaded at once (default 1)")
     add("--lora-backup-mb", type=int, help="MB of idle LoRA weight backups per model (2048)")
     add("--lora-cache-mb", type=int, help="MB of parsed LoRA files kept in memory (2048)")
+    add(
+        "--batch-requests",
+        type=int,
+        metavar="MS",
+        help="wait up to MS ms for compatible requests and denoise them as one batch (0: off)",
+    )
     add("--ray", help="Ray cluster address (auto, host:6379, local): generate on replicas")
     add("--replicas", type=int, help="engine replicas with --ray (default 1)")
     add("--min-replicas", type=int, help="autoscaling lower bound with --ray")

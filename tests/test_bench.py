@@ -58,3 +58,28 @@ def test_gallery_bench_runs_and_prints_its_table() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "index 120 images cold" in done.stdout and "last page (3 of 3)" in done.stdout
+
+
+def test_batching_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.bench_batching",
+            "--quick",
+            "--requests",
+            "3",
+            "--window-ms",
+            "1000",  # all three submitted within it even on a loaded machine
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Machine:" in done.stdout and "| tiny demo | 64 | 4 |" in done.stdout
+    row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
+    assert row["alone_unet_calls"] == 3 * 4 and row["batched_unet_calls"] == 4

@@ -28,6 +28,7 @@ from pipelines.folders.embeddings import EmbeddingEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders
 from pipelines.folders.vaes import VaeEntry
+from pipelines.generation.denoise import Conditioning as StepConditioning
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.generation.refiner import RefinerSwitch, refuse_refiner_as_base
@@ -247,16 +248,11 @@ class Txt2ImgRun:
         images: list[Image.Image] = []
         seeds: list[int] = []
         subseeds: list[int] = []
-        count = inputs.request.batch_size
         for iteration in range(inputs.request.n_iter):
             if self.control.interrupted:
                 break
-            # seeds: seed, seed+1, ... across the whole job, subseeds alike (A1111)
-            first = iteration * count
-            batch_seeds = [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)]
-            batch_subseeds = [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)]
             scheduler = make_scheduler(inputs.sampler, self.model.scheduler_config)
-            seed_plan = SeedPlan(batch_seeds, batch_subseeds)
+            seed_plan = self.seed_plan(inputs, iteration)
             self.before_batch(inputs, adapters)
             # 4. prepare latents (after the timesteps: the first sigma scales the noise)
             timesteps = self.timesteps(inputs, scheduler)
@@ -280,8 +276,8 @@ class Txt2ImgRun:
                 pixels = self.decode(sized, latents)
             # 7. post-process
             images.extend(self.post_process(pixels))
-            seeds.extend(batch_seeds)
-            subseeds.extend(batch_subseeds)
+            seeds.extend(seed_plan.seeds)
+            subseeds.extend(seed_plan.subseeds)
         return self.result(inputs, adapters, images, seeds, subseeds)
 
     passes = 1
@@ -292,6 +288,17 @@ class Txt2ImgRun:
         stops a model upscaler between tiles."""
         return Upscaling(
             self.folders, self.plan.device, self.plan.dtype, lambda: self.control.interrupted
+        )
+
+    @staticmethod
+    def seed_plan(inputs: RunInputs, iteration: int) -> SeedPlan:
+        """Batch `iteration`'s seeds: seed, seed+1, ... across the whole job, subseeds
+        alike (A1111)."""
+        count = inputs.request.batch_size
+        first = iteration * count
+        return SeedPlan(
+            [(inputs.seed + first + i) % (SEED_MAX + 1) for i in range(count)],
+            [(inputs.subseed + first + i) % (SEED_MAX + 1) for i in range(count)],
         )
 
     # -- 1
@@ -571,6 +578,26 @@ class Txt2ImgRun:
         loop.cond_weights = conditioning.weights
         if timestep_cond is not None:
             loop.timestep_cond = timestep_cond.repeat(len(conditioning.parts), 1)
+        loop.conditioning = self.step_conditioning(inputs, conditioning, count, loop.guided)
+        adapters = conditioning.adapters
+        if adapters is not None and adapters.scheduled:
+            stack = self.model.adapters
+
+            def reweight(index: int) -> None:
+                """Per-step schedules: re-merge the layers of LoRAs whose weight changes."""
+                assert adapters is not None
+                stack.reweight(adapters.weights_at(*self.pass_step(index)))
+
+            loop.before_step.append(reweight)
+        if self.model.architecture.is_inpainting:
+            loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
+        return loop
+
+    def step_conditioning(
+        self, inputs: RunInputs, conditioning: Conditioning, count: int, guided: bool
+    ) -> StepConditioning:
+        """The UNet's conditioning at each step for `count` batch items, each combination
+        of texts built once."""
         built: dict[tuple[object, ...], tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
         adapters = conditioning.adapters
         text_scheduled = adapters is not None and adapters.text_scheduled
@@ -584,22 +611,10 @@ class Txt2ImgRun:
             if key not in built:
                 found = self.encoded_for(inputs, conditioning, state) if text_scheduled else None
                 negative, positives = conditioning.at(index, found)
-                built[key] = self.unet_conditioning(inputs, negative, positives, count, loop.guided)
+                built[key] = self.unet_conditioning(inputs, negative, positives, count, guided)
             return built[key]
 
-        loop.conditioning = at_step
-        if adapters is not None and adapters.scheduled:
-            stack = self.model.adapters
-
-            def reweight(index: int) -> None:
-                """Per-step schedules: re-merge the layers of LoRAs whose weight changes."""
-                assert adapters is not None
-                stack.reweight(adapters.weights_at(*self.pass_step(index)))
-
-            loop.before_step.append(reweight)
-        if self.model.architecture.is_inpainting:
-            loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
-        return loop
+        return at_step
 
     def unet_conditioning(
         self,
