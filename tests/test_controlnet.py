@@ -36,7 +36,13 @@ from pipelines.folders.controlnets import old_model_hash
 from pipelines.infotext import parse_infotext
 from pipelines.loading import CONFIGS_DIR, LoadedModel, read_model_spec
 from pipelines.samplers import make_scheduler, resolve_sampler
-from pipelines.schema import Bounds, ControlNetUnit, GenerationRequest, ImageInputs
+from pipelines.schema import (
+    CONTROL_MODES,
+    Bounds,
+    ControlNetUnit,
+    GenerationRequest,
+    ImageInputs,
+)
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.ldm_export import controlnet_to_ldm
@@ -379,6 +385,19 @@ def test_two_units_add(service: Service, tiny_sd1: LoadedModel, nets: dict) -> N
     )
     assert_close(made, expected)
     assert len(made.detected_maps) == 2
+
+
+def test_sdxl_unit_with_a_batch_and_without_cfg(service: Service) -> None:
+    """SDXL's size conditioning reaches the ControlNet; a batch of two and CFG 1 (no uncond
+    pass: "ControlNet is more important" then has no uncond rows to spare) run too."""
+    xl = {"checkpoint": "xl/tiny-sdxl", "batch_size": 2}
+    for mode in CONTROL_MODES:
+        made = service.generate(request(unit(model="tiny-cn-xl", control_mode=mode), **xl))
+        alone = service.generate(request(**xl))
+        assert len(made.images) == 2 and not np.array_equal(pixels(made), pixels(alone))
+    flat = service.generate(request(unit(control_mode=CONTROL_MODES[2]), cfg_scale=1.0))
+    plain = service.generate(request(unit(), cfg_scale=1.0))
+    assert not np.array_equal(pixels(flat), pixels(plain))  # soft weights, all rows
 
 
 def test_a_unit_for_another_family_is_refused(service: Service) -> None:

@@ -321,7 +321,7 @@ class Txt2ImgRun:
             self.controlnets if self.controlnets is not None else ControlNetCache(1),
             self.model.pipe.unet,
             self.plan.device,
-            self.dtype,
+            self.model.pipe.unet.dtype,  # the residuals are added to the UNet's tensors
             init=init,
             init_resize=resize_mode,
             learn=lambda entry: lambda **facts: folders.learn("controlnet", entry, **facts),
