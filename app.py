@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         *settings.upscaler_dirs,
         *settings.vae_dirs,
         *settings.embeddings_dirs,
+        *settings.controlnet_dirs,
     ]
     FolderWatcher(watched, service.rescan).start()
     serve(service, settings)
@@ -85,7 +86,7 @@ def serve(service: Service, settings: Settings) -> None:
     is mounted into the app Gradio launched."""
     import uvicorn
 
-    from frontends.api.routes import build_api, build_root, mount_api
+    from frontends.api.routes import build_api, build_controlnet_api, build_root, mount_api
     from pipelines.settings import parse_credentials
 
     auth = parse_credentials(settings.gradio_auth) if settings.gradio_auth else None
@@ -116,7 +117,9 @@ def serve(service: Service, settings: Settings) -> None:
             prevent_thread_lock=True,
         )
         if settings.api:
-            mount_api(page.app, build_api(service, settings))
+            mount_api(
+                page.app, build_api(service, settings), build_controlnet_api(service, settings)
+            )
         page.block_thread()
         return
     root = build_root(service, settings)

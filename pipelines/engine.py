@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
+from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import DeviceOutOfMemoryError
@@ -77,6 +78,7 @@ class Engine:
         )
         self.previews = PreviewDecoders(settings.models_dirs)
         self.embeddings = EmbeddingStore(folders)
+        self.controlnets = ControlNetCache()
         log.info("device: %s", self.plan.describe())
 
     def device(self) -> DeviceInfo:
@@ -108,6 +110,7 @@ class Engine:
                 run = self.run_for(request)(model, self.plan, self.folders, control)
                 run.previews = self.previews
                 run.embeddings = self.embeddings
+                run.controlnets = self.controlnets
                 if isinstance(run, HiresRun):
                     run.switch_model = self.switch_model
                 if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
@@ -142,6 +145,7 @@ class Engine:
         try:
             yield
         except torch.cuda.OutOfMemoryError as error:
+            self.controlnets.clear()
             self.manager.free_memory()
             raise DeviceOutOfMemoryError(
                 f"out of device memory at {request.width}x{request.height} x"

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from PIL import Image
 
+from pipelines.controlnet.preprocessors import Preprocessor
 from pipelines.embeddings import EmbeddingListing
 from pipelines.folders.checkpoints import CheckpointEntry
+from pipelines.folders.controlnets import ControlNetEntry
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.upscalers import UpscalerEntry
 from pipelines.folders.vaes import VaeEntry
@@ -256,6 +258,25 @@ class GenerationService(Protocol):
 
     def vaes(self) -> list[VaeEntry]:
         """VAE files, usable or not (unusable ones carry the reason)."""
+        ...
+
+    def controlnet_models(self) -> list[ControlNetEntry]:
+        """ControlNet models, usable or not (unusable ones carry the reason)."""
+        ...
+
+    def controlnet_modules(self) -> list[Preprocessor]:
+        """The preprocessors a ControlNet unit can use, in sd-webui-controlnet's order."""
+        ...
+
+    def detect_controlnet(
+        self,
+        module: str,
+        images: Sequence[Image.Image],
+        resolution: int = -1,
+        threshold_a: float = -1,
+        threshold_b: float = -1,
+    ) -> list[Image.Image]:
+        """A preprocessor's map of each image (4xx for an unknown or unavailable module)."""
         ...
 
     @property

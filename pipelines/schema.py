@@ -206,6 +206,47 @@ class HiresFix:
         return to_x // 8 * 8 - cut_x * 8, to_y // 8 * 8 - cut_y * 8
 
 
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+"""sd-webui-controlnet's control modes, by name (the API also takes their index 0, 1, 2)."""
+CONTROL_RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+"""sd-webui-controlnet's resize modes for a unit's image, by name (index 0, 1, 2)."""
+HR_OPTIONS = ("Both", "Low res only", "High res only")
+"""sd-webui-controlnet's `hr_option`: which hires fix passes a unit acts in."""
+MAX_CONTROLNET_UNITS = 10
+"""sd-webui-controlnet's largest `control_net_unit_count`."""
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet unit, as sd-webui-controlnet's `ControlNetUnit` (its API names).
+
+    `image` is the control image (None in img2img: the init image, with img2img's resize
+    mode, as sd-webui-controlnet does); `mask` is sent with it by canvas clients (a mask
+    that is neither all black nor all white replaces the image: sd-webui-controlnet's
+    "canvas scribble"). `module` is a preprocessor name or label, `model` a listed
+    ControlNet model (`stem [hash]`, its stem, or its path). `processor_res`, `threshold_a`
+    and `threshold_b` outside the module's slider ranges (-1: not sent) mean the module's
+    defaults. `guidance_start`/`guidance_end` are fractions of the sampling steps; with
+    `pixel_perfect` the processor resolution is computed from the image and target sizes.
+    """
+
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    module: str = "none"
+    model: str = "None"
+    weight: float = 1.0
+    resize_mode: str = "Crop and Resize"
+    processor_res: int = -1
+    threshold_a: float = -1.0
+    threshold_b: float = -1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    pixel_perfect: bool = False
+    control_mode: str = "Balanced"
+    hr_option: str = "Both"
+    save_detected_map: bool = True
+
+
 REFINER_SWITCH_AT = 0.8
 """A1111's default for "Switch at": the fraction of the timesteps done on the first model."""
 
@@ -281,6 +322,7 @@ class GenerationRequest:
     vae: str = VAE_AUTOMATIC  # A1111's sd_vae: "Automatic", "None" or a listed VAE
     refiner_checkpoint: str | None = None  # None: no refiner
     refiner_switch_at: float = REFINER_SWITCH_AT
+    controlnet: tuple[ControlNetUnit, ...] = field(default_factory=tuple)  # enabled units
 
     @property
     def kind(self) -> str:
@@ -506,11 +548,63 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
     if request.img2img is not None:
         _check_image_inputs(request.img2img, batch, bounds)
     _check_refiner(request)
+    units = _check_units(request.controlnet)
     if request.hires is not None:
         if request.img2img is not None:
             raise InvalidRequestError("hires fix is a txt2img option", field="enable_hr")
         _check_hires(request.hires, width, height, batch, bounds)
-    return replace(request, width=width, height=height, loras=loras, styles=styles)
+    return replace(
+        request, width=width, height=height, loras=loras, styles=styles, controlnet=units
+    )
+
+
+def _check_units(units: object) -> tuple[ControlNetUnit, ...]:
+    """Each ControlNet unit's fields (names and listed models are checked by the service)."""
+    if not isinstance(units, tuple | list):
+        raise InvalidRequestError("controlnet must be a list of units", field="controlnet")
+    if len(units) > MAX_CONTROLNET_UNITS:
+        raise InvalidRequestError(
+            f"controlnet holds {len(units)} units; at most {MAX_CONTROLNET_UNITS}",
+            field="controlnet",
+        )
+    for index, unit in enumerate(units):
+        where = f"controlnet[{index}]"
+        if not isinstance(unit, ControlNetUnit):
+            raise InvalidRequestError(f"{where} must be a ControlNet unit", field=where)
+        for name in ("module", "model"):
+            _check_text(f"{where}.{name}", getattr(unit, name), 4096)
+        if unit.image is not None:
+            _check_image(f"{where}.image", unit.image)
+        if unit.mask is not None:
+            _check_image(f"{where}.mask", unit.mask)
+        _check_float(f"{where}.weight", unit.weight, 0.0, 2.0)
+        _check_int(f"{where}.processor_res", unit.processor_res, -1, 4096)
+        _check_float(f"{where}.threshold_a", unit.threshold_a, -1e6, 1e6)
+        _check_float(f"{where}.threshold_b", unit.threshold_b, -1e6, 1e6)
+        start = _check_float(f"{where}.guidance_start", unit.guidance_start, 0.0, 1.0)
+        end = _check_float(f"{where}.guidance_end", unit.guidance_end, 0.0, 1.0)
+        if start > end:
+            raise InvalidRequestError(
+                f"{where}.guidance_start ({start:g}) is after guidance_end ({end:g})",
+                field=f"{where}.guidance_start",
+            )
+        for name, allowed in (
+            ("resize_mode", CONTROL_RESIZE_MODES),
+            ("control_mode", CONTROL_MODES),
+            ("hr_option", HR_OPTIONS),
+        ):
+            if getattr(unit, name) not in allowed:
+                raise InvalidRequestError(
+                    f"{where}.{name} must be one of {', '.join(allowed)}, got "
+                    f"{getattr(unit, name)!r}",
+                    field=f"{where}.{name}",
+                )
+        for name in ("pixel_perfect", "save_detected_map"):
+            if not isinstance(getattr(unit, name), bool):
+                raise InvalidRequestError(
+                    f"{where}.{name} must be true or false", field=f"{where}.{name}"
+                )
+    return tuple(units)
 
 
 def _check_refiner(request: GenerationRequest) -> None:
@@ -670,6 +764,11 @@ def request_from_dict(data: dict[str, Any]) -> GenerationRequest:
         values["loras"] = tuple(
             item if isinstance(item, LoraSpec) else LoraSpec(**item) for item in values["loras"]
         )
+    if "controlnet" in values:
+        values["controlnet"] = tuple(
+            item if isinstance(item, ControlNetUnit) else ControlNetUnit(**item)
+            for item in values["controlnet"]
+        )
     return GenerationRequest(**values)
 
 
@@ -686,5 +785,8 @@ class GenerationResult:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     replica: str | None = None  # the Ray Serve replica that made it (scale-out only)
+    detected_maps: list[Image.Image] = field(default_factory=list)
+    """Each ControlNet unit's control map, as it was used (sd-webui-controlnet appends them
+    to the API's images)."""
     lora_coverage: list[LoraCoverage] = field(default_factory=list)
     """Per applied LoRA: how many of its modules matched the model, by region."""

@@ -17,11 +17,14 @@ from typing import Any, Protocol
 from PIL import Image
 
 from pipelines.architecture import Architecture
+from pipelines.controlnet.preprocessors import Preprocessor, detect_maps, sorted_preprocessors
+from pipelines.controlnet.units import check_unit_names
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.embeddings import FAMILY_TEXT_WIDTHS, EmbeddingListing, EmbeddingStore
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.extras import EXTRAS_PIXEL_FACTOR, ExtrasRequest, ExtrasResult
 from pipelines.folders.checkpoints import CheckpointEntry
+from pipelines.folders.controlnets import ControlNetEntry
 from pipelines.folders.hashing import HashCache
 from pipelines.folders.loras import LoraEntry
 from pipelines.folders.registry import ModelFolders, default_roots
@@ -287,6 +290,9 @@ class Service:
         base = self.resolve_checkpoint(checkpoint) if checkpoint is not None else None
         if request.img2img is None and base and base.architecture is Architecture.SDXL_REFINER:
             raise refuse_refiner_as_base()
+        if request.controlnet:
+            family = base.family if base is not None else "SD1"  # the demo model is SD1
+            check_unit_names(request.controlnet, self.folders, family)
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
         if request.refiner_checkpoint is not None:
@@ -493,6 +499,26 @@ class Service:
 
     def vaes(self) -> list[VaeEntry]:
         return self.folders.entries("vae")
+
+    def controlnet_models(self) -> list[ControlNetEntry]:
+        """The ControlNet folder's models, usable or not (`error` says why not)."""
+        return self.folders.entries("controlnet")
+
+    def controlnet_modules(self) -> list[Preprocessor]:
+        """The preprocessors units can use, in sd-webui-controlnet's order."""
+        return sorted_preprocessors()
+
+    def detect_controlnet(
+        self,
+        module: str,
+        images: Sequence[Image.Image],
+        resolution: int = -1,
+        threshold_a: float = -1,
+        threshold_b: float = -1,
+    ) -> list[Image.Image]:
+        """A preprocessor's maps (sd-webui-controlnet's `/controlnet/detect`); the built-in
+        ones need no model, so they run here, in the caller's thread."""
+        return detect_maps(module, list(images), resolution, threshold_a, threshold_b)
 
     @property
     def preview_method(self) -> str:
@@ -737,6 +763,7 @@ def build_folders(settings: Settings, hashes: HashCache | None = None) -> ModelF
             settings.upscaler_dirs,
             settings.vae_dirs,
             settings.embeddings_dirs,
+            settings.controlnet_dirs,
         ),
         hashes,
     )

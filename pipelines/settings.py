@@ -28,6 +28,7 @@ class Settings:
     upscaler_dirs: tuple[Path, ...] = ()  # A1111's --esrgan-models-path and kin
     vae_dir: Path | None = None  # A1111's --vae-dir
     embeddings_dir: Path | None = None  # A1111's --embeddings-dir
+    controlnet_dir: Path | None = None  # sd-webui-controlnet's --controlnet-dir
     ckpt: str | None = None
     api: bool = False
     nowebui: bool = False
@@ -107,6 +108,12 @@ class Settings:
         return (self.vae_dir,) if self.vae_dir else ()
 
     @property
+    def controlnet_dirs(self) -> tuple[Path, ...]:
+        """`--controlnet-dir`; `models/ControlNet/` inside every checkpoint folder is
+        scanned anyway (sd-webui-controlnet's places)."""
+        return (self.controlnet_dir,) if self.controlnet_dir else ()
+
+    @property
     def embeddings_dirs(self) -> tuple[Path, ...]:
         """`--embeddings-dir`, else `<data-dir>/embeddings` (A1111's place)."""
         return (self.embeddings_dir or self.data_dir / "embeddings",)
@@ -141,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lora-dir", action="append", type=Path, help="LoRA folder (repeatable)")
     add("--vae-dir", type=Path, help="VAE folder (models/VAE/ is scanned as well)")
     add("--embeddings-dir", type=Path, help="textual-inversion embeddings (default: embeddings/)")
+    add(
+        "--controlnet-dir",
+        type=Path,
+        help="ControlNet model folder (models/ControlNet/ is scanned as well)",
+    )
     for kind in UPSCALER_FLAGS:
         add(f"--{kind}-models-path", type=Path, help=f"{kind} upscaler folder (A1111's flag)")
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
@@ -248,7 +260,7 @@ def parse_settings(
         for kind in UPSCALER_FLAGS
         if (path := values.pop(f"{kind}_models_path", None))
     )
-    for folder_flag in ("vae_dir", "embeddings_dir"):
+    for folder_flag in ("vae_dir", "embeddings_dir", "controlnet_dir"):
         if values.get(folder_flag) is not None:
             values[folder_flag] = Path(values[folder_flag]).expanduser().resolve()  # type: ignore[arg-type]
     max_pixels = int(values.get("max_pixels") or 0)

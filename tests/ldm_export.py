@@ -175,7 +175,7 @@ def _unet_routes(keys: list[str], config: Mapping[str, Any]) -> list[_Route]:
 
     # 3. Up blocks: resnet (+ attention) per output block; the upsampler joins the block's last.
     ldm_index = 0
-    for i in range(len(config["up_block_types"])):
+    for i in range(len(config.get("up_block_types", ()))):  # a ControlNet has none
         block = f"up_blocks.{i}."
         layers = _indices(keys, block + "resnets.")
         for j in layers:
@@ -199,6 +199,29 @@ def unet_to_ldm(
     keys = list(unet_state_dict)
     converted = _apply_routes(unet_state_dict, _unet_routes(keys, unet_config))
     return _prefixed(converted, UNET_PREFIX)
+
+
+def controlnet_to_ldm(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], prefix: str = ""
+) -> StateDict:
+    """ControlNetModel state dict -> the original ControlNet layout (`cldm`): the UNet
+    encoder's names, `zero_convs.N.0`, `middle_block_out.0` and `input_hint_block.N`
+    (convs at even indices, SiLUs between), under `prefix` (`control_model.` for the
+    files made with the original training code)."""
+    keys = list(state_dict)
+    routes = _unet_routes(keys, config)
+    for i in _indices(keys, "controlnet_down_blocks."):
+        routes.append(_Route(f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0."))
+    routes.append(_Route("controlnet_mid_block.", "middle_block_out.0."))
+    routes.append(_Route("controlnet_cond_embedding.conv_in.", "input_hint_block.0."))
+    blocks = _indices(keys, "controlnet_cond_embedding.blocks.")
+    for k in blocks:
+        routes.append(
+            _Route(f"controlnet_cond_embedding.blocks.{k}.", f"input_hint_block.{2 * (k + 1)}.")
+        )
+    last = 2 * (len(blocks) + 1)
+    routes.append(_Route("controlnet_cond_embedding.conv_out.", f"input_hint_block.{last}."))
+    return _prefixed(_apply_routes(state_dict, routes), prefix)
 
 
 def _vae_routes(keys: list[str], config: Mapping[str, Any]) -> list[_Route]:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.interface import GenerationService, ProgressSnapshot
-from pipelines.schema import GenerationRequest, ImageInputs, LoraSpec
+from pipelines.schema import ControlNetUnit, GenerationRequest, ImageInputs, LoraSpec
 from pipelines.styles import PromptStyle
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "checkpoint": "tiny-sd1", "prompt": "a tower"}
@@ -46,6 +46,9 @@ def check_plain_data_crosses(service: GenerationService) -> None:
         service.styles(),
         request(seed=1, loras=(LoraSpec("ink", 0.5),)),
         request(seed=1, refiner_checkpoint="tiny-sd1", refiner_switch_at=0.5),
+        request(seed=1, controlnet=(ControlNetUnit(image=Image.new("RGB", (8, 8))),)),
+        service.controlnet_models(),
+        service.controlnet_modules(),
         *snapshots,
     ]
     for answer in answers:

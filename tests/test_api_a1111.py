@@ -115,7 +115,7 @@ def test_webuiapi_full_default_payload_is_accepted() -> None:
     [
         {"restore_faces": True},
         {"script_name": "prompt matrix"},
-        {"alwayson_scripts": {"controlnet": {"args": []}}},
+        {"alwayson_scripts": {"adetailer": {"args": [True]}}},
         {"s_noise": 0.9},
         {"eta": 0.5},
         {"eta": 1.0, "sampler_name": "DDIM"},

@@ -94,6 +94,12 @@ def test_block_weights_split_and_weight_schedules_run_alone() -> None:
     assert key(prompt="a tower <lora:ink:0@0,1@0.5>") is None  # re-merged between steps
 
 
+def test_controlnet_units_run_alone() -> None:
+    from pipelines.schema import ControlNetUnit
+
+    assert key(controlnet=(ControlNetUnit(model="any"),)) is None
+
+
 def test_layered_runs_never_share_a_batch() -> None:
     assert key(hires=HiresFix()) is None
     assert key(img2img=ImageInputs(images=())) is None

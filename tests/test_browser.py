@@ -3,7 +3,7 @@ LoRAs, generate, read the parameters; pick up a new LoRA file; PNG Info round tr
 inpaint a mask painted with the mouse; send a txt2img image to img2img and inpaint;
 upscale in Extras with a tiny model upscaler and send the result back to Extras; Hires fix
 with a model upscaler, then recalled through PNG Info; an SD VAE chosen, then recalled;
-an embedding added to the prompt from its card.
+an embedding added to the prompt from its card; a ControlNet unit with a canny map.
 
 Needs /usr/bin/chromium (the README test command installs it). Screenshots go to
 tests/artifacts/.
@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from pipelines.infotext import parse_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
+from tests.test_controlnet import control_image, tiny_controlnet
 from tests.test_embeddings import word_vectors
 from tests.test_ui import make_lora_folder
 from tests.test_vae import shifted, vae_file_weights
@@ -64,6 +65,9 @@ def app(
         "clip_g": word_vectors(tiny_sdxl.pipe, "castle", "text_encoder_2"),
     }
     save_file(xl, data / "embeddings" / "xlcastle.safetensors")  # greyed out: not for SD1
+    controlnets = data / "models" / "ControlNet"
+    tiny_controlnet(tiny_sd1.pipe.unet, 1).save_pretrained(controlnets / "tiny-canny")
+    save_file({"lora_controlnet": torch.zeros(1)}, controlnets / "control-lora.safetensors")
     with app_server(data) as url:
         yield url, data
 
@@ -694,3 +698,34 @@ def test_find_an_image_in_the_gallery_by_lora_send_it_back_delete_and_restore(
     page.get_by_role("option").first.click()
     page.locator("#gallery_restore").click()
     sync_api.expect(page.locator("#gallery_page")).to_contain_text("1 image(s)")
+
+
+def test_a_controlnet_unit_from_the_page(page: object, tmp_path: Path) -> None:
+    source = tmp_path / "shapes.png"
+    control_image(size=(96, 64)).save(source)
+    page.locator("#prompt textarea").fill("a robot")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 11)):
+        set_number(page, elem_id, value)
+    page.locator("#controlnet").first.get_by_text("ControlNet").first.click()
+    page.locator("#controlnet_image input[type=file]").set_input_files(str(source))
+    page.locator("#controlnet_enabled input[type=checkbox]").check()
+    page.locator("#controlnet_module input").click()
+    page.get_by_role("option", name="canny", exact=True).click()
+    sync_api.expect(page.locator("#controlnet_threshold_a")).to_contain_text("Low Threshold")
+    page.locator("#controlnet_model input").click()
+    page.get_by_role("option", name=re.compile(r"^tiny-canny \[")).click()
+    set_number(page, "controlnet_weight", 0.8)
+    page.get_by_text("My prompt is more important").click()
+    notes = page.locator("#controlnet_notes")
+    assert "Control-LoRA" in notes.inner_text() and "depth_midas" in notes.inner_text()
+    page.locator("#controlnet_run_preview").click()
+    page.locator("#controlnet_preview img").wait_for()
+    shot(page, "txt2img-controlnet.png")
+    page.locator("#generate").click()
+    page.locator("#gallery img").first.wait_for()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('ControlNet 0')"
+    )
+    unit = parse_infotext(infotext(page)).params["ControlNet 0"]
+    assert unit.startswith("Module: canny, Model: tiny-canny [")
+    assert "Weight: 0.8" in unit and "Control Mode: My prompt is more important" in unit

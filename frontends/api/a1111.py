@@ -30,6 +30,7 @@ from typing import Any
 
 from PIL import Image
 
+from frontends.api.controlnet import parse_alwayson
 from pipelines import __version__
 from pipelines.embeddings import EmbeddingListing
 from pipelines.errors import InvalidRequestError, LorastackError
@@ -173,6 +174,7 @@ _USED = frozenset(
         "save_images",
         "refiner_checkpoint",
         "refiner_switch_at",
+        "alwayson_scripts",  # sd-webui-controlnet's units (frontends/api/controlnet.py)
         # Bookkeeping A1111 itself derives from save_images / ignores in the API.
         "do_not_save_samples",
         "do_not_save_grid",
@@ -282,6 +284,7 @@ class Txt2ImgCall:
     xyz: XyzPlot | None = None  # script_name "x/y/z plot": a grid of this request's cells
     vae_override: str | None = None  # override_settings.sd_vae, kept when not restored
     series: list[GenerationRequest] | None = None  # a script's requests, run as one job
+    controlnet_indices: list[int] = field(default_factory=list)  # each unit's `args` index
 
 
 # ------------------------------------------------------------------------ value checks
@@ -581,6 +584,8 @@ def _parse_generation(
             ignored.append(where)
 
     # 3. the request itself; bounds are checked by the engine
+    units, unit_indices, unit_ignored = parse_alwayson(values.get("alwayson_scripts"))
+    ignored.extend(unit_ignored)
     request = GenerationRequest(
         prompt=_text("prompt", get("prompt")),
         negative_prompt=_text("negative_prompt", get("negative_prompt")),
@@ -604,6 +609,7 @@ def _parse_generation(
         denoising_strength=_number("denoising_strength", get("denoising_strength")),
         checkpoint=checkpoint,
         vae=vae_override or options.sd_vae,
+        controlnet=units,
         **_refiner(values),
     )
 
@@ -625,6 +631,7 @@ def _parse_generation(
         ),
         ignored=sorted(ignored),
         vae_override=vae_override,
+        controlnet_indices=unit_indices,
     )
     return call, img2img_options
 

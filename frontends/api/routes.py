@@ -28,6 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
 from frontends.api import a1111
+from frontends.api import controlnet as controlnet_api
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError
 from pipelines.interface import GenerationService
 from pipelines.limits import user_key
@@ -40,6 +41,7 @@ from pipelines.xyz import run_xyz
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/sdapi/v1"
+CONTROLNET_PREFIX = "/controlnet"
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -126,6 +128,17 @@ class A1111Api:
         return a1111.extras_response(result, batch=True)
 
     def _generate(self, call: a1111.Txt2ImgCall, user: str) -> dict[str, Any]:
+        try:
+            return self._generate_call(call, user)
+        except LorastackError as error:  # a unit's field, as the client named it
+            field = controlnet_api.api_field(error.field, call.controlnet_indices)
+            if field != error.field and error.field is not None:
+                error.message = error.message.replace(error.field, field or "")
+                error.args = (error.message,)
+                error.field = field
+            raise
+
+    def _generate_call(self, call: a1111.Txt2ImgCall, user: str) -> dict[str, Any]:
         kind = call.request.kind
         if call.ignored:
             log.info("%s: ignored A1111 fields: %s", kind, ", ".join(call.ignored))
@@ -169,7 +182,12 @@ class A1111Api:
                 pngs.append(encoded)
         if call.series is not None:
             return a1111.series_response(call, results, pngs, started)
-        return a1111.txt2img_response(call, results[0], pngs, started)
+        # sd-webui-controlnet appends each unit's map to the images (not the infotexts)
+        maps = [controlnet_api.png_base64(image) for image in results[0].detected_maps]
+        response = a1111.txt2img_response(call, results[0], pngs, started)
+        if call.send_images and call.xyz is None:
+            response["images"] = [*response["images"], *maps]
+        return response
 
     # -- options
 
@@ -265,18 +283,8 @@ def _user(request: Request, checked: bool) -> str:
     return user_key(given[0] if given else None, request.client.host if request.client else None)
 
 
-def build_api(service: GenerationService, settings: Settings) -> FastAPI:
-    """The `/sdapi/v1` app (routes relative to the mount point).
-
-    Args:
-        service: the generation service (its per-user limits count the `--api-auth`
-            login, else the client address).
-        settings: launch settings (api_auth, hide_paths, outputs_dir, ...).
-    Returns:
-        A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
-    """
-    api = A1111Api(service, settings)
-    app = FastAPI(title="lorastack A1111-compatible API", version=a1111.VERSION)
+def _guard(app: FastAPI, settings: Settings) -> None:
+    """Error bodies in A1111's shape and `--api-auth` on every route of `app`."""
     credentials = parse_credentials(settings.api_auth) if settings.api_auth else None
 
     # 1. errors: the contract's table in A1111's body shape, never a 500 for the client
@@ -307,6 +315,22 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
                 return await call_next(request)
             body = a1111.error_body(LorastackError("missing or wrong API credentials"), 401)
             return JSONResponse(body, 401, headers={"WWW-Authenticate": 'Basic realm="api"'})
+
+
+def build_api(service: GenerationService, settings: Settings) -> FastAPI:
+    """The `/sdapi/v1` app (routes relative to the mount point).
+
+    Args:
+        service: the generation service (its per-user limits count the `--api-auth`
+            login, else the client address).
+        settings: launch settings (api_auth, hide_paths, outputs_dir, ...).
+    Returns:
+        A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
+    """
+    api = A1111Api(service, settings)
+    app = FastAPI(title="lorastack A1111-compatible API", version=a1111.VERSION)
+    credentials = parse_credentials(settings.api_auth) if settings.api_auth else None
+    _guard(app, settings)  # 1. errors in A1111's shape, 2. --api-auth
 
     # 3. routes
     @app.post("/txt2img")
@@ -378,6 +402,39 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     return app
 
 
+def build_controlnet_api(service: GenerationService, settings: Settings) -> FastAPI:
+    """sd-webui-controlnet's own routes, mounted at `/controlnet` (beside `/sdapi/v1`, as
+    the extension serves them), with the API's auth and error bodies."""
+    app = FastAPI(title="lorastack sd-webui-controlnet API", version=a1111.VERSION)
+    _guard(app, settings)
+
+    @app.get("/version")
+    def version() -> Any:
+        return {"version": controlnet_api.API_VERSION}
+
+    @app.get("/model_list")
+    def model_list(update: bool = True) -> Any:
+        if update:
+            service.rescan()
+        return controlnet_api.model_list(service.controlnet_models())
+
+    @app.get("/module_list")
+    def module_list(alias_names: bool = False) -> Any:
+        return controlnet_api.module_list(service.controlnet_modules(), alias_names)
+
+    @app.get("/settings")
+    def unit_settings() -> Any:
+        return {"control_net_unit_count": controlnet_api.UNIT_COUNT}
+
+    @app.post("/detect")
+    async def detect(request: Request) -> Any:
+        module, images, resolution, a, b = controlnet_api.detect_request(await _json_body(request))
+        maps = await run_in_threadpool(service.detect_controlnet, module, images, resolution, a, b)
+        return controlnet_api.detect_response(maps)
+
+    return app
+
+
 def build_root(service: GenerationService, settings: Settings) -> FastAPI:
     """The server's root app: CORS (`--cors-allow-origins`), and the API when enabled.
     The Gradio page is mounted on it at "/" by the caller unless `--nowebui`."""
@@ -392,10 +449,13 @@ def build_root(service: GenerationService, settings: Settings) -> FastAPI:
             allow_credentials=True,
         )
     if settings.api or settings.nowebui:
-        mount_api(root, build_api(service, settings))
+        mount_api(root, build_api(service, settings), build_controlnet_api(service, settings))
     return root
 
 
-def mount_api(app: FastAPI, api: FastAPI) -> None:
-    """Mount the API ahead of every other route, so no route of Gradio's can shadow it."""
+def mount_api(app: FastAPI, api: FastAPI, controlnet: FastAPI | None = None) -> None:
+    """Mount the API (and sd-webui-controlnet's routes) ahead of every other route, so no
+    route of Gradio's can shadow them."""
     app.router.routes.insert(0, Mount(API_PREFIX, app=api))
+    if controlnet is not None:
+        app.router.routes.insert(1, Mount(CONTROLNET_PREFIX, app=controlnet))

@@ -43,6 +43,7 @@ SETTINGS_FLAGS = (
     "max_pixels",
     "vae_dir",
     "embeddings_dir",
+    "controlnet_dir",
     *(f"{kind}_models_path" for kind in ("esrgan", "realesrgan", "swinir", "dat")),
 )
 """Launch settings the CLI shares with the server (same flags, same LORASTACK_* env)."""

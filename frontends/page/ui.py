@@ -20,6 +20,11 @@ from typing import Any
 import gradio as gr
 
 from deployments.ingest import IngestPolicy
+from frontends.page.controlnet_panel import (
+    CONTROLNET_FIELDS,
+    build_controlnet,
+    units_from_values,
+)
 from frontends.page.defaults import load_defaults, scheduler_label
 from frontends.page.embeddings_panel import build_embeddings
 from frontends.page.errors import user_error
@@ -293,6 +298,19 @@ def build_ui(
         refiner_checkpoint: str | None = None,
         refiner_switch_at: float | None = None,
         sd_vae: str = VAE_AUTOMATIC,
+        controlnet_enabled: bool = False,
+        controlnet_image: str | None = None,
+        controlnet_module: str = "none",
+        controlnet_model: str = "None",
+        controlnet_weight: float = 1.0,
+        controlnet_processor_res: float = -1,
+        controlnet_threshold_a: float = -1,
+        controlnet_threshold_b: float = -1,
+        controlnet_guidance_start: float = 0.0,
+        controlnet_guidance_end: float = 1.0,
+        controlnet_control_mode: str = "Balanced",
+        controlnet_resize_mode: str = "Crop and Resize",
+        controlnet_pixel_perfect: bool = False,
     ) -> Iterator[tuple[Any, ...]]:
         """Submit the job; stream progress and previews; save every image; return the
         gallery, the first image's infotext, the seeds and the job id (for Interrupt).
@@ -303,15 +321,18 @@ def build_ui(
         given = {name: value for name, value in scope.items() if name in named}
         hires_values = {name: value for name, value in scope.items() if name in HIRES_FIELDS}
         xyz_values = {name: scope[f"xyz_{name}"] for name in XYZ_VALUES}
+        unit_values = {name: value for name, value in scope.items() if name in CONTROLNET_FIELDS}
         try:
             hires = hires_from_values({**hires_values, "sampler_name": sampler_name})
             plot = xyz_plot_from_values(xyz_values) if script_name == XYZ_TITLE else None
+            units = units_from_values(unit_values)
         except LorastackError as error:
             raise user_error(error.message) from error
         if hires is not None:
             given["denoising_strength"] = denoising_strength
         extra: dict[str, Any] = {"styles": tuple(styles or ()), "vae": sd_vae or VAE_AUTOMATIC}
         extra.update(refiner_request_fields(refiner_checkpoint, refiner_switch_at))
+        extra["controlnet"] = units
         if hires is not None:
             extra["hires"] = hires
         script = (script_name, prompts_iterate_seed, prompts_same_seed, prompts_position)
@@ -331,6 +352,10 @@ def build_ui(
             raise user_error(error.message) from error
         given = {name: data[component] for name, component in i2i_controls.items()}
         refiner = refiner_request_fields(*(given.pop(name) for name in REFINER_FIELDS))
+        try:
+            units = units_from_values({n: data[c] for n, c in i2i_units.values.items()})
+        except LorastackError as error:
+            raise gr.Error(error.message) from error
         if size is not None:  # outpainting: the canvas's size
             given["width"], given["height"] = size
         stack = data[panel.stack]
@@ -338,6 +363,7 @@ def build_ui(
             "img2img": images,
             "styles": tuple(data[i2i_styles.dropdown] or ()),
             "vae": data[sd_vae] or VAE_AUTOMATIC,
+            "controlnet": units,
             **refiner,
         }
         yield from generate(given, data[checkpoint], stack, extra, request, progress)
@@ -487,6 +513,7 @@ def build_ui(
                         )
                         controls.update(hires)
                         controls.update(build_refiner(checkpoint_choices, slider))
+                        units = build_controlnet(service)
                         prompt = controls["prompt"]
                         panel = build_stack(page, prompt)
                         scripts = build_scripts_panel()
@@ -525,6 +552,7 @@ def build_ui(
                     i2i_controls["denoising_strength"] = slider("denoising_strength", "img2img_")
                     i2i_controls.update(build_parameters(slider, defaults, "img2img_"))
                     i2i_controls.update(build_refiner(checkpoint_choices, slider, "img2img_"))
+                    i2i_units = build_controlnet(service, "img2img_")
                     stack_summary = gr.Markdown(stack_text([]), elem_id="img2img_stack_summary")
                 with gr.Column(scale=2):
                     i2i_results = build_results("img2img", "img2img_")
@@ -573,11 +601,12 @@ def build_ui(
             styles.dropdown,
             *(controls[name] for name in REFINER_FIELDS),
             sd_vae,
+            *units.inputs,
         ]
         special = ("request", "progress")  # Gradio injects them where they stand
         parameters = [p for p in inspect.signature(txt2img).parameters if p not in special]
         named = [*API_FIELDS, "checkpoint", "loras", *EXTRA_FIELDS, *HIRES_FIELDS, *SCRIPT_FIELDS]
-        named += ["styles", *REFINER_FIELDS, "sd_vae"]
+        named += ["styles", *REFINER_FIELDS, "sd_vae", *CONTROLNET_FIELDS]
         assert parameters[: len(inputs)] == named
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_token_counters(service, controls, counters, checkpoint, page)
@@ -598,6 +627,7 @@ def build_ui(
             panel.stack,
             i2i_styles.dropdown,
             sd_vae,
+            *i2i_units.inputs,
         }
         wire_results(service, i2i_results, i2i_controls, img2img, i2i_inputs, None)
         wire_styles(service, page, [styles, i2i_styles], files_admin_check(settings))

@@ -31,6 +31,16 @@ from pipelines.folders.checkpoints import (
     classify_checkpoint,
     hash_checkpoint,
 )
+from pipelines.folders.controlnets import (
+    ANNOTATORS_SUBFOLDER,
+    CONTROLNET_EXTENSIONS,
+    CONTROLNET_SUBFOLDER,
+    ControlNetEntry,
+    ControlNetFacts,
+    classify_controlnet,
+    controlnet_entry,
+    controlnet_matchers,
+)
 from pipelines.folders.embeddings import (
     EMBEDDING_EXTENSIONS,
     EMBEDDINGS_SUBFOLDER,
@@ -211,7 +221,28 @@ EMBEDDINGS: FolderKind[EmbeddingEntry] = FolderKind(
     unusable=lambda reason: EmbeddingFacts(error=reason),
     stem_names=True,
 )
-KINDS: tuple[FolderKind[Any], ...] = (CHECKPOINTS, LORAS, UPSCALERS, VAES, EMBEDDINGS)
+CONTROLNETS: FolderKind[ControlNetEntry] = FolderKind(
+    name="controlnet",
+    label="ControlNet model",
+    field="controlnet",
+    extensions=CONTROLNET_EXTENSIONS,
+    marker="config.json",
+    classify=classify_controlnet,
+    build=controlnet_entry,
+    identity=lambda path: path,
+    hash_entry=lambda entry, hashes: None,  # the old 8-digit hash is read while scanning
+    matchers=controlnet_matchers,
+    unusable=lambda reason: ControlNetFacts(error=reason),
+    skip_top=(ANNOTATORS_SUBFOLDER,),
+)
+KINDS: tuple[FolderKind[Any], ...] = (
+    CHECKPOINTS,
+    LORAS,
+    UPSCALERS,
+    VAES,
+    EMBEDDINGS,
+    CONTROLNETS,
+)
 
 
 def default_roots(
@@ -220,6 +251,7 @@ def default_roots(
     upscaler_dirs: Sequence[Path] = (),
     vae_dirs: Sequence[Path] = (),
     embedding_dirs: Sequence[Path] = (),
+    controlnet_dirs: Sequence[Path] = (),
 ) -> dict[str, tuple[Path, ...]]:
     """Each kind's roots (CONTRACT "Model folders"): its own folders, then the kind's
     A1111 subfolder inside every checkpoint folder, so an A1111 `models/` works as it is."""
@@ -232,6 +264,7 @@ def default_roots(
         ),
         "vae": (*vae_dirs, *(d / VAE_SUBFOLDER for d in models_dirs)),
         "embedding": (*embedding_dirs, *(d / EMBEDDINGS_SUBFOLDER for d in models_dirs)),
+        "controlnet": (*controlnet_dirs, *(d / CONTROLNET_SUBFOLDER for d in models_dirs)),
     }
 
 

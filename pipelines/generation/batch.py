@@ -42,8 +42,8 @@ BatchKey = tuple[Hashable, ...]
 
 def batch_key(inputs: RunInputs) -> BatchKey | None:
     """What must be equal for two requests to share a denoising batch; None: the request
-    runs alone (img2img and inpainting, hires fix, a refiner, LoRA weight schedules: runs
-    that change the model, the size or the latents between steps).
+    runs alone (img2img and inpainting, hires fix, a refiner, LoRA weight schedules,
+    ControlNet units: runs that change the model, the size or the latents between steps).
 
     Args:
         inputs: the checked request (`check_request`), with its checkpoint and VAE resolved
@@ -62,6 +62,7 @@ def batch_key(inputs: RunInputs) -> BatchKey | None:
         or request.hires is not None
         or request.refiner_checkpoint is not None
         or any(spec.scheduled for spec in inputs.stack)  # re-merged between steps
+        or bool(request.controlnet)  # residuals from the request's own control images
     ):
         return None
     parts = split_and(inputs.prompt)

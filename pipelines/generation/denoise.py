@@ -5,7 +5,8 @@ It does what a diffusers Stable Diffusion `__call__` does between "prepare laten
 and exposes the places other modes change: the UNet's input (inpainting models' extra
 channels), its conditioning per step (prompt editing), the guided prediction before the
 scheduler steps with it (inpainting's blend of the denoised image with the original) and
-the latents after each step. Composable prompts (A1111's `AND`) are more conditioned
+the latents after each step, and residuals added to the UNet's skip connections (ControlNet
+units). Composable prompts (A1111's `AND`) are more conditioned
 passes in the same UNet batch, combined as A1111 does:
 uncond + cfg * sum(w_i * (cond_i - uncond)).
 """
@@ -32,6 +33,13 @@ OnStep = Callable[[int, torch.Tensor], bool]
 """(steps done, latents) -> True to stop the loop (interrupt or skip)."""
 BeforeStep = Callable[[int], None]
 """step index -> None, before the UNet runs (per-step LoRA schedules re-merge here)."""
+Residuals = Callable[
+    [torch.Tensor, torch.Tensor, int, torch.Tensor, dict[str, torch.Tensor] | None],
+    tuple[list[torch.Tensor], torch.Tensor] | None,
+]
+"""(scaled model input before the UNet input hooks, timestep, step index, hidden states,
+added cond kwargs) -> residuals added to the UNet's skip connections and middle block
+(ControlNet units), or None for none at that step."""
 
 
 @dataclass
@@ -58,6 +66,7 @@ class DenoiseLoop:
     on_prediction: list[Prediction] = field(default_factory=list)
     after_step: list[AfterStep] = field(default_factory=list)
     before_step: list[BeforeStep] = field(default_factory=list)
+    residuals: Residuals | None = None
 
     @property
     def guided(self) -> bool:
@@ -108,16 +117,23 @@ class DenoiseLoop:
         """Denoise `latents` [B, 4, h, w] over `timesteps`, the first of which is step
         `start` of the run (a refiner continues there); stops early when `on_step` says so
         (the latents reached so far are returned)."""
-        extra = self.extra_step_kwargs()
+        step_kwargs = self.extra_step_kwargs()
         for index, timestep in enumerate(timesteps, start):
             for before in self.before_step:
                 before(index)
             # [B, 4, h, w] -> [copies*B, 4, h, w]: uncond first, then each cond part
             model_input = torch.cat([latents] * self.copies) if self.copies > 1 else latents
             model_input = self.scheduler.scale_model_input(model_input, timestep)
+            hidden_states, added = self.conditioning(index)
+            control = None
+            if self.residuals is not None:
+                control = self.residuals(model_input, timestep, index, hidden_states, added)
             for hook in self.unet_input:
                 model_input = hook(model_input, index)
-            hidden_states, added = self.conditioning(index)
+            extra: dict[str, Any] = {}
+            if control is not None:
+                extra["down_block_additional_residuals"] = control[0]
+                extra["mid_block_additional_residual"] = control[1]
             noise = self.unet(
                 model_input,
                 timestep,
@@ -126,11 +142,14 @@ class DenoiseLoop:
                 cross_attention_kwargs=None,
                 added_cond_kwargs=added,
                 return_dict=False,
+                **extra,
             )[0]
             noise = self.combine(noise)
             for change in self.on_prediction:
                 noise = change(noise, latents, timestep, index)
-            latents = self.scheduler.step(noise, timestep, latents, **extra, return_dict=False)[0]
+            latents = self.scheduler.step(
+                noise, timestep, latents, **step_kwargs, return_dict=False
+            )[0]
             for after in self.after_step:
                 latents = after(latents, index)
             if on_step(index + 1, latents):

@@ -191,9 +191,13 @@ class HiresRun(Txt2ImgRun):
         noise, generators = self.seeded_noise(second.inputs, seeds, scheduler)
         noisy = scheduler.add_noise(upscaled.to(noise.dtype), noise, tail[:1])
         self.control.batch(iteration * 2 + 1, inputs.request.n_iter * 2, len(tail))
-        result = self.denoise(
-            second.inputs, second.conditioning, noisy, generators, scheduler, tail
-        )
+        self.hires_pass = True
+        try:
+            result = self.denoise(
+                second.inputs, second.conditioning, noisy, generators, scheduler, tail
+            )
+        finally:
+            self.hires_pass = False
         return second.inputs, result
 
     def upscale_images(

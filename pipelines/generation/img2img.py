@@ -246,6 +246,14 @@ class Img2ImgRun(Txt2ImgRun):
         inputs.notes.extend(self.prepared.notes)
         return inputs
 
+    def control_input(self, inputs: RunInputs) -> tuple[Image.Image | None, str]:
+        """sd-webui-controlnet: a unit without an image takes the first init image, with
+        img2img's resize mode (3, latent, counts as Just Resize)."""
+        spec = inputs.request.img2img
+        assert spec is not None
+        modes = ("Just Resize", "Crop and Resize", "Resize and Fill", "Just Resize")
+        return flatten(spec.images[0]), modes[spec.resize_mode]
+
     # -- 4
 
     def timesteps(self, inputs: RunInputs, scheduler: Any) -> torch.Tensor:

@@ -21,6 +21,8 @@ from PIL import Image
 
 from pipelines import __version__
 from pipelines.architecture import Architecture
+from pipelines.controlnet.models import ControlNetCache
+from pipelines.controlnet.units import ControlUnits
 from pipelines.devices import DevicePlan
 from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import UnusableFileError
@@ -245,6 +247,8 @@ class Txt2ImgRun:
         self.apply_vae(inputs)
         # 3. encode prompts (cached: a new seed or sampler never re-runs the text encoders)
         conditioning = self.encode_prompts(inputs, adapters)
+        # 3b. ControlNet units: maps made and models loaded once for the whole job
+        self.units = self.prepare_units(inputs)
         images: list[Image.Image] = []
         seeds: list[int] = []
         subseeds: list[int] = []
@@ -363,6 +367,41 @@ class Txt2ImgRun:
     """The TAESD decoders, set by the engine (None: TAESD previews fall back to cheap)."""
     embeddings: EmbeddingStore | None = None
     """The textual-inversion embeddings, set by the engine (None: none are matched)."""
+    controlnets: ControlNetCache | None = None
+    """Loaded ControlNet models, set by the engine (None: a private cache per run)."""
+    units: ControlUnits | None = None
+    """The request's ControlNet units once prepared (None: no unit)."""
+    control_active = True
+    """Whether the units act in the steps being run (not in a refiner's)."""
+    hires_pass = False
+    """Whether the pass being run is hires fix's second pass."""
+    pass_steps: tuple[int, int] = (1, 1)
+    """The pass being run: (sampler steps, model calls per step)."""
+
+    # -- 3b
+
+    def prepare_units(self, inputs: RunInputs) -> ControlUnits | None:
+        """Each ControlNet unit's map and model, fitted to this run's model."""
+        request = inputs.request
+        if not request.controlnet:
+            return None
+        init, resize_mode = self.control_input(inputs)
+        folders = self.folders
+        return ControlUnits.prepare(
+            request,
+            folders,
+            self.controlnets if self.controlnets is not None else ControlNetCache(1),
+            self.model.pipe.unet,
+            self.plan.device,
+            self.model.pipe.unet.dtype,  # the residuals are added to the UNet's tensors
+            init=init,
+            init_resize=resize_mode,
+            learn=lambda entry: lambda **facts: folders.learn("controlnet", entry, **facts),
+        )
+
+    def control_input(self, inputs: RunInputs) -> tuple[Image.Image | None, str]:
+        """The image a unit without one uses, and its resize mode (txt2img: none)."""
+        return None, "Crop and Resize"
 
     # -- 3
 
@@ -503,6 +542,8 @@ class Txt2ImgRun:
         refiner = self.refiner if refine else None
         self.pass_evals = (len(timesteps), int(getattr(scheduler, "order", 1)))
         split = len(timesteps) if refiner is None else refiner.index(scheduler, timesteps)
+        order = max(int(getattr(scheduler, "order", 1)), 1)
+        self.pass_steps = (-(-len(timesteps) // order), order)
         latents = self.denoise_steps(
             inputs, conditioning, latents, generators, scheduler, timesteps[:split]
         )
@@ -512,10 +553,12 @@ class Txt2ImgRun:
         resume = self.model
         try:
             refined = refiner.enter(self, inputs, conditioning)
+            self.control_active = False  # sd-webui-controlnet hooks the first model only
             return self.denoise_steps(
                 inputs, refined, latents, generators, scheduler, timesteps[split:], split
             )
         finally:
+            self.control_active = True
             if self.model is not resume:
                 self.model = refiner.switch_model(resume)
 
@@ -591,6 +634,17 @@ class Txt2ImgRun:
             loop.before_step.append(reweight)
         if self.model.architecture.is_inpainting:
             loop.unet_input.append(self.inpainting_input(inputs, count, loop.copies))
+        if self.units is not None and self.control_active:
+            steps, order = self.pass_steps
+            loop.residuals = self.units.hook(
+                count=count,
+                guided=loop.guided,
+                width=inputs.request.width,
+                height=inputs.request.height,
+                steps=steps,
+                order=order,
+                hires=self.hires_pass,
+            )
         return loop
 
     def step_conditioning(
@@ -770,6 +824,7 @@ class Txt2ImgRun:
             interrupted=self.control.interrupted,
             notes=notes,
             lora_coverage=list(adapters.coverage),
+            detected_maps=self.units.detected_maps() if self.units is not None else [],
         )
 
     def infotext(self, inputs: RunInputs, adapters: Adapters, seed: int, subseed: int) -> str:
@@ -805,6 +860,8 @@ class Txt2ImgRun:
         if request.tiling:
             params["Tiling"] = True
         params.update(self.extra_infotext(inputs))
+        if self.units is not None:
+            params.update(self.units.infotext())
         if self.refiner is not None:
             refiner = self.folders.resolve("checkpoint", self.refiner.checkpoint)
             params.update(self.refiner.infotext(refiner))

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from PIL import Image
 
+from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan
 from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import InvalidRequestError
@@ -61,6 +62,7 @@ class SdUpscaleRun:
 
     previews: PreviewDecoders | None = None  # set by the engine, passed to each tile's run
     embeddings: EmbeddingStore | None = None
+    controlnets: ControlNetCache | None = None
 
     def __init__(
         self, model: ActiveModel, plan: DevicePlan, folders: ModelFolders, control: RunControl
@@ -117,6 +119,7 @@ class SdUpscaleRun:
                 )
                 tile_run = Img2ImgRun(self.model, self.plan, self.folders, progress)
                 tile_run.previews, tile_run.embeddings = self.previews, self.embeddings
+                tile_run.controlnets = self.controlnets
                 result = tile_run(tile_request)
                 progress.done += 1
                 first = first or result
@@ -137,4 +140,5 @@ class SdUpscaleRun:
             infotexts=[infotext] * len(images),
             request=request,
             interrupted=self.control.interrupted,
+            detected_maps=[],  # sd-webui-controlnet shows no maps for SD upscale
         )

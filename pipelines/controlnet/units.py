@@ -1,0 +1,349 @@
+"""ControlNet units as a step of a generation run, as sd-webui-controlnet 1.1.455 runs them
+(`scripts/controlnet.py` `controlnet_main_entry`/`get_control`, `scripts/hook.py`).
+
+Before denoising, each unit's image (its own, else img2img's init image with img2img's resize
+mode) goes through its preprocessor at the processor resolution (pixel perfect: the one that
+maps the image onto the target size), and the map is fitted to the generation size by the
+unit's resize mode (`preprocessors.fit_map`); that map, in [0, 1], is the ControlNet's hint.
+
+At each UNet call, every unit whose guidance range holds the step runs its ControlNet on the
+UNet's own input, timestep, text conditioning (and SDXL's size conditioning). The range is
+sd-webui-controlnet's `guidance_schedule_handler`: the unit acts while `start <= s / steps <=
+end`, where `steps` are the pass's sampler steps and `s` is A1111's `state.sampling_step`.
+A1111 sets that from the sampler's callback, which runs after each step's model calls, so the
+model calls of step k (from 0) see `s = max(k - 1, 0)`: with 20 steps and guidance end 0.5
+the unit acts in steps 0 to 11. `a1111_sampling_step` is that rule, kept so the same
+settings give A1111's images. Its residuals, one per UNet skip connection and
+one for the middle block, are scaled and summed over the units, then added to the UNet's:
+
+- Balanced: every residual times the weight;
+- My prompt is more important: "soft injection", residual i (of 13 for SD1/SD2: 12 skips and
+  the middle) times weight * 0.825 ** (12 - i); SDXL's 10 take the first 10 of these scales,
+  as sd-webui-controlnet does;
+- ControlNet is more important: the soft scales, and only the conditioned rows of the UNet
+  batch get the residuals ("cfg injection": the uncond pass runs without control, so CFG
+  pushes towards the control).
+
+In the second pass of hires fix the hint is made at the hires size from the same map, and
+units whose module is canny or mlsd use the soft scales there (sd-webui-controlnet's
+"forced soft injection"); `hr_option` picks the passes a unit acts in. The refiner's steps run
+without units (sd-webui-controlnet hooks the first model only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.controlnet.models import ControlNetCache
+from pipelines.controlnet.preprocessors import (
+    Preprocessor,
+    find_preprocessor,
+    fit_map,
+    hwc3,
+    pixel_perfect_resolution,
+)
+from pipelines.errors import InvalidRequestError, LorastackError, UnusableFileError
+from pipelines.folders.controlnets import ControlNetEntry
+from pipelines.folders.registry import ModelFolders
+from pipelines.schema import ControlNetUnit, GenerationRequest
+
+SOFT_BASE = 0.825
+"""sd-webui-controlnet's soft-injection factor: residual i of 13 is scaled by 0.825**(12-i)."""
+Residuals = tuple[list[torch.Tensor], torch.Tensor]
+ResidualHook = Callable[
+    [torch.Tensor, torch.Tensor, int, torch.Tensor, dict[str, torch.Tensor] | None],
+    Residuals | None,
+]
+"""(ControlNet input [rows, 4, h, w], timestep, step index, hidden states, added cond kwargs)
+-> the summed residuals for the UNet, or None when no unit acts at that step."""
+
+
+def unit_field(index: int, name: str) -> str:
+    return f"controlnet[{index}].{name}"
+
+
+def a1111_sampling_step(step: int) -> int:
+    """A1111's `state.sampling_step` during the model calls of sampler step `step` (from 0):
+    the last finished step's index, 0 before any (see the module docstring)."""
+    return max(step - 1, 0)
+
+
+def soft_scales(weight: float, count: int) -> list[float]:
+    """`count` residual scales (skips, then the middle block) of soft injection: the first
+    `count` of sd-webui-controlnet's 13."""
+    scales = [weight * SOFT_BASE ** float(12 - i) for i in range(13)]
+    if count > len(scales):
+        scales = [weight * SOFT_BASE ** float(count - 1 - i) for i in range(count)]
+    return scales[:count]
+
+
+def check_unit_names(
+    units: tuple[ControlNetUnit, ...], folders: ModelFolders, family: str | None
+) -> tuple[ControlNetUnit, ...]:
+    """The units with their model names as listed keys: module known, model listed, usable,
+    and (when its family is known) for the checkpoint's family. Raises 4xx errors naming the
+    unit's field."""
+    checked = []
+    for index, unit in enumerate(units):
+        find_preprocessor(unit.module, unit_field(index, "module"))
+        entry = resolve_model(folders, unit.model, index)
+        if family is not None and entry.family is not None and entry.family != family:
+            raise InvalidRequestError(
+                f"{unit_field(index, 'model')}: ControlNet model '{entry.title}' is for "
+                f"{entry.family} and the checkpoint is {family}; use a ControlNet made for "
+                f"{family}",
+                field=unit_field(index, "model"),
+            )
+        checked.append(unit)
+    return tuple(checked)
+
+
+def resolve_model(folders: ModelFolders, name: str, index: int) -> ControlNetEntry:
+    """A unit's model: a listed, usable ControlNet."""
+    where = unit_field(index, "model")
+    if not name.strip() or name.strip() == "None":
+        raise InvalidRequestError(
+            f"{where}: no ControlNet model selected (model is None)", field=where
+        )
+    try:
+        entry: ControlNetEntry = folders.resolve("controlnet", name)
+    except LorastackError as error:  # unknown (404) or ambiguous: name the unit's field
+        error.field = where
+        error.message = f"{where}: {error.message}"
+        error.args = (error.message,)
+        raise
+    if entry.error:
+        raise UnusableFileError(f"{where}: {entry.error}", field=where)
+    return entry
+
+
+@dataclass
+class PreparedUnit:
+    """One unit made ready for a run: its model, its map and the hint at each size."""
+
+    index: int
+    unit: ControlNetUnit
+    entry: ControlNetEntry
+    preprocessor: Preprocessor
+    resize_mode: str
+    processor_res: int
+    threshold_a: float
+    threshold_b: float
+    detected: np.ndarray  # the preprocessor's map, before fitting
+    model: Any
+    hints: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    maps: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def cond_only(self) -> bool:
+        """Only the conditioned rows get residuals: ControlNet is more important, or a
+        model whose conditions are pooled (shuffle)."""
+        pooled = bool(getattr(self.model.config, "global_pool_conditions", False))
+        return self.unit.control_mode == "ControlNet is more important" or pooled
+
+    def scales(self, count: int, hires: bool) -> list[float]:
+        weight = self.unit.weight
+        soft = self.unit.control_mode != "Balanced"
+        forced = hires and any(name in self.preprocessor.name for name in ("canny", "mlsd"))
+        return soft_scales(weight, count) if soft or forced else [weight] * count
+
+    def acts(self, fraction: float, hires: bool) -> bool:
+        unit = self.unit
+        if fraction < unit.guidance_start or fraction > unit.guidance_end:
+            return False
+        if unit.hr_option == "Low res only":
+            return not hires
+        if unit.hr_option == "High res only":
+            return hires
+        return True
+
+    def infotext(self) -> str:
+        """sd-webui-controlnet's `ControlNetUnit.serialize`: its infotext fields as
+        `Display Name: value` pairs (the effective slider values)."""
+        unit = self.unit
+        values: list[tuple[str, object]] = [
+            ("Module", self.preprocessor.name),
+            ("Model", self.entry.title),
+            ("Weight", float(unit.weight)),
+            ("Resize Mode", self.resize_mode),
+            ("Processor Res", self.processor_res),
+            ("Threshold A", float(self.threshold_a)),
+            ("Threshold B", float(self.threshold_b)),
+            ("Guidance Start", float(unit.guidance_start)),
+            ("Guidance End", float(unit.guidance_end)),
+            ("Pixel Perfect", unit.pixel_perfect),
+            ("Control Mode", unit.control_mode),
+        ]
+        return ", ".join(f"{name}: {value}" for name, value in values)
+
+
+def unit_source(unit: ControlNetUnit, init: Image.Image | None) -> np.ndarray | None:
+    """sd-webui-controlnet's `choose_input_image` for one RGB image: the unit's image (a
+    mask that is neither all black nor all white replaces it: "canvas scribble"), else
+    img2img's init image."""
+    if unit.image is None:
+        return None if init is None else hwc3(np.asarray(init.convert("RGB")))
+    image = hwc3(np.asarray(unit.image.convert("RGB")))
+    if unit.mask is None:
+        return image
+    mask = np.asarray(unit.mask.convert("L").resize((image.shape[1], image.shape[0])))
+    if (mask <= 5).all() or (mask >= 250).all():
+        return image
+    return hwc3(mask)
+
+
+class ControlUnits:
+    """A run's prepared units and the residual hook for its denoising loop.
+
+    Example:
+        >>> units = ControlUnits.prepare(request, folders, cache, unet, device, dtype,
+        ...                              init=None, init_resize="Crop and Resize")
+        ... # doctest: +SKIP
+        >>> loop.residuals = units.hook(count=1, guided=True, width=512, height=512,
+        ...                             steps=20, order=1, hires=False)  # doctest: +SKIP
+    """
+
+    def __init__(self, units: list[PreparedUnit], device: torch.device, dtype: torch.dtype):
+        self.units = units
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def prepare(
+        cls,
+        request: GenerationRequest,
+        folders: ModelFolders,
+        cache: ControlNetCache,
+        unet: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        init: Image.Image | None = None,
+        init_resize: str = "Crop and Resize",
+        learn: Callable[[ControlNetEntry], Callable[..., None]] | None = None,
+    ) -> ControlUnits:
+        """Resolve, preprocess and load every unit of `request` (its `controlnet`)."""
+        prepared = []
+        for index, unit in enumerate(request.controlnet):
+            preprocessor = find_preprocessor(unit.module, unit_field(index, "module"))
+            entry = resolve_model(folders, unit.model, index)
+            source = unit_source(unit, init)
+            if source is None:
+                raise InvalidRequestError(
+                    f"{unit_field(index, 'image')}: the unit has no image (txt2img needs one; "
+                    "img2img uses the init image when it has none)",
+                    field=unit_field(index, "image"),
+                )
+            resize_mode = unit.resize_mode if unit.image is not None else init_resize
+            resolution = preprocessor.resolution.effective(unit.processor_res)
+            if unit.pixel_perfect:
+                resolution = pixel_perfect_resolution(
+                    source, request.height, request.width, resize_mode
+                )
+            threshold_a = preprocessor.slider_1.effective(unit.threshold_a)
+            threshold_b = preprocessor.slider_2.effective(unit.threshold_b)
+            detected = preprocessor(source, max(int(resolution), 1), threshold_a, threshold_b)
+            try:
+                model = cache.get(
+                    entry, unet, device, dtype, learn(entry) if learn is not None else None
+                )
+            except UnusableFileError as error:
+                error.field = unit_field(index, "model")
+                error.message = f"{unit_field(index, 'model')}: {error.message}"
+                error.args = (error.message,)
+                raise
+            prepared.append(
+                PreparedUnit(
+                    index,
+                    unit,
+                    entry,
+                    preprocessor,
+                    resize_mode,
+                    int(resolution),
+                    threshold_a,
+                    threshold_b,
+                    detected,
+                    model,
+                )
+            )
+        return cls(prepared, device, dtype)
+
+    def hint(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
+        """The unit's hint at a size [1, 3, H, W] in [0, 1], made once per size; the map
+        is kept for the result."""
+        key = (width, height)
+        if key not in prepared.hints:
+            fitted = fit_map(prepared.detected, prepared.resize_mode, width, height)
+            if prepared.unit.save_detected_map:
+                prepared.maps.append(Image.fromarray(fitted))
+            pixels = torch.from_numpy(fitted.astype(np.float32) / 255.0).permute(2, 0, 1)
+            prepared.hints[key] = pixels[None].to(device=self.device, dtype=self.dtype)
+        return prepared.hints[key]
+
+    def detected_maps(self) -> list[Image.Image]:
+        """Every unit's fitted maps, hires ones first (sd-webui-controlnet's order)."""
+        return [image for unit in self.units for image in reversed(unit.maps)]
+
+    def infotext(self) -> dict[str, str]:
+        return {f"ControlNet {i}": unit.infotext() for i, unit in enumerate(self.units)}
+
+    def hook(
+        self,
+        *,
+        count: int,
+        guided: bool,
+        width: int,
+        height: int,
+        steps: int,
+        order: int,
+        hires: bool = False,
+    ) -> ResidualHook:
+        """The residual hook for one pass: `count` batch items, `steps` sampler steps of
+        `order` model calls each, at `width` x `height`."""
+        hints = [self.hint(unit, width, height) for unit in self.units]
+
+        def residuals(
+            model_input: torch.Tensor,
+            timestep: torch.Tensor,
+            index: int,
+            hidden: torch.Tensor,
+            added: dict[str, torch.Tensor] | None,
+        ) -> Residuals | None:
+            fraction = a1111_sampling_step(index // max(order, 1)) / max(steps, 1)
+            total: Residuals | None = None
+            for unit, hint in zip(self.units, hints, strict=True):
+                if not unit.acts(fraction, hires):
+                    continue
+                rows = model_input.shape[0]
+                down, mid = unit.model(
+                    model_input[:, : unit.model.config.in_channels].to(self.dtype),
+                    timestep,
+                    encoder_hidden_states=hidden.to(self.dtype),
+                    controlnet_cond=hint.expand(rows, -1, -1, -1),
+                    conditioning_scale=1.0,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                outputs = [*down, mid]
+                scales = unit.scales(len(outputs), hires)
+                outputs = [output * scale for output, scale in zip(outputs, scales, strict=True)]
+                if unit.cond_only and guided:
+                    mark = torch.ones(rows, 1, 1, 1, device=model_input.device)
+                    mark[:count] = 0  # the uncond pass comes first
+                    outputs = [output * mark.to(output.dtype) for output in outputs]
+                if total is None:
+                    total = (outputs[:-1], outputs[-1])
+                else:
+                    total = (
+                        [a + b for a, b in zip(total[0], outputs[:-1], strict=True)],
+                        total[1] + outputs[-1],
+                    )
+            return total
+
+        return residuals
