@@ -132,6 +132,21 @@ def test_move_tags_into_the_stack() -> None:
     assert st.move_tags_to_stack("plain", rows) == ("plain", rows)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "left"),
+    [
+        ("a house <lora:ink:0.5>, red", "a house, red"),  # was "a house , red"
+        ("a house, <lora:ink:0.5>, red", "a house, red"),  # was "a house, , red"
+        ("a house, <lora:ink:1><lora:glow:1>, red", "a house, red"),
+        ("<lora:ink:0.5> a house", "a house"),
+        ("a <lora:ink:1> house", "a house"),
+        ("a  house, (red:1.2)  <lora:ink:1>", "a  house, (red:1.2)"),  # the user's text kept
+    ],
+)
+def test_moved_tags_leave_no_stray_commas_or_spaces(prompt: str, left: str) -> None:
+    assert st.move_tags_to_stack(prompt, [])[0] == left
+
+
 def test_trigger_words_and_filters(engine: Service) -> None:
     ink, soft, xl = (engine.resolve_lora(n) for n in ("ink", "soft", "xl-only"))
     assert st.trigger_text(ink) == "ink wash, monochrome"

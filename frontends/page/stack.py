@@ -174,11 +174,17 @@ def strip_lora_tags(prompt: str, keep: set[str] | frozenset[str] = frozenset()) 
     """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave; tags
     of the names in `keep` (lower case) stay."""
 
+    gap = "\x00"  # where a tag was: only the text around it is tidied
+
     def drop(match: re.Match[str]) -> str:
-        return match.group(0) if match.group(1).lower() in keep else ""
+        return match.group(0) if match.group(1).lower() in keep else gap
 
     text = re.sub(r"<(?:lora|lyco):([^:>]*)[^>]*>", drop, prompt)
-    return re.sub(r"[ \t]{2,}", " ", text).strip().strip(",").strip()
+    text = re.sub(r"[ \t]*(?:\x00[ \t]*)+", gap, text)  # neighbouring tags: one gap
+    text = re.sub(r",\x00,", ",", text)  # "a, <tag>, b" -> "a, b"
+    text = re.sub(r"\x00(?=,)|^\x00|\x00$", "", text, flags=re.M)  # "a <tag>, b" -> "a, b"
+    text = text.replace(gap, " ")
+    return text.strip().strip(",").strip()
 
 
 def trigger_text(entry: LoraEntry) -> str:
