@@ -680,12 +680,12 @@ def _echo_checkpoint(result: GenerationResult, asked: str | None) -> None:
     result.request = replace(result.request, checkpoint=asked)
 
 
-class _EchoingControl:
-    """A batched job's control whose early result (an interrupted job's, handed over
-    before the batch ends) names the checkpoint as the client did."""
+class _RelayedControl:
+    """A JobControl seen through a wrapper: everything passes through unchanged (the
+    wrappers below change one thing each)."""
 
-    def __init__(self, control: JobControl, asked: str | None) -> None:
-        self._control, self._asked = control, asked
+    def __init__(self, control: JobControl) -> None:
+        self._control = control
 
     @property
     def interrupted(self) -> bool:
@@ -709,6 +709,15 @@ class _EchoingControl:
     def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
         self._control.step(step, preview)
 
+
+class _EchoingControl(_RelayedControl):
+    """A batched job's control whose early result (an interrupted job's, handed over
+    before the batch ends) names the checkpoint as the client did."""
+
+    def __init__(self, control: JobControl, asked: str | None) -> None:
+        super().__init__(control)
+        self._asked = asked
+
     def finish(self, result: GenerationResult) -> None:
         _echo_checkpoint(result, self._asked)
         self._control.finish(result)
@@ -720,34 +729,16 @@ def _cost(request: GenerationRequest) -> float:
     return images * request.steps * request.width * request.height / (1 << 20)
 
 
-class _SeriesControl:
+class _SeriesControl(_RelayedControl):
     """One request of a series reporting as part of the whole: its batches are numbered
     after the earlier requests' ones, out of all the series' batches."""
 
     def __init__(self, control: JobControl, offset: int, total: int) -> None:
-        self._control, self._offset, self._total = control, offset, total
-
-    @property
-    def interrupted(self) -> bool:
-        return self._control.interrupted
-
-    @property
-    def skipped(self) -> bool:
-        return self._control.skipped
-
-    @property
-    def preview_every(self) -> int:
-        return self._control.preview_every
-
-    @property
-    def preview_method(self) -> str:
-        return self._control.preview_method
+        super().__init__(control)
+        self._offset, self._total = offset, total
 
     def batch(self, job_no: int, job_count: int, steps: int) -> None:
         self._control.batch(self._offset + job_no, self._total, steps)
-
-    def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
-        self._control.step(step, preview)
 
 
 RunnerFactory = Callable[[Settings, ModelFolders], Runner]
