@@ -36,47 +36,21 @@ from diffusers.utils.torch_utils import randn_tensor
 from pipelines.schedules import LADDERS, SigmaTable, a1111_sigmas, alphas_cumprod_from_config
 
 
-class A1111EulerAncestralScheduler(SchedulerMixin, ConfigMixin):
-    """A1111's `Euler a` on an A1111 ladder (see the module docstring).
-
-    Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the
-            model's noise schedule (kept from its scheduler config).
-        prediction_type: "epsilon" or "v_prediction".
-        schedule: an A1111 schedule name (`schedules.LADDERS`).
-        eta: A1111's `eta_ancestral` (1: full ancestral noise; 0: plain Euler).
-        s_noise: A1111's `s_noise`.
-    Example:
-        >>> scheduler = A1111EulerAncestralScheduler(schedule="karras")
-        >>> scheduler.set_timesteps(4)
-        >>> len(scheduler.timesteps)
-        4
-    """
+class A1111LadderScheduler(SchedulerMixin, ConfigMixin):
+    """What A1111's k-diffusion loops share, cut into diffusers' scheduler calls: a sigma
+    table, the request's ladder over it (`schedule` config key), latents scaled by sigma,
+    the UNet fed `x / sqrt(sigma^2 + 1)` at each sigma's table timestep, img2img starting
+    from `x + noise * sigma`. Subclasses set `table` in `__init__` and write `step`."""
 
     order = 1
     _compatibles: list[Any] = []
+    table: SigmaTable
 
-    @register_to_config
-    def __init__(
-        self,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        beta_schedule: str = "scaled_linear",
-        trained_betas: list[float] | None = None,
-        prediction_type: str = "epsilon",
-        schedule: str = "karras",
-        eta: float = 1.0,
-        s_noise: float = 1.0,
-    ) -> None:
-        if schedule not in LADDERS:
-            raise ValueError(f"unknown schedule {schedule!r}; one of {sorted(LADDERS)}")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"Euler a cannot sample a {prediction_type!r} model")
-        self.table = SigmaTable(alphas_cumprod_from_config(self.config))
+    def _start(self, table: SigmaTable) -> None:
+        self.table = table
         self.num_inference_steps: int | None = None
-        self.sigmas = torch.tensor([self.table.sigma_max, 0.0])
-        self.timesteps = self.table.sigma_to_t(self.sigmas[:1])
+        self.sigmas = torch.tensor([table.sigma_max, 0.0])
+        self.timesteps = table.sigma_to_t(self.sigmas[:1])
         self._step_index: int | None = None
         self._begin_index: int | None = None
 
@@ -100,8 +74,8 @@ class A1111EulerAncestralScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(
         self, num_inference_steps: int, device: str | torch.device | None = None
     ) -> None:
-        """The schedule's A1111 ladder, and the fractional timestep of each sigma (what
-        the UNet is called with)."""
+        """The schedule's A1111 ladder over the table, and the table timestep of each sigma
+        (what the UNet is called with)."""
         sigmas = a1111_sigmas(self.config.schedule, num_inference_steps, self.table)
         self.num_inference_steps = len(sigmas) - 1
         self.sigmas = sigmas
@@ -118,6 +92,53 @@ class A1111EulerAncestralScheduler(SchedulerMixin, ConfigMixin):
         """The UNet's input: `x / sqrt(sigma^2 + 1)` (k-diffusion's c_in)."""
         sigma = self._sigma()
         return sample / ((sigma**2 + 1) ** 0.5)
+
+    def add_noise(
+        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """img2img's start: `x + noise * sigma` at the tail's first sigma (A1111)."""
+        sigma = self.sigmas[self._begin_index or 0].to(original_samples.device)
+        return original_samples + noise * sigma.to(original_samples.dtype)
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps)
+
+
+class A1111EulerAncestralScheduler(A1111LadderScheduler):
+    """A1111's `Euler a` on an A1111 ladder (see the module docstring).
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the
+            model's noise schedule (kept from its scheduler config).
+        prediction_type: "epsilon" or "v_prediction".
+        schedule: an A1111 schedule name (`schedules.LADDERS`).
+        eta: A1111's `eta_ancestral` (1: full ancestral noise; 0: plain Euler).
+        s_noise: A1111's `s_noise`.
+    Example:
+        >>> scheduler = A1111EulerAncestralScheduler(schedule="karras")
+        >>> scheduler.set_timesteps(4)
+        >>> len(scheduler.timesteps)
+        4
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        trained_betas: list[float] | None = None,
+        prediction_type: str = "epsilon",
+        schedule: str = "karras",
+        eta: float = 1.0,
+        s_noise: float = 1.0,
+    ) -> None:
+        if schedule not in LADDERS:
+            raise ValueError(f"unknown schedule {schedule!r}; one of {sorted(LADDERS)}")
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"Euler a cannot sample a {prediction_type!r} model")
+        self._start(SigmaTable(alphas_cumprod_from_config(self.config)))
 
     def step(
         self,
@@ -156,13 +177,3 @@ class A1111EulerAncestralScheduler(SchedulerMixin, ConfigMixin):
         return EulerAncestralDiscreteSchedulerOutput(
             prev_sample=prev, pred_original_sample=denoised
         )
-
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """img2img's start: `x + noise * sigma` at the tail's first sigma (A1111)."""
-        sigma = self.sigmas[self._begin_index or 0].to(original_samples.device)
-        return original_samples + noise * sigma.to(original_samples.dtype)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps

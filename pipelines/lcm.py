@@ -28,18 +28,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from pipelines.schedules import LADDERS, LcmSigmaTable, a1111_sigmas, alphas_cumprod_from_config
+from pipelines.kdiffusion import A1111LadderScheduler
+from pipelines.schedules import LADDERS, LcmSigmaTable, alphas_cumprod_from_config
 
 SIGMA_DATA = 0.5
 """LCM's boundary-condition sigma_data (A1111 and diffusers alike)."""
 
 
-class A1111LCMScheduler(SchedulerMixin, ConfigMixin):
+class A1111LCMScheduler(A1111LadderScheduler):
     """A1111's `LCM` sampler (see the module docstring).
 
     Args:
@@ -57,9 +57,6 @@ class A1111LCMScheduler(SchedulerMixin, ConfigMixin):
         >>> scheduler.timesteps.tolist()
         [999, 759, 499, 259]
     """
-
-    order = 1
-    _compatibles: list[Any] = []
 
     @register_to_config
     def __init__(
@@ -79,51 +76,7 @@ class A1111LCMScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"LCM cannot sample a {prediction_type!r} model")
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
-        self.table = LcmSigmaTable(self.alphas_cumprod, original_inference_steps)
-        self.num_inference_steps: int | None = None
-        self.sigmas = torch.tensor([self.table.sigma_max, 0.0])
-        self.timesteps = self.table.sigma_to_t(self.sigmas[:1])
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
-
-    @property
-    def init_noise_sigma(self) -> torch.Tensor:
-        """A1111 starts from `noise * sigmas[0]`."""
-        return self.sigmas[0]
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Where an img2img tail starts (A1111's `sigmas[steps - t_enc - 1:]`)."""
-        self._begin_index = begin_index
-
-    def set_timesteps(
-        self, num_inference_steps: int, device: str | torch.device | None = None
-    ) -> None:
-        """The schedule's sigma ladder over LCM's table, and the table timestep nearest
-        each sigma (what the UNet is called with)."""
-        sigmas = a1111_sigmas(self.config.schedule, num_inference_steps, self.table)
-        self.num_inference_steps = len(sigmas) - 1
-        self.sigmas = sigmas
-        self.timesteps = self.table.sigma_to_t(sigmas[:-1]).to(device=device)
-        self._step_index = None
-        self._begin_index = None
-
-    def _sigma(self) -> torch.Tensor:
-        if self._step_index is None:
-            self._step_index = self._begin_index or 0
-        return self.sigmas[self._step_index]
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        """The UNet's input: `x / sqrt(sigma^2 + 1)` (k-diffusion's c_in)."""
-        sigma = self._sigma()
-        return sample / ((sigma**2 + 1) ** 0.5)
+        self._start(LcmSigmaTable(self.alphas_cumprod, original_inference_steps))
 
     def step(
         self,
@@ -162,13 +115,3 @@ class A1111LCMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev, denoised
         return LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
-
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
-        """img2img's start: `x + noise * sigma` at the tail's first sigma (A1111)."""
-        sigma = self.sigmas[self._begin_index or 0].to(original_samples.device)
-        return original_samples + noise * sigma.to(original_samples.dtype)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
