@@ -461,8 +461,26 @@ def _check_text(name: str, value: object, limit: int) -> str:
     return value
 
 
+LORA_WEIGHT_LIMIT = 10.0
+"""One range for every LoRA weight, wherever it is set (a stack row, a prompt tag, the API,
+text-encoder, hires and keyframe weights): -10..10. A1111 has no limit; beyond ±10 a LoRA
+gives only noise, and one range means a row never silently takes less than a tag."""
+
+
+def size_adjustments(width: int, height: int) -> list[str]:
+    """Notes for a size the run changes: not a multiple of 8 is rounded down (as A1111)."""
+    if width % 8 == 0 and height % 8 == 0:
+        return []
+    rounded = f"{width // 8 * 8}x{height // 8 * 8}"
+    return [f"size {width}x{height} rounded down to {rounded} (a multiple of 8, as A1111)"]
+
+
 def _check_lora(index: int, spec: object) -> LoraSpec:
-    where = f"loras[{index}]"
+    return check_lora_spec(spec, f"loras[{index}]")
+
+
+def check_lora_spec(spec: object, where: str) -> LoraSpec:
+    """A stack row's or prompt tag's name and weights (`where` names it in the error)."""
     if not isinstance(spec, LoraSpec):
         raise InvalidRequestError(f"{where} must be a LoRA spec", field=where)
     if not isinstance(spec.name, str) or not spec.name.strip() or "\x00" in spec.name:
@@ -472,7 +490,7 @@ def _check_lora(index: int, spec: object) -> LoraSpec:
         if isinstance(weight, WeightSchedule):
             _check_schedule(f"{where}.{label}", weight)
         elif weight is not None or label == "weight":
-            _check_float(f"{where}.{label}", weight, -100.0, 100.0)
+            _check_float(f"{where}.{label}", weight, -LORA_WEIGHT_LIMIT, LORA_WEIGHT_LIMIT)
     if spec.blocks is not None:
         if not isinstance(spec.blocks, BlockWeights):
             raise InvalidRequestError(f"{where}.blocks must be block weights", field=where)
@@ -487,7 +505,7 @@ def _check_schedule(name: str, schedule: WeightSchedule) -> None:
         raise InvalidRequestError(f"{name} must hold at least one keyframe", field=name)
     positions = []
     for weight, at in keyframes:
-        _check_float(name, weight, -100.0, 100.0)
+        _check_float(name, weight, -LORA_WEIGHT_LIMIT, LORA_WEIGHT_LIMIT)
         positions.append(_check_float(f"{name} position", at, 0.0, 1e6))
     if any(b <= a for a, b in zip(positions, positions[1:], strict=False)):
         raise InvalidRequestError(

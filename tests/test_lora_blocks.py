@@ -121,7 +121,7 @@ def test_typed_fields_are_validated_like_tags() -> None:
     assert "in/mid/out and lbw=" in check(LoraSpec("ink", blocks=BlockWeights(down=0.5, lbw="ALL")))
     assert "unknown lbw preset" in check(LoraSpec("ink", blocks=BlockWeights(lbw="NOPE")))
     assert "must rise" in check(LoraSpec("ink", WeightSchedule(((0.0, 0.5), (1.0, 0.5)))))
-    assert "between -100 and 100" in check(LoraSpec("ink", 1.0, hr_weight=1e9))
+    assert "between -10 and 10" in check(LoraSpec("ink", 1.0, hr_weight=1e9))
 
 
 def test_schedule_weights_per_step_by_hand() -> None:

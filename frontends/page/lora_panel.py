@@ -73,8 +73,9 @@ def friendly(error: LorastackError) -> gr.Error:
 
 
 def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:
-    """The stack rows under the prompt: name, weight (−2..2, typed or dragged), optional
-    text-encoder weight, remove; plus the prompt-tag rule note and "tags → stack"."""
+    """The stack rows under the prompt: name, weight (−10..10, the range of every LoRA
+    weight; typed or dragged), optional text-encoder weight, remove; plus the prompt-tag
+    rule note and "tags → stack"."""
     stack = gr.JSON(value=[], visible=False, label="loras", elem_id="lora_stack")
     rows_version = gr.State(0)
     library_version = gr.State("")

@@ -28,12 +28,12 @@ from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
 from pipelines.interface import LoraCoverage
 from pipelines.prompt import combine_stacks, extract_lora_tags
-from pipelines.schema import BlockWeights, LoraSpec
+from pipelines.schema import LORA_WEIGHT_LIMIT, BlockWeights, LoraSpec
 
 REGION_KEYS = ("in", "mid", "out")
 
 Row = dict[str, Any]
-WEIGHT_MIN, WEIGHT_MAX, WEIGHT_STEP = -2.0, 2.0, 0.05
+WEIGHT_MIN, WEIGHT_MAX, WEIGHT_STEP = -LORA_WEIGHT_LIMIT, LORA_WEIGHT_LIMIT, 0.05
 THUMBNAIL = 128
 
 

@@ -10,11 +10,14 @@ and the CLI).
 
 from __future__ import annotations
 
+import functools
+import html
 import inspect
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -68,6 +71,7 @@ from frontends.page.tabs import (
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
+from pipelines.infotext import parse_infotext
 from pipelines.interface import (
     DEMO_MODEL_NAME,
     GenerationService,
@@ -84,9 +88,17 @@ from pipelines.schema import (
     GenerationResult,
     field_spec,
     request_from_dict,
+    size_adjustments,
 )
 from pipelines.settings import Settings
 from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_grid
+
+Shown = tuple[list, str, list[int], list[str], list[str]]
+"""What a finished run shows: gallery, first infotext, seeds, notes, each image's infotext."""
+KEEP_SHOWN = (gr.skip(),) * 5
+"""A stream update that leaves what the result area shows as it is."""
+ERROR_NOTE = "Error: "
+"""How a refused run's message starts in the notes, where it stays until the next run."""
 
 PREVIEW_EVERY = 3
 """Steps between two live previews."""
@@ -139,10 +151,44 @@ style.textContent = `
     .stack-row { flex-wrap: nowrap !important; }
     .stack-row > * { min-width: 0 !important; }
   }
+  .clamp-note { font-size: 12px; color: var(--color-accent); }
   .token-counter { font-size: 12px; text-align: right; color: var(--body-text-color-subdued); }
   .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
 `;
 document.head.appendChild(style);
+document.addEventListener('blur', (event) => {  // before Gradio clamps a typed value
+  const box = event.target;
+  if (!(box instanceof HTMLInputElement) || box.type !== 'number' || !box.closest) {
+    return;
+  }
+  const block = box.closest('.block');
+  const typed = parseFloat(box.value);
+  if (!block || Number.isNaN(typed)) {
+    return;
+  }
+  const low = box.min === '' ? -Infinity : parseFloat(box.min);
+  const high = box.max === '' ? Infinity : parseFloat(box.max);
+  let said = '';
+  if (typed < low) {
+    said = `${typed} is below the minimum ${low}: set to ${low}`;
+  } else if (typed > high) {
+    said = `${typed} is above the maximum ${high}: set to ${high}`;
+  }
+  let note = block.querySelector(':scope > .clamp-note');
+  if (!said) {
+    note?.remove();
+    return;
+  }
+  if (!note) {
+    note = document.createElement('div');
+    note.className = 'clamp-note';
+    block.appendChild(note);
+  }
+  note.textContent = said;
+}, true);
+document.addEventListener('input', (event) => {  // typing again: the old note is stale
+  event.target.closest?.('.block')?.querySelector(':scope > .clamp-note')?.remove();
+}, true);
 document.addEventListener('keydown', (event) => {
   if (event.key !== 'Enter' || !(event.ctrlKey || event.metaKey) || !event.target.closest) {
     return;
@@ -210,11 +256,16 @@ def build_ui(
         """A1111's SD VAE list: Automatic, None, then the usable VAE files by name."""
         return [VAE_AUTOMATIC, VAE_NONE, *(e.name for e in service.vaes() if not e.error)]
 
-    def checkpoint_choices() -> list[str]:
-        titles = [e.title for e in service.checkpoints() if not e.error]
+    def checkpoint_choices(marked: bool = False) -> list[Any]:
+        """The usable checkpoints' titles; `marked` adds the unusable ones, labelled with
+        why (a (label, relpath) pair: choosing one says why, Generate refuses it)."""
+        entries = service.checkpoints()
+        titles: list[Any] = [e.title for e in entries if not e.error]
         current = current_title()
         if current and current not in titles:
             titles.insert(0, current)
+        if marked:
+            titles += [(unusable_label(e.relpath, e.error), e.relpath) for e in entries if e.error]
         return titles
 
     def family_of(choice: str | None) -> str | None:
@@ -395,6 +446,7 @@ def build_ui(
                     **extra,
                 }
             )
+            adjusted = size_adjustments(generation.width, generation.height)
             plan = None if plot is None else plan_grid(generation, plot, bounds)
             unit = "cell" if plan is not None and generation.n_iter == 1 else "batch"
             series = script_requests(generation, *script_values) if script_values else None
@@ -406,14 +458,14 @@ def build_ui(
             )
             for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
-                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), item
+                    yield *KEEP_SHOWN, item
                 elif isinstance(item, ProgressSnapshot):
                     progress(item.fraction, desc=step_text(item, unit))
                     if item.preview:
-                        yield list(item.preview), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        yield list(item.preview), *KEEP_SHOWN[1:], gr.skip()
                 elif item is None:
                     gr.Info("Interrupted before it started")
-                    yield [], "", [], [], ""
+                    yield [], "", [], [], [], ""
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
@@ -428,19 +480,17 @@ def build_ui(
                             kind=kind,
                             options=service.save_options,
                         )
-                    yield (*timed(shown, started), "")
+                    yield (*timed(shown, started, adjusted), "")
                 else:
                     results = item if isinstance(item, list) else [item]
-                    yield (*timed(finish(results, generation.kind), started), "")
+                    yield (*timed(finish(results, generation.kind), started, adjusted), "")
         except LorastackError as error:
             raise user_error(error.message) from error
 
-    def finish(
-        results: list[GenerationResult], kind: str, grids: int = 0
-    ) -> tuple[list, str, list[int], list[str]]:
+    def finish(results: list[GenerationResult], kind: str, grids: int = 0) -> Shown:
         """Save every image of every result (the first `grids` to the grids folder); the
-        gallery, first infotext, seeds, notes."""
-        gallery, seeds, infotexts, notes = [], [], [], []
+        gallery, first infotext, seeds, notes and each shown image's infotext."""
+        gallery, seeds, infotexts, notes, shown_infotexts = [], [], [], [], []
         saving = service.save_options
         for result in results:
             for index, (image, seed_used, infotext) in enumerate(
@@ -457,6 +507,7 @@ def build_ui(
                     batch_number=None if grid else batch_number(index, result.request.batch_size),
                 )
                 gallery.append((str(path), f"seed {seed_used}"))
+                shown_infotexts.append(infotext)
             seeds += result.seeds
             infotexts += result.infotexts
             notes += result.notes
@@ -465,7 +516,8 @@ def build_ui(
         for note in notes:
             if "replaces the stack weight" in note:
                 gr.Warning(note)
-        return gallery, infotexts[0] if infotexts else "", seeds, notes
+        first = infotexts[0] if infotexts else ""
+        return gallery, first, seeds, notes, shown_infotexts
 
     shared = files_admin_check(settings) is not None  # styles: admin actions when shared
     with gr.Blocks(title="lorastack") as page:
@@ -480,7 +532,7 @@ def build_ui(
             )
         with gr.Row():
             checkpoint = gr.Dropdown(
-                checkpoint_choices(),
+                checkpoint_choices(marked=True),
                 value=current_title(),
                 label="Stable Diffusion checkpoint",
                 allow_custom_value=True,
@@ -689,22 +741,63 @@ def build_ui(
             extras.wire_send(source.send_extras, [source.gallery, source.selected], selected_path)
         extras.wire_send(pnginfo.send_extras, [pnginfo.image], lambda path: path)
 
-        def rescan_models() -> tuple[gr.Dropdown, ...]:
-            service.rescan()
+        def model_dropdowns() -> tuple[gr.Dropdown, ...]:
+            """The checkpoint menus and the SD VAE menu with today's listings."""
             choices = checkpoint_choices()
             refiners = gr.Dropdown(choices=[NO_REFINER, *choices])
             return (
-                gr.Dropdown(choices=choices),
+                gr.Dropdown(choices=checkpoint_choices(marked=True)),
                 gr.Dropdown(choices=[SAME_CHECKPOINT, *choices]),
                 refiners,
                 refiners,
                 gr.Dropdown(choices=vae_choices()),
             )
 
+        def models_signature() -> str:
+            listed = [(e.title, e.error) for e in service.checkpoints()]
+            return repr((listed, vae_choices()))
+
+        def rescan_models() -> tuple[gr.Dropdown, ...]:
+            service.rescan()
+            return model_dropdowns()
+
+        def poll_models(shown: str) -> tuple[Any, ...]:
+            """Open pages follow the folders as the LoRA list does."""
+            signature = models_signature()
+            if signature == shown:
+                return (gr.skip(),) * 6
+            return (*model_dropdowns(), signature)
+
+        def load_models() -> tuple[Any, ...]:
+            """A new page: today's listings and the checkpoint loaded now."""
+            current = gr.Dropdown(choices=checkpoint_choices(marked=True), value=current_title())
+            return (current, *model_dropdowns()[1:], models_signature())
+
+        def say_why_unusable(choice: str | None) -> None:
+            for entry in service.checkpoints():
+                if entry.error and choice in (entry.relpath, entry.title):
+                    gr.Warning(f"{entry.relpath} cannot be used: {entry.error}")
+
         refreshed = [checkpoint, hires["hr_checkpoint_name"]]
         refreshed += [tab["refiner_checkpoint"] for tab in (controls, i2i_controls)]
         refresh_models.click(rescan_models, None, [*refreshed, sd_vae], **QUICK)
+        shown_models = gr.State("")
+        models_timer = gr.Timer(refresh_seconds)
+        following = [*refreshed, sd_vae, shown_models]
+        models_timer.tick(poll_models, shown_models, following, **QUICK)
+        page.load(load_models, None, following, **QUICK)
+        checkpoint.input(say_why_unusable, checkpoint, None, **QUICK)
     return page
+
+
+def unusable_label(relpath: str, error: str | None, room: int = 60) -> str:
+    """A checkpoint menu label for a file that cannot be used: its path and a short reason
+    (the first clause of the error, without the file name it repeats)."""
+    reason = (error or "unusable").removeprefix(f"{Path(relpath).name}:").strip()
+    reason = reason.split(";")[0].strip()
+    if len(reason) > room:
+        reason = reason[: room - 1].rstrip() + "…"
+    return f"⚠ {relpath} (unusable: {reason})"
 
 
 def files_admin_check(settings: Settings) -> Callable[[str, str], str | None] | None:
@@ -799,12 +892,12 @@ def time_taken(seconds: float) -> str:
     return f"Time taken: {shown}"
 
 
-def timed(
-    shown: tuple[list, str, list[int], list[str]], started: float
-) -> tuple[list, str, list[int], list[str]]:
-    """`finish`'s output with the time since `started` as the last note."""
-    gallery, info, seeds, notes = shown
-    return gallery, info, seeds, [*notes, time_taken(time.perf_counter() - started)]
+def timed(shown: Shown, started: float, adjusted: list[str]) -> Shown:
+    """`finish`'s output with what the run `adjusted` in the request first and the time
+    since `started` as the last note."""
+    gallery, info, seeds, notes, infotexts = shown
+    notes = [*adjusted, *notes, time_taken(time.perf_counter() - started)]
+    return gallery, info, seeds, notes, infotexts
 
 
 def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
@@ -938,7 +1031,12 @@ def build_results(tab: str, prefix: str) -> Results:
         stop = gr.Button("Interrupt", elem_id=f"{prefix}interrupt")
         skip = gr.Button("Skip", elem_id=f"{prefix}skip")
     gallery = gr.Gallery(
-        label="Images", elem_id=f"{prefix}gallery", columns=2, format="png", interactive=False
+        label="Images",
+        elem_id=f"{prefix}gallery",
+        columns=2,
+        format="png",
+        interactive=False,
+        object_fit="contain",  # each image's real shape, never a square crop
     )
     with gr.Row():
         send_img2img = gr.Button("Send to img2img", size="sm", elem_id=f"{tab}_send_to_img2img")
@@ -976,22 +1074,40 @@ def wire_results(
     inputs: list[Any] | set[Any],
     api_name: str | None,
 ) -> None:
-    """Generate (`generate` streams gallery, infotext, seeds, notes, job id), Interrupt
-    (this session's job), the seed buttons and the gallery selection."""
+    """Generate (`generate` streams gallery, infotext, seeds, notes, each image's infotext
+    and the job id), Interrupt (this session's job), the seed buttons and the gallery
+    selection (it shows the selected image's parameters, as A1111 does).
+
+    The page's Generate keeps a refused run's message in the notes until the next run and
+    leaves the previous images and parameters shown (a raised error would cover them with
+    "Error" badges); API callers (`api_name`, through a hidden twin button with the same
+    inputs) still get the error itself."""
     note_state = gr.State([])
+    infotext_state = gr.State([])  # each shown image's infotext, for the gallery selection
     job_state = gr.State("")  # this session's running job, for Interrupt
+    outputs = [results.gallery, results.info, results.seeds, note_state, infotext_state]
+    outputs.append(job_state)
+    if api_name:
+        api_twin = gr.Button(visible=False, elem_id=f"{api_name}_api")
+        api_twin.click(generate, inputs, outputs, api_name=api_name, concurrency_limit=None)
+
+    @functools.wraps(generate)  # Gradio reads the signature (gr.Request, gr.Progress)
+    def shown_in_page(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+        try:
+            yield from generate(*args, **kwargs)
+        except gr.Error as error:
+            gr.Warning(str(error.message))
+            yield *KEEP_SHOWN[:3], [ERROR_NOTE + str(error.message)], gr.skip(), ""
+
     generated = results.run.click(
-        generate,
+        shown_in_page,
         inputs,
-        [results.gallery, results.info, results.seeds, note_state, job_state],
-        api_name=api_name,
-        api_visibility="public" if api_name else "private",
+        outputs,
+        api_visibility="private",
         concurrency_limit=None,
     )
     results.run.click(lambda: 0, None, results.selected, **QUICK)
-    generated.then(
-        lambda found: "\n".join(f"ℹ {n}" for n in found), note_state, results.notes, **QUICK
-    )
+    generated.then(notes_markdown, note_state, results.notes, **QUICK)
 
     def interrupt(job_id: str, request: gr.Request) -> None:
         gr.Info(interrupt_jobs(service, job_id, page_user(request)))
@@ -1004,14 +1120,34 @@ def wire_results(
 
     results.skip.click(skip, job_state, None, **QUICK)
     results.dice.click(lambda: -1, None, controls["seed"], **QUICK)
-    results.reuse.click(
-        lambda used: used[0] if used else gr.skip(), results.seeds, controls["seed"], **QUICK
-    )
 
-    def select(event: gr.SelectData) -> int:
-        return event.index
+    def reuse(used: list[int] | None, infotexts: list[str], index: int) -> Any:
+        """The selected image's seed (A1111), else the run's first."""
+        if 0 <= index < len(infotexts):
+            seed = parse_infotext(infotexts[index]).params.get("Seed", "")
+            if seed.lstrip("-").isdigit():
+                return int(seed)
+        return used[0] if used else gr.skip()
 
-    results.gallery.select(select, None, results.selected, **QUICK)
+    sources = [results.seeds, infotext_state, results.selected]
+    results.reuse.click(reuse, sources, controls["seed"], **QUICK)
+
+    def select(infotexts: list[str], event: gr.SelectData) -> tuple[int, Any]:
+        index = event.index
+        return index, infotexts[index] if 0 <= index < len(infotexts) else gr.skip()
+
+    results.gallery.select(select, infotext_state, [results.selected, results.info], **QUICK)
+
+
+def notes_markdown(notes: list[str]) -> str:
+    """The notes under the result: ℹ per note, a refused run's message in bold."""
+    lines = []
+    for note in notes:
+        if note.startswith(ERROR_NOTE):
+            lines.append(f"**Error:** {html.escape(note.removeprefix(ERROR_NOTE))}")
+        else:
+            lines.append(f"ℹ {note}")
+    return "\n\n".join(lines)
 
 
 def selected_path(gallery: list | None, index: int) -> str | None:

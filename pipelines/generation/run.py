@@ -57,7 +57,13 @@ from pipelines.samplers import (
     set_timesteps,
     step_eta,
 )
-from pipelines.schema import SEED_MAX, GenerationRequest, GenerationResult, LoraSpec
+from pipelines.schema import (
+    SEED_MAX,
+    GenerationRequest,
+    GenerationResult,
+    LoraSpec,
+    check_lora_spec,
+)
 from pipelines.upscalers import Upscaling
 from pipelines.vae import choose_vae, decode_checked
 
@@ -193,6 +199,8 @@ def check_request(request: GenerationRequest) -> RunInputs:
     # A1111: comments go first; tags are read from the prompt only (in the negative
     # prompt they are plain text).
     prompt, tags = extract_lora_tags(strip_comments(request.prompt))
+    for tag in tags:  # the rows' weight range holds for tags too
+        check_lora_spec(tag, f"prompt tag <lora:{tag.name}>")
     stack, notes = combine_stacks(request.loras, tags)
     seed = request.seed if request.seed != -1 else random.randint(0, SEED_MAX)
     subseed = request.subseed if request.subseed != -1 else random.randint(0, SEED_MAX)

@@ -1,0 +1,198 @@
+"""The page as a daily tool (issue "The page as a daily tool"): each defect a new user hit
+in a real browser, reproduced in headless Chromium against a live app with two tiny
+checkpoints (SD1 and SDXL), one that cannot be used, and LoRAs for SD1 and SDXL.
+
+Needs /usr/bin/chromium (the README test command installs it).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from playwright import sync_api
+from safetensors.torch import save_file
+
+from pipelines.infotext import parse_infotext
+from pipelines.loading import LoadedModel
+from tests.test_app_http import app_server
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, set_number
+from tests.test_ui import make_lora_folder
+
+sync_api.expect.set_options(timeout=TIMEOUT_MS)  # generations share 2 cores with the app
+
+
+@pytest.fixture(scope="module")
+def app(
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    tiny_sd1: LoadedModel,
+    tiny_sdxl: LoadedModel,
+) -> Iterator[tuple[str, Path]]:
+    data = tmp_path_factory.mktemp("daily")
+    make_lora_folder(data / "loras", tiny_sd1.pipe, tiny_sdxl.pipe)
+    models = data / "models"
+    shutil.copytree(models_dir, models)  # tiny SD1 (file and folder), tiny SDXL
+    broken = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3, 3)}
+    save_file(broken, models / "broken.safetensors")  # an SD1 name with a wrong shape
+    with app_server(data) as url:
+        yield url, data
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: object, app: tuple[str, Path]) -> Iterator[object]:
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app[0])
+    page.locator("#generate").wait_for()
+    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def small(page: object, **fields: float) -> None:
+    for elem_id, value in {"steps": 1, "width": 64, "height": 64, **fields}.items():
+        set_number(page, elem_id, value)
+
+
+def test_an_error_stays_readable_and_the_previous_images_stay(page: object) -> None:
+    """Defect 3: after a refused run the previous image and parameters stay shown (no
+    "Error" badges over them) and the message stays in the notes after the toast."""
+    page.locator("#prompt textarea").fill("a hill")
+    small(page, seed=5)
+    page.locator("#generate").click()
+    sync_api.expect(page.locator("#notes")).to_contain_text("Time taken")
+    made = page.locator("#infotext textarea").input_value()
+    page.locator("#prompt textarea").fill("a hill <lora:nosuchlora:1>")
+    page.locator("#generate").click()
+    notes = page.locator("#notes")
+    sync_api.expect(notes).to_contain_text("Error: unknown LoRA 'nosuchlora'")
+    page.wait_for_timeout(11_000)  # longer than a toast lives
+    sync_api.expect(notes).to_contain_text("Error: unknown LoRA 'nosuchlora'")
+    assert "Time taken" not in notes.inner_text()  # not the last run's notes any more
+    assert page.locator("#gallery img").first.is_visible()
+    assert page.get_by_text("Error", exact=True).count() == 0  # no badges over the results
+    assert page.locator("#infotext textarea").input_value() == made
+
+
+def test_the_selected_image_shows_its_parameters_and_its_real_shape(page: object) -> None:
+    """Defects 6 and 7: clicking the second image of a batch shows its infotext and seed;
+    "Reuse last seed" then takes that seed; thumbnails are not cropped to squares."""
+    page.locator("#prompt textarea").fill("a long wall")
+    small(page, width=512, height=64, batch_size=2, seed=40)
+    page.locator("#generate").click()
+    images = page.locator("#gallery .thumbnail-item img, #gallery img")
+    sync_api.expect(page.locator("#notes")).to_contain_text("Time taken")
+    assert parse_infotext(page.locator("#infotext textarea").input_value()).params["Seed"] == "40"
+    page.locator("#gallery img").nth(1).click()
+    field = page.locator("#infotext textarea")
+    sync_api.expect(field).to_have_value(re.compile(r"Seed: 41,"))
+    page.locator("#reuse_seed").click()
+    sync_api.expect(page.locator("#seed input").first).to_have_value("41")
+    fits = images.first.evaluate("img => getComputedStyle(img).objectFit")
+    assert fits == "contain"
+
+
+def menu_options(page: object) -> list[str]:
+    """The checkpoint menu's options as a user sees them (opened, read, closed)."""
+    page.locator("#checkpoint input").click()
+    options = page.get_by_role("option")
+    options.first.wait_for()
+    texts = options.all_inner_texts()
+    page.locator("h1").first.click()  # closes it
+    return texts
+
+
+def test_the_checkpoint_menu_follows_the_folder_and_marks_unusable_files(
+    page: object, browser: object, app: tuple[str, Path]
+) -> None:
+    """Defects 2 and 9: a new checkpoint folder appears in an open page (no Refresh) and in
+    a new page; a removed one goes; a file that cannot be used is listed with a short
+    reason, and choosing it says why before any Generate."""
+    url, data = app
+    models = data / "models"
+    options = menu_options(page)
+    assert any(o.startswith("⚠ broken.safetensors (unusable: ") for o in options), options
+    assert not any("broken" in o and "unusable" not in o for o in options)
+    page.locator("#checkpoint input").click()
+    page.get_by_role("option", name=re.compile(r"^⚠ broken\.safetensors")).click()
+    page.get_by_text("broken.safetensors cannot be used:").first.wait_for()
+
+    shutil.copytree(models / "tiny-sd1-diffusers", models / "fresh-sd1")
+    shutil.move(models / "xl", data / "xl-away")
+    sync_api.expect(page.locator("#checkpoint")).to_be_visible()
+    page.wait_for_timeout(7_000)  # the page polls the listings every 5 s, as for LoRAs
+    options = menu_options(page)
+    assert "fresh-sd1" in options and not any("tiny-sdxl" in o for o in options), options
+    context = browser.new_context()
+    fresh = context.new_page()
+    try:
+        fresh.set_default_timeout(TIMEOUT_MS)
+        fresh.goto(url)
+        fresh.locator("#generate").wait_for()
+        fresh.wait_for_timeout(1_000)
+        options = menu_options(fresh)
+        assert "fresh-sd1" in options and not any("tiny-sdxl" in o for o in options), options
+    finally:
+        context.close()
+        shutil.move(data / "xl-away", models / "xl")
+        shutil.rmtree(models / "fresh-sd1")
+
+
+def test_values_the_page_changes_are_said_and_weights_share_one_range(page: object) -> None:
+    """Defect 8: a width typed past the maximum, steps 0 and a stack weight past the LoRA
+    weight range are set to the end of their range with a note beside the field; a width
+    that is not a multiple of 8 is rounded with a note; a prompt tag past the same range
+    is refused naming it."""
+    page.locator("#prompt textarea").fill("a field")
+    for elem_id, typed, said in (
+        ("width", 2049, "2049 is above the maximum 2048: set to 2048"),
+        ("steps", 0, "0 is below the minimum 1: set to 1"),
+    ):
+        box = page.locator(f"#{elem_id} input[type=number]").first
+        box.fill(str(typed))
+        box.press("Tab")
+        sync_api.expect(page.locator(f"#{elem_id} .clamp-note")).to_have_text(said)
+        assert box.input_value() == said.rsplit(" ", 1)[1]
+    set_number(page, "width", 70)
+    sync_api.expect(page.locator("#width .clamp-note")).to_have_count(0)  # in range: gone
+    small(page, width=70, height=64)
+    page.locator("#generate").click()
+    notes = page.locator("#notes")
+    sync_api.expect(notes).to_contain_text("size 70x64 rounded down to 64x64")
+    assert "Size: 64x64" in page.locator("#infotext textarea").input_value()
+
+    page.locator(".lora-card").filter(has_text="glow").get_by_role("button", name="Add").click()
+    row = page.locator(".stack-row").filter(has_text="glow")
+    box = row.locator("input[type=number]").first
+    box.fill("12")
+    box.press("Tab")
+    sync_api.expect(row.locator(".clamp-note")).to_have_text(
+        "12 is above the maximum 10: set to 10"
+    )
+    box.fill("3")
+    box.press("Tab")
+    sync_api.expect(row.locator(".clamp-note")).to_have_count(0)
+    sync_api.expect(box).to_have_value("3")  # the old range (−2..2) took 3 for 2
+    page.locator("#prompt textarea").fill("a field <lora:ink:12>")
+    page.locator("#generate").click()
+    sync_api.expect(notes).to_contain_text(
+        "prompt tag <lora:ink>.weight must be a finite number between -10 and 10, got 12"
+    )
