@@ -118,7 +118,10 @@ def hub_reference(text: str) -> HubReference | None:
             raise InvalidRequestError(f"{value!r}: not a Hub model link", field="source")
         path = match["path"] if match["path"] and match["path"].endswith(".safetensors") else None
         return HubReference(match["repo"], path, match["rev"])
-    reference = parse_reference(value)
+    try:
+        reference = parse_reference(value)
+    except InvalidRequestError:
+        return None
     return reference if isinstance(reference, HubReference) else None
 
 

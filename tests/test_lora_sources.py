@@ -16,11 +16,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save
 
@@ -28,6 +30,7 @@ from deployments.civitai import CivitaiTarget, parse_civitai_url
 from deployments.ingest import IngestPolicy
 from deployments.lora_sources import Credentials, LoraSources, hub_reference
 from deployments.loracards import replace_preview, sd_version
+from frontends.api.routes import build_api
 from pipelines.errors import InvalidRequestError, NotFoundError, UnusableFileError
 from pipelines.loading import LoadedModel
 from pipelines.service import Service, build_service
@@ -433,3 +436,73 @@ def test_fetch_info_reads_the_hub_repo_the_metadata_names(hub_run: dict[str, Any
     assert result["entry"]["activation"] == "inkstyle"
     assert result["entry"]["preview"] == "named.preview.png"
     assert any("by-hash" in path for _, path, _ in hub_run["civitai_requests"])  # Civitai first
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def api_client(service: Service, civitai: FakeCivitai, **flags: Any) -> TestClient:
+    settings = replace(service.settings, **flags)
+    return TestClient(build_api(service, settings, sources_for(service, civitai)))
+
+
+def test_api_add_and_fetch_info(
+    tmp_path: Path, civitai: FakeCivitai, loras: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    service = make_service(tmp_path)
+    with api_client(service, civitai) as client:
+        added = client.post(
+            "/loras/add",
+            json={"source": f"{civitai.url}/models/2", "civitai_api_key": KEY, "overwrite": False},
+        )
+        assert added.status_code == 200, added.text
+        assert added.json()["filename"] == "key.safetensors"
+        assert added.json()["sidecars"] == ["key.civitai.info", "key.json"]
+        listed = {item["name"]: item for item in client.get("/loras").json()}
+        assert "key" in listed
+        again = client.post("/loras/add", json={"source": f"{civitai.url}/models/2",
+                                                "civitai_api_key": KEY})  # fmt: skip
+        assert again.status_code == 422 and "already in" in again.json()["detail"]
+        (service.settings.loras_dirs[0] / "key.json").unlink()
+        fetched = client.post("/loras/fetch-info", json={"name": "key"})
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["sidecars"] == ["key.civitai.info", "key.json"]
+        assert fetched.json()["page_url"] == f"{civitai.url}/models/2?modelVersionId=21"
+        missing = client.post("/loras/fetch-info", json={"name": "nope"})
+        assert missing.status_code == 404
+    assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"source": "x", "token": "t"}, 422, "unknown field 'token'"),
+        ({"source": 3}, 422, "source must be str"),
+        ({"overwrite": True}, 422, "source is required"),
+        ({"source": "x", "overwrite": "yes"}, 422, "overwrite must be bool"),
+        ({"source": "plain words"}, 422, "neither a Civitai link nor a Hub repo"),
+        ([], 422, "must be a JSON object"),
+    ],
+)
+def test_api_refuses_bad_fields_by_name(
+    tmp_path: Path, civitai: FakeCivitai, body: Any, status: int, detail: str
+) -> None:
+    with api_client(make_service(tmp_path), civitai) as client:
+        answer = client.post("/loras/add", json=body)
+    assert answer.status_code == status and detail in answer.json()["detail"], answer.text
+
+
+def test_api_adding_is_an_admin_action_on_a_shared_server(
+    tmp_path: Path, civitai: FakeCivitai
+) -> None:
+    service = make_service(tmp_path)
+    civitai.requests.clear()
+    with api_client(service, civitai, listen=True, admin_auth="boss:pw") as client:
+        link = {"source": f"{civitai.url}/models/1"}
+        refused = client.post("/loras/add", json=link, headers={"X-Admin-Auth": "boss:wrong"})
+        assert refused.status_code == 401 and "admin action" in refused.json()["detail"]
+        assert client.post("/loras/fetch-info", json={"name": "x"}).status_code == 401
+        assert civitai.requests == []
+        allowed = client.post("/loras/add", json=link, headers={"X-Admin-Auth": "boss:pw"})
+        assert allowed.status_code == 200, allowed.text
