@@ -147,7 +147,7 @@ class CivitaiClient:
         except httpx.HTTPError as error:
             reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
             raise UnusableFileError(
-                f"{what}: Civitai at {self.endpoint} could not be reached or failed ({reason})",
+                f"{what}: {urlsplit(url).netloc} could not be reached or failed ({reason})",
                 field="source",
             ) from None
         except RequestRefused as error:  # a link or redirect to a refused place

@@ -335,12 +335,15 @@ class LoraSources:
         (the file itself is fine)."""
         try:
             card, image_ref = hub_card(reference.repo_id, reference.revision, token)
-            image = None
-            if image_ref and not has_preview(weights):
-                image = self._hub_image(reference, image_ref, token, notes)
         except Exception as error:  # huggingface_hub and its HTTP client raise many types
             notes.append(f"the model card could not be read ({type(error).__name__})")
             return None, ()
+        image = None
+        if image_ref and not has_preview(weights):
+            try:
+                image = self._hub_image(reference, image_ref, token, notes)
+            except Exception as error:  # as above: the card stands without its image
+                notes.append(f"no preview: the card's image {image_ref!r} ({type(error).__name__})")
         families = tuple(architecture.split("/")) if architecture else ()
         return card, tuple(write_card(weights, card, families, image))
 

@@ -31,7 +31,13 @@ from deployments.ingest import IngestPolicy
 from deployments.lora_sources import Credentials, LoraSources, hub_reference
 from deployments.loracards import replace_preview, sd_version
 from frontends.api.routes import build_api
-from pipelines.errors import InvalidRequestError, NotFoundError, UnusableFileError
+from frontends.page.lora_sources_panel import chosen_image, make_preview
+from pipelines.errors import (
+    InvalidRequestError,
+    LorastackError,
+    NotFoundError,
+    UnusableFileError,
+)
 from pipelines.loading import LoadedModel
 from pipelines.service import Service, build_service
 from pipelines.settings import PROJECT_DIR, parse_settings
@@ -67,7 +73,7 @@ def civitai(loras: dict[str, bytes]) -> Iterator[FakeCivitai]:
                          trained_words=["inkstyle", " sketch "], image=jpeg((200, 30, 40)),
                          description="<p>Ink.</p>")  # fmt: skip
         fake.add_version(21, 2, FakeFile("key.safetensors", loras["key"]), key=KEY,
-                         base_model="SDXL 1.0")  # fmt: skip
+                         base_model="SDXL 1.0", image=jpeg((1, 2, 3)))  # fmt: skip
         fake.add_version(31, 3, FakeFile("cut.safetensors", loras["cut"], how="lie"))
         fake.add_version(41, 4, FakeFile("slow.safetensors", loras["slow"], how="slow"))
         yield fake
@@ -197,6 +203,7 @@ def test_civitai_add_version_link_needs_the_key_and_never_shows_it(
     # 1. the key went to the API host only
     with_key = {path for _, path, headers in civitai.requests if KEY in str(headers)}
     assert with_key == {"/api/v1/model-versions/21", "/api/download/models/21"}
+    assert ("GET", "/images/v21.jpeg") in [r[:2] for r in civitai.requests]  # fetched, keyless
     # 2. and nowhere else: logs, sidecars, the answer, any repr
     assert KEY not in caplog.text
     for path in folder.iterdir():
@@ -458,7 +465,7 @@ def test_api_add_and_fetch_info(
         )
         assert added.status_code == 200, added.text
         assert added.json()["filename"] == "key.safetensors"
-        assert added.json()["sidecars"] == ["key.civitai.info", "key.json"]
+        assert added.json()["sidecars"] == ["key.civitai.info", "key.json", "key.preview.png"]
         listed = {item["name"]: item for item in client.get("/loras").json()}
         assert "key" in listed
         again = client.post("/loras/add", json={"source": f"{civitai.url}/models/2",
@@ -506,3 +513,27 @@ def test_api_adding_is_an_admin_action_on_a_shared_server(
         assert civitai.requests == []
         allowed = client.post("/loras/add", json=link, headers={"X-Admin-Auth": "boss:pw"})
         assert allowed.status_code == 200, allowed.text
+
+
+# ---------------------------------------------------------------------------- page
+
+
+@pytest.mark.parametrize(
+    ("gallery", "index", "expected"),
+    [
+        (None, 0, None),
+        ([("a.png", "seed 1"), ("b.png", "seed 2")], 1, "b.png"),
+        ([("a.png", "seed 1")], 5, "a.png"),  # a stale index: the last image
+        ([{"image": {"path": "c.png"}, "caption": None}], 0, "c.png"),
+    ],
+)
+def test_make_preview_takes_the_chosen_gallery_image(
+    gallery: list | None, index: int, expected: str | None
+) -> None:
+    assert chosen_image(gallery, index) == expected
+
+
+def test_make_preview_without_an_image_names_the_gallery(tmp_path: Path) -> None:
+    with pytest.raises(LorastackError, match="generate an image first") as error:
+        make_preview(make_service(tmp_path), "ink", [], 0)
+    assert error.value.field == "gallery"

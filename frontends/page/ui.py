@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 
 from deployments.ingest import IngestPolicy
+from deployments.lora_sources import LoraSources
 from frontends.page.controlnet_panel import (
     CONTROLNET_FIELDS,
     build_controlnet,
@@ -49,6 +50,7 @@ from frontends.page.img2img_tab import (
     stack_text,
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.lora_sources_panel import PreviewMaker, build_lora_sources_panel
 from frontends.page.refiner_panel import (
     NO_REFINER,
     REFINER_FIELDS,
@@ -528,6 +530,11 @@ def build_ui(
                         family_of,
                         refresh_seconds,
                         [controls[name] for name in FEWSTEP_TARGETS],
+                        make_preview=None
+                        if files_admin_check(settings)
+                        else PreviewMaker(
+                            service, results.gallery, results.selected, panel.library_version
+                        ).wire,
                     )
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
@@ -580,6 +587,12 @@ def build_ui(
                     checkpoint_choices,
                     hide_paths=settings.hide_paths,
                     env=None if env is None else dict(env),
+                    admin_check=files_admin_check(settings),
+                )
+                build_lora_sources_panel(
+                    service,
+                    LoraSources(service, policy, civitai_endpoint=settings.civitai_endpoint),
+                    panel.library_version,
                     admin_check=files_admin_check(settings),
                 )
             with gr.Tab("Settings", id="settings"):
