@@ -259,7 +259,7 @@ class LoraSources:
                 self.policy.lora_folder,
                 max_bytes=self.policy.max_bytes,
                 expected_sha256=file_sha256(file),
-                filename=filename or file.get("name"),
+                filename=filename or _offered_name(file.get("name")),
                 overwrite=overwrite,
                 progress=progress,
                 allow_http=self.policy.allow_http,
@@ -420,3 +420,10 @@ class LoraSources:
             )
         self.service.rescan()
         return CardResult(entry.name, card, written, None, tuple(notes))
+
+
+def _offered_name(name: object) -> str | None:
+    """A server-given file name, reduced to its last part (a name is never a path)."""
+    if not isinstance(name, str) or not name.strip():
+        return None
+    return PurePosixPath(name.replace("\\", "/")).name or None

@@ -76,6 +76,7 @@ def civitai(loras: dict[str, bytes]) -> Iterator[FakeCivitai]:
                          base_model="SDXL 1.0", image=jpeg((1, 2, 3)))  # fmt: skip
         fake.add_version(31, 3, FakeFile("cut.safetensors", loras["cut"], how="lie"))
         fake.add_version(41, 4, FakeFile("slow.safetensors", loras["slow"], how="slow"))
+        fake.add_version(51, 5, FakeFile("..\\../evil.safetensors", loras["cut"]))
         yield fake
 
 
@@ -234,6 +235,15 @@ def test_civitai_failures_leave_nothing(
     with pytest.raises(error, match=reason):
         sources.add(f"{civitai.url}{link}", Credentials())
     assert os.listdir(folder) == ["keep.safetensors"]
+
+
+def test_a_server_given_name_never_leaves_the_folder(tmp_path: Path, civitai: FakeCivitai) -> None:
+    service = make_service(tmp_path)
+    result = sources_for(service, civitai).add(f"{civitai.url}/models/5", Credentials())
+    assert result.placed is not None and result.placed.filename == "evil.safetensors"
+    assert result.placed.path.parent == service.settings.loras_dirs[0]
+    assert not (tmp_path / "evil.safetensors").exists()
+    assert not (tmp_path.parent / "evil.safetensors").exists()
 
 
 def test_downloads_off_refuses_before_any_request(tmp_path: Path, civitai: FakeCivitai) -> None:
