@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HF_HOSTS = ("huggingface.co", "hf.co")
-REPO_METADATA_KEYS = ("ss_huggingface_repo_id", "huggingface_repo_id", "modelspec.repo_id")
-"""safetensors metadata keys that can name a LoRA's Hub repo (for "Fetch info")."""
+REPO_METADATA_KEYS = ("ss_huggingface_repo_id", "huggingface_repo_id")
+"""safetensors metadata keys read as the LoRA's Hub repo (for "Fetch info"). No trainer
+writes a standard key; these follow kohya's `--huggingface_repo_id` argument's name."""
 _HF_FILE = re.compile(
     r"/(?P<repo>[^/]+/[^/]+)(?:/(?:blob|resolve|tree)/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?/?"
 )
