@@ -31,7 +31,7 @@ from deployments.ingest import IngestPolicy
 from deployments.lora_sources import Credentials, LoraSources, hub_reference
 from deployments.loracards import replace_preview, sd_version
 from frontends.api.routes import build_api
-from frontends.page.lora_sources_panel import chosen_image, make_preview
+from frontends.page.lora_sources_panel import add_lora, chosen_image, fetch_info, make_preview
 from pipelines.errors import (
     InvalidRequestError,
     LorastackError,
@@ -547,3 +547,17 @@ def test_make_preview_without_an_image_names_the_gallery(tmp_path: Path) -> None
     with pytest.raises(LorastackError, match="generate an image first") as error:
         make_preview(make_service(tmp_path), "ink", [], 0)
     assert error.value.field == "gallery"
+
+
+def test_page_add_and_fetch_lines(tmp_path: Path, civitai: FakeCivitai) -> None:
+    service = make_service(tmp_path)
+    sources = sources_for(service, civitai)
+    line, signature = add_lora(service, sources, f"{civitai.url}/models/1", Credentials(), False)
+    assert line.startswith("Added **ink style** from Civitai") and signature is not None
+    assert "trigger words inkstyle, sketch" in line and "`ink style.preview.png`" in line
+    again, unchanged = add_lora(service, sources, f"{civitai.url}/models/1", Credentials(), False)
+    assert again.startswith("Refused: ink style.safetensors: a file of that name") and not unchanged
+    line, _ = fetch_info(service, sources, " ink style ", Credentials.of(None, KEY))
+    assert line.startswith("Fetched info for **ink style**") and KEY not in line
+    missing, _ = fetch_info(service, sources, "nope", Credentials())
+    assert missing.startswith("Refused:") and "nope" in missing

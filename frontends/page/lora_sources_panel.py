@@ -40,6 +40,32 @@ def result_line(result: CardResult) -> str:
     return line + "".join(f"\n   - {note}" for note in result.notes)
 
 
+def add_lora(
+    service: GenerationService,
+    sources: LoraSources,
+    text: str,
+    credentials: Credentials,
+    overwrite: bool,
+) -> tuple[str, str | None]:
+    """ "Add LoRA": the line to show, and the new listing signature (None when refused)."""
+    try:
+        result = sources.add(text, credentials, overwrite=overwrite)
+    except (LorastackError, OSError) as error:
+        return f"Refused: {_reason(error)}", None
+    return result_line(result), library_signature(service)
+
+
+def fetch_info(
+    service: GenerationService, sources: LoraSources, name: str, credentials: Credentials
+) -> tuple[str, str | None]:
+    """ "Fetch info": the line to show, and the new listing signature (None when refused)."""
+    try:
+        result = sources.fetch_info((name or "").strip(), credentials)
+    except (LorastackError, OSError) as error:
+        return f"Refused: {_reason(error)}", None
+    return result_line(result), library_signature(service)
+
+
 def chosen_image(gallery: list | None, index: int | None) -> str | None:
     """The gallery image the user clicked (the first when none was), as a file path."""
     if not gallery:
@@ -141,21 +167,15 @@ def build_lora_sources_panel(
         refusal = refused(user, password)
         if refusal is not None:
             return refusal, gr.skip()
-        try:
-            result = sources.add(text, Credentials.of(token, key), overwrite=replace)
-        except (LorastackError, OSError) as error:
-            return f"Refused: {_reason(error)}", gr.skip()
-        return result_line(result), library_signature(service)
+        line, signature = add_lora(service, sources, text, Credentials.of(token, key), replace)
+        return line, signature or gr.skip()
 
     def on_fetch(wanted: str, token: str, key: str, user: str, password: str) -> tuple[str, Any]:
         refusal = refused(user, password)
         if refusal is not None:
             return refusal, gr.skip()
-        try:
-            result = sources.fetch_info((wanted or "").strip(), Credentials.of(token, key))
-        except (LorastackError, OSError) as error:
-            return f"Refused: {_reason(error)}", gr.skip()
-        return result_line(result), library_signature(service)
+        line, signature = fetch_info(service, sources, wanted, Credentials.of(token, key))
+        return line, signature or gr.skip()
 
     light: dict[str, Any] = {"concurrency_limit": 2, "api_visibility": "private"}
     add.click(
