@@ -117,7 +117,13 @@ def hub_reference(text: str) -> HubReference | None:
         match = _HF_FILE.fullmatch(unquote(parts.path))
         if match is None:
             raise InvalidRequestError(f"{value!r}: not a Hub model link", field="source")
-        path = match["path"] if match["path"] and match["path"].endswith(".safetensors") else None
+        path = match["path"]
+        if path is not None and (
+            not path.lower().endswith(".safetensors") or ".." in path.split("/")
+        ):
+            raise InvalidRequestError(
+                f"{value!r}: only a .safetensors file of the repo can be added", field="source"
+            )
         return HubReference(match["repo"], path, match["rev"])
     try:
         reference = parse_reference(value)

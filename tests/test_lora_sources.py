@@ -136,6 +136,20 @@ def test_hub_links(text: str, repo: str, path: str | None, revision: str | None)
 
 
 @pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("https://huggingface.co/org", "not a Hub model link"),
+        ("https://huggingface.co/org/ink/blob/main/model.bin", "only a .safetensors file"),
+        ("https://huggingface.co/org/ink/resolve/main/../x.safetensors", "only a .safetensors"),
+    ],
+)
+def test_bad_hub_links_name_the_field(text: str, reason: str) -> None:
+    with pytest.raises(InvalidRequestError, match=reason) as error:
+        hub_reference(text)
+    assert error.value.field == "source"
+
+
+@pytest.mark.parametrize(
     ("base", "families", "expected"),
     [
         ("SD 1.5", (), "SD1"),
