@@ -31,7 +31,13 @@ from deployments.ingest import IngestPolicy
 from deployments.lora_sources import Credentials, LoraSources, hub_reference
 from deployments.loracards import replace_preview, sd_version
 from frontends.api.routes import build_api
-from frontends.page.lora_sources_panel import add_lora, chosen_image, fetch_info, make_preview
+from frontends.page.lora_sources_panel import (
+    add_lora,
+    chosen_image,
+    fetch_info,
+    make_preview,
+    preview_refusal,
+)
 from pipelines.errors import (
     InvalidRequestError,
     LorastackError,
@@ -575,3 +581,13 @@ def test_page_add_and_fetch_lines(tmp_path: Path, civitai: FakeCivitai) -> None:
     assert line.startswith("Fetched info for **ink style**") and KEY not in line
     missing, _ = fetch_info(service, sources, "nope", Credentials())
     assert missing.startswith("Refused:") and "nope" in missing
+
+
+def test_make_preview_is_an_admin_action_only_on_a_shared_server() -> None:
+    def check(user: str, password: str) -> str | None:
+        return None if (user, password) == ("boss", "pw") else "wrong admin user or password"
+
+    assert preview_refusal(None, "", "") is None  # this machine only: nobody is asked
+    assert preview_refusal(check, "boss", "pw") is None
+    refusal = preview_refusal(check, "boss", "nope")
+    assert refusal is not None and "admin action" in refusal and "wrong admin" in refusal

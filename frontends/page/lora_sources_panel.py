@@ -91,19 +91,39 @@ def make_preview(service: GenerationService, name: str, gallery: list | None, in
     return f"Preview of **{entry.name}** is now `{target.name}`"
 
 
+def preview_refusal(
+    admin_check: Callable[[str, str], str | None] | None, user: str, password: str
+) -> str | None:
+    """Why "Make preview" is refused (a shared server, not the admin), or None."""
+    reason = admin_check(user or "", password or "") if admin_check else None
+    if reason is None:
+        return None
+    return (
+        "Make preview writes into the LoRA folder, an admin action on this server: type the "
+        f"admin user and password in the Add files tab's LoRA section first ({reason})"
+    )
+
+
 @dataclass
 class PreviewMaker:
-    """What a card's "Make preview" button needs: the txt2img gallery and its selection."""
+    """What a card's "Make preview" button needs: the txt2img gallery and its selection,
+    and on a shared server the admin check with the Add files tab's admin boxes (set once
+    that tab is built; the cards are rendered after the whole page exists)."""
 
     service: GenerationService
     gallery: gr.Gallery
     selected: gr.State
     library_version: gr.State
+    admin_check: Callable[[str, str], str | None] | None = None
+    admin_fields: tuple[gr.Textbox, gr.Textbox] | None = None
 
     def wire(self, button: gr.Button, name: str) -> None:
         """The card's button: write the preview, then re-render the cards."""
 
-        def run(gallery: list | None, index: int) -> str:
+        def run(gallery: list | None, index: int, user: str = "", password: str = "") -> str:
+            refusal = preview_refusal(self.admin_check, user, password)
+            if refusal is not None:
+                raise gr.Error(refusal)
             try:
                 message = make_preview(self.service, name, gallery, index)
             except (LorastackError, OSError) as error:
@@ -111,7 +131,8 @@ class PreviewMaker:
             gr.Info(message)
             return library_signature(self.service)
 
-        button.click(run, [self.gallery, self.selected], self.library_version, **QUICK)
+        inputs = [self.gallery, self.selected, *(self.admin_fields or ())]
+        button.click(run, inputs, self.library_version, **QUICK)
 
 
 def build_lora_sources_panel(
@@ -120,9 +141,10 @@ def build_lora_sources_panel(
     library_version: gr.State,
     *,
     admin_check: Callable[[str, str], str | None] | None = None,
-) -> None:
-    """ "Add from the Hub or Civitai" and "Fetch info" (inside the Add files tab). With
-    `admin_check` (a shared server) both are admin actions."""
+) -> tuple[gr.Textbox, gr.Textbox]:
+    """The "Add from the Hub or Civitai" and "Fetch info" section (inside the Add files
+    tab). With `admin_check` (a shared server) both are admin actions. Returns the admin
+    user and password boxes (the cards' "Make preview" reads them too)."""
     with gr.Group():
         gr.Markdown(
             "### Add a LoRA from the Hub or Civitai\n"
@@ -190,6 +212,7 @@ def build_lora_sources_panel(
         [outcome, library_version],
         **light,
     )
+    return admin_user, admin_password
 
 
 def _reason(error: Exception) -> str:

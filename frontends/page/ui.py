@@ -521,6 +521,13 @@ def build_ui(
                         scripts = build_scripts_panel()
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
+                previews = PreviewMaker(
+                    service,
+                    results.gallery,
+                    results.selected,
+                    panel.library_version,
+                    files_admin_check(settings),
+                )
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
                     build_library(
                         service,
@@ -530,11 +537,7 @@ def build_ui(
                         family_of,
                         refresh_seconds,
                         [controls[name] for name in FEWSTEP_TARGETS],
-                        make_preview=None
-                        if files_admin_check(settings)
-                        else PreviewMaker(
-                            service, results.gallery, results.selected, panel.library_version
-                        ).wire,
+                        make_preview=previews.wire,
                     )
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
@@ -589,7 +592,7 @@ def build_ui(
                     env=None if env is None else dict(env),
                     admin_check=files_admin_check(settings),
                 )
-                build_lora_sources_panel(
+                previews.admin_fields = build_lora_sources_panel(
                     service,
                     LoraSources(service, policy, civitai_endpoint=settings.civitai_endpoint),
                     panel.library_version,
