@@ -403,6 +403,10 @@ class _Refused(Exception):
     """Raised inside httpx's request hook (a redirect to a refused place)."""
 
 
+RequestRefused = _Refused
+"""What `guard_requests`' hook raises, for the other downloaders (Civitai) that share it."""
+
+
 def _guard(allow_http: bool) -> Callable[[httpx.Request], None]:
     def check(request: httpx.Request) -> None:
         if request.url.scheme != "https" and not (allow_http and request.url.scheme == "http"):
@@ -413,6 +417,10 @@ def _guard(allow_http: bool) -> Callable[[httpx.Request], None]:
                 raise _Refused(reason)
 
     return check
+
+
+guard_requests = _guard
+"""httpx's request hook: https to public hosts only, unless `allow_http`."""
 
 
 def _name_from_response(response: httpx.Response) -> str | None:
@@ -444,6 +452,7 @@ def download_url(
     allow_http: bool = False,
     timeout: float = DOWNLOAD_TIMEOUT,
     transport: httpx.BaseTransport | None = None,
+    headers: dict[str, str] | None = None,
 ) -> PlacedFile:
     """Download a `.safetensors` file by direct link, then check and place it.
 
@@ -458,6 +467,8 @@ def download_url(
         progress: called with (bytes done, total or None) after every chunk.
         timeout: seconds for any one network wait.
         transport: an httpx transport (tests, proxies).
+        headers: extra request headers (a site's `Authorization`; httpx drops it on a
+            redirect to another host).
     Returns:
         The PlacedFile. Raises InvalidRequestError (link, name), NotFoundError (HTTP 404/410)
         or UnusableFileError (transfer failed or truncated, too big, not usable); nothing
@@ -483,7 +494,7 @@ def download_url(
         transport=transport,
         follow_redirects=True,
         timeout=httpx.Timeout(timeout),
-        headers={"Accept-Encoding": "identity"},
+        headers={"Accept-Encoding": "identity", **(headers or {})},
         event_hooks={"request": [guard]},
         trust_env=False,
     )
@@ -608,7 +619,7 @@ def download_hub(
     expected_sha256: str | None = None,
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
 ) -> PlacedFile:
     """Download one `.safetensors` file from a Hub repo, then check and place it.
 
@@ -622,7 +633,8 @@ def download_hub(
             hold exactly one `.safetensors` file.
         kind, folder, max_bytes, expected_sha256, overwrite: as in `validate_and_place`.
         progress: called with (bytes done, total) while downloading.
-        token: a Hub token for gated or private repos (default: HF_TOKEN / the login).
+        token: a Hub token for gated or private repos (default: HF_TOKEN / the login;
+            False: none, so a user's request never borrows the server's own token).
     Returns:
         The PlacedFile. Raises NotFoundError (repo, revision or file unknown), InvalidRequestError
         (bad reference, several files) or UnusableFileError (offline, unreachable, too big,

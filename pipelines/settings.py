@@ -52,6 +52,7 @@ class Settings:
     disable_downloads: bool = False
     allow_checkpoint_uploads: bool = False
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    civitai_endpoint: str = "https://civitai.com"  # Civitai's API (a mirror, tests)
     rate_limit: int = 0  # requests per minute per user; 0: unlimited
     queue_slots: int = 0  # queued or running jobs per user; 0: unlimited
     ray: str | None = None  # Ray cluster address ("auto", "host:6379", "local"): scale out
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let users upload or download checkpoints, not only LoRAs",
     )
+    add("--civitai-endpoint", help="Civitai API base URL (default https://civitai.com)")
     add(
         "--max-upload-mb",
         type=int,

@@ -5,7 +5,8 @@ Each repo is a folder on disk. Like the real Hub, small files are served by
 `/{repo}/resolve/{rev}/{path}` itself (ETag = git blob id), while `.safetensors` files
 answer with a 302 to a separate "CDN" server on another port, carrying `X-Linked-Etag`
 (sha256) and `X-Linked-Size`, so the client's LFS path is exercised too. `fail` makes the
-GET of one file answer 500, to interrupt a download half-way.
+GET of one file answer 500, to interrupt a download half-way. A repo's README.md YAML
+header is served as the model info's `cardData` (instance_prompt, widget, base_model).
 """
 
 from __future__ import annotations
@@ -88,6 +89,17 @@ class FakeHub:
         return sorted(p.as_posix() for p in paths if not any(s.startswith(".") for s in p.parts))
 
 
+def card_data(readme: Path) -> dict[str, object] | None:
+    """The YAML header of a repo's README.md (the Hub's `cardData`), if it has one."""
+    import yaml
+
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if not text.startswith("---\n") or "\n---" not in text[4:]:
+        return None
+    data = yaml.safe_load(text[4 : text.index("\n---", 4)])
+    return data if isinstance(data, dict) else None
+
+
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
 
@@ -131,7 +143,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self._repo(repo_id) is None:
             return
         siblings = [{"rfilename": name} for name in self.hub.files(repo_id)]
-        self._json({"id": repo_id, "sha": COMMIT, "private": False, "siblings": siblings})
+        info = {"id": repo_id, "sha": COMMIT, "private": False, "siblings": siblings}
+        card = card_data(self.hub.repos[repo_id] / "README.md")
+        self._json(info | ({"cardData": card} if card else {}))
 
     def _tree(self, repo_id: str, prefix: str) -> None:
         folder = self._repo(repo_id)

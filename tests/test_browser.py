@@ -729,3 +729,28 @@ def test_a_controlnet_unit_from_the_page(page: object, tmp_path: Path) -> None:
     unit = parse_infotext(infotext(page)).params["ControlNet 0"]
     assert unit.startswith("Module: canny, Model: tiny-canny [")
     assert "Weight: 0.8" in unit and "Control Mode: My prompt is more important" in unit
+
+
+def test_make_preview_turns_the_chosen_image_into_the_cards_preview(
+    page: object, app: tuple[str, Path]
+) -> None:
+    """A1111's "replace preview": the gallery's image, with its parameters, becomes the
+    card's NAME.png, and the card shows it."""
+    loras, outputs = app[1] / "loras", app[1] / "outputs" / "txt2img-images"
+    page.locator("#prompt textarea").fill("a red barn for the card")
+    for elem_id, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 77)):
+        set_number(page, elem_id, value)
+    page.locator("#generate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#infotext textarea').value.includes('red barn for')"
+    )
+    text = infotext(page)
+    glow = card(page, "glow")
+    assert glow.locator("img").count() == 0  # no preview yet
+    glow.get_by_role("button", name="Make preview").click()
+    glow.locator("img").first.wait_for()
+    newest = max(outputs.rglob("*.png"), key=lambda p: p.stat().st_mtime_ns)
+    with Image.open(loras / "glow.png") as preview, Image.open(newest) as made:
+        assert preview.info["parameters"] == text == made.info["parameters"]
+        assert np.array_equal(np.asarray(preview.convert("RGB")), np.asarray(made.convert("RGB")))
+    shot(page, "lora-card-make-preview.png")

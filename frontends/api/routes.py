@@ -27,8 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount
 
+from deployments.lora_sources import LoraSources
 from frontends.api import a1111
 from frontends.api import controlnet as controlnet_api
+from frontends.api.lora_cards import add_lora_card_routes
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError
 from pipelines.interface import GenerationService
 from pipelines.limits import user_key
@@ -317,13 +319,16 @@ def _guard(app: FastAPI, settings: Settings) -> None:
             return JSONResponse(body, 401, headers={"WWW-Authenticate": 'Basic realm="api"'})
 
 
-def build_api(service: GenerationService, settings: Settings) -> FastAPI:
+def build_api(
+    service: GenerationService, settings: Settings, sources: LoraSources | None = None
+) -> FastAPI:
     """The `/sdapi/v1` app (routes relative to the mount point).
 
     Args:
         service: the generation service (its per-user limits count the `--api-auth`
             login, else the client address).
         settings: launch settings (api_auth, hide_paths, outputs_dir, ...).
+        sources: what `/loras/add` and `/loras/fetch-info` use (default: from settings).
     Returns:
         A FastAPI app to mount at API_PREFIX; `--api-auth` guards every route of it.
     """
@@ -399,6 +404,8 @@ def build_api(service: GenerationService, settings: Settings) -> FastAPI:
     app.get("/memory")(service.memory)
     for path, shape in a1111.NEUTRAL_PROBES.items():
         app.get(f"/{path}")(lambda shape=shape: shape)
+    sources = sources or LoraSources.from_settings(service, settings)
+    add_lora_card_routes(app, sources, settings, _json_body)
     return app
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -65,7 +66,15 @@ def library_signature(service: GenerationService) -> str:
     digest = hashlib.sha256()
     for entry in service.loras():
         digest.update(f"{entry.name}|{entry.mtime_ns}|{entry.error}|{entry.lora_hash}\n".encode())
+        digest.update(f"{entry.preview}|{_mtime(entry.preview)}\n".encode())  # a new preview
     return digest.hexdigest()[:16]
+
+
+def _mtime(path: Path | None) -> int | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
 
 
 def friendly(error: LorastackError) -> gr.Error:
@@ -208,10 +217,12 @@ def build_library(
     family_of: Any,
     refresh_seconds: float,
     settings: Sequence[Any] = (),
+    make_preview: Callable[[gr.Button, str], None] | None = None,
 ) -> gr.Button:
     """The searchable card list; returns its refresh button (it also rescans checkpoints).
     With `settings` (the sampler, schedule, steps and CFG controls), a few-step LoRA's card
-    gets "Use suggested settings"."""
+    gets "Use suggested settings"; with `make_preview` (wires a button to a LoRA name),
+    every card gets "Make preview"."""
     with gr.Row():
         search = gr.Textbox(
             placeholder="search name, alias, trigger words",
@@ -246,6 +257,9 @@ def build_library(
                         check = gr.Button("Coverage", size="sm", interactive=not entry.error)
                     report = gr.HTML("", elem_classes=["lora-coverage-report"])
                     _coverage_event(service, entry.name, check, report, checkpoint)
+                    if make_preview is not None and not entry.error:
+                        make = gr.Button("Make preview", size="sm", elem_classes=["lora-preview"])
+                        make_preview(make, entry.name)
                     suggestion = suggest_for_lora(entry)
                     if suggestion is not None and settings:
                         use = gr.Button("Use suggested settings", size="sm")

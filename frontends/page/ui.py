@@ -23,6 +23,7 @@ from typing import Any
 import gradio as gr
 
 from deployments.ingest import IngestPolicy
+from deployments.lora_sources import LoraSources
 from frontends.page.controlnet_panel import (
     CONTROLNET_FIELDS,
     build_controlnet,
@@ -52,6 +53,7 @@ from frontends.page.img2img_tab import (
     stack_text,
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
+from frontends.page.lora_sources_panel import PreviewMaker, build_lora_sources_panel
 from frontends.page.refiner_panel import (
     NO_REFINER,
     REFINER_FIELDS,
@@ -571,6 +573,13 @@ def build_ui(
                         scripts = build_scripts_panel()
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
+                previews = PreviewMaker(
+                    service,
+                    results.gallery,
+                    results.selected,
+                    panel.library_version,
+                    files_admin_check(settings),
+                )
                 with gr.Accordion("LoRAs", open=True, elem_id="lora_library"):
                     build_library(
                         service,
@@ -580,6 +589,7 @@ def build_ui(
                         family_of,
                         refresh_seconds,
                         [controls[name] for name in FEWSTEP_TARGETS],
+                        make_preview=previews.wire,
                     )
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
@@ -632,6 +642,12 @@ def build_ui(
                     checkpoint_choices,
                     hide_paths=settings.hide_paths,
                     env=None if env is None else dict(env),
+                    admin_check=files_admin_check(settings),
+                )
+                previews.admin_fields = build_lora_sources_panel(
+                    service,
+                    LoraSources(service, policy, civitai_endpoint=settings.civitai_endpoint),
+                    panel.library_version,
                     admin_check=files_admin_check(settings),
                 )
             with gr.Tab("Settings", id="settings"):
