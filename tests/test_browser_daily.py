@@ -196,3 +196,23 @@ def test_values_the_page_changes_are_said_and_weights_share_one_range(page: obje
     sync_api.expect(notes).to_contain_text(
         "prompt tag <lora:ink>.weight must be a finite number between -10 and 10, got 12"
     )
+
+
+def test_rows_and_tags_that_stop_fitting_the_checkpoint_are_flagged(page: object) -> None:
+    """Defect 4: an SD1 LoRA row is flagged as soon as the checkpoint becomes SDXL, an
+    SDXL-only tag on SD1 and an unknown tag as soon as they are typed, each with why."""
+    notes = page.locator("#stack_notes")
+    page.locator(".lora-card").filter(has_text="glow").get_by_role("button", name="Add").click()
+    page.locator(".stack-row").filter(has_text="glow").wait_for()
+    page.locator("#prompt textarea").fill("a tower <lora:xl-only:1> <lora:nosuch:1>")
+    sync_api.expect(notes).to_contain_text(
+        "prompt tag <lora:xl-only> does not fit: made for SDXL; the checkpoint is SD1"
+    )
+    sync_api.expect(notes).to_contain_text("prompt tag <lora:nosuch> does not fit: unknown LoRA")
+    assert "stack row glow" not in notes.inner_text()
+    page.locator("#checkpoint input").click()
+    page.get_by_role("option", name=re.compile(r"^xl\/tiny-sdxl")).click()
+    sync_api.expect(notes).to_contain_text(
+        "stack row glow does not fit: made for SD1/SD2; the checkpoint is SDXL"
+    )
+    assert "<lora:xl-only>" not in notes.inner_text()  # fits SDXL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import html
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,16 @@ def friendly(error: LorastackError) -> gr.Error:
     return user_error(error.message)
 
 
-def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:
+def build_stack(
+    page: gr.Blocks,
+    prompt: gr.Textbox,
+    checkpoint: gr.Dropdown | None = None,
+    fits: Callable[[str, list, str | None], list[str]] | None = None,
+) -> LoraPanel:
     """The stack rows under the prompt: name, weight (−10..10, the range of every LoRA
     weight; typed or dragged), optional text-encoder weight, remove; plus the prompt-tag
-    rule note and "tags → stack"."""
+    rule note and "tags → stack". With `checkpoint` and `fits` (prompt, rows, choice ->
+    notes), the notes also flag rows and tags that do not fit the chosen checkpoint."""
     stack = gr.JSON(value=[], visible=False, label="loras", elem_id="lora_stack")
     rows_version = gr.State(0)
     library_version = gr.State("")
@@ -104,15 +111,21 @@ def build_stack(page: gr.Blocks, prompt: gr.Textbox) -> LoraPanel:
         for row in current:
             _stack_row(row, stack, rows_version)
 
-    def notes(text: str, value: Any) -> str:
+    def notes(text: str, value: Any, choice: str | None = None) -> str:
+        rows = rows_from_value(value)
         try:
-            found = conflict_notes(text, rows_from_value(value))
+            found = conflict_notes(text, rows)
         except LorastackError as error:
             found = [error.message]
-        return "\n".join(f"⚠ {note}" for note in found)
+        if fits is not None:
+            found += fits(text, rows, choice)
+        return "\n\n".join(f"⚠ {html.escape(note)}" for note in found)
 
-    prompt.change(notes, [prompt, stack], conflicts, **QUICK)
-    stack.change(notes, [prompt, stack], conflicts, **QUICK)
+    sources = [prompt, stack] if checkpoint is None else [prompt, stack, checkpoint]
+    prompt.change(notes, sources, conflicts, **QUICK)
+    stack.change(notes, sources, conflicts, **QUICK)
+    if checkpoint is not None:
+        checkpoint.change(notes, sources, conflicts, **QUICK)
 
     def move_tags(text: str, value: Any, version: int) -> tuple[str, list, int]:
         try:

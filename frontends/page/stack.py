@@ -18,6 +18,7 @@ import html
 import io
 import json
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,32 @@ def conflict_notes(prompt: str, rows: list[Row]) -> list[str]:
     except LorastackError as error:
         return [error.message]
     return combine_stacks(specs_from_rows(rows), tags)[1]
+
+
+def fit_notes(
+    prompt: str,
+    rows: list[Row],
+    resolve: Callable[[str], LoraEntry],
+    family: str | None,
+) -> list[str]:
+    """Rows and prompt tags that will not apply on a `family` checkpoint, each with why
+    (unknown, unusable, made for another base): said as soon as they stop fitting, not
+    at Generate. `resolve` looks a name up as the engine does (raising when unknown)."""
+    try:
+        _, tags = extract_lora_tags(prompt or "")
+    except LorastackError:
+        tags = []  # conflict_notes reports the malformed tag
+    found = []
+    places = [("stack row", r["name"], r["name"]) for r in rows]
+    places += [("prompt tag", f"<lora:{spec.name}>", spec.name) for spec in tags]
+    for where, label, name in places:
+        try:
+            reason = incompatibility(resolve(name), family)
+        except LorastackError as error:
+            reason = error.message
+        if reason:
+            found.append(f"{where} {label} does not fit: {reason}")
+    return found
 
 
 def move_tags_to_stack(prompt: str, rows: list[Row]) -> tuple[str, list[Row]]:

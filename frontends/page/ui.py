@@ -61,7 +61,7 @@ from frontends.page.refiner_panel import (
     refiner_request_fields,
 )
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
-from frontends.page.stack import rows_from_value, specs_from_rows
+from frontends.page.stack import fit_notes, rows_from_value, specs_from_rows
 from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import (
     Txt2ImgTargets,
@@ -280,6 +280,10 @@ def build_ui(
         except LorastackError:
             return None
         return entry.family
+
+    def stack_fits(prompt: str, rows: list, choice: str | None) -> list[str]:
+        """The stack's rows and tags that do not fit the session's checkpoint."""
+        return fit_notes(prompt, rows, service.resolve_lora, family_of(choice))
 
     def slider(name: str, prefix: str = "") -> gr.Slider:
         spec = field_spec(name, bounds)
@@ -569,7 +573,7 @@ def build_ui(
                         controls.update(build_refiner(checkpoint_choices, slider))
                         units = build_controlnet(service)
                         prompt = controls["prompt"]
-                        panel = build_stack(page, prompt)
+                        panel = build_stack(page, prompt, checkpoint, stack_fits)
                         scripts = build_scripts_panel()
                     with gr.Column(scale=2):
                         results = build_results("txt2img", "")
