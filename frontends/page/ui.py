@@ -181,6 +181,7 @@ def build_ui(
     service: GenerationService,
     settings: Settings,
     *,
+    demo_reason: str | None = None,
     preview_every: int = PREVIEW_EVERY,
     refresh_seconds: float = 5.0,
     policy: IngestPolicy | None = None,
@@ -193,6 +194,7 @@ def build_ui(
     Args:
         service: the generation service.
         settings: launch settings (outputs folder, hidden paths, data folder).
+        demo_reason: why no checkpoint was downloaded on first run (the demo banner says it).
         preview_every: steps between live previews.
         refresh_seconds: how often the LoRA list checks the folders.
         policy: the rules for the Add files tab (default: from the settings).
@@ -477,6 +479,8 @@ def build_ui(
                 "**Demo model:** no checkpoint was found, so the built-in tiny model with "
                 "random weights is running; its images are noise. Put a Stable Diffusion "
                 "checkpoint into `models/` and refresh."
+                + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
+                elem_id="demo_banner",
             )
         with gr.Row():
             checkpoint = gr.Dropdown(
