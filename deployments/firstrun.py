@@ -329,6 +329,7 @@ def first_run(
         return FirstRun(checkpoint=placed)
     refusal = download_refusal(settings, env)
     if refusal is not None:
+        log.info("first run: %s", refusal)
         return FirstRun(reason=refusal)
     try:
         placed = download_starter(DEFAULT_STARTER, models_dir)

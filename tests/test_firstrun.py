@@ -63,6 +63,19 @@ CLIENT = textwrap.dedent("""
         if step == "info":
             result["info"] = [[i.size, i.sha256, i.licence, i.revision]
                               for i in map(starter_info, STARTERS)]
+        elif step == "page":
+            from frontends.page.starters_panel import describe_starter, download_choice
+            class Rescans:
+                count = 0
+                def rescan(self): Rescans.count += 1
+            fractions = []
+            choice = str(STARTERS[1])
+            result["info"] = describe_starter(choice)
+            result["status"] = download_choice(
+                Rescans(), root / "page", choice,
+                progress=lambda fraction, desc: fractions.append(fraction))
+            result.update(fractions=fractions, rescans=Rescans.count,
+                          folder=sorted(p.name for p in (root / "page").iterdir()))
         elif step == "preload":
             for name in (DEFAULT_STARTER.filename, "v1-5-pruned-emaonly.yaml"):
                 hf_hub_download(DEFAULT_STARTER.repo_id, name)
@@ -97,6 +110,7 @@ STEPS = [
     ("corrupt", "c", []),
     ("interrupted", "r", []),
     ("resumed", "r", []),
+    ("page", "", []),
     ("unreachable", "u", []),
     ("preload", "", []),
     ("space", "s", []),
@@ -253,6 +267,37 @@ def test_a_preloaded_checkpoint_is_found_in_the_hub_cache(run: dict[str, Any]) -
     assert space["checkpoint"] == DEFAULT_STARTER.filename and space["family"] == "SD1"
     link = run["root"] / "s" / "models" / DEFAULT_STARTER.filename
     assert link.is_symlink() and (run["root"] / "hf-home") in link.resolve().parents
+
+
+def test_the_page_shows_a_starters_size_and_licence_and_downloads_it(
+    run: dict[str, Any], starter_repo: Path
+) -> None:
+    page = run["page"]
+    sdxl = STARTERS[1]
+    size = (starter_repo / sdxl.filename).stat().st_size
+    assert page["info"] == f"**{sdxl.label}**: {size / 10**9:.2f} GB, licence openrail++"
+    assert page["status"].startswith(f"Downloaded {sdxl.filename}")
+    assert page["folder"] == [sdxl.filename] and page["rescans"] == 1
+    fractions = page["fractions"]
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_the_page_download_is_an_admin_action(tmp_path: Path) -> None:
+    from frontends.page.starters_panel import download_choice
+
+    refused = download_choice(
+        None,  # type: ignore[arg-type] - never reached
+        tmp_path,
+        str(DEFAULT_STARTER),
+        refusal="wrong admin user or password",
+    )
+    assert refused == (
+        "Not downloaded: downloading a checkpoint is an admin action; wrong admin user or password"
+    )
+    assert download_choice(None, tmp_path, "org/unknown/x.safetensors").startswith(  # type: ignore[arg-type]
+        "Not downloaded: unknown starter 'org/unknown/x.safetensors'"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------- in process

@@ -57,6 +57,7 @@ from frontends.page.refiner_panel import (
 )
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import rows_from_value, specs_from_rows
+from frontends.page.starters_panel import build_starters
 from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import (
     Txt2ImgTargets,
@@ -482,6 +483,7 @@ def build_ui(
                 + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
                 elem_id="demo_banner",
             )
+            build_starters(service, settings.models_dirs[0], files_admin_check(settings))
         with gr.Row():
             checkpoint = gr.Dropdown(
                 checkpoint_choices(),
