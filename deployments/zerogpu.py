@@ -326,6 +326,7 @@ class ZeroGpuRunner:
         self._lock = threading.Lock()  # one prepare-and-sample at a time
         self._main_pid = os.getpid()
         decorator = gpu if gpu is not None else gpu_decorator(env)
+        self.billed = decorator is not None  # calls go through spaces.GPU
         self._gpu_generate: Callable[[GenerationRequest], GpuCall] = self._on_gpu
         self._gpu_postprocess: Callable[[ExtrasRequest], ExtrasResult] = self._postprocess
         if decorator is not None:
@@ -333,8 +334,12 @@ class ZeroGpuRunner:
             self._gpu_postprocess = decorator(duration=DEFAULT_SECONDS)(self._postprocess)
 
     def duration(self, request: GenerationRequest) -> int:
-        """Seconds to ask for (the page shows it before the click)."""
+        """Seconds to ask for."""
         return self.durations.estimate(request)
+
+    def gpu_seconds(self, request: GenerationRequest) -> int | None:
+        """What the page shows before the click: the duration, when calls are billed."""
+        return self.duration(request) if self.billed else None
 
     def _on_gpu(self, request: GenerationRequest) -> GpuCall:
         if os.getpid() != self._main_pid:

@@ -31,10 +31,11 @@ from deployments.zerogpu import (
     work_units,
     zero_gpu_active,
 )
+from frontends.page.gpu_time import gpu_time_text
 from pipelines.engine import Engine
 from pipelines.loading import LoadedModel
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
-from pipelines.service import build_folders
+from pipelines.service import Service, build_folders
 from pipelines.settings import Settings
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 from tests.zerogpu_standin import GpuTaskAborted, ZeroGpuStandIn
@@ -327,3 +328,17 @@ def test_no_background_thread_holds_a_lock_across_the_fork() -> None:
         assert call() == "took it"
     thread.join()
     assert not lock.locked()
+
+
+def test_the_page_shows_the_gpu_time_before_the_click(engine: Engine) -> None:
+    standin = ZeroGpuStandIn()
+    zero = Service(engine.settings, engine.folders, ZeroGpuRunner(engine, gpu=standin.GPU))
+    local = Service(engine.settings, engine.folders, ZeroGpuRunner(engine, env={}))
+    small = GenerationRequest(steps=20, width=512, height=512)
+    big = GenerationRequest(steps=40, width=1024, height=1024, batch_size=2)
+    assert gpu_time_text(zero, 20, 512, 512, 1, 1) == (
+        f"ZeroGPU: this request asks for **{zero.gpu_seconds(small)} s** of GPU time."
+    )
+    assert zero.gpu_seconds(big) > zero.gpu_seconds(small) == estimate_duration(small)
+    assert local.gpu_seconds(small) is None and gpu_time_text(local, 20, 512, 512, 1, 1) == ""
+    assert standin.durations == []  # showing the time asks for no GPU
