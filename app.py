@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from deployments.zerogpu import prepare as prepare_zerogpu
 
     zero_gpu = prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before CUDA starts
-    from deployments.hub import resolve_startup_checkpoint
+    from deployments.hub import REPO_ID, resolve_startup_checkpoint
     from pipelines.output import remove_stale_placeholders
     from pipelines.service import build_folders, build_service
     from pipelines.settings import apply_threads, parse_settings
@@ -50,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for leftover in remove_stale_placeholders(settings.outputs_dir):
         logging.getLogger("lorastack").info("removed %s, left by an interrupted save", leftover)
     folders = build_folders(settings)
+    if settings.ckpt and REPO_ID.fullmatch(settings.ckpt):  # preloaded into the Hub cache?
+        from deployments.firstrun import link_cached_repo
+
+        if link_cached_repo(settings.ckpt, settings.models_dirs[0]) is not None:
+            folders.scan("checkpoint")
     startup = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
     notice = None
     if startup is None:  # no --ckpt: fetch the default unless a checkpoint exists (A1111)

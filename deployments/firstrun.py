@@ -149,6 +149,49 @@ def link_cached(cached: list[Path], models_dir: Path) -> Path:
     return models_dir / cached[0].name
 
 
+def link_cached_repo(repo_id: str, models_dir: Path, cache_dir: Path | None = None) -> Path | None:
+    """`--ckpt org/repo` preloaded into the Hub cache (`preload_from_hub`): link its snapshot
+    into the models folder as `org--repo`, where `deployments.hub` looks for an earlier
+    download, so it is not downloaded again. Reads only the disk; None when not cached.
+
+    A diffusers repo (its `model_index.json` cached) is linked as the folder; otherwise the
+    snapshot's first top-level `.safetensors` (and its same-named `.yaml`) are linked into
+    an `org--repo` folder, the file `deployments.hub` would have picked.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from deployments.hub import local_name
+
+    target = models_dir / local_name(repo_id)
+    if os.path.lexists(target):
+        return None
+    index = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir)
+    if isinstance(index, str):
+        models_dir.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(Path(index).parent, target_is_directory=True)
+        return target
+    snapshot = _cached_snapshot(repo_id, cache_dir)
+    singles = sorted(snapshot.glob("*.safetensors")) if snapshot else []
+    if not singles:
+        return None
+    target.mkdir(parents=True)
+    link_cached([p for p in (singles[0], singles[0].with_suffix(".yaml")) if p.exists()], target)
+    return target
+
+
+def _cached_snapshot(repo_id: str, cache_dir: Path | None) -> Path | None:
+    """The Hub cache's snapshot folder of `repo_id` at `main`, if any."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    try:
+        commit = (root / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snapshot = root / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
 def starter_info(starter: Starter, *, timeout: float = CHECK_TIMEOUT) -> StarterInfo:
     """The starter's size, sha256, licence and commit, from one Hub request (no retries).
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,9 @@ from deployments.firstrun import (
     _check_download,
     download_refusal,
     first_run,
+    link_cached_repo,
 )
+from deployments.hub import resolve_startup_checkpoint
 from pipelines.folders.hashing import HashCache
 from pipelines.folders.registry import ModelFolders
 from pipelines.loading import CONFIGS_DIR, LoadedModel
@@ -339,3 +342,39 @@ def test_starters_are_pinned_single_files() -> None:
         ("stabilityai/stable-diffusion-xl-base-1.0", "sd_xl_base_1.0.safetensors"),
     ]
     assert all(f.endswith(".safetensors") and "/" not in f for _, f in names)
+
+
+def test_a_repo_preloaded_in_the_hub_cache_is_not_downloaded_again(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """`--ckpt org/repo` listed in `preload_from_hub`: the cached snapshot is linked as
+    `org--repo`, which `--ckpt` then finds (this process is offline: a download would fail)."""
+    cache, models = tmp_path / "hub-cache", tmp_path / "models"
+    for repo, files in {
+        "org/tiny": [models_dir / "tiny-sd1-diffusers"],
+        "org/single": [models_dir / "tiny-sd1.safetensors", models_dir / "tiny-sd1.yaml"],
+    }.items():
+        root = cache / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text(COMMIT)
+        snapshot = root / "snapshots" / COMMIT
+        snapshot.mkdir(parents=True)
+        for path in files:
+            if path.is_dir():
+                shutil.copytree(path, snapshot, dirs_exist_ok=True)
+            else:
+                os.link(path, snapshot / path.name)
+    folders = ModelFolders({"checkpoint": [models]}, HashCache(None))
+    assert link_cached_repo("org/tiny", models, cache) == models / "org--tiny"
+    assert link_cached_repo("org/single", models, cache) == models / "org--single"
+    assert link_cached_repo("org/missing", models, cache) is None
+    assert link_cached_repo("org/tiny", models, cache) is None  # already linked: left alone
+    assert sorted(p.name for p in (models / "org--single").iterdir()) == [
+        "tiny-sd1.safetensors",
+        "tiny-sd1.yaml",
+    ]
+    folders.scan()
+    assert resolve_startup_checkpoint("org/tiny", folders, models) == "org--tiny"
+    single = resolve_startup_checkpoint("org/single", folders, models)
+    assert single == "org--single/tiny-sd1.safetensors"
+    assert sorted(p.name for p in models.iterdir()) == ["org--single", "org--tiny"]
