@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from deployments.zerogpu import prepare as prepare_zerogpu
 
     zero_gpu = prepare_zerogpu()  # ZeroGPU: `spaces` must be imported before CUDA starts
-    from deployments.hub import resolve_startup_checkpoint
+    from deployments.hub import REPO_ID, resolve_startup_checkpoint
     from pipelines.output import remove_stale_placeholders
     from pipelines.service import build_folders, build_service
     from pipelines.settings import apply_threads, parse_settings
@@ -50,7 +50,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     for leftover in remove_stale_placeholders(settings.outputs_dir):
         logging.getLogger("lorastack").info("removed %s, left by an interrupted save", leftover)
     folders = build_folders(settings)
+    if settings.ckpt and REPO_ID.fullmatch(settings.ckpt):  # preloaded into the Hub cache?
+        from deployments.firstrun import link_cached_repo
+
+        if link_cached_repo(settings.ckpt, settings.models_dirs[0]) is not None:
+            folders.scan("checkpoint")
     startup = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
+    notice = None
+    if startup is None:  # no --ckpt: fetch the default unless a checkpoint exists (A1111)
+        from deployments.firstrun import first_run
+
+        notice = first_run(settings, folders).reason
     if settings.ray is not None:
         from deployments.ray.scaleout import ray_runner
 
@@ -77,13 +87,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         *settings.controlnet_dirs,
     ]
     FolderWatcher(watched, service.rescan).start()
-    serve(service, settings)
+    serve(service, settings, notice=notice)
 
 
-def serve(service: Service, settings: Settings) -> None:
+def serve(service: Service, settings: Settings, *, notice: str | None = None) -> None:
     """One server: the Gradio page at "/" and, with --api, the A1111 API at /sdapi/v1;
     --nowebui serves the API alone. --share needs Gradio's own launcher, so there the API
-    is mounted into the app Gradio launched."""
+    is mounted into the app Gradio launched. `notice` says why the demo model runs."""
     import uvicorn
 
     from frontends.api.routes import build_api, build_controlnet_api, build_root, mount_api
@@ -102,7 +112,7 @@ def serve(service: Service, settings: Settings) -> None:
 
     from frontends.page.ui import build_ui
 
-    page = build_ui(service, settings)
+    page = build_ui(service, settings, demo_reason=notice)
     page.queue(default_concurrency_limit=1)
     allowed = [str(settings.outputs_dir), str(settings.cache_dir / "thumbnails")]
     if settings.share:

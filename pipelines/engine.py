@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -121,6 +122,33 @@ class Engine:
         finally:
             if stateless:
                 self.manager.restore_base()
+
+    def prepare(self, request: GenerationRequest, control: RunControl) -> None:
+        """Steps 1-2 of `generate` alone: switch to the request's checkpoint and merge its
+        LoRA stack and VAE, so that a `generate` of the same request right after finds both
+        in place and only samples and decodes. ZeroGPU calls this in the main process (on
+        the CPU, outside the paid GPU call). A hires pass or refiner on another checkpoint
+        still switches during the run.
+        """
+        model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
+        run = self.run_for(request)(model, self.plan, self.folders, control)
+        run.embeddings = self.embeddings
+        inputs = run.check_inputs(request)
+        run.apply_adapters(inputs)
+        run.apply_vae(inputs)
+
+    def fork_locks(self) -> list[Any]:
+        """The locks a generation takes, for a host that forks a worker to generate in
+        (ZeroGPU): none may be held by a background thread (hashing, a listing) at the fork,
+        or the worker waits on it forever."""
+        folders = self.folders
+        return [
+            folders._lock,
+            folders.hashes._lock,
+            self.lora_cache._lock,
+            self.embeddings._lock,
+            self.previews._lock,
+        ]
 
     def generate_batch(
         self, requests: Sequence[GenerationRequest], controls: Sequence[RunControl]

@@ -152,6 +152,11 @@ class GenerationService(Protocol):
 
     def bounds(self) -> Bounds: ...
 
+    def gpu_seconds(self, request: GenerationRequest) -> int | None:
+        """Seconds of GPU time the request would ask for on ZeroGPU (shown before the
+        click); None where generation is not billed per call."""
+        ...
+
     def memory(self) -> dict[str, Any]:
         """RAM and device memory in A1111's `memory` shape."""
         ...

@@ -119,10 +119,16 @@ class ModelManager:
         self._loaded: OrderedDict[tuple[str, int], ActiveModel] = OrderedDict()
         self._current: ActiveModel | None = None
         self.loading: str | None = None
+        self.switches = 0  # times the current model changed (loads included): ZeroGPU's stats
 
     @property
     def current(self) -> ActiveModel | None:
         return self._current
+
+    @property
+    def merges(self) -> int:
+        """Stack changes merged into the loaded models' weights (see `AdapterStack.merges`)."""
+        return sum(model.adapters.merges for model in self._loaded.values())
 
     def get(self, name: str | None) -> ActiveModel:
         """The model `name` resolves to, loaded and placed (None: the current one, else
@@ -166,6 +172,7 @@ class ModelManager:
                 self._park(self._current)
                 place_pipeline(cached.pipe, self.plan)
                 self._current = cached
+                self.switches += 1
             return cached
         while len(self._loaded) >= self.limit:  # make room before loading the next one
             _, evicted = self._loaded.popitem(last=False)
@@ -189,6 +196,7 @@ class ModelManager:
         )
         self._loaded[key] = model
         self._current = model
+        self.switches += 1
         return model
 
     def _park(self, model: ActiveModel | None) -> None:

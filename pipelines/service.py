@@ -190,6 +190,10 @@ class Service:
     def bounds(self) -> Bounds:
         return self._bounds
 
+    def gpu_seconds(self, request: GenerationRequest) -> int | None:
+        estimate = getattr(self.runner, "gpu_seconds", None)  # only the ZeroGPU runner has it
+        return estimate(request) if callable(estimate) else None
+
     def memory(self) -> dict[str, Any]:
         return memory_report()
 

@@ -30,6 +30,7 @@ class Settings:
     embeddings_dir: Path | None = None  # A1111's --embeddings-dir
     controlnet_dir: Path | None = None  # sd-webui-controlnet's --controlnet-dir
     ckpt: str | None = None
+    no_download_sd_model: bool = False  # A1111's: no default checkpoint download on first run
     api: bool = False
     nowebui: bool = False
     access_log: bool = False  # one log line per HTTP request (off: page polling is quiet)
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in UPSCALER_FLAGS:
         add(f"--{kind}-models-path", type=Path, help=f"{kind} upscaler folder (A1111's flag)")
     add("--ckpt", help="start-up checkpoint: listed name, path, or Hub repo id org/repo")
+    add(
+        "--no-download-sd-model",
+        action="store_true",
+        help="with no checkpoint found, run the demo model instead of downloading one",
+    )
     add("--api", action="store_true", help="serve the A1111-compatible API under /sdapi/v1")
     add("--nowebui", action="store_true", help="serve the API only")
     add("--access-log", action="store_true", help="log every HTTP request (off by default)")

@@ -6,7 +6,17 @@ Each repo is a folder on disk. Like the real Hub, small files are served by
 answer with a 302 to a separate "CDN" server on another port, carrying `X-Linked-Etag`
 (sha256) and `X-Linked-Size`, so the client's LFS path is exercised too. `fail` makes the
 GET of one file answer 500, to interrupt a download half-way. A repo's README.md YAML
-header is served as the model info's `cardData` (instance_prompt, widget, base_model).
+header is served as the model info's `cardData` (instance_prompt, widget, base_model)
+unless `cards` holds the repo's card data.
+
+For resumable downloads the file server honours `Range: bytes=N-` (206; each start is
+recorded in `ranges`); `cut` sends a file's first N bytes and drops the connection, after
+which that file answers 500 until `down` is cleared (a process stopped mid-download);
+`corrupt` serves a file with one byte changed under its true size and sha256. `GET
+/_step/NAME` only logs a marker and runs `on_step[NAME]`, so one client process can run
+several scenarios in turn and a test can tell which requests each made. `cards` holds a
+repo's model-card metadata (`cardData`, e.g. the licence); `model_info` lists each file's
+size and, for LFS files, sha256, as the Hub does with `blobs=true`.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +46,12 @@ class FakeHub:
     repos: dict[str, Path] = field(default_factory=dict)
     fail: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> 500s left
     requests: list[str] = field(default_factory=list)  # "METHOD /path", in arrival order
+    cut: dict[tuple[str, str], int] = field(default_factory=dict)  # (repo, path) -> bytes sent
+    down: set[tuple[str, str]] = field(default_factory=set)  # files answering 500 (after a cut)
+    corrupt: set[tuple[str, str]] = field(default_factory=set)  # served with one byte changed
+    ranges: list[tuple[str, int]] = field(default_factory=list)  # (path, first byte) per Range GET
+    cards: dict[str, dict[str, object]] = field(default_factory=dict)  # repo -> cardData
+    on_step: dict[str, Callable[[], None]] = field(default_factory=dict)  # marker -> set-up
 
     def __post_init__(self) -> None:
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -58,6 +75,25 @@ class FakeHub:
     def log(self, line: str) -> None:
         with self._lock:
             self.requests.append(line)
+
+    def take_cut(self, repo_id: str, name: str) -> int | None:
+        """Bytes to send before dropping this GET of `name` (then the file is down), if any."""
+        with self._lock:
+            sent = self.cut.pop((repo_id, name), None)
+            if sent is not None:
+                self.down.add((repo_id, name))
+            return sent
+
+    def steps(self) -> dict[str, list[str]]:
+        """The request log split at `/_step/NAME` markers: NAME -> the requests after it."""
+        split: dict[str, list[str]] = {}
+        current: list[str] = split.setdefault("", [])
+        for line in self.requests:
+            if line.startswith("GET /_step/"):
+                current = split.setdefault(line.removeprefix("GET /_step/"), [])
+            else:
+                current.append(line)
+        return split
 
     def take_failure(self, repo_id: str, name: str) -> bool:
         """Whether this GET of `name` is to fail (counting it down)."""
@@ -118,7 +154,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         self.hub.log(f"{self.command} {path}")
         parts = path.strip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+        if parts[0] == "_step" and len(parts) == 2:
+            setup = self.hub.on_step.get(parts[1])
+            if setup is not None:
+                setup()
+            self._json({"step": parts[1]})
+        elif parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo_id, rest = "/".join(parts[2:4]), parts[4:]
             if not rest or rest[0] == "revision":
                 self._model_info(repo_id)
@@ -142,10 +183,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _model_info(self, repo_id: str) -> None:
         if self._repo(repo_id) is None:
             return
-        siblings = [{"rfilename": name} for name in self.hub.files(repo_id)]
-        info = {"id": repo_id, "sha": COMMIT, "private": False, "siblings": siblings}
-        card = card_data(self.hub.repos[repo_id] / "README.md")
-        self._json(info | ({"cardData": card} if card else {}))
+        folder = self.hub.repos[repo_id]
+        siblings: list[dict[str, object]] = []
+        for name in self.hub.files(repo_id):
+            data = (folder / name).read_bytes()
+            sibling: dict[str, object] = {"rfilename": name, "size": len(data)}
+            sibling["blobId"] = git_blob_id(data)
+            if name.endswith(LFS_SUFFIXES):
+                sha = hashlib.sha256(data).hexdigest()
+                sibling["lfs"] = {"sha256": sha, "size": len(data), "pointerSize": 134}
+            siblings.append(sibling)
+        info: dict[str, object] = {"id": repo_id, "sha": COMMIT, "private": False}
+        card = self.hub.cards.get(repo_id) or card_data(folder / "README.md")
+        if card:
+            info["cardData"] = card
+        self._json(info | {"siblings": siblings})
 
     def _tree(self, repo_id: str, prefix: str) -> None:
         folder = self._repo(repo_id)
@@ -181,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{name} not found in {repo_id}")
             return
         data = (folder / name).read_bytes()
-        if body and self.hub.take_failure(repo_id, name):
+        if body and (self.hub.take_failure(repo_id, name) or (repo_id, name) in self.hub.down):
             self._error(500, None, f"injected failure for {name}")
             return
         lfs = name.endswith(LFS_SUFFIXES)
@@ -198,7 +250,20 @@ class _Handler(BaseHTTPRequestHandler):
             return
         etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
         headers |= {"ETag": f'"{etag}"', "Content-Length": str(len(data))}
-        self._send(200, headers, data if body else b"")
+        if body and (repo_id, name) in self.hub.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        status, start = 200, _range_start(self.headers.get("Range"))
+        if start is not None and body:
+            self.hub.ranges.append((name, start))
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+            headers["Content-Length"] = str(len(data) - start)
+            status, data = 206, data[start:]
+        sent = self.hub.take_cut(repo_id, name) if body else None
+        if sent is not None:  # the connection drops mid-file
+            self._send(status, headers, data[:sent])
+            self.close_connection = True
+            return
+        self._send(status, headers, data if body else b"")
 
     # ------------------------------------------------------------------ replies
 
@@ -222,3 +287,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if data:
             self.wfile.write(data)
+
+
+def _range_start(header: str | None) -> int | None:
+    """The first byte of a `Range: bytes=N-` header (the only form downloads resume with)."""
+    if not header or not header.startswith("bytes=") or not header.endswith("-"):
+        return None
+    return int(header[len("bytes=") : -1])

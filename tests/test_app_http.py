@@ -77,6 +77,10 @@ def test_page_serves_on_localhost_with_demo_notice(server: tuple[str, Path, Path
     assert "lorastack" in page
     assert "Demo model" in page or "demo" in page.lower()
     assert "random weights" in log.read_text()
+    # Tests run with HF_HUB_OFFLINE=1: no first-run download is tried, and both say why.
+    assert "no checkpoint was found and HF_HUB_OFFLINE is set" in log.read_text()
+    assert "HF_HUB_OFFLINE is set" in page
+    assert "Download a starter checkpoint" in page  # the starter list, while the demo runs
 
 
 def test_txt2img_through_gradio_client(server: tuple[str, Path, Path]) -> None:

@@ -186,8 +186,8 @@ def test_app_import_has_no_side_effects() -> None:
 
 def test_only_entry_points_set_torch_threads() -> None:
     """A library must not change process-wide state: `torch.set_num_threads` is called
-    only by `pipelines.settings.apply_threads`, and that only by app.main, the CLI's main
-    and the Ray replica (which is its own process)."""
+    only by `pipelines.settings.apply_threads`, and that only by app.main, the CLI's main,
+    the Ray replica and the ZeroGPU worker (each its own process)."""
     callers = []
     for name, path in project_modules().items():
         text = path.read_text()
@@ -198,5 +198,6 @@ def test_only_entry_points_set_torch_threads() -> None:
     assert sorted(callers) == [
         "app: apply_threads",
         "deployments.ray.scaleout: apply_threads",
+        "deployments.zerogpu: apply_threads",
         "frontends.cli.__main__: apply_threads",
     ]

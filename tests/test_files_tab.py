@@ -384,20 +384,23 @@ def weights(runner: Engine) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in unet.state_dict().items()}
 
 
-def test_zerogpu_page_generates_statelessly(engine: Service) -> None:
-    """With the ZeroGPU runner (`spaces` missing here, so its wrapper is a no-op), a
-    page generation leaves no LoRA applied: each forked GPU call starts from base."""
+def test_zerogpu_page_merges_before_the_gpu_call(engine: Service) -> None:
+    """With the ZeroGPU runner (`spaces` missing here, so its wrapper is a no-op), a page
+    generation merges the stack in the main process before the GPU call, which then has
+    nothing to switch or merge."""
     settings = engine.settings
     local = Engine(settings, build_folders(settings))
     local.load(None)
     base = weights(local)
     env = {"SPACES_ZERO_GPU": "1"}
-    zero = make_page(Service(settings, local.folders, ZeroGpuRunner(local, env)), env=env)
+    runner = ZeroGpuRunner(local, env)
+    zero = make_page(Service(settings, local.folders, runner), env=env)
     stack = [{"name": "ink", "weight": 0.9}]
     items = press_generate(zero, visitor("z"), stack)
     (result,) = [item for item in items if isinstance(item[2], list) and item[2]]
     assert result[2] == [3] and "<lora:ink:0.9>" in result[1]
-    assert all(torch.equal(value, base[key]) for key, value in weights(local).items())
+    assert runner.inside == [(0, 0)]
+    assert not all(torch.equal(value, base[key]) for key, value in weights(local).items())
     normal = make_page(Service(settings, local.folders, local), env={})
     press_generate(normal, visitor("n"), stack)
     assert not all(torch.equal(value, base[key]) for key, value in weights(local).items())

@@ -1,10 +1,17 @@
-"""ZeroGPU: the duration estimate, the no-op wrapper off ZeroGPU, and the engine's stateless
-mode that a forked ZeroGPU worker needs (each call applies exactly its own LoRA stack)."""
+"""ZeroGPU: the duration estimate and its calibration, the no-op wrapper off ZeroGPU, and the
+runner under a forking stand-in for `spaces.GPU` (tests/zerogpu_standin.py): switches and
+merges in the main process, the duration requested and enforced, locks free at the fork."""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,19 +20,25 @@ import torch
 from deployments.zerogpu import (
     MAX_SECONDS,
     MIN_SECONDS,
+    STEP_SECONDS_PER_MEGAPIXEL,
+    DurationModel,
+    ForkGuard,
     ZeroGpuRunner,
     duration_of_call,
     estimate_duration,
     gpu_wrapper,
     prepare,
+    work_units,
     zero_gpu_active,
 )
+from frontends.page.gpu_time import gpu_time_text
 from pipelines.engine import Engine
 from pipelines.loading import LoadedModel
 from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
-from pipelines.service import build_folders
+from pipelines.service import Service, build_folders
 from pipelines.settings import Settings
 from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.zerogpu_standin import GpuTaskAborted, ZeroGpuStandIn
 
 
 @pytest.mark.parametrize(
@@ -132,20 +145,200 @@ def request(*loras: LoraSpec) -> GenerationRequest:
 
 
 def test_stateless_call_leaves_the_base_weights(engine: Engine) -> None:
-    """The ZeroGPU runner's calls (here off ZeroGPU, so in this process) leave the base
-    weights; the plain engine keeps the stack applied for the next request."""
-    zero = ZeroGpuRunner(engine, env={})
+    """`Engine.generate(stateless=True)` leaves the base weights; the default keeps the
+    stack applied for the next request."""
     base = weights(engine)
     kept = engine.generate(request(LoraSpec("ink", 0.8)), Unobserved())
-    assert not same(weights(engine), base)  # the default keeps the stack applied
-    glow = zero.generate(request(LoraSpec("glow", 0.7)), Unobserved())
+    assert not same(weights(engine), base)
+    glow = engine.generate(request(LoraSpec("glow", 0.7)), Unobserved(), stateless=True)
     assert same(weights(engine), base)  # bit for bit
-    again = zero.generate(request(LoraSpec("ink", 0.8)), Unobserved())
+    again = engine.generate(request(LoraSpec("ink", 0.8)), Unobserved(), stateless=True)
     assert same(weights(engine), base)
-    # Each stateless call applied exactly its own stack, from the base.
-    assert pixels(again) == pixels(kept)
-    assert pixels(glow) != pixels(kept)
-    fresh = engine.generate(request(LoraSpec("glow", 0.7)), Unobserved())
-    assert pixels(fresh) == pixels(glow)
-    zero.generate(request(), Unobserved())
-    assert same(weights(engine), base)
+    assert pixels(again) == pixels(kept) and pixels(glow) != pixels(kept)
+
+
+# ---------------------------------------------------------------------------- forked calls
+
+
+@pytest.fixture
+def fresh_engine(engine: Engine) -> Engine:
+    """An engine of its own (same folders) with nothing loaded: every switch counts."""
+    return Engine(engine.settings, engine.folders)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Like a forked worker (one CPU thread), for bit-identical images to compare with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sd1(*loras: LoraSpec, seed: int = 3, prompt: str = "a tower") -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, seed=seed, steps=2, width=64, height=64,
+                             checkpoint="tiny-sd1-diffusers", loras=loras)  # fmt: skip
+
+
+def test_switch_and_merge_happen_once_outside_the_forked_gpu_call(
+    fresh_engine: Engine,
+) -> None:
+    """Several requests on one checkpoint and stack: one switch and one merge, both in this
+    process; each forked worker only samples and decodes, and its images are the plain
+    engine's."""
+    standin = ZeroGpuStandIn()
+    runner = ZeroGpuRunner(fresh_engine, gpu=standin.GPU)
+    requests = [
+        sd1(LoraSpec("ink", 0.8)),
+        sd1(LoraSpec("ink", 0.8), seed=4),
+        sd1(LoraSpec("ink", 0.8), prompt="a bridge"),
+    ]
+    results = [runner.generate(r, Unobserved()) for r in requests]
+    manager = fresh_engine.manager
+    assert (manager.switches, manager.merges) == (1, 1)
+    assert runner.inside == [(0, 0)] * 3
+    assert len(set(standin.pids)) == 3 and os.getpid() not in standin.pids
+    with one_thread():
+        here = [fresh_engine.generate(r, Unobserved()) for r in (requests[0], requests[2])]
+    assert (manager.switches, manager.merges) == (1, 1)  # still in place here, too
+    assert [pixels(r) for r in here] == [pixels(results[0]), pixels(results[2])]
+    assert pixels(results[0]) != pixels(results[1])
+
+
+def test_a_kept_worker_forked_before_a_merge_redoes_it_correctly(fresh_engine: Engine) -> None:
+    """ZeroGPU keeps an idle worker: it holds the weights of its fork, so a later stack is
+    merged again inside it (counted and logged), and the images stay right."""
+    standin = ZeroGpuStandIn(reuse=True)
+    runner = ZeroGpuRunner(fresh_engine, gpu=standin.GPU)
+    try:
+        runner.generate(sd1(LoraSpec("ink", 0.8)), Unobserved())
+        glow = runner.generate(sd1(LoraSpec("glow", 0.7)), Unobserved())
+    finally:
+        standin.close()
+    assert standin.pids[0] == standin.pids[1]
+    assert runner.inside == [(0, 0), (0, 1)]
+    with one_thread():
+        here = fresh_engine.generate(sd1(LoraSpec("glow", 0.7)), Unobserved())
+    assert pixels(glow) == pixels(here)
+
+
+class StubManager:
+    switches = merges = 0
+
+
+class StubEngine:
+    """An engine whose generation only sleeps (`prompt` = seconds): durations and
+    enforcement without sampling."""
+
+    manager = StubManager()
+
+    def fork_locks(self) -> list[object]:
+        return []
+
+    def prepare(self, request: GenerationRequest, control: object) -> None:
+        """Nothing to switch."""
+
+    def generate(self, request: GenerationRequest, control: object) -> str:
+        time.sleep(float(request.prompt or 0))
+        return "done"
+
+
+def test_requested_duration_grows_with_steps_pixels_and_batch() -> None:
+    standin = ZeroGpuStandIn()
+    base = GenerationRequest(steps=20, width=768, height=768)
+    recorded = DurationModel(records=[(work_units(base), 12.0)])  # a run on "this hardware"
+    runner = ZeroGpuRunner(StubEngine(), gpu=standin.GPU, durations=recorded)  # type: ignore[arg-type]
+    more = [
+        GenerationRequest(steps=40, width=768, height=768),
+        GenerationRequest(steps=20, width=1024, height=1024),
+        GenerationRequest(steps=20, width=768, height=768, batch_size=2),
+    ]
+    for request in (base, *more):
+        assert runner.generate(request, Unobserved()) == "done"
+    first, *rest = standin.durations
+    assert all(seconds > first for seconds in rest)
+    assert standin.durations == [runner.duration(r) for r in (base, *more)]
+    assert first == math.ceil(1.5 * (10 + 12.0))  # the recorded run's rate, not the default
+
+
+def test_a_call_past_its_duration_is_aborted() -> None:
+    standin = ZeroGpuStandIn()
+    quick = DurationModel(overhead=0, minimum=1, maximum=1)
+    runner = ZeroGpuRunner(StubEngine(), gpu=standin.GPU, durations=quick)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(GpuTaskAborted, match="ran past its requested 1 s"):
+        runner.generate(GenerationRequest(prompt="30"), Unobserved())
+    assert time.monotonic() - started < 10
+    assert runner.generate(GenerationRequest(prompt="0"), Unobserved()) == "done"  # lock freed
+
+
+def test_durations_are_calibrated_from_recorded_runs(tmp_path: Path) -> None:
+    path = tmp_path / "durations.json"
+    request = GenerationRequest(steps=20, width=1024, height=1024)
+    model = DurationModel(hardware="gpu-a", path=path)
+    built_in = model.estimate(request)
+    model.record(request, 3 * STEP_SECONDS_PER_MEGAPIXEL * work_units(request))  # slower here
+    slower = model.estimate(request)
+    assert slower > built_in
+    assert DurationModel(hardware="gpu-a", path=path).estimate(request) == slower  # kept
+    assert DurationModel(hardware="gpu-b", path=path).estimate(request) == built_in
+    path.write_text("not json")
+    assert DurationModel(hardware="gpu-a", path=path).estimate(request) == built_in
+
+
+SHARED = threading.Lock()  # a lock of the main process that the worker needs (locks do not pickle)
+
+
+def take_shared() -> str:
+    """In the worker: take the lock a background thread of the main process may hold."""
+    with SHARED:
+        return "took it"
+
+
+def test_no_background_thread_holds_a_lock_across_the_fork() -> None:
+    lock = SHARED
+    guard = ForkGuard([lock])
+    standin = ZeroGpuStandIn()
+    call = standin.GPU(duration=2)(take_shared)
+    held, release = threading.Event(), threading.Event()
+
+    def background() -> None:
+        with lock:
+            held.set()
+            release.wait(5)
+
+    # Unguarded, a fork while the thread holds the lock leaves the worker waiting forever.
+    thread = threading.Thread(target=background)
+    thread.start()
+    held.wait(5)
+    with pytest.raises(GpuTaskAborted):
+        call()
+    release.set()
+    thread.join()
+    # Guarded, the fork waits until the lock is free, so the worker can take it.
+    held.clear()
+    release.clear()
+    thread = threading.Thread(target=background)
+    thread.start()
+    held.wait(5)
+    threading.Timer(0.3, release.set).start()
+    with guard.armed():
+        assert call() == "took it"
+    thread.join()
+    assert not lock.locked()
+
+
+def test_the_page_shows_the_gpu_time_before_the_click(engine: Engine) -> None:
+    standin = ZeroGpuStandIn()
+    zero = Service(engine.settings, engine.folders, ZeroGpuRunner(engine, gpu=standin.GPU))
+    local = Service(engine.settings, engine.folders, ZeroGpuRunner(engine, env={}))
+    small = GenerationRequest(steps=20, width=512, height=512)
+    big = GenerationRequest(steps=40, width=1024, height=1024, batch_size=2)
+    assert gpu_time_text(zero, 20, 512, 512, 1, 1) == (
+        f"ZeroGPU: this request asks for **{zero.gpu_seconds(small)} s** of GPU time."
+    )
+    assert zero.gpu_seconds(big) > zero.gpu_seconds(small) == estimate_duration(small)
+    assert local.gpu_seconds(small) is None and gpu_time_text(local, 20, 512, 512, 1, 1) == ""
+    assert standin.durations == []  # showing the time asks for no GPU

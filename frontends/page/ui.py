@@ -37,6 +37,7 @@ from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
 from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
 from frontends.page.files_tab import build_files_tab
 from frontends.page.gallery_tab import build_gallery_tab
+from frontends.page.gpu_time import build_gpu_time
 from frontends.page.hires_panel import (
     HIRES_FIELDS,
     SAME_CHECKPOINT,
@@ -44,6 +45,7 @@ from frontends.page.hires_panel import (
     hires_from_values,
     wire_final_resolution,
 )
+from frontends.page.identity import SESSION_NOTE, oauth_enabled, on_space, visitor_key
 from frontends.page.img2img_tab import (
     SendTargets,
     build_images,
@@ -62,6 +64,7 @@ from frontends.page.refiner_panel import (
 )
 from frontends.page.scripts_panel import SCRIPT_FIELDS, build_scripts_panel, script_requests
 from frontends.page.stack import fit_notes, rows_from_value, specs_from_rows
+from frontends.page.starters_panel import build_starters
 from frontends.page.styles_panel import build_styles, wire_styles
 from frontends.page.tabs import (
     Txt2ImgTargets,
@@ -79,7 +82,6 @@ from pipelines.interface import (
     GenerationService,
     ProgressSnapshot,
 )
-from pipelines.limits import user_key
 from pipelines.output import batch_number, save_image
 from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
 from pipelines.schema import (
@@ -229,6 +231,7 @@ def build_ui(
     service: GenerationService,
     settings: Settings,
     *,
+    demo_reason: str | None = None,
     preview_every: int = PREVIEW_EVERY,
     refresh_seconds: float = 5.0,
     policy: IngestPolicy | None = None,
@@ -241,10 +244,11 @@ def build_ui(
     Args:
         service: the generation service.
         settings: launch settings (outputs folder, hidden paths, data folder).
+        demo_reason: why no checkpoint was downloaded on first run (the demo banner says it).
         preview_every: steps between live previews.
         refresh_seconds: how often the LoRA list checks the folders.
         policy: the rules for the Add files tab (default: from the settings).
-        env: the environment (os.environ by default): Space storage.
+        env: the environment (os.environ by default): Space storage and identity.
     """
     policy = policy or IngestPolicy.from_settings(settings)
     bounds = service.bounds()
@@ -529,13 +533,18 @@ def build_ui(
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
+        if on_space(env) and not oauth_enabled(env):
+            gr.Markdown(SESSION_NOTE, elem_id="session_note")
         model = service.current_model()
         if model is not None and model.is_demo:
             gr.Markdown(
                 "**Demo model:** no checkpoint was found, so the built-in tiny model with "
                 "random weights is running; its images are noise. Put a Stable Diffusion "
                 "checkpoint into `models/` and refresh."
+                + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
+                elem_id="demo_banner",
             )
+            build_starters(service, settings.models_dirs[0], files_admin_check(settings))
         with gr.Row():
             checkpoint = gr.Dropdown(
                 checkpoint_choices(marked=True),
@@ -566,6 +575,7 @@ def build_ui(
                             service, controls["prompt"], controls["negative_prompt"], shared=shared
                         )
                         controls.update(build_parameters(slider, defaults))
+                        build_gpu_time(service, controls)
                         hires, hires_final = build_hires(
                             service.upscaler_names, checkpoint_choices, bounds, page
                         )
@@ -830,9 +840,9 @@ def files_admin_check(settings: Settings) -> Callable[[str, str], str | None] | 
 
 def page_user(request: gr.Request | None) -> str:
     """Who a page request is, for per-user limits and "my jobs": the logged-in user when
-    Gradio checked a login, else the client address."""
-    client = getattr(request, "client", None)
-    return user_key(getattr(request, "username", None), getattr(client, "host", None))
+    Gradio checked a login, else the client address; on a Space, the Hugging Face user or
+    the Gradio session (`frontends/page/identity.py`)."""
+    return visitor_key(request)
 
 
 def follow_job(

@@ -159,6 +159,7 @@ class AdapterStack:
         self.index = TargetIndex(pipe)
         self._backup: OrderedDict[Target, Backup] = OrderedDict()
         self._applied: dict[Target, tuple[Contribution, ...]] = {}
+        self.merges = 0  # `apply` calls that changed any weight (ZeroGPU counts where they ran)
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
         self._entries: list[StackEntry] = []  # the stack last applied, with its weights now
         self._slots: dict[Target, list[_Slot]] = {}  # its groups on each layer, in order
@@ -209,11 +210,14 @@ class AdapterStack:
         entries = [_entry(item) for item in stack]
         plan = self._plan(entries)  # 1. validate every file before touching any weight
         self._entries, self._slots = entries, plan.slots
+        changed = 0
         with torch.no_grad():
             for target in [t for t in self._applied if t not in plan.slots]:  # 2. untouched
                 self._restore_layer(target)
+                changed += 1
             for target in plan.slots:  # 3. changed layers only
-                self._update_layer(target)
+                changed += self._update_layer(target)
+        self.merges += changed > 0
         self._trim_backups()
         for report in plan.coverage:
             log.log(logging.INFO if report.complete else logging.WARNING, report.summary())
