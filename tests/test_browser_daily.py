@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from playwright import sync_api
 from safetensors.torch import save_file
 
-from pipelines.infotext import parse_infotext
+from pipelines.infotext import parse_infotext, write_png_with_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, set_number
@@ -216,3 +217,32 @@ def test_rows_and_tags_that_stop_fitting_the_checkpoint_are_flagged(page: object
         "stack row glow does not fit: made for SD1/SD2; the checkpoint is SDXL"
     )
     assert "<lora:xl-only>" not in notes.inner_text()  # fits SDXL
+
+
+def test_send_to_txt2img_keeps_batch_size_and_tags_and_lists_what_it_did_not_apply(
+    page: object, tmp_path: Path
+) -> None:
+    """Defect 13: PNG Info → Send to txt2img leaves the batch size (A1111 does), keeps the
+    prompt's tags as written (no rows: the stack is emptied, with a word, so no LoRA
+    applies twice) and lists the parameters it did not apply."""
+    text = (
+        "a house <lora:ink:0.6>, red\n"
+        "Steps: 3, Sampler: Euler, CFG scale: 6, Seed: 9, Size: 64x64, Hires upscale: 2, "
+        "Face restoration: CodeFormer, Version: v1.10.1"
+    )
+    source = tmp_path / "made-elsewhere.png"
+    source.write_bytes(write_png_with_infotext(Image.new("RGB", (64, 64)), text))
+    set_number(page, "batch_size", 3)
+    page.locator(".lora-card").filter(has_text="glow").get_by_role("button", name="Add").click()
+    page.locator(".stack-row").filter(has_text="glow").wait_for()
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(source))
+    sync_api.expect(page.locator("#pnginfo_text textarea")).to_have_value(re.compile("Seed: 9"))
+    page.locator("#send_to_txt2img").click()
+    sync_api.expect(page.locator("#prompt textarea")).to_have_value("a house <lora:ink:0.6>, red")
+    sync_api.expect(page.locator(".stack-row")).to_have_count(0)
+    assert page.locator("#batch_size input[type=number]").first.input_value() == "3"
+    assert page.locator("#seed input").first.input_value() == "9"
+    notes = page.locator("#notes")
+    sync_api.expect(notes).to_contain_text("not applied here: Hires upscale, Face restoration")
+    sync_api.expect(notes).to_contain_text("the LoRA stack was emptied")

@@ -179,18 +179,22 @@ def test_card_shows_preview_facts_and_reason(engine: Service) -> None:
 # --------------------------------------------------------------------------- PNG Info
 
 
-def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Service) -> None:
+def test_recall_fills_fields_keeps_tags_and_renames_a_lora_found_by_hash(engine: Service) -> None:
+    """As A1111's paste the prompt keeps its tags (no stack rows: the image replays with
+    exactly its LoRAs); a tag whose file is here under another name is renamed; a tag
+    whose file is not here stays, with a warning; keys the page has no use for are
+    listed."""
     glow_hash = engine.resolve_lora("glow").short_hash
     text = (
         "castle <lora:ink_style:0.8> <lora:old-glow:-0.5> <lora:gone:1>\n"
         "Negative prompt: blurry\n"
         "Steps: 7, Sampler: DPM++ 2M Karras, CFG scale: 4.5, Seed: 42, Size: 96x64, "
         f'Model hash: 0123456789, Model: elsewhere, Clip skip: 2, Lora hashes: "old-glow: '
-        f'{glow_hash}, gone: abcdefabcdef", Version: v1.10.1'
+        f'{glow_hash}, gone: abcdefabcdef", Version: v1.10.1, Face restoration: CodeFormer'
     )
     found = recall(text, engine)
     assert found.values == {
-        "prompt": "castle",
+        "prompt": "castle <lora:ink_style:0.8> <lora:glow:-0.5> <lora:gone:1>",
         "negative_prompt": "blurry",
         "steps": 7,
         "sampler_name": "DPM++ 2M",
@@ -209,14 +213,11 @@ def test_recall_fills_fields_stack_and_matches_renamed_lora_by_hash(engine: Serv
         "refiner_checkpoint": "None",  # no Refiner keys: made without one
         "randn_source": "NV",  # an A1111 infotext without RNG, recalled on a CPU
     }
-    assert found.rows == [
-        {"name": "ink", "weight": 0.8, "te_weight": None},
-        {"name": "glow", "weight": -0.5, "te_weight": None},
-    ]
+    assert found.not_applied == ["Face restoration"]
     assert found.checkpoint is None
     warnings = "\n".join(found.warnings)
     assert "'old-glow' is here as 'glow'" in warnings
-    assert "'gone' (hash abcdefabcdef) is not in the LoRA folders" in warnings
+    assert "'gone' (hash abcdefabcdef) is not in the LoRA folders; its tag stays" in warnings
     assert "checkpoint elsewhere [0123456789]" in warnings
     assert "made on an NVIDIA GPU, so its noise source NV was chosen" in warnings
 
@@ -613,10 +614,11 @@ def test_recall_takes_styles_out_of_the_prompts(engine: Service) -> None:
         )
         found = recall(text, engine)
         assert found.styles == ["frame", "tail"]
-        assert found.values["prompt"] == "castle" and found.values["negative_prompt"] == "fog"
-        assert found.rows == [{"name": "glow", "weight": 0.5, "te_weight": None}]
+        assert found.values["prompt"] == "castle <lora:glow:0.5>"
+        assert found.values["negative_prompt"] == "fog"
         plain = recall(text.replace("film grain", "oil"), engine)
-        assert plain.styles == [] and plain.values["prompt"] == "masterpiece, castle, oil"
+        assert plain.styles == []
+        assert plain.values["prompt"] == "masterpiece, castle, oil <lora:glow:0.5>"
     finally:
         engine.delete_style("frame")
         engine.delete_style("tail")
@@ -636,3 +638,18 @@ def test_endpoint_applies_styles(served: tuple[str, Path]) -> None:
         assert parse_infotext(plain).prompt == "a tower"  # no styles: the prompt as typed
     finally:
         (data / "styles.csv").unlink()
+
+
+def test_send_to_txt2img_lists_denoising_without_hires_as_not_applied(engine: Service) -> None:
+    """An img2img image's `Denoising strength` has no place in txt2img without Hires. fix:
+    listed, not silently set; with Hires keys it turns Hires. fix on and is applied."""
+    from frontends.page.tabs import txt2img_unused
+
+    base = "castle\nSteps: 7, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 64x64"
+    alone = recall(f"{base}, Denoising strength: 0.4", engine)
+    assert txt2img_unused(alone) == ["Denoising strength (txt2img uses it only with Hires. fix)"]
+    assert "denoising_strength" not in alone.values
+    hires = recall(f"{base}, Denoising strength: 0.4, Hires upscale: 2", engine)
+    assert txt2img_unused(hires) == [] and hires.values["denoising_strength"] == 0.4
+    dropped = recall(f"{base}, Hires upscale: 2, Hires upscaler: Latent", engine)
+    assert txt2img_unused(dropped) == ["Hires upscale", "Hires upscaler"]

@@ -440,7 +440,7 @@ class SendTargets:
         if info.infotext:
             found = recall(info.infotext, self.service)
             fields = {**found.values, **fields, "styles": found.styles}
-            rows, model, warnings = found.rows, found.checkpoint, found.warnings
+            rows, model, warnings = [], found.checkpoint, found.warnings  # LoRAs: its tags
         paste = self.service.paste_options  # A1111's send_seed / send_size
         dropped = [] if paste.send_seed else ["seed", "subseed", "subseed_strength"]
         dropped += [] if paste.send_size else ["width", "height"]

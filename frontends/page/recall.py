@@ -1,10 +1,12 @@
 """PNG Info: read an image's generation parameters and turn them back into page values.
 
 "Send to txt2img" fills every field named in `RECALLED`, the Hires fix section, the
-checkpoint, the LoRA stack and the styles: as A1111 ("Apply if any"), the styles the
-prompts carry are taken out of them and selected instead. LoRAs and checkpoints are
-looked up by name, then by the hash the infotext carries (`Lora hashes`, `Model hash`),
-so a renamed file is still found; whatever is missing is reported, never silently dropped.
+checkpoint and the styles: as A1111 ("Apply if any"), the styles the prompts carry are
+taken out of them and selected instead. The prompt keeps its `<lora:...>` tags as written
+(as A1111) and the stack is emptied, so the image replays with exactly its LoRAs; a tag
+whose LoRA is here under another name (found by the `Lora hashes` hash) is renamed.
+Checkpoints are looked up by name, then by `Model hash`. Whatever is missing, and every
+parameter the page does not apply, is reported, never silently dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from frontends.page.defaults import scheduler_label
 from frontends.page.hires_panel import recall_hires
 from frontends.page.refiner_panel import recall_refiner
-from frontends.page.stack import row_of, strip_lora_tags
+from frontends.page.stack import strip_lora_tags
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.infotext import ParsedInfotext, parse_infotext, read_infotext
@@ -41,6 +43,38 @@ RECALLED: dict[str, str] = {
 """Infotext key -> request field (schema.FIELDS names); Size fills width and height,
 `Seed resize from` the resize pair, `Tiling` the checkbox."""
 
+UNDERSTOOD = {
+    *RECALLED,
+    "Size",
+    "Seed resize from",
+    "Tiling",
+    "RNG",
+    "Model",
+    "Model hash",
+    "VAE",
+    "VAE hash",
+    "Lora hashes",
+    "TI hashes",
+    "Version",
+    "Refiner",
+    "Refiner switch at",
+}
+"""Infotext keys a recall applies (or, like `Version` and the hashes, uses to find files);
+every other key is listed as not applied."""
+HIRES_KEYS = {
+    "Hires upscale",
+    "Hires resize",
+    "Hires steps",
+    "Hires upscaler",
+    "Hires checkpoint",
+    "Hires sampler",
+    "Hires schedule type",
+    "Hires prompt",
+    "Hires negative prompt",
+}
+"""The Hires. fix keys: applied only when the section is turned on (A1111 turns it on only
+with `Denoising strength` and a `Hires ...` key)."""
+
 REPLAY_DEFAULTS: dict[str, Any] = {
     "subseed_strength": 0.0,
     "seed_resize_from_w": 0,
@@ -57,8 +91,8 @@ class Recall:
 
     values: dict[str, Any] = field(default_factory=dict)  # schema.FIELDS name -> value
     checkpoint: str | None = None  # a listed title
-    rows: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    not_applied: list[str] = field(default_factory=list)  # infotext keys the page has no use for
     styles: list[str] = field(default_factory=list)  # styles.csv names, in applied order
     vae: str | None = None  # a listed VAE's name, when the infotext names one
 
@@ -96,16 +130,13 @@ def recall(text: str, service: GenerationService) -> Recall:
     except LorastackError as error:
         tags = []
         result.warnings.append(error.message)
-    # a tag with keyframes or hires weights stays in the prompt as written
-    stay = {spec.name.lower() for spec in tags if row_of(spec) is None}
-    result.values["prompt"] = strip_lora_tags(prompt, keep=stay) if tags else prompt
+    for spec in tags:
+        name = _local_lora(spec.name, parsed, service, result.warnings)
+        if name is not None and name != spec.name:
+            prompt = rename_lora_tags(prompt, spec.name, name)
+    result.values["prompt"] = prompt
     result.values["negative_prompt"] = negative
     _recall_numbers(parsed, result, service.device().device.startswith("cuda"))
-    for spec in tags:
-        row = row_of(spec)
-        name = None if row is None else _local_lora(spec.name, parsed, service, result.warnings)
-        if row is not None and name is not None:
-            result.rows.append({**row, "name": name})
     result.checkpoint = _local_checkpoint(parsed, service, result.warnings)
     result.vae = _local_vae(parsed, service, result.warnings)
 
@@ -118,7 +149,15 @@ def recall(text: str, service: GenerationService) -> Recall:
     ):
         result.values.update(recalled)
         result.warnings.extend(warnings)
+    understood = UNDERSTOOD | (HIRES_KEYS if result.values.get("enable_hr") else set())
+    result.not_applied = [key for key in parsed.params if key not in understood]
     return result
+
+
+def rename_lora_tags(prompt: str, old: str, new: str) -> str:
+    """`prompt` with every `<lora:old...>` (or `<lyco:...>`) tag naming `new` instead."""
+    pattern = re.compile(rf"<(lora|lyco):{re.escape(old)}(?=[:>])", re.IGNORECASE)
+    return pattern.sub(lambda match: f"<{match[1]}:{new}", prompt)
 
 
 def _without_styles(
@@ -189,9 +228,11 @@ def _recall_numbers(parsed: ParsedInfotext, result: Recall, on_cuda: bool) -> No
 def _local_lora(
     name: str, parsed: ParsedInfotext, service: GenerationService, warnings: list[str]
 ) -> str | None:
-    """The listed LoRA a tag means: by name, else by its `Lora hashes` hash."""
+    """The name a tag should use here: its own when it resolves (a name or alias), else
+    the listed LoRA with its `Lora hashes` hash; None when neither is here."""
     try:
-        return service.resolve_lora(name).name
+        service.resolve_lora(name)
+        return name
     except LorastackError as error:
         reason = error.message
     wanted = parsed.lora_hashes.get(name.replace(":", "").replace(",", ""))
@@ -201,7 +242,10 @@ def _local_lora(
             warnings.append(f"LoRA '{name}' is here as '{found[0].name}' (same hash {wanted})")
             return found[0].name
     hint = f" (hash {wanted})" if wanted else ""
-    warnings.append(f"LoRA '{name}'{hint} is not in the LoRA folders; left out: {reason}")
+    warnings.append(
+        f"LoRA '{name}'{hint} is not in the LoRA folders; its tag stays in the prompt (add "
+        f"the file or remove the tag): {reason}"
+    )
     return None
 
 

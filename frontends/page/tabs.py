@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import html
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -18,7 +19,8 @@ from frontends.page.defaults import (
 )
 from frontends.page.errors import user_error
 from frontends.page.lora_panel import QUICK, LoraPanel
-from frontends.page.recall import read_image_info, recall
+from frontends.page.recall import Recall, read_image_info, recall
+from frontends.page.stack import rows_from_value
 from pipelines.errors import LorastackError
 from pipelines.infotext import parse_infotext
 from pipelines.interface import GenerationService
@@ -111,6 +113,16 @@ class Txt2ImgTargets:
     vae: gr.Dropdown | None = None
 
 
+def txt2img_unused(found: Recall) -> list[str]:
+    """The recalled parameters txt2img does not apply: keys the page has no use for, and
+    `Denoising strength` without Hires. fix (an img2img value; dropped from the values)."""
+    unused = list(found.not_applied)
+    if not found.values.get("enable_hr") and "denoising_strength" in found.values:
+        del found.values["denoising_strength"]
+        unused.insert(0, "Denoising strength (txt2img uses it only with Hires. fix)")
+    return unused
+
+
 def wire_send_to_txt2img(
     service: GenerationService, button: gr.Button, infotext: Any, targets: Txt2ImgTargets
 ) -> None:
@@ -118,19 +130,24 @@ def wire_send_to_txt2img(
     names = list(targets.controls)
     panel = targets.panel
 
-    def send_to_txt2img(text: str, version: int) -> list[Any]:
+    def send_to_txt2img(text: str, rows: Any, version: int) -> list[Any]:
         if not text:
             raise user_error("No parameters to send: choose an image with A1111 parameters first")
         found = recall(text, service)
+        said = list(found.warnings)
+        unused = txt2img_unused(found)
+        if unused:
+            said.append(f"not applied here: {', '.join(unused)}")
+        if rows_from_value(rows):  # the image's LoRAs are its prompt's tags
+            said.append("the LoRA stack was emptied: the image's LoRAs are its prompt tags")
         fields = [found.values.get(name, gr.skip()) for name in names]
-        warned = "\n".join(f"⚠ {w}" for w in found.warnings)
         return [
             *fields,
             found.checkpoint or gr.skip(),
-            found.rows,
+            [],
             version + 1,
             gr.Tabs(selected="txt2img"),
-            warned,
+            "\n\n".join(f"⚠ {html.escape(note)}" for note in said),
         ]
 
     outputs = [
@@ -141,7 +158,8 @@ def wire_send_to_txt2img(
         targets.tabs,
         targets.notes,
     ]
-    button.click(send_to_txt2img, [infotext, panel.rows_version], outputs, **QUICK)
+    sources = [infotext, panel.stack, panel.rows_version]
+    button.click(send_to_txt2img, sources, outputs, **QUICK)
     if targets.styles is not None:
         button.click(lambda text: recall(text, service).styles, infotext, targets.styles, **QUICK)
     if targets.vae is not None:
