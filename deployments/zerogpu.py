@@ -295,6 +295,9 @@ class _Unobserved:
     def step(self, step: int, preview: Any = None) -> None:
         """Nothing to report across the fork."""
 
+    def batch_finished(self, result: Any) -> None:
+        """Nothing to report across the fork: every batch comes with the result."""
+
 
 class ZeroGpuRunner:
     """The local engine, each generation sampled under `spaces.GPU` (a `Runner`).

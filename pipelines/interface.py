@@ -113,6 +113,7 @@ class ProgressSnapshot:
     estimated_wait: float | None = None
     started: float = 0.0  # time.time() when it started running; 0 while queued
     preview: tuple[Image.Image, ...] = field(default_factory=tuple)
+    finished: Any = None  # a batch of the batch count just done (its GenerationResult)
 
     @property
     def active(self) -> bool:

@@ -88,6 +88,11 @@ class JobControl:
         """`step` sampling steps of the current batch are done."""
         self._service._step(self._job, step, preview)
 
+    def batch_finished(self, result: Any) -> None:
+        """One batch of the job's batch count is done: its submitter gets it now (in a
+        progress snapshot's `finished`) to show and save before the job ends."""
+        self._service._notify(self._job, finished=result)
+
     def finish(self, result: Any) -> None:
         """The job's result before the run it shares ends (a job of a batch that was
         interrupted): its submitter gets it now, and the run's later result for it is
@@ -474,7 +479,9 @@ class JobService:
         wants_preview = bool(every) and step % every == 0 and step < job.sampling_steps
         self._notify(job, preview if wants_preview else None)
 
-    def _notify(self, job: _Job, preview: PreviewSource | None = None) -> None:
+    def _notify(
+        self, job: _Job, preview: PreviewSource | None = None, finished: Any = None
+    ) -> None:
         """Tell the job's submitter (outside the lock: callbacks may be slow)."""
         if job.on_progress is None:
             return
@@ -482,6 +489,8 @@ class JobService:
             snapshot = self._snapshot(job)
         if preview is not None:
             snapshot = replace(snapshot, preview=tuple(preview()))
+        if finished is not None:
+            snapshot = replace(snapshot, finished=finished)
         try:
             job.on_progress(snapshot)
         except Exception:  # a broken callback must not stop the job

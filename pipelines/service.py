@@ -713,6 +713,9 @@ class _RelayedControl:
     def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
         self._control.step(step, preview)
 
+    def batch_finished(self, result: GenerationResult) -> None:
+        self._control.batch_finished(result)
+
 
 class _EchoingControl(_RelayedControl):
     """A batched job's control whose early result (an interrupted job's, handed over
@@ -743,6 +746,9 @@ class _SeriesControl(_RelayedControl):
 
     def batch(self, job_no: int, job_count: int, steps: int) -> None:
         self._control.batch(self._offset + job_no, self._total, steps)
+
+    def batch_finished(self, result: GenerationResult) -> None:
+        """A series (a script, the X/Y/Z plot) shows its images together at the end."""
 
 
 RunnerFactory = Callable[[Settings, ModelFolders], Runner]

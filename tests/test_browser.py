@@ -685,7 +685,7 @@ def test_find_an_image_in_the_gallery_by_lora_send_it_back_delete_and_restore(
     shot(page, "gallery.png")
     page.locator("#gallery_send_txt2img").click()
     prompt = page.locator("#prompt textarea")
-    sync_api.expect(prompt).to_have_value("a harbour at noon <lora:glow:0.4>")
+    sync_api.expect(prompt).to_have_value("a harbour at noon <lora:glow:0.4>", timeout=TIMEOUT_MS)
     assert page.locator("#seed input").first.input_value() == "777"
     assert page.locator("#height input[type=number]").first.input_value() == "96"
 

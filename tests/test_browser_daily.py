@@ -40,6 +40,7 @@ def app(
     shutil.copytree(models_dir, models)  # tiny SD1 (file and folder), tiny SDXL
     broken = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3, 3)}
     save_file(broken, models / "broken.safetensors")  # an SD1 name with a wrong shape
+    Image.new("RGB", (96, 64), (200, 40, 20)).save(models / "xl" / "tiny-sdxl.preview.png")
     with app_server(data) as url:
         yield url, data
 
@@ -246,3 +247,56 @@ def test_send_to_txt2img_keeps_batch_size_and_tags_and_lists_what_it_did_not_app
     notes = page.locator("#notes")
     sync_api.expect(notes).to_contain_text("not applied here: Hires upscale, Face restoration")
     sync_api.expect(notes).to_contain_text("the LoRA stack was emptied")
+
+
+def test_each_batch_of_a_batch_count_shows_and_saves_as_it_finishes(
+    page: object, app: tuple[str, Path]
+) -> None:
+    """Defect 10: with batch count 3 the first batch's image is in the gallery and on disk
+    while the job still runs; the progress bar stays in its own place above the gallery
+    (it is not replaced by the previews and batches that stream into the gallery)."""
+    saved = app[1] / "outputs"
+    before = len(list(saved.rglob("*.png")))
+    page.locator("#prompt textarea").fill("three towers")
+    small(page, steps=24, width=256, height=256, n_iter=3, seed=70)
+    page.locator("#generate").click()
+    bar = page.locator("#progress .job-progress")
+    sync_api.expect(bar).to_contain_text("batch 1/3")
+    seen = []  # the bar, sampled while previews stream in: never gone, time never back
+    while "batch 2/3" not in (text := bar.inner_text() if bar.count() else "gone"):
+        seen.append(text)
+        page.wait_for_timeout(150)
+    assert "gone" not in seen, seen
+    elapsed = [int(m[1]) for t in seen if (m := re.search(r"(\d+)s elapsed", t))]
+    assert elapsed == sorted(elapsed), seen
+    # the first batch, finished: in the gallery with its parameters while the job runs on
+    sync_api.expect(page.locator("#infotext textarea")).to_have_value(re.compile("Seed: 70,"))
+    assert "Time taken" not in page.locator("#notes").inner_text()
+    assert page.locator("#gallery img").count() >= 1
+    assert len(list(saved.rglob("*.png"))) > before  # saved before the job ended
+    sync_api.expect(page.locator("#notes")).to_contain_text("Time taken")
+    seeds = set()
+    for path in saved.rglob("*.png"):
+        with Image.open(path) as image:
+            seeds.add(parse_infotext(image.info["parameters"]).params["Seed"])
+    assert {"70", "71", "72"} <= seeds  # each batch saved once, with its own seed
+    assert len(list(saved.rglob("*.png"))) == before + 3
+
+
+def test_checkpoint_cards_show_each_checkpoint_and_use_one(page: object) -> None:
+    """A1111's checkpoint cards: each checkpoint with its family and preview, an unusable
+    one greyed out with why; **Use** makes a card's checkpoint the session's."""
+    page.locator("#checkpoint_library").get_by_text("Checkpoints").first.click()
+    cards = page.locator(".checkpoint-card")
+    xl = cards.filter(has_text="xl/tiny-sdxl.safetensors")
+    sync_api.expect(xl).to_contain_text("SDXL")
+    sync_api.expect(xl.locator("img.lora-thumb")).to_have_count(1)  # its preview
+    broken = cards.filter(has_text="broken.safetensors")
+    sync_api.expect(broken).to_contain_text("cannot tell the model family")
+    sync_api.expect(broken.get_by_role("button", name="Use")).to_be_disabled()
+    page.locator("#checkpoint_search input, #checkpoint_search textarea").first.fill("sdxl")
+    sync_api.expect(cards).to_have_count(1)
+    xl.get_by_role("button", name="Use").click()
+    sync_api.expect(page.locator("#checkpoint input")).to_have_value(
+        re.compile(r"^xl/tiny-sdxl\.safetensors")
+    )

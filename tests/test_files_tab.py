@@ -287,12 +287,19 @@ def test_temporary_disk_warning_and_disabled_controls_on_the_page(engine: Servic
     text = page_text(page)
     assert "Temporary disk" in text and "a restart wipes them" in text
     assert "Uploads are disabled" not in text
+    assert "open_folder" not in elem_ids(page)  # it would open on the Space's machine
 
     closed = IngestPolicy(PROJECT_DIR / "loras", PROJECT_DIR / "models", MB, False, False)
-    text = page_text(make_page(engine, policy=closed, env={}))
+    local = make_page(engine, policy=closed, env={})
+    assert {"open_folder", "img2img_open_folder"} <= elem_ids(local)  # a local user's
+    text = page_text(local)
     assert "Uploads are disabled on this server (`--disable-uploads`)" in text
     assert "Downloads are disabled on this server (`--disable-downloads`)" in text
     assert "Temporary disk" not in text and "Checkpoints cannot be added here" in text
+
+
+def elem_ids(page: gr.Blocks) -> set[str]:
+    return {block.elem_id for block in page.blocks.values() if getattr(block, "elem_id", None)}
 
 
 def generate_event(page: gr.Blocks) -> Any:

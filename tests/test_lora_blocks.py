@@ -364,6 +364,9 @@ class Switcher:
     def batch(self, job_no: int, job_count: int, steps: int) -> None:
         pass
 
+    def batch_finished(self, result: object) -> None:
+        pass
+
     def step(self, step: int, preview: object = None) -> None:
         if step in self.after:
             unet, te = self.after[step]

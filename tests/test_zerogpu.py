@@ -120,6 +120,9 @@ class Unobserved:
     def step(self, step: int, preview: object = None) -> None:
         """Not watched."""
 
+    def batch_finished(self, result: object) -> None:
+        """Not watched."""
+
 
 def weights(engine: Engine) -> dict[str, torch.Tensor]:
     assert engine.manager.current is not None

@@ -205,6 +205,9 @@ class _ReplicaControl:
         arrays = tuple(np.asarray(image) for image in preview()) if wanted else ()
         self.events.put(StepEvent(job_no, job_count, step, steps, arrays))
 
+    def batch_finished(self, result: Any) -> None:
+        """Not relayed from a replica: every batch comes with the job's result."""
+
 
 class EngineReplica:
     """A Serve deployment class: one real Engine per replica (one GPU, or a CPU share).

@@ -94,7 +94,8 @@ def build_embeddings(
 ) -> None:
     """The searchable cards (inside the caller's layout) and their events; the list follows
     the session's checkpoint and picks up new files by itself."""
-    version = gr.State("")
+    # today's signature: the first poll re-renders (and loses a click) only on a change
+    version = gr.State(listing_signature(service.embeddings()))
     with gr.Row():
         search = gr.Textbox(
             placeholder="search embeddings", show_label=False, elem_id="embedding_search", scale=4

@@ -246,6 +246,8 @@ def build_library(
         kind = gr.Radio(list(FILTERS), value="All", show_label=False, scale=3)
         refresh = gr.Button("Refresh", elem_id="lora_refresh", scale=0, min_width=100)
     timer = gr.Timer(refresh_seconds)
+    # today's signature: the first poll re-renders (and loses a click) only on a change
+    panel.library_version.value = library_signature(service)
 
     @gr.render(inputs=[search, kind, checkpoint, panel.library_version], **ONE_RENDER_AT_A_TIME)
     def cards(query: str, wanted: str, choice: str | None, _version: str) -> None:

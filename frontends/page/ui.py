@@ -16,7 +16,7 @@ import inspect
 import queue
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import gradio as gr
 
 from deployments.ingest import IngestPolicy
 from deployments.lora_sources import LoraSources
+from frontends.page.checkpoint_cards import build_checkpoint_cards
 from frontends.page.controlnet_panel import (
     CONTROLNET_FIELDS,
     build_controlnet,
@@ -56,6 +57,7 @@ from frontends.page.img2img_tab import (
 )
 from frontends.page.lora_panel import QUICK, build_library, build_stack
 from frontends.page.lora_sources_panel import PreviewMaker, build_lora_sources_panel
+from frontends.page.open_folder import build_open_folder
 from frontends.page.refiner_panel import (
     NO_REFINER,
     REFINER_FIELDS,
@@ -147,6 +149,7 @@ style.textContent = `
   .lora-nothumb { height: 48px; display: flex; align-items: center; justify-content: center;
                   color: var(--body-text-color-subdued); font-size: 12px; }
   .lora-name, .embedding-name { font-weight: 600; word-break: break-all; }
+  .checkpoint-card-body .lora-thumb { max-height: 128px; }
   .lora-facts, .lora-alias, .lora-words, .embedding-facts { font-size: 12px; }
   .lora-why { font-size: 12px; color: var(--color-accent); }
   .lora-coverage { font-size: 12px; word-break: break-all; }
@@ -155,6 +158,11 @@ style.textContent = `
     .stack-row { flex-wrap: nowrap !important; }
     .stack-row > * { min-width: 0 !important; }
   }
+  .job-progress { position: relative; border: 1px solid var(--border-color-primary);
+                  border-radius: 6px; min-height: 28px; overflow: hidden; font-size: 13px; }
+  .job-progress-bar { position: absolute; inset: 0 auto 0 0; background: var(--color-accent);
+                      opacity: 0.35; }
+  .job-progress span { position: relative; padding: 4px 8px; display: inline-block; }
   .clamp-note { font-size: 12px; color: var(--color-accent); }
   .token-counter { font-size: 12px; text-align: right; color: var(--body-text-color-subdued); }
   .lora-fewstep, #checkpoint_fewstep { font-size: 12px; }
@@ -215,6 +223,7 @@ class Results:
     run: gr.Button
     stop: gr.Button
     skip: gr.Button
+    progress: gr.HTML  # where the progress bar stays while previews and batches stream
     gallery: gr.Gallery
     selected: gr.State  # the gallery index the user clicked, for "Send to"
     info: gr.Textbox
@@ -466,16 +475,25 @@ def build_ui(
                 if series is not None
                 else follow_job(service, generation, user, preview_every, plan)
             )
+            early: Shown = ([], "", [], [], [])  # batches shown and saved before the end
             for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
-                    yield *KEEP_SHOWN, item
+                    yield *KEEP_SHOWN, item, progress_bar(None)
                 elif isinstance(item, ProgressSnapshot):
                     progress(item.fraction, desc=step_text(item, unit))
-                    if item.preview:
-                        yield list(item.preview), *KEEP_SHOWN[1:], gr.skip()
+                    bar = progress_bar(item, unit)
+                    if item.finished is not None:  # a batch of the batch count: now
+                        early = joined(early, finish([item.finished], generation.kind))
+                        gallery, info, seeds, _, infotexts = early
+                        yield gallery, info, seeds, gr.skip(), infotexts, gr.skip(), bar
+                    elif item.preview:
+                        shown = [*early[0], *item.preview]
+                        yield shown, *KEEP_SHOWN[1:], gr.skip(), bar
+                    else:
+                        yield *KEEP_SHOWN, gr.skip(), bar
                 elif item is None:
                     gr.Info("Interrupted before it started")
-                    yield [], "", [], [], [], ""
+                    yield [], "", [], [], [], "", ""
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
@@ -490,14 +508,19 @@ def build_ui(
                             kind=kind,
                             options=service.save_options,
                         )
-                    yield (*timed(shown, started, adjusted), "")
+                    yield (*timed(shown, started, adjusted), "", "")
                 else:
                     results = item if isinstance(item, list) else [item]
-                    yield (*timed(finish(results, generation.kind), started, adjusted), "")
+                    results[0] = after_shown(results[0], len(early[0]))
+                    rest = finish(results, generation.kind, already=len(early[0]))
+                    shown = joined(early, rest)
+                    yield (*timed(shown, started, adjusted), "", "")
         except LorastackError as error:
             raise user_error(error.message) from error
 
-    def finish(results: list[GenerationResult], kind: str, grids: int = 0) -> Shown:
+    def finish(
+        results: list[GenerationResult], kind: str, grids: int = 0, already: int = 0
+    ) -> Shown:
         """Save every image of every result (the first `grids` to the grids folder); the
         gallery, first infotext, seeds, notes and each shown image's infotext."""
         gallery, seeds, infotexts, notes, shown_infotexts = [], [], [], [], []
@@ -522,7 +545,7 @@ def build_ui(
             infotexts += result.infotexts
             notes += result.notes
             if result.interrupted:
-                notes.insert(0, f"interrupted: {len(gallery)} image(s) finished")
+                notes.insert(0, f"interrupted: {already + len(gallery)} image(s) finished")
         for note in notes:
             if "replaces the stack weight" in note:
                 gr.Warning(note)
@@ -530,6 +553,8 @@ def build_ui(
         return gallery, first, seeds, notes, shown_infotexts
 
     shared = files_admin_check(settings) is not None  # styles: admin actions when shared
+    # "Open output folder" opens on the server's screen: only for a user sitting there
+    local_outputs = None if shared or on_space(env) else settings.outputs_dir
     with gr.Blocks(title="lorastack") as page:
         gr.HTML("", js_on_load=PAGE_JS, elem_id="page_script")
         gr.Markdown("# lorastack")
@@ -586,7 +611,7 @@ def build_ui(
                         panel = build_stack(page, prompt, checkpoint, stack_fits)
                         scripts = build_scripts_panel()
                     with gr.Column(scale=2):
-                        results = build_results("txt2img", "")
+                        results = build_results("txt2img", "", local_outputs)
                 previews = PreviewMaker(
                     service,
                     results.gallery,
@@ -605,6 +630,8 @@ def build_ui(
                         [controls[name] for name in FEWSTEP_TARGETS],
                         make_preview=previews.wire,
                     )
+                with gr.Accordion("Checkpoints", open=False, elem_id="checkpoint_library"):
+                    build_checkpoint_cards(service, checkpoint, refresh_seconds)
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
                         service, prompt, controls["negative_prompt"], checkpoint, refresh_seconds
@@ -631,7 +658,7 @@ def build_ui(
                     i2i_units = build_controlnet(service, "img2img_")
                     stack_summary = gr.Markdown(stack_text([]), elem_id="img2img_stack_summary")
                 with gr.Column(scale=2):
-                    i2i_results = build_results("img2img", "img2img_")
+                    i2i_results = build_results("img2img", "img2img_", local_outputs)
             with gr.Tab("Extras", id="extras"):
                 extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
             with gr.Tab("Gallery", id="gallery"):
@@ -798,8 +825,13 @@ def build_ui(
                 return (gr.skip(),) * 6
             return (*model_dropdowns(), signature)
 
+        built = (models_signature(), current_title())  # what the page's config holds
+
         def load_models() -> tuple[Any, ...]:
-            """A new page: today's listings and the checkpoint loaded now."""
+            """A new page: today's listings and the checkpoint loaded now (untouched when
+            the page's config already shows them: an update re-renders the cards)."""
+            if (models_signature(), current_title()) == built:
+                return (gr.skip(),) * 5 + (built[0],)
             current = gr.Dropdown(choices=checkpoint_choices(marked=True), value=current_title())
             return (current, *model_dropdowns()[1:], models_signature())
 
@@ -922,6 +954,32 @@ def time_taken(seconds: float) -> str:
     return f"Time taken: {shown}"
 
 
+def joined(before: Shown, after: Shown) -> Shown:
+    """Two parts of one job's output as one (the first infotext is the first part's)."""
+    gallery, info, seeds, notes, infotexts = before
+    more_gallery, more_info, more_seeds, more_notes, more_infotexts = after
+    return (
+        [*gallery, *more_gallery],
+        info or more_info,
+        [*seeds, *more_seeds],
+        more_notes,  # the whole job's notes come with its result
+        [*infotexts, *more_infotexts],
+    )
+
+
+def after_shown(result: GenerationResult, shown: int) -> GenerationResult:
+    """The job's result without its first `shown` images (batches already shown and
+    saved as they finished)."""
+    if not shown:
+        return result
+    return replace(
+        result,
+        images=result.images[shown:],
+        seeds=result.seeds[shown:],
+        infotexts=result.infotexts[shown:],
+    )
+
+
 def timed(shown: Shown, started: float, adjusted: list[str]) -> Shown:
     """`finish`'s output with what the run `adjusted` in the request first and the time
     since `started` as the last note."""
@@ -930,10 +988,26 @@ def timed(shown: Shown, started: float, adjusted: list[str]) -> Shown:
     return gallery, info, seeds, notes, infotexts
 
 
-def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
-    batch = f"{unit} {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
+def progress_bar(update: ProgressSnapshot | None, unit: str = "batch") -> str:
+    """The page's progress bar (HTML) for a running job's snapshot; a waiting one says
+    so (None: submitted, not started yet)."""
+    if update is None or update.state != "running":
+        return '<div class="job-progress"><span>waiting…</span></div>'
+    percent = max(0.0, min(100.0, update.fraction * 100))
     return (
-        f"{batch}step {update.sampling_step}/{update.sampling_steps}, ETA {update.eta_seconds:.0f}s"
+        f'<div class="job-progress"><div class="job-progress-bar" style="width: {percent:.1f}%">'
+        f"</div><span>{html.escape(step_text(update, unit))} · {percent:.0f}%</span></div>"
+    )
+
+
+def step_text(update: ProgressSnapshot, unit: str = "batch") -> str:
+    """The progress text, with the job's own elapsed time (Gradio's clock restarted with
+    every preview)."""
+    batch = f"{unit} {update.job_no + 1}/{update.job_count}, " if update.job_count > 1 else ""
+    elapsed = f", {time.time() - update.started:.0f}s elapsed" if update.started else ""
+    return (
+        f"{batch}step {update.sampling_step}/{update.sampling_steps}, "
+        f"ETA {update.eta_seconds:.0f}s{elapsed}"
     )
 
 
@@ -1053,13 +1127,15 @@ def build_parameters(slider: Any, defaults: dict[str, Any], prefix: str = "") ->
     return controls
 
 
-def build_results(tab: str, prefix: str) -> Results:
+def build_results(tab: str, prefix: str, outputs: Path | None = None) -> Results:
     """Generate and Interrupt, the gallery with its parameters, the seed buttons and the
-    "Send to" buttons (`tab` names the latter's elements as A1111 does)."""
+    "Send to" buttons (`tab` names the latter's elements as A1111 does); with `outputs`
+    (a local user's server), "Open output folder" for the tab's images there."""
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id=f"{prefix}generate")
         stop = gr.Button("Interrupt", elem_id=f"{prefix}interrupt")
         skip = gr.Button("Skip", elem_id=f"{prefix}skip")
+    progress = gr.HTML("", elem_id=f"{prefix}progress", min_height=36, padding=False)
     gallery = gr.Gallery(
         label="Images",
         elem_id=f"{prefix}gallery",
@@ -1078,11 +1154,14 @@ def build_results(tab: str, prefix: str) -> Results:
     with gr.Row():
         dice = gr.Button("Random seed (-1)", size="sm", elem_id=f"{prefix}random_seed")
         reuse = gr.Button("Reuse last seed", size="sm", elem_id=f"{prefix}reuse_seed")
+        if outputs is not None:
+            build_open_folder(outputs / f"{tab}-images", f"{prefix}open_folder")
     selected = gr.State(0)
     return Results(
         run,
         stop,
         skip,
+        progress,
         gallery,
         selected,
         info,
@@ -1119,22 +1198,31 @@ def wire_results(
     outputs.append(job_state)
     if api_name:
         api_twin = gr.Button(visible=False, elem_id=f"{api_name}_api")
-        api_twin.click(generate, inputs, outputs, api_name=api_name, concurrency_limit=None)
 
-    @functools.wraps(generate)  # Gradio reads the signature (gr.Request, gr.Progress)
+        @functools.wraps(generate)  # Gradio reads the signature (gr.Request, gr.Progress)
+        def for_clients(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
+            for shown in generate(*args, **kwargs):
+                yield shown[:-1]  # the page's own progress bar is not the API's
+
+        api_twin.click(for_clients, inputs, outputs, api_name=api_name, concurrency_limit=None)
+
+    @functools.wraps(generate)
     def shown_in_page(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
         try:
             yield from generate(*args, **kwargs)
         except gr.Error as error:
             gr.Warning(str(error.message))
-            yield *KEEP_SHOWN[:3], [ERROR_NOTE + str(error.message)], gr.skip(), ""
+            yield *KEEP_SHOWN[:3], [ERROR_NOTE + str(error.message)], gr.skip(), "", ""
 
     generated = results.run.click(
         shown_in_page,
         inputs,
-        outputs,
+        [*outputs, results.progress],
         api_visibility="private",
         concurrency_limit=None,
+        # the page draws its own bar above the gallery: Gradio's, on the outputs, went
+        # away with every preview or batch and restarted its clock
+        show_progress="hidden",
     )
     results.run.click(lambda: 0, None, results.selected, **QUICK)
     generated.then(notes_markdown, note_state, results.notes, **QUICK)

@@ -10,6 +10,7 @@ from pathlib import Path
 from pipelines.architecture import Architecture, detect_architecture
 from pipelines.errors import UnusableFileError
 from pipelines.folders.hashing import HashCache
+from pipelines.folders.loras import preview_beside
 from pipelines.loading import architecture_of_diffusers_folder
 from pipelines.safeload import read_safetensors_header
 
@@ -30,6 +31,7 @@ class CheckpointEntry:
     error: str | None = None
     sha256: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    preview: Path | None = None  # `NAME.png` / `NAME.preview.png` beside it, for its card
 
     @property
     def key(self) -> str:
@@ -111,6 +113,7 @@ def checkpoint_entry(
         architecture=facts.architecture,
         error=facts.error,
         sha256=hashes.get(path) if single else None,
+        preview=preview_beside(path),
     )
 
 

@@ -118,7 +118,9 @@ def _sidecar(path: Path) -> tuple[dict[str, Any], str | None]:
     return (data, None) if isinstance(data, dict) else ({}, f"sidecar {file.name} is no object")
 
 
-def _preview(path: Path) -> Path | None:
+def preview_beside(path: Path) -> Path | None:
+    """A card's preview as A1111 finds it: `NAME.png`, `NAME.preview.png`, ... beside the
+    file (or the folder)."""
     stem = path.stem if path.is_file() else path.name
     for suffix in PREVIEW_SUFFIXES:
         candidate = path.parent / f"{stem}{suffix}"
@@ -227,7 +229,7 @@ def lora_entry(
         parts=facts.parts,
         metadata=metadata,
         trigger_words=trigger_words(metadata),
-        preview=_preview(path),
+        preview=preview_beside(path),
         sidecar=sidecar,
         lora_hash=metadata.get("sshs_model_hash") or hashes.get(path, "addnet"),
         sha256=None if path.is_dir() else hashes.get(path, "sha256"),

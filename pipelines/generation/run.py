@@ -87,6 +87,11 @@ class RunControl(Protocol):
 
     def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None: ...
 
+    def batch_finished(self, result: GenerationResult) -> None:
+        """A batch of a batch count is done (`result` holds its images, seeds and
+        infotexts), so a front end can show and save it before the whole job ends."""
+        ...
+
 
 @dataclass
 class RunInputs:
@@ -287,9 +292,13 @@ class Txt2ImgRun:
                 # 6. decode
                 pixels = self.decode(sized, latents)
             # 7. post-process
-            images.extend(self.post_process(pixels))
+            finished = self.post_process(pixels)
+            images.extend(finished)
             seeds.extend(seed_plan.seeds)
             subseeds.extend(seed_plan.subseeds)
+            if iteration + 1 < inputs.request.n_iter:  # the last one is the job's result
+                batch = self.result(inputs, adapters, finished, seed_plan.seeds, seed_plan.subseeds)
+                self.control.batch_finished(batch)
         return self.result(inputs, adapters, images, seeds, subseeds)
 
     passes = 1

@@ -52,6 +52,9 @@ class _TileProgress:
     def step(self, step: int, preview: Callable[[], list[Image.Image]] | None = None) -> None:
         self.control.step(step, preview)
 
+    def batch_finished(self, result: GenerationResult) -> None:
+        """A tile's pass is not a batch the user asked for: nothing to show early."""
+
 
 class SdUpscaleRun:
     """SD upscale on one loaded model: same constructor as the other runs.
