@@ -300,3 +300,26 @@ def test_checkpoint_cards_show_each_checkpoint_and_use_one(page: object) -> None
     sync_api.expect(page.locator("#checkpoint input")).to_have_value(
         re.compile(r"^xl/tiny-sdxl\.safetensors")
     )
+
+
+def test_the_schedule_menu_offers_only_what_the_sampler_runs(page: object) -> None:
+    """Defect 11's last part: a sampler × schedule that cannot exist is not offered (DDIM
+    has its own schedule; Euler a runs every schedule, A1111's loop where diffusers has
+    none); a schedule the new sampler cannot run becomes Automatic, with a word."""
+    sampler = page.locator("#sampler_name input")
+    schedule = page.locator("#scheduler input")
+    schedule.click()
+    page.locator("#scheduler").get_by_role("option", name="Karras", exact=True).click()
+    sampler.click()
+    page.locator("#sampler_name").get_by_role("option", name="DDIM", exact=True).click()
+    page.get_by_text("DDIM runs with its own schedule: Karras became Automatic").first.wait_for()
+    sync_api.expect(schedule).to_have_value("Automatic")
+    schedule.click()
+    offered = page.locator("#scheduler").get_by_role("option").all_inner_texts()
+    assert "Karras" not in offered and "Uniform" in offered, offered
+    page.locator("h1").first.click()
+    sampler.click()
+    page.locator("#sampler_name").get_by_role("option", name="Euler a", exact=True).click()
+    schedule.click()
+    karras = page.locator("#scheduler").get_by_role("option", name="Karras", exact=True)
+    sync_api.expect(karras).to_be_visible()

@@ -85,7 +85,7 @@ from pipelines.interface import (
     ProgressSnapshot,
 )
 from pipelines.output import batch_number, save_image
-from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS
+from pipelines.samplers import SAMPLER_NAMES, SCHEDULER_LABELS, schedulers_for
 from pipelines.schema import (
     RANDN_SOURCES,
     VAE_AUTOMATIC,
@@ -720,6 +720,8 @@ def build_ui(
         wire_final_resolution(hires_final, hires, controls["width"], controls["height"])
         wire_token_counters(service, controls, counters, checkpoint, page)
         wire_token_counters(service, i2i_controls, i2i_counters, checkpoint, page)
+        for tab in (controls, i2i_controls):
+            wire_schedule_choices(tab["sampler_name"], tab["scheduler"], page)
         wire_checkpoint(
             service,
             page,
@@ -1069,17 +1071,46 @@ def wire_token_counters(
         page.load(count, sources, counter, **quiet)
 
 
+def schedule_choices(sampler_name: str | None) -> list[str]:
+    """The schedule types the sampler runs with (every one, for a sampler not known)."""
+    try:
+        return [scheduler_label(name) for name in schedulers_for(sampler_name or "")]
+    except LorastackError:
+        return list(SCHEDULER_LABELS)
+
+
+def wire_schedule_choices(sampler: gr.Dropdown, schedule: gr.Dropdown, page: gr.Blocks) -> None:
+    """The schedule menu offers only what the chosen sampler can run (A1111's DDIM, PLMS
+    and TCD have their own fixed schedule); a schedule the new sampler cannot run becomes
+    Automatic, with a word."""
+
+    def offer(chosen: str | None, current: str | None) -> gr.Dropdown:
+        choices = schedule_choices(chosen)
+        if current in choices:
+            return gr.Dropdown(choices=choices)
+        if current:
+            gr.Info(f"{chosen} runs with its own schedule: {current} became Automatic")
+        return gr.Dropdown(choices=choices, value=choices[0])
+
+    sampler.change(offer, [sampler, schedule], schedule, **QUICK)
+    page.load(offer, [sampler, schedule], schedule, **QUICK)
+
+
 def build_parameters(slider: Any, defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The other request fields' components, keyed by schema.FIELDS name."""
     controls: dict[str, Any] = {}
     with gr.Row():
         controls["sampler_name"] = gr.Dropdown(
-            list(SAMPLER_NAMES), value=defaults["sampler_name"], label="Sampling method"
+            list(SAMPLER_NAMES),
+            value=defaults["sampler_name"],
+            label="Sampling method",
+            elem_id=f"{prefix}sampler_name",
         )
         controls["scheduler"] = gr.Dropdown(
             list(SCHEDULER_LABELS),
             value=scheduler_label(defaults["scheduler"]),
             label="Schedule type",
+            elem_id=f"{prefix}scheduler",
         )
         controls["steps"] = slider("steps", prefix)
     with gr.Row():
