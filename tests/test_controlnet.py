@@ -485,6 +485,9 @@ def test_module_list_order_is_sd_webui_controlnets() -> None:
         "invert",
         "threshold",
         "scribble_xdog",
+        "ip-adapter_clip_sdxl_plus_vith",
+        "ip-adapter_clip_sdxl",
+        "ip-adapter_clip_sd15",
         "blur_gaussian",
     ]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -605,7 +605,9 @@ class Txt2ImgRun:
             )
             return self.stopped
 
-        return loop(latents, timesteps, on_step, start)
+        units = self.units if self.control_active else None
+        with units.attention(self.model.pipe.unet) if units is not None else nullcontext():
+            return loop(latents, timesteps, on_step, start)  # IP-Adapter units' attention on
 
     def denoise_loop(
         self,
