@@ -23,6 +23,7 @@ from diffusers import ControlNetModel
 from PIL import Image
 from safetensors.torch import save_file
 
+from frontends.page.recall import recall
 from pipelines.controlnet.models import controlnet_config, controlnet_from_state_dict
 from pipelines.controlnet.preprocessors import (
     find_preprocessor,
@@ -470,6 +471,55 @@ def test_infotext_is_sd_webui_controlnets(service: Service) -> None:
         "Guidance End: 1.0, Pixel Perfect: True, Control Mode: Balanced"
     )
     assert f'ControlNet 0: "{text}"' in made.infotexts[0]
+
+
+def test_pasted_infotext_restores_the_unit_and_says_what_it_cannot(service: Service) -> None:
+    """PNG Info's "Send to txt2img": the unit's fields come back, the image (never in an
+    infotext), a second unit and unknown fields are reported."""
+    made = service.generate(
+        request(
+            unit(
+                module="canny",
+                weight=0.5,
+                guidance_end=0.5,
+                control_mode="My prompt is more important",
+            ),
+            unit(model="tiny-cn-two", resize_mode="Crop and Resize"),
+        )
+    )
+    entry = service.folders.resolve("controlnet", "tiny-cn")
+    found = recall(made.infotexts[0], service)
+    cn = {k: v for k, v in found.values.items() if k.startswith("controlnet_")}
+    assert cn == {
+        "controlnet_enabled": True,
+        "controlnet_module": "canny",
+        "controlnet_model": entry.title,
+        "controlnet_weight": 0.5,
+        "controlnet_processor_res": 512.0,
+        "controlnet_threshold_a": 100.0,
+        "controlnet_threshold_b": 200.0,
+        "controlnet_guidance_start": 0.0,
+        "controlnet_guidance_end": 0.5,
+        "controlnet_control_mode": "My prompt is more important",
+        "controlnet_resize_mode": "Just Resize",
+        "controlnet_pixel_perfect": False,
+    }
+    warnings = "\n".join(found.warnings)
+    assert "ControlNet 0: the control image is not in the infotext" in warnings
+    assert "ControlNet 1: not restored, the page has one ControlNet unit" in warnings
+    # another hash of the same file name, an unknown model, a field the page lacks
+    pasted = made.infotexts[0].replace(entry.title, "tiny-cn [00000000]")
+    pasted = pasted.replace("Control Mode: My", "Hr Option: Both, Control Mode: My")
+    again = recall(pasted, service)
+    assert again.values["controlnet_model"] == entry.title
+    warnings = "\n".join(again.warnings)
+    assert f"model tiny-cn [00000000] recalled as {entry.title}" in warnings
+    assert "not restored (the page's unit has no such field): Hr Option: Both" in warnings
+    gone = recall(made.infotexts[0].replace(entry.title, "elsewhere [12345678]"), service)
+    assert gone.values["controlnet_enabled"] is False
+    assert "model elsewhere [12345678] is not a usable model" in "\n".join(gone.warnings)
+    plain = recall("castle\nSteps: 2, Seed: 1, Size: 64x64", service)
+    assert plain.values["controlnet_enabled"] is False  # no unit: the section is turned off
 
 
 # ------------------------------------------------------------------ preprocessors

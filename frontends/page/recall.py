@@ -1,10 +1,11 @@
 """PNG Info: read an image's generation parameters and turn them back into page values.
 
 "Send to txt2img" fills every field named in `RECALLED`, the Hires fix section, the
-checkpoint, the LoRA stack and the styles: as A1111 ("Apply if any"), the styles the
-prompts carry are taken out of them and selected instead. LoRAs and checkpoints are
-looked up by name, then by the hash the infotext carries (`Lora hashes`, `Model hash`),
-so a renamed file is still found; whatever is missing is reported, never silently dropped.
+ControlNet unit (all but its image), the checkpoint, the LoRA stack and the styles: as A1111
+("Apply if any"), the styles the prompts carry are taken out of them and selected instead.
+LoRAs and checkpoints are looked up by name, then by the hash the infotext carries (`Lora
+hashes`, `Model hash`), so a renamed file is still found; whatever is missing is reported,
+never silently dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from frontends.page.controlnet_panel import recall_controlnet
 from frontends.page.defaults import scheduler_label
 from frontends.page.hires_panel import recall_hires
 from frontends.page.refiner_panel import recall_refiner
@@ -115,6 +117,7 @@ def recall(text: str, service: GenerationService) -> Recall:
     for recalled, warnings in (
         recall_hires(parsed.params, title),
         recall_refiner(parsed.params, title),
+        recall_controlnet(parsed.params, service),
     ):
         result.values.update(recalled)
         result.warnings.extend(warnings)
