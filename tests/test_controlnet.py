@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -23,6 +24,7 @@ from diffusers import ControlNetModel
 from PIL import Image
 from safetensors.torch import save_file
 
+from frontends.api.controlnet import control_types
 from frontends.page.recall import recall
 from pipelines.controlnet.models import controlnet_config, controlnet_from_state_dict
 from pipelines.controlnet.preprocessors import (
@@ -710,3 +712,37 @@ def test_controlnet_http_errors_name_the_unit(server: Server) -> None:
     assert payload["module_detail"]["canny"]["sliders"][1]["name"] == "Low Threshold"
     status, _, payload = cn_call(server, "GET", "/model_list")
     assert "Control-LoRA" in " ".join(payload["unusable"].values())
+
+
+def test_control_types_are_sd_webui_controlnets(server: Server) -> None:
+    entries = [
+        SimpleNamespace(title=title, error=error)
+        for title, error in (
+            ("control_sd15_canny [fef5e48e]", None),
+            ("control_v11p_sd15_canny [d14c016b]", None),
+            ("ip-adapter_sd15 [6a3f6166]", None),
+            ("control_v11f1e_sd15_tile [a371b31b]", "unusable"),
+        )
+    ]
+    types = control_types(sorted_preprocessors(), entries)["control_types"]
+    assert types["Canny"] == {
+        "module_list": ["none", "canny", "invert (from white bg & black line)"],
+        "model_list": [
+            "None",
+            "control_sd15_canny [fef5e48e]",
+            "control_v11p_sd15_canny [d14c016b]",
+        ],
+        "default_option": "canny",
+        "default_model": "control_v11p_sd15_canny [d14c016b]",  # a v1.1 model is preferred
+    }
+    assert types["IP-Adapter"]["model_list"] == ["None", "ip-adapter_sd15 [6a3f6166]"]
+    assert types["IP-Adapter"]["default_option"] == "ip-adapter_clip_sdxl_plus_vith"
+    assert types["Tile"]["model_list"] == ["None"]  # an unusable model is not offered
+    assert types["Tile"]["default_model"] == "None"
+    assert types["All"]["module_list"][0] == "none" and types["All"]["default_option"] == "none"
+    status, _, payload = cn_call(server, "GET", "/control_types")
+    assert status == 200 and payload["control_types"]["Tile"]["module_list"] == [
+        "none",
+        "tile_resample",
+        "blur_gaussian",
+    ]
