@@ -245,6 +245,9 @@ class ControlNetUnit:
     control_mode: str = "Balanced"
     hr_option: str = "Both"
     save_detected_map: bool = True
+    inpaint_crop_input_image: bool = True
+    """In inpainting with "only masked", crop the unit's image with the mask's crop box
+    (sd-webui-controlnet's default), so the control lines up with the cropped region."""
 
 
 REFINER_SWITCH_AT = 0.8

@@ -36,6 +36,7 @@ from pipelines.controlnet.preprocessors import (
 from pipelines.controlnet.units import a1111_sampling_step, soft_scales
 from pipelines.errors import InvalidRequestError, LorastackError, NotFoundError
 from pipelines.folders.controlnets import old_model_hash
+from pipelines.imageops import resize_image
 from pipelines.infotext import parse_infotext
 from pipelines.loading import CONFIGS_DIR, LoadedModel, read_model_spec
 from pipelines.samplers import make_scheduler, resolve_sampler
@@ -453,6 +454,26 @@ def test_img2img_unit_uses_the_init_image(service: Service) -> None:
     assert not np.array_equal(pixels(made), pixels(plain))
     expected = fit_map(np.asarray(init), "Crop and Resize", 64, 64)
     assert np.array_equal(np.asarray(made.detected_maps[0]), expected)
+
+
+def test_only_masked_inpainting_crops_the_unit_image(service: Service) -> None:
+    """sd-webui-controlnet: with "only masked", the unit's image is fitted to the init
+    image's size (its resize mode), cropped to the mask's box, then fitted to the
+    generation size with "Resize and Fill"; `inpaint_crop_input_image` False keeps it."""
+    init = control_image(seed=3, size=(96, 64))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (40, 16, 72, 48))  # a 32x32 box: the 64x64 target's aspect, no growth
+    img2img = ImageInputs(images=(init,), mask=mask, mask_blur_x=0, mask_blur_y=0)
+    picture = control_image(seed=1, size=(128, 128))
+    made = service.generate(request(unit(image=picture), img2img=img2img))
+    cropped = resize_image(0, picture, 96, 64).crop((40, 16, 72, 48))
+    expected = fit_map(np.asarray(resize_image(2, cropped, 64, 64)), "Just Resize", 64, 64)
+    assert np.array_equal(np.asarray(made.detected_maps[0]), expected)
+    kept = service.generate(
+        request(unit(image=picture, inpaint_crop_input_image=False), img2img=img2img)
+    )
+    whole = fit_map(np.asarray(picture), "Just Resize", 64, 64)
+    assert np.array_equal(np.asarray(kept.detected_maps[0]), whole)
 
 
 def test_hires_fix_makes_a_hint_at_each_size(service: Service) -> None:

@@ -41,7 +41,6 @@ KEY_ALIASES = {"input_image": "image", "mask_image": "mask", "lowvram": "low_vra
 KEY_ALIASES["guidance"] = "guidance_end"
 NO_OP_FIELDS: dict[str, tuple[object, ...]] = {
     "low_vram": (True, False),  # memory placement only
-    "inpaint_crop_input_image": (True, False),  # only for "only masked" inpainting crops
     "is_ui": (True, False),
     "input_mode": ("simple",),
     "loopback": (False,),
@@ -75,6 +74,7 @@ UNIT_FIELDS = {
     "control_mode",
     "hr_option",
     "save_detected_map",
+    "inpaint_crop_input_image",
 }
 
 
@@ -207,7 +207,7 @@ def parse_unit(raw: dict[str, Any], index: int, ignored: list[str]) -> ControlNe
             fields[name] = _number(_where(index, name), values[name])
     if values.get("processor_res") is not None:
         fields["processor_res"] = _integer(_where(index, "processor_res"), values["processor_res"])
-    for name in ("pixel_perfect", "save_detected_map"):
+    for name in ("pixel_perfect", "save_detected_map", "inpaint_crop_input_image"):
         if values.get(name) is not None:
             fields[name] = _flag(_where(index, name), values[name])
     for name, names in (

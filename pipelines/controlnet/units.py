@@ -63,7 +63,8 @@ from pipelines.controlnet.preprocessors import (
 from pipelines.errors import InvalidRequestError, LorastackError, UnusableFileError
 from pipelines.folders.controlnets import IPADAPTER_LAYOUT, ControlNetEntry
 from pipelines.folders.registry import ModelFolders
-from pipelines.schema import ControlNetUnit, GenerationRequest
+from pipelines.imageops import resize_image
+from pipelines.schema import CONTROL_RESIZE_MODES, ControlNetUnit, GenerationRequest
 
 SOFT_BASE = 0.825
 """sd-webui-controlnet's soft-injection factor: residual i of 13 is scaled by 0.825**(12-i)."""
@@ -304,6 +305,27 @@ class PreparedAdapter:
         )
 
 
+MaskCrop = tuple[tuple[int, int], tuple[int, int, int, int]]
+"""Inpainting "only masked": (the init image's size, the crop box (x1, y1, x2, y2) in it)."""
+
+
+def resize_mode_of(unit: ControlNetUnit, init_resize: str) -> str:
+    """The unit's resize mode; a unit on the init image takes img2img's."""
+    return unit.resize_mode if unit.image is not None else init_resize
+
+
+def crop_source(
+    source: np.ndarray, resize_mode: str, crop: MaskCrop, request: GenerationRequest
+) -> np.ndarray:
+    """sd-webui-controlnet's only-masked crop: the image fitted to the init image's size by
+    the unit's resize mode, cropped to the box, then fitted to the generation size by
+    "Resize and Fill" (A1111's `resize_image` modes)."""
+    (width, height), box = crop
+    mode = CONTROL_RESIZE_MODES.index(resize_mode)
+    image = resize_image(mode, Image.fromarray(source), width, height).crop(box)
+    return np.asarray(resize_image(2, image, request.width, request.height))
+
+
 def unit_source(unit: ControlNetUnit, init: Image.Image | None) -> np.ndarray | None:
     """sd-webui-controlnet's `choose_input_image` for one RGB image: the unit's image (a
     mask that is neither all black nor all white replaces it: "canvas scribble"), else
@@ -357,8 +379,10 @@ class ControlUnits:
         init: Image.Image | None = None,
         init_resize: str = "Crop and Resize",
         learn: Callable[[ControlNetEntry], Callable[..., None]] | None = None,
+        crop: MaskCrop | None = None,
     ) -> ControlUnits:
-        """Resolve, preprocess and load every unit of `request` (its `controlnet`)."""
+        """Resolve, preprocess and load every unit of `request` (its `controlnet`); with
+        `crop` (inpainting "only masked"), units' images are cropped as the init image."""
         prepared = []
         adapters = []
         for index, unit in enumerate(request.controlnet):
@@ -372,6 +396,8 @@ class ControlUnits:
                     "img2img uses the init image when it has none)",
                     field=unit_field(index, "image"),
                 )
+            if crop is not None and unit.inpaint_crop_input_image:
+                source = crop_source(source, resize_mode_of(unit, init_resize), crop, request)
             if entry.layout == IPADAPTER_LAYOUT:
                 adapters.append(
                     prepare_adapter(
@@ -379,7 +405,7 @@ class ControlUnits:
                     )
                 )
                 continue
-            resize_mode = unit.resize_mode if unit.image is not None else init_resize
+            resize_mode = resize_mode_of(unit, init_resize)
             resolution = preprocessor.resolution.effective(unit.processor_res)
             if unit.pixel_perfect:
                 resolution = pixel_perfect_resolution(
