@@ -26,10 +26,11 @@ from pipelines.controlnet.ipadapter import (
 from pipelines.errors import LorastackError
 from pipelines.folders.controlnets import ControlNetEntry
 from pipelines.loading import LoadedModel
-from pipelines.schema import ControlNetUnit
+from pipelines.schema import ControlNetUnit, LoraSpec
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.test_controlnet import control_image, pixels, request
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
 
 EMBED = 16
 TOKENS = 4
@@ -96,8 +97,15 @@ def ip_dir(
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, ip_dir: Path) -> Service:
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    ip_dir: Path,
+    tiny_sd1: LoadedModel,
+) -> Service:
     data = tmp_path_factory.mktemp("ipadapter-data")
+    keys = sd1_keys(SD1_MODULES)
+    write(data / "loras" / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
     return build_service(
         Settings(
             data_dir=data,
@@ -141,6 +149,18 @@ def test_unit_changes_the_image_and_weight_zero_does_not(service: Service) -> No
     # the UNet's own attention is back after the run
     again = service.generate(request())
     assert np.array_equal(pixels(again), pixels(alone))
+
+
+def test_lora_stack_and_unit_together(service: Service) -> None:
+    """A LoRA (merged into the attention weights the adapter's attention also uses) and
+    an IP-Adapter unit both act; the LoRA alone is the same before and after."""
+    lora = (LoraSpec("ink", 1.0),)
+    with_lora = service.generate(request(loras=lora))
+    unit_only = service.generate(request(ip_unit()))
+    both = service.generate(request(ip_unit(), loras=lora))
+    assert np.abs(pixels(both) - pixels(with_lora)).mean() > 1
+    assert np.abs(pixels(both) - pixels(unit_only)).mean() > 1
+    assert np.array_equal(pixels(service.generate(request(loras=lora))), pixels(with_lora))
 
 
 def test_module_and_model_must_pair(service: Service) -> None:
