@@ -620,7 +620,7 @@ def _check_units(units: object) -> tuple[ControlNetUnit, ...]:
                     f"{getattr(unit, name)!r}",
                     field=f"{where}.{name}",
                 )
-        for name in ("pixel_perfect", "save_detected_map"):
+        for name in ("pixel_perfect", "save_detected_map", "inpaint_crop_input_image"):
             if not isinstance(getattr(unit, name), bool):
                 raise InvalidRequestError(
                     f"{where}.{name} must be true or false", field=f"{where}.{name}"

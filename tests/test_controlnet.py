@@ -431,6 +431,7 @@ def test_a_unit_for_another_family_is_refused(service: Service) -> None:
         ({"resize_mode": "Stretch"}, "controlnet[0].resize_mode"),
         ({"processor_res": 1.5}, "controlnet[0].processor_res"),
         ({"pixel_perfect": "yes"}, "controlnet[0].pixel_perfect"),
+        ({"inpaint_crop_input_image": 1}, "controlnet[0].inpaint_crop_input_image"),
     ],
 )
 def test_bad_unit_fields_are_named(change: dict, field: str) -> None:
