@@ -1,11 +1,10 @@
 """PNG Info: read an image's generation parameters and turn them back into page values.
 
 "Send to txt2img" fills every field named in `RECALLED`, the Hires fix section, the
-ControlNet unit (all but its image), the checkpoint, the LoRA stack and the styles: as A1111
-("Apply if any"), the styles the prompts carry are taken out of them and selected instead.
-LoRAs and checkpoints are looked up by name, then by the hash the infotext carries (`Lora
-hashes`, `Model hash`), so a renamed file is still found; whatever is missing is reported,
-never silently dropped.
+checkpoint, the LoRA stack and the styles: as A1111 ("Apply if any"), the styles the
+prompts carry are taken out of them and selected instead. LoRAs and checkpoints are
+looked up by name, then by the hash the infotext carries (`Lora hashes`, `Model hash`),
+so a renamed file is still found; whatever is missing is reported, never silently dropped.
 """
 
 from __future__ import annotations
