@@ -28,6 +28,11 @@ In the second pass of hires fix the hint is made at the hires size from the same
 units whose module is canny or mlsd use the soft scales there (sd-webui-controlnet's
 "forced soft injection"); `hr_option` picks the passes a unit acts in. The refiner's steps run
 without units (sd-webui-controlnet hooks the first model only).
+
+A unit whose model is an IP-Adapter (`pipelines.controlnet.ipadapter`) has no residuals: it
+is prepared into image tokens, and at each UNet call the same hook sets the tokens for the
+batch's rows and the weight in force (0 outside its guidance range) that the installed
+attention reads (`ControlUnits.attention`, around each pass's denoising).
 """
 
 from __future__ import annotations
@@ -481,7 +486,8 @@ class ControlUnits:
         hires: bool = False,
     ) -> ResidualHook:
         """The residual hook for one pass: `count` batch items, `steps` sampler steps of
-        `order` model calls each, at `width` x `height`."""
+        `order` model calls each, at `width` x `height` (it also feeds the IP-Adapter
+        units' attention at each call)."""
         hints = [self.hint(unit, width, height) for unit in self.units]
 
         def residuals(
