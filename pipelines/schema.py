@@ -245,6 +245,9 @@ class ControlNetUnit:
     control_mode: str = "Balanced"
     hr_option: str = "Both"
     save_detected_map: bool = True
+    inpaint_crop_input_image: bool = True
+    """In inpainting with "only masked", crop the unit's image with the mask's crop box
+    (sd-webui-controlnet's default), so the control lines up with the cropped region."""
 
 
 REFINER_SWITCH_AT = 0.8
@@ -617,7 +620,7 @@ def _check_units(units: object) -> tuple[ControlNetUnit, ...]:
                     f"{getattr(unit, name)!r}",
                     field=f"{where}.{name}",
                 )
-        for name in ("pixel_perfect", "save_detected_map"):
+        for name in ("pixel_perfect", "save_detected_map", "inpaint_crop_input_image"):
             if not isinstance(getattr(unit, name), bool):
                 raise InvalidRequestError(
                     f"{where}.{name} must be true or false", field=f"{where}.{name}"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.architecture import Architecture
 from pipelines.controlnet.preprocessors import Preprocessor, detect_maps, sorted_preprocessors
-from pipelines.controlnet.units import check_unit_names
+from pipelines.controlnet.units import check_unit_names, listed_models
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.embeddings import FAMILY_TEXT_WIDTHS, EmbeddingListing, EmbeddingStore
 from pipelines.errors import BusyError, InvalidRequestError, LorastackError, UnusableFileError
@@ -506,7 +506,7 @@ class Service:
 
     def controlnet_models(self) -> list[ControlNetEntry]:
         """The ControlNet folder's models, usable or not (`error` says why not)."""
-        return self.folders.entries("controlnet")
+        return listed_models(self.folders)
 
     def controlnet_modules(self) -> list[Preprocessor]:
         """The preprocessors units can use, in sd-webui-controlnet's order."""

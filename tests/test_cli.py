@@ -16,6 +16,7 @@ from frontends.cli.__main__ import (
     EXIT_USAGE,
     build_parser,
     main,
+    parse_controlnet,
     parse_lora,
 )
 from pipelines.infotext import parse_infotext, read_infotext
@@ -366,3 +367,50 @@ def test_cli_saves_in_a1111_formats_and_names(
     assert parse_infotext(read_infotext(written) or "").params["Seed"] == "12"
     assert main([*arguments[:-4], "--samples-format", "bmp"]) == EXIT_USAGE
     assert "samples_format" in capsys.readouterr().err
+
+
+def test_controlnet_flag_is_a_unit_with_the_api_names(
+    tmp_path: Path,
+    tiny_sd1: LoadedModel,
+    models_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from PIL import Image
+
+    from tests.test_controlnet import control_image, tiny_controlnet
+
+    picture = tmp_path / "edges.png"
+    control_image().save(picture)
+    unit = parse_controlnet(
+        f"model=tiny-cn, module=canny, image={picture}, weight=0.8, processor_res=64, "
+        "pixel_perfect=true, control_mode=My prompt is more important"
+    )
+    assert (unit.model, unit.module, unit.weight, unit.processor_res) == (
+        "tiny-cn",
+        "canny",
+        0.8,
+        64,
+    )
+    assert unit.pixel_perfect is True and unit.control_mode == "My prompt is more important"
+    assert np.array_equal(np.asarray(unit.image), np.asarray(control_image()))
+    for bad, named in (
+        ("weigth=1", "weigth"),
+        ("weight=heavy", "weight"),
+        ("image=nope.png", "image"),
+    ):
+        with pytest.raises(argparse.ArgumentTypeError, match=named):
+            parse_controlnet(bad)
+    folder = tmp_path / "ControlNet"
+    tiny_controlnet(tiny_sd1.pipe.unet, 1).save_pretrained(folder / "tiny-cn")
+    arguments = [
+        *("generate", "--prompt", "castle", "--seed", "7", *SMALL),
+        *("--ckpt", "tiny-sd1", "--ckpt-dir", str(models_dir), "--data-dir", str(tmp_path)),
+        *("--controlnet-dir", str(folder), "--controlnet", f"model=tiny-cn,image={picture}"),
+    ]
+    assert main(arguments) == 0
+    (written,) = capsys.readouterr().out.split()
+    assert 'ControlNet 0: "Module: none, Model: tiny-cn [' in read_infotext(Path(written))
+    with Image.open(written) as image:
+        assert image.size == (64, 64)

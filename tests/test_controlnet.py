@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
@@ -23,6 +24,8 @@ from diffusers import ControlNetModel
 from PIL import Image
 from safetensors.torch import save_file
 
+from frontends.api.controlnet import control_types
+from frontends.page.recall import recall
 from pipelines.controlnet.models import controlnet_config, controlnet_from_state_dict
 from pipelines.controlnet.preprocessors import (
     find_preprocessor,
@@ -33,6 +36,7 @@ from pipelines.controlnet.preprocessors import (
 from pipelines.controlnet.units import a1111_sampling_step, soft_scales
 from pipelines.errors import InvalidRequestError, LorastackError, NotFoundError
 from pipelines.folders.controlnets import old_model_hash
+from pipelines.imageops import resize_image
 from pipelines.infotext import parse_infotext
 from pipelines.loading import CONFIGS_DIR, LoadedModel, read_model_spec
 from pipelines.samplers import make_scheduler, resolve_sampler
@@ -427,6 +431,7 @@ def test_a_unit_for_another_family_is_refused(service: Service) -> None:
         ({"resize_mode": "Stretch"}, "controlnet[0].resize_mode"),
         ({"processor_res": 1.5}, "controlnet[0].processor_res"),
         ({"pixel_perfect": "yes"}, "controlnet[0].pixel_perfect"),
+        ({"inpaint_crop_input_image": 1}, "controlnet[0].inpaint_crop_input_image"),
     ],
 )
 def test_bad_unit_fields_are_named(change: dict, field: str) -> None:
@@ -452,6 +457,26 @@ def test_img2img_unit_uses_the_init_image(service: Service) -> None:
     assert np.array_equal(np.asarray(made.detected_maps[0]), expected)
 
 
+def test_only_masked_inpainting_crops_the_unit_image(service: Service) -> None:
+    """sd-webui-controlnet: with "only masked", the unit's image is fitted to the init
+    image's size (its resize mode), cropped to the mask's box, then fitted to the
+    generation size with "Resize and Fill"; `inpaint_crop_input_image` False keeps it."""
+    init = control_image(seed=3, size=(96, 64))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (40, 16, 72, 48))  # a 32x32 box: the 64x64 target's aspect, no growth
+    img2img = ImageInputs(images=(init,), mask=mask, mask_blur_x=0, mask_blur_y=0)
+    picture = control_image(seed=1, size=(128, 128))
+    made = service.generate(request(unit(image=picture), img2img=img2img))
+    cropped = resize_image(0, picture, 96, 64).crop((40, 16, 72, 48))
+    expected = fit_map(np.asarray(resize_image(2, cropped, 64, 64)), "Just Resize", 64, 64)
+    assert np.array_equal(np.asarray(made.detected_maps[0]), expected)
+    kept = service.generate(
+        request(unit(image=picture, inpaint_crop_input_image=False), img2img=img2img)
+    )
+    whole = fit_map(np.asarray(picture), "Just Resize", 64, 64)
+    assert np.array_equal(np.asarray(kept.detected_maps[0]), whole)
+
+
 def test_hires_fix_makes_a_hint_at_each_size(service: Service) -> None:
     from pipelines.schema import HiresFix
 
@@ -472,6 +497,55 @@ def test_infotext_is_sd_webui_controlnets(service: Service) -> None:
     assert f'ControlNet 0: "{text}"' in made.infotexts[0]
 
 
+def test_pasted_infotext_restores_the_unit_and_says_what_it_cannot(service: Service) -> None:
+    """PNG Info's "Send to txt2img": the unit's fields come back, the image (never in an
+    infotext), a second unit and unknown fields are reported."""
+    made = service.generate(
+        request(
+            unit(
+                module="canny",
+                weight=0.5,
+                guidance_end=0.5,
+                control_mode="My prompt is more important",
+            ),
+            unit(model="tiny-cn-two", resize_mode="Crop and Resize"),
+        )
+    )
+    entry = service.folders.resolve("controlnet", "tiny-cn")
+    found = recall(made.infotexts[0], service)
+    cn = {k: v for k, v in found.values.items() if k.startswith("controlnet_")}
+    assert cn == {
+        "controlnet_enabled": True,
+        "controlnet_module": "canny",
+        "controlnet_model": entry.title,
+        "controlnet_weight": 0.5,
+        "controlnet_processor_res": 512.0,
+        "controlnet_threshold_a": 100.0,
+        "controlnet_threshold_b": 200.0,
+        "controlnet_guidance_start": 0.0,
+        "controlnet_guidance_end": 0.5,
+        "controlnet_control_mode": "My prompt is more important",
+        "controlnet_resize_mode": "Just Resize",
+        "controlnet_pixel_perfect": False,
+    }
+    warnings = "\n".join(found.warnings)
+    assert "ControlNet 0: the control image is not in the infotext" in warnings
+    assert "ControlNet 1: not restored, the page has one ControlNet unit" in warnings
+    # another hash of the same file name, an unknown model, a field the page lacks
+    pasted = made.infotexts[0].replace(entry.title, "tiny-cn [00000000]")
+    pasted = pasted.replace("Control Mode: My", "Hr Option: Both, Control Mode: My")
+    again = recall(pasted, service)
+    assert again.values["controlnet_model"] == entry.title
+    warnings = "\n".join(again.warnings)
+    assert f"model tiny-cn [00000000] recalled as {entry.title}" in warnings
+    assert "not restored (the page's unit has no such field): Hr Option: Both" in warnings
+    gone = recall(made.infotexts[0].replace(entry.title, "elsewhere [12345678]"), service)
+    assert gone.values["controlnet_enabled"] is False
+    assert "model elsewhere [12345678] is not a usable model" in "\n".join(gone.warnings)
+    plain = recall("castle\nSteps: 2, Seed: 1, Size: 64x64", service)
+    assert plain.values["controlnet_enabled"] is False  # no unit: the section is turned off
+
+
 # ------------------------------------------------------------------ preprocessors
 
 
@@ -485,6 +559,9 @@ def test_module_list_order_is_sd_webui_controlnets() -> None:
         "invert",
         "threshold",
         "scribble_xdog",
+        "ip-adapter_clip_sdxl_plus_vith",
+        "ip-adapter_clip_sdxl",
+        "ip-adapter_clip_sd15",
         "blur_gaussian",
     ]
 
@@ -657,3 +734,37 @@ def test_controlnet_http_errors_name_the_unit(server: Server) -> None:
     assert payload["module_detail"]["canny"]["sliders"][1]["name"] == "Low Threshold"
     status, _, payload = cn_call(server, "GET", "/model_list")
     assert "Control-LoRA" in " ".join(payload["unusable"].values())
+
+
+def test_control_types_are_sd_webui_controlnets(server: Server) -> None:
+    entries = [
+        SimpleNamespace(title=title, error=error)
+        for title, error in (
+            ("control_sd15_canny [fef5e48e]", None),
+            ("control_v11p_sd15_canny [d14c016b]", None),
+            ("ip-adapter_sd15 [6a3f6166]", None),
+            ("control_v11f1e_sd15_tile [a371b31b]", "unusable"),
+        )
+    ]
+    types = control_types(sorted_preprocessors(), entries)["control_types"]
+    assert types["Canny"] == {
+        "module_list": ["none", "canny", "invert (from white bg & black line)"],
+        "model_list": [
+            "None",
+            "control_sd15_canny [fef5e48e]",
+            "control_v11p_sd15_canny [d14c016b]",
+        ],
+        "default_option": "canny",
+        "default_model": "control_v11p_sd15_canny [d14c016b]",  # a v1.1 model is preferred
+    }
+    assert types["IP-Adapter"]["model_list"] == ["None", "ip-adapter_sd15 [6a3f6166]"]
+    assert types["IP-Adapter"]["default_option"] == "ip-adapter_clip_sdxl_plus_vith"
+    assert types["Tile"]["model_list"] == ["None"]  # an unusable model is not offered
+    assert types["Tile"]["default_model"] == "None"
+    assert types["All"]["module_list"][0] == "none" and types["All"]["default_option"] == "none"
+    status, _, payload = cn_call(server, "GET", "/control_types")
+    assert status == 200 and payload["control_types"]["Tile"]["module_list"] == [
+        "none",
+        "tile_resample",
+        "blur_gaussian",
+    ]

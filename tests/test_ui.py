@@ -211,6 +211,7 @@ def test_recall_fills_fields_keeps_tags_and_renames_a_lora_found_by_hash(engine:
         "tiling": False,
         "enable_hr": False,  # no Hires keys: the pasted image was made without it
         "refiner_checkpoint": "None",  # no Refiner keys: made without one
+        "controlnet_enabled": False,  # no ControlNet unit: made without one
         "randn_source": "NV",  # an A1111 infotext without RNG, recalled on a CPU
     }
     assert found.not_applied == ["Face restoration"]

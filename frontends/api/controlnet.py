@@ -41,7 +41,6 @@ KEY_ALIASES = {"input_image": "image", "mask_image": "mask", "lowvram": "low_vra
 KEY_ALIASES["guidance"] = "guidance_end"
 NO_OP_FIELDS: dict[str, tuple[object, ...]] = {
     "low_vram": (True, False),  # memory placement only
-    "inpaint_crop_input_image": (True, False),  # only for "only masked" inpainting crops
     "is_ui": (True, False),
     "input_mode": ("simple",),
     "loopback": (False,),
@@ -75,6 +74,7 @@ UNIT_FIELDS = {
     "control_mode",
     "hr_option",
     "save_detected_map",
+    "inpaint_crop_input_image",
 }
 
 
@@ -151,8 +151,8 @@ def _images(
             value, mask = value[0], value[1]
         else:
             raise InvalidRequestError(
-                f"{where}: one image per unit (several are for IP-Adapter units, which "
-                "lorastack does not run)",
+                f"{where}: one image per unit (sd-webui-controlnet takes several for an "
+                "IP-Adapter unit; lorastack takes one)",
                 field=where,
             )
     if isinstance(value, dict):
@@ -207,7 +207,7 @@ def parse_unit(raw: dict[str, Any], index: int, ignored: list[str]) -> ControlNe
             fields[name] = _number(_where(index, name), values[name])
     if values.get("processor_res") is not None:
         fields["processor_res"] = _integer(_where(index, "processor_res"), values["processor_res"])
-    for name in ("pixel_perfect", "save_detected_map"):
+    for name in ("pixel_perfect", "save_detected_map", "inpaint_crop_input_image"):
         if values.get(name) is not None:
             fields[name] = _flag(_where(index, name), values[name])
     for name, names in (
@@ -295,6 +295,42 @@ def module_list(modules: list[Any], alias_names: bool) -> dict[str, Any]:
             name: module.detail() for name, module in zip(names, modules, strict=True)
         },
     }
+
+
+NONE_MODEL = "None"
+TAG_ALIASES = {"ip-adapter": ("ip_adapter", "ipadapter"), "t2i-adapter": ("t2i_adapter",)}
+"""sd-webui-controlnet's `tag_to_filters`: other spellings a tag matches in model names."""
+
+
+def control_types(modules: list[Any], entries: list[Any]) -> dict[str, Any]:
+    """`/controlnet/control_types`, as sd-webui-controlnet's `select_control_type`: for
+    "All" and each preprocessor tag, the modules carrying the tag (`none` first, labels),
+    the usable models whose title holds the tag or an alias (`None` first), the default
+    module (the first after `none`) and the default model (the first after `None`, a v1.1
+    one, `11` in its name, preferred)."""
+    titles = [NONE_MODEL, *(entry.title for entry in entries if not entry.error)]
+    tags = sorted({tag for module in modules for tag in module.tags})
+    found: dict[str, Any] = {
+        "All": {
+            "module_list": [module.label for module in modules],
+            "model_list": titles,
+            "default_option": "none",
+            "default_model": NONE_MODEL,
+        }
+    }
+    for tag in tags:
+        chosen = [m for m in modules if tag in m.tags or m.name == "none"]
+        patterns = (tag.lower(), *TAG_ALIASES.get(tag.lower(), ()))
+        models = [t for t in titles if t == NONE_MODEL or any(p in t.lower() for p in patterns)]
+        default_model = models[1] if len(models) > 1 else NONE_MODEL
+        default_model = next((t for t in models[1:] if "11" in t.split("[")[0]), default_model)
+        found[tag] = {
+            "module_list": [module.label for module in chosen],
+            "model_list": models,
+            "default_option": (chosen[1] if len(chosen) > 1 else chosen[0]).label,
+            "default_model": default_model,
+        }
+    return {"control_types": found}
 
 
 def detect_request(body: object) -> tuple[str, list[Image.Image], int, float, float]:

@@ -429,6 +429,12 @@ def build_controlnet_api(service: GenerationService, settings: Settings) -> Fast
     def module_list(alias_names: bool = False) -> Any:
         return controlnet_api.module_list(service.controlnet_modules(), alias_names)
 
+    @app.get("/control_types")
+    def control_types() -> Any:
+        return controlnet_api.control_types(
+            service.controlnet_modules(), service.controlnet_models()
+        )
+
     @app.get("/settings")
     def unit_settings() -> Any:
         return {"control_net_unit_count": controlnet_api.UNIT_COUNT}

@@ -82,6 +82,57 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(name, numbers[1], numbers[0])
 
 
+_UNIT_IMAGES = ("image", "mask")
+_UNIT_INTS = ("processor_res",)
+_UNIT_FLOATS = ("weight", "threshold_a", "threshold_b", "guidance_start", "guidance_end")
+_UNIT_FLAGS = ("pixel_perfect", "save_detected_map", "inpaint_crop_input_image")
+
+
+def parse_controlnet(text: str) -> Any:
+    """A ControlNet unit as `key=value` pairs with the API's field names, comma-separated:
+    `model=control_v11p_sd15_canny,module=canny,image=edges.png,weight=0.8`.
+
+    Example: `parse_controlnet("model=cn,image=a.png").weight` -> 1.0.
+    """
+    from dataclasses import fields
+
+    from pipelines.images import open_image
+    from pipelines.schema import ControlNetUnit
+
+    known = [f.name for f in fields(ControlNetUnit)]
+    values: dict[str, Any] = {}
+    for item in (part.strip() for part in text.split(",")):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or key not in known:
+            raise argparse.ArgumentTypeError(
+                f"--controlnet {text!r}: {item!r} is not KEY=VALUE with a key among "
+                f"{', '.join(known)}"
+            )
+        try:
+            if key in _UNIT_IMAGES:
+                image = open_image(Path(raw), field=f"--controlnet {key}")
+                image.load()
+                values[key] = image
+            elif key in _UNIT_INTS:
+                values[key] = int(raw)
+            elif key in _UNIT_FLOATS:
+                values[key] = float(raw)
+            elif key in _UNIT_FLAGS:
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                values[key] = raw.lower() == "true"
+            else:
+                values[key] = raw
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--controlnet {key}={raw!r}: not a valid value for {key}"
+            ) from None
+        except LorastackError as error:
+            raise argparse.ArgumentTypeError(f"--controlnet {key}: {error.message}") from None
+    return ControlNetUnit(**values)
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """The server's folder/thread flags, taken from its parser so they are declared once."""
     from pipelines.settings import build_parser
@@ -394,6 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="A1111's samples_filename_pattern, e.g. '[seed]-[prompt_words]' (NNNNN- comes first)",
     )
     generate.add_argument("--jpeg-quality", type=int, help="1-100, for jpg and webp (80)")
+    generate.add_argument(
+        "--controlnet",
+        action="append",
+        type=parse_controlnet,
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="a ControlNet or IP-Adapter unit with the API's field names, e.g. "
+        "model=NAME,module=canny,image=PATH,weight=0.8 (repeatable)",
+    )
     _add_settings_flags(generate)
 
     extras = commands.add_parser("extras", help="upscale images as A1111's Extras tab does")
@@ -482,6 +542,7 @@ def _generate(args: argparse.Namespace) -> int:
         styles=tuple(args.style),
         vae=args.vae,
         refiner_checkpoint=args.refiner,
+        controlnet=tuple(args.controlnet),
     )
     _style_store(settings).resolve(request.styles)  # unknown styles fail before loading
     # fail on bad values before loading anything

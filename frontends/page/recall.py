@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from frontends.page.controlnet_panel import recall_controlnet
 from frontends.page.defaults import scheduler_label
 from frontends.page.hires_panel import recall_hires
 from frontends.page.refiner_panel import recall_refiner
@@ -146,6 +147,7 @@ def recall(text: str, service: GenerationService) -> Recall:
     for recalled, warnings in (
         recall_hires(parsed.params, title),
         recall_refiner(parsed.params, title),
+        recall_controlnet(parsed.params, service),
     ):
         result.values.update(recalled)
         result.warnings.extend(warnings)

@@ -666,7 +666,7 @@ def build_ui(
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(
                     service,
-                    controls,
+                    {**controls, **units.values},  # the ControlNet unit is recalled too
                     checkpoint,
                     panel,
                     tabs,
@@ -791,7 +791,13 @@ def build_ui(
             browser.send_txt2img,
             browser.infotext,
             Txt2ImgTargets(
-                controls, checkpoint, panel, tabs, results.notes, styles.dropdown, sd_vae
+                {**controls, **units.values},
+                checkpoint,
+                panel,
+                tabs,
+                results.notes,
+                styles.dropdown,
+                sd_vae,
             ),
         )
         send.wire(pnginfo.send_img2img, "img2img", [pnginfo.image], lambda path: path)

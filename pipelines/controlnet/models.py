@@ -25,6 +25,7 @@ import torch
 
 from pipelines.errors import UnusableFileError
 from pipelines.folders.controlnets import (
+    IPADAPTER_LAYOUT,
     LDM_PREFIX,
     ControlNetEntry,
     facts_from_shapes,
@@ -221,6 +222,12 @@ def load_controlnet(
         learn(family=facts.family, layout=facts.layout, error=facts.error)
     if facts.error or facts.layout is None:
         raise UnusableFileError(f"{label}: {facts.error}", field="controlnet")
+    if facts.layout == IPADAPTER_LAYOUT:  # a pickle is classified when first loaded
+        raise UnusableFileError(
+            f"{label}: an IP-Adapter in a pickle; lorastack reads IP-Adapters from "
+            ".safetensors files",
+            field="controlnet",
+        )
     shapes = {key: tuple(value.shape) for key, value in state.items()}
     config = controlnet_config(unet_config, shapes, layout=facts.layout, name=entry.path.name)
     return controlnet_from_state_dict(state, config, facts.layout, label)
@@ -294,19 +301,28 @@ class ControlNetCache:
     ) -> Any:
         """The model for `entry`, fitted to `unet`, on `device` in `dtype`."""
         key = (str(entry.path), entry.mtime_ns, dict(unet.config).__repr__(), str(device), dtype)
+
+        def build() -> Any:
+            model = load_controlnet(entry, dict(unet.config), learn)
+            problem = fit_problem(model, unet)
+            if problem:
+                raise UnusableFileError(
+                    f"ControlNet model '{entry.title}' does not fit this model: {problem}",
+                    field="controlnet",
+                )
+            if model.dtype != dtype:
+                model = model.to(dtype=dtype)
+            return model.to(device=device)
+
+        return self.remember(key, build)
+
+    def remember(self, key: tuple[object, ...], build: Callable[[], Any]) -> Any:
+        """The model kept under `key`, else `build()` kept there (IP-Adapters and their
+        image encoders share the cache with ControlNets)."""
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        model = load_controlnet(entry, dict(unet.config), learn)
-        problem = fit_problem(model, unet)
-        if problem:
-            raise UnusableFileError(
-                f"ControlNet model '{entry.title}' does not fit this model: {problem}",
-                field="controlnet",
-            )
-        if model.dtype != dtype:
-            model = model.to(dtype=dtype)
-        model = model.to(device=device)
+        model = build()
         self._models[key] = model
         while len(self._models) > self.size:
             self._models.popitem(last=False)

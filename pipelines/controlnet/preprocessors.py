@@ -84,6 +84,9 @@ class Preprocessor:
     slider_1: Slider = HIDDEN
     slider_2: Slider = HIDDEN
     tags: tuple[str, ...] = ()
+    encoder: str | None = None
+    """IP-Adapter modules: the image encoder they ask for (`clip_h`, `clip_g`); their map is
+    the image itself (the encoder runs with the model, `pipelines.controlnet.ipadapter`)."""
 
     def sliders(self) -> list[Slider]:
         return [s for s in (self.resolution, self.slider_1, self.slider_2) if s.visible]
@@ -240,6 +243,14 @@ BUILT_IN: tuple[Preprocessor, ...] = (
         _lineart_standard,
         priority=100,
         tags=("Lineart",),
+    ),
+    *(
+        Preprocessor(name, name, _none, resolution=HIDDEN, tags=("IP-Adapter",), encoder=encoder)
+        for name, encoder in (
+            ("ip-adapter_clip_sd15", "clip_h"),
+            ("ip-adapter_clip_sdxl", "clip_g"),
+            ("ip-adapter_clip_sdxl_plus_vith", "clip_h"),
+        )
     ),
 )
 

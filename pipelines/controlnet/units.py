@@ -28,18 +28,35 @@ In the second pass of hires fix the hint is made at the hires size from the same
 units whose module is canny or mlsd use the soft scales there (sd-webui-controlnet's
 "forced soft injection"); `hr_option` picks the passes a unit acts in. The refiner's steps run
 without units (sd-webui-controlnet hooks the first model only).
+
+A unit whose model is an IP-Adapter (`pipelines.controlnet.ipadapter`) has no residuals: it
+is prepared into image tokens, and at each UNet call the same hook sets the tokens for the
+batch's rows and the weight in force (0 outside its guidance range) that the installed
+attention reads (`ControlUnits.attention`, around each pass's denoising).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.controlnet.ipadapter import (
+    AdapterTokens,
+    IPAdapter,
+    clip_pixels,
+    decoupled_processors,
+    encoder_roots,
+    find_encoder,
+    installed,
+    load_encoder,
+    load_ipadapter,
+)
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.controlnet.preprocessors import (
     Preprocessor,
@@ -49,9 +66,10 @@ from pipelines.controlnet.preprocessors import (
     pixel_perfect_resolution,
 )
 from pipelines.errors import InvalidRequestError, LorastackError, UnusableFileError
-from pipelines.folders.controlnets import ControlNetEntry
+from pipelines.folders.controlnets import IPADAPTER_LAYOUT, ControlNetEntry
 from pipelines.folders.registry import ModelFolders
-from pipelines.schema import ControlNetUnit, GenerationRequest
+from pipelines.imageops import resize_image
+from pipelines.schema import CONTROL_RESIZE_MODES, ControlNetUnit, GenerationRequest
 
 SOFT_BASE = 0.825
 """sd-webui-controlnet's soft-injection factor: residual i of 13 is scaled by 0.825**(12-i)."""
@@ -91,8 +109,11 @@ def check_unit_names(
     unit's field."""
     checked = []
     for index, unit in enumerate(units):
-        find_preprocessor(unit.module, unit_field(index, "module"))
+        preprocessor = find_preprocessor(unit.module, unit_field(index, "module"))
         entry = resolve_model(folders, unit.model, index)
+        check_pairing(index, preprocessor, entry)
+        if entry.layout == IPADAPTER_LAYOUT:
+            adapter_encoder(folders, entry, preprocessor, index)
         if family is not None and entry.family is not None and entry.family != family:
             raise InvalidRequestError(
                 f"{unit_field(index, 'model')}: ControlNet model '{entry.title}' is for "
@@ -102,6 +123,56 @@ def check_unit_names(
             )
         checked.append(unit)
     return tuple(checked)
+
+
+def check_pairing(index: int, preprocessor: Preprocessor, entry: ControlNetEntry) -> None:
+    """IP-Adapter models take an `ip-adapter_clip_*` module and ControlNets any other."""
+    where = unit_field(index, "module")
+    if entry.layout == IPADAPTER_LAYOUT and preprocessor.encoder is None:
+        raise InvalidRequestError(
+            f"{where}: '{entry.title}' is an IP-Adapter; its module is an image encoder "
+            f"(ip-adapter_clip_sd15, ip-adapter_clip_sdxl, ...), not '{preprocessor.name}'",
+            field=where,
+        )
+    if entry.layout != IPADAPTER_LAYOUT and preprocessor.encoder is not None:
+        raise InvalidRequestError(
+            f"{where}: '{preprocessor.name}' is for IP-Adapter models and '{entry.title}' is "
+            "a ControlNet",
+            field=where,
+        )
+
+
+def adapter_encoder(
+    folders: ModelFolders, entry: ControlNetEntry, preprocessor: Preprocessor, index: int
+) -> Any:
+    """The image encoder an IP-Adapter unit will use; its absence names the unit's model."""
+    try:
+        return find_encoder(entry, encoder_roots(folders.roots["controlnet"]), preprocessor.encoder)
+    except UnusableFileError as error:
+        rename(error, unit_field(index, "model"))
+        raise
+
+
+def listed_models(folders: ModelFolders) -> list[ControlNetEntry]:
+    """The ControlNet folder's models; an IP-Adapter whose image encoder is not in
+    `clip_vision/` is listed unusable, with what it needs."""
+    roots = encoder_roots(folders.roots["controlnet"])
+    listed = []
+    for entry in folders.entries("controlnet"):
+        if entry.layout == IPADAPTER_LAYOUT and entry.error is None:
+            try:
+                find_encoder(entry, roots, None)
+            except UnusableFileError as error:
+                entry = replace(entry, error=error.message)
+        listed.append(entry)
+    return listed
+
+
+def rename(error: LorastackError, where: str) -> None:
+    """Name a unit's field in an error raised about its model."""
+    error.field = where
+    error.message = f"{where}: {error.message}"
+    error.args = (error.message,)
 
 
 def resolve_model(folders: ModelFolders, name: str, index: int) -> ControlNetEntry:
@@ -114,9 +185,7 @@ def resolve_model(folders: ModelFolders, name: str, index: int) -> ControlNetEnt
     try:
         entry: ControlNetEntry = folders.resolve("controlnet", name)
     except LorastackError as error:  # unknown (404) or ambiguous: name the unit's field
-        error.field = where
-        error.message = f"{where}: {error.message}"
-        error.args = (error.message,)
+        rename(error, where)
         raise
     if entry.error:
         raise UnusableFileError(f"{where}: {entry.error}", field=where)
@@ -154,33 +223,112 @@ class PreparedUnit:
         return soft_scales(weight, count) if soft or forced else [weight] * count
 
     def acts(self, fraction: float, hires: bool) -> bool:
-        unit = self.unit
-        if fraction < unit.guidance_start or fraction > unit.guidance_end:
-            return False
-        if unit.hr_option == "Low res only":
-            return not hires
-        if unit.hr_option == "High res only":
-            return hires
-        return True
+        return unit_acts(self.unit, fraction, hires)
 
     def infotext(self) -> str:
-        """sd-webui-controlnet's `ControlNetUnit.serialize`: its infotext fields as
-        `Display Name: value` pairs (the effective slider values)."""
-        unit = self.unit
-        values: list[tuple[str, object]] = [
-            ("Module", self.preprocessor.name),
-            ("Model", self.entry.title),
-            ("Weight", float(unit.weight)),
-            ("Resize Mode", self.resize_mode),
-            ("Processor Res", self.processor_res),
-            ("Threshold A", float(self.threshold_a)),
-            ("Threshold B", float(self.threshold_b)),
-            ("Guidance Start", float(unit.guidance_start)),
-            ("Guidance End", float(unit.guidance_end)),
-            ("Pixel Perfect", unit.pixel_perfect),
-            ("Control Mode", unit.control_mode),
-        ]
-        return ", ".join(f"{name}: {value}" for name, value in values)
+        return unit_infotext(
+            self.unit,
+            self.preprocessor,
+            self.entry,
+            self.resize_mode,
+            self.processor_res,
+            self.threshold_a,
+            self.threshold_b,
+        )
+
+
+def unit_acts(unit: ControlNetUnit, fraction: float, hires: bool) -> bool:
+    """Whether a unit acts at `fraction` of the pass's steps, in this pass."""
+    if fraction < unit.guidance_start or fraction > unit.guidance_end:
+        return False
+    if unit.hr_option == "Low res only":
+        return not hires
+    if unit.hr_option == "High res only":
+        return hires
+    return True
+
+
+def unit_infotext(
+    unit: ControlNetUnit,
+    preprocessor: Preprocessor,
+    entry: ControlNetEntry,
+    resize_mode: str,
+    processor_res: int,
+    threshold_a: float,
+    threshold_b: float,
+) -> str:
+    """sd-webui-controlnet's `ControlNetUnit.serialize`: its infotext fields as
+    `Display Name: value` pairs (the effective slider values)."""
+    values: list[tuple[str, object]] = [
+        ("Module", preprocessor.name),
+        ("Model", entry.title),
+        ("Weight", float(unit.weight)),
+        ("Resize Mode", resize_mode),
+        ("Processor Res", processor_res),
+        ("Threshold A", float(threshold_a)),
+        ("Threshold B", float(threshold_b)),
+        ("Guidance Start", float(unit.guidance_start)),
+        ("Guidance End", float(unit.guidance_end)),
+        ("Pixel Perfect", unit.pixel_perfect),
+        ("Control Mode", unit.control_mode),
+    ]
+    return ", ".join(f"{name}: {value}" for name, value in values)
+
+
+@dataclass
+class PreparedAdapter:
+    """One IP-Adapter unit made ready for a run: its adapter and image tokens."""
+
+    index: int
+    unit: ControlNetUnit
+    entry: ControlNetEntry
+    preprocessor: Preprocessor
+    adapter: IPAdapter
+    cond: torch.Tensor  # [1, tokens, width]: the image's tokens
+    uncond: torch.Tensor  # [1, tokens, width]: a zero embedding's tokens
+
+    def rows(self, rows: int, uncond_rows: int) -> torch.Tensor:
+        """Tokens for a UNet batch of `rows`, the first `uncond_rows` unconditioned."""
+        # [1, n, width] -> [rows, n, width]
+        return torch.cat(
+            [
+                self.uncond.expand(uncond_rows, -1, -1),
+                self.cond.expand(rows - uncond_rows, -1, -1),
+            ]
+        )
+
+    def infotext(self) -> str:
+        preprocessor, unit = self.preprocessor, self.unit
+        return unit_infotext(
+            unit,
+            preprocessor,
+            self.entry,
+            unit.resize_mode,
+            int(preprocessor.resolution.effective(unit.processor_res)),
+            preprocessor.slider_1.effective(unit.threshold_a),
+            preprocessor.slider_2.effective(unit.threshold_b),
+        )
+
+
+MaskCrop = tuple[tuple[int, int], tuple[int, int, int, int]]
+"""Inpainting "only masked": (the init image's size, the crop box (x1, y1, x2, y2) in it)."""
+
+
+def resize_mode_of(unit: ControlNetUnit, init_resize: str) -> str:
+    """The unit's resize mode; a unit on the init image takes img2img's."""
+    return unit.resize_mode if unit.image is not None else init_resize
+
+
+def crop_source(
+    source: np.ndarray, resize_mode: str, crop: MaskCrop, request: GenerationRequest
+) -> np.ndarray:
+    """sd-webui-controlnet's only-masked crop: the image fitted to the init image's size by
+    the unit's resize mode, cropped to the box, then fitted to the generation size by
+    "Resize and Fill" (A1111's `resize_image` modes)."""
+    (width, height), box = crop
+    mode = CONTROL_RESIZE_MODES.index(resize_mode)
+    image = resize_image(mode, Image.fromarray(source), width, height).crop(box)
+    return np.asarray(resize_image(2, image, request.width, request.height))
 
 
 def unit_source(unit: ControlNetUnit, init: Image.Image | None) -> np.ndarray | None:
@@ -209,10 +357,19 @@ class ControlUnits:
         ...                             steps=20, order=1, hires=False)  # doctest: +SKIP
     """
 
-    def __init__(self, units: list[PreparedUnit], device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        units: list[PreparedUnit],
+        device: torch.device,
+        dtype: torch.dtype,
+        adapters: Sequence[PreparedAdapter] = (),
+    ):
         self.units = units
         self.device = device
         self.dtype = dtype
+        self.adapters = list(adapters)
+        self.tokens = AdapterTokens()
+        self._processors: dict[str, Any] | None = None
 
     @classmethod
     def prepare(
@@ -227,12 +384,16 @@ class ControlUnits:
         init: Image.Image | None = None,
         init_resize: str = "Crop and Resize",
         learn: Callable[[ControlNetEntry], Callable[..., None]] | None = None,
+        crop: MaskCrop | None = None,
     ) -> ControlUnits:
-        """Resolve, preprocess and load every unit of `request` (its `controlnet`)."""
+        """Resolve, preprocess and load every unit of `request` (its `controlnet`); with
+        `crop` (inpainting "only masked"), units' images are cropped as the init image."""
         prepared = []
+        adapters = []
         for index, unit in enumerate(request.controlnet):
             preprocessor = find_preprocessor(unit.module, unit_field(index, "module"))
             entry = resolve_model(folders, unit.model, index)
+            check_pairing(index, preprocessor, entry)
             source = unit_source(unit, init)
             if source is None:
                 raise InvalidRequestError(
@@ -240,7 +401,16 @@ class ControlUnits:
                     "img2img uses the init image when it has none)",
                     field=unit_field(index, "image"),
                 )
-            resize_mode = unit.resize_mode if unit.image is not None else init_resize
+            if crop is not None and unit.inpaint_crop_input_image:
+                source = crop_source(source, resize_mode_of(unit, init_resize), crop, request)
+            if entry.layout == IPADAPTER_LAYOUT:
+                adapters.append(
+                    prepare_adapter(
+                        index, unit, entry, preprocessor, source, folders, cache, unet, device
+                    )
+                )
+                continue
+            resize_mode = resize_mode_of(unit, init_resize)
             resolution = preprocessor.resolution.effective(unit.processor_res)
             if unit.pixel_perfect:
                 resolution = pixel_perfect_resolution(
@@ -254,9 +424,7 @@ class ControlUnits:
                     entry, unet, device, dtype, learn(entry) if learn is not None else None
                 )
             except UnusableFileError as error:
-                error.field = unit_field(index, "model")
-                error.message = f"{unit_field(index, 'model')}: {error.message}"
-                error.args = (error.message,)
+                rename(error, unit_field(index, "model"))
                 raise
             prepared.append(
                 PreparedUnit(
@@ -272,7 +440,7 @@ class ControlUnits:
                     model,
                 )
             )
-        return cls(prepared, device, dtype)
+        return cls(prepared, device, dtype, adapters)
 
     def hint(self, prepared: PreparedUnit, width: int, height: int) -> torch.Tensor:
         """The unit's hint at a size [1, 3, H, W] in [0, 1], made once per size; the map
@@ -291,7 +459,20 @@ class ControlUnits:
         return [image for unit in self.units for image in reversed(unit.maps)]
 
     def infotext(self) -> dict[str, str]:
-        return {f"ControlNet {i}": unit.infotext() for i, unit in enumerate(self.units)}
+        every: list[PreparedUnit | PreparedAdapter] = [*self.units, *self.adapters]
+        every.sort(key=lambda unit: unit.index)
+        return {f"ControlNet {i}": unit.infotext() for i, unit in enumerate(every)}
+
+    def attention(self, unet: Any) -> Any:
+        """A context in which the IP-Adapter units' attention is installed on `unet` (a
+        no-op without IP-Adapter units)."""
+        if not self.adapters:
+            return nullcontext()
+        if self._processors is None:
+            self._processors = decoupled_processors(
+                unet, [unit.adapter for unit in self.adapters], self.tokens
+            )
+        return installed(unet, self._processors)
 
     def hook(
         self,
@@ -305,7 +486,8 @@ class ControlUnits:
         hires: bool = False,
     ) -> ResidualHook:
         """The residual hook for one pass: `count` batch items, `steps` sampler steps of
-        `order` model calls each, at `width` x `height`."""
+        `order` model calls each, at `width` x `height` (it also feeds the IP-Adapter
+        units' attention at each call)."""
         hints = [self.hint(unit, width, height) for unit in self.units]
 
         def residuals(
@@ -316,6 +498,15 @@ class ControlUnits:
             added: dict[str, torch.Tensor] | None,
         ) -> Residuals | None:
             fraction = a1111_sampling_step(index // max(order, 1)) / max(steps, 1)
+            if self.adapters:  # what the installed IP-Adapter attention reads at this call
+                rows = model_input.shape[0]
+                self.tokens.scales = [
+                    unit.unit.weight if unit_acts(unit.unit, fraction, hires) else 0.0
+                    for unit in self.adapters
+                ]
+                self.tokens.tokens = [
+                    unit.rows(rows, count if guided else 0) for unit in self.adapters
+                ]
             total: Residuals | None = None
             for unit, hint in zip(self.units, hints, strict=True):
                 if not unit.acts(fraction, hires):
@@ -347,3 +538,42 @@ class ControlUnits:
             return total
 
         return residuals
+
+
+def prepare_adapter(
+    index: int,
+    unit: ControlNetUnit,
+    entry: ControlNetEntry,
+    preprocessor: Preprocessor,
+    source: np.ndarray,
+    folders: ModelFolders,
+    cache: ControlNetCache,
+    unet: Any,
+    device: torch.device,
+) -> PreparedAdapter:
+    """An IP-Adapter unit: the adapter fitted to `unet`, the image's tokens (and a zero
+    embedding's) from its encoder; both models kept in the ControlNet cache."""
+    encoder = adapter_encoder(folders, entry, preprocessor, index)
+    model = cache.remember(
+        ("clip_vision", str(encoder.path), str(device)),
+        lambda: load_encoder(encoder).to(device),
+    )
+    fitted = repr(dict(unet.config))
+    try:
+        adapter = cache.remember(
+            ("ipadapter", str(entry.path), entry.mtime_ns, fitted),
+            lambda: load_ipadapter(entry, unet),
+        )
+    except UnusableFileError as error:
+        rename(error, unit_field(index, "model"))
+        raise
+    dtype = next(unet.parameters()).dtype
+    with torch.no_grad():
+        pixels = clip_pixels(source, encoder.image_size).to(device)
+        embeds = model(pixel_values=pixels).image_embeds  # [1, projection_dim]
+        projection = adapter.projection.to(device)
+        cond = projection(embeds)  # [1, tokens, width]
+        uncond = projection(torch.zeros_like(embeds))
+    return PreparedAdapter(
+        index, unit, entry, preprocessor, adapter, cond.to(dtype), uncond.to(dtype)
+    )

@@ -8,13 +8,14 @@ at offset 1 MiB), cheap enough to compute while scanning.
 
 What is usable: ControlNets in the original (LDM, `input_hint_block.*`, with or without the
 `control_model.` prefix) or the diffusers layout (`controlnet_cond_embedding.*`), for SD1,
-SD2 and SDXL. Files sd-webui-controlnet also runs but this project does not (Control-LoRA,
-ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter, difference ControlNets,
-SparseCtrl) are listed with the reason they are unusable, so a request naming one gets that
-reason rather than "unknown model". The family comes from the header (SDXL: an `add_embedding`
-/ `label_emb`; SD2: cross-attention width 1024; SD1: 768); a pickle's family is learnt when it
-is loaded; a width the three families do not have (a test model) leaves it None, and the
-engine judges the fit against the model's UNet then.
+SD2 and SDXL, and plain IP-Adapters (layout "ipadapter", `pipelines.controlnet.ipadapter`).
+Files sd-webui-controlnet also runs but this project does not (Control-LoRA,
+ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter Plus/FaceID, difference
+ControlNets, SparseCtrl) are listed with the reason they are unusable, so a request naming
+one gets that reason rather than "unknown model". The family comes from the header (SDXL: an
+`add_embedding` / `label_emb`; SD2: cross-attention width 1024; SD1: 768); a pickle's family
+is learnt when it is loaded; a width the three families do not have (a test model) leaves it
+None, and the engine judges the fit against the model's UNet then.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ANNOTATORS_SUBFOLDER = "annotators"
 LDM_PREFIX = "control_model."
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 FAMILY_WIDTHS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
+IPADAPTER_LAYOUT = "ipadapter"
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class ControlNetEntry:
     size: int
     mtime_ns: int
     kind: str = "single"  # or "diffusers" (a folder)
-    layout: str | None = None  # "ldm" or "diffusers"; None: a pickle not read yet
+    layout: str | None = None  # "ldm", "diffusers", "ipadapter"; None: a pickle not read yet
     family: str | None = None
     model_hash: str | None = None  # A1111's old 8-digit hash
     error: str | None = None
@@ -124,7 +126,7 @@ def facts_from_shapes(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Contr
     if any(k.startswith("image_proj.") for k in keys) and any(
         k.startswith("ip_adapter.") for k in keys
     ):
-        return _unsupported(name, "an IP-Adapter")
+        return _ipadapter(name, keys)
     if any("motion_modules" in key for key in keys):
         return _unsupported(name, "a SparseCtrl ControlNet")
     if "difference" in keys:
@@ -144,6 +146,25 @@ def facts_from_shapes(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Contr
     return ControlNetFacts(
         error=f"{name}: not a ControlNet (no input_hint_block or controlnet_cond_embedding tensors)"
     )
+
+
+def _ipadapter(name: str, keys: Mapping[str, tuple[int, ...]]) -> ControlNetFacts:
+    """A plain IP-Adapter (`image_proj.proj`: one image embedding) is usable; its family
+    comes from the width its image keys take (the UNet's cross-attention width)."""
+    proj = keys.get("image_proj.proj.weight")
+    key = keys.get("ip_adapter.1.to_k_ip.weight")
+    if proj is None:
+        return ControlNetFacts(
+            error=f"{name}: an IP-Adapter Plus, Full-face or FaceID ({UNSUPPORTED_NOTE}; "
+            "lorastack runs plain IP-Adapters, whose image_proj is one proj layer)"
+        )
+    if len(proj) != 2 or key is None or len(key) != 2:
+        return ControlNetFacts(
+            error=f"{name}: an IP-Adapter whose image_proj.proj.weight or "
+            "ip_adapter.1.to_k_ip.weight is missing or not a matrix"
+        )
+    family = FAMILY_WIDTHS.get(key[1])
+    return ControlNetFacts(layout=IPADAPTER_LAYOUT, family=family)
 
 
 def _family(keys: Mapping[str, tuple[int, ...]], sdxl: bool) -> str | None:

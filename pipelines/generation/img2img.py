@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.controlnet.units import MaskCrop
 from pipelines.errors import InvalidRequestError
 from pipelines.generation.denoise import DenoiseLoop
 from pipelines.generation.noise import SeedPlan
@@ -69,6 +70,7 @@ class PreparedImages:
     paste_to: tuple[int, int, int, int] | None  # "only masked": (x, y, w, h) in the original
     infotext: dict[str, object]
     notes: list[str]
+    size: tuple[int, int] = (0, 0)  # the (first) init image's, before any resize
 
 
 def img2img_steps(steps: int, strength: float, fix_steps: bool) -> tuple[int, int]:
@@ -163,7 +165,7 @@ def prepare_images(inputs: ImageInputs, width: int, height: int, seed: int) -> P
     if inputs.initial_noise_multiplier != 1.0:
         params["Noise multiplier"] = inputs.initial_noise_multiplier
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return PreparedImages(pixels, image_mask, overlays, paste_to, params, notes)
+    return PreparedImages(pixels, image_mask, overlays, paste_to, params, notes, images[0].size)
 
 
 def encode_pixels(vae: Any, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -253,6 +255,15 @@ class Img2ImgRun(Txt2ImgRun):
         assert spec is not None
         modes = ("Just Resize", "Crop and Resize", "Resize and Fill", "Just Resize")
         return flatten(spec.images[0]), modes[spec.resize_mode]
+
+    def control_crop(self) -> MaskCrop | None:
+        """sd-webui-controlnet: with "only masked", units' images get the init image's
+        crop box (its size, the box)."""
+        paste_to = self.prepared.paste_to
+        if paste_to is None:
+            return None
+        x, y, w, h = paste_to
+        return self.prepared.size, (x, y, x + w, y + h)
 
     # -- 4
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -22,7 +22,7 @@ from PIL import Image
 from pipelines import __version__
 from pipelines.architecture import Architecture
 from pipelines.controlnet.models import ControlNetCache
-from pipelines.controlnet.units import ControlUnits
+from pipelines.controlnet.units import ControlUnits, MaskCrop
 from pipelines.devices import DevicePlan
 from pipelines.embeddings import EmbeddingStore
 from pipelines.errors import UnusableFileError
@@ -414,11 +414,16 @@ class Txt2ImgRun:
             init=init,
             init_resize=resize_mode,
             learn=lambda entry: lambda **facts: folders.learn("controlnet", entry, **facts),
+            crop=self.control_crop(),
         )
 
     def control_input(self, inputs: RunInputs) -> tuple[Image.Image | None, str]:
         """The image a unit without one uses, and its resize mode (txt2img: none)."""
         return None, "Crop and Resize"
+
+    def control_crop(self) -> MaskCrop | None:
+        """Inpainting "only masked": the crop units' images get (txt2img: none)."""
+        return None
 
     # -- 3
 
@@ -614,7 +619,9 @@ class Txt2ImgRun:
             )
             return self.stopped
 
-        return loop(latents, timesteps, on_step, start)
+        units = self.units if self.control_active else None
+        with units.attention(self.model.pipe.unet) if units is not None else nullcontext():
+            return loop(latents, timesteps, on_step, start)  # IP-Adapter units' attention on
 
     def denoise_loop(
         self,

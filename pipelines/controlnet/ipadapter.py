@@ -1,0 +1,286 @@
+"""IP-Adapter units, as sd-webui-controlnet exposes them: an IP-Adapter file in
+`models/ControlNet/` with an `ip-adapter_clip_*` module, its image encoder (a CLIP vision
+model) in `models/clip_vision/` (CONTRACT), next to the ControlNet folder.
+
+The unit's image goes through the encoder (CLIP's resize, centre crop and normalisation at
+the encoder's size); its image embedding goes through the adapter's projection
+(`image_proj`: a linear layer to `tokens` x the UNet's cross-attention width, then a layer
+norm) and gives the image tokens. Every cross-attention layer of the UNet then attends to
+the text and, with its own key and value projections (`ip_adapter.<2i+1>.to_k_ip/to_v_ip`),
+to the image tokens: out = to_out(attn(q, k_text, v_text) + weight * attn(q, k_img, v_img))
+("decoupled cross-attention"). The uncond rows of the UNet batch get the tokens of a zero
+embedding (what the IP-Adapter was trained with, and what diffusers and sd-webui-controlnet
+pass there). The attention itself is diffusers' `IPAdapterAttnProcessor2_0`; it is installed
+only for the steps a run's units act in and the previous processors are put back after, so
+LoRAs (merged into the same layers' weights) and runs without units are untouched.
+
+Only plain IP-Adapters (`image_proj.proj`, one embedding, e.g. `ip-adapter_sd15`,
+`ip-adapter_sdxl`) run; Plus, Full-face and FaceID variants are listed with the reason
+(`pipelines.folders.controlnets`). `control_mode` has no effect on an IP-Adapter unit, as in
+sd-webui-controlnet (it scales ControlNet residuals, which an IP-Adapter has none of).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.errors import UnusableFileError
+from pipelines.folders.controlnets import ControlNetEntry
+from pipelines.safeload import load_state_dict, read_safetensors_header
+
+CLIP_VISION_SUBFOLDER = "clip_vision"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ENCODER_HINTS = {"clip_h": ("vit-h", "clip_h"), "clip_g": ("bigg", "clip_g")}
+"""Name parts that mark an encoder as the one a module asks for, when several fit."""
+
+
+def encoder_roots(controlnet_roots: Sequence[Path]) -> tuple[Path, ...]:
+    """`clip_vision/` beside every ControlNet folder (`models/ControlNet` ->
+    `models/clip_vision`)."""
+    found: list[Path] = []
+    for root in controlnet_roots:
+        folder = root.parent / CLIP_VISION_SUBFOLDER
+        if folder not in found:
+            found.append(folder)
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """A CLIP vision model folder (transformers layout: config.json and weights)."""
+
+    path: Path
+    projection_dim: int
+    image_size: int
+
+
+def list_encoders(roots: Sequence[Path]) -> list[Encoder]:
+    """The CLIP vision model folders under `roots` (a folder whose config.json is a
+    CLIPVisionModelWithProjection's or a CLIPVisionConfig)."""
+    encoders = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir(), key=lambda p: p.name.lower()):
+            try:
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict):
+                continue
+            vision = config.get("vision_config", config)
+            if not isinstance(vision, dict) or "projection_dim" not in vision:
+                continue
+            encoders.append(
+                Encoder(folder, int(vision["projection_dim"]), int(vision.get("image_size", 224)))
+            )
+    return encoders
+
+
+def embed_dim(entry: ControlNetEntry) -> int:
+    """The image embedding width the adapter's projection takes."""
+    header = read_safetensors_header(entry.path)
+    return int(header.tensors["image_proj.proj.weight"].shape[1])
+
+
+def find_encoder(entry: ControlNetEntry, roots: Sequence[Path], hint: str | None) -> Encoder:
+    """The image encoder for an IP-Adapter: one whose projection width is the adapter's
+    input width; among several, one named as the module asks (`clip_h`, `clip_g`), else the
+    first by name. Raises UnusableFileError naming the folders and the width needed."""
+    width = embed_dim(entry)
+    fitting = [encoder for encoder in list_encoders(roots) if encoder.projection_dim == width]
+    if not fitting:
+        where = ", ".join(str(root) for root in roots) or "models/clip_vision"
+        raise UnusableFileError(
+            f"IP-Adapter '{entry.title}' needs its image encoder: a CLIP vision model folder "
+            f"(config.json and model.safetensors) with projection_dim {width} in {where}; "
+            "none there",
+            field="controlnet",
+        )
+    for part in ENCODER_HINTS.get(hint or "", ()):
+        for encoder in fitting:
+            if part in encoder.path.name.lower():
+                return encoder
+    return fitting[0]
+
+
+def load_encoder(encoder: Encoder) -> Any:
+    """The CLIP vision model (float32, CPU), offline."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(encoder.path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UnusableFileError(
+            f"image encoder '{encoder.path.name}': {error}", field="controlnet"
+        ) from error
+    return model.eval()
+
+
+def clip_pixels(image: np.ndarray, size: int) -> torch.Tensor:
+    """CLIP's preprocessing: shortest side to `size` (bicubic), centre crop, normalise.
+    [H, W, 3] uint8 -> [1, 3, size, size]."""
+    picture = Image.fromarray(image)
+    scale = size / min(picture.size)
+    resized = (max(round(picture.width * scale), size), max(round(picture.height * scale), size))
+    picture = picture.resize(resized, Image.Resampling.BICUBIC)
+    left, top = (picture.width - size) // 2, (picture.height - size) // 2
+    picture = picture.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return ((pixels - mean) / std)[None]
+
+
+@dataclass
+class IPAdapter:
+    """A loaded plain IP-Adapter: its projection and each cross-attention layer's image
+    key/value weights, in the UNet's processor order."""
+
+    projection: Any  # diffusers ImageProjection
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # (to_k_ip, to_v_ip) per attn2
+    tokens: int
+
+
+def cross_attention_names(unet: Any) -> list[str]:
+    """The UNet's cross-attention processors, in diffusers' IP-Adapter order."""
+    return [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+
+
+def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
+    """Load and fit an IP-Adapter file to `unet`. Raises UnusableFileError naming the
+    mismatch (another family's adapter)."""
+    from diffusers.models.embeddings import ImageProjection
+
+    label = f"IP-Adapter '{entry.title}'"
+    state = load_state_dict(entry.path)
+    proj = state["image_proj.proj.weight"]
+    width = int(unet.config.cross_attention_dim)
+    names = cross_attention_names(unet)
+    layers = []
+    index = 1
+    while f"ip_adapter.{index}.to_k_ip.weight" in state:
+        prefix = f"ip_adapter.{index}."
+        layers.append((state[prefix + "to_k_ip.weight"], state[prefix + "to_v_ip.weight"]))
+        index += 2
+    if len(layers) != len(names):
+        raise UnusableFileError(
+            f"{label} has {len(layers)} cross-attention layers and the model's UNet has "
+            f"{len(names)} (an IP-Adapter for another model family)",
+            field="controlnet",
+        )
+    modules = dict(unet.named_modules())
+    for name, (key, _value) in zip(names, layers, strict=True):
+        expected = tuple(modules[name.removesuffix(".processor")].to_k.weight.shape)
+        if tuple(key.shape) != expected:
+            raise UnusableFileError(
+                f"{label} does not fit the model's UNet: {name}: to_k_ip {tuple(key.shape)} "
+                f"vs to_k {expected} (an IP-Adapter for another model family)",
+                field="controlnet",
+            )
+    if proj.shape[0] % width:
+        raise UnusableFileError(
+            f"{label}: its projection width {proj.shape[0]} is not a multiple of the model's "
+            f"cross-attention width {width}",
+            field="controlnet",
+        )
+    tokens = proj.shape[0] // width
+    projection = ImageProjection(
+        image_embed_dim=int(proj.shape[1]), cross_attention_dim=width, num_image_text_embeds=tokens
+    )
+    projection.load_state_dict(  # the published `proj` is diffusers' `image_embeds`
+        {
+            key.removeprefix("image_proj.").replace("proj.", "image_embeds.", 1): value.float()
+            for key, value in state.items()
+            if key.startswith("image_proj.")
+        }
+    )
+    return IPAdapter(projection.eval(), [(k.float(), v.float()) for k, v in layers], tokens)
+
+
+@dataclass
+class AdapterTokens:
+    """What the installed processors read at each UNet call: per adapter, the image tokens
+    for every batch row and the weight in force (0: not acting at this step)."""
+
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+
+
+class DecoupledAttention:
+    """A cross-attention processor: the previous one while no adapter acts, else
+    diffusers' `IPAdapterAttnProcessor2_0` fed the current image tokens."""
+
+    def __init__(self, previous: Any, processor: Any, state: AdapterTokens) -> None:
+        self.previous = previous
+        self.processor = processor
+        self.state = state
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not any(self.state.scales):
+            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        self.processor.scale = self.state.scales
+        return self.processor(
+            attn,
+            hidden_states,
+            (encoder_hidden_states, self.state.tokens),
+            attention_mask,
+            temb,
+        )
+
+
+def decoupled_processors(
+    unet: Any, adapters: Sequence[IPAdapter], state: AdapterTokens
+) -> dict[str, Any]:
+    """Every processor of `unet`: the cross-attention ones wrapped for `adapters`."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    modules = dict(unet.named_modules())
+    current = unet.attn_processors
+    parameter = next(unet.parameters())
+    processors = dict(current)
+    for position, name in enumerate(cross_attention_names(unet)):
+        attn = modules[name.removesuffix(".processor")]
+        hidden, width = attn.to_k.weight.shape
+        processor = IPAdapterAttnProcessor2_0(
+            hidden_size=hidden,
+            cross_attention_dim=width,
+            num_tokens=[adapter.tokens for adapter in adapters],
+            scale=[0.0] * len(adapters),
+        )
+        with torch.no_grad():
+            for i, adapter in enumerate(adapters):
+                key, value = adapter.layers[position]
+                processor.to_k_ip[i].weight.copy_(key)
+                processor.to_v_ip[i].weight.copy_(value)
+        processor.to(device=parameter.device, dtype=parameter.dtype)
+        processors[name] = DecoupledAttention(current[name], processor, state)
+    return processors
+
+
+@contextmanager
+def installed(unet: Any, processors: dict[str, Any]) -> Iterator[None]:
+    """`processors` on `unet` inside the block; the previous ones put back after."""
+    previous = unet.attn_processors
+    unet.set_attn_processor(dict(processors))  # diffusers pops from the dict it is given
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(previous)

@@ -1,0 +1,226 @@
+"""IP-Adapter units (sd-webui-controlnet's `ip-adapter_clip_*` modules) through the real
+service, with a tiny IP-Adapter and a tiny CLIP vision encoder built here (random, non-zero
+projections), 64x64, 2 steps. The injected attention is checked against decoupled
+cross-attention written out by hand: to_out(attn(q, k_text, v_text) + w * attn(q, k_img,
+v_img)).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from pipelines.controlnet.ipadapter import (
+    AdapterTokens,
+    cross_attention_names,
+    decoupled_processors,
+    installed,
+    load_ipadapter,
+)
+from pipelines.errors import LorastackError
+from pipelines.folders.controlnets import ControlNetEntry
+from pipelines.loading import LoadedModel
+from pipelines.schema import ControlNetUnit, LoraSpec
+from pipelines.service import Service, build_service
+from pipelines.settings import Settings
+from tests.test_controlnet import control_image, pixels, request
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+
+EMBED = 16
+TOKENS = 4
+
+
+def tiny_ipadapter(unet: Any, seed: int, embed: int = EMBED) -> dict[str, torch.Tensor]:
+    """A plain IP-Adapter for `unet` in the published key layout, random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    width = int(unet.config.cross_attention_dim)
+
+    def rand(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * scale
+
+    state = {
+        "image_proj.proj.weight": rand(TOKENS * width, embed),
+        "image_proj.proj.bias": rand(TOKENS * width, scale=0.1),
+        "image_proj.norm.weight": 1 + rand(width, scale=0.1),
+        "image_proj.norm.bias": rand(width, scale=0.1),
+    }
+    modules = dict(unet.named_modules())
+    for position, name in enumerate(cross_attention_names(unet)):
+        hidden = modules[name.removesuffix(".processor")].to_k.weight.shape[0]
+        state[f"ip_adapter.{2 * position + 1}.to_k_ip.weight"] = rand(hidden, width)
+        state[f"ip_adapter.{2 * position + 1}.to_v_ip.weight"] = rand(hidden, width)
+    return state
+
+
+def tiny_encoder(folder: Path) -> None:
+    """A CLIP vision model with projection (transformers layout), seeded."""
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=EMBED,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def ip_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_sd1: LoadedModel, tiny_sdxl: LoadedModel
+) -> Path:
+    """`ControlNet/` with adapters and `clip_vision/` beside it with the encoder."""
+    root = tmp_path_factory.mktemp("ipadapter-models")
+    (root / "ControlNet").mkdir()
+    save_file(tiny_ipadapter(tiny_sd1.pipe.unet, 1), root / "ControlNet" / "tiny-ip.safetensors")
+    save_file(
+        tiny_ipadapter(tiny_sdxl.pipe.unet, 2), root / "ControlNet" / "tiny-ip-xl.safetensors"
+    )
+    wide = tiny_ipadapter(tiny_sd1.pipe.unet, 3, embed=24)  # no encoder of that width
+    save_file(wide, root / "ControlNet" / "tiny-ip-wide.safetensors")
+    plus = {  # a Plus adapter's resampler instead of one projection
+        "image_proj.latents": torch.zeros(1, 4, 8),
+        "image_proj.proj_in.weight": torch.zeros(8, EMBED),
+        "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 8),
+    }
+    save_file(plus, root / "ControlNet" / "tiny-ip-plus.safetensors")
+    tiny_encoder(root / "clip_vision" / "tiny-clip-h")
+    return root
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    ip_dir: Path,
+    tiny_sd1: LoadedModel,
+) -> Service:
+    data = tmp_path_factory.mktemp("ipadapter-data")
+    keys = sd1_keys(SD1_MODULES)
+    write(data / "loras" / "ink.safetensors", make_kohya(tiny_sd1.pipe, SD1_MODULES, keys, seed=1))
+    return build_service(
+        Settings(
+            data_dir=data,
+            ckpt_dirs=(models_dir,),
+            controlnet_dir=ip_dir / "ControlNet",
+            threads=2,
+        )
+    )
+
+
+def ip_unit(**fields: Any) -> ControlNetUnit:
+    values = {"image": control_image(), "module": "ip-adapter_clip_sd15", "model": "tiny-ip"}
+    return ControlNetUnit(**{**values, **fields})
+
+
+def test_listing_usable_and_why_not(service: Service) -> None:
+    listed = {entry.relpath: entry for entry in service.controlnet_models()}
+    assert listed["tiny-ip.safetensors"].error is None
+    assert listed["tiny-ip.safetensors"].layout == "ipadapter"
+    wide = listed["tiny-ip-wide.safetensors"].error or ""
+    assert "image encoder" in wide and "projection_dim 24" in wide and "clip_vision" in wide
+    assert "Plus" in (listed["tiny-ip-plus.safetensors"].error or "")
+    with pytest.raises(LorastackError, match="projection_dim 24") as refused:
+        service.generate(request(ip_unit(model="tiny-ip-wide")))
+    assert refused.value.field == "controlnet[0].model"
+
+
+def test_unit_changes_the_image_and_weight_zero_does_not(service: Service) -> None:
+    alone = service.generate(request())
+    made = service.generate(request(ip_unit()))
+    assert np.abs(pixels(made) - pixels(alone)).mean() > 1  # the unit did something
+    assert made.detected_maps == []
+    other = service.generate(request(ip_unit(image=control_image(seed=7))))
+    assert not np.array_equal(pixels(other), pixels(made))  # the image matters
+    zero = service.generate(request(ip_unit(weight=0.0)))
+    assert np.array_equal(pixels(zero), pixels(alone))
+    late = service.generate(request(ip_unit(guidance_start=0.9)))  # never acts in 2 steps
+    assert np.array_equal(pixels(late), pixels(alone))
+    info = made.infotexts[0]
+    assert 'ControlNet 0: "Module: ip-adapter_clip_sd15, Model: tiny-ip [' in info
+    # the UNet's own attention is back after the run
+    again = service.generate(request())
+    assert np.array_equal(pixels(again), pixels(alone))
+
+
+def test_lora_stack_and_unit_together(service: Service) -> None:
+    """A LoRA (merged into the attention weights the adapter's attention also uses) and
+    an IP-Adapter unit both act; the LoRA alone is the same before and after."""
+    lora = (LoraSpec("ink", 1.0),)
+    with_lora = service.generate(request(loras=lora))
+    unit_only = service.generate(request(ip_unit()))
+    both = service.generate(request(ip_unit(), loras=lora))
+    assert np.abs(pixels(both) - pixels(with_lora)).mean() > 1
+    assert np.abs(pixels(both) - pixels(unit_only)).mean() > 1
+    assert np.array_equal(pixels(service.generate(request(loras=lora))), pixels(with_lora))
+
+
+def test_module_and_model_must_pair(service: Service) -> None:
+    with pytest.raises(LorastackError, match="is an IP-Adapter") as refused:
+        service.generate(request(ip_unit(module="canny")))
+    assert refused.value.field == "controlnet[0].module"
+
+
+def test_adapter_for_another_family_is_refused(service: Service) -> None:
+    with pytest.raises(LorastackError, match="another model family") as refused:
+        service.generate(request(ip_unit(model="tiny-ip-xl")))
+    assert refused.value.field == "controlnet[0].model"
+
+
+def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head, written out: [B, n, C] -> [B, n, C]."""
+    batch, n, channels = q.shape
+    d = channels // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch, x.shape[1], heads, d).permute(0, 2, 1, 3)
+
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / d**0.5, dim=-1)
+    return (weights @ split(v)).permute(0, 2, 1, 3).reshape(batch, n, channels)
+
+
+def test_injected_attention_is_decoupled_cross_attention(
+    tiny_sd1: LoadedModel, ip_dir: Path
+) -> None:
+    unet = tiny_sd1.pipe.unet
+    path = ip_dir / "ControlNet" / "tiny-ip.safetensors"
+    stat = path.stat()
+    entry = ControlNetEntry("tiny-ip.safetensors", path, stat.st_size, stat.st_mtime_ns)
+    state = AdapterTokens()
+    processors = decoupled_processors(unet, [load_ipadapter(entry, unet)], state)
+    file = tiny_ipadapter(unet, 1)
+    modules = dict(unet.named_modules())
+    generator = torch.Generator().manual_seed(4)
+    for position in (0, len(cross_attention_names(unet)) - 1):
+        name = cross_attention_names(unet)[position]
+        attn = modules[name.removesuffix(".processor")]
+        channels, width = attn.to_k.weight.shape
+        hidden = torch.randn(2, 16, channels, generator=generator)
+        text = torch.randn(2, 7, width, generator=generator)
+        tokens = torch.randn(2, TOKENS, width, generator=generator)
+        state.tokens, state.scales = [tokens], [0.6]
+        with torch.no_grad(), installed(unet, processors):
+            made = attn(hidden, encoder_hidden_states=text)
+        with torch.no_grad():
+            q = hidden @ attn.to_q.weight.T
+            k_text, v_text = text @ attn.to_k.weight.T, text @ attn.to_v.weight.T
+            key = file[f"ip_adapter.{2 * position + 1}.to_k_ip.weight"]
+            value = file[f"ip_adapter.{2 * position + 1}.to_v_ip.weight"]
+            k_img, v_img = tokens @ key.T, tokens @ value.T
+            mixed = heads_attention(q, k_text, v_text, attn.heads)
+            mixed = mixed + 0.6 * heads_attention(q, k_img, v_img, attn.heads)
+            expected = mixed @ attn.to_out[0].weight.T + attn.to_out[0].bias
+            plain = attn(hidden, encoder_hidden_states=text)  # processors put back
+        torch.testing.assert_close(made, expected, rtol=1e-4, atol=1e-5)
+        text_only = heads_attention(q, k_text, v_text, attn.heads)
+        text_only = text_only @ attn.to_out[0].weight.T + attn.to_out[0].bias
+        torch.testing.assert_close(plain, text_only, rtol=1e-4, atol=1e-5)
+        assert (made - plain).abs().max() > 1e-3
