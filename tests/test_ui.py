@@ -654,3 +654,13 @@ def test_send_to_txt2img_lists_denoising_without_hires_as_not_applied(engine: Se
     assert txt2img_unused(hires) == [] and hires.values["denoising_strength"] == 0.4
     dropped = recall(f"{base}, Hires upscale: 2, Hires upscaler: Latent", engine)
     assert txt2img_unused(dropped) == ["Hires upscale", "Hires upscaler"]
+
+
+def test_recalled_controlnet_units_are_not_listed_as_not_applied(engine: Service) -> None:
+    """A `ControlNet 0` unit is recalled into the ControlNet section (which reports what
+    it could not restore), so it is not also listed as not applied."""
+    text = (
+        'castle\nSteps: 7, Sampler: Euler, CFG scale: 7, Seed: 42, Size: 64x64, ControlNet 0: "'
+        'Module: canny, Model: gone [0123abcd], Weight: 1", Face restoration: CodeFormer'
+    )
+    assert recall(text, engine).not_applied == ["Face restoration"]

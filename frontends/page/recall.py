@@ -152,6 +152,8 @@ def recall(text: str, service: GenerationService) -> Recall:
         result.values.update(recalled)
         result.warnings.extend(warnings)
     understood = UNDERSTOOD | (HIRES_KEYS if result.values.get("enable_hr") else set())
+    # ControlNet units: recall_controlnet reports what each one could not restore
+    understood |= {key for key in parsed.params if re.fullmatch(r"ControlNet \d+", key)}
     result.not_applied = [key for key in parsed.params if key not in understood]
     return result
 
