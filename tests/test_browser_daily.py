@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from pipelines.infotext import parse_infotext, write_png_with_infotext
 from pipelines.loading import LoadedModel
 from tests.test_app_http import app_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, set_number
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, set_number, shot
 from tests.test_ui import make_lora_folder
 
 sync_api.expect.set_options(timeout=TIMEOUT_MS)  # generations share 2 cores with the app
@@ -92,6 +92,7 @@ def test_an_error_stays_readable_and_the_previous_images_stay(page: object) -> N
     assert page.locator("#gallery img").first.is_visible()
     assert page.get_by_text("Error", exact=True).count() == 0  # no badges over the results
     assert page.locator("#infotext textarea").input_value() == made
+    shot(page, "txt2img-error-kept.png")
 
 
 def test_the_selected_image_shows_its_parameters_and_its_real_shape(page: object) -> None:
@@ -218,6 +219,7 @@ def test_rows_and_tags_that_stop_fitting_the_checkpoint_are_flagged(page: object
         "stack row glow does not fit: made for SD1/SD2; the checkpoint is SDXL"
     )
     assert "<lora:xl-only>" not in notes.inner_text()  # fits SDXL
+    shot(page, "txt2img-stack-flags.png")
 
 
 def test_send_to_txt2img_keeps_batch_size_and_tags_and_lists_what_it_did_not_apply(
@@ -294,6 +296,7 @@ def test_checkpoint_cards_show_each_checkpoint_and_use_one(page: object) -> None
     broken = cards.filter(has_text="broken.safetensors")
     sync_api.expect(broken).to_contain_text("cannot tell the model family")
     sync_api.expect(broken.get_by_role("button", name="Use")).to_be_disabled()
+    shot(page, "checkpoint-cards.png")
     page.locator("#checkpoint_search input, #checkpoint_search textarea").first.fill("sdxl")
     sync_api.expect(cards).to_have_count(1)
     xl.get_by_role("button", name="Use").click()

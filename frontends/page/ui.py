@@ -101,7 +101,8 @@ from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_gri
 
 Shown = tuple[list, str, list[int], list[str], list[str]]
 """What a finished run shows: gallery, first infotext, seeds, notes, each image's infotext."""
-KEEP_SHOWN = (gr.skip(),) * 5
+SKIPPED = gr.skip()
+KEEP_SHOWN = (SKIPPED,) * 5
 """A stream update that leaves what the result area shows as it is."""
 ERROR_NOTE = "Error: "
 """How a refused run's message starts in the notes, where it stays until the next run."""
@@ -1239,7 +1240,8 @@ def wire_results(
         @functools.wraps(generate)  # Gradio reads the signature (gr.Request, gr.Progress)
         def for_clients(*args: Any, **kwargs: Any) -> Iterator[tuple[Any, ...]]:
             for shown in generate(*args, **kwargs):
-                yield shown[:-1]  # the page's own progress bar is not the API's
+                if any(value != SKIPPED for value in shown[:-1]):  # not progress alone
+                    yield shown[:-1]  # the page's own progress bar is not the API's
 
         api_twin.click(for_clients, inputs, outputs, api_name=api_name, concurrency_limit=None)
 
