@@ -36,7 +36,7 @@ from frontends.page.extras_tab import build_extras_tab
 from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
 from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
 from frontends.page.files_tab import build_files_tab
-from frontends.page.gallery_tab import build_gallery_tab
+from frontends.page.gallery_tab import build_gallery_tab, note_owner
 from frontends.page.gpu_time import build_gpu_time
 from frontends.page.hires_panel import (
     HIRES_FIELDS,
@@ -45,7 +45,13 @@ from frontends.page.hires_panel import (
     hires_from_values,
     wire_final_resolution,
 )
-from frontends.page.identity import SESSION_NOTE, oauth_enabled, on_space, visitor_key
+from frontends.page.identity import (
+    SESSION_NOTE,
+    oauth_enabled,
+    on_space,
+    output_owner,
+    visitor_key,
+)
 from frontends.page.img2img_tab import (
     SendTargets,
     build_images,
@@ -253,6 +259,7 @@ def build_ui(
     policy = policy or IngestPolicy.from_settings(settings)
     bounds = service.bounds()
     defaults = load_defaults(settings.data_dir, bounds)
+    owner_of = functools.partial(output_owner, settings, env=env)  # whose saved images
 
     def current_title() -> str | None:
         model = service.current_model()
@@ -479,10 +486,10 @@ def build_ui(
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
-                    shown = finish([result], generation.kind, item.grids)
+                    shown = finish([result], generation.kind, item.grids, owner_of(request))
                     for image, infotext, seed_used in item.unshown:  # saved, not shown
                         kind = f"{generation.kind}-images"
-                        save_image(
+                        path = save_image(
                             settings.outputs_dir,
                             image,
                             infotext,
@@ -490,16 +497,21 @@ def build_ui(
                             kind=kind,
                             options=service.save_options,
                         )
+                        note_owner(service, path, owner_of(request))
                     yield (*timed(shown, started, adjusted), "")
                 else:
                     results = item if isinstance(item, list) else [item]
-                    yield (*timed(finish(results, generation.kind), started, adjusted), "")
+                    shown = finish(results, generation.kind, owner=owner_of(request))
+                    yield (*timed(shown, started, adjusted), "")
         except LorastackError as error:
             raise user_error(error.message) from error
 
-    def finish(results: list[GenerationResult], kind: str, grids: int = 0) -> Shown:
-        """Save every image of every result (the first `grids` to the grids folder); the
-        gallery, first infotext, seeds, notes and each shown image's infotext."""
+    def finish(
+        results: list[GenerationResult], kind: str, grids: int = 0, owner: str | None = None
+    ) -> Shown:
+        """Save every image of every result (the first `grids` to the grids folder; each
+        `owner`'s in the gallery); the gallery, first infotext, seeds, notes and each shown
+        image's infotext."""
         gallery, seeds, infotexts, notes, shown_infotexts = [], [], [], [], []
         saving = service.save_options
         for result in results:
@@ -516,6 +528,7 @@ def build_ui(
                     options=saving,
                     batch_number=None if grid else batch_number(index, result.request.batch_size),
                 )
+                note_owner(service, path, owner)
                 gallery.append((str(path), f"seed {seed_used}"))
                 shown_infotexts.append(infotext)
             seeds += result.seeds
@@ -633,9 +646,11 @@ def build_ui(
                 with gr.Column(scale=2):
                     i2i_results = build_results("img2img", "img2img_")
             with gr.Tab("Extras", id="extras"):
-                extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
+                extras = build_extras_tab(
+                    service, settings.outputs_dir, page, tabs, page_user, owner_of
+                )
             with gr.Tab("Gallery", id="gallery"):
-                browser = build_gallery_tab(service, page, files_admin_check(settings))
+                browser = build_gallery_tab(service, page, files_admin_check(settings), owner_of)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(
                     service,
