@@ -1,9 +1,14 @@
 """Per-visitor outputs on a shared server, through the page's own Gallery events: a
-visitor lists, opens, deletes, restores and empties only the images they made."""
+visitor lists, opens, deletes, restores and empties only the images they made. And the
+real app with two logins: the second user's job shows its place in the queue while the
+first runs, and each owns the images they made."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -12,7 +17,9 @@ import gradio as gr
 import pytest
 
 from frontends.page.gallery_tab import build_gallery_tab, note_owner
-from pipelines.gallery import GalleryIndex
+from pipelines.gallery import GalleryIndex, GalleryQuery
+from pipelines.interface import DEMO_MODEL_NAME
+from tests.test_app_http import app_server
 from tests.test_gallery import made
 
 
@@ -71,3 +78,80 @@ def test_a_visitor_sees_deletes_and_restores_only_their_own_images(tmp_path: Pat
     assert ann_image.is_file()
     _, ids, *_ = on["first"](visitor("ann"), *filters)
     assert ids == [ann_image.relative_to(outputs).as_posix()]
+
+
+# ---------------------------------------------------------------- the real app, two users
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """`python app.py --listen --api` with two Gradio logins (the demo model)."""
+    data = tmp_path_factory.mktemp("shared")
+    with app_server(data, "--listen", "--api", "--gradio-auth", "alice:a,bob:b") as url:
+        yield url, data
+
+
+def txt2img(seed: int, **fields: object) -> dict[str, object]:
+    return {
+        "prompt": "a tower",
+        "negative_prompt": "",
+        "steps": 2,
+        "cfg_scale": 7,
+        "sampler_name": "Euler",
+        "scheduler": "Automatic",
+        "seed": seed,
+        "width": 64,
+        "height": 64,
+        "batch_size": 1,
+        "n_iter": 1,
+        "clip_skip": 1,
+        "checkpoint": DEMO_MODEL_NAME,
+        "loras": [],
+        **fields,
+    }
+
+
+def progress_text(job: Any) -> str:
+    units = job.status().progress_data or []
+    return " ".join(str(unit.desc) for unit in units)
+
+
+def wait_until(check: Any, seconds: float = 60) -> str:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text := check():
+            return text
+        time.sleep(0.05)
+    raise TimeoutError(f"not within {seconds}s")
+
+
+def test_a_second_users_job_shows_its_place_and_each_owns_their_images(
+    shared: tuple[str, Path],
+) -> None:
+    from gradio_client import Client
+
+    url, data = shared
+    alice = Client(url, auth=("alice", "a"), verbose=False)
+    bob = Client(url, auth=("bob", "b"), verbose=False)
+    try:
+        first = alice.submit(**txt2img(1, steps=150, n_iter=50), api_name="/txt2img")
+        wait_until(lambda: "step" in progress_text(first) and progress_text(first))
+        second = bob.submit(**txt2img(100), api_name="/txt2img")
+        waiting = wait_until(lambda: "position" in progress_text(second) and progress_text(second))
+        assert "waiting in the queue, position 1" in waiting
+        stop = urllib.request.Request(f"{url}sdapi/v1/interrupt", method="POST")
+        urllib.request.urlopen(stop, timeout=10).close()  # A1111's: the running job (alice's)
+        made_by_alice = first.result(timeout=120)[2]
+        assert second.result(timeout=120)[2] == [100]
+    finally:
+        alice.close()
+        bob.close()
+    index = GalleryIndex(data / "outputs", data / "cache")
+    index.refresh()
+
+    def seeds(owner: str) -> list[str]:
+        return sorted(item.seed for item in index.query(GalleryQuery(owner=owner)).items)
+
+    assert 1 <= len(made_by_alice) < 50  # stopped early, the finished images kept
+    assert seeds("user:alice") == sorted(str(seed) for seed in made_by_alice)
+    assert seeds("user:bob") == ["100"]

@@ -79,6 +79,7 @@ from frontends.page.tabs import (
     build_settings,
     wire_send_to_txt2img,
 )
+from frontends.page.waiting import next_snapshot, waiting_text
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -476,6 +477,8 @@ def build_ui(
             for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
                     yield *KEEP_SHOWN, item
+                elif isinstance(item, ProgressSnapshot) and item.state == "queued":
+                    progress(0.0, desc=waiting_text(item))
                 elif isinstance(item, ProgressSnapshot):
                     progress(item.fraction, desc=step_text(item, unit))
                     if item.preview:
@@ -880,11 +883,14 @@ def follow_job(
             preview_every=preview_every,
         )
         yield from _follow(
-            job, updates, lambda job: assemble_grid(plan, service.series_result(job))
+            job,
+            updates,
+            lambda job: assemble_grid(plan, service.series_result(job)),
+            service.progress,
         )
         return
     job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
-    yield from _follow(job, updates, service.result)
+    yield from _follow(job, updates, service.result, service.progress)
 
 
 def follow_series(
@@ -900,19 +906,23 @@ def follow_series(
         on_progress=updates.put,
         preview_every=preview_every,
     )
-    yield from _follow(job, updates, service.series_result)
+    yield from _follow(job, updates, service.series_result, service.progress)
 
 
 def _follow(
-    job: str, updates: queue.Queue[ProgressSnapshot], result: Callable[[str], Any]
+    job: str,
+    updates: queue.Queue[ProgressSnapshot],
+    result: Callable[[str], Any],
+    progress: Callable[[str], ProgressSnapshot],
 ) -> Iterator[Any]:
-    """The job id, its running snapshots, then `result(job)` (None when cancelled)."""
+    """The job id, its queued (place in the queue) and running snapshots, then
+    `result(job)` (None when cancelled)."""
     yield job
     while True:
-        snapshot = updates.get()
+        snapshot = next_snapshot(updates, job, progress)
         if snapshot.state in FINAL_STATES:
             break
-        if snapshot.state == "running":
+        if snapshot.state in ("queued", "running"):
             yield snapshot
     if snapshot.state == "cancelled":
         yield None
