@@ -1,12 +1,13 @@
 """Per-visitor outputs on a shared server, through the page's own Gallery events: a
 visitor lists, opens, deletes, restores and empties only the images they made. And the
 real app with two logins: the second user's job shows its place in the queue while the
-first runs, and each owns the images they made."""
+first runs, each owns the images they made, and nobody fetches another's by its path."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import gradio as gr
 import pytest
 
 from frontends.page.gallery_tab import build_gallery_tab, note_owner
+from frontends.page.private_files import PrivateFolders
 from pipelines.gallery import GalleryIndex, GalleryQuery
 from pipelines.interface import DEMO_MODEL_NAME
 from tests.test_app_http import app_server
@@ -78,6 +80,15 @@ def test_a_visitor_sees_deletes_and_restores_only_their_own_images(tmp_path: Pat
     assert ann_image.is_file()
     _, ids, *_ = on["first"](visitor("ann"), *filters)
     assert ids == [ann_image.relative_to(outputs).as_posix()]
+
+
+def test_the_file_route_refuses_paths_inside_the_private_folders(tmp_path: Path) -> None:
+    folders = PrivateFolders(lambda *_: None, [tmp_path / "outputs"])  # type: ignore[arg-type]
+    inside = tmp_path / "outputs" / "txt2img-images" / "x.png"
+    assert folders.inside(str(inside)) and folders.inside(str(tmp_path / "outputs"))
+    assert folders.inside(f"{tmp_path}/cache/../outputs/x.png")
+    assert not folders.inside(str(tmp_path / "outputs-other" / "x.png"))
+    assert not folders.inside(str(tmp_path / "cache" / "x.png"))
 
 
 # ---------------------------------------------------------------- the real app, two users
@@ -143,6 +154,13 @@ def test_a_second_users_job_shows_its_place_and_each_owns_their_images(
         urllib.request.urlopen(stop, timeout=10).close()  # A1111's: the running job (alice's)
         made_by_alice = first.result(timeout=120)[2]
         assert second.result(timeout=120)[2] == [100]
+        (alices,) = (data / "outputs").rglob(f"*-{made_by_alice[0]}.png")
+        cookies = "; ".join(f"{name}={value}" for name, value in bob.cookies.items())
+        by_path = urllib.request.Request(
+            f"{url}gradio_api/file={alices.resolve()}", headers={"Cookie": cookies}
+        )
+        with pytest.raises(urllib.error.HTTPError, match="404"):  # not by guessing its path
+            urllib.request.urlopen(by_path, timeout=10)
     finally:
         alice.close()
         bob.close()
