@@ -44,7 +44,10 @@ def events(service: GalleryOnly) -> dict[str, Any]:
 
     async def build() -> gr.Blocks:
         with gr.Blocks() as page:
-            build_gallery_tab(service, page, None, lambda request: request.session_hash)
+            tab = build_gallery_tab(service, page, None, lambda request: request.session_hash)
+        # the chosen file that Send and Delete act on stays on the server: a client
+        # cannot put another visitor's path there
+        assert isinstance(tab.path, gr.State)
         return page
 
     page = asyncio.run(build())

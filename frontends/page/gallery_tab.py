@@ -35,7 +35,7 @@ class GalleryTab:
     send_img2img: gr.Button
     send_inpaint: gr.Button
     send_extras: gr.Button
-    path: gr.Textbox  # the chosen image's file (hidden)
+    path: gr.State  # the chosen image's file: kept on the server, so no client can name one
     infotext: gr.Textbox
 
 
@@ -79,7 +79,7 @@ def build_gallery_tab(
             infotext = gr.Textbox(
                 label="Parameters", lines=6, interactive=False, elem_id="gallery_infotext"
             )
-            path = gr.Textbox(visible=False, elem_id="gallery_path")
+            path = gr.State("")
             send_txt2img = gr.Button("Send to txt2img", elem_id="gallery_send_txt2img")
             with gr.Row():
                 send_img2img = gr.Button("Send to img2img", elem_id="gallery_send_img2img")
