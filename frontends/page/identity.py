@@ -23,7 +23,8 @@ from pipelines.settings import Settings
 
 SESSION_NOTE = (
     "On this Space you are known by this page's session: your place in the queue, your "
-    "limits and Interrupt follow this tab, and a reload starts a new session."
+    "limits, Interrupt and the images the Gallery shows you follow this tab, and a reload "
+    "starts a new session (download the images you want to keep)."
 )
 
 
