@@ -489,7 +489,7 @@ def build_ui(
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
-                    shown = finish([result], generation.kind, item.grids, owner_of(request))
+                    shown = finish([result], generation.kind, item.grids, owner=owner_of(request))
                     for image, infotext, seed_used in item.unshown:  # saved, not shown
                         kind = f"{generation.kind}-images"
                         path = save_image(
