@@ -114,7 +114,13 @@ def serve(service: Service, settings: Settings, *, notice: str | None = None) ->
 
     page = build_ui(service, settings, demo_reason=notice)
     page.queue(default_concurrency_limit=1)
+    from starlette.middleware import Middleware
+
+    from frontends.page.private_files import PrivateFolders
+
     allowed = [str(settings.outputs_dir), str(settings.cache_dir / "thumbnails")]
+    # On a shared server images are per visitor: never served by their path.
+    folders = [Path(folder) for folder in allowed]
     if settings.share:
         if not settings.access_log:  # Gradio's own uvicorn: quiet its access logger
             logging.getLogger("uvicorn.access").disabled = True
@@ -125,6 +131,7 @@ def serve(service: Service, settings: Settings, *, notice: str | None = None) ->
             auth=auth,
             allowed_paths=allowed,
             prevent_thread_lock=True,
+            app_kwargs={"middleware": [Middleware(PrivateFolders, folders=folders)]},
         )
         if settings.api:
             mount_api(
@@ -133,6 +140,8 @@ def serve(service: Service, settings: Settings, *, notice: str | None = None) ->
         page.block_thread()
         return
     root = build_root(service, settings)
+    if settings.listen:  # (a Space sets it too)
+        root.add_middleware(PrivateFolders, folders=folders)
     gr.mount_gradio_app(root, page, path="/", auth=auth, allowed_paths=allowed)
     uvicorn.run(root, host=settings.host, port=settings.port, access_log=settings.access_log)
 

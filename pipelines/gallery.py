@@ -9,6 +9,14 @@ Requests name items by the id the index gave them (the path relative to the outp
 folder); a name the index never listed, or one that leaves the folder, is a 404. Deleting
 moves the file into `<outputs>/.trash/` (same relative path, never overwriting), from
 where it can be restored until the trash is emptied.
+
+On a shared server every image has an owner: the front end records who made it
+(`record_owner`) and passes that visitor as `owner` to every call, so a visitor lists,
+opens, deletes, restores and empties only their own images; an image nobody recorded
+(made before, or by the API or the CLI) belongs to nobody there. `owner=None` is the
+single local user, who sees everything. Owners are kept as a short hash of the visitor key
+in `<cache>/gallery-owners.json`, by path relative to the outputs folder (trashed files as
+`.trash/<trash id>`), so that file names no address or session.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ KINDS = ("txt2img-images", "img2img-images", "extras-images", "txt2img-grids", "
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 TRASH = ".trash"
 INDEX_FILE = "gallery-index.json"
+OWNERS_FILE = "gallery-owners.json"
 THUMBNAIL_SIDE = 256
 PAGE_SIZE = 48
 
@@ -80,6 +89,7 @@ class GalleryQuery:
     lora: str = ""  # a LoRA's name (prompt tag or Lora hashes)
     day: str = ""  # YYYY-MM-DD, or a prefix: YYYY-MM
     kind: str = ""  # one of KINDS
+    owner: str | None = None  # a shared server's visitor: only their images; None: all
     page: int = 0
     per_page: int = PAGE_SIZE
 
@@ -90,6 +100,11 @@ class GalleryPage:
     page: int
     pages: int
     total: int  # items matching the filters
+
+
+def owner_tag(owner: str) -> str:
+    """What the owners file keeps for a visitor key: a short hash, never the key itself."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:20]
 
 
 def _facts(relpath: str, path: Path, size: int, mtime_ns: int) -> GalleryItem:
@@ -136,12 +151,21 @@ class GalleryIndex:
         self.outputs_dir = outputs_dir
         self.cache_dir = cache_dir
         self._items: dict[str, GalleryItem] = {}
+        self._owners: dict[str, str] = {}  # relative path -> owner_tag
         self._lock = threading.Lock()
         self._load()
 
     # -- the index
 
     def _load(self) -> None:
+        try:
+            owners = json.loads((self.cache_dir / OWNERS_FILE).read_text(encoding="utf-8"))
+            self._owners = {str(k): str(v) for k, v in owners.items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as error:
+            # never guess: unreadable owners make those images nobody's on a shared server
+            log.warning("gallery owners unreadable (%s); images have no owner", error)
         try:
             stored = json.loads((self.cache_dir / INDEX_FILE).read_text(encoding="utf-8"))
             items = [GalleryItem(**{**i, "loras": tuple(i["loras"])}) for i in stored["items"]]
@@ -156,6 +180,33 @@ class GalleryIndex:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         items = [asdict(item) for item in self._items.values()]
         write_replacing(self.cache_dir / INDEX_FILE, json.dumps({"items": items}).encode())
+
+    def _save_owners(self) -> None:
+        """Called with the lock held."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        write_replacing(self.cache_dir / OWNERS_FILE, json.dumps(self._owners).encode())
+
+    def _owns(self, owner: str | None, relpath: str) -> bool:
+        """Called with the lock held."""
+        return owner is None or self._owners.get(relpath) == owner_tag(owner)
+
+    def record_owner(self, path: Path, owner: str) -> None:
+        """Note that `owner` made the saved file `path` (inside the outputs folder)."""
+        try:
+            relpath = path.resolve().relative_to(self.outputs_dir.resolve()).as_posix()
+        except ValueError:
+            message = f"{path.name} is not in the outputs folder"
+            raise InvalidRequestError(message, field="image") from None
+        with self._lock:
+            self._owners[relpath] = owner_tag(owner)
+            self._save_owners()
+
+    def _move_owner(self, old: str, new: str) -> None:
+        """Called with the lock held: a file moved (to or from the trash)."""
+        tag = self._owners.pop(old, None)
+        if tag is not None:
+            self._owners[new] = tag
+            self._save_owners()
 
     def _listed(self) -> Iterable[tuple[str, Path, os.stat_result]]:
         for kind in KINDS:
@@ -201,7 +252,7 @@ class GalleryIndex:
         if query.per_page < 1 or query.page < 0:
             raise InvalidRequestError("page must be >= 0 and per_page >= 1", field="page")
         with self._lock:
-            items = list(self._items.values())
+            items = [i for i in self._items.values() if self._owns(query.owner, i.id)]
         found = [item for item in items if item.matches(query)]
         found.sort(key=lambda item: (item.mtime_ns, item.id), reverse=True)
         pages = max(1, -(-len(found) // query.per_page))
@@ -209,20 +260,22 @@ class GalleryIndex:
         start = page * query.per_page
         return GalleryPage(tuple(found[start : start + query.per_page]), page, pages, len(found))
 
-    def days(self) -> list[str]:
+    def days(self, owner: str | None = None) -> list[str]:
         with self._lock:
-            return sorted({item.day for item in self._items.values()}, reverse=True)
+            days = {i.day for i in self._items.values() if self._owns(owner, i.id)}
+        return sorted(days, reverse=True)
 
-    def item(self, item_id: str) -> GalleryItem:
+    def item(self, item_id: str, owner: str | None = None) -> GalleryItem:
+        """A listed item; another visitor's is as unknown as a missing one (404)."""
         with self._lock:
-            found = self._items.get(item_id)
+            found = self._items.get(item_id) if self._owns(owner, item_id) else None
         if found is None:
             raise NotFoundError(f"no image {item_id!r} in the outputs", field="image")
         return found
 
-    def path(self, item_id: str) -> Path:
+    def path(self, item_id: str, owner: str | None = None) -> Path:
         """The file of a listed item (never a path the index did not list)."""
-        return self.outputs_dir / self.item(item_id).id
+        return self.outputs_dir / self.item(item_id, owner).id
 
     # -- thumbnails
 
@@ -247,43 +300,66 @@ class GalleryIndex:
     def trash_dir(self) -> Path:
         return self.outputs_dir / TRASH
 
-    def delete(self, item_id: str) -> str:
-        """Move the item into the trash (its relative path kept); returns its trash id."""
-        source = self.path(item_id)
+    def delete(self, item_id: str, owner: str | None = None) -> str:
+        """Move the item (`owner`'s, when given) into the trash, its relative path kept;
+        returns its trash id."""
+        source = self.path(item_id, owner)
         target = _free_name(self.trash_dir() / item_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, target)
+        trash_id = target.relative_to(self.trash_dir()).as_posix()
         with self._lock:
             self._items.pop(item_id, None)
             self._save()
-        return target.relative_to(self.trash_dir()).as_posix()
+            self._move_owner(item_id, f"{TRASH}/{trash_id}")
+        return trash_id
 
-    def trashed(self) -> list[str]:
-        """Trash ids (paths relative to the trash), newest first."""
+    def trashed(self, owner: str | None = None) -> list[str]:
+        """Trash ids (paths relative to the trash; `owner`'s only, when given), newest
+        first."""
         trash = self.trash_dir()
         if not trash.is_dir():
             return []
         found = [p for p in trash.rglob("*") if p.is_file() and not p.is_symlink()]
         found.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        return [p.relative_to(trash).as_posix() for p in found]
+        ids = [p.relative_to(trash).as_posix() for p in found]
+        with self._lock:
+            return [i for i in ids if self._owns(owner, f"{TRASH}/{i}")]
 
-    def restore(self, trash_id: str) -> str:
-        """Put a trashed file back where it was (a new number if that name is taken now);
-        returns its gallery id."""
-        if trash_id not in self.trashed():
+    def restore(self, trash_id: str, owner: str | None = None) -> str:
+        """Put a trashed file (`owner`'s, when given) back where it was (a new number if
+        that name is taken now); returns its gallery id."""
+        if trash_id not in self.trashed(owner):
             raise NotFoundError(f"no image {trash_id!r} in the trash", field="image")
         source = self.trash_dir() / trash_id
         target = _free_name(self.outputs_dir / trash_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, target)
+        item_id = target.relative_to(self.outputs_dir).as_posix()
+        with self._lock:
+            self._move_owner(f"{TRASH}/{trash_id}", item_id)
         self.refresh()
-        return target.relative_to(self.outputs_dir).as_posix()
+        return item_id
 
-    def empty_trash(self) -> int:
-        """Delete everything in the trash for good; returns how many files."""
-        count = len(self.trashed())
-        shutil.rmtree(self.trash_dir(), ignore_errors=True)
-        return count
+    def empty_trash(self, owner: str | None = None) -> int:
+        """Delete the trash (`owner`'s files only, when given) for good; returns how many
+        files."""
+        if owner is None:
+            count = len(self.trashed())
+            shutil.rmtree(self.trash_dir(), ignore_errors=True)
+            with self._lock:
+                self._owners = {
+                    k: v for k, v in self._owners.items() if not k.startswith(f"{TRASH}/")
+                }
+                self._save_owners()
+            return count
+        mine = self.trashed(owner)
+        with self._lock:
+            for trash_id in mine:
+                (self.trash_dir() / trash_id).unlink(missing_ok=True)
+                self._owners.pop(f"{TRASH}/{trash_id}", None)
+            self._save_owners()
+        return len(mine)
 
 
 def _free_name(path: Path) -> Path:

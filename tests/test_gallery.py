@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.errors import NotFoundError
+from pipelines.errors import InvalidRequestError, NotFoundError
 from pipelines.gallery import GalleryIndex, GalleryQuery
 from pipelines.output import SaveOptions, save_image
 
@@ -101,3 +101,51 @@ def test_only_listed_ids_resolve(outputs: Path, tmp_path: Path, bad: str) -> Non
     for call in (index.path, index.thumbnail, index.delete, index.restore):
         with pytest.raises(NotFoundError):
             call(bad)
+
+
+def test_on_a_shared_server_a_visitor_sees_deletes_and_restores_only_their_own(
+    outputs: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    index = GalleryIndex(outputs, cache)
+    index.refresh()
+    ids = {item.seed: item.id for item in index.query(GalleryQuery()).items}
+    index.record_owner(outputs / ids["1"], "session:alice")
+    index.record_owner(outputs / ids["4"], "session:alice")
+    index.record_owner(outputs / ids["2"], "session:bob")
+    alice, bob, eve = "session:alice", "session:bob", "session:eve"
+    with pytest.raises(InvalidRequestError, match="not in the outputs folder"):
+        index.record_owner(tmp_path / "elsewhere.png", alice)
+
+    def seeds(owner: str | None) -> list[str]:
+        return [i.seed for i in index.query(GalleryQuery(owner=owner)).items]
+
+    assert (seeds(alice), seeds(bob), seeds(eve)) == (["4", "1"], ["2"], [])
+    assert seeds(None) == ["4", "3", "2", "1"]  # the single local user sees everything
+    assert index.days(bob) == ["2026-12-03"]
+    with pytest.raises(NotFoundError):  # another's image is as unknown as a missing one
+        index.path(ids["1"], bob)
+    with pytest.raises(NotFoundError):
+        index.delete(ids["1"], bob)
+    with pytest.raises(NotFoundError):  # an image nobody recorded is nobody's
+        index.delete(ids["3"], alice)
+    assert (outputs / ids["1"]).is_file() and (outputs / ids["3"]).is_file()
+
+    alice_trash = index.delete(ids["1"], alice)
+    bob_trash = index.delete(ids["2"], bob)
+    assert (index.trashed(alice), index.trashed(bob), index.trashed(eve)) == (
+        [alice_trash],
+        [bob_trash],
+        [],
+    )
+    with pytest.raises(NotFoundError):
+        index.restore(alice_trash, bob)
+    again = GalleryIndex(outputs, cache)  # a restart keeps who owns what, trash included
+    assert again.trashed(alice) == [alice_trash]
+    assert again.empty_trash(bob) == 1 and again.trashed() == [alice_trash]
+    back = again.restore(alice_trash, alice)
+    assert back == ids["1"] and [i.seed for i in again.query(GalleryQuery(owner=alice)).items] == [
+        "4",
+        "1",
+    ]
+    assert "alice" not in (cache / "gallery-owners.json").read_text()  # hashed keys only

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from frontends.page.identity import oauth_username, visitor_key
+from frontends.page.identity import oauth_username, output_owner, visitor_key
+from pipelines.settings import Settings
 
 SPACE = {"SPACE_ID": "me/lorastack"}
 OAUTH = SPACE | {"OAUTH_CLIENT_ID": "abc"}
@@ -51,3 +52,22 @@ def test_a_session_without_middleware_is_no_user() -> None:
 
     assert oauth_username(Starlette()) is None
     assert oauth_username(request(session={"oauth_info": {"userinfo": {}}})) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "made", "owner"),
+    [
+        (Settings(), {}, request(), None),  # one local user: every image, as A1111
+        (Settings(), {}, request("ann"), None),
+        (Settings(listen=True), {}, request(), "address:10.0.0.7"),
+        (Settings(listen=True), {}, request("ann"), "user:ann"),
+        (Settings(share=True), {}, request(), "session:s1"),  # the tunnel's loopback
+        (Settings(share=True), {}, request("ann"), "user:ann"),
+        (Settings(), SPACE, request(), "session:s1"),
+        (Settings(), OAUTH, request(session=SIGNED_IN), "user:hf-ann"),
+    ],
+)
+def test_output_owner_only_on_a_shared_server(
+    settings: Settings, env: dict[str, str], made: SimpleNamespace, owner: str | None
+) -> None:
+    assert output_owner(settings, made, env) == owner

@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 
 from frontends.page.errors import user_error
+from frontends.page.gallery_tab import note_owner
 from frontends.page.img2img_tab import load_image
 from frontends.page.lora_panel import QUICK
 from pipelines.errors import InvalidRequestError, LorastackError
@@ -69,10 +70,12 @@ def build_extras_tab(
     page: gr.Blocks,
     tabs: gr.Tabs,
     user_of: Callable[[gr.Request | None], str],
+    owner_of: Callable[[gr.Request | None], str | None] = lambda _: None,
 ) -> ExtrasPanel:
     """The tab's inputs (A1111's labels and page defaults), Generate and Stop, the gallery
     and the postprocessing text. `user_of` says who a page request is (per-user limits,
-    Stop acts on the user's own job); upscaler choices are refreshed on page load."""
+    Stop acts on the user's own job), `owner_of` who owns its saved images (None: no one
+    in particular); upscaler choices are refreshed on page load."""
     source = gr.Textbox(SOURCES[0], visible=False, elem_id="extras_source")
     resize_mode = gr.Textbox(RESIZE_MODES[0], visible=False, elem_id="extras_resize_mode")
     values: dict[str, Any] = {"source": source, "resize_mode": resize_mode}
@@ -125,7 +128,8 @@ def build_extras_tab(
         """Run the tab's request through the service's queue; stream progress; save and
         show every result. User errors show on the page."""
         given = {name: data[component] for name, component in values.items()}
-        yield from run_extras_page(service, outputs_dir, given, user_of(request), progress)
+        user, owner = user_of(request), owner_of(request)
+        yield from run_extras_page(service, outputs_dir, given, user, progress, owner)
 
     run.click(
         extras,
@@ -287,9 +291,11 @@ def run_extras_page(
     values: dict[str, Any],
     user: str,
     progress: Callable[..., Any] = lambda *_, **__: None,
+    owner: str | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """The Generate event: yields (gallery, postprocessing text, job id) updates; a
-    LorastackError becomes a gr.Error with its message."""
+    LorastackError becomes a gr.Error with its message. The saved images are `owner`'s in
+    the gallery (on a shared server)."""
     try:
         request = extras_request(values)
         for item in follow_extras(service, request, user):
@@ -306,6 +312,8 @@ def run_extras_page(
                 yield [], "", ""
             else:
                 paths = save_results(outputs_dir, item)
+                for path in paths:
+                    note_owner(service, path, owner)
                 if item.interrupted:
                     gr.Info(f"Stopped: {len(paths)} of {len(request.images)} image(s) finished")
                 # as A1111, the text of the last image (all share their settings)

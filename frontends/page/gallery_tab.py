@@ -4,7 +4,10 @@ image full size with its parameters, sent back to txt2img, img2img, inpaint or E
 downloaded, or deleted to the trash (and restored from it).
 
 Deleting, restoring and emptying the trash are admin actions on a shared server, as the
-other actions that change files are."""
+other actions that change files are (CONTRACT). There every visitor also sees, deletes,
+restores and empties only the images they made (`identity.output_owner`; `note_owner`
+records them as they are saved): the admin credential does not open other visitors'
+images either."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class GalleryTab:
     send_img2img: gr.Button
     send_inpaint: gr.Button
     send_extras: gr.Button
-    path: gr.Textbox  # the chosen image's file (hidden)
+    path: gr.State  # the chosen image's file: kept on the server, so no client can name one
     infotext: gr.Textbox
 
 
@@ -40,8 +43,10 @@ def build_gallery_tab(
     service: GenerationService,
     page: gr.Blocks,
     admin_check: Callable[[str, str], str | None] | None,
+    owner_of: Callable[[gr.Request | None], str | None] = lambda _: None,
 ) -> GalleryTab:
-    """The tab's layout and events (inside the caller's `gr.Tab`)."""
+    """The tab's layout and events (inside the caller's `gr.Tab`); `owner_of` says whose
+    images a request may list and change (None: all)."""
     gallery = service.gallery()
     with gr.Row():
         text = gr.Textbox(label="Search the parameters", scale=3, elem_id="gallery_text")
@@ -74,7 +79,7 @@ def build_gallery_tab(
             infotext = gr.Textbox(
                 label="Parameters", lines=6, interactive=False, elem_id="gallery_infotext"
             )
-            path = gr.Textbox(visible=False, elem_id="gallery_path")
+            path = gr.State("")
             send_txt2img = gr.Button("Send to txt2img", elem_id="gallery_send_txt2img")
             with gr.Row():
                 send_img2img = gr.Button("Send to img2img", elem_id="gallery_send_img2img")
@@ -96,7 +101,7 @@ def build_gallery_tab(
 
     filters = [text, lora, model, day, kind]
 
-    def query(values: list[Any], page_number: int) -> GalleryQuery:
+    def query(values: list[Any], page_number: int, owner: str | None) -> GalleryQuery:
         words, lora_name, checkpoint, chosen_day, chosen_kind = values
         return GalleryQuery(
             text=(words or "").strip(),
@@ -104,36 +109,50 @@ def build_gallery_tab(
             checkpoint=(checkpoint or "").strip(),
             day="" if chosen_day in (None, ALL) else chosen_day,
             kind="" if chosen_kind in (None, ALL) else chosen_kind,
+            owner=owner,
             page=max(0, int(page_number)),
         )
 
-    def render(found: GalleryPage) -> tuple[Any, ...]:
+    def render(found: GalleryPage, owner: str | None) -> tuple[Any, ...]:
         items = [
             (str(gallery.thumbnail(item.id)), item.id.rsplit("/", 1)[-1]) for item in found.items
         ]
         label = f"page {found.page + 1} of {found.pages} · {found.total} image(s)"
-        days = gr.Dropdown(choices=[ALL, *gallery.days()])
+        days = gr.Dropdown(choices=[ALL, *gallery.days(owner)])
         return items, [item.id for item in found.items], found.page, label, days
 
-    def listing(*values: Any) -> tuple[Any, ...]:
+    def listing(values: tuple[Any, ...], step: int | None, request: Any) -> tuple[Any, ...]:
+        """The page `step` pages from the shown one (None: the first) for `request`'s
+        visitor."""
         *chosen, page_number = values
+        owner = owner_of(request)
         gallery.refresh()
-        return render(gallery.query(query(chosen, page_number)))
+        wanted = 0 if step is None else page_number + step
+        return render(gallery.query(query(chosen, wanted, owner)), owner)
+
+    def first(request: gr.Request, *values: Any) -> tuple[Any, ...]:
+        return listing(values, None, request)
+
+    def newer(request: gr.Request, *values: Any) -> tuple[Any, ...]:
+        return listing(values, -1, request)
+
+    def older(request: gr.Request, *values: Any) -> tuple[Any, ...]:
+        return listing(values, 1, request)
 
     outputs = [shown, ids, number, where, day]
-    search.click(lambda *v: listing(*v[:-1], 0), [*filters, number], outputs, **QUICK)
+    search.click(first, [*filters, number], outputs, **QUICK)
     for box in (text, lora, model):
-        box.submit(lambda *v: listing(*v[:-1], 0), [*filters, number], outputs, **QUICK)
-    previous.click(lambda *v: listing(*v[:-1], v[-1] - 1), [*filters, number], outputs, **QUICK)
-    following.click(lambda *v: listing(*v[:-1], v[-1] + 1), [*filters, number], outputs, **QUICK)
-    page.load(lambda *v: listing(*v[:-1], 0), [*filters, number], outputs, **QUICK)
+        box.submit(first, [*filters, number], outputs, **QUICK)
+    previous.click(newer, [*filters, number], outputs, **QUICK)
+    following.click(older, [*filters, number], outputs, **QUICK)
+    page.load(first, [*filters, number], outputs, **QUICK)
 
-    def choose(listed: list[str], event: gr.SelectData) -> tuple[Any, ...]:
+    def choose(listed: list[str], event: gr.SelectData, request: gr.Request) -> tuple[Any, ...]:
         if not listed or event.index is None or event.index >= len(listed):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         try:
-            item = gallery.item(listed[event.index])
-            file = str(gallery.path(item.id))
+            item = gallery.item(listed[event.index], owner_of(request))
+            file = str(gallery.path(item.id, owner_of(request)))
         except LorastackError as error:
             raise user_error(error.message) from error
         return file, item.infotext, file, gr.DownloadButton(value=file)
@@ -145,34 +164,41 @@ def build_gallery_tab(
         if reason is not None:
             raise user_error(f"{action}: {reason}")
 
-    def remove(file: str, who: str, secret: str, *values: Any) -> tuple[Any, ...]:
+    def remove(
+        request: gr.Request, file: str, who: str, secret: str, *values: Any
+    ) -> tuple[Any, ...]:
         refused(who, secret, "Not deleted")
         if not file:
             raise user_error("Choose an image first")
         item_id = _item_id(gallery.outputs_dir, file)
+        owner = owner_of(request)
         try:
-            gallery.delete(item_id)
+            gallery.delete(item_id, owner)
         except LorastackError as error:
             raise user_error(error.message) from error
         *chosen, page_number = values
-        listed = render(gallery.query(query(chosen, page_number)))
-        cleared = (None, "", "", gr.Dropdown(choices=gallery.trashed()))
+        listed = render(gallery.query(query(chosen, page_number, owner)), owner)
+        cleared = (None, "", "", gr.Dropdown(choices=gallery.trashed(owner)))
         return (*listed, *cleared, f"Moved {item_id} to the trash")
 
     after = [*outputs, full, infotext, path, trashed, status]
     delete.click(remove, [path, user, password, *filters, number], after, **QUICK)
 
-    def put_back(trash_id: str, who: str, secret: str, *values: Any) -> tuple[Any, ...]:
+    def put_back(
+        request: gr.Request, trash_id: str, who: str, secret: str, *values: Any
+    ) -> tuple[Any, ...]:
         refused(who, secret, "Not restored")
         if not trash_id:
             raise user_error("Choose a deleted image first")
+        owner = owner_of(request)
         try:
-            item_id = gallery.restore(trash_id)
+            item_id = gallery.restore(trash_id, owner)
         except LorastackError as error:
             raise user_error(error.message) from error
         *chosen, page_number = values
-        listed = render(gallery.query(query(chosen, page_number)))
-        return (*listed, gr.Dropdown(choices=gallery.trashed(), value=None), f"Restored {item_id}")
+        listed = render(gallery.query(query(chosen, page_number, owner)), owner)
+        trash = gr.Dropdown(choices=gallery.trashed(owner), value=None)
+        return (*listed, trash, f"Restored {item_id}")
 
     restore.click(
         put_back,
@@ -181,14 +207,24 @@ def build_gallery_tab(
         **QUICK,
     )
 
-    def clear(who: str, secret: str) -> tuple[Any, str]:
+    def clear(who: str, secret: str, request: gr.Request) -> tuple[Any, str]:
         refused(who, secret, "Trash not emptied")
-        count = gallery.empty_trash()
+        count = gallery.empty_trash(owner_of(request))
         return gr.Dropdown(choices=[], value=None), f"Deleted {count} image(s) for good"
 
     empty.click(clear, [user, password], [trashed, status], **QUICK)
-    page.load(lambda: gr.Dropdown(choices=gallery.trashed()), None, trashed, **QUICK)
+
+    def trash_choices(request: gr.Request) -> Any:
+        return gr.Dropdown(choices=gallery.trashed(owner_of(request)))
+
+    page.load(trash_choices, None, trashed, **QUICK)
     return GalleryTab(send_txt2img, send_img2img, send_inpaint, send_extras, path, infotext)
+
+
+def note_owner(service: GenerationService, path: Path, owner: str | None) -> None:
+    """On a shared server the visitor who made a saved image owns it in the gallery."""
+    if owner is not None:
+        service.gallery().record_owner(path, owner)
 
 
 def _item_id(outputs_dir: Path, file: str) -> str:

@@ -6,6 +6,10 @@ names nobody. There the visitor is the Hugging Face user when the Space has logi
 the signed-in profile in the session as `oauth_info`), else the Gradio session, which a
 page reload replaces (the page says so). Elsewhere: the user Gradio's own login checked,
 else the client address.
+
+The same visitor owns the images they make when the server is shared (`output_owner`):
+the gallery lists, deletes and restores only those. A single local user owns nothing in
+particular and sees every image, as in A1111.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipelines.limits import user_key
+from pipelines.settings import Settings
 
 SESSION_NOTE = (
     "On this Space you are known by this page's session: your place in the queue, your "
-    "limits and Interrupt follow this tab, and a reload starts a new session."
+    "limits, Interrupt and the images the Gallery shows you follow this tab, and a reload "
+    "starts a new session (download the images you want to keep)."
 )
 
 
@@ -60,3 +66,25 @@ def visitor_key(request: Any, env: Mapping[str, str] | None = None) -> str:
         return user_key(username, None)
     session = getattr(request, "session_hash", None)
     return f"session:{session}" if session else user_key(None, getattr(client, "host", None))
+
+
+def output_owner(
+    settings: Settings, request: Any, env: Mapping[str, str] | None = None
+) -> str | None:
+    """Who owns the images a page request saves and may see in the gallery: None (every
+    image, as A1111) unless the server is shared (`--listen`, `--share`, a Space).
+
+    Behind `--share`'s tunnel every visitor comes from the loopback address, so there a
+    visitor without a login is their Gradio session, as on a Space.
+
+    Example:
+        >>> output_owner(Settings(), None, {}) is None
+        True
+    """
+    if not (settings.listen or settings.share or on_space(env)):
+        return None
+    key = visitor_key(request, env)
+    session = getattr(request, "session_hash", None)
+    if settings.share and key.startswith("address:") and session:
+        return f"session:{session}"
+    return key

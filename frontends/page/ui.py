@@ -37,7 +37,7 @@ from frontends.page.extras_tab import build_extras_tab
 from frontends.page.fewstep_panel import TARGETS as FEWSTEP_TARGETS
 from frontends.page.fewstep_panel import build_checkpoint_suggestion, wire_checkpoint
 from frontends.page.files_tab import build_files_tab
-from frontends.page.gallery_tab import build_gallery_tab
+from frontends.page.gallery_tab import build_gallery_tab, note_owner
 from frontends.page.gpu_time import build_gpu_time
 from frontends.page.hires_panel import (
     HIRES_FIELDS,
@@ -46,7 +46,13 @@ from frontends.page.hires_panel import (
     hires_from_values,
     wire_final_resolution,
 )
-from frontends.page.identity import SESSION_NOTE, oauth_enabled, on_space, visitor_key
+from frontends.page.identity import (
+    SESSION_NOTE,
+    oauth_enabled,
+    on_space,
+    output_owner,
+    visitor_key,
+)
 from frontends.page.img2img_tab import (
     SendTargets,
     build_images,
@@ -75,6 +81,7 @@ from frontends.page.tabs import (
     build_settings,
     wire_send_to_txt2img,
 )
+from frontends.page.waiting import next_snapshot, waiting_text
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -263,6 +270,7 @@ def build_ui(
     policy = policy or IngestPolicy.from_settings(settings)
     bounds = service.bounds()
     defaults = load_defaults(settings.data_dir, bounds)
+    owner_of = functools.partial(output_owner, settings, env=env)  # whose saved images
 
     def current_title() -> str | None:
         model = service.current_model()
@@ -480,11 +488,15 @@ def build_ui(
             for item in items:
                 if isinstance(item, str):  # the job id, kept for Interrupt
                     yield *KEEP_SHOWN, item, progress_bar(None)
+                elif isinstance(item, ProgressSnapshot) and item.state == "queued":
+                    progress(0.0, desc=waiting_text(item))
+                    yield *KEEP_SHOWN, gr.skip(), progress_bar(item, unit)
                 elif isinstance(item, ProgressSnapshot):
                     progress(item.fraction, desc=step_text(item, unit))
                     bar = progress_bar(item, unit)
                     if item.finished is not None:  # a batch of the batch count: now
-                        early = joined(early, finish([item.finished], generation.kind))
+                        batch = finish([item.finished], generation.kind, owner=owner_of(request))
+                        early = joined(early, batch)
                         gallery, info, seeds, _, infotexts = early
                         yield gallery, info, seeds, gr.skip(), infotexts, gr.skip(), bar
                     elif item.preview:
@@ -498,10 +510,10 @@ def build_ui(
                     return
                 elif isinstance(item, GridOutput):
                     result = item.as_result(generation)
-                    shown = finish([result], generation.kind, item.grids)
+                    shown = finish([result], generation.kind, item.grids, owner=owner_of(request))
                     for image, infotext, seed_used in item.unshown:  # saved, not shown
                         kind = f"{generation.kind}-images"
-                        save_image(
+                        path = save_image(
                             settings.outputs_dir,
                             image,
                             infotext,
@@ -509,20 +521,27 @@ def build_ui(
                             kind=kind,
                             options=service.save_options,
                         )
+                        note_owner(service, path, owner_of(request))
                     yield (*timed(shown, started, adjusted), "", "")
                 else:
                     results = item if isinstance(item, list) else [item]
                     results[0] = after_shown(results[0], len(early[0]))
-                    rest = finish(results, generation.kind, already=len(early[0]))
+                    owner = owner_of(request)
+                    rest = finish(results, generation.kind, already=len(early[0]), owner=owner)
                     shown = joined(early, rest)
                     yield (*timed(shown, started, adjusted), "", "")
         except LorastackError as error:
             raise user_error(error.message) from error
 
     def finish(
-        results: list[GenerationResult], kind: str, grids: int = 0, already: int = 0
+        results: list[GenerationResult],
+        kind: str,
+        grids: int = 0,
+        already: int = 0,
+        owner: str | None = None,
     ) -> Shown:
-        """Save every image of every result (the first `grids` to the grids folder); the
+        """Save every image of every result (the first `grids` to the grids folder; each
+        `owner`'s in the gallery; `already` shown before, for the interrupted note); the
         gallery, first infotext, seeds, notes and each shown image's infotext."""
         gallery, seeds, infotexts, notes, shown_infotexts = [], [], [], [], []
         saving = service.save_options
@@ -540,6 +559,7 @@ def build_ui(
                     options=saving,
                     batch_number=None if grid else batch_number(index, result.request.batch_size),
                 )
+                note_owner(service, path, owner)
                 gallery.append((str(path), f"seed {seed_used}"))
                 shown_infotexts.append(infotext)
             seeds += result.seeds
@@ -661,9 +681,11 @@ def build_ui(
                 with gr.Column(scale=2):
                     i2i_results = build_results("img2img", "img2img_", local_outputs)
             with gr.Tab("Extras", id="extras"):
-                extras = build_extras_tab(service, settings.outputs_dir, page, tabs, page_user)
+                extras = build_extras_tab(
+                    service, settings.outputs_dir, page, tabs, page_user, owner_of
+                )
             with gr.Tab("Gallery", id="gallery"):
-                browser = build_gallery_tab(service, page, files_admin_check(settings))
+                browser = build_gallery_tab(service, page, files_admin_check(settings), owner_of)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo = build_pnginfo(
                     service,
@@ -906,11 +928,14 @@ def follow_job(
             preview_every=preview_every,
         )
         yield from _follow(
-            job, updates, lambda job: assemble_grid(plan, service.series_result(job))
+            job,
+            updates,
+            lambda job: assemble_grid(plan, service.series_result(job)),
+            service.progress,
         )
         return
     job = service.submit(request, user=user, on_progress=updates.put, preview_every=preview_every)
-    yield from _follow(job, updates, service.result)
+    yield from _follow(job, updates, service.result, service.progress)
 
 
 def follow_series(
@@ -926,19 +951,23 @@ def follow_series(
         on_progress=updates.put,
         preview_every=preview_every,
     )
-    yield from _follow(job, updates, service.series_result)
+    yield from _follow(job, updates, service.series_result, service.progress)
 
 
 def _follow(
-    job: str, updates: queue.Queue[ProgressSnapshot], result: Callable[[str], Any]
+    job: str,
+    updates: queue.Queue[ProgressSnapshot],
+    result: Callable[[str], Any],
+    progress: Callable[[str], ProgressSnapshot],
 ) -> Iterator[Any]:
-    """The job id, its running snapshots, then `result(job)` (None when cancelled)."""
+    """The job id, its queued (place in the queue) and running snapshots, then
+    `result(job)` (None when cancelled)."""
     yield job
     while True:
-        snapshot = updates.get()
+        snapshot = next_snapshot(updates, job, progress)
         if snapshot.state in FINAL_STATES:
             break
-        if snapshot.state == "running":
+        if snapshot.state in ("queued", "running"):
             yield snapshot
     if snapshot.state == "cancelled":
         yield None
@@ -1000,6 +1029,8 @@ def timed(shown: Shown, started: float, adjusted: list[str]) -> Shown:
 def progress_bar(update: ProgressSnapshot | None, unit: str = "batch") -> str:
     """The page's progress bar (HTML) for a running job's snapshot; a waiting one says
     so (None: submitted, not started yet)."""
+    if update is not None and update.state == "queued" and update.queue_position is not None:
+        return f'<div class="job-progress"><span>{html.escape(waiting_text(update))}</span></div>'
     if update is None or update.state != "running":
         return '<div class="job-progress"><span>waiting…</span></div>'
     percent = max(0.0, min(100.0, update.fraction * 100))
