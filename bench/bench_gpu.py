@@ -1,193 +1,183 @@
-"""GPU UNet throughput: attention backends, torch.compile, channels_last, merged LoRAs.
+"""GPU benchmark through the real engine: eager vs `--compile`, a LoRA stack change under
+`--compile` (time and recompiles), peak memory and the first image.
 
-    .venv/bin/python -m bench.bench_gpu [--json out.json]     # on a CUDA machine
+    .venv/bin/python -m bench.bench_gpu [--sdxl] [--json out.json]    # on a CUDA machine
+    .venv/bin/python -m bench.bench_gpu --cpu-smoke                   # tiny model, CPU (tests)
 
-SD1.5-size (512x512) and SDXL-size (1024x1024) UNets with random weights in fp16, batch 1
-with CFG (UNet batch 2), 20 steps: iterations per second and peak GPU memory for each
-configuration. xformers rows appear only where xformers imports against this torch build.
-The same code runs on the CPU with the tiny UNet (`--cpu-smoke`) so tests cover it.
+Everything goes through `Service.generate` on an `Engine` with the product's device plan
+(fp16, SDPA, `place_pipeline`), its adapter stack (two rank-16 kohya LoRA files on every
+attention projection, resolved from a LoRA folder like any request's) and
+`pipelines.compiled`. Models: SD1.5 layout at 512x512 (SDXL layout at 1024x1024 with
+`--sdxl`), seeded random weights, Euler, CFG 7. UNet it/s = (20 - 4) steps over the time
+difference of a 20-step and a 4-step image, so prompt encoding and decoding cancel out.
+One prepared command, in priority order, meant to fit in 8 minutes on one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from pipelines.devices import xformers_status
+from bench.bench_lora import write_loras
+from bench.common import Stat, machine
+from pipelines.compiled import compile_pipeline, compiled_graphs
+from pipelines.devices import plan_device
+from pipelines.engine import Engine
+from pipelines.loading import CONFIGS_DIR, random_pipeline
+from pipelines.schema import GenerationRequest, LoraSpec
+from pipelines.service import Service, build_service
+from pipelines.settings import Settings
+
+REPEATS = 3
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One way of running the UNet."""
-
-    attention: str  # "sdpa" or "xformers"
-    compile_mode: str | None  # None, "max-autotune-no-cudagraphs" or "max-autotune"
-    channels_last: bool
-    loras: int  # merged rank-16 LoRAs (0 or 5)
-
-    @property
-    def label(self) -> str:
-        parts = [self.attention, self.compile_mode or "eager"]
-        if self.channels_last:
-            parts.append("channels_last")
-        parts.append(f"{self.loras} LoRAs merged")
-        return ", ".join(parts)
+def synced(function: Callable[[], object]) -> float:
+    """Seconds of `function`, the device queue drained before and after."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
-def variants(device: torch.device) -> list[Variant]:
-    """Every configuration worth measuring on `device` (xformers only where it runs)."""
-    attentions = ["sdpa"] + (["xformers"] if xformers_status(device)[0] else [])
-    modes: list[str | None] = [None]
-    if device.type == "cuda":
-        modes += ["max-autotune-no-cudagraphs", "max-autotune"]
-    found = [Variant(a, None, False, 0) for a in attentions]
-    found += [Variant("sdpa", None, True, 0)]
-    found += [Variant("sdpa", mode, True, 0) for mode in modes if mode]
-    found += [Variant("sdpa", None, False, 5)]
-    return found
+def build(yaml: Path, folder: Path, device: str, mode: str, rank: int) -> tuple[Service, list[str]]:
+    """A service on `device` whose engine holds a seeded random pipeline of `yaml`, in
+    `mode` ("eager", "compile", "compile+cudagraphs", or "dynamo-eager": dynamo's capture
+    and guards without code generation, for the smoke run), with two LoRA files written
+    for that pipeline."""
+    loaded = random_pipeline(yaml, 0, folder / "config")
+    loras = folder / "loras"
+    if not loras.is_dir():
+        loras.mkdir()
+        write_loras(loaded.pipe.unet, 2, rank, loras)
+    settings = Settings(data_dir=folder, ckpt_dirs=(folder / "none",), lora_dirs=(loras,))
+    backend = {"compile": "inductor", "dynamo-eager": "eager"}.get(mode)
+    if mode == "compile+cudagraphs":
+        backend = None  # compiled here with CUDA graphs; the plan leaves it be
+        compile_pipeline(loaded.pipe, torch.device(device), cuda_graphs=True)
+    plan = replace(plan_device(device), compile=backend)
+    service = build_service(settings, lambda s, f: Engine(s, f, plan=plan))
+    service.runner.use_pipeline(loaded, yaml.stem)  # type: ignore[attr-defined]
+    return service, ["lora0", "lora1"]
 
 
-def unet_config(kind: str) -> dict:
-    """Diffusers configs of the real SD1.5 and SDXL UNets, and a tiny one for smoke tests."""
-    if kind == "sd15":
-        return {
-            "cross_attention_dim": 768,
-            "attention_head_dim": 8,
-            "block_out_channels": (320, 640, 1280, 1280),
-        }
-    if kind == "sdxl":
-        return {
-            "cross_attention_dim": 2048,
-            "attention_head_dim": [5, 10, 20],
-            "block_out_channels": (320, 640, 1280),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "transformer_layers_per_block": [1, 2, 10],
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": 256,
-            "projection_class_embeddings_input_dim": 2816,
-        }
-    return {
-        "cross_attention_dim": 32,
-        "attention_head_dim": 4,
-        "block_out_channels": (32, 64),
-        "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    }
-
-
-def merge_random_loras(unet: torch.nn.Module, count: int, rank: int = 16) -> None:
-    """Add `count` random rank-16 deltas to every attention projection, as merging does."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, module in unet.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in (
-                "to_q",
-                "to_k",
-                "to_v",
-                "0",
-            ):
-                out_features, in_features = module.weight.shape
-                for _ in range(count):
-                    up = torch.randn(out_features, rank, generator=generator) * 0.01
-                    down = torch.randn(rank, in_features, generator=generator) * 0.01
-                    module.weight += (up @ down).to(module.weight)
-
-
-def measure(
-    kind: str, variant: Variant, device: torch.device, dtype: torch.dtype, size: int, steps: int
-) -> dict:
-    """Iterations per second of `steps` UNet calls and the peak device memory."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    config = unet_config(kind)
-    unet = UNet2DConditionModel(sample_size=size // 8, **config).to(device, dtype).eval()
-    if variant.loras:
-        merge_random_loras(unet, variant.loras)
-    if variant.attention == "xformers":
-        unet.enable_xformers_memory_efficient_attention()
-    if variant.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    forward = unet
-    if variant.compile_mode:
-        forward = torch.compile(unet, mode=variant.compile_mode, fullgraph=False)
-    latent = torch.randn(2, 4, size // 8, size // 8, device=device, dtype=dtype)
-    context = torch.randn(2, 77, config["cross_attention_dim"], device=device, dtype=dtype)
-    extra = {}
-    if config.get("addition_embed_type") == "text_time":
-        extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
-            "time_ids": torch.randn(2, 6, device=device, dtype=dtype),
-        }
-    timestep = torch.tensor([500, 500], device=device)
-
-    def run() -> None:
-        with torch.inference_mode():
-            for _ in range(steps):
-                forward(latent, timestep, encoder_hidden_states=context, **extra)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    run()  # warm-up (and compilation)
-    times = []
-    for _ in range(3):
+def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int) -> dict:
+    """First image, UNet it/s, a stack change's time and recompiles, peak memory."""
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
         started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+        service, loras = build(yaml, folder, device, mode, rank)
+        built = time.perf_counter() - started
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+        def image(count: int, stack: tuple[LoraSpec, ...] = ()) -> float:
+            job = GenerationRequest(
+                prompt="a photo of a cat",
+                seed=1,
+                steps=count,
+                width=size,
+                height=size,
+                sampler_name="Euler",
+                cfg_scale=7.0,
+                loras=stack,
+            )
+            return synced(lambda: service.generate(job))
+
+        graphs = compiled_graphs()
+        first = image(steps)
+        first_graphs = compiled_graphs() - graphs
+        image(min(4, steps))  # the short request's own first run
+        long_runs, short_runs = [], []
+        for _ in range(REPEATS):
+            long_runs.append(image(steps))
+            short_runs.append(image(min(4, steps)))
+        short = min(4, steps)
+        rates = tuple(
+            (steps - short) / max(a - b, 1e-9) for a, b in zip(long_runs, short_runs, strict=True)
+        )
+        stack_a = (LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 0.5))
+        stack_b = (LoraSpec(loras[0], 0.3), LoraSpec(loras[1], 0.5))
+        image(short, stack_a)
+        graphs = compiled_graphs()
+        changed, same = [], []
+        for index in range(REPEATS):
+            changed.append(image(short, stack_b if index % 2 == 0 else stack_a))
+            same.append(image(short, stack_b if index % 2 == 0 else stack_a))
+        recompiles = compiled_graphs() - graphs
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    change = tuple(a - b for a, b in zip(changed, same, strict=True))
     return {
-        "model": kind,
+        "model": yaml.stem,
         "size": size,
-        "variant": variant.label,
-        **asdict(variant),
-        "it_per_s": steps / statistics.median(times),
-        "spread_it_per_s": steps / min(times) - steps / max(times),
+        "steps": steps,
+        "mode": mode,
+        "repeats": REPEATS,
+        "build_s": built,
+        "first_image_s": first,
+        "first_image_graphs": first_graphs,
+        "it_per_s": Stat(rates).as_dict(),
+        "stack_change_s": Stat(change).as_dict(),
+        "stack_change_recompiles": recompiles,
         "peak_gpu_mb": peak,
     }
 
 
+def print_table(device: str, rows: list[dict]) -> None:
+    print(f"Machine: {machine()}; device {device}; median of {REPEATS} repeats ± spread")
+    print(
+        "| model | size | mode | first image s (graphs) | UNet it/s | stack change s | "
+        "recompiles on stack changes | peak GPU MB |\n|---|---:|---|---:|---:|---:|---:|---:|"
+    )
+    for row in rows:
+        rate, change = row["it_per_s"], row["stack_change_s"]
+        peak = f"{row['peak_gpu_mb']:.0f}" if row["peak_gpu_mb"] is not None else "-"
+        print(
+            f"| {row['model']} | {row['size']} | {row['mode']} | {row['first_image_s']:.1f} "
+            f"({row['first_image_graphs']}) | {rate['median']:.2f} ±{rate['spread']:.2f} | "
+            f"{change['median']:.3f} ±{change['spread']:.3f} | "
+            f"{row['stack_change_recompiles']} | {peak} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny UNet on the CPU")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--sdxl", action="store_true", help="also SDXL layout at 1024x1024")
+    parser.add_argument("--cuda-graphs", action="store_true", help="also compile + CUDA graphs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.cpu_smoke:
-        device, dtype, cases = torch.device("cpu"), torch.float32, [("tiny", 64, 2)]
+        cases = [(CONFIGS_DIR / "demo-tiny.yaml", 64, 6, 4)]
+        device, modes = "cpu", ["eager", "dynamo-eager"]
     elif torch.cuda.is_available():
-        device, dtype, cases = (
-            torch.device("cuda"),
-            torch.float16,
-            [("sd15", 512, 20), ("sdxl", 1024, 20)],
-        )
+        cases = [(CONFIGS_DIR / "v1-inference.yaml", 512, 20, 16)]
+        if args.sdxl:
+            cases.append((CONFIGS_DIR / "sd_xl_base.yaml", 1024, 20, 16))
+        device, modes = "cuda", ["eager", "compile"]
+        if args.cuda_graphs:
+            modes.append("compile+cudagraphs")
     else:
         raise SystemExit("no CUDA device: run with --cpu-smoke, or on a GPU machine")
-    rows = [
-        measure(kind, v, device, dtype, size, steps)
-        for kind, size, steps in cases
-        for v in variants(device)
-    ]
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"# {name}, torch {torch.__version__}, {dtype}")
-    print("| model | size | configuration | it/s | peak GPU MB |\n|---|---:|---|---:|---:|")
-    for row in rows:
-        peak = f"{row['peak_gpu_mb']:.0f}" if row["peak_gpu_mb"] is not None else "-"
-        print(
-            f"| {row['model']} | {row['size']} | {row['variant']} | "
-            f"{row['it_per_s']:.2f} ±{row['spread_it_per_s']:.2f} | {peak} |"
-        )
+    rows = []
+    for yaml, size, steps, rank in cases:
+        for mode in modes:
+            row = measure(yaml, size, steps, device, mode, rank)
+            rows.append(row)
+            print_table(device, [row])  # each row as soon as it is measured
+    print()
+    print_table(device, rows)
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

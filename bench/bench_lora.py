@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bench.common import Stat, machine, make_cold
 from pipelines.architecture import Architecture
 from pipelines.lora.files import LoraFileCache
 from pipelines.lora.stack import AdapterStack, StackEntry
@@ -145,17 +147,16 @@ def typed_state(unet: torch.nn.Module, kind: str, rank: int) -> dict[str, torch.
 
 
 def add_hooks(unet: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> list:
-    """Unmerged mode: each LoRA adds its low-rank product to the layer output per forward."""
+    """Unmerged mode: each LoRA adds its low-rank product, scaled by the file's alpha over
+    its rank (kohya's rule, as the merge uses), to the layer output per forward."""
     handles = []
     for name, layer in lora_targets(unet):
         key = "lora_unet_" + name.replace(".", "_")
-        pairs = [
-            (
-                s[f"{key}.lora_down.weight"].float(),
-                s[f"{key}.lora_up.weight"].float() * (s[f"{key}.alpha"].item() / 16),
-            )
-            for s in states
-        ]
+        pairs = []
+        for s in states:
+            down = s[f"{key}.lora_down.weight"].float()
+            scale = s[f"{key}.alpha"].item() / down.shape[0]
+            pairs.append((down, s[f"{key}.lora_up.weight"].float() * scale))
 
         def hook(_module, inputs, output, pairs=pairs):
             for down, up in pairs:
@@ -205,7 +206,8 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "targets": len(lora_targets(unet)),
         "steps": [],
-        "operations": {},
+        "repeats": repeats,
+        "machine": machine(),
     }
     with tempfile.TemporaryDirectory() as folder:
         paths, states = write_loras(unet, max(counts), rank, Path(folder))
@@ -218,9 +220,7 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
             stack = [(p, p.stem, 1.0, 1.0) for p in paths[:count]]
             for _ in range(repeats):
                 times["base"].append(seconds_per_step(unet, latent, 1))
-                if not count:
-                    continue
-                applier.apply_paths(stack)
+                applier.apply_paths(stack)  # 0 LoRAs: measured too, nothing filled in
                 times["merged"].append(seconds_per_step(unet, latent, 1))
                 applier.apply_paths([])
                 handles = add_hooks(unet, states[:count])
@@ -229,20 +229,26 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
                     handle.remove()
             row: dict = {"loras": count}
             for mode in ("base", "merged", "unmerged"):
-                values = times[mode] or times["base"]
+                values = times[mode]
                 row[mode] = statistics.median(values)
                 row[f"{mode}_spread"] = max(values) - min(values)
             result["steps"].append(row)
         five = [(p, p.stem, 1.0, 1.0) for p in paths[:5]]
-        operations = result["operations"]
-        operations["apply a 5-LoRA stack (files cached)"] = timed(lambda: applier.apply_paths(five))
-        five[2] = (five[2][0], five[2][1], 0.5, 0.5)
-        operations["change one weight in the 5-LoRA stack"] = timed(
-            lambda: applier.apply_paths(five)
-        )
-        operations["remove all 5 (restore from backup)"] = timed(lambda: applier.apply_paths([]))
-        operations["load one LoRA file cold"] = timed(lambda: LoraFileCache().get(paths[0]))
-        operations["load the same file from the cache"] = timed(lambda: cache.get(paths[0]))
+        changed = list(five)
+        changed[2] = (five[2][0], five[2][1], 0.5, 0.5)
+        operations: dict[str, list[float]] = {name: [] for name in OPERATIONS}
+        for index in range(repeats):  # each operation from the state the one before left
+            operations[OPERATIONS[0]].append(timed(lambda: applier.apply_paths(five)))
+            operations[OPERATIONS[1]].append(timed(lambda: applier.apply_paths(changed)))
+            operations[OPERATIONS[2]].append(timed(lambda: applier.apply_paths([])))
+            # a fresh copy: no open mapping of the file keeps its pages in memory
+            cold = Path(folder) / f"cold{index}.safetensors"
+            shutil.copyfile(paths[0], cold)
+            how = make_cold(cold)
+            operations[OPERATIONS[3]].append(timed(lambda cold=cold: LoraFileCache().get(cold)))
+            operations[OPERATIONS[4]].append(timed(lambda: cache.get(paths[0])))
+        result["operations"] = {k: Stat(tuple(v)).as_dict() for k, v in operations.items()}
+        result["cold_load"] = how
         result["types"] = []
         for kind in TYPES:
             path = Path(folder) / f"{kind}.safetensors"
@@ -260,6 +266,14 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
         result["schedules"] = schedule_costs(applier, paths[0], unet, latent)
     return result
 
+
+OPERATIONS = (
+    "apply a 5-LoRA stack (files cached)",
+    "change one weight in the 5-LoRA stack",
+    "remove all 5 (restore from backup)",
+    "load one LoRA file cold (not in the page cache)",
+    "load the same file from the cache",
+)
 
 SCHEDULES = (
     ("constant (1@0,1@1)", WeightSchedule(((1.0, 0.0), (1.0, 1.0)))),
@@ -299,10 +313,12 @@ def schedule_costs(applier: AdapterStack, path: Path, unet: torch.nn.Module, lat
 
 
 def print_tables(result: dict) -> None:
+    print(f"Machine: {result['machine']}")
     print(
         f"# {result['model']}, latent {result['latent']}x{result['latent']} (batch 2), "
         f"rank-{result['rank']} LoRAs on {result['targets']} attention Linears, "
-        f"{result['threads']} threads"
+        f"{result['threads']} threads; median of {result['repeats']} interleaved repeats "
+        "± spread (max - min)"
     )
     print("\n| LoRAs | base s/step | unmerged s/step | merged s/step | merged vs base |")
     print("|---:|---:|---:|---:|---:|")
@@ -310,11 +326,15 @@ def print_tables(result: dict) -> None:
         overhead = 100 * (row["merged"] / row["base"] - 1)
         cells = [f"{row[m]:.3f} ±{row[m + '_spread']:.3f}" for m in ("base", "unmerged", "merged")]
         print(f"| {row['loras']} | {' | '.join(cells)} | {overhead:+.1f}% |")
-    print("\n| operation | seconds |")
+    print(f"\n| operation ({result['repeats']} repeats) | seconds |")
     print("|---|---:|")
-    for name, seconds in result["operations"].items():
-        print(f"| {name} | {seconds:.4f} |")
-    print("\n| network type | modules | merge s (multiplier 0.8) | restore s |")
+    for name, stat in result["operations"].items():
+        print(f"| {name} | {stat['median']:.4f} ±{stat['spread']:.4f} |")
+    print(f"\nCold load: {result['cold_load']}")
+    print(
+        f"\n| network type ({result['repeats']} repeats, medians) | modules | "
+        "merge s (multiplier 0.8) | restore s |"
+    )
     print("|---|---:|---:|---:|")
     for row in result.get("types", []):
         print(f"| {row['type']} | {row['modules']} | {row['merge']:.4f} | {row['restore']:.4f} |")

@@ -1,6 +1,7 @@
 """All benchmarks in one command: prints tables, writes JSON and a chart. CPU by default.
 
-    .venv/bin/python -m bench.run            # full CPU run (SD1.5-size models; ~20 min)
+    .venv/bin/python -m bench.run            # CPU run (SD1.5-size models; ~20 min)
+    .venv/bin/python -m bench.run --full     # also eager vs --compile and the HTTP row (~1 h)
     .venv/bin/python -m bench.run --quick    # tiny models only (CI proves it runs)
 
 Each part runs in its own process, so each peak resident memory figure is that part's.
@@ -24,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_part(module: str, quick: bool, folder: Path) -> dict:
+def run_part(module: str, quick: bool, folder: Path, *extra: str) -> dict:
     """Run `python -m bench.<module>` and return its JSON (tables go to our stdout)."""
     out = folder / f"{module}.json"
-    command = [sys.executable, "-m", f"bench.{module}", "--json", str(out)]
+    command = [sys.executable, "-m", f"bench.{module}", "--json", str(out), *extra]
     if quick:
         command.append("--quick")
     subprocess.run(command, cwd=ROOT, check=True)
@@ -113,6 +114,7 @@ def chart(lora: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models only (CI)")
+    parser.add_argument("--full", action="store_true", help="add --compile and HTTP rows")
     parser.add_argument("--json", type=Path, default=None, help="results file")
     parser.add_argument("--chart", type=Path, default=None, help="chart PNG")
     args = parser.parse_args()
@@ -121,10 +123,14 @@ def main() -> None:
         results = {
             "date": dt.date.today().isoformat(),
             "device": "cpu",
-            "engine_vs_plain": run_part("bench_engine", args.quick, folder),
+            "engine_vs_plain": run_part(
+                "bench_engine", args.quick, folder, *(["--compile"] if args.full else [])
+            ),
             "lora": run_part("bench_lora", args.quick, folder),
             "startup": startup(folder),
         }
+        if args.full:
+            results["http"] = run_part("bench_http", args.quick, folder)
     start = results["startup"]
     print(
         f"\n| start-up (demo model) | seconds |\n|---|---:|\n| to HTTP answer | "

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from pipelines.compiled import compile_pipeline
+from pipelines.settings import OFFLOAD_REFUSAL
+
 log = logging.getLogger(__name__)
 
 GPU_MAX_PIXELS = 4 * 1024 * 1024
@@ -29,12 +32,18 @@ class DevicePlan:
     attention_reason: str
     memory_mode: str  # "full", "medvram" or "lowvram"
     upcast_vae: bool
+    compile: str | None = None  # torch.compile backend of the UNet and VAE decoder; None: eager
+
+    def __post_init__(self) -> None:
+        if self.compile and self.memory_mode != "full":
+            raise ValueError(OFFLOAD_REFUSAL)
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
+        compiled = f", torch.compile ({self.compile})" if self.compile else ""
         return (
             f"{self.device.type} {dtype}, attention {self.attention} ({self.attention_reason}), "
-            f"memory {self.memory_mode}"
+            f"memory {self.memory_mode}{compiled}"
         )
 
 
@@ -70,10 +79,18 @@ def plan_device(
     lowvram: bool = False,
     no_half_vae: bool = False,
     dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> DevicePlan:
     """Decide device, dtype (fp16 on CUDA, fp32 elsewhere unless `dtype` is given),
-    attention and memory mode. Offload modes run on the CPU too (accelerate with the CPU as
-    execution device), so every device path can be exercised without a GPU."""
+    attention, memory mode and whether to compile (`--compile`: inductor). Offload modes
+    run on the CPU too (accelerate with the CPU as execution device), so every device path
+    can be exercised without a GPU.
+
+    Raises:
+        ValueError: `compile` together with an offload mode (`OFFLOAD_REFUSAL`).
+    """
+    if compile and (medvram or lowvram):
+        raise ValueError(OFFLOAD_REFUSAL)
     device = pick_device(requested)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -84,7 +101,9 @@ def plan_device(
     memory = "lowvram" if lowvram else "medvram" if medvram else "full"
     if device.type not in ("cuda", "cpu"):
         memory = "full"
-    return DevicePlan(device, dtype, attention, reason, memory, no_half_vae)
+    return DevicePlan(
+        device, dtype, attention, reason, memory, no_half_vae, "inductor" if compile else None
+    )
 
 
 def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
@@ -103,6 +122,8 @@ def place_pipeline(pipe: DiffusionPipeline, plan: DevicePlan) -> None:
         pipe.to(plan.device)
     if plan.attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
+    if plan.compile:  # after placement: the compiled modules read the placed weights
+        compile_pipeline(pipe, plan.device, plan.compile)
 
 
 def stored_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:

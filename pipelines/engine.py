@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipelines.compiled import compile_watch
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.embeddings import EmbeddingStore
@@ -66,6 +67,7 @@ class Engine:
             medvram=settings.medvram,
             lowvram=settings.lowvram,
             no_half_vae=settings.no_half_vae,
+            compile=settings.compile,
         )
         self.lora_cache = LoraFileCache(settings.lora_cache_mb * MEGABYTE)
         self.manager = ModelManager(
@@ -106,7 +108,10 @@ class Engine:
                 changes are lost, so every call must apply exactly its own stack).
         """
         try:
-            with self.out_of_memory(request, request.batch_size):
+            with (
+                self.out_of_memory(request, request.batch_size),
+                compile_watch(self.plan.compile is not None),
+            ):
                 model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
                 run = self.run_for(request)(model, self.plan, self.folders, control)
                 run.previews = self.previews
@@ -157,7 +162,10 @@ class Engine:
         denoising batch: one result per request, each with its own images, seeds and
         infotexts; each control sees its own request's progress and stop requests."""
         lead = requests[0]
-        with self.out_of_memory(lead, sum(request.batch_size for request in requests)):
+        with (
+            self.out_of_memory(lead, sum(request.batch_size for request in requests)),
+            compile_watch(self.plan.compile is not None),
+        ):
             model = self.manager.refresh_entry(self.manager.get(lead.checkpoint))
             runs = []
             for control in controls:

@@ -13,6 +13,12 @@ from pathlib import Path
 
 from pipelines.schema import Bounds
 
+OFFLOAD_REFUSAL = (
+    "--compile cannot be combined with --lowvram or --medvram: their offload hooks move "
+    "weights on and off the device around every call, which a compiled graph cannot follow; "
+    "drop one of the flags"
+)
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "LORASTACK_"
 DEFAULT_MAX_UPLOAD_MB = 8192  # an SDXL checkpoint in fp16 is ~6.9 GB
@@ -44,6 +50,7 @@ class Settings:
     medvram: bool = False
     lowvram: bool = False
     no_half_vae: bool = False
+    compile: bool = False  # torch.compile the UNet and VAE decoder (pipelines/compiled.py)
     share: bool = False
     threads: int = 0
     max_pixels: int = 0
@@ -79,6 +86,8 @@ class Settings:
             raise ValueError("--min-replicas must not exceed --max-replicas")
         if self.batch_requests < 0:
             raise ValueError("--batch-requests must be 0 (off) or a number of milliseconds")
+        if self.compile and (self.lowvram or self.medvram):
+            raise ValueError(OFFLOAD_REFUSAL)
         if self.checkpoints_limit < 1:
             raise ValueError("--checkpoints-limit must be at least 1")
         if self.admin_auth is not None:
@@ -176,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--medvram", action="store_true", help="offload whole models to CPU between uses")
     add("--lowvram", action="store_true", help="offload layer by layer (slowest, least VRAM)")
     add("--no-half-vae", action="store_true", help="keep the VAE in fp32 on GPU")
+    add(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and VAE decoder (each new size compiles; LoRA changes do not)",
+    )
     add("--share", action="store_true", help="create a public Gradio share link")
     add("--threads", type=int, help="torch CPU threads (default: all cores)")
     add("--max-pixels", type=int, help="limit of width*height*batch (default 4 MP GPU, 1 MP CPU)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -31,21 +32,49 @@ def test_bench_run_quick_writes_tables_json_and_chart(tmp_path: Path) -> None:
     assert "merged vs base" in done.stdout and "to first image" in done.stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert [row["loras"] for row in results["lora"]["steps"]] == [0, 1, 2, 5]
-    assert results["engine_vs_plain"]["rows"][0]["ratio"] > 0
+    row = results["engine_vs_plain"]["rows"][0]
+    assert row["ratio_cold"] > 0 and row["ratio_warm"] > 0
+    assert len(row["engine_cold"]["values"]) == len(row["plain_warm"]["values"]) == row["runs"]
+    zero = results["lora"]["steps"][0]  # the 0-LoRA row is measured, not copied from base
+    assert zero["merged"] != zero["base"] and zero["unmerged"] != zero["base"]
+    assert "posix_fadvise(DONTNEED)" in results["lora"]["cold_load"]
+    assert "Machine:" in done.stdout
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gpu_bench_code_runs_on_cpu() -> None:
-    """The GPU benchmark's code path, exercised on the CPU with the tiny UNet."""
+def test_gpu_bench_drives_the_engine_on_cpu() -> None:
+    """The GPU benchmark's code path (the real engine, adapter stack and LoRA files),
+    exercised on the CPU with the tiny model."""
+    from bench.bench_gpu import measure
+    from pipelines.loading import CONFIGS_DIR
+
+    row = measure(CONFIGS_DIR / "demo-tiny.yaml", 64, 6, "cpu", "eager", 4)
+    assert row["stack_change_recompiles"] == 0 and row["peak_gpu_mb"] is None
+    assert len(row["it_per_s"]["values"]) == len(row["stack_change_s"]["values"]) == 3
+
+
+def test_unmerged_hooks_scale_by_the_files_alpha() -> None:
+    """The bench's per-forward LoRA mode computes what the adapter stack merges."""
     import torch
 
-    from bench.bench_gpu import Variant, measure, variants
+    from bench.bench_lora import _Pipe, add_hooks, tiny_unet, write_loras
+    from pipelines.architecture import Architecture
+    from pipelines.lora.stack import AdapterStack
 
-    found = variants(torch.device("cpu"))
-    assert all(v.attention == "sdpa" and v.compile_mode is None for v in found)
-    assert {v.loras for v in found} == {0, 5}
-    row = measure("tiny", Variant("sdpa", None, True, 5), torch.device("cpu"), torch.float32, 64, 2)
-    assert row["it_per_s"] > 0 and row["peak_gpu_mb"] is None
+    unet = tiny_unet()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        paths, states = write_loras(unet, 2, 4, Path(folder))
+        handles = add_hooks(unet, states)
+        hooked = unet(x, 500, encoder_hidden_states=text).sample
+        for handle in handles:
+            handle.remove()
+        AdapterStack(_Pipe(unet), Architecture.SD1).apply_paths(
+            [(p, p.stem, 1.0, 1.0) for p in paths]
+        )
+        merged = unet(x, 500, encoder_hidden_states=text).sample
+    torch.testing.assert_close(hooked, merged, rtol=1e-4, atol=1e-4)
 
 
 def test_gallery_bench_runs_and_prints_its_table() -> None:
