@@ -20,10 +20,13 @@ from safetensors.torch import save_file
 
 from pipelines.infotext import parse_infotext, write_png_with_infotext
 from pipelines.loading import LoadedModel
+from tests import test_browser
 from tests.test_app_http import app_server
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, set_number, shot
+from tests.test_browser import TIMEOUT_MS, set_number, shot
 from tests.test_ui import make_lora_folder
 
+browser = test_browser.browser  # the same fixtures; `page` opens this module's `app`
+page = test_browser.page
 sync_api.expect.set_options(timeout=TIMEOUT_MS)  # generations share 2 cores with the app
 
 
@@ -43,30 +46,6 @@ def app(
     Image.new("RGB", (96, 64), (200, 40, 20)).save(models / "xl" / "tiny-sdxl.preview.png")
     with app_server(data) as url:
         yield url, data
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: object, app: tuple[str, Path]) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1400, "height": 1100})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(app[0])
-    page.locator("#generate").wait_for()
-    page.wait_for_function("() => document.documentElement.dataset.defaultsLoaded === '1'")
-    try:
-        yield page
-    finally:
-        context.close()
 
 
 def small(page: object, **fields: float) -> None:
