@@ -15,10 +15,8 @@ time). Usage:  .venv/bin/python -m bench.bench_batching [--quick] [--repeats 3] 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,10 +24,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import machine  # noqa: E402
 from pipelines.engine import Engine  # noqa: E402
 from pipelines.folders.hashing import HashCache  # noqa: E402
 from pipelines.folders.registry import ModelFolders  # noqa: E402
@@ -48,23 +45,6 @@ PROMPTS = (
     "a mountain lake",
     "a portrait of an old man",
 )
-
-
-def machine() -> str:
-    """CPU model, cores, torch threads and versions: what the figures were measured on."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{model}, {os.cpu_count()} cores, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}; "
-        f"{dt.date.today().isoformat()}"
-    )
 
 
 def burst(service: Service, requests: list[GenerationRequest]) -> float:
