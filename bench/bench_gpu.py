@@ -1,14 +1,14 @@
 """GPU benchmark through the real engine: eager vs `--compile`, a LoRA stack change under
 `--compile` (time and recompiles), peak memory and the first image.
 
-    .venv/bin/python -m bench.bench_gpu [--sdxl] [--json out.json]    # on a CUDA machine
+    .venv/bin/python -m bench.bench_gpu [--models sd15,sdxl] [--json out.json]  # CUDA machine
     .venv/bin/python -m bench.bench_gpu --cpu-smoke                   # tiny model, CPU (tests)
 
 Everything goes through `Service.generate` on an `Engine` with the product's device plan
 (fp16, SDPA, `place_pipeline`), its adapter stack (two rank-16 kohya LoRA files on every
 attention projection, resolved from a LoRA folder like any request's) and
-`pipelines.compiled`. Models: SD1.5 layout at 512x512 (SDXL layout at 1024x1024 with
-`--sdxl`), seeded random weights, Euler, CFG 7. UNet it/s = (20 - 4) steps over the time
+`pipelines.compiled`. Models: SD1.5 layout at 512x512 and/or SDXL layout at 1024x1024
+(`--models`), seeded random weights, Euler, CFG 7. UNet it/s = (20 - 4) steps over the time
 difference of a 20-step and a 4-step image, so prompt encoding and decoding cancel out.
 One prepared command, in priority order, meant to fit in 8 minutes on one GPU.
 """
@@ -70,17 +70,45 @@ def build(yaml: Path, folder: Path, device: str, mode: str, rank: int) -> tuple[
     return service, ["lora0", "lora1"]
 
 
+def plain_diffusers(yaml: Path, folder: Path, device: str) -> Callable[[int, int], object]:
+    """The same seeded random pipeline run by diffusers itself (fp16 on CUDA, no LoRA, no
+    engine): the reference the engine's eager row is read against on the same machine."""
+    loaded = random_pipeline(yaml, 0, folder / "config")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = loaded.pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(count: int, size: int) -> object:
+        generator = torch.Generator(device).manual_seed(1)
+        return pipe(
+            "a photo of a cat",
+            num_inference_steps=count,
+            height=size,
+            width=size,
+            guidance_scale=7.0,
+            generator=generator,
+        )
+
+    return run
+
+
 def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int) -> dict:
-    """First image, UNet it/s, a stack change's time and recompiles, peak memory."""
+    """First image, UNet it/s, a stack change's time and recompiles, peak memory (mode
+    "diffusers": the plain diffusers reference, which has no stack to change)."""
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         started = time.perf_counter()
-        service, loras = build(yaml, folder, device, mode, rank)
+        if mode == "diffusers":
+            reference, service, loras = plain_diffusers(yaml, folder, device), None, []
+        else:
+            service, loras = build(yaml, folder, device, mode, rank)
         built = time.perf_counter() - started
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
         def image(count: int, stack: tuple[LoraSpec, ...] = ()) -> float:
+            if service is None:
+                return synced(lambda: reference(count, size))
             job = GenerationRequest(
                 prompt="a photo of a cat",
                 seed=1,
@@ -105,17 +133,20 @@ def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int
         rates = tuple(
             (steps - short) / max(a - b, 1e-9) for a, b in zip(long_runs, short_runs, strict=True)
         )
-        stack_a = (LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 0.5))
-        stack_b = (LoraSpec(loras[0], 0.3), LoraSpec(loras[1], 0.5))
-        image(short, stack_a)
-        graphs = compiled_graphs()
-        changed, same = [], []
-        for index in range(REPEATS):
-            changed.append(image(short, stack_b if index % 2 == 0 else stack_a))
-            same.append(image(short, stack_b if index % 2 == 0 else stack_a))
-        recompiles = compiled_graphs() - graphs
+        change: tuple[float, ...] = ()
+        recompiles = None
+        if service is not None:
+            stack_a = (LoraSpec(loras[0], 0.8), LoraSpec(loras[1], 0.5))
+            stack_b = (LoraSpec(loras[0], 0.3), LoraSpec(loras[1], 0.5))
+            image(short, stack_a)
+            graphs = compiled_graphs()
+            changed, same = [], []
+            for index in range(REPEATS):
+                changed.append(image(short, stack_b if index % 2 == 0 else stack_a))
+                same.append(image(short, stack_b if index % 2 == 0 else stack_a))
+            recompiles = compiled_graphs() - graphs
+            change = tuple(a - b for a, b in zip(changed, same, strict=True))
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    change = tuple(a - b for a, b in zip(changed, same, strict=True))
     return {
         "model": yaml.stem,
         "size": size,
@@ -126,7 +157,7 @@ def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int
         "first_image_s": first,
         "first_image_graphs": first_graphs,
         "it_per_s": Stat(rates).as_dict(),
-        "stack_change_s": Stat(change).as_dict(),
+        "stack_change_s": Stat(change).as_dict() if change else None,
         "stack_change_recompiles": recompiles,
         "peak_gpu_mb": peak,
     }
@@ -141,29 +172,40 @@ def print_table(device: str, rows: list[dict]) -> None:
     for row in rows:
         rate, change = row["it_per_s"], row["stack_change_s"]
         peak = f"{row['peak_gpu_mb']:.0f}" if row["peak_gpu_mb"] is not None else "-"
+        changed = f"{change['median']:.3f} ±{change['spread']:.3f}" if change else "-"
+        recompiles = row["stack_change_recompiles"]
         print(
             f"| {row['model']} | {row['size']} | {row['mode']} | {row['first_image_s']:.1f} "
             f"({row['first_image_graphs']}) | {rate['median']:.2f} ±{rate['spread']:.2f} | "
-            f"{change['median']:.3f} ±{change['spread']:.3f} | "
-            f"{row['stack_change_recompiles']} | {peak} |"
+            f"{changed} | {'-' if recompiles is None else recompiles} | {peak} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU")
-    parser.add_argument("--sdxl", action="store_true", help="also SDXL layout at 1024x1024")
+    parser.add_argument(
+        "--models",
+        default="sd15",
+        help="comma-separated, in order: sd15 (512x512), sdxl (1024x1024)",
+    )
     parser.add_argument("--cuda-graphs", action="store_true", help="also compile + CUDA graphs")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.cpu_smoke:
         cases = [(CONFIGS_DIR / "demo-tiny.yaml", 64, 6, 4)]
-        device, modes = "cpu", ["eager", "dynamo-eager"]
+        device, modes = "cpu", ["diffusers", "eager", "dynamo-eager"]
     elif torch.cuda.is_available():
-        cases = [(CONFIGS_DIR / "v1-inference.yaml", 512, 20, 16)]
-        if args.sdxl:
-            cases.append((CONFIGS_DIR / "sd_xl_base.yaml", 1024, 20, 16))
-        device, modes = "cuda", ["eager", "compile"]
+        layouts = {
+            "sd15": (CONFIGS_DIR / "v1-inference.yaml", 512, 20, 16),
+            "sdxl": (CONFIGS_DIR / "sd_xl_base.yaml", 1024, 20, 16),
+        }
+        names = [name.strip() for name in args.models.split(",") if name.strip()]
+        unknown = [name for name in names if name not in layouts]
+        if unknown or not names:
+            parser.error(f"--models: unknown {unknown or 'empty list'}; choose from sd15, sdxl")
+        cases = [layouts[name] for name in names]
+        device, modes = "cuda", ["diffusers", "eager", "compile"]
         if args.cuda_graphs:
             modes.append("compile+cudagraphs")
     else:
