@@ -19,15 +19,17 @@ Facts from A1111 v1.10 (`modules/sd_samplers_*.py`, `modules/sd_schedulers.py`):
   ("Karras" for DPM++ 2M), or "Automatic" when the sampler has no default of its own.
 - LCM is A1111's own loop (`pipelines/lcm.py`) over LCM's 50-sigma table, so every
   schedule type applies to it as in A1111 (diffusers' `LCMScheduler` ignores them).
+- DPM++ 2S a is A1111's own loop (`sample_dpmpp_2s_ancestral`, `pipelines/kdiffusion.py`)
+  over every schedule type's ladder; Euler a runs its own loop for the schedules diffusers'
+  ancestral Euler cannot take (Karras, Exponential, Beta).
 - SGM Uniform and Simple are A1111's exact ladders (`pipelines/schedules.py`) for the
   classes that take one (`_LADDER_ROUTES`: Euler both; Heun and the DPM++ multistep
   family Simple); the others use "trailing" spacing, within one training timestep.
 - TCD (not in A1111 1.10; diffusers' `TCDScheduler`) runs with gamma (eta) 0.3, the TCD
   model cards' value, and at most 50 steps (its distillation grid).
 
-Approximations (diffusers has no exact port): "DPM++ 2S a" uses the stochastic
-single-step DPM-Solver++ of order 2; DPM2, DPM2 a and DPM++ 3M SDE do not drop the
-next-to-last sigma as A1111 does; the Brownian noise of the SDE samplers differs, so seeds
+Approximations (diffusers has no exact port): DPM2, DPM2 a and DPM++ 3M SDE do not drop
+the next-to-last sigma as A1111 does; the Brownian noise of the SDE samplers differs, so seeds
 do not reproduce A1111's pixels. Left out (no diffusers equivalent): DPM fast,
 DPM adaptive, Restart, DDIM CFG++; schedules polyexponential, kl_optimal,
 align_your_steps.
@@ -110,7 +112,8 @@ class _Sampler:
     """Config keys the class accepts but never reads, so they cannot express a schedule."""
     requires: tuple[str, ...] = ()
     own_schedules: bool = False
-    """The class computes A1111's ladders itself from a `schedule` config key (LCM)."""
+    """The class computes A1111's ladders itself from a `schedule` config key (LCM,
+    DPM++ 2S a)."""
     fallback: str | None = None
     """A class running A1111's own loop (it takes a `schedule` config key) for the schedule
     types `class_name` cannot express, so every A1111 combination exists (Euler a)."""
@@ -215,11 +218,13 @@ _SAMPLERS: tuple[_Sampler, ...] = (
     ),
     _Sampler(
         "DPM++ 2S a",
-        "DPMSolverSinglestepScheduler",
+        # A1111's own `sample_dpmpp_2s_ancestral`; diffusers has no such solver
+        "pipelines.kdiffusion:A1111DPMPP2SAncestralScheduler",
         ("k_dpmpp_2s_a", "dpmpp_2s_ancestral"),
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "lower_order_final": True},
+        {},
         {"scheduler": "karras", "uses_ensd": "True", "second_order": "True"},
         automatic="karras",
+        own_schedules=True,
     ),
     _Sampler(
         "DPM++ 3M SDE",

@@ -5,7 +5,9 @@
 them again through the service and compares within 1/255. DPM++ SDE is left out: its
 Brownian noise was seeded from the global RNG, so it never reproduced (device issue).
 LCM is left out since it became A1111's own LCM loop (another ladder and noise by
-design); `tests/test_fewstep_samplers.py` checks it against A1111's loop instead.
+design); `tests/test_fewstep_samplers.py` checks it against A1111's loop instead. So is
+DPM++ 2S a, now A1111's own `sample_dpmpp_2s_ancestral` (it was diffusers' single-step SDE
+solver, another method), checked against that loop in `tests/test_dpmpp_2s_a.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ REFERENCE_SAMPLERS = (
     "DPM++ 2M",
     "DPM++ 2M SDE",
     "DPM++ 2M SDE Heun",
-    "DPM++ 2S a",
     "DPM++ 3M SDE",
     "Euler a",
     "Euler",

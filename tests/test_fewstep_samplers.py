@@ -106,6 +106,8 @@ EXACT = {
     ("DPM++ 2M SDE", "simple"),
     ("DPM++ 2M SDE Heun", "simple"),
     ("DPM++ 3M SDE", "simple"),
+    ("DPM++ 2S a", "sgm_uniform"),  # A1111's own loop, over A1111's ladder
+    ("DPM++ 2S a", "simple"),
 }
 """Sampler x schedule whose diffusers class takes A1111's exact ladder."""
 LADDER_CASES = [

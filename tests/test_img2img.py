@@ -111,7 +111,7 @@ def test_img2img_steps_follow_a1111(
 
 @pytest.mark.parametrize(
     ("sampler", "per_step", "last_saved"),
-    [("Euler", 1, 0), ("DPM++ 2M", 1, 0), ("DDIM", 1, 0), ("Heun", 2, 1)],
+    [("Euler", 1, 0), ("DPM++ 2M", 1, 0), ("DDIM", 1, 0), ("Heun", 2, 1), ("DPM++ 2S a", 2, 1)],
 )
 @pytest.mark.parametrize(("strength", "fix"), [(0.5, False), (0.75, False), (0.5, True)])
 def test_unet_calls_equal_a1111s_count(
@@ -126,7 +126,8 @@ def test_unet_calls_equal_a1111s_count(
     finally:
         calls.close()
     _, t_enc = img2img_steps(10, strength, fix)
-    # A1111 samples t_enc + 1 steps; Heun evaluates twice per step but not on the last
+    # A1111 samples t_enc + 1 steps; Heun and DPM++ 2S a evaluate twice per step but not
+    # on the last
     assert calls.count == (t_enc + 1) * per_step - last_saved
 
 

@@ -72,7 +72,7 @@ EXPECTED_CLASS = {
     "DPM++ SDE": "DPMSolverSDEScheduler",
     "DPM++ 2M SDE": "DPMSolverMultistepScheduler",
     "DPM++ 2M SDE Heun": "DPMSolverMultistepScheduler",
-    "DPM++ 2S a": "DPMSolverSinglestepScheduler",
+    "DPM++ 2S a": "A1111DPMPP2SAncestralScheduler",
     "DPM++ 3M SDE": "DPMSolverMultistepScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler",
     "Euler": "EulerDiscreteScheduler",
@@ -175,7 +175,7 @@ def test_schedule_sets_diffusers_flags(schedule, flags):
         ("DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
         ("DPM++ 2M SDE Heun", {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}),
         ("DPM++ 3M SDE", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
-        ("DPM++ 2S a", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+        ("DPM++ 2S a", {"schedule": "karras", "eta": 1.0, "s_noise": 1.0}),
         ("PLMS", {"skip_prk_steps": True}),
         ("UniPC", {"solver_type": "bh1", "solver_order": 3, "final_sigmas_type": "sigma_min"}),
     ],
@@ -361,7 +361,6 @@ def test_a1111_schedules_diffusers_cannot_express_are_named(schedule):
         ("DDIM Karras", None),
         ("PLMS", "beta"),
         ("TCD", "uniform"),
-        ("DPM++ 2S a", "sgm_uniform"),
     ],
 )
 def test_unsupported_combinations_are_rejected(sampler, schedule):
