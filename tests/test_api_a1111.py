@@ -38,6 +38,8 @@ def test_a1111_defaults() -> None:
         ({"sampler_name": "DPM++ 2M Karras"}, "DPM++ 2M", "karras"),
         ({"sampler_name": "dpm++ 2m", "scheduler": "Karras"}, "DPM++ 2M", "karras"),
         ({"sampler_name": "Euler a", "scheduler": "automatic"}, "Euler a", "automatic"),
+        ({"sampler_name": "DPM++ 2S a", "scheduler": "SGM Uniform"}, "DPM++ 2S a", "sgm_uniform"),
+        ({"sampler_name": "k_dpmpp_2s_a", "scheduler": "ddim"}, "DPM++ 2S a", "ddim"),
         ({"sampler_index": "DDIM"}, "DDIM", "automatic"),
         ({"sampler_name": "", "sampler_index": "Euler a"}, "Euler a", "automatic"),
     ],
