@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -105,6 +105,9 @@ from pipelines.schema import (
 )
 from pipelines.settings import Settings
 from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_grid
+
+if TYPE_CHECKING:
+    from deployments.firstrun import BackgroundDownload
 
 Shown = tuple[list, str, list[int], list[str], list[str]]
 """What a finished run shows: gallery, first infotext, seeds, notes, each image's infotext."""
@@ -249,6 +252,7 @@ def build_ui(
     settings: Settings,
     *,
     demo_reason: str | None = None,
+    first_download: BackgroundDownload | None = None,
     preview_every: int = PREVIEW_EVERY,
     refresh_seconds: float = 5.0,
     policy: IngestPolicy | None = None,
@@ -262,6 +266,8 @@ def build_ui(
         service: the generation service.
         settings: launch settings (outputs folder, hidden paths, data folder).
         demo_reason: why no checkpoint was downloaded on first run (the demo banner says it).
+        first_download: the first-run download under way: its progress shows under the
+            banner, and the checkpoint menu takes the file once it is loaded.
         preview_every: steps between live previews.
         refresh_seconds: how often the LoRA list checks the folders.
         policy: the rules for the Add files tab (default: from the settings).
@@ -582,15 +588,27 @@ def build_ui(
         if on_space(env) and not oauth_enabled(env):
             gr.Markdown(SESSION_NOTE, elem_id="session_note")
         model = service.current_model()
-        if model is not None and model.is_demo:
-            gr.Markdown(
+        downloading = first_download is not None and not first_download.finished.is_set()
+        demo_banner = None
+        if model is not None and (model.is_demo or downloading):
+            demo_banner = gr.Markdown(
                 "**Demo model:** no checkpoint was found, so the built-in tiny model with "
-                "random weights is running; its images are noise. Put a Stable Diffusion "
-                "checkpoint into `models/` and refresh."
+                "random weights is running; its images are noise. "
+                + (
+                    "The default checkpoint is being downloaded and replaces it when done."
+                    if downloading
+                    else "Put a Stable Diffusion checkpoint into `models/` and refresh."
+                )
                 + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
                 elem_id="demo_banner",
             )
-            build_starters(service, settings.models_dirs[0], files_admin_check(settings))
+            if not downloading:
+                build_starters(service, settings.models_dirs[0], files_admin_check(settings))
+        download_line = gr.Markdown(
+            first_download.line() if downloading and first_download else "",
+            visible=downloading,
+            elem_id="first_download",
+        )
         with gr.Row():
             checkpoint = gr.Dropdown(
                 checkpoint_choices(marked=True),
@@ -880,7 +898,30 @@ def build_ui(
         models_timer.tick(poll_models, shown_models, following, **QUICK)
         page.load(load_models, None, following, **QUICK)
         checkpoint.input(say_why_unusable, checkpoint, None, **QUICK)
+        if downloading and first_download is not None and demo_banner is not None:
+            follow_download(first_download, download_line, demo_banner, checkpoint, current_title)
     return page
+
+
+def follow_download(
+    download: BackgroundDownload,
+    line: gr.Markdown,
+    banner: gr.Markdown,
+    checkpoint: gr.Dropdown,
+    current_title: Callable[[], str | None],
+) -> None:
+    """Show the first-run download's progress each second; once it ends, say how, drop the
+    demo banner when the file is in place and point the checkpoint menu at it."""
+    timer = gr.Timer(1.0)
+
+    def tick() -> tuple[Any, ...]:
+        if not download.finished.is_set():
+            return download.line(), gr.skip(), gr.skip(), gr.skip()
+        placed = download.placed is not None
+        menu = gr.Dropdown(value=current_title()) if placed else gr.skip()
+        return download.line(), gr.Markdown(visible=not placed), menu, gr.Timer(active=False)
+
+    timer.tick(tick, None, [line, banner, checkpoint, timer], **QUICK)
 
 
 def unusable_label(relpath: str, error: str | None, room: int = 60) -> str:
