@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from deployments.firstrun import DEFAULT_STARTER, STARTERS
+from deployments.firstrun import DEFAULT_STARTER, STARTERS, BackgroundDownload
 from tests import test_browser, test_firstrun
 from tests.fake_hub import FakeHub
 from tests.test_app_http import app_server
@@ -93,3 +93,32 @@ def test_the_page_serves_during_the_download_shows_it_and_then_uses_the_file(
             context.close()
     console = (tmp_path / "app.log").read_text(errors="replace")
     assert f"{name}: 100%" in console  # the console's progress bar
+
+
+def test_a_failed_background_download_keeps_the_demo_and_offers_the_starters(
+    tmp_path: Path,
+) -> None:
+    """This process is offline (conftest): the download fails at once, the failure is kept
+    for the page (not raised on the thread), and the page's next tick shows the starter
+    list and a banner that says what to do; nothing is placed."""
+    from frontends.page.ui import download_updates
+
+    download = BackgroundDownload(DEFAULT_STARTER, tmp_path)
+    placed: list[Path] = []
+    assert download_updates(download, lambda: "x")[0].startswith("Downloading **")
+    download.start(placed.append).join(timeout=30)
+    assert download.finished.is_set() and download.placed is None and placed == []
+    assert "could not be downloaded" in (download.failure or "")
+    line, banner, starters, menu, timer = download_updates(download, lambda: "x")
+    assert line.startswith(f"The download of **{DEFAULT_STARTER.filename}** failed")
+    assert "download a starter below" in banner.value and starters.visible is True
+    assert timer.active is False and not (tmp_path / DEFAULT_STARTER.filename).exists()
+
+
+def test_progress_lines_name_the_file_and_the_share_done() -> None:
+    download = BackgroundDownload(DEFAULT_STARTER, Path("models"))
+    download.report(250 * 10**6, 2 * 10**9)
+    assert download.line() == (
+        f"Downloading **{DEFAULT_STARTER.filename}** from the Hub: 250.0 MB of 2.00 GB (12%); "
+        "the demo model runs meanwhile."
+    )

@@ -109,6 +109,11 @@ from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_gri
 if TYPE_CHECKING:
     from deployments.firstrun import BackgroundDownload
 
+DEMO_BANNER = (
+    "**Demo model:** no checkpoint was found, so the built-in tiny model with random weights "
+    "is running; its images are noise."
+)
+
 Shown = tuple[list, str, list[int], list[str], list[str]]
 """What a finished run shows: gallery, first infotext, seeds, notes, each image's infotext."""
 SKIPPED = gr.skip()
@@ -589,11 +594,11 @@ def build_ui(
             gr.Markdown(SESSION_NOTE, elem_id="session_note")
         model = service.current_model()
         downloading = first_download is not None and not first_download.finished.is_set()
-        demo_banner = None
+        demo_banner = starters = None
         if model is not None and (model.is_demo or downloading):
             demo_banner = gr.Markdown(
-                "**Demo model:** no checkpoint was found, so the built-in tiny model with "
-                "random weights is running; its images are noise. "
+                DEMO_BANNER
+                + " "
                 + (
                     "The default checkpoint is being downloaded and replaces it when done."
                     if downloading
@@ -602,8 +607,9 @@ def build_ui(
                 + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
                 elem_id="demo_banner",
             )
-            if not downloading:
-                build_starters(service, settings.models_dirs[0], files_admin_check(settings))
+            starters = build_starters(
+                service, settings.models_dirs[0], files_admin_check(settings), not downloading
+            )
         download_line = gr.Markdown(
             first_download.line() if downloading and first_download else "",
             visible=downloading,
@@ -898,30 +904,49 @@ def build_ui(
         models_timer.tick(poll_models, shown_models, following, **QUICK)
         page.load(load_models, None, following, **QUICK)
         checkpoint.input(say_why_unusable, checkpoint, None, **QUICK)
-        if downloading and first_download is not None and demo_banner is not None:
-            follow_download(first_download, download_line, demo_banner, checkpoint, current_title)
+        if downloading and first_download is not None and demo_banner and starters:
+            follow_download(
+                first_download, download_line, (demo_banner, starters), checkpoint, current_title
+            )
     return page
 
 
 def follow_download(
     download: BackgroundDownload,
     line: gr.Markdown,
-    banner: gr.Markdown,
+    demo: tuple[gr.Markdown, gr.Accordion],
     checkpoint: gr.Dropdown,
     current_title: Callable[[], str | None],
 ) -> None:
-    """Show the first-run download's progress each second; once it ends, say how, drop the
-    demo banner when the file is in place and point the checkpoint menu at it."""
+    """Show the first-run download's progress each second (`download_updates`)."""
     timer = gr.Timer(1.0)
+    banner, starters = demo
+    timer.tick(
+        lambda: download_updates(download, current_title),
+        None,
+        [line, banner, starters, checkpoint, timer],
+        **QUICK,
+    )
 
-    def tick() -> tuple[Any, ...]:
-        if not download.finished.is_set():
-            return download.line(), gr.skip(), gr.skip(), gr.skip()
-        placed = download.placed is not None
-        menu = gr.Dropdown(value=current_title()) if placed else gr.skip()
-        return download.line(), gr.Markdown(visible=not placed), menu, gr.Timer(active=False)
 
-    timer.tick(tick, None, [line, banner, checkpoint, timer], **QUICK)
+def download_updates(
+    download: BackgroundDownload, current_title: Callable[[], str | None]
+) -> tuple[Any, ...]:
+    """(progress line, demo banner, starter list, checkpoint menu, timer): while the bytes
+    arrive only the line changes; once the file is in place the banner goes and the menu
+    points at the file; after a failure the banner says what to do and the starter list
+    shows. The timer stops once the download has ended."""
+    if not download.finished.is_set():
+        return download.line(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    stop = gr.Timer(active=False)
+    if download.placed is None:
+        banner = gr.Markdown(
+            DEMO_BANNER + " Put a Stable Diffusion checkpoint into `models/` "
+            "and refresh, or download a starter below."
+        )
+        return download.line(), banner, gr.Accordion(visible=True), gr.skip(), stop
+    menu = gr.Dropdown(value=current_title())
+    return download.line(), gr.Markdown(visible=False), gr.skip(), menu, stop
 
 
 def unusable_label(relpath: str, error: str | None, room: int = 60) -> str:
