@@ -81,7 +81,7 @@ from frontends.page.tabs import (
     build_settings,
     wire_send_to_txt2img,
 )
-from frontends.page.waiting import next_snapshot, waiting_text
+from frontends.page.waiting import FINAL_STATES, next_snapshot, waiting_text
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -124,7 +124,6 @@ ERROR_NOTE = "Error: "
 
 PREVIEW_EVERY = 3
 """Steps between two live previews."""
-FINAL_STATES = ("done", "failed", "cancelled")
 
 API_FIELDS = (
     "prompt",
