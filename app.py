@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from deployments.firstrun import BackgroundDownload
     from pipelines.service import Service
     from pipelines.settings import Settings
 
@@ -56,11 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if link_cached_repo(settings.ckpt, settings.models_dirs[0]) is not None:
             folders.scan("checkpoint")
     startup = resolve_startup_checkpoint(settings.ckpt, folders, settings.models_dirs[0])
-    notice = None
+    notice, download = None, None
     if startup is None:  # no --ckpt: fetch the default unless a checkpoint exists (A1111)
         from deployments.firstrun import first_run
 
-        notice = first_run(settings, folders).reason
+        outcome = first_run(settings, folders, background=True)
+        notice, download = outcome.reason, outcome.download
     if settings.ray is not None:
         from deployments.ray.scaleout import ray_runner
 
@@ -76,6 +78,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     # meanwhile get "model still loading" (503). Without a checkpoint the demo model
     # builds in about a second.
     service.preload(startup)
+    if download is not None:  # the page serves the demo meanwhile and shows the progress
+
+        def use_downloaded(placed: Path) -> None:
+            service.rescan()
+            service.preload(placed.name)  # loaded and selected in place of the demo
+
+        download.start(use_downloaded)
     from pipelines.watch import FolderWatcher
 
     watched = [
@@ -87,13 +96,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         *settings.controlnet_dirs,
     ]
     FolderWatcher(watched, service.rescan).start()
-    serve(service, settings, notice=notice)
+    serve(service, settings, notice=notice, download=download)
 
 
-def serve(service: Service, settings: Settings, *, notice: str | None = None) -> None:
+def serve(
+    service: Service,
+    settings: Settings,
+    *,
+    notice: str | None = None,
+    download: BackgroundDownload | None = None,
+) -> None:
     """One server: the Gradio page at "/" and, with --api, the A1111 API at /sdapi/v1;
     --nowebui serves the API alone. --share needs Gradio's own launcher, so there the API
-    is mounted into the app Gradio launched. `notice` says why the demo model runs."""
+    is mounted into the app Gradio launched. `notice` says why the demo model runs;
+    `download` is the first-run download under way (the page shows its progress)."""
     import uvicorn
 
     from frontends.api.routes import build_api, build_controlnet_api, build_root, mount_api
@@ -112,7 +128,7 @@ def serve(service: Service, settings: Settings, *, notice: str | None = None) ->
 
     from frontends.page.ui import build_ui
 
-    page = build_ui(service, settings, demo_reason=notice)
+    page = build_ui(service, settings, demo_reason=notice, first_download=download)
     page.queue(default_concurrency_limit=1)
     from starlette.middleware import Middleware
 

@@ -22,10 +22,11 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deployments.ingest import _inspect, _place, _progress_bar
 from pipelines.errors import LorastackError, NotFoundError, UnusableFileError
@@ -88,13 +89,86 @@ class StarterInfo:
     files: tuple[str, ...]
 
 
+@dataclass
+class BackgroundDownload:
+    """The first-run download of `starter`, run while the page already serves the demo
+    model: its bytes so far for the page's banner and a console bar, then the file placed or
+    why not. `start` runs it on a thread; `on_placed` (say: rescan and load it) follows a
+    success."""
+
+    starter: Starter
+    models_dir: Path
+    done: int = 0
+    total: int | None = None
+    placed: Path | None = None
+    failure: str | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    _console: Any = None
+
+    def report(self, done: int, total: int | None) -> None:
+        """huggingface_hub's progress, kept for the page and drawn on the console."""
+        self.done, self.total = done, total
+        if self._console is None:
+            from tqdm import tqdm
+
+            self._console = tqdm(
+                total=total, initial=done, unit="B", unit_scale=True, desc=self.starter.filename
+            )
+        else:
+            self._console.update(done - self._console.n)
+
+    def run(self, on_placed: Callable[[Path], None] | None = None) -> None:
+        """Download (blocking); never raises: a failure is kept in `failure`."""
+        try:
+            self.placed = download_starter(self.starter, self.models_dir, progress=self.report)
+        except LorastackError as error:
+            log.warning("first run: %s", error.message)
+            self.failure = f"the default checkpoint could not be downloaded: {error.message}"
+        finally:
+            if self._console is not None:
+                self._console.close()
+        try:
+            if self.placed is not None and on_placed is not None:
+                on_placed(self.placed)
+        finally:
+            self.finished.set()
+
+    def start(self, on_placed: Callable[[Path], None] | None = None) -> threading.Thread:
+        thread = threading.Thread(
+            target=self.run, args=(on_placed,), name="first-run-download", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def line(self) -> str:
+        """One Markdown line for the page: progress, the file placed, or why not."""
+        name = self.starter.filename
+        if self.placed is not None:
+            return f"Downloaded **{name}**: it is the checkpoint now (the demo model is gone)."
+        if self.failure is not None:
+            return f"The download of **{name}** failed, so the demo model runs: {self.failure}."
+        if not self.total:
+            return f"Downloading **{name}** from the Hub ({_size(self.done)} so far)…"
+        percent = 100 * self.done / self.total
+        return (
+            f"Downloading **{name}** from the Hub: {_size(self.done)} of {_size(self.total)} "
+            f"({percent:.0f}%); the demo model runs meanwhile."
+        )
+
+
+def _size(count: int) -> str:
+    return f"{count / 10**9:.2f} GB" if count >= 10**9 else f"{count / 10**6:.1f} MB"
+
+
 @dataclass(frozen=True)
 class FirstRun:
     """What start-up did about a missing checkpoint: the checkpoint now in place, or why the
-    demo model runs (`reason`, a sentence for the log and the page's banner)."""
+    demo model runs (`reason`, a sentence for the log and the page's banner), or the
+    download still to run in the background (`download`, not started)."""
 
     checkpoint: Path | None = None
     reason: str | None = None
+    download: BackgroundDownload | None = None
 
 
 def download_refusal(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
@@ -353,13 +427,15 @@ def first_run(
     *,
     env: Mapping[str, str] | None = None,
     cache_dir: Path | None = None,
+    background: bool = False,
 ) -> FirstRun:
     """Make sure a checkpoint exists on first run; never touches the network when one does.
 
     Order: any listed checkpoint (usable or not) -> nothing to do; a starter in the Hub
     cache -> linked into the models folder; the flag or offline mode -> the demo, with the
     reason; else the default starter is downloaded (a failure -> the demo, with the reason).
-    The folders are rescanned after a file is placed.
+    The folders are rescanned after a file is placed. With `background`, the download is
+    returned unstarted (`FirstRun.download`) for the caller to run while the page serves.
     """
     if folders.entries("checkpoint"):
         return FirstRun()
@@ -374,10 +450,11 @@ def first_run(
     if refusal is not None:
         log.info("first run: %s", refusal)
         return FirstRun(reason=refusal)
-    try:
-        placed = download_starter(DEFAULT_STARTER, models_dir)
-    except LorastackError as error:
-        log.warning("first run: %s", error.message)
-        return FirstRun(reason=f"the default checkpoint could not be downloaded: {error.message}")
+    download = BackgroundDownload(DEFAULT_STARTER, models_dir)
+    if background:
+        return FirstRun(download=download)
+    download.run()
+    if download.placed is None:
+        return FirstRun(reason=download.failure)
     folders.scan("checkpoint")
-    return FirstRun(checkpoint=placed)
+    return FirstRun(checkpoint=download.placed)

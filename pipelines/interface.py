@@ -220,6 +220,21 @@ class GenerationService(Protocol):
         """`submit_series` then `series_result`."""
         ...
 
+    def submit_extras(
+        self,
+        request: ExtrasRequest,
+        *,
+        user: str = LOCAL_USER,
+        on_progress: ProgressCallback | None = None,
+    ) -> str:
+        """Check an Extras (upscaling) run (sizes, upscaler names) and queue it; returns the
+        job id. It is a job like a generation (progress, place in the queue, interrupt)."""
+        ...
+
+    def extras_result(self, job_id: str, timeout: float | None = None) -> ExtrasResult:
+        """Wait for an Extras job and return its result (or raise its error)."""
+        ...
+
     def postprocess(
         self,
         request: ExtrasRequest,
@@ -227,8 +242,7 @@ class GenerationService(Protocol):
         user: str = LOCAL_USER,
         on_progress: ProgressCallback | None = None,
     ) -> ExtrasResult:
-        """Queue an Extras (upscaling) run after checking it (sizes, upscaler names) and
-        wait for its result; it is a job like a generation (progress, interrupt)."""
+        """`submit_extras` then `extras_result`."""
         ...
 
     def interrupt(self, job_id: str | None = None) -> bool:

@@ -353,9 +353,10 @@ class Service:
         user: str = LOCAL_USER,
         on_progress: ProgressCallback | None = None,
     ) -> ExtrasResult:
-        result: ExtrasResult = self._jobs.result(
-            self.submit_extras(request, user=user, on_progress=on_progress)
-        )
+        return self.extras_result(self.submit_extras(request, user=user, on_progress=on_progress))
+
+    def extras_result(self, job_id: str, timeout: float | None = None) -> ExtrasResult:
+        result: ExtrasResult = self._jobs.result(job_id, timeout)
         return result
 
     def interrupt(self, job_id: str | None = None) -> bool:

@@ -52,6 +52,8 @@ class FakeHub:
     ranges: list[tuple[str, int]] = field(default_factory=list)  # (path, first byte) per Range GET
     cards: dict[str, dict[str, object]] = field(default_factory=dict)  # repo -> cardData
     on_step: dict[str, Callable[[], None]] = field(default_factory=dict)  # marker -> set-up
+    # (repo, path) -> (bytes sent at once, event): the rest follows when the event is set
+    hold: dict[tuple[str, str], tuple[int, threading.Event]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -262,6 +264,13 @@ class _Handler(BaseHTTPRequestHandler):
         if sent is not None:  # the connection drops mid-file
             self._send(status, headers, data[:sent])
             self.close_connection = True
+            return
+        held = self.hub.hold.get((repo_id, name)) if body else None
+        if held is not None:  # part now, the rest once the test lets it go
+            self._send(status, headers, data[: held[0]])
+            self.wfile.flush()
+            held[1].wait(timeout=120)
+            self.wfile.write(data[held[0] :])
             return
         self._send(status, headers, data if body else b"")
 

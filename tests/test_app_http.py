@@ -38,10 +38,11 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
 
 
 @contextlib.contextmanager
-def app_server(data: Path, *extra: str) -> Iterator[str]:
-    """`python app.py --data-dir data` on a free port, stopped afterwards."""
+def app_server(data: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python app.py --data-dir data` on a free port, stopped afterwards; `env` adds to or
+    replaces this process's environment."""
     port = free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", LORASTACK_THREADS="1", **(env or {}))
     with (data / "app.log").open("w") as sink:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--data-dir", str(data), "--port", str(port), *extra],

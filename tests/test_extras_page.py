@@ -190,3 +190,27 @@ def test_errors_show_on_the_page_and_the_service_keeps_working(
 
 def test_stop_without_a_job(service: Service) -> None:
     assert stop_extras(service, "", "nobody") == "Nothing of yours is running"
+
+
+def test_a_waiting_extras_job_shows_its_place_in_the_queue(
+    service: Service, page_values: dict[str, Any], files: dict[str, str], tmp_path: Path
+) -> None:
+    """Behind a running generation the Extras job hears no step updates; the tab asks the
+    service where it stands and shows its place, as txt2img does."""
+    from pipelines.schema import GenerationRequest
+
+    ahead = service.submit(
+        GenerationRequest(prompt="a tower", steps=150, n_iter=20, width=64, height=64)
+    )
+    shown: list[str] = []
+
+    def progress(_: float, desc: str = "") -> None:
+        shown.append(desc)
+        if desc.startswith("waiting in the queue"):
+            service.interrupt(ahead)  # seen: let the queue move
+
+    values = {**page_values, "image": files["plain"], "upscaler_1": "Lanczos"}
+    updates = list(run_extras_page(service, tmp_path, values, "someone", progress))
+    assert any(d.startswith("waiting in the queue, position 1") for d in shown), shown
+    assert isinstance(updates[-1][0], list) and len(updates[-1][0]) == 1
+    assert service.result(ahead).interrupted

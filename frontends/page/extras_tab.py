@@ -9,7 +9,6 @@ image. Face restoration is not offered.
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from frontends.page.errors import user_error
 from frontends.page.gallery_tab import note_owner
 from frontends.page.img2img_tab import load_image
 from frontends.page.lora_panel import QUICK
+from frontends.page.waiting import FINAL_STATES, next_snapshot, waiting_text
 from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.extras import RESIZE_MODES, ExtrasRequest, ExtrasResult, extras_png
 from pipelines.interface import GenerationService, ProgressSnapshot
@@ -259,30 +259,16 @@ def save_results(outputs_dir: Path, result: ExtrasResult) -> list[Path]:
 def follow_extras(
     service: GenerationService, request: ExtrasRequest, user: str
 ) -> Iterator[str | ProgressSnapshot | ExtrasResult | None]:
-    """Run `request` (the service waits for it) in a worker thread; yield its job id, its
-    progress snapshots, then the result (None when it was taken out of the queue before it
-    started). Its error is raised here."""
-    updates: queue.Queue[ProgressSnapshot | None] = queue.Queue()
-    outcome: list[ExtrasResult | None | BaseException] = []
-
-    def work() -> None:
-        try:
-            outcome.append(service.postprocess(request, user=user, on_progress=updates.put))
-        except BaseException as error:  # handed to the page's thread
-            outcome.append(error)
-        updates.put(None)
-
-    threading.Thread(target=work, name="extras-page", daemon=True).start()
-    job_id = ""
-    while (snapshot := updates.get()) is not None:
-        if snapshot.job_id and not job_id:
-            job_id = snapshot.job_id
-            yield job_id
-        yield snapshot
-    result = outcome[0]
-    if isinstance(result, BaseException):
-        raise result
-    yield result
+    """Queue `request`; yield its job id, its queued (place in the queue, asked of the
+    service when no update comes) and running snapshots, then the result (None when it was
+    taken out of the queue before it started). Its error is raised here."""
+    updates: queue.Queue[ProgressSnapshot] = queue.Queue()
+    job_id = service.submit_extras(request, user=user, on_progress=updates.put)
+    yield job_id
+    while (snapshot := next_snapshot(updates, job_id, service.progress)).state not in FINAL_STATES:
+        if snapshot.state in ("queued", "running"):
+            yield snapshot
+    yield None if snapshot.state == "cancelled" else service.extras_result(job_id)
 
 
 def run_extras_page(
@@ -303,7 +289,7 @@ def run_extras_page(
                 yield gr.skip(), gr.skip(), item
             elif isinstance(item, ProgressSnapshot):
                 if item.state == "queued" and item.queue_position:
-                    progress(0.0, desc=f"waiting in the queue, position {item.queue_position}")
+                    progress(0.0, desc=waiting_text(item))
                 elif item.state == "running":
                     done, count = item.sampling_step, item.sampling_steps
                     progress(item.fraction, desc=f"image {done}/{count}")

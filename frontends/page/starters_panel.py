@@ -76,9 +76,13 @@ def build_starters(
     service: GenerationService,
     models_dir: Path,
     admin_check: Callable[[str, str], str | None] | None = None,
-) -> None:
-    """The panel (call inside the page's Blocks, only while the demo model runs)."""
-    with gr.Accordion("Download a starter checkpoint", open=True, elem_id="starters"):
+    visible: bool = True,
+) -> gr.Accordion:
+    """The panel (call inside the page's Blocks, only while the demo model runs; hidden
+    while the first-run download is under way, shown if it fails)."""
+    with gr.Accordion(
+        "Download a starter checkpoint", open=True, visible=visible, elem_id="starters"
+    ) as panel:
         choice = gr.Dropdown(
             [(f"{s.label}: {s}", str(s)) for s in STARTERS],
             value=None,
@@ -105,3 +109,4 @@ def build_starters(
 
     choice.change(describe_starter, [choice], [info])
     download.click(on_download, [choice, admin_user, admin_password], [status])
+    return panel

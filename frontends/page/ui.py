@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 
@@ -81,7 +81,7 @@ from frontends.page.tabs import (
     build_settings,
     wire_send_to_txt2img,
 )
-from frontends.page.waiting import next_snapshot, waiting_text
+from frontends.page.waiting import FINAL_STATES, next_snapshot, waiting_text
 from frontends.page.xyz_panel import XYZ_TITLE, XYZ_VALUES, xyz_plot_from_values
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
@@ -106,6 +106,14 @@ from pipelines.schema import (
 from pipelines.settings import Settings
 from pipelines.xyz import GridOutput, GridPlan, XyzPlot, assemble_grid, plan_grid
 
+if TYPE_CHECKING:
+    from deployments.firstrun import BackgroundDownload
+
+DEMO_BANNER = (
+    "**Demo model:** no checkpoint was found, so the built-in tiny model with random weights "
+    "is running; its images are noise."
+)
+
 Shown = tuple[list, str, list[int], list[str], list[str]]
 """What a finished run shows: gallery, first infotext, seeds, notes, each image's infotext."""
 SKIPPED = gr.skip()
@@ -116,7 +124,6 @@ ERROR_NOTE = "Error: "
 
 PREVIEW_EVERY = 3
 """Steps between two live previews."""
-FINAL_STATES = ("done", "failed", "cancelled")
 
 API_FIELDS = (
     "prompt",
@@ -249,6 +256,7 @@ def build_ui(
     settings: Settings,
     *,
     demo_reason: str | None = None,
+    first_download: BackgroundDownload | None = None,
     preview_every: int = PREVIEW_EVERY,
     refresh_seconds: float = 5.0,
     policy: IngestPolicy | None = None,
@@ -262,6 +270,8 @@ def build_ui(
         service: the generation service.
         settings: launch settings (outputs folder, hidden paths, data folder).
         demo_reason: why no checkpoint was downloaded on first run (the demo banner says it).
+        first_download: the first-run download under way: its progress shows under the
+            banner, and the checkpoint menu takes the file once it is loaded.
         preview_every: steps between live previews.
         refresh_seconds: how often the LoRA list checks the folders.
         policy: the rules for the Add files tab (default: from the settings).
@@ -582,15 +592,28 @@ def build_ui(
         if on_space(env) and not oauth_enabled(env):
             gr.Markdown(SESSION_NOTE, elem_id="session_note")
         model = service.current_model()
-        if model is not None and model.is_demo:
-            gr.Markdown(
-                "**Demo model:** no checkpoint was found, so the built-in tiny model with "
-                "random weights is running; its images are noise. Put a Stable Diffusion "
-                "checkpoint into `models/` and refresh."
+        downloading = first_download is not None and not first_download.finished.is_set()
+        demo_banner = starters = None
+        if model is not None and (model.is_demo or downloading):
+            demo_banner = gr.Markdown(
+                DEMO_BANNER
+                + " "
+                + (
+                    "The default checkpoint is being downloaded and replaces it when done."
+                    if downloading
+                    else "Put a Stable Diffusion checkpoint into `models/` and refresh."
+                )
                 + (f" Why none was downloaded: {demo_reason}." if demo_reason else ""),
                 elem_id="demo_banner",
             )
-            build_starters(service, settings.models_dirs[0], files_admin_check(settings))
+            starters = build_starters(
+                service, settings.models_dirs[0], files_admin_check(settings), not downloading
+            )
+        download_line = gr.Markdown(
+            first_download.line() if downloading and first_download else "",
+            visible=downloading,
+            elem_id="first_download",
+        )
         with gr.Row():
             checkpoint = gr.Dropdown(
                 checkpoint_choices(marked=True),
@@ -880,7 +903,49 @@ def build_ui(
         models_timer.tick(poll_models, shown_models, following, **QUICK)
         page.load(load_models, None, following, **QUICK)
         checkpoint.input(say_why_unusable, checkpoint, None, **QUICK)
+        if downloading and first_download is not None and demo_banner and starters:
+            follow_download(
+                first_download, download_line, (demo_banner, starters), checkpoint, current_title
+            )
     return page
+
+
+def follow_download(
+    download: BackgroundDownload,
+    line: gr.Markdown,
+    demo: tuple[gr.Markdown, gr.Accordion],
+    checkpoint: gr.Dropdown,
+    current_title: Callable[[], str | None],
+) -> None:
+    """Show the first-run download's progress each second (`download_updates`)."""
+    timer = gr.Timer(1.0)
+    banner, starters = demo
+    timer.tick(
+        lambda: download_updates(download, current_title),
+        None,
+        [line, banner, starters, checkpoint, timer],
+        **QUICK,
+    )
+
+
+def download_updates(
+    download: BackgroundDownload, current_title: Callable[[], str | None]
+) -> tuple[Any, ...]:
+    """(progress line, demo banner, starter list, checkpoint menu, timer): while the bytes
+    arrive only the line changes; once the file is in place the banner goes and the menu
+    points at the file; after a failure the banner says what to do and the starter list
+    shows. The timer stops once the download has ended."""
+    if not download.finished.is_set():
+        return download.line(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    stop = gr.Timer(active=False)
+    if download.placed is None:
+        banner = gr.Markdown(
+            DEMO_BANNER + " Put a Stable Diffusion checkpoint into `models/` "
+            "and refresh, or download a starter below."
+        )
+        return download.line(), banner, gr.Accordion(visible=True), gr.skip(), stop
+    menu = gr.Dropdown(value=current_title())
+    return download.line(), gr.Markdown(visible=False), gr.skip(), menu, stop
 
 
 def unusable_label(relpath: str, error: str | None, room: int = 60) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pipelines.interface import ProgressSnapshot
 
 POLL_SECONDS = 1.0
+FINAL_STATES = ("done", "failed", "cancelled")
+"""A job in one of these states has ended: its result (or error) is ready."""
 
 
 def next_snapshot(
