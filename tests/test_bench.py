@@ -112,3 +112,19 @@ def test_batching_bench_runs_and_prints_its_table(tmp_path: Path) -> None:
     assert "Machine:" in done.stdout and "| tiny demo | 64 | 4 |" in done.stdout
     row = json.loads((tmp_path / "b.json").read_text())["rows"][0]
     assert row["alone_unet_calls"] == 3 * 4 and row["batched_unet_calls"] == 4
+
+
+def test_gpu_checks_run_on_cpu_and_dynamo_changes_no_pixel() -> None:
+    """`bench.gpu_verify`'s code path on the CPU with the tiny model: the same seed twice
+    gives the same pixels, and dynamo's capture without code generation (what `--compile`
+    wraps the UNet in) leaves every pixel of both stacks as eager made it."""
+    from bench.gpu_verify import compiled_agreement, determinism
+    from pipelines.loading import CONFIGS_DIR
+    from pipelines.samplers import schedulers_for
+
+    yaml = CONFIGS_DIR / "demo-tiny.yaml"
+    found = determinism(yaml, 64, "cpu", ["Euler a"])
+    assert found["combinations"] == len(schedulers_for("Euler a")) and found["differing"] == {}
+    agreement = compiled_agreement(yaml, 64, "cpu", ["dynamo-eager"])
+    assert agreement["vs_eager"]["dynamo-eager"] == [{"max": 0, "mean": 0.0}] * 2
+    assert agreement["stack_change_mean_difference"] > 0
