@@ -130,9 +130,9 @@ def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int
             long_runs.append(image(steps))
             short_runs.append(image(min(4, steps)))
         short = min(4, steps)
-        rates = tuple(
-            (steps - short) / max(a - b, 1e-9) for a, b in zip(long_runs, short_runs, strict=True)
-        )
+        differences = [a - b for a, b in zip(long_runs, short_runs, strict=True)]
+        rates = tuple((steps - short) / d for d in differences if d > 0)
+        invalid = len(differences) - len(rates)
         change: tuple[float, ...] = ()
         recompiles = None
         if service is not None:
@@ -156,7 +156,10 @@ def measure(yaml: Path, size: int, steps: int, device: str, mode: str, rank: int
         "build_s": built,
         "first_image_s": first,
         "first_image_graphs": first_graphs,
-        "it_per_s": Stat(rates).as_dict(),
+        # a pair whose short image took as long as the long one (a loaded machine) gives
+        # no rate; the cell says so instead of dividing by nothing
+        "it_per_s": Stat(rates).as_dict() if not invalid else None,
+        "it_per_s_invalid_pairs": invalid,
         "stack_change_s": Stat(change).as_dict() if change else None,
         "stack_change_recompiles": recompiles,
         "peak_gpu_mb": peak,
@@ -170,13 +173,19 @@ def print_table(device: str, rows: list[dict]) -> None:
         "recompiles on stack changes | peak GPU MB |\n|---|---:|---|---:|---:|---:|---:|---:|"
     )
     for row in rows:
-        rate, change = row["it_per_s"], row["stack_change_s"]
+        change = row["stack_change_s"]
+        rate = row["it_per_s"]
+        rated = (
+            f"{rate['median']:.2f} ±{rate['spread']:.2f}"
+            if rate
+            else f"no rate ({row['it_per_s_invalid_pairs']} of {REPEATS} pairs inverted by load)"
+        )
         peak = f"{row['peak_gpu_mb']:.0f}" if row["peak_gpu_mb"] is not None else "-"
         changed = f"{change['median']:.3f} ±{change['spread']:.3f}" if change else "-"
         recompiles = row["stack_change_recompiles"]
         print(
             f"| {row['model']} | {row['size']} | {row['mode']} | {row['first_image_s']:.1f} "
-            f"({row['first_image_graphs']}) | {rate['median']:.2f} ±{rate['spread']:.2f} | "
+            f"({row['first_image_graphs']}) | {rated} | "
             f"{changed} | {'-' if recompiles is None else recompiles} | {peak} |"
         )
 
@@ -190,6 +199,9 @@ def main() -> None:
         help="comma-separated, in order: sd15 (512x512), sdxl (1024x1024)",
     )
     parser.add_argument("--cuda-graphs", action="store_true", help="also compile + CUDA graphs")
+    parser.add_argument(
+        "--modes", help="comma-separated subset, in order (say: diffusers,eager); default all"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.cpu_smoke:
@@ -210,6 +222,11 @@ def main() -> None:
             modes.append("compile+cudagraphs")
     else:
         raise SystemExit("no CUDA device: run with --cpu-smoke, or on a GPU machine")
+    if args.modes:
+        chosen = [name.strip() for name in args.modes.split(",") if name.strip()]
+        if not chosen or any(name not in modes for name in chosen):
+            parser.error(f"--modes: choose from {', '.join(modes)}")
+        modes = chosen
     rows = []
     for yaml, size, steps, rank in cases:
         for mode in modes:
