@@ -161,10 +161,10 @@ class A1111Api:
         return a1111.extras_response(result, batch=True)
 
     def _generate(
-        self, call: a1111.Txt2ImgCall, user: str, fill: a1111.InfotextFill | None = None
+        self, call: a1111.Txt2ImgCall, user: str, fill: a1111.InfotextFill
     ) -> dict[str, Any]:
         try:
-            with _infotext_errors(fill or a1111.InfotextFill()):
+            with _infotext_errors(fill):
                 return self._generate_call(call, user)
         except LorastackError as error:  # a unit's field, as the client named it
             field = controlnet_api.api_field(error.field, call.controlnet_indices)
