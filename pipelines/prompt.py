@@ -379,6 +379,23 @@ def extract_lora_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
     return parsed.text, fold_duplicate_loras(parsed.loras)
 
 
+def strip_lora_tags(prompt: str, keep: set[str] | frozenset[str] = frozenset()) -> str:
+    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave; tags
+    of the names in `keep` (lower case) stay."""
+
+    gap = "\x00"  # where a tag was: only the text around it is tidied
+
+    def drop(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(1).lower() in keep else gap
+
+    text = re.sub(r"<(?:lora|lyco):([^:>]*)[^>]*>", drop, prompt)
+    text = re.sub(r"[ \t]*(?:\x00[ \t]*)+", gap, text)  # neighbouring tags: one gap
+    text = re.sub(r",\x00,", ",", text)  # "a, <tag>, b" -> "a, b"
+    text = re.sub(r"\x00(?=,)|^\x00|\x00$", "", text, flags=re.M)  # "a <tag>, b" -> "a, b"
+    text = text.replace(gap, " ")
+    return text.strip().strip(",").strip()
+
+
 def combine_stacks(
     ui_stack: tuple[LoraSpec, ...], tag_stack: list[LoraSpec]
 ) -> tuple[tuple[LoraSpec, ...], list[str]]:

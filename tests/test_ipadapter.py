@@ -18,11 +18,15 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipelines.controlnet.ipadapter import (
     AdapterTokens,
+    clip_pixels,
     cross_attention_names,
     decoupled_processors,
     installed,
     load_ipadapter,
 )
+from pipelines.controlnet.models import ControlNetCache
+from pipelines.controlnet.preprocessors import find_preprocessor
+from pipelines.controlnet.units import prepare_adapter
 from pipelines.errors import LorastackError
 from pipelines.folders.controlnets import ControlNetEntry
 from pipelines.loading import LoadedModel
@@ -58,6 +62,43 @@ def tiny_ipadapter(unet: Any, seed: int, embed: int = EMBED) -> dict[str, torch.
     return state
 
 
+PLUS_WIDTH = 128  # the Resampler's width: two heads of 64, as the published loaders read it
+
+
+def tiny_plus(unet: Any, seed: int, embed: int = 32) -> dict[str, torch.Tensor]:
+    """An IP-Adapter Plus for `unet` in the published key layout (`ip-adapter-plus_sd15`:
+    a 4-block Resampler over the encoder's hidden states, 16 queries, width 768; here
+    TOKENS queries, width PLUS_WIDTH, hidden states of `embed`), random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    width = int(unet.config.cross_attention_dim)
+
+    def rand(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * scale
+
+    def norm(name: str, size: int) -> dict[str, torch.Tensor]:
+        return {f"{name}.weight": 1 + rand(size, scale=0.1), f"{name}.bias": rand(size, scale=0.1)}
+
+    proj = {
+        "image_proj.latents": rand(1, TOKENS, PLUS_WIDTH, scale=1.0),
+        "image_proj.proj_in.weight": rand(PLUS_WIDTH, embed),
+        "image_proj.proj_in.bias": rand(PLUS_WIDTH, scale=0.1),
+        "image_proj.proj_out.weight": rand(width, PLUS_WIDTH, scale=0.1),
+        "image_proj.proj_out.bias": rand(width, scale=0.1),
+        **norm("image_proj.norm_out", width),
+    }
+    for i in range(4):
+        block = f"image_proj.layers.{i}"
+        proj.update(norm(f"{block}.0.norm1", PLUS_WIDTH) | norm(f"{block}.0.norm2", PLUS_WIDTH))
+        proj[f"{block}.0.to_q.weight"] = rand(PLUS_WIDTH, PLUS_WIDTH, scale=0.1)
+        proj[f"{block}.0.to_kv.weight"] = rand(2 * PLUS_WIDTH, PLUS_WIDTH, scale=0.1)
+        proj[f"{block}.0.to_out.weight"] = rand(PLUS_WIDTH, PLUS_WIDTH, scale=0.1)
+        proj.update(norm(f"{block}.1.0", PLUS_WIDTH))
+        proj[f"{block}.1.1.weight"] = rand(4 * PLUS_WIDTH, PLUS_WIDTH, scale=0.1)
+        proj[f"{block}.1.3.weight"] = rand(PLUS_WIDTH, 4 * PLUS_WIDTH, scale=0.1)
+    layers = {k: v for k, v in tiny_ipadapter(unet, seed).items() if k.startswith("ip_adapter.")}
+    return {**proj, **layers}
+
+
 def tiny_encoder(folder: Path) -> None:
     """A CLIP vision model with projection (transformers layout), seeded."""
     torch.manual_seed(0)
@@ -86,12 +127,24 @@ def ip_dir(
     )
     wide = tiny_ipadapter(tiny_sd1.pipe.unet, 3, embed=24)  # no encoder of that width
     save_file(wide, root / "ControlNet" / "tiny-ip-wide.safetensors")
-    plus = {  # a Plus adapter's resampler instead of one projection
+    save_file(tiny_plus(tiny_sd1.pipe.unet, 4), root / "ControlNet" / "tiny-ip-plus.safetensors")
+    xl_plus = tiny_plus(tiny_sdxl.pipe.unet, 5)  # ip-adapter-plus_sdxl_vit-h's layout
+    save_file(xl_plus, root / "ControlNet" / "tiny-ip-plus-xl.safetensors")
+    broken = {  # a Plus adapter's resampler without its output layers
         "image_proj.latents": torch.zeros(1, 4, 8),
         "image_proj.proj_in.weight": torch.zeros(8, EMBED),
         "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 8),
     }
-    save_file(plus, root / "ControlNet" / "tiny-ip-plus.safetensors")
+    save_file(broken, root / "ControlNet" / "tiny-ip-plus-broken.safetensors")
+    faceid = {  # ip-adapter-faceid_sd15: an MLP on insightface's 512-wide face embedding
+        "image_proj.proj.0.weight": torch.zeros(16, 512),
+        "image_proj.proj.2.weight": torch.zeros(32, 16),
+        "image_proj.norm.weight": torch.zeros(8),
+        "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 8),
+    }
+    save_file(faceid, root / "ControlNet" / "tiny-ip-faceid.safetensors")
+    full_face = {**faceid, "image_proj.proj.0.weight": torch.zeros(16, 16)}
+    save_file(full_face, root / "ControlNet" / "tiny-ip-full-face.safetensors")
     tiny_encoder(root / "clip_vision" / "tiny-clip-h")
     return root
 
@@ -127,7 +180,10 @@ def test_listing_usable_and_why_not(service: Service) -> None:
     assert listed["tiny-ip.safetensors"].layout == "ipadapter"
     wide = listed["tiny-ip-wide.safetensors"].error or ""
     assert "image encoder" in wide and "projection_dim 24" in wide and "clip_vision" in wide
-    assert "Plus" in (listed["tiny-ip-plus.safetensors"].error or "")
+    assert listed["tiny-ip-plus.safetensors"].error is None
+    assert "Plus" in (listed["tiny-ip-plus-broken.safetensors"].error or "")
+    assert "insightface" in (listed["tiny-ip-faceid.safetensors"].error or "")
+    assert "Full-face" in (listed["tiny-ip-full-face.safetensors"].error or "")
     with pytest.raises(LorastackError, match="projection_dim 24") as refused:
         service.generate(request(ip_unit(model="tiny-ip-wide")))
     assert refused.value.field == "controlnet[0].model"
@@ -224,3 +280,89 @@ def test_injected_attention_is_decoupled_cross_attention(
         text_only = text_only @ attn.to_out[0].weight.T + attn.to_out[0].bias
         torch.testing.assert_close(plain, text_only, rtol=1e-4, atol=1e-5)
         assert (made - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "seed", "family"), [("tiny-ip-plus", 4, "sd1"), ("tiny-ip-plus-xl", 5, "sdxl")]
+)
+def test_plus_projection_equals_diffusers_resampler(
+    tiny_sd1: LoadedModel,
+    tiny_sdxl: LoadedModel,
+    ip_dir: Path,
+    name: str,
+    seed: int,
+    family: str,
+) -> None:
+    """Our Resampler on the published keys equals diffusers' IPAdapterPlusImageProjection
+    built by diffusers' own converter from the same file (SD1 and SDXL widths)."""
+    unet = (tiny_sd1 if family == "sd1" else tiny_sdxl).pipe.unet
+    path = ip_dir / "ControlNet" / f"{name}.safetensors"
+    stat = path.stat()
+    entry = ControlNetEntry(path.name, path, stat.st_size, stat.st_mtime_ns)
+    adapter = load_ipadapter(entry, unet)
+    assert adapter.plus and adapter.tokens == TOKENS
+    published = tiny_plus(unet, seed)
+    image_proj = {
+        k.removeprefix("image_proj."): v for k, v in published.items() if k.startswith("image_")
+    }
+    oracle = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
+    assert type(oracle).__name__ == "IPAdapterPlusImageProjection"
+    hidden = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        made, expected = adapter.projection(hidden), oracle.eval()(hidden)
+    assert made.shape == (2, TOKENS, int(unet.config.cross_attention_dim))
+    torch.testing.assert_close(made, expected, rtol=1e-4, atol=1e-5)
+    assert made.std() > 0.1  # not a constant the comparison would pass by itself
+
+
+def test_plus_unit_changes_the_image_and_weight_zero_does_not(service: Service) -> None:
+    alone = service.generate(request())
+    plus = {"model": "tiny-ip-plus"}
+    made = service.generate(request(ip_unit(**plus)))
+    assert np.abs(pixels(made) - pixels(alone)).mean() > 1
+    other = service.generate(request(ip_unit(image=control_image(seed=7), **plus)))
+    assert not np.array_equal(pixels(other), pixels(made))  # the image matters
+    zero = service.generate(request(ip_unit(weight=0.0, **plus)))
+    assert np.array_equal(pixels(zero), pixels(alone))
+    assert "Model: tiny-ip-plus [" in made.infotexts[0]
+
+
+def test_plus_tokens_come_from_the_penultimate_hidden_states(
+    service: Service, tiny_sd1: LoadedModel, ip_dir: Path
+) -> None:
+    """A Plus unit's tokens: diffusers' projection of the encoder's hidden_states[-2] for
+    the image (cond) and for an all-zero input (uncond), as sd-webui-controlnet feeds it."""
+    unet = tiny_sd1.pipe.unet
+    entry = service.folders.resolve("controlnet", "tiny-ip-plus")
+    source = np.asarray(control_image())
+    prepared = prepare_adapter(
+        0,
+        ip_unit(model="tiny-ip-plus"),
+        entry,
+        find_preprocessor("ip-adapter_clip_sd15"),
+        source,
+        service.folders,
+        ControlNetCache(),
+        unet,
+        torch.device("cpu"),
+    )
+    encoder = CLIPVisionModelWithProjection.from_pretrained(
+        ip_dir / "clip_vision" / "tiny-clip-h", local_files_only=True
+    ).eval()
+    image_proj = {
+        k.removeprefix("image_proj."): v
+        for k, v in tiny_plus(unet, 4).items()
+        if k.startswith("image_proj.")
+    }
+    oracle = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
+    pixel_values = clip_pixels(source, 32)
+    with torch.no_grad():
+        hidden = encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        blank = encoder(
+            pixel_values=torch.zeros_like(pixel_values), output_hidden_states=True
+        ).hidden_states
+        cond, uncond = oracle.eval()(hidden[-2]), oracle(blank[-2])
+        last = oracle(hidden[-1])
+    torch.testing.assert_close(prepared.cond.float(), cond, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prepared.uncond.float(), uncond, rtol=1e-4, atol=1e-5)
+    assert (prepared.cond.float() - last).abs().max() > 1e-3  # the layer matters

@@ -12,6 +12,10 @@ that asks for nothing (its default, or what A1111 itself does then); any other v
 422 naming the field, never a 200 without the feature. Keys that are not A1111 fields, and
 `override_settings` we do not keep, are listed in `info["ignored"]`; a POST to `options`
 with a key we do not keep is a 422 naming it.
+
+The `infotext` field is A1111's `apply_infotext`: `apply_infotext` (the one function here
+that reads the service, for the names and hashes an infotext holds) merges it into the
+body before `parse_txt2img`/`parse_img2img`, which refuse a body still holding one.
 """
 
 from __future__ import annotations
@@ -33,12 +37,17 @@ from PIL import Image
 from frontends.api.controlnet import parse_alwayson
 from pipelines import __version__
 from pipelines.embeddings import EmbeddingListing
-from pipelines.errors import InvalidRequestError, LorastackError
+from pipelines.errors import InvalidRequestError, LorastackError, NotFoundError
 from pipelines.extras import ExtrasRequest, ExtrasResult, extras_png
 from pipelines.fewstep import suggest_for_lora
 from pipelines.images import open_image
-from pipelines.infotext import parse_infotext, read_infotext
-from pipelines.interface import PasteOptions, ProgressSnapshot
+from pipelines.infotext import (
+    hires_from_params,
+    parse_infotext,
+    read_infotext,
+    refiner_from_params,
+)
+from pipelines.interface import GenerationService, PasteOptions, ProgressSnapshot
 from pipelines.output import SaveOptions
 from pipelines.preview import check_preview_method
 from pipelines.prompts_from_file import SCRIPT_NAME as PROMPTS_SCRIPT_NAME
@@ -47,6 +56,16 @@ from pipelines.prompts_from_file import (
     is_prompts_script,
     line_requests,
     script_from_args,
+)
+from pipelines.recall import (
+    HIRES_KEYS,
+    RECALLED,
+    UNDERSTOOD,
+    controlnet_units,
+    listed_title,
+    replay,
+    unit_fields,
+    unit_model_title,
 )
 from pipelines.safeload import is_file_quietly, printable_name
 from pipelines.samplers import API_DEFAULT_SAMPLER, resolve_sampler
@@ -285,6 +304,7 @@ class Txt2ImgCall:
     vae_override: str | None = None  # override_settings.sd_vae, kept when not restored
     series: list[GenerationRequest] | None = None  # a script's requests, run as one job
     controlnet_indices: list[int] = field(default_factory=list)  # each unit's `args` index
+    notes: list[str] = field(default_factory=list)  # e.g. what an `infotext` named is not here
 
 
 # ------------------------------------------------------------------------ value checks
@@ -649,6 +669,206 @@ def _refiner(values: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# ------------------------------------------------------------------------ infotext
+
+
+@dataclass
+class InfotextFill:
+    """What a body's `infotext` filled in: each API field (or `override_settings.x`) with
+    the infotext key it came from, the keys not applied (`infotext.<key>`) and notes on
+    what is not here (a checkpoint, VAE or LoRA hash)."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+_FIELD_KEYS = {
+    **{name: key for key, name in RECALLED.items()},
+    "width": "Size",
+    "height": "Size",
+    "seed_resize_from_w": "Seed resize from",
+    "seed_resize_from_h": "Seed resize from",
+    "tiling": "Tiling",
+    "randn_source": "RNG",
+}
+"""Request field -> the infotext key `pipelines.recall` reads it from."""
+_OPTION_FIELDS = {"clip_skip": OPTION_CLIP_SKIP, "randn_source": OPTION_RANDN_SOURCE}
+"""Request fields A1111 takes from an infotext as options (`override_settings`)."""
+_HIRES_FIELDS = {
+    "hr_scale": ("scale", "Hires upscale"),
+    "hr_resize_x": ("resize_x", "Hires resize"),
+    "hr_resize_y": ("resize_y", "Hires resize"),
+    "hr_upscaler": ("upscaler", "Hires upscaler"),
+    "hr_second_pass_steps": ("second_pass_steps", "Hires steps"),
+    "hr_sampler_name": ("sampler_name", "Hires sampler"),
+    "hr_scheduler": ("scheduler", "Hires schedule type"),
+    "hr_prompt": ("prompt", "Hires prompt"),
+    "hr_negative_prompt": ("negative_prompt", "Hires negative prompt"),
+}
+"""API hires field -> (HiresFix attribute, infotext key)."""
+
+
+def apply_infotext(
+    body: object, service: GenerationService, *, img2img: bool
+) -> tuple[object, InfotextFill]:
+    """A1111's `apply_infotext` (API >= 1.8): every field the body does not set (a key
+    present, even as null, is set) takes the infotext's value; options it names (Clip skip,
+    RNG, Model hash, VAE) go to `override_settings` unless the body's have them, and its
+    `ControlNet N` units to `alwayson_scripts.controlnet.args[N]` unless the body's args
+    reach N (a request unit replaces the infotext's whole unit, as in sd-webui-controlnet).
+
+    Returns the body to parse, without `infotext`, and what was filled. Raises 422 naming
+    `infotext` for a value that is not what its key names, or a ControlNet unit the
+    request cannot run (no control image in txt2img); 404 for a unit's model not here.
+    Checkpoint, VAE, LoRA or refiner not here are notes, as A1111 falls back with a warning.
+    """
+    fill = InfotextFill()
+    if not isinstance(body, dict) or body.get("infotext") is None:
+        return body, fill
+    text = _text("infotext", body["infotext"])
+    merged = {key: value for key, value in body.items() if key != "infotext"}
+    if not text.strip():
+        return merged, fill
+    parsed = parse_infotext(text)
+    found = replay(parsed, service)
+    malformed = list(found.malformed)
+    fill.notes.extend(found.warnings)
+
+    def offer(name: str, value: Any, key: str) -> None:
+        if name not in body:
+            merged[name] = value
+            fill.fields[name] = key
+
+    # 1. prompts, styles and the plain fields
+    offer("prompt", found.prompt, "Prompt")
+    offer("negative_prompt", found.negative_prompt, "Negative prompt")
+    if found.styles:
+        offer("styles", found.styles, "Prompt")
+    if "Batch size" in parsed.params:
+        try:
+            offer("batch_size", int(parsed.params["Batch size"]), "Batch size")
+        except ValueError:
+            malformed.append(f"Batch size: {parsed.params['Batch size']!r} is not a number")
+    options: dict[str, Any] = {}
+    for name, value in found.values.items():
+        if name in _OPTION_FIELDS:
+            options[_OPTION_FIELDS[name]] = (value, _FIELD_KEYS[name])
+        else:
+            offer(name, value, _FIELD_KEYS[name])
+
+    # 2. options: checkpoint, VAE, clip skip, noise source
+    if found.checkpoint is not None:
+        options[OPTION_CHECKPOINT] = (found.checkpoint, "Model hash")
+    if found.vae is not None:
+        options[OPTION_VAE] = (found.vae, "VAE")
+    overrides = body.get("override_settings")
+    if isinstance(overrides, dict) or overrides is None:
+        given = dict(overrides or {})
+        for option, (value, key) in options.items():
+            if option not in given:
+                given[option] = value
+                fill.fields[f"override_settings.{option}"] = key
+        merged["override_settings"] = given
+
+    # 3. hires fix (txt2img; on with Denoising strength and a Hires key, as A1111) and refiner
+    applied = set(UNDERSTOOD) | {"Batch size"}
+    try:
+        hires = hires_from_params(parsed.params)
+    except ValueError as error:
+        malformed.append(f"Hires fix: {error}")
+        hires = None
+    if hires is not None and "Denoising strength" in parsed.params and not img2img:
+        applied |= HIRES_KEYS
+        offer("enable_hr", True, "Denoising strength")
+        for name, (attribute, key) in _HIRES_FIELDS.items():
+            value = getattr(hires, attribute)
+            if value is not None:
+                offer(name, value, key)
+        if hires.checkpoint is not None:
+            title = listed_title(hires.checkpoint, service)
+            if title is None:
+                fill.notes.append(
+                    f"Hires checkpoint {hires.checkpoint} is not in the models folders; the "
+                    "second pass uses the same checkpoint"
+                )
+            else:
+                offer("hr_checkpoint_name", title, "Hires checkpoint")
+    try:
+        refiner = refiner_from_params(parsed.params)
+    except ValueError as error:
+        malformed.append(f"Refiner switch at: {error}")
+        refiner = None
+    if refiner is not None:
+        title = listed_title(refiner[0], service)
+        if title is None:
+            fill.notes.append(f"Refiner {refiner[0]} is not in the models folders; no refiner")
+        else:
+            offer("refiner_checkpoint", title, "Refiner")
+            offer("refiner_switch_at", refiner[1], "Refiner switch at")
+
+    # 4. ControlNet units the request's own args do not reach
+    units = controlnet_units(parsed.params)
+    applied |= {key for _, key in units}
+    if units:
+        malformed.extend(_infotext_units(merged, units, parsed.params, service, img2img))
+    if malformed:
+        raise InvalidRequestError(
+            "infotext: " + "; ".join(malformed) + " (fix the value or leave the key out)",
+            field="infotext",
+        )
+    fill.ignored = [f"infotext.{key}" for key in parsed.params if key not in applied]
+    return merged, fill
+
+
+def _infotext_units(
+    merged: dict[str, Any],
+    units: list[tuple[int, str]],
+    params: dict[str, str],
+    service: GenerationService,
+    img2img: bool,
+) -> list[str]:
+    """Put the infotext's units into `merged`'s `alwayson_scripts.controlnet.args` where
+    the request has none; returns malformed values."""
+    scripts = merged.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        return []  # the parser refuses it, naming alwayson_scripts
+    name = next((k for k in scripts if str(k).strip().lower() == "controlnet"), "controlnet")
+    script = scripts.get(name) or {}
+    args = script.get("args", []) if isinstance(script, dict) else script
+    if not isinstance(args, list):
+        return []  # refused by the parser, naming alwayson_scripts.controlnet
+    args = list(args)
+    malformed = []
+    for index, key in units:
+        if index < len(args):
+            continue  # the request's unit N wins
+        values, left, problems = unit_fields(key, params[key])
+        malformed.extend(problems)
+        if left:
+            malformed.append(f"{key}: no unit field takes {', '.join(left)}")
+        title = unit_model_title(values["model"], service.controlnet_models())
+        if title is None:
+            raise NotFoundError(
+                f"infotext: {key}: model {values['model']} is not a usable model in "
+                "models/ControlNet (GET /controlnet/model_list lists them)",
+                field="infotext",
+            )
+        if not img2img:
+            raise InvalidRequestError(
+                f"infotext: {key} needs its control image, which an infotext never holds; "
+                f"send the unit with its image as alwayson_scripts.controlnet.args[{index}] "
+                "(it then replaces the infotext's unit) or leave the entry out",
+                field="infotext",
+            )
+        if "processor_res" in values:
+            values["processor_res"] = int(values["processor_res"])
+        args.extend([None] * (index - len(args)))
+        args.append({**values, "model": title, "enabled": True})
+    merged["alwayson_scripts"] = {**scripts, name: {"args": args}}
+    return malformed
+
+
 # ------------------------------------------------------------------------ img2img
 
 
@@ -854,7 +1074,7 @@ def txt2img_info(call: Txt2ImgCall, result: GenerationResult, started: float) ->
         "version": VERSION,
         "interrupted": result.interrupted,
         "ignored": call.ignored,
-        "notes": list(result.notes),
+        "notes": [*call.notes, *result.notes],
         "lora_coverage": [report.as_dict() for report in result.lora_coverage],
     }
 
@@ -876,7 +1096,7 @@ def series_info(
         all_subseeds=[(result.request.subseed + index) % (SEED_MAX + 1) for result, index in done],
         infotexts=[result.infotexts[index] for result, index in done],
         interrupted=any(r.interrupted for r in results) or len(results) < len(call.series or ()),
-        notes=[note for result in results for note in result.notes],
+        notes=[*call.notes, *(note for result in results for note in result.notes)],
         lora_coverage=list(
             {
                 (report.name, report.matched, report.total): report.as_dict()

@@ -15,7 +15,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -101,6 +102,30 @@ async def _json_body(request: Request) -> Any:
     return parsed
 
 
+def _with_fill(call: a1111.Txt2ImgCall, body: Any, fill: a1111.InfotextFill) -> a1111.Txt2ImgCall:
+    """The call with what the body's `infotext` filled reported, and `infotext` echoed."""
+    if isinstance(body, dict) and "infotext" in body:
+        call.parameters = {**call.parameters, "infotext": body["infotext"]}
+    call.ignored = sorted([*call.ignored, *fill.ignored])
+    call.notes = [*fill.notes, *call.notes]
+    return call
+
+
+@contextmanager
+def _infotext_errors(fill: a1111.InfotextFill) -> Iterator[None]:
+    """An error about a field the infotext filled names `infotext` and its key (the
+    client never sent that field)."""
+    try:
+        yield
+    except LorastackError as error:
+        key = fill.fields.get(error.field or "")
+        if key is not None:
+            error.message = f"infotext ({key} -> {error.field}): {error.message}"
+            error.args = (error.message,)
+            error.field = "infotext"
+        raise
+
+
 class A1111Api:
     """Route handlers over one service, with the options A1111 keeps between requests."""
 
@@ -113,12 +138,18 @@ class A1111Api:
 
     def txt2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
         """Generate for `user` (the key the per-user limits count under)."""
-        return self._generate(a1111.parse_txt2img(body, self.options), user)
+        merged, fill = a1111.apply_infotext(body, self.service, img2img=False)
+        with _infotext_errors(fill):
+            call = a1111.parse_txt2img(merged, self.options)
+        return self._generate(_with_fill(call, body, fill), user, fill)
 
     def img2img(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
         """img2img, inpainting and the outpainting scripts, for `user`."""
         upscalers = self.service.upscaler_names()
-        return self._generate(a1111.parse_img2img(body, self.options, upscalers), user)
+        merged, fill = a1111.apply_infotext(body, self.service, img2img=True)
+        with _infotext_errors(fill):
+            call = a1111.parse_img2img(merged, self.options, upscalers)
+        return self._generate(_with_fill(call, body, fill), user, fill)
 
     def extra_single_image(self, body: Any, user: str = "address:unknown") -> dict[str, Any]:
         """Extras on one image; as in A1111 the API never saves the result."""
@@ -129,9 +160,12 @@ class A1111Api:
         result = self.service.postprocess(a1111.parse_extras(body, batch=True), user=user)
         return a1111.extras_response(result, batch=True)
 
-    def _generate(self, call: a1111.Txt2ImgCall, user: str) -> dict[str, Any]:
+    def _generate(
+        self, call: a1111.Txt2ImgCall, user: str, fill: a1111.InfotextFill
+    ) -> dict[str, Any]:
         try:
-            return self._generate_call(call, user)
+            with _infotext_errors(fill):
+                return self._generate_call(call, user)
         except LorastackError as error:  # a unit's field, as the client named it
             field = controlnet_api.api_field(error.field, call.controlnet_indices)
             if field != error.field and error.field is not None:

@@ -9,7 +9,6 @@ under the controls with the reason.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from pipelines.controlnet.preprocessors import WEIGHTED, weighted_status
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.interface import GenerationService
+from pipelines.recall import controlnet_units, unit_fields, unit_model_title
 from pipelines.schema import CONTROL_MODES, CONTROL_RESIZE_MODES, ControlNetUnit
 
 NO_MODEL = "None"
@@ -176,22 +176,6 @@ def build_controlnet(service: GenerationService, prefix: str = "") -> ControlNet
     return panel
 
 
-_UNIT_KEY = re.compile(r"^ControlNet (\d+)$")
-_UNIT_PAIR = re.compile(r"\s*([^:,]+): ([^,]*)(?:,|$)")
-_UNIT_NUMBERS = {
-    "Weight": "controlnet_weight",
-    "Processor Res": "controlnet_processor_res",
-    "Threshold A": "controlnet_threshold_a",
-    "Threshold B": "controlnet_threshold_b",
-    "Guidance Start": "controlnet_guidance_start",
-    "Guidance End": "controlnet_guidance_end",
-}
-_UNIT_CHOICES = {
-    "Control Mode": ("controlnet_control_mode", CONTROL_MODES),
-    "Resize Mode": ("controlnet_resize_mode", CONTROL_RESIZE_MODES),
-}
-
-
 def recall_controlnet(
     params: Mapping[str, str], service: GenerationService
 ) -> tuple[dict[str, Any], list[str]]:
@@ -200,7 +184,7 @@ def recall_controlnet(
     an infotext), units past the first (the page has one), a module or model not here, and
     fields the page's unit does not have. Without a unit the section is turned off, so the
     pasted image replays; a unit whose model is not here is left off."""
-    units = sorted((int(m.group(1)), key) for key in params if (m := _UNIT_KEY.match(key)))
+    units = controlnet_units(params)
     if not units:
         return {"controlnet_enabled": False}, []
     key = units[0][1]
@@ -208,15 +192,14 @@ def recall_controlnet(
         f"{other}: not restored, the page has one ControlNet unit ({params[other]})"
         for _, other in units[1:]
     ]
-    fields = {name.strip(): value.strip() for name, value in _UNIT_PAIR.findall(params[key])}
-    values: dict[str, Any] = {}
-    module = fields.pop("Module", "none")
+    fields, left, unit_warnings = unit_fields(key, params[key])
+    module, model = fields.pop("module"), fields.pop("model")
+    values: dict[str, Any] = {f"controlnet_{name}": value for name, value in fields.items()}
     if module in {p.name for p in service.controlnet_modules()}:
         values["controlnet_module"] = module
     else:
         warnings.append(f"{key}: preprocessor {module} is not available here; not restored")
-    model = fields.pop("Model", NO_MODEL)
-    title = _model_title(model, service)
+    title = unit_model_title(model, service.controlnet_models())
     if title is None:
         warnings.append(
             f"{key}: model {model} is not a usable model in models/ControlNet; the unit is left off"
@@ -225,41 +208,16 @@ def recall_controlnet(
         values["controlnet_model"] = title
         if title != model:
             warnings.append(f"{key}: model {model} recalled as {title} (another hash)")
-    for name, target in _UNIT_NUMBERS.items():
-        if name in fields:
-            raw = fields.pop(name)
-            try:
-                values[target] = float(raw)
-            except ValueError:
-                warnings.append(f"{key}: {name} {raw} is not a number; not restored")
-    for name, (target, choices) in _UNIT_CHOICES.items():
-        if name in fields:
-            raw = fields.pop(name)
-            if raw in choices:
-                values[target] = raw
-            else:
-                warnings.append(f"{key}: {name} {raw} is not one of {', '.join(choices)}")
-    if "Pixel Perfect" in fields:
-        values["controlnet_pixel_perfect"] = fields.pop("Pixel Perfect") == "True"
-    if fields:
-        left = ", ".join(f"{name}: {value}" for name, value in fields.items())
-        warnings.append(f"{key}: not restored (the page's unit has no such field): {left}")
+    warnings.extend(unit_warnings)
+    if left:
+        pairs = ", ".join(f"{name}: {value}" for name, value in left.items())
+        warnings.append(f"{key}: not restored (the page's unit has no such field): {pairs}")
     warnings.append(
         f"{key}: the control image is not in the infotext; choose it again in the ControlNet "
         "section"
     )
     values["controlnet_enabled"] = title is not None
     return values, warnings
-
-
-def _model_title(name: str, service: GenerationService) -> str | None:
-    """A usable listed model by its title, else by the title's stem (another hash)."""
-    usable = [entry for entry in service.controlnet_models() if not entry.error]
-    for entry in usable:
-        if entry.title == name:
-            return entry.title
-    stem = name.rsplit(" [", 1)[0] if name.endswith("]") else name
-    return next((entry.title for entry in usable if entry.stem == stem), None)
 
 
 def _slider_args(slider: Any) -> dict[str, Any]:

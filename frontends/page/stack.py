@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import json
-import re
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +27,7 @@ from pipelines.fewstep import FewStepSettings, suggest_for_lora
 from pipelines.folders.loras import LoraEntry
 from pipelines.images import open_image
 from pipelines.interface import LoraCoverage
-from pipelines.prompt import combine_stacks, extract_lora_tags
+from pipelines.prompt import combine_stacks, extract_lora_tags, strip_lora_tags
 from pipelines.schema import LORA_WEIGHT_LIMIT, BlockWeights, LoraSpec
 
 REGION_KEYS = ("in", "mid", "out")
@@ -195,23 +194,6 @@ def move_tags_to_stack(prompt: str, rows: list[Row]) -> tuple[str, list[Row]]:
     # a tag with keyframes or hires weights says more than a row can hold
     stay = {spec.name.lower() for spec in tags if row_of(spec) is None}
     return strip_lora_tags(prompt, keep=stay), [*kept, *added]
-
-
-def strip_lora_tags(prompt: str, keep: set[str] | frozenset[str] = frozenset()) -> str:
-    """`prompt` without its `<lora:...>`/`<lyco:...>` tags and the gaps they leave; tags
-    of the names in `keep` (lower case) stay."""
-
-    gap = "\x00"  # where a tag was: only the text around it is tidied
-
-    def drop(match: re.Match[str]) -> str:
-        return match.group(0) if match.group(1).lower() in keep else gap
-
-    text = re.sub(r"<(?:lora|lyco):([^:>]*)[^>]*>", drop, prompt)
-    text = re.sub(r"[ \t]*(?:\x00[ \t]*)+", gap, text)  # neighbouring tags: one gap
-    text = re.sub(r",\x00,", ",", text)  # "a, <tag>, b" -> "a, b"
-    text = re.sub(r"\x00(?=,)|^\x00|\x00$", "", text, flags=re.M)  # "a <tag>, b" -> "a, b"
-    text = text.replace(gap, " ")
-    return text.strip().strip(",").strip()
 
 
 def trigger_text(entry: LoraEntry) -> str:

@@ -3,21 +3,27 @@
 model) in `models/clip_vision/` (CONTRACT), next to the ControlNet folder.
 
 The unit's image goes through the encoder (CLIP's resize, centre crop and normalisation at
-the encoder's size); its image embedding goes through the adapter's projection
-(`image_proj`: a linear layer to `tokens` x the UNet's cross-attention width, then a layer
-norm) and gives the image tokens. Every cross-attention layer of the UNet then attends to
+the encoder's size). A plain adapter (`image_proj.proj`, e.g. `ip-adapter_sd15`,
+`ip-adapter_sdxl`) projects the encoder's image embedding (a linear layer to `tokens` x the
+UNet's cross-attention width, then a layer norm); a Plus adapter (`image_proj.latents`, e.g.
+`ip-adapter-plus_sd15`, `ip-adapter-plus-face_sd15`, `ip-adapter-plus_sdxl_vit-h`) feeds the
+encoder's penultimate hidden states (every patch, not the pooled embedding, as
+sd-webui-controlnet's `ip-adapter_clip_*` preprocessors do for Plus models) to a
+`Resampler`: learned queries that read them through perceiver attention. Either way the
+result is the image tokens. Every cross-attention layer of the UNet then attends to
 the text and, with its own key and value projections (`ip_adapter.<2i+1>.to_k_ip/to_v_ip`),
 to the image tokens: out = to_out(attn(q, k_text, v_text) + weight * attn(q, k_img, v_img))
 ("decoupled cross-attention"). The uncond rows of the UNet batch get the tokens of a zero
-embedding (what the IP-Adapter was trained with, and what diffusers and sd-webui-controlnet
-pass there). The attention itself is diffusers' `IPAdapterAttnProcessor2_0`; it is installed
-only for the steps a run's units act in and the previous processors are put back after, so
-LoRAs (merged into the same layers' weights) and runs without units are untouched.
+embedding (plain) or of the encoder's hidden states for an all-zero input (Plus): what the
+IP-Adapter was trained with, and what diffusers and sd-webui-controlnet pass there. The
+attention itself is diffusers' `IPAdapterAttnProcessor2_0`; it is installed only for the
+steps a run's units act in and the previous processors are put back after, so LoRAs
+(merged into the same layers' weights) and runs without units are untouched.
 
-Only plain IP-Adapters (`image_proj.proj`, one embedding, e.g. `ip-adapter_sd15`,
-`ip-adapter_sdxl`) run; Plus, Full-face and FaceID variants are listed with the reason
-(`pipelines.folders.controlnets`). `control_mode` has no effect on an IP-Adapter unit, as in
-sd-webui-controlnet (it scales ControlNet residuals, which an IP-Adapter has none of).
+Full-face (an MLP on the embedding) and FaceID (insightface face embeddings) variants are
+listed unusable with the reason (`pipelines.folders.controlnets`). `control_mode` has no
+effect on an IP-Adapter unit, as in sd-webui-controlnet (it scales ControlNet residuals,
+which an IP-Adapter has none of).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class Encoder:
     path: Path
     projection_dim: int
     image_size: int
+    hidden_size: int = 0  # the width of its hidden states (what a Plus adapter reads)
 
 
 def list_encoders(roots: Sequence[Path]) -> list[Encoder]:
@@ -82,28 +89,38 @@ def list_encoders(roots: Sequence[Path]) -> list[Encoder]:
             if not isinstance(vision, dict) or "projection_dim" not in vision:
                 continue
             encoders.append(
-                Encoder(folder, int(vision["projection_dim"]), int(vision.get("image_size", 224)))
+                Encoder(
+                    folder,
+                    int(vision["projection_dim"]),
+                    int(vision.get("image_size", 224)),
+                    int(vision.get("hidden_size", 768)),
+                )
             )
     return encoders
 
 
-def embed_dim(entry: ControlNetEntry) -> int:
-    """The image embedding width the adapter's projection takes."""
-    header = read_safetensors_header(entry.path)
-    return int(header.tensors["image_proj.proj.weight"].shape[1])
+def embed_dim(entry: ControlNetEntry) -> tuple[str, int]:
+    """What of the encoder the adapter reads and its width: a plain adapter's projection
+    takes the image embedding (`projection_dim`), a Plus adapter's resampler the hidden
+    states (`hidden_size`)."""
+    tensors = read_safetensors_header(entry.path).tensors
+    if "image_proj.proj_in.weight" in tensors:
+        return "hidden_size", int(tensors["image_proj.proj_in.weight"].shape[1])
+    return "projection_dim", int(tensors["image_proj.proj.weight"].shape[1])
 
 
 def find_encoder(entry: ControlNetEntry, roots: Sequence[Path], hint: str | None) -> Encoder:
-    """The image encoder for an IP-Adapter: one whose projection width is the adapter's
-    input width; among several, one named as the module asks (`clip_h`, `clip_g`), else the
-    first by name. Raises UnusableFileError naming the folders and the width needed."""
-    width = embed_dim(entry)
-    fitting = [encoder for encoder in list_encoders(roots) if encoder.projection_dim == width]
+    """The image encoder for an IP-Adapter: one whose projection width (plain) or hidden
+    width (Plus) is the adapter's input width; among several, one named as the module asks
+    (`clip_h`, `clip_g`), else the first by name. Raises UnusableFileError naming the
+    folders and the width needed."""
+    what, width = embed_dim(entry)
+    fitting = [e for e in list_encoders(roots) if getattr(e, what) == width]
     if not fitting:
         where = ", ".join(str(root) for root in roots) or "models/clip_vision"
         raise UnusableFileError(
             f"IP-Adapter '{entry.title}' needs its image encoder: a CLIP vision model folder "
-            f"(config.json and model.safetensors) with projection_dim {width} in {where}; "
+            f"(config.json and model.safetensors) with {what} {width} in {where}; "
             "none there",
             field="controlnet",
         )
@@ -142,14 +159,92 @@ def clip_pixels(image: np.ndarray, size: int) -> torch.Tensor:
     return ((pixels - mean) / std)[None]
 
 
+HEAD_WIDTH = 64
+"""The Resampler's attention head width in every published Plus adapter (its head count is
+the query width / 64, as IP-Adapter's and diffusers' loaders take it)."""
+
+
+class PerceiverAttention(torch.nn.Module):
+    """IP-Adapter's `PerceiverAttention`: the queries (latents) attend to the image
+    features and to themselves. Names are the published ones (`layers.i.0.*`)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        inner = heads * HEAD_WIDTH
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.norm2 = torch.nn.LayerNorm(width)
+        self.to_q = torch.nn.Linear(width, inner, bias=False)
+        self.to_kv = torch.nn.Linear(width, inner * 2, bias=False)
+        self.to_out = torch.nn.Linear(inner, width, bias=False)
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        features, latents = self.norm1(features), self.norm2(latents)
+        batch, queries, _ = latents.shape
+        key, value = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [B, n, h*d] -> [B, h, n, d]
+            return x.reshape(batch, x.shape[1], self.heads, HEAD_WIDTH).transpose(1, 2)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            split(self.to_q(latents)), split(key), split(value)
+        )
+        # [B, h, queries, d] -> [B, queries, h*d]
+        return self.to_out(out.transpose(1, 2).reshape(batch, queries, -1))
+
+
+class Resampler(torch.nn.Module):
+    """A Plus adapter's `image_proj` (IP-Adapter's `Resampler`, published key names):
+    `latents` queries read the projected hidden states through `depth` blocks of perceiver
+    attention and a feed-forward, each added to the queries; then `proj_out` to the UNet's
+    cross-attention width and `norm_out`. [B, patches, hidden] -> [B, queries, width]."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        _, queries, width = state["latents"].shape
+        embed = state["proj_in.weight"].shape[1]
+        output = state["proj_out.weight"].shape[0]
+        depth = 1 + max(int(key.split(".")[1]) for key in state if key.startswith("layers."))
+        ratio = state["layers.0.1.1.weight"].shape[0] // width
+        heads = state["layers.0.0.to_q.weight"].shape[0] // HEAD_WIDTH
+        self.latents = torch.nn.Parameter(torch.zeros(1, queries, width))
+        self.proj_in = torch.nn.Linear(embed, width)
+        self.proj_out = torch.nn.Linear(width, output)
+        self.norm_out = torch.nn.LayerNorm(output)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleList(
+                [
+                    PerceiverAttention(width, heads),
+                    torch.nn.Sequential(
+                        torch.nn.LayerNorm(width),
+                        torch.nn.Linear(width, width * ratio, bias=False),
+                        torch.nn.GELU(),
+                        torch.nn.Linear(width * ratio, width, bias=False),
+                    ),
+                ]
+            )
+            for _ in range(depth)
+        )
+        self.load_state_dict(state)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        latents = self.latents.repeat(features.shape[0], 1, 1)
+        features = self.proj_in(features)
+        for attention, feed_forward in self.layers:  # type: ignore[misc]
+            latents = attention(features, latents) + latents
+            latents = feed_forward(latents) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
 @dataclass
 class IPAdapter:
-    """A loaded plain IP-Adapter: its projection and each cross-attention layer's image
+    """A loaded IP-Adapter: its projection and each cross-attention layer's image
     key/value weights, in the UNet's processor order."""
 
-    projection: Any  # diffusers ImageProjection
+    projection: Any  # diffusers ImageProjection (plain) or a Resampler (Plus)
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (to_k_ip, to_v_ip) per attn2
     tokens: int
+    plus: bool = False  # reads the encoder's penultimate hidden states
 
 
 def cross_attention_names(unet: Any) -> list[str]:
@@ -164,7 +259,13 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
 
     label = f"IP-Adapter '{entry.title}'"
     state = load_state_dict(entry.path)
-    proj = state["image_proj.proj.weight"]
+    image_proj = {
+        key.removeprefix("image_proj."): value.float()
+        for key, value in state.items()
+        if key.startswith("image_proj.")
+    }
+    plus = "latents" in image_proj
+    proj = image_proj["proj_out.weight" if plus else "proj.weight"]
     width = int(unet.config.cross_attention_dim)
     names = cross_attention_names(unet)
     layers = []
@@ -188,24 +289,33 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
                 f"vs to_k {expected} (an IP-Adapter for another model family)",
                 field="controlnet",
             )
-    if proj.shape[0] % width:
+    if proj.shape[0] % width or (plus and proj.shape[0] != width):
         raise UnusableFileError(
-            f"{label}: its projection width {proj.shape[0]} is not a multiple of the model's "
-            f"cross-attention width {width}",
+            f"{label}: its projection width {proj.shape[0]} does not give tokens of the "
+            f"model's cross-attention width {width}",
             field="controlnet",
         )
-    tokens = proj.shape[0] // width
-    projection = ImageProjection(
-        image_embed_dim=int(proj.shape[1]), cross_attention_dim=width, num_image_text_embeds=tokens
-    )
-    projection.load_state_dict(  # the published `proj` is diffusers' `image_embeds`
-        {
-            key.removeprefix("image_proj.").replace("proj.", "image_embeds.", 1): value.float()
-            for key, value in state.items()
-            if key.startswith("image_proj.")
-        }
-    )
-    return IPAdapter(projection.eval(), [(k.float(), v.float()) for k, v in layers], tokens)
+    try:
+        if plus:
+            projection: Any = Resampler(image_proj)
+            tokens = int(image_proj["latents"].shape[1])
+        else:
+            tokens = proj.shape[0] // width
+            projection = ImageProjection(
+                image_embed_dim=int(proj.shape[1]),
+                cross_attention_dim=width,
+                num_image_text_embeds=tokens,
+            )
+            projection.load_state_dict(  # the published `proj` is diffusers' `image_embeds`
+                {key.replace("proj.", "image_embeds.", 1): v for key, v in image_proj.items()}
+            )
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise UnusableFileError(
+            f"{label}: its image_proj tensors are not an IP-Adapter's: {error}",
+            field="controlnet",
+        ) from error
+    layers = [(k.float(), v.float()) for k, v in layers]
+    return IPAdapter(projection.eval(), layers, tokens, plus)
 
 
 @dataclass

@@ -570,10 +570,17 @@ def prepare_adapter(
     dtype = next(unet.parameters()).dtype
     with torch.no_grad():
         pixels = clip_pixels(source, encoder.image_size).to(device)
-        embeds = model(pixel_values=pixels).image_embeds  # [1, projection_dim]
         projection = adapter.projection.to(device)
-        cond = projection(embeds)  # [1, tokens, width]
-        uncond = projection(torch.zeros_like(embeds))
+        if adapter.plus:  # the penultimate hidden states, of the image and of zeros
+            hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+            zeros = torch.zeros_like(pixels)
+            blank = model(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
+            cond = projection(hidden)  # [1, patches + 1, hidden_size] -> [1, tokens, width]
+            uncond = projection(blank)
+        else:
+            embeds = model(pixel_values=pixels).image_embeds  # [1, projection_dim]
+            cond = projection(embeds)  # [1, tokens, width]
+            uncond = projection(torch.zeros_like(embeds))
     return PreparedAdapter(
         index, unit, entry, preprocessor, adapter, cond.to(dtype), uncond.to(dtype)
     )

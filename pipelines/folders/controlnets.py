@@ -8,14 +8,15 @@ at offset 1 MiB), cheap enough to compute while scanning.
 
 What is usable: ControlNets in the original (LDM, `input_hint_block.*`, with or without the
 `control_model.` prefix) or the diffusers layout (`controlnet_cond_embedding.*`), for SD1,
-SD2 and SDXL, and plain IP-Adapters (layout "ipadapter", `pipelines.controlnet.ipadapter`).
-Files sd-webui-controlnet also runs but this project does not (Control-LoRA,
-ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter Plus/FaceID, difference
-ControlNets, SparseCtrl) are listed with the reason they are unusable, so a request naming
-one gets that reason rather than "unknown model". The family comes from the header (SDXL: an
-`add_embedding` / `label_emb`; SD2: cross-attention width 1024; SD1: 768); a pickle's family
-is learnt when it is loaded; a width the three families do not have (a test model) leaves it
-None, and the engine judges the fit against the model's UNet then.
+SD2 and SDXL, and plain and Plus IP-Adapters (layout "ipadapter",
+`pipelines.controlnet.ipadapter`). Files sd-webui-controlnet also runs but this project does
+not (Control-LoRA, ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter
+Full-face/FaceID, difference ControlNets, SparseCtrl) are listed with the reason they are
+unusable, so a request naming one gets that reason rather than "unknown model". The family
+comes from the header (SDXL: an `add_embedding` / `label_emb`; SD2: cross-attention width
+1024; SD1: 768); a pickle's family is learnt when it is loaded; a width the three families
+do not have (a test model) leaves it None, and the engine judges the fit against the
+model's UNet then.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ LDM_PREFIX = "control_model."
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 FAMILY_WIDTHS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
 IPADAPTER_LAYOUT = "ipadapter"
+PLUS_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight")
+"""A Plus adapter's Resampler tensors (beside its `layers.*`) that name its shapes."""
+FACE_EMBED = 512
+"""The width of insightface's face embedding, which FaceID adapters project."""
 
 
 @dataclass(frozen=True)
@@ -149,16 +154,32 @@ def facts_from_shapes(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Contr
 
 
 def _ipadapter(name: str, keys: Mapping[str, tuple[int, ...]]) -> ControlNetFacts:
-    """A plain IP-Adapter (`image_proj.proj`: one image embedding) is usable; its family
-    comes from the width its image keys take (the UNet's cross-attention width)."""
-    proj = keys.get("image_proj.proj.weight")
+    """A plain IP-Adapter (`image_proj.proj`: one image embedding) or a Plus one
+    (`image_proj.latents`: a Resampler over the encoder's hidden states) is usable; its
+    family comes from the width its image keys take (the UNet's cross-attention width).
+    Full-face (an MLP projection) and FaceID (insightface embeddings) are not."""
     key = keys.get("ip_adapter.1.to_k_ip.weight")
-    if proj is None:
+    faceid_plus = any(k.startswith("image_proj.perceiver_resampler.") for k in keys)
+    if faceid_plus or any(k.startswith("image_proj.proj.0.") for k in keys):
+        proj0 = keys.get("image_proj.proj.0.weight", (0, 0))
+        if faceid_plus or proj0[-1] == FACE_EMBED:
+            return ControlNetFacts(
+                error=f"{name}: an IP-Adapter FaceID: it reads insightface face embeddings "
+                "(the insightface package and its antelopev2/buffalo_l models), which "
+                "lorastack does not run"
+            )
         return ControlNetFacts(
-            error=f"{name}: an IP-Adapter Plus, Full-face or FaceID ({UNSUPPORTED_NOTE}; "
-            "lorastack runs plain IP-Adapters, whose image_proj is one proj layer)"
+            error=f"{name}: an IP-Adapter Full-face ({UNSUPPORTED_NOTE}; lorastack runs "
+            "plain and Plus IP-Adapters)"
         )
-    if len(proj) != 2 or key is None or len(key) != 2:
+    plus = [f"image_proj.{part}" for part in PLUS_KEYS]
+    if "image_proj.latents" in keys and not all(k in keys for k in plus):
+        return ControlNetFacts(
+            error=f"{name}: an IP-Adapter Plus without all of its resampler's tensors "
+            f"({', '.join(k for k in plus if k not in keys)} missing)"
+        )
+    proj = keys.get("image_proj.proj_out.weight" if plus[0] in keys else "image_proj.proj.weight")
+    if proj is None or len(proj) != 2 or key is None or len(key) != 2:
         return ControlNetFacts(
             error=f"{name}: an IP-Adapter whose image_proj.proj.weight or "
             "ip_adapter.1.to_k_ip.weight is missing or not a matrix"
