@@ -1,0 +1,207 @@
+"""`depth_midas` (MiDaS v3 DPT-Hybrid through transformers) with a tiny DPT-Hybrid built here
+from a small seeded `DPTConfig` and saved as a transformers folder in a temporary
+`annotators/midas/`: its map against transformers' own `predicted_depth` normalised by
+hand, listing, `/controlnet/detect`, and refusal of wrong or corrupt files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from frontends.api.routes import build_controlnet_api
+from pipelines.controlnet.annotators import Annotators
+from pipelines.errors import InvalidRequestError
+from pipelines.service import Service, build_service
+from pipelines.settings import Settings
+
+SIZE = 64  # the tiny model's image_size, a multiple of 64: no padding, no resizing
+
+
+def tiny_dpt_hybrid() -> Any:
+    """A DPT-Hybrid depth model (BiT stem and three stages, 4 ViT layers), weights drawn
+    with a fixed seed and widened so the depth varies over the image."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    bit = {
+        "global_padding": "same",
+        "layer_type": "bottleneck",
+        "depths": [1, 1, 1],
+        "hidden_sizes": [8, 16, 32],
+        "embedding_size": 8,
+        "num_groups": 4,
+        "out_features": ["stage1", "stage2", "stage3"],
+        "embedding_dynamic_padding": True,
+    }
+    config = DPTConfig(
+        is_hybrid=True,
+        backbone_config=bit,
+        backbone_featmap_shape=[1, 32, SIZE // 16, SIZE // 16],
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=SIZE,
+        patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 16, 16],
+        fusion_hidden_size=16,
+        reassemble_factors=[1, 1, 1, 0.5],
+        readout_type="project",
+        use_batch_norm_in_fusion_residual=False,
+    )
+    torch.manual_seed(0)
+    model = DPTForDepthEstimation(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dpt() -> Any:
+    return tiny_dpt_hybrid()
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory: pytest.TempPathFactory, dpt: Any) -> Path:
+    folder = tmp_path_factory.mktemp("depth-ControlNet")
+    dpt.save_pretrained(folder / "annotators" / "midas")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def annotators(controlnet_dir: Path) -> Annotators:
+    return Annotators([controlnet_dir])  # loads the model once for the module
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path) -> Service:
+    data = tmp_path_factory.mktemp("depth-data")
+    return build_service(Settings(data_dir=data, controlnet_dir=controlnet_dir, threads=2))
+
+
+def scene(width: int = SIZE, height: int = SIZE) -> np.ndarray:
+    """A gradient with a bright square: something with depth cues."""
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=2)
+    image[height // 4 : height // 2, width // 4 : width // 2] = 255
+    return image.astype(np.uint8)
+
+
+def by_hand(dpt: Any, image: np.ndarray) -> np.ndarray:
+    """sd-webui-controlnet's `apply_midas` on a 64x64 image at resolution 64: transformers'
+    predicted depth of pixels / 127.5 - 1, min..max -> 0..255, three channels."""
+    pixels = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        depth = dpt(pixel_values=pixels).predicted_depth[0].numpy()
+    depth = (depth - depth.min()) / (depth.max() - depth.min())
+    grey = (depth * 255.0).clip(0, 255).astype(np.uint8)
+    return np.stack([grey] * 3, axis=2)
+
+
+def test_map_is_transformers_depth_normalised(dpt: Any, annotators: Annotators) -> None:
+    module = annotators.find("depth_midas")
+    made = module(scene(), SIZE, -1, -1)
+    expected = by_hand(dpt, scene())
+    assert made.shape == (SIZE, SIZE, 3) and made.dtype == np.uint8
+    assert len(np.unique(expected)) > 20  # the tiny model's depth does vary
+    assert np.abs(made.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_other_sizes_are_padded_and_cut_back(annotators: Annotators) -> None:
+    module = annotators.find("depth_midas")
+    made = module(scene(96, 64), SIZE, -1, -1)  # padded to 64x128 for the model
+    assert made.shape == (64, 96, 3)
+    assert made.min() == 0 or made.max() == 255  # normalised before the cut
+    bigger = module(scene(48, 32), SIZE, -1, -1)  # short side scaled to 64
+    assert bigger.shape == (64, 96, 3)
+
+
+def test_listing_says_what_is_needed(tmp_path: Path, controlnet_dir: Path) -> None:
+    ready = Annotators([tmp_path, controlnet_dir])  # the first root has no annotators
+    assert "depth_midas" in [p.name for p in ready.modules()]
+    assert [name for name, _ in ready.unavailable()] == ["openpose"]
+    assert "torchvision" in dict(ready.unavailable())["openpose"]
+    empty = Annotators([tmp_path])
+    assert "depth_midas" not in [p.name for p in empty.modules()]
+    reason = dict(empty.unavailable())["depth_midas"]
+    assert "config.json, model.safetensors" in reason and "annotators/midas/" in reason
+    with pytest.raises(InvalidRequestError, match="config.json") as refused:
+        empty.find("depth_midas", "controlnet[0].module")
+    assert refused.value.field == "controlnet[0].module"
+    original = tmp_path / "annotators" / "midas" / "dpt_hybrid-midas-501f0c75.pt"
+    original.parent.mkdir(parents=True)
+    original.write_bytes(b"not read")
+    assert "dpt_hybrid-midas-501f0c75.pt is not read" in dict(empty.unavailable())["depth_midas"]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors"),
+        (lambda f: (f / "config.json").write_text("{not json"), "config.json"),
+        (
+            lambda f: (f / "config.json").write_text(json.dumps({"model_type": "dpt"})),
+            "is_hybrid",
+        ),
+    ],
+)
+def test_a_wrong_or_corrupt_file_is_refused_naming_it(
+    tmp_path: Path, controlnet_dir: Path, spoil: Any, named: str
+) -> None:
+    folder = tmp_path / "annotators" / "midas"
+    shutil.copytree(controlnet_dir / "annotators" / "midas", folder)
+    spoil(folder)
+    annotators = Annotators([tmp_path])
+    reason = dict(annotators.unavailable())["depth_midas"]
+    assert named in reason and str(folder) in reason
+    with pytest.raises(InvalidRequestError, match=named):
+        annotators.find("depth_midas")
+
+
+def test_service_lists_and_detects(service: Service, dpt: Any) -> None:
+    names = [p.name for p in service.controlnet_modules()]
+    assert "depth_midas" in names
+    assert names.index("depth_midas") == names.index("tile_resample") + 2  # priority 100
+    assert [name for name, _ in service.controlnet_unavailable_modules()] == ["openpose"]
+    assert service.annotators is service.runner.annotators  # type: ignore[attr-defined]
+    listed = pickle.loads(pickle.dumps(service.controlnet_modules()))  # answers pickle
+    assert "depth_midas" in [p.name for p in listed]
+
+
+@pytest.fixture(scope="module")
+def client(service: Service) -> Iterator[TestClient]:
+    with TestClient(build_controlnet_api(service, service.settings)) as made:
+        yield made
+
+
+def test_detect_route_returns_the_map(client: TestClient, annotators: Annotators) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(scene()).save(buffer, format="PNG")
+    body = {
+        "controlnet_module": "depth_midas",
+        "controlnet_input_images": [base64.b64encode(buffer.getvalue()).decode()],
+        "controlnet_processor_res": 128,  # the slider's minimum
+    }
+    answer = client.post("/detect", json=body)
+    assert answer.status_code == 200, answer.text
+    image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    made = np.asarray(image.convert("RGB"))
+    expected = annotators.find("depth_midas")(scene(), 128, -1, -1)
+    assert made.shape == (128, 128, 3) and np.array_equal(made, expected)
+    listed = client.get("/module_list").json()["module_list"]
+    assert "depth_midas" in listed
