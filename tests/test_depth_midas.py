@@ -25,7 +25,7 @@ from PIL import Image
 from frontends.api.routes import build_controlnet_api
 from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.preprocessors import fit_map
-from pipelines.errors import InvalidRequestError
+from pipelines.errors import InvalidRequestError, UnusableFileError
 from pipelines.loading import LoadedModel
 from pipelines.schema import ControlNetUnit, GenerationRequest
 from pipelines.service import Service, build_service
@@ -181,9 +181,22 @@ def test_a_wrong_or_corrupt_file_is_refused_naming_it(
     spoil(folder)
     annotators = Annotators([tmp_path])
     reason = dict(annotators.unavailable())["depth_midas"]
-    assert named in reason and str(folder) in reason
+    assert f"{tmp_path.name}/annotators/midas/" in reason and named in reason
+    assert str(tmp_path.parent) not in reason  # no host path for clients
     with pytest.raises(InvalidRequestError, match=named):
         annotators.find("depth_midas")
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_naming_them(
+    tmp_path: Path, controlnet_dir: Path
+) -> None:
+    folder = tmp_path / "annotators" / "midas"
+    shutil.copytree(controlnet_dir / "annotators" / "midas", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "fusion_hidden_size": 8}))
+    module = Annotators([tmp_path]).find("depth_midas")  # the header alone looks right
+    with pytest.raises(UnusableFileError, match="midas/model.safetensors does not fit"):
+        module(scene(), SIZE, -1, -1)
 
 
 def test_service_lists_and_detects(service: Service, dpt: Any) -> None:

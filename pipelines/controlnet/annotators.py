@@ -50,27 +50,33 @@ def annotator_folders(controlnet_roots: Sequence[Path], folder: str) -> tuple[Pa
     return tuple(root / ANNOTATORS_SUBFOLDER / folder for root in controlnet_roots)
 
 
+def shown(folder: Path) -> str:
+    """How messages name an annotator folder: from its ControlNet folder's name on, so
+    clients never see host paths (`ControlNet/annotators/midas`)."""
+    return f"{folder.parent.parent.name}/{ANNOTATORS_SUBFOLDER}/{folder.name}"
+
+
 def midas_problem(folder: Path) -> str | None:
     """Why `folder` is not a usable transformers DPT-Hybrid depth model (None: it is); read
     from the config and the safetensors header only, so listing stays cheap."""
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    name = shown(folder)
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"{config_path}: not a readable JSON config ({error})"
+        return f"{name}/config.json: not a readable JSON config ({error})"
     if not isinstance(config, dict) or config.get("model_type") != "dpt":
-        return f"{config_path}: not a DPT config (model_type must be 'dpt')"
+        return f"{name}/config.json: not a DPT config (model_type must be 'dpt')"
     if not config.get("is_hybrid"):
-        return f"{config_path}: not DPT-Hybrid (is_hybrid is not true); MiDaS v3 hybrid needed"
+        return f"{name}/config.json: not DPT-Hybrid (is_hybrid is not true)"
     try:
-        tensors = read_safetensors_header(weights_path).tensors
+        tensors = read_safetensors_header(folder / "model.safetensors").tensors
     except UnusableFileError as error:
-        return f"{folder}/{error}"  # the error names the file
+        return f"{name}/{error}"  # the error starts with the file's name
     except OSError as error:
-        return f"{weights_path}: {error}"
+        return f"{name}/model.safetensors: {error.strerror}"
     missing = [key for key in MIDAS_KEYS if key not in tensors]
     if missing:
-        return f"{weights_path}: not a DPT depth model (no {', '.join(missing)})"
+        return f"{name}/model.safetensors: not a DPT depth model (no {', '.join(missing)})"
     return None
 
 
@@ -110,15 +116,19 @@ def load_midas(folder: Path) -> Any:
     problem = midas_problem(folder)
     if problem:
         raise UnusableFileError(f"preprocessor depth_midas: {problem}", field="module")
-    weights = folder / "model.safetensors"
+    name = shown(folder)
+    try:
+        state = load_state_dict(folder / "model.safetensors")
+    except UnusableFileError as error:
+        raise UnusableFileError(f"preprocessor depth_midas: {name}/{error}") from error
     try:
         config = DPTConfig.from_dict(json.loads((folder / "config.json").read_text("utf-8")))
         model = DPTForDepthEstimation(config)
-        state = load_state_dict(weights)
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise UnusableFileError(
-            f"preprocessor depth_midas: {weights} does not fit its config.json: {error}",
+            f"preprocessor depth_midas: {name}/model.safetensors does not fit its "
+            f"config.json: {error}",
             field="module",
         ) from error
     return _any_size(model.eval())
@@ -136,7 +146,7 @@ def depth_to_map(depth: torch.Tensor) -> np.ndarray:
     """`apply_midas`'s depth image: min..max -> 0..255 (uint8, [H, W])."""
     depth = depth.to(torch.float32)
     depth = depth - torch.min(depth)
-    depth = depth / torch.max(depth)
+    depth = depth / torch.clamp_min(torch.max(depth), 1e-12)  # flat: black, not NaN
     return (depth.cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
 
 
@@ -190,10 +200,10 @@ class Annotators:
             present = ", ".join(n for n in weighted.other_files if (folder / n).is_file())
             if present:
                 return (
-                    f"{folder}: {present} is not read by this build; it needs {files} "
-                    f"({weighted.source})"
+                    f"{shown(folder)}: {present} is not read by this build; it needs "
+                    f"{files} ({weighted.source})"
                 )
-            return f"{folder}: it needs {files} ({weighted.source})"
+            return f"{shown(folder)}: it needs {files} ({weighted.source})"
         return midas_problem(folder)
 
     def available(self) -> list[Preprocessor]:
@@ -240,7 +250,9 @@ class Annotators:
         try:
             version = weights.stat().st_mtime_ns
         except OSError as error:
-            raise UnusableFileError(f"preprocessor depth_midas: {weights}: {error}") from error
+            raise UnusableFileError(
+                f"preprocessor depth_midas: {shown(folder)}/model.safetensors: {error.strerror}"
+            ) from error
         key = (str(folder), version, str(self.device))
         with self._lock:
             if key not in self._models:
@@ -257,7 +269,9 @@ class Annotators:
             tags=weighted.tags,
         )
 
-    def _run_midas(self, folder: Path, image: ImageArray, resolution: int, a: float, b: float):
+    def _run_midas(
+        self, folder: Path, image: ImageArray, resolution: int, a: float, b: float
+    ) -> ImageArray:
         """sd-webui-controlnet's `midas` (see the module docstring): uint8 [H, W, 1]."""
         model = self.midas(folder)
         pixels, cut = midas_input(image, resolution)
