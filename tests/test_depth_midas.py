@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from frontends.api.routes import build_controlnet_api
+from frontends.page.controlnet_panel import unavailable_text
 from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.preprocessors import fit_map
 from pipelines.errors import InvalidRequestError, UnusableFileError
@@ -207,6 +208,8 @@ def test_service_lists_and_detects(service: Service, dpt: Any) -> None:
     assert service.annotators is service.runner.annotators  # type: ignore[attr-defined]
     listed = pickle.loads(pickle.dumps(service.controlnet_modules()))  # answers pickle
     assert "depth_midas" in [p.name for p in listed]
+    notes = unavailable_text(service)  # the page's "Not usable here"
+    assert "`openpose`" in notes and "depth_midas" not in notes
 
 
 @pytest.fixture(scope="module")
