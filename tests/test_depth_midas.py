@@ -1,7 +1,9 @@
 """`depth_midas` (MiDaS v3 DPT-Hybrid through transformers) with a tiny DPT-Hybrid built here
 from a small seeded `DPTConfig` and saved as a transformers folder in a temporary
 `annotators/midas/`: its map against transformers' own `predicted_depth` normalised by
-hand, listing, `/controlnet/detect`, and refusal of wrong or corrupt files.
+hand, listing, `/controlnet/detect`, a unit, and refusal of wrong or corrupt files. A second
+tiny model is written in the original MiDaS key layout (sd-webui-controlnet's
+`dpt_hybrid-midas-501f0c75.pt`, built key by key here) and must give the same depth.
 """
 
 from __future__ import annotations
@@ -157,10 +159,7 @@ def test_listing_says_what_is_needed(tmp_path: Path, controlnet_dir: Path) -> No
     with pytest.raises(InvalidRequestError, match="config.json") as refused:
         empty.find("depth_midas", "controlnet[0].module")
     assert refused.value.field == "controlnet[0].module"
-    original = tmp_path / "annotators" / "midas" / "dpt_hybrid-midas-501f0c75.pt"
-    original.parent.mkdir(parents=True)
-    original.write_bytes(b"not read")
-    assert "dpt_hybrid-midas-501f0c75.pt is not read" in dict(empty.unavailable())["depth_midas"]
+    assert "dpt_hybrid-midas-501f0c75.pt" in reason  # the other form it takes
 
 
 @pytest.mark.parametrize(
@@ -254,3 +253,143 @@ def test_a_unit_uses_the_engines_model(service: Service, annotators: Annotators)
     assert "Module: depth_midas" in result.infotexts[0]
     engine = service.runner.annotators  # type: ignore[attr-defined]
     assert len(engine._models) == 1  # loaded once, for detection and units alike
+
+
+# ------------------------------------------------------------------ the original MiDaS file
+
+
+def tiny_midas_like() -> Any:
+    """A DPT-Hybrid with the published file's fixed choices (12 heads, 12 layers feeding
+    the neck from 2, 5, 8, 11; BiT with 32 groups) and small widths."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    bit = {
+        "global_padding": "same",
+        "layer_type": "bottleneck",
+        "embedding_dynamic_padding": True,
+        "depths": [1, 2, 1],
+        "hidden_sizes": [128, 256, 512],
+        "embedding_size": 32,
+        "out_features": ["stage1", "stage2", "stage3"],
+    }
+    config = DPTConfig(
+        is_hybrid=True,
+        backbone_config=bit,
+        backbone_featmap_shape=[1, 512, SIZE // 16, SIZE // 16],
+        hidden_size=24,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=48,
+        image_size=SIZE,
+        patch_size=16,
+        backbone_out_indices=[2, 5, 8, 11],
+        neck_hidden_sizes=[128, 256, 24, 24],
+        fusion_hidden_size=16,
+        reassemble_factors=[1, 1, 1, 0.5],
+        readout_type="project",
+        use_batch_norm_in_fusion_residual=False,
+    )
+    torch.manual_seed(0)
+    model = DPTForDepthEstimation(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            sharp = ".query." in name or ".key." in name  # attention far from uniform
+            scale = 1.0 if sharp else 0.3  # so a query/key mix-up changes the map
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def original_key(key: str) -> str:
+    """transformers' DPT-Hybrid name -> the original MiDaS name (the inverse of
+    transformers' conversion script), written out case by case."""
+    vit, bit = "pretrained.model.", "pretrained.model.patch_embed.backbone."
+    fixed = {
+        "dpt.embeddings.cls_token": vit + "cls_token",
+        "dpt.embeddings.position_embeddings": vit + "pos_embed",
+    }
+    if key in fixed:
+        return fixed[key]
+    parts = key.split(".")
+    tail = parts[-1]
+    if key.startswith("dpt.embeddings.projection."):
+        return f"{vit}patch_embed.proj.{tail}"
+    if key.startswith("dpt.embeddings.backbone.bit.embedder."):
+        return bit + ("stem.conv." if parts[5] == "convolution" else "stem.norm.") + tail
+    if key.startswith("dpt.embeddings.backbone.bit.encoder.stages."):
+        stage, block, rest = parts[6], parts[8], ".".join(parts[9:])
+        return f"{bit}stages.{stage}.blocks.{block}.{rest}"
+    if key.startswith("dpt.encoder.layer."):
+        block, rest = parts[3], ".".join(parts[4:-1])
+        names = {
+            "attention.output.dense": "attn.proj",
+            "intermediate.dense": "mlp.fc1",
+            "output.dense": "mlp.fc2",
+            "layernorm_before": "norm1",
+            "layernorm_after": "norm2",
+        }
+        return f"{vit}blocks.{block}.{names[rest]}.{tail}"
+    if key.startswith("dpt.layernorm."):
+        return f"{vit}norm.{tail}"
+    if key.startswith("neck.reassemble_stage.readout_projects."):
+        return f"pretrained.act_postprocess{int(parts[3]) + 1}.0.project.0.{tail}"
+    if key.startswith("neck.reassemble_stage.layers."):
+        index = {"projection": 3, "resize": 4}[parts[4]]
+        return f"pretrained.act_postprocess{int(parts[3]) + 1}.{index}.{tail}"
+    if key.startswith("neck.convs."):
+        return f"scratch.layer{int(parts[2]) + 1}_rn.{tail}"
+    if key.startswith("neck.fusion_stage.layers."):
+        refinenet = f"scratch.refinenet{4 - int(parts[3])}"
+        if parts[4] == "projection":
+            return f"{refinenet}.out_conv.{tail}"
+        unit, conv = parts[4][-1], parts[5][-1]
+        return f"{refinenet}.resConfUnit{unit}.conv{conv}.{tail}"
+    if key.startswith("head.head."):
+        return f"scratch.output_conv.{parts[2]}.{tail}"
+    raise AssertionError(f"no original name for {key}")
+
+
+def original_state(model: Any) -> dict[str, torch.Tensor]:
+    """The model's tensors as MiDaS saves them: original names, fused qkv per block, and
+    timm's classifier head (which the conversion drops)."""
+    state: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in model.state_dict().items():
+        if ".attention.attention." in key:
+            parts = key.split(".")
+            target = f"pretrained.model.blocks.{parts[3]}.attn.qkv.{parts[-1]}"
+            fused.setdefault(target, {})[parts[-2]] = value
+            continue
+        state[original_key(key)] = value.clone()
+    for target, parts in fused.items():
+        state[target] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    state["pretrained.model.head.weight"] = torch.zeros(2, 24)
+    state["pretrained.model.head.bias"] = torch.zeros(2)
+    return state
+
+
+def test_the_original_midas_file_gives_the_same_depth(tmp_path: Path) -> None:
+    model = tiny_midas_like()
+    folder = tmp_path / "annotators" / "midas"
+    folder.mkdir(parents=True)
+    torch.save(original_state(model), folder / "dpt_hybrid-midas-501f0c75.pt")
+    annotators = Annotators([tmp_path])
+    assert "depth_midas" in [p.name for p in annotators.modules()]
+    made = annotators.find("depth_midas")(scene(), SIZE, -1, -1)
+    expected = by_hand(model, scene())
+    assert len(np.unique(expected)) > 20
+    assert np.abs(made.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_wrong_original_file_is_refused_naming_it(tmp_path: Path) -> None:
+    folder = tmp_path / "annotators" / "midas"
+    folder.mkdir(parents=True)
+    original = folder / "dpt_hybrid-midas-501f0c75.pt"
+    original.write_bytes(b"not a checkpoint")
+    annotators = Annotators([tmp_path])
+    reason = dict(annotators.unavailable())["depth_midas"]
+    assert "annotators/midas/dpt_hybrid-midas-501f0c75.pt: not a torch checkpoint" in reason
+    torch.save({"weight": torch.zeros(1)}, original)  # a checkpoint, not MiDaS
+    module = annotators.find("depth_midas")
+    with pytest.raises(UnusableFileError, match="dpt_hybrid-midas-501f0c75.pt is not MiDaS"):
+        module(scene(), SIZE, -1, -1)

@@ -4,8 +4,10 @@ beside every ControlNet folder and run on the engine's device.
 `depth_midas` is MiDaS v3 DPT-Hybrid through transformers' `DPTForDepthEstimation` (its BiT
 backbone is transformers' own, so neither timm nor torchvision is needed; controlnet-aux
 needs both, and PyPI's torchvision does not load beside the CPU torch wheel). The weights
-are a transformers folder in `annotators/midas/`: `config.json` and `model.safetensors`, as
-Intel/dpt-hybrid-midas publishes them. The map is sd-webui-controlnet's `midas`: the image
+are in `annotators/midas/`: a transformers folder (`config.json` and `model.safetensors`, as
+Intel/dpt-hybrid-midas publishes them), or sd-webui-controlnet's own file,
+`dpt_hybrid-midas-501f0c75.pt`, converted when loaded (`midas_original`); the folder wins
+when both are there. The map is sd-webui-controlnet's `midas`: the image
 at the processor resolution with edge padding to a multiple of 64, pixels / 127.5 - 1, the
 predicted depth (at the padded size: DPT's position embeddings are interpolated as MiDaS's
 `forward_flex` does) normalised min..max to 0..255, the padding cut off.
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.controlnet.midas_original import midas_config, original_to_transformers
 from pipelines.controlnet.preprocessors import (
     BUILT_IN,
     WEIGHTED,
@@ -39,8 +42,10 @@ from pipelines.controlnet.preprocessors import (
 )
 from pipelines.errors import InvalidRequestError, UnusableFileError
 from pipelines.folders.controlnets import ANNOTATORS_SUBFOLDER
-from pipelines.safeload import load_state_dict, read_safetensors_header
+from pipelines.safeload import load_pickle, load_state_dict, read_safetensors_header
 
+ORIGINAL_MIDAS = "dpt_hybrid-midas-501f0c75.pt"
+"""The file sd-webui-controlnet downloads (original MiDaS key layout)."""
 MIDAS_KEYS = ("dpt.embeddings.backbone.bit.embedder.convolution.weight", "head.head.0.weight")
 """Tensors every transformers DPT-Hybrid depth model has (a BiT stem, a depth head)."""
 
@@ -78,6 +83,50 @@ def midas_problem(folder: Path) -> str | None:
     if missing:
         return f"{name}/model.safetensors: not a DPT depth model (no {', '.join(missing)})"
     return None
+
+
+def original_problem(path: Path) -> str | None:
+    """Why the original MiDaS file cannot be a torch checkpoint (None: it may be; the
+    tensors are only checked when it is loaded, as reading them means unpickling)."""
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(4)
+    except OSError as error:
+        return f"{shown(path.parent)}/{path.name}: {error.strerror}"
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        return f"{shown(path.parent)}/{path.name}: not a torch checkpoint (empty or not a pickle)"
+    return None
+
+
+def load_original_midas(path: Path) -> Any:
+    """sd-webui-controlnet's MiDaS file as transformers' DPT-Hybrid (float32, CPU, eval):
+    read with `weights_only`, keys converted (`midas_original`); refused naming the file."""
+    from transformers import DPTForDepthEstimation
+
+    name = f"{shown(path.parent)}/{path.name}"
+    try:
+        loaded = load_pickle(path)
+    except UnusableFileError as error:
+        raise UnusableFileError(
+            f"preprocessor depth_midas: {shown(path.parent)}/{error}", field="module"
+        ) from error
+    if isinstance(loaded, dict) and "optimizer" in loaded and isinstance(loaded.get("model"), dict):
+        loaded = loaded["model"]  # MiDaS's loader unwraps training checkpoints the same way
+    if not isinstance(loaded, dict):
+        raise UnusableFileError(
+            f"preprocessor depth_midas: {name}: not a dict of weights", field="module"
+        )
+    state = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    try:
+        model = DPTForDepthEstimation(midas_config(state))
+        converted = original_to_transformers(state)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in converted.items()}, strict=True)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as error:
+        raise UnusableFileError(
+            f"preprocessor depth_midas: {name} is not MiDaS v3 DPT-Hybrid: {error}",
+            field="module",
+        ) from error
+    return _any_size(model.eval())
 
 
 def _any_size(model: Any) -> Any:
@@ -196,15 +245,12 @@ class Annotators:
         folder = self.folder(weighted)
         if folder is None:
             return f"it needs {files} in {where} ({weighted.source})"
-        if not all((folder / name).is_file() for name in weighted.files):
-            present = ", ".join(n for n in weighted.other_files if (folder / n).is_file())
-            if present:
-                return (
-                    f"{shown(folder)}: {present} is not read by this build; it needs "
-                    f"{files} ({weighted.source})"
-                )
-            return f"{shown(folder)}: it needs {files} ({weighted.source})"
-        return midas_problem(folder)
+        if all((folder / name).is_file() for name in weighted.files):
+            return midas_problem(folder)
+        original = [folder / name for name in weighted.other_files if (folder / name).is_file()]
+        if original:
+            return original_problem(original[0])
+        return f"{shown(folder)}: it needs {files} ({weighted.source})"
 
     def available(self) -> list[Preprocessor]:
         """The preprocessors with weights that can run now, bound to their folders."""
@@ -245,19 +291,22 @@ class Annotators:
             self._models.clear()
 
     def midas(self, folder: Path) -> Any:
-        """The depth model of `folder` on the device, loaded once per file version."""
-        weights = folder / "model.safetensors"
+        """The depth model of `folder` on the device, loaded once per file version (the
+        transformers folder when complete, else the original file)."""
+        complete = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+        weights = folder / ("model.safetensors" if complete else ORIGINAL_MIDAS)
         try:
             version = weights.stat().st_mtime_ns
         except OSError as error:
             raise UnusableFileError(
-                f"preprocessor depth_midas: {shown(folder)}/model.safetensors: {error.strerror}"
+                f"preprocessor depth_midas: {shown(folder)}/{weights.name}: {error.strerror}"
             ) from error
-        key = (str(folder), version, str(self.device))
+        key = (str(folder), weights.name, version, str(self.device))
         with self._lock:
             if key not in self._models:
                 self._models = {k: m for k, m in self._models.items() if k[0] != key[0]}
-                self._models[key] = load_midas(folder).to(self.device)
+                model = load_midas(folder) if complete else load_original_midas(weights)
+                self._models[key] = model.to(self.device)
             return self._models[key]
 
     def _bound(self, weighted: WeightedPreprocessor, folder: Path) -> Preprocessor:

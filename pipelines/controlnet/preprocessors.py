@@ -267,7 +267,7 @@ class WeightedPreprocessor:
     source: str = ""
     """Where the files come from, for the message naming them."""
     other_files: tuple[str, ...] = ()
-    """Files sd-webui-controlnet reads there that this build does not (named when found)."""
+    """Another form of the weights, used when `files` are not all there."""
     unsupported: str | None = None
     priority: int = 0
     tags: tuple[str, ...] = ()
@@ -279,7 +279,10 @@ WEIGHTED: tuple[WeightedPreprocessor, ...] = (
         "depth_midas",
         "midas",
         ("config.json", "model.safetensors"),
-        source="the transformers DPT-Hybrid folder Intel/dpt-hybrid-midas",
+        source=(
+            "the transformers folder Intel/dpt-hybrid-midas, or instead "
+            "sd-webui-controlnet's dpt_hybrid-midas-501f0c75.pt"
+        ),
         other_files=("dpt_hybrid-midas-501f0c75.pt",),
         priority=100,
         tags=("Depth",),
