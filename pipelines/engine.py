@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pipelines.compiled import compile_watch
+from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.embeddings import EmbeddingStore
@@ -82,6 +83,7 @@ class Engine:
         self.previews = PreviewDecoders(settings.models_dirs)
         self.embeddings = EmbeddingStore(folders)
         self.controlnets = ControlNetCache()
+        self.annotators = Annotators(folders.roots["controlnet"], self.plan.device)
         log.info("device: %s", self.plan.describe())
 
     def device(self) -> DeviceInfo:
@@ -116,7 +118,7 @@ class Engine:
                 run = self.run_for(request)(model, self.plan, self.folders, control)
                 run.previews = self.previews
                 run.embeddings = self.embeddings
-                run.controlnets = self.controlnets
+                run.controlnets, run.annotators = self.controlnets, self.annotators
                 if isinstance(run, HiresRun):
                     run.switch_model = self.switch_model
                 if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
@@ -182,6 +184,7 @@ class Engine:
             yield
         except torch.cuda.OutOfMemoryError as error:
             self.controlnets.clear()
+            self.annotators.clear()
             self.manager.free_memory()
             raise DeviceOutOfMemoryError(
                 f"out of device memory at {request.width}x{request.height} x"

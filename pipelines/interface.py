@@ -288,6 +288,10 @@ class GenerationService(Protocol):
         """The preprocessors a ControlNet unit can use, in sd-webui-controlnet's order."""
         ...
 
+    def controlnet_unavailable_modules(self) -> list[tuple[str, str]]:
+        """(name, reason) of each preprocessor with weights that cannot run here."""
+        ...
+
     def detect_controlnet(
         self,
         module: str,

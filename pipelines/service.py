@@ -17,7 +17,8 @@ from typing import Any, Protocol
 from PIL import Image
 
 from pipelines.architecture import Architecture
-from pipelines.controlnet.preprocessors import Preprocessor, detect_maps, sorted_preprocessors
+from pipelines.controlnet.annotators import Annotators
+from pipelines.controlnet.preprocessors import Preprocessor, detect_maps
 from pipelines.controlnet.units import check_unit_names, listed_models
 from pipelines.devices import CPU_MAX_PIXELS, GPU_MAX_PIXELS, memory_report
 from pipelines.embeddings import FAMILY_TEXT_WIDTHS, EmbeddingListing, EmbeddingStore
@@ -153,6 +154,10 @@ class Service:
         self.runner = runner
         self.startup_checkpoint: str | None = None  # the operator's --ckpt, once resolved
         self.style_store = StyleStore(settings.data_dir / STYLES_FILE)
+        shared = getattr(runner, "annotators", None)  # the local engine's, on its device
+        self.annotators = (
+            shared if isinstance(shared, Annotators) else Annotators(folders.roots["controlnet"])
+        )
         self._device = runner.device()
         default_pixels = CPU_MAX_PIXELS if self._device.device == "cpu" else GPU_MAX_PIXELS
         self._bounds = replace(settings.bounds, max_pixels=settings.max_pixels or default_pixels)
@@ -296,7 +301,7 @@ class Service:
             raise refuse_refiner_as_base()
         if request.controlnet:
             family = base.family if base is not None else "SD1"  # the demo model is SD1
-            check_unit_names(request.controlnet, self.folders, family)
+            check_unit_names(request.controlnet, self.folders, family, self.annotators)
         if request.hires is not None and request.hires.checkpoint is not None:
             request = replace(request, hires=self._hires_checkpoint(request.hires, checkpoint))
         if request.refiner_checkpoint is not None:
@@ -511,7 +516,11 @@ class Service:
 
     def controlnet_modules(self) -> list[Preprocessor]:
         """The preprocessors units can use, in sd-webui-controlnet's order."""
-        return sorted_preprocessors()
+        return self.annotators.modules()
+
+    def controlnet_unavailable_modules(self) -> list[tuple[str, str]]:
+        """(name, reason) of each preprocessor with weights that cannot run here."""
+        return self.annotators.unavailable()
 
     def detect_controlnet(
         self,
@@ -521,9 +530,11 @@ class Service:
         threshold_a: float = -1,
         threshold_b: float = -1,
     ) -> list[Image.Image]:
-        """A preprocessor's maps (sd-webui-controlnet's `/controlnet/detect`); the built-in
-        ones need no model, so they run here, in the caller's thread."""
-        return detect_maps(module, list(images), resolution, threshold_a, threshold_b)
+        """A preprocessor's maps (sd-webui-controlnet's `/controlnet/detect`), in the
+        caller's thread; one with weights runs on the engine's device (the CPU for runners
+        that hold no device here)."""
+        found = self.annotators.find(module, "controlnet_module")
+        return detect_maps(found, list(images), resolution, threshold_a, threshold_b)
 
     @property
     def preview_method(self) -> str:

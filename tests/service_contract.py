@@ -49,6 +49,7 @@ def check_plain_data_crosses(service: GenerationService) -> None:
         request(seed=1, controlnet=(ControlNetUnit(image=Image.new("RGB", (8, 8))),)),
         service.controlnet_models(),
         service.controlnet_modules(),
+        service.controlnet_unavailable_modules(),
         *snapshots,
     ]
     for answer in answers:

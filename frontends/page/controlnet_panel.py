@@ -3,7 +3,7 @@ controls and names (Enable, Pixel Perfect, Preprocessor, Model, Control Weight, 
 Ending Control Step, Control Mode, Resize Mode) and a preview of the detected map.
 
 Its values become the request's `controlnet` (one `ControlNetUnit` when enabled). Models
-that cannot be used and preprocessors that need weights this build cannot run are listed
+that cannot be used and preprocessors whose weights are missing or cannot run are listed
 under the controls with the reason.
 """
 
@@ -17,7 +17,6 @@ import gradio as gr
 from PIL import Image
 
 from frontends.page.lora_panel import QUICK
-from pipelines.controlnet.preprocessors import WEIGHTED, weighted_status
 from pipelines.errors import LorastackError
 from pipelines.images import open_image
 from pipelines.interface import GenerationService
@@ -63,7 +62,10 @@ def model_choices(service: GenerationService) -> list[str]:
 def unavailable_text(service: GenerationService) -> str:
     """The models and preprocessors that are listed but cannot be used, and why."""
     lines = [f"- `{e.title}`: {e.error}" for e in service.controlnet_models() if e.error]
-    lines += [f"- preprocessor `{p.name}`: {weighted_status(p)}" for p in WEIGHTED]
+    lines += [
+        f"- preprocessor `{name}`: {reason}"
+        for name, reason in service.controlnet_unavailable_modules()
+    ]
     return "**Not usable here**\n\n" + "\n".join(lines) if lines else ""
 
 

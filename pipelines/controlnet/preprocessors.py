@@ -19,13 +19,13 @@ function there computes it, with OpenCV:
 
 "At the processor resolution" is sd-webui-controlnet's `resize_image_with_pad`: the short side
 scaled to the resolution (INTER_CUBIC up, INTER_AREA down). Preprocessors with weights
-(depth, openpose, ...: `controlnet-aux`) are listed by `/controlnet/module_list` only when they
-can run; `WEIGHTED` names the files each needs.
+(`WEIGHTED`: the files each needs) are listed by `/controlnet/module_list` only when they can
+run; `pipelines.controlnet.annotators` finds their files and runs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -257,29 +257,55 @@ BUILT_IN: tuple[Preprocessor, ...] = (
 
 @dataclass(frozen=True)
 class WeightedPreprocessor:
-    """A preprocessor that needs weights (run by `controlnet-aux`): where they go."""
+    """A preprocessor that needs weights: where they go, and why this build cannot run it
+    at all (`unsupported`), if so."""
 
     name: str
     label: str
     folder: str  # under models/ControlNet/annotators/
     files: tuple[str, ...]
+    source: str = ""
+    """Where the files come from, for the message naming them."""
+    other_files: tuple[str, ...] = ()
+    """Another form of the weights, used when `files` are not all there."""
+    unsupported: str | None = None
+    priority: int = 0
+    tags: tuple[str, ...] = ()
 
 
 WEIGHTED: tuple[WeightedPreprocessor, ...] = (
-    WeightedPreprocessor("depth_midas", "depth_midas", "midas", ("dpt_hybrid-midas-501f0c75.pt",)),
+    WeightedPreprocessor(
+        "depth_midas",
+        "depth_midas",
+        "midas",
+        ("config.json", "model.safetensors"),
+        source=(
+            "the transformers folder Intel/dpt-hybrid-midas, or instead "
+            "sd-webui-controlnet's dpt_hybrid-midas-501f0c75.pt"
+        ),
+        other_files=("dpt_hybrid-midas-501f0c75.pt",),
+        priority=100,
+        tags=("Depth",),
+    ),
     WeightedPreprocessor(
         "openpose",
         "openpose",
         "openpose",
         ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
+        unsupported=(
+            "it runs through controlnet-aux, which needs torchvision, and PyPI's torchvision "
+            "does not load beside the CPU torch wheel"
+        ),
+        priority=100,
+        tags=("OpenPose",),
     ),
 )
-"""Listed as unavailable: this build runs none of them (see `weighted_status`)."""
+"""sd-webui-controlnet's names, priorities and tags; `annotators.Annotators` says which run."""
 
 
-def sorted_preprocessors() -> list[Preprocessor]:
+def sorted_preprocessors(modules: Sequence[Preprocessor] = BUILT_IN) -> list[Preprocessor]:
     """sd-webui-controlnet's order: `none` first, then by priority and label, descending."""
-    rest = [p for p in BUILT_IN if p.name != "none"]
+    rest = [p for p in modules if p.name != "none"]
     rest.sort(key=lambda p: str(p.priority).zfill(8) + p.label, reverse=True)
     return [BUILT_IN[0], *rest]
 
@@ -288,17 +314,11 @@ _BY_NAME = {p.name: p for p in BUILT_IN} | {p.label: p for p in BUILT_IN}
 
 
 def find_preprocessor(name: str, field: str = "module") -> Preprocessor:
-    """A module by name or label; a weighted one says which files it needs."""
+    """A module without weights by name or label (`annotators.Annotators.find` also finds
+    the ones with weights)."""
     found = _BY_NAME.get(name)
     if found is not None:
         return found
-    for weighted in WEIGHTED:
-        if name in (weighted.name, weighted.label):
-            raise InvalidRequestError(
-                f"{field}: preprocessor '{name}' needs weights and is not available here: "
-                f"{weighted_status(weighted)}",
-                field=field,
-            )
     known = ", ".join(p.name for p in sorted_preprocessors())
     raise InvalidRequestError(
         f"{field}: unknown preprocessor '{name}'; known: {known}", field=field
@@ -306,25 +326,16 @@ def find_preprocessor(name: str, field: str = "module") -> Preprocessor:
 
 
 def detect_maps(
-    name: str, images: list[Image.Image], resolution: int, a: float, b: float
+    module: Preprocessor, images: list[Image.Image], resolution: int, a: float, b: float
 ) -> list[Image.Image]:
     """sd-webui-controlnet's `/controlnet/detect`: each image's map at the processor
     resolution (out-of-range values: the module's defaults), not fitted to any size."""
-    module = find_preprocessor(name, "controlnet_module")
     res = int(module.resolution.effective(resolution))
     a, b = module.slider_1.effective(a), module.slider_2.effective(b)
     return [
         Image.fromarray(module(np.asarray(image.convert("RGB")), max(res, 1), a, b))
         for image in images
     ]
-
-
-def weighted_status(weighted: WeightedPreprocessor) -> str:
-    files = ", ".join(weighted.files)
-    return (
-        f"it runs through controlnet-aux (not installed) with {files} in "
-        f"models/ControlNet/annotators/{weighted.folder}/"
-    )
 
 
 def pixel_perfect_resolution(image: ImageArray, height: int, width: int, resize_mode: str) -> int:

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.ipadapter import (
     AdapterTokens,
     IPAdapter,
@@ -60,7 +61,6 @@ from pipelines.controlnet.ipadapter import (
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.controlnet.preprocessors import (
     Preprocessor,
-    find_preprocessor,
     fit_map,
     hwc3,
     pixel_perfect_resolution,
@@ -102,14 +102,18 @@ def soft_scales(weight: float, count: int) -> list[float]:
 
 
 def check_unit_names(
-    units: tuple[ControlNetUnit, ...], folders: ModelFolders, family: str | None
+    units: tuple[ControlNetUnit, ...],
+    folders: ModelFolders,
+    family: str | None,
+    annotators: Annotators | None = None,
 ) -> tuple[ControlNetUnit, ...]:
     """The units with their model names as listed keys: module known, model listed, usable,
     and (when its family is known) for the checkpoint's family. Raises 4xx errors naming the
     unit's field."""
+    annotators = annotators or Annotators(folders.roots["controlnet"])
     checked = []
     for index, unit in enumerate(units):
-        preprocessor = find_preprocessor(unit.module, unit_field(index, "module"))
+        preprocessor = annotators.find(unit.module, unit_field(index, "module"))
         entry = resolve_model(folders, unit.model, index)
         check_pairing(index, preprocessor, entry)
         if entry.layout == IPADAPTER_LAYOUT:
@@ -385,13 +389,16 @@ class ControlUnits:
         init_resize: str = "Crop and Resize",
         learn: Callable[[ControlNetEntry], Callable[..., None]] | None = None,
         crop: MaskCrop | None = None,
+        annotators: Annotators | None = None,
     ) -> ControlUnits:
         """Resolve, preprocess and load every unit of `request` (its `controlnet`); with
-        `crop` (inpainting "only masked"), units' images are cropped as the init image."""
+        `crop` (inpainting "only masked"), units' images are cropped as the init image;
+        preprocessors with weights run on `annotators`' device (default: `device`)."""
+        annotators = annotators or Annotators(folders.roots["controlnet"], device)
         prepared = []
         adapters = []
         for index, unit in enumerate(request.controlnet):
-            preprocessor = find_preprocessor(unit.module, unit_field(index, "module"))
+            preprocessor = annotators.find(unit.module, unit_field(index, "module"))
             entry = resolve_model(folders, unit.model, index)
             check_pairing(index, preprocessor, entry)
             source = unit_source(unit, init)

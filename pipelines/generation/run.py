@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipelines import __version__
 from pipelines.architecture import Architecture
+from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.controlnet.units import ControlUnits, MaskCrop
 from pipelines.devices import DevicePlan
@@ -386,6 +387,9 @@ class Txt2ImgRun:
     """The textual-inversion embeddings, set by the engine (None: none are matched)."""
     controlnets: ControlNetCache | None = None
     """Loaded ControlNet models, set by the engine (None: a private cache per run)."""
+    annotators: Annotators | None = None
+    """Preprocessors with weights and their loaded models, set by the engine (None: loaded
+    for this run)."""
     units: ControlUnits | None = None
     """The request's ControlNet units once prepared (None: no unit)."""
     control_active = True
@@ -415,6 +419,7 @@ class Txt2ImgRun:
             init_resize=resize_mode,
             learn=lambda entry: lambda **facts: folders.learn("controlnet", entry, **facts),
             crop=self.control_crop(),
+            annotators=self.annotators,
         )
 
     def control_input(self, inputs: RunInputs) -> tuple[Image.Image | None, str]:

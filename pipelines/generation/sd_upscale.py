@@ -16,6 +16,7 @@ from dataclasses import replace
 
 from PIL import Image
 
+from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan
 from pipelines.embeddings import EmbeddingStore
@@ -66,6 +67,7 @@ class SdUpscaleRun:
     previews: PreviewDecoders | None = None  # set by the engine, passed to each tile's run
     embeddings: EmbeddingStore | None = None
     controlnets: ControlNetCache | None = None
+    annotators: Annotators | None = None
 
     def __init__(
         self, model: ActiveModel, plan: DevicePlan, folders: ModelFolders, control: RunControl
@@ -122,7 +124,7 @@ class SdUpscaleRun:
                 )
                 tile_run = Img2ImgRun(self.model, self.plan, self.folders, progress)
                 tile_run.previews, tile_run.embeddings = self.previews, self.embeddings
-                tile_run.controlnets = self.controlnets
+                tile_run.controlnets, tile_run.annotators = self.controlnets, self.annotators
                 result = tile_run(tile_request)
                 progress.done += 1
                 first = first or result
