@@ -612,6 +612,15 @@ def make_scheduler(
     return cls.from_config(scheduler_config(choice, base_scheduler_config))
 
 
+def uses_ensd(sampler_name: str) -> bool:
+    """Whether A1111's eta noise seed delta changes this sampler's images: its options say
+    `uses_ensd` (the ancestral samplers, which draw noise from the per-item generators;
+    Brownian-tree SDE samplers seed from the seeds themselves). A1111's
+    `is_sampler_using_eta_noise_seed_delta`, with eta at its default."""
+    sampler = _SAMPLER_BY_NAME.get(sampler_name)
+    return sampler is not None and sampler.options.get("uses_ensd") == "True"
+
+
 def step_eta(choice: SamplerChoice) -> float:
     """The `eta` the sampler's `step` is called with (where it takes one): 0 (A1111's DDIM
     default) except TCD's gamma 0.3."""

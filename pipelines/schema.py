@@ -317,6 +317,7 @@ class GenerationRequest:
     denoising_strength: float = 0.75
     tiling: bool = False
     randn_source: str = "CPU"  # A1111's noise source: "CPU", "GPU" or "NV"
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: sampling noise from seed + this (0: off)
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     img2img: ImageInputs | None = None  # None: txt2img
@@ -538,6 +539,7 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
             f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {request.randn_source!r}",
             field="randn_source",
         )
+    _check_int("eta_noise_seed_delta", request.eta_noise_seed_delta, 0, SEED_MAX)
     if not isinstance(request.tiling, bool):
         raise InvalidRequestError(
             f"tiling must be true or false, got {request.tiling!r}", field="tiling"
