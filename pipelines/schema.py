@@ -409,6 +409,17 @@ FIELDS: tuple[FieldSpec, ...] = (
         help="CPU: the same image on every device; GPU: the model's device; "
         "NV: NVIDIA's generator on any device (A1111 images made on NVIDIA GPUs)",
     ),
+    FieldSpec(
+        "eta_noise_seed_delta",
+        int,
+        0,
+        "Eta noise seed delta (ENSD)",
+        0,
+        SEED_MAX,
+        1,
+        "A1111's ENSD: ancestral samplers draw their sampling noise from seed + this "
+        "(0: off; NovelAI-style images use 31337)",
+    ),
 )
 
 

@@ -5,6 +5,7 @@ per-request override."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
+from frontends.api import a1111
 from frontends.api.routes import build_api
+from frontends.page.recall import recall
 from pipelines.errors import InvalidRequestError
 from pipelines.generation.noise import SeedPlan, initial_noise
-from pipelines.infotext import parse_infotext
+from pipelines.infotext import parse_infotext, write_png_with_infotext
 from pipelines.samplers import uses_ensd
 from pipelines.schema import Bounds, GenerationRequest
 from pipelines.service import Service, build_service
@@ -135,3 +139,13 @@ def test_option_round_trips_and_override_applies_per_request(client: TestClient)
         assert wrong.status_code == 422
         assert "override_settings.eta_noise_seed_delta" in wrong.json()["detail"]
     assert client.get("/options").json()["eta_noise_seed_delta"] == 0
+
+
+def test_shared_infotext_ensd_is_read_back(service: Service) -> None:
+    """A shared PNG's `ENSD: 31337`: the API's png-info returns it, and the page's recall
+    (which has no ENSD control) lists it as not applied rather than dropping it."""
+    text = "a cat\nSteps: 3, Sampler: Euler a, Seed: 5, Size: 64x64, ENSD: 31337"
+    png = write_png_with_infotext(Image.new("RGB", (64, 64)), text)
+    info = a1111.png_info({"image": base64.b64encode(png).decode()})
+    assert str(info["parameters"]["ENSD"]) == "31337"
+    assert "ENSD" in recall(text, service).not_applied
