@@ -18,6 +18,7 @@ from PIL import Image
 
 from frontends.api import a1111
 from frontends.api.routes import build_api
+from frontends.page.defaults import load_defaults, save_defaults
 from frontends.page.recall import recall
 from pipelines.errors import InvalidRequestError
 from pipelines.generation.noise import SeedPlan, initial_noise
@@ -143,9 +144,22 @@ def test_option_round_trips_and_override_applies_per_request(client: TestClient)
 
 def test_shared_infotext_ensd_is_read_back(service: Service) -> None:
     """A shared PNG's `ENSD: 31337`: the API's png-info returns it, and the page's recall
-    (which has no ENSD control) lists it as not applied rather than dropping it."""
+    (PNG Info, Send to txt2img) sets the ENSD field; an infotext without ENSD means 0."""
     text = "a cat\nSteps: 3, Sampler: Euler a, Seed: 5, Size: 64x64, ENSD: 31337"
     png = write_png_with_infotext(Image.new("RGB", (64, 64)), text)
     info = a1111.png_info({"image": base64.b64encode(png).decode()})
     assert str(info["parameters"]["ENSD"]) == "31337"
-    assert "ENSD" in recall(text, service).not_applied
+    found = recall(text, service)
+    assert found.values["eta_noise_seed_delta"] == 31337 and "ENSD" not in found.not_applied
+    assert recall(text.replace(", ENSD: 31337", ""), service).values["eta_noise_seed_delta"] == 0
+
+
+def test_page_settings_keep_an_ensd_default(tmp_path: Path) -> None:
+    """The page's Settings tab saves ENSD as a default for new pages (settings.json)."""
+    bounds = Bounds()
+    assert load_defaults(tmp_path, bounds)["eta_noise_seed_delta"] == 0
+    values = {**load_defaults(tmp_path, bounds), "eta_noise_seed_delta": 31337}
+    save_defaults(tmp_path, values, bounds)
+    assert load_defaults(tmp_path, bounds)["eta_noise_seed_delta"] == 31337
+    with pytest.raises(ValueError, match="eta_noise_seed_delta"):
+        save_defaults(tmp_path, {**values, "eta_noise_seed_delta": -1}, bounds)

@@ -40,6 +40,7 @@ RECALLED: dict[str, str] = {
     "Variation seed": "subseed",
     "Variation seed strength": "subseed_strength",
     "Denoising strength": "denoising_strength",  # img2img's; txt2img has no such field
+    "ENSD": "eta_noise_seed_delta",
 }
 """Infotext key -> request field (schema.FIELDS names); Size fills width and height,
 `Seed resize from` the resize pair, `Tiling` the checkbox."""
@@ -81,6 +82,7 @@ REPLAY_DEFAULTS: dict[str, Any] = {
     "seed_resize_from_w": 0,
     "seed_resize_from_h": 0,
     "tiling": False,
+    "eta_noise_seed_delta": 0,
 }
 """What an infotext without these keys means, so a pasted one replays its image even when
 the page held other values."""
