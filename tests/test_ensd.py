@@ -24,7 +24,7 @@ from pipelines.errors import InvalidRequestError
 from pipelines.generation.noise import SeedPlan, initial_noise
 from pipelines.infotext import parse_infotext, write_png_with_infotext
 from pipelines.samplers import uses_ensd
-from pipelines.schema import Bounds, GenerationRequest
+from pipelines.schema import Bounds, GenerationRequest, ImageInputs
 from pipelines.service import Service, build_service
 from pipelines.settings import Settings
 from tests.test_fewstep_samplers import _model, _request
@@ -163,3 +163,15 @@ def test_page_settings_keep_an_ensd_default(tmp_path: Path) -> None:
     assert load_defaults(tmp_path, bounds)["eta_noise_seed_delta"] == 31337
     with pytest.raises(ValueError, match="eta_noise_seed_delta"):
         save_defaults(tmp_path, {**values, "eta_noise_seed_delta": -1}, bounds)
+
+
+def test_img2img_takes_ensd_too(service: Service) -> None:
+    """img2img's noise comes from the same seeded generators (A1111's ImageRNG), so ENSD
+    changes an Euler a img2img and is written in its infotext."""
+    torch.set_num_threads(2)
+    init = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    base = {"sampler_name": "Euler a", "steps": 3, "img2img": ImageInputs(images=(init,))}
+    zero, _ = _pixels(service, _request(**base))
+    delta, info = _pixels(service, _request(**base, eta_noise_seed_delta=31337))
+    assert not np.array_equal(zero, delta)
+    assert parse_infotext(info).params["ENSD"] == "31337"
