@@ -56,9 +56,24 @@ def test_generators_reseeded_after_the_initial_noise(source: str) -> None:
         assert not torch.equal(torch.randn((1, *shape), generator=before), expected)
 
 
-def test_only_samplers_with_uses_ensd() -> None:
+def test_samplers_that_draw_from_the_generators() -> None:
     assert uses_ensd("Euler a") and uses_ensd("DPM2 a") and uses_ensd("DPM++ 2S a")
+    assert uses_ensd("LCM") and uses_ensd("TCD")  # their noise is the generators' too
     assert not uses_ensd("Euler") and not uses_ensd("DPM++ 2M SDE") and not uses_ensd("DDIM")
+
+
+@pytest.mark.parametrize(("sampler", "changes"), [("LCM", True), ("DPM++ 2M SDE", False)])
+def test_lcm_changes_and_brownian_sde_does_not(
+    service: Service, sampler: str, changes: bool
+) -> None:
+    """LCM draws from the generators (A1111's `sample_lcm`); A1111's DPM++ 2M SDE draws
+    from a Brownian tree seeded by the seeds, so ENSD leaves it alone here too."""
+    torch.set_num_threads(2)
+    base = {"sampler_name": sampler, "steps": 3}
+    zero, _ = _pixels(service, _request(**base))
+    delta, info = _pixels(service, _request(**base, eta_noise_seed_delta=31337))
+    assert (not np.array_equal(zero, delta)) is changes
+    assert ("ENSD: 31337" in info) is changes
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, True, "31337", 2**32])

@@ -225,7 +225,7 @@ def check_request(request: GenerationRequest) -> RunInputs:
 
 def ensd(inputs: RunInputs) -> int:
     """The eta noise seed delta this run applies: the request's when its sampler draws
-    sampling noise from the per-item generators (A1111's `uses_ensd`), else 0, so the
+    sampling noise from the per-item generators (`samplers.uses_ensd`), else 0, so the
     option never changes an image A1111 would leave alone."""
     return inputs.request.eta_noise_seed_delta if uses_ensd(inputs.sampler.sampler) else 0
 
