@@ -35,6 +35,7 @@ RECALLED: dict[str, str] = {
     "Variation seed": "subseed",
     "Variation seed strength": "subseed_strength",
     "Denoising strength": "denoising_strength",
+    "ENSD": "eta_noise_seed_delta",
 }
 """Infotext key -> request field (schema.FIELDS names); Size fills width and height,
 `Seed resize from` the resize pair, `Tiling` the flag, `RNG` the noise source."""

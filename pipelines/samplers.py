@@ -612,6 +612,25 @@ def make_scheduler(
     return cls.from_config(scheduler_config(choice, base_scheduler_config))
 
 
+_GENERATOR_NOISE = frozenset({"LCM", "TCD"})
+"""Samplers without A1111's `uses_ensd` flag whose loops still draw later noise from the
+per-item generators (A1111's `sample_lcm` through k-diffusion's `randn_like`), so ENSD's
+re-seed changes them too."""
+
+
+def uses_ensd(sampler_name: str) -> bool:
+    """Whether A1111's eta noise seed delta changes this sampler's images: A1111 re-seeds
+    the per-item generators whatever the sampler (`ImageRNG.first`), so it shows in the
+    samplers that draw later noise from them: those whose options say `uses_ensd` (the
+    ancestral ones) and LCM and TCD. Brownian-tree SDE samplers seed from the seeds
+    themselves, and the others draw nothing. A1111 writes `ENSD` only for `uses_ensd`
+    samplers; we also write it for LCM and TCD, so their infotexts replay the image."""
+    sampler = _SAMPLER_BY_NAME.get(sampler_name)
+    if sampler is None:
+        return False
+    return sampler.options.get("uses_ensd") == "True" or sampler.name in _GENERATOR_NOISE
+
+
 def step_eta(choice: SamplerChoice) -> float:
     """The `eta` the sampler's `step` is called with (where it takes one): 0 (A1111's DDIM
     default) except TCD's gamma 0.3."""

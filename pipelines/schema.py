@@ -317,6 +317,7 @@ class GenerationRequest:
     denoising_strength: float = 0.75
     tiling: bool = False
     randn_source: str = "CPU"  # A1111's noise source: "CPU", "GPU" or "NV"
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: sampling noise from seed + this (0: off)
     checkpoint: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     img2img: ImageInputs | None = None  # None: txt2img
@@ -407,6 +408,17 @@ FIELDS: tuple[FieldSpec, ...] = (
         "Random number source",
         help="CPU: the same image on every device; GPU: the model's device; "
         "NV: NVIDIA's generator on any device (A1111 images made on NVIDIA GPUs)",
+    ),
+    FieldSpec(
+        "eta_noise_seed_delta",
+        int,
+        0,
+        "Eta noise seed delta (ENSD)",
+        0,
+        SEED_MAX,
+        1,
+        "A1111's ENSD: ancestral samplers draw their sampling noise from seed + this "
+        "(0: off; NovelAI-style images use 31337)",
     ),
 )
 
@@ -538,6 +550,7 @@ def validate_request(request: GenerationRequest, bounds: Bounds) -> GenerationRe
             f"randn_source must be one of {', '.join(RANDN_SOURCES)}, got {request.randn_source!r}",
             field="randn_source",
         )
+    _check_int("eta_noise_seed_delta", request.eta_noise_seed_delta, 0, SEED_MAX)
     if not isinstance(request.tiling, bool):
         raise InvalidRequestError(
             f"tiling must be true or false, got {request.tiling!r}", field="tiling"

@@ -66,11 +66,12 @@ def test_override_settings_and_options() -> None:
     assert (change.checkpoint, change.clip_skip) == ("m", 2)
     assert a1111.parse_options({"samples_format": "jpg"}).saving == {"samples_format": "jpg"}
     assert a1111.parse_options({"send_seed": False}).paste == {"send_seed": False}
+    assert a1111.parse_options({"eta_noise_seed_delta": 31337}).eta_noise_seed_delta == 31337
     shown = a1111.current_options("m", None, options, "Approx cheap")
     assert a1111.parse_options(shown, shown).checkpoint == "m"  # GET posted back: accepted
     for bad, field in (
         ({"enable_pnginfo": False}, "enable_pnginfo"),  # shown, but fixed here
-        ({"eta_noise_seed_delta": 31337}, "eta_noise_seed_delta"),
+        ({"eta_noise_seed_delta": -1}, "eta_noise_seed_delta"),  # ENSD: an integer >= 0
         ({"sd_vea": "x"}, "sd_vea"),  # unknown: named, with the close match
         ({"send_size": "yes"}, "send_size"),
     ):

@@ -126,10 +126,24 @@ def test_what_is_not_applied_is_reported(client: TestClient) -> None:
     ).replace("Model: tiny-sd1", "Model: elsewhere")
     made, info = generate(client, "txt2img", {"infotext": text, "steps": 1})
     assert made.shape == (64, 72, 3)
-    for key in ("Face restoration", "ENSD", "Hires upscale"):  # hires: no Denoising strength
+    for key in ("Face restoration", "Hires upscale"):  # hires: no Denoising strength
         assert f"infotext.{key}" in info["ignored"], info["ignored"]
     assert "infotext.Version" not in info["ignored"]
     assert any("elsewhere [0123456789] is not in the models folders" in n for n in info["notes"])
+
+
+def test_an_infotexts_ensd_applies_as_a1111s_option(client: TestClient) -> None:
+    """`ENSD: 31337` (shared NovelAI-style PNGs) goes to `override_settings`, as A1111's
+    `apply_infotext` puts it: the image of the explicit override, not of ENSD 0."""
+    ancestral = FOX_TEXT.replace("Sampler: DPM++ 2M", "Sampler: Euler a")
+    fields = {**FOX_FIELDS, "sampler_name": "Euler a", "steps": 2}
+    overrides = {**FOX_FIELDS["override_settings"], "eta_noise_seed_delta": 31337}
+    expected, _ = generate(client, "txt2img", {**fields, "override_settings": overrides})
+    plain, _ = generate(client, "txt2img", fields)
+    text = ancestral.replace("Version: v1.10.1", "ENSD: 31337, Version: v1.10.1")
+    made, info = generate(client, "txt2img", {"infotext": text})
+    assert "infotext.ENSD" not in info["ignored"]
+    assert np.array_equal(made, expected) and not np.array_equal(made, plain)
 
 
 def test_lora_tags_stay_in_the_prompt(client: TestClient) -> None:

@@ -52,6 +52,7 @@ def key(**fields: object) -> object:
         {"seed_resize_from_w": 128, "seed_resize_from_h": 128},
         {"batch_size": 2},
         {"randn_source": "NV"},
+        {"eta_noise_seed_delta": 31337},  # re-seeds each item's own generator
         {"prompt": "a tower, (red:1.3), BREAK roof"},  # chunks are compared after encoding
     ],
 )
@@ -299,11 +300,20 @@ def test_merged_requests_take_one_unet_call_per_step_and_match_alone(
 ) -> None:
     """Three requests (one of two images; a LoRA as a row or as a tag; a negative prompt)
     share every UNet call: one call per step of 2 x 4 rows (uncond and cond of 4 images).
-    The ancestral sampler checks that each image keeps its own generator."""
+    The ancestral sampler checks that each image keeps its own generator (one request
+    with ENSD, whose generators are re-seeded, beside two without)."""
     ink = (LoraSpec("ink", 0.6),)
+    ensd = 31337 if sampler == "Euler a" else 0
     requests = [
         request(prompt="a red tower", seed=11, loras=ink, sampler_name=sampler),
-        request(prompt="a stone bridge", seed=12, batch_size=2, loras=ink, sampler_name=sampler),
+        request(
+            prompt="a stone bridge",
+            seed=12,
+            batch_size=2,
+            loras=ink,
+            sampler_name=sampler,
+            eta_noise_seed_delta=ensd,
+        ),
         request(
             prompt="a lake <lora:ink:0.6>", negative_prompt="fog", seed=13, sampler_name=sampler
         ),

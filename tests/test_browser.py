@@ -285,6 +285,10 @@ def test_extra_seed_row_and_tiling(page: object) -> None:
     set_number(page, "subseed_strength", 0.4)
     set_number(page, "subseed", 77)
     page.locator("#tiling input[type=checkbox]").check()
+    set_number(page, "eta_noise_seed_delta", 31337)
+    sampler = page.locator("#sampler_name input")
+    sampler.fill("Euler a")
+    sampler.press("Enter")
     # the values the page will send (an accordion still opening may re-render them)
     assert page.locator("#subseed input").first.input_value() == "77"
     assert page.locator("#subseed_strength input[type=number]").first.input_value() == "0.4"
@@ -293,6 +297,7 @@ def test_extra_seed_row_and_tiling(page: object) -> None:
     params = parse_infotext(infotext(page)).params
     assert params["Variation seed"] == "77" and params["Variation seed strength"] == "0.4"
     assert params["Tiling"] == "True" and params["Seed"] == "5"
+    assert params["Sampler"] == "Euler a" and params["ENSD"] == "31337"
 
 
 def newest_output(data: Path, kind: str) -> Path:

@@ -32,10 +32,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Servi
 
 
 def a1111_sample_euler_ancestral(
-    model: ActiveModel, schedule: str, steps: int, cfg: float, seed: int
+    model: ActiveModel, schedule: str, steps: int, cfg: float, seed: int, ensd: int = 0
 ) -> np.ndarray:
     """k-diffusion's `sample_euler_ancestral` (eta 1, s_noise 1) on A1111's ladder with
-    `CompVisDenoiser` (fractional timesteps) and CFG on the denoised outputs."""
+    `CompVisDenoiser` (fractional timesteps) and CFG on the denoised outputs; with `ensd`,
+    the later noise comes from a generator seeded with seed + ensd (A1111's
+    `ImageRNG.first`)."""
     pipe = model.pipe
     alphas = ldm_alphas_cumprod(dict(model.scheduler_config))
     table = Discrete(((1 - alphas) / alphas) ** 0.5)
@@ -45,6 +47,8 @@ def a1111_sample_euler_ancestral(
     uncond = encode("fog", clip_skip=1, device="cpu", dtype=torch.float32, negative=True).embeds
     generator = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn((1, 4, 8, 8), generator=generator).double() * sigmas[0]
+    if ensd:
+        generator = torch.Generator("cpu").manual_seed(seed + ensd)
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.tensor(table.sigma_to_t(sigma), dtype=torch.float32)

@@ -209,6 +209,7 @@ def test_recall_fills_fields_keeps_tags_and_renames_a_lora_found_by_hash(engine:
         "seed_resize_from_w": 0,
         "seed_resize_from_h": 0,
         "tiling": False,
+        "eta_noise_seed_delta": 0,
         "enable_hr": False,  # no Hires keys: the pasted image was made without it
         "refiner_checkpoint": "None",  # no Refiner keys: made without one
         "controlnet_enabled": False,  # no ControlNet unit: made without one
@@ -405,6 +406,8 @@ def test_endpoint_takes_the_extra_seed_row_and_tiling(served: tuple[str, Path]) 
     params = parse_infotext(infotext).params
     assert (params["Variation seed"], params["Variation seed strength"]) == ("5", "0.5")
     assert params["Seed resize from"] == "48x48" and params["Tiling"] == "True"
+    ensd = {"sampler_name": "Euler a", "eta_noise_seed_delta": 31337}
+    assert parse_infotext(call(url=served[0], **ensd)[1]).params["ENSD"] == "31337"
 
 
 def test_endpoint_streams_previews_before_the_result(served: tuple[str, Path]) -> None:

@@ -243,6 +243,7 @@ OPTION_RANDN_SOURCE = "randn_source"
 OPTION_FIX_STEPS = "img2img_fix_steps"
 OPTION_NOISE_MULTIPLIER = "initial_noise_multiplier"
 OPTION_VAE = "sd_vae"
+OPTION_ENSD = "eta_noise_seed_delta"
 OPTION_PREVIEW = "show_progress_type"
 OPTION_SEND_SEED = "send_seed"
 OPTION_SEND_SIZE = "send_size"
@@ -287,6 +288,7 @@ class ApiOptions:
     fix_steps: bool = False  # img2img: "do exactly the amount of steps the slider says"
     noise_multiplier: float = 1.0  # img2img's initial noise multiplier
     sd_vae: str = "Automatic"  # "Automatic", "None" or a VAE's name
+    eta_noise_seed_delta: int = 0  # A1111's ENSD (NovelAI's 31337): 0 is off
 
 
 @dataclass
@@ -408,6 +410,16 @@ def randn_source_option(value: object, name: str = OPTION_RANDN_SOURCE) -> str:
             f"{name} must be one of {', '.join(RANDN_SOURCES)}, got {value!r}", field=name
         )
     return str(value)
+
+
+def ensd_option(value: object, name: str = OPTION_ENSD) -> int:
+    """A1111's `eta_noise_seed_delta`: an integer 0 ... 2**32-1 (0: off)."""
+    number = _integer(name, value)
+    if not 0 <= number <= SEED_MAX:
+        raise InvalidRequestError(
+            f"{name} must be an integer between 0 and {SEED_MAX}, got {number}", field=name
+        )
+    return number
 
 
 def fix_steps_option(value: object, name: str = OPTION_FIX_STEPS) -> bool:
@@ -581,6 +593,7 @@ def _parse_generation(
     vae_override = None
     clip_skip = options.clip_skip
     randn_source = options.randn_source
+    ensd = options.eta_noise_seed_delta
     img2img_options: dict[str, Any] = {
         OPTION_FIX_STEPS: options.fix_steps,
         OPTION_NOISE_MULTIPLIER: options.noise_multiplier,
@@ -596,6 +609,8 @@ def _parse_generation(
             clip_skip = clip_skip_option(value, where)
         elif key == OPTION_RANDN_SOURCE:
             randn_source = randn_source_option(value, where)
+        elif key == OPTION_ENSD:
+            ensd = ensd_option(value, where)
         elif key == OPTION_FIX_STEPS and "init_images" in defaults:
             img2img_options[key] = fix_steps_option(value, where)
         elif key == OPTION_NOISE_MULTIPLIER and "init_images" in defaults:
@@ -619,6 +634,7 @@ def _parse_generation(
         seed_resize_from_h=_integer("seed_resize_from_h", get("seed_resize_from_h")),
         tiling=_flag("tiling", get("tiling") or False),
         randn_source=randn_source,
+        eta_noise_seed_delta=ensd,
         width=_integer("width", get("width")),
         height=_integer("height", get("height")),
         batch_size=_integer("batch_size", get("batch_size")),
@@ -693,7 +709,11 @@ _FIELD_KEYS = {
     "randn_source": "RNG",
 }
 """Request field -> the infotext key `pipelines.recall` reads it from."""
-_OPTION_FIELDS = {"clip_skip": OPTION_CLIP_SKIP, "randn_source": OPTION_RANDN_SOURCE}
+_OPTION_FIELDS = {
+    "clip_skip": OPTION_CLIP_SKIP,
+    "randn_source": OPTION_RANDN_SOURCE,
+    "eta_noise_seed_delta": OPTION_ENSD,
+}
 """Request fields A1111 takes from an infotext as options (`override_settings`)."""
 _HIRES_FIELDS = {
     "hr_scale": ("scale", "Hires upscale"),
@@ -1225,7 +1245,7 @@ def current_options(
         "live_previews_enable": True,
         "show_progress_every_n_steps": 1,
         OPTION_PREVIEW: preview_method,
-        "eta_noise_seed_delta": 0,
+        OPTION_ENSD: options.eta_noise_seed_delta,
         "sd_checkpoints_limit": checkpoints_limit,
     }
 
@@ -1237,7 +1257,6 @@ FIXED_OPTIONS = (
     "enable_pnginfo",
     "live_previews_enable",
     "show_progress_every_n_steps",
-    "eta_noise_seed_delta",
     "sd_checkpoints_limit",
 )
 """Options GET shows that a POST may send back unchanged but not change here (a client
@@ -1254,6 +1273,7 @@ class OptionsChange:
     randn_source: str | None = None
     fix_steps: bool | None = None
     noise_multiplier: float | None = None
+    eta_noise_seed_delta: int | None = None
     vae: str | None = None
     preview_method: str | None = None
     saving: dict[str, Any] = field(default_factory=dict)  # SaveOptions fields to change
@@ -1279,6 +1299,8 @@ def parse_options(body: object, current: dict[str, Any] | None = None) -> Option
             change.fix_steps = fix_steps_option(value)
         elif key == OPTION_NOISE_MULTIPLIER:
             change.noise_multiplier = noise_multiplier_option(value)
+        elif key == OPTION_ENSD:
+            change.eta_noise_seed_delta = ensd_option(value)
         elif key == OPTION_VAE:
             change.vae = vae_option(value)
         elif key == OPTION_PREVIEW:

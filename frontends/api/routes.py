@@ -256,6 +256,8 @@ class A1111Api:
             self.options.clip_skip = change.clip_skip
         if change.randn_source is not None:
             self.options.randn_source = change.randn_source
+        if change.eta_noise_seed_delta is not None:
+            self.options.eta_noise_seed_delta = change.eta_noise_seed_delta
         if change.fix_steps is not None:
             self.options.fix_steps = change.fix_steps
         if change.noise_multiplier is not None:

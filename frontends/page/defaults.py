@@ -33,6 +33,7 @@ DEFAULT_FIELDS = (
     "batch_size",
     "n_iter",
     "clip_skip",
+    "eta_noise_seed_delta",  # A1111 keeps ENSD as a server setting
 )
 """The request fields an admin may give a server-wide default (schema.FIELDS names)."""
 

@@ -34,6 +34,7 @@ REPLAY_DEFAULTS: dict[str, Any] = {
     "seed_resize_from_w": 0,
     "seed_resize_from_h": 0,
     "tiling": False,
+    "eta_noise_seed_delta": 0,
 }
 """What an infotext without these keys means, so a pasted one replays its image even when
 the page held other values."""

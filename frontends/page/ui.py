@@ -149,9 +149,10 @@ EXTRA_FIELDS = (
     "seed_resize_from_h",
     "tiling",
     "randn_source",
+    "eta_noise_seed_delta",
 )
-"""A1111's "Extra" seed row and tiling: after `loras`, so positional API callers of the
-first version keep working."""
+"""A1111's "Extra" seed row (with its ENSD setting) and tiling: after `loras`, so
+positional API callers of the first version keep working."""
 
 PAGE_JS = """
 const style = document.createElement('style');
@@ -350,6 +351,7 @@ def build_ui(
         seed_resize_from_h: float,
         tiling: bool,
         randn_source: str,
+        eta_noise_seed_delta: float,
         enable_hr: bool,
         hr_upscaler: str,
         hr_second_pass_steps: float,
@@ -1257,6 +1259,14 @@ def build_parameters(slider: Any, defaults: dict[str, Any], prefix: str = "") ->
             label=source.label,
             info=source.help,
             elem_id=f"{prefix}randn_source",
+        )
+        ensd = field_spec("eta_noise_seed_delta")
+        controls["eta_noise_seed_delta"] = gr.Number(
+            value=ensd.default,
+            label=ensd.label,
+            precision=0,
+            elem_id=f"{prefix}eta_noise_seed_delta",
+            info=ensd.help,
         )
     return controls
 

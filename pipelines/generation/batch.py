@@ -2,8 +2,8 @@
 batch, so the UNet runs once per step for all of them.
 
 Two requests are compatible when they differ only in what each batch item carries on its
-own rows: prompts (encoded per request), seeds, variation seeds, noise source and batch
-size. `batch_key` decides that before queueing, from the request alone; `MergedTxt2Img`
+own rows: prompts (encoded per request), seeds, variation seeds, noise source, ENSD and
+batch size. `batch_key` decides that before queueing, from the request alone; `MergedTxt2Img`
 splits its group once more by `conditioning_shape` (the prompt chunk count is known only
 after encoding), then per batch iteration:
 

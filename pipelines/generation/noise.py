@@ -12,6 +12,10 @@ device, what A1111 draws by default) and `NV` (NVIDIA's CUDA generator emulated 
 device: Philox 4x32-10 and Box-Muller as cuRAND's `curand_normal`, so an A1111 image made
 on an NVIDIA GPU starts from the same noise here). With NV only the initial noise is
 Philox; the noise ancestral samplers add later comes from CPU generators.
+
+A1111's eta noise seed delta (ENSD, `ImageRNG.first`): when it is not 0, each item's
+generator for the samplers' later noise is re-seeded with seed + ENSD after the initial
+noise is drawn, so the initial noise stays the seed's and only the ancestral noise changes.
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class SeedPlan:
     resize_from: tuple[int, int] | None = None
     source: str = "CPU"
     device: torch.device = torch.device("cpu")  # the model's, for the GPU source
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: later noise from seed + this (0: off)
 
 
 Generator = torch.Generator | PhiloxGenerator
@@ -163,10 +168,19 @@ def initial_noise(
         if noise_shape != shape:
             noise = _paste_centred(_randn(plan, seed, shape, dtype, generator), noise)
         items.append(noise)
-        if isinstance(generator, PhiloxGenerator):  # later noise: a CPU generator
-            generator = torch.Generator("cpu").manual_seed(seed)
-        generators.append(generator)
+        generators.append(_sampling_generator(plan, generator, seed))
     return torch.stack(items), generators
+
+
+def _sampling_generator(plan: SeedPlan, generator: Generator, seed: int) -> torch.Generator:
+    """The generator the samplers draw later noise from: the item's own, left after the
+    initial draw, or one seeded with seed + ENSD when ENSD is set (A1111's re-seed); NV's
+    later noise comes from a CPU generator."""
+    if plan.eta_noise_seed_delta:
+        generator = _generator(plan, seed + plan.eta_noise_seed_delta)
+    if isinstance(generator, PhiloxGenerator):
+        return torch.Generator("cpu").manual_seed(generator.seed)
+    return generator
 
 
 def _paste_centred(target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

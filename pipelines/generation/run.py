@@ -57,6 +57,7 @@ from pipelines.samplers import (
     resolve_sampler,
     set_timesteps,
     step_eta,
+    uses_ensd,
 )
 from pipelines.schema import (
     SEED_MAX,
@@ -221,6 +222,13 @@ def check_request(request: GenerationRequest) -> RunInputs:
         subseed,
         notes,
     )
+
+
+def ensd(inputs: RunInputs) -> int:
+    """The eta noise seed delta this run applies: the request's when its sampler draws
+    sampling noise from the per-item generators (`samplers.uses_ensd`), else 0, so the
+    option never changes an image A1111 would leave alone."""
+    return inputs.request.eta_noise_seed_delta if uses_ensd(inputs.sampler.sampler) else 0
 
 
 class Txt2ImgRun:
@@ -531,6 +539,7 @@ class Txt2ImgRun:
             resize_from=resize if min(resize) > 0 else None,
             source=request.randn_source,
             device=self.plan.device,
+            eta_noise_seed_delta=ensd(inputs),
         )
         # [C, H/8, W/8] per item
         shape = (pipe.vae.config.latent_channels, request.height // factor, request.width // factor)
@@ -884,6 +893,8 @@ class Txt2ImgRun:
         if request.img2img is not None or request.hires is not None:
             params["Denoising strength"] = request.denoising_strength
         params["Clip skip"] = request.clip_skip
+        if ensd(inputs):  # A1111 writes it only when set and the sampler uses it
+            params["ENSD"] = request.eta_noise_seed_delta
         if request.randn_source != "GPU":  # A1111 writes RNG unless it is its default
             params["RNG"] = request.randn_source
         if request.tiling:
