@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -93,6 +93,46 @@ def unit_delta(group: Group[torch.Tensor], shape: torch.Size, device: torch.devi
         alpha = _scalar(group.parts, "alpha")
         scale = alpha / rank if alpha is not None and rank else 1.0
     return delta.reshape(shape) * scale
+
+
+PLAIN_LORA_PARTS = frozenset({"up", "down", "alpha", "scale"})
+"""The parts of a plain low-rank LoRA (no CP middle, no DoRA): its update is one product."""
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]
+"""(up [out, r], down [r, in*k*k], scale) in fp32: the update is scale * up @ down."""
+
+
+def lora_factors(group: Group[torch.Tensor], device: torch.device) -> LoraFactors | None:
+    """A plain LoRA's fp32 factors on `device` and its scale (`unit_delta`'s rules), so
+    a merge adds `scale * m * up @ down` in one fused product instead of building the
+    full-size update; None for every other kind (they go through `module_delta`)."""
+    if group.kind != "lora" or not set(group.parts) <= PLAIN_LORA_PARTS:
+        return None
+    up = _f32(group.parts["up"], device).flatten(1)
+    down = _f32(group.parts["down"], device).flatten(1)
+    if up.shape[1] != down.shape[0]:
+        return None  # mismatched ranks: `unit_delta` raises with its message
+    scale = _scalar(group.parts, "scale")
+    if scale is None:
+        alpha = _scalar(group.parts, "alpha")
+        rank = down.shape[0]
+        scale = alpha / rank if alpha is not None and rank else 1.0
+    return up, down, scale
+
+
+def stacked_factors(
+    items: Sequence[tuple[LoraFactors, float]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [out, sum r], D [sum r, in*k*k]) of plain LoRAs on one layer, each one's scale
+    and multiplier folded into its columns of U, so their summed update
+    sum_i m_i * scale_i * up_i @ down_i is the one product U @ D: a merge passes over the
+    layer's weight once for the whole stack (within fp32 rounding of adding them one by
+    one)."""
+    ups = [up * (scale * multiplier) for (up, _down, scale), multiplier in items]
+    downs = [down for (_up, down, _scale), _multiplier in items]
+    if len(items) == 1:
+        return ups[0], downs[0]
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
 
 
 def _column_norm(weight: torch.Tensor) -> torch.Tensor:
