@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -104,8 +104,8 @@ LoraFactors = tuple[torch.Tensor, torch.Tensor, float]
 
 def lora_factors(group: Group[torch.Tensor], device: torch.device) -> LoraFactors | None:
     """A plain LoRA's fp32 factors on `device` and its scale (`unit_delta`'s rules), so
-    a merge adds `scale * m * up @ down` in one fused product instead of building the
-    full-size update; None for every other kind (they go through `module_delta`)."""
+    the stack can keep them between merges; None for every other kind (they go through
+    `module_delta`)."""
     if group.kind != "lora" or not set(group.parts) <= PLAIN_LORA_PARTS:
         return None
     up = _f32(group.parts["up"], device).flatten(1)
@@ -120,19 +120,30 @@ def lora_factors(group: Group[torch.Tensor], device: torch.device) -> LoraFactor
     return up, down, scale
 
 
-def stacked_factors(
-    items: Sequence[tuple[LoraFactors, float]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U [out, sum r], D [sum r, in*k*k]) of plain LoRAs on one layer, each one's scale
-    and multiplier folded into its columns of U, so their summed update
-    sum_i m_i * scale_i * up_i @ down_i is the one product U @ D: a merge passes over the
-    layer's weight once for the whole stack (within fp32 rounding of adding them one by
-    one)."""
-    ups = [up * (scale * multiplier) for (up, _down, scale), multiplier in items]
-    downs = [down for (_up, down, _scale), _multiplier in items]
-    if len(items) == 1:
-        return ups[0], downs[0]
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+def add_lora(
+    total: torch.Tensor,
+    key: str,
+    factors: LoraFactors,
+    multiplier: float,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    """`total += up @ down * scale * multiplier` in place, with `unit_delta` and
+    `module_delta`'s operations in their order (the same bits as adding their result),
+    the update built in `scratch` (a flat fp32 buffer of at least its size) when given.
+
+    Raises:
+        ValueError: the update does not have the layer's size.
+    """
+    up, down, scale = factors
+    shape = (up.shape[0], down.shape[1])
+    if shape[0] * shape[1] != total.numel():
+        raise ValueError(f"{key}: update has shape {shape}, layer {tuple(total.shape)}")
+    if scratch is None:
+        delta = up @ down
+    else:
+        delta = torch.mm(up, down, out=scratch[: total.numel()].view(shape))
+    delta.mul_(scale).mul_(multiplier)
+    total += delta.view(total.shape)  # the product laid over the layer, as unit_delta's reshape
 
 
 def _column_norm(weight: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from pipelines.lora.coverage import (
 )
 from pipelines.lora.files import LoraFileCache, ParsedLora
 from pipelines.lora.keys import Group
-from pipelines.lora.maths import LoraFactors, lora_factors, module_delta, stacked_factors
+from pipelines.lora.maths import LoraFactors, add_lora, lora_factors, module_delta
 from pipelines.lora.targets import Target, TargetIndex
 from pipelines.lora.weights import BlockWeights, layer_ratio
 
@@ -176,6 +176,7 @@ class AdapterStack:
         self._slots: dict[Target, list[_Slot]] = {}  # its groups on each layer, in order
         # plain LoRA groups' fp32 factors on the device, for the files of the last plan
         self._factors: dict[tuple[tuple[str, int, int], str, str], LoraFactors | None] = {}
+        self._buffer: torch.Tensor | None = None  # scratch for one update (`_scratch`)
 
     # -- public
 
@@ -328,7 +329,7 @@ class AdapterStack:
             for target in list(self._applied):
                 self._restore_layer(target)
         self._backup.clear()
-        self._entries, self._slots, self._factors = [], {}, {}
+        self._entries, self._slots, self._factors, self._buffer = [], {}, {}, None
 
     @property
     def applied_layers(self) -> int:
@@ -441,72 +442,65 @@ class AdapterStack:
         self._applied.pop(target, None)
 
     def _merge_layer(self, target: Target, items: list[tuple[ParsedLora, Contribution]]) -> None:
-        """weight = base + each contribution, summed in fp32 on the layer's device.
-
-        Plain LoRAs are added as one product of their stacked factors (kept for the
-        stack, so a weight change converts and copies nothing), written straight into an
-        fp32 weight: one pass over the layer for the whole stack, no full-size update per
-        LoRA. Other kinds go through `module_delta`. Backups are pinned on CUDA, so no
-        host-to-device copy makes the host wait for the device."""
+        """weight = base + each contribution in stack order, summed in fp32 on the layer's
+        device, with the same operations (so the same bits) as building each update with
+        `module_delta`. What a merge avoids: converting and copying a plain LoRA's
+        factors (kept for the stack), a full-size allocation per update (one scratch
+        buffer), the fp32 sum's own copy (an fp32 weight is the sum), and host waits on
+        copies to the device (pinned backups on CUDA)."""
         module = self.index.modules[target]
         weight, bias = stored_weight(module), stored_bias(module)
         if target not in self._backup:
             self._backup[target] = (host_copy(weight), None)
         self._backup.move_to_end(target)
         base_weight, base_bias = self._backup[target]
-        device, rows = weight.device, weight.shape[0]
-        plain: list[tuple[LoraFactors, float]] = []
-        others: list[tuple[ParsedLora, str, float]] = []
-        for parsed, (key, group_key, multiplier) in items:
-            group = parsed.groups[group_key]
-            factors = self._lora_factors(key, group, device)
-            if factors is None or factors[0].shape[0] != rows:
-                others.append((parsed, group_key, multiplier))
-                continue
-            up, down, _scale = factors
-            if up.shape[0] * down.shape[1] != weight.numel():  # checked before any write
-                raise UnusableFileError(
-                    f"{parsed.source}: {group.key}: update has shape "
-                    f"{(up.shape[0], down.shape[1])}, layer {tuple(weight.shape)}",
-                    field="loras",
-                )
-            plain.append((factors, multiplier))
         touches_bias = any(
             {"diff_b", "b_norm"} & set(parsed.groups[group_key].parts)
-            for parsed, group_key, _m in others
+            for parsed, (_key, group_key, _m) in items
         )
         if touches_bias and bias is not None and base_bias is None:
             # the bias is still the base one: only a backed-up bias is ever changed
             base_bias = host_copy(bias)
             self._backup[target] = (base_weight, base_bias)
-        # the fp32 base on the device (the backup itself when it is one already: read only)
+        device = weight.device
+        # fp32 base on the device (the backup itself when it is one already: read only)
         base = base_weight.to(device, non_blocking=True).to(torch.float32)
-        stacked = stacked_factors(plain) if plain else None
-        if stacked is not None and not others and weight.dtype == torch.float32:
-            if weight.is_contiguous():  # base + U @ D written into the weight in one pass
-                torch.addmm(base.reshape(rows, -1), *stacked, out=weight.view(rows, -1))
-            else:
-                weight.copy_(torch.addmm(base.reshape(rows, -1), *stacked).view(base.shape))
-            self._applied[target] = tuple(c for _, c in items)
-            return
-        if stacked is not None:
-            total = torch.addmm(base.reshape(rows, -1), *stacked).view(base.shape)
-        else:
-            total = base.clone()
-        base_b = None if base_bias is None else base_bias.to(device).to(torch.float32)
+        in_place = weight.dtype == torch.float32 and not touches_bias
+        total = weight.copy_(base) if in_place else base.clone()
+        base_b = None
+        if base_bias is not None:
+            base_b = base_bias.to(device, non_blocking=True).to(torch.float32)
         total_b = None if base_b is None else base_b.clone()
         try:
-            for parsed, group_key, multiplier in others:
-                delta, bias_delta = module_delta(parsed.groups[group_key], base, multiplier, base_b)
+            for parsed, (key, group_key, multiplier) in items:
+                group = parsed.groups[group_key]
+                factors = self._lora_factors(key, group, device)
+                if factors is not None:
+                    add_lora(total, group.key, factors, multiplier, self._scratch(total))
+                    continue
+                delta, bias_delta = module_delta(group, base, multiplier, base_b)
                 total += delta
                 if bias_delta is not None and total_b is not None:
                     total_b += bias_delta
         except ValueError as error:
+            if in_place:  # half-merged: back to base, as a layer no stack touches
+                self._restore_layer(target)
             raise UnusableFileError(f"{parsed.source}: {error}", field="loras") from error
-        weight.copy_(total)  # cast to the layer's dtype on the way
+        if not in_place:
+            weight.copy_(total)  # rounded to the layer's dtype on the way
         if bias is not None and total_b is not None:
             bias.copy_(total_b)
         self._applied[target] = tuple(c for _, c in items)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A flat fp32 buffer on `like`'s device with room for one update of its size,
+        reused by every merge (a fresh full-size tensor per update costs page faults)."""
+        buffer = self._buffer
+        if buffer is None or buffer.device != like.device or buffer.numel() < like.numel():
+            buffer = self._buffer = torch.empty(
+                like.numel(), dtype=torch.float32, device=like.device
+            )
+        return buffer
 
     def _lora_factors(
         self, key: tuple[str, int, int], group: Group[torch.Tensor], device: torch.device
