@@ -1,6 +1,7 @@
-"""The merge's fast paths: plain LoRAs summed as one product of their stacked factors,
-kept per stack, mixed with other kinds on one layer, on half-precision and channels-last
-weights; and the denoising loop running without autograd.
+"""The merge's fast path for plain LoRAs (factors kept per stack, one scratch buffer, an
+fp32 weight as its own sum): bit for bit the generic `module_delta` sum, mixed with other
+kinds on one layer, on half-precision and channels-last weights; and the denoising loop
+running without autograd.
 
 The oracle is test_lora's: its own float64 formulas on a copy of the base weights.
 """
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from pipelines.loading import LoadedModel, random_pipeline
+from pipelines.lora.files import read_lora_file
+from pipelines.lora.maths import add_lora, lora_factors, module_delta
 from pipelines.lora.stack import AdapterStack
 from pipelines.schema import GenerationRequest
 from pipelines.service import build_service
@@ -49,9 +52,34 @@ def assert_close_in(pipe: object, expected: Weights, rtol: float, atol: float) -
         torch.testing.assert_close(now[key], want, rtol=rtol, atol=atol, msg=str(key))
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_fast_path_is_bit_for_bit_the_generic_sum(
+    sd1: LoadedModel, tmp_path: Path, scratch: bool
+) -> None:
+    """base + module_delta(...) for each plain group, the way every merge summed before,
+    equals the fast path's in-place sum exactly (images depend on the last bit of a tiny
+    random model's weights)."""
+    keys = sd1_keys(SD1_MODULES)
+    state = make_kohya(sd1.pipe, SD1_MODULES, keys, seed=61, dtype=torch.float16)
+    parsed = read_lora_file(write(tmp_path / "a.safetensors", state))
+    plain = [g for g in parsed.groups.values() if lora_factors(g, torch.device("cpu"))]
+    assert len(plain) >= 5
+    for group in plain:
+        component, name = next(k for k, v in keys.items() if v == group.key)
+        base = getattr(sd1.pipe, component).get_submodule(name).weight.detach()
+        expected = base.clone()
+        expected += module_delta(group, base, -0.7)[0]
+        total = base.clone()
+        factors = lora_factors(group, torch.device("cpu"))
+        assert factors is not None
+        buffer = torch.full((total.numel() + 5,), float("nan")) if scratch else None
+        add_lora(total, group.key, factors, -0.7, buffer)
+        assert torch.equal(total, expected), group.key
+
+
 def test_plain_and_cp_lora_on_one_layer(sd1: LoadedModel, tmp_path: Path) -> None:
-    """A layer holding a plain LoRA (stacked product) and a CP LoCon (module_delta) of
-    two files gets both, and weight changes re-merge from the kept factors."""
+    """A layer holding a plain LoRA (fast path) and a CP LoCon (module_delta) of two
+    files gets both, and weight changes re-merge from the kept factors."""
     pipe = sd1.pipe
     base = snapshot(pipe)
     keys = sd1_keys(SD1_MODULES)
