@@ -116,10 +116,14 @@ def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU copy of a layer's tensor for its backup: in pinned memory when the tensor is
     on CUDA, so restores and merges copy it back without the host waiting for the
     device."""
-    if tensor.device.type != "cuda":
-        return tensor.detach().to("cpu", copy=True)
-    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return pinned.copy_(tensor.detach())
+    if tensor.device.type == "cuda":
+        try:
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: a plain copy, only slower
+            log.info("pinned memory refused; LoRA backups use pageable memory")
+        else:
+            return pinned.copy_(tensor.detach())
+    return tensor.detach().to("cpu", copy=True)
 
 
 Backup = tuple[torch.Tensor, torch.Tensor | None]
