@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,20 @@ def post(url: str, payload: dict) -> float:
     with urllib.request.urlopen(request, timeout=3600) as answer:
         answer.read()
     return time.perf_counter() - started
+
+
+def post_when_ready(url: str, payload: dict, limit: float = 1800) -> None:
+    """POST until the app stops answering 503 (the checkpoint still loading at start-up:
+    the app says so with `Retry-After`), for the untimed warm-up request."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            post(url, payload)
+            return
+        except urllib.error.HTTPError as error:
+            if error.code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(float(error.headers.get("Retry-After", 1)))
 
 
 def wait_for(
@@ -158,7 +173,7 @@ def timed_rows(base: str, pipe: Any, size: int, runs: int) -> list[dict]:
             "cfg_scale": 7,
             "seed": 1,
         }
-        post(f"{base}/txt2img", payload)  # warm-up: loads, merges, encodes
+        post_when_ready(f"{base}/txt2img", payload)  # warm-up: loads, merges, encodes
         plain()
         http_times, plain_times = [], []
         for index in range(runs):

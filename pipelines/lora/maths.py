@@ -95,6 +95,57 @@ def unit_delta(group: Group[torch.Tensor], shape: torch.Size, device: torch.devi
     return delta.reshape(shape) * scale
 
 
+PLAIN_LORA_PARTS = frozenset({"up", "down", "alpha", "scale"})
+"""The parts of a plain low-rank LoRA (no CP middle, no DoRA): its update is one product."""
+
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]
+"""(up [out, r], down [r, in*k*k], scale) in fp32: the update is scale * up @ down."""
+
+
+def lora_factors(group: Group[torch.Tensor], device: torch.device) -> LoraFactors | None:
+    """A plain LoRA's fp32 factors on `device` and its scale (`unit_delta`'s rules), so
+    the stack can keep them between merges; None for every other kind (they go through
+    `module_delta`)."""
+    if group.kind != "lora" or not set(group.parts) <= PLAIN_LORA_PARTS:
+        return None
+    up = _f32(group.parts["up"], device).flatten(1)
+    down = _f32(group.parts["down"], device).flatten(1)
+    if up.shape[1] != down.shape[0]:
+        return None  # mismatched ranks: `unit_delta` raises with its message
+    scale = _scalar(group.parts, "scale")
+    if scale is None:
+        alpha = _scalar(group.parts, "alpha")
+        rank = down.shape[0]
+        scale = alpha / rank if alpha is not None and rank else 1.0
+    return up, down, scale
+
+
+def add_lora(
+    total: torch.Tensor,
+    key: str,
+    factors: LoraFactors,
+    multiplier: float,
+    scratch: torch.Tensor | None = None,
+) -> None:
+    """`total += up @ down * scale * multiplier` in place, with `unit_delta` and
+    `module_delta`'s operations in their order (the same bits as adding their result),
+    the update built in `scratch` (a flat fp32 buffer of at least its size) when given.
+
+    Raises:
+        ValueError: the update does not have the layer's size.
+    """
+    up, down, scale = factors
+    shape = (up.shape[0], down.shape[1])
+    if shape[0] * shape[1] != total.numel():
+        raise ValueError(f"{key}: update has shape {shape}, layer {tuple(total.shape)}")
+    if scratch is None:
+        delta = up @ down
+    else:
+        delta = torch.mm(up, down, out=scratch[: total.numel()].view(shape))
+    delta.mul_(scale).mul_(multiplier)
+    total += delta.view(total.shape)  # the product laid over the layer, as unit_delta's reshape
+
+
 def _column_norm(weight: torch.Tensor) -> torch.Tensor:
     """Norm of each input column over all other axes, shaped (1, in, 1, ...)."""
     columns = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)

@@ -29,7 +29,8 @@ from pipelines.lora.coverage import (
     unet_region,
 )
 from pipelines.lora.files import LoraFileCache, ParsedLora
-from pipelines.lora.maths import module_delta
+from pipelines.lora.keys import Group
+from pipelines.lora.maths import LoraFactors, add_lora, lora_factors, module_delta
 from pipelines.lora.targets import Target, TargetIndex
 from pipelines.lora.weights import BlockWeights, layer_ratio
 
@@ -111,6 +112,20 @@ def stored_bias(module: torch.nn.Module) -> torch.Tensor | None:
     return stored_weight(module, "bias") if getattr(module, "bias", None) is not None else None
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of a layer's tensor for its backup: in pinned memory when the tensor is
+    on CUDA, so restores and merges copy it back without the host waiting for the
+    device."""
+    if tensor.device.type == "cuda":
+        try:
+            pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        except RuntimeError:  # no page-locked memory to be had: a plain copy, only slower
+            log.info("pinned memory refused; LoRA backups use pageable memory")
+        else:
+            return pinned.copy_(tensor.detach())
+    return tensor.detach().to("cpu", copy=True)
+
+
 Backup = tuple[torch.Tensor, torch.Tensor | None]
 """A layer's base weight and bias (None: no bias), on the CPU."""
 
@@ -163,6 +178,9 @@ class AdapterStack:
         self._resolutions: dict[tuple[tuple[str, int, int], str], Resolution] = {}
         self._entries: list[StackEntry] = []  # the stack last applied, with its weights now
         self._slots: dict[Target, list[_Slot]] = {}  # its groups on each layer, in order
+        # plain LoRA groups' fp32 factors on the device, for the files of the last plan
+        self._factors: dict[tuple[tuple[str, int, int], str, str], LoraFactors | None] = {}
+        self._buffer: torch.Tensor | None = None  # scratch for one update (`_scratch`)
 
     # -- public
 
@@ -210,6 +228,8 @@ class AdapterStack:
         entries = [_entry(item) for item in stack]
         plan = self._plan(entries)  # 1. validate every file before touching any weight
         self._entries, self._slots = entries, plan.slots
+        files = {slot.key for slots in plan.slots.values() for slot in slots}
+        self._factors = {k: v for k, v in self._factors.items() if k[0] in files}
         changed = 0
         with torch.no_grad():
             for target in [t for t in self._applied if t not in plan.slots]:  # 2. untouched
@@ -313,7 +333,7 @@ class AdapterStack:
             for target in list(self._applied):
                 self._restore_layer(target)
         self._backup.clear()
-        self._entries, self._slots = [], {}
+        self._entries, self._slots, self._factors, self._buffer = [], {}, {}, None
 
     @property
     def applied_layers(self) -> int:
@@ -420,16 +440,22 @@ class AdapterStack:
         module = self.index.modules[target]
         weight, bias = stored_weight(module), stored_bias(module)
         base_weight, base_bias = self._backup[target]
-        weight.copy_(base_weight.to(weight.device))
+        weight.copy_(base_weight, non_blocking=True)  # async from a pinned backup
         if bias is not None and base_bias is not None:
-            bias.copy_(base_bias.to(bias.device))
+            bias.copy_(base_bias, non_blocking=True)
         self._applied.pop(target, None)
 
     def _merge_layer(self, target: Target, items: list[tuple[ParsedLora, Contribution]]) -> None:
+        """weight = base + each contribution in stack order, summed in fp32 on the layer's
+        device, with the same operations (so the same bits) as building each update with
+        `module_delta`. What a merge avoids: converting and copying a plain LoRA's
+        factors (kept for the stack), a full-size allocation per update (one scratch
+        buffer), the fp32 sum's own copy (an fp32 weight is the sum), and host waits on
+        copies to the device (pinned backups on CUDA)."""
         module = self.index.modules[target]
         weight, bias = stored_weight(module), stored_bias(module)
         if target not in self._backup:
-            self._backup[target] = (weight.detach().to("cpu", copy=True), None)
+            self._backup[target] = (host_copy(weight), None)
         self._backup.move_to_end(target)
         base_weight, base_bias = self._backup[target]
         touches_bias = any(
@@ -438,21 +464,54 @@ class AdapterStack:
         )
         if touches_bias and bias is not None and base_bias is None:
             # the bias is still the base one: only a backed-up bias is ever changed
-            base_bias = bias.detach().to("cpu", copy=True)
+            base_bias = host_copy(bias)
             self._backup[target] = (base_weight, base_bias)
-        base = base_weight.to(device=weight.device, dtype=torch.float32)
-        total = base.clone()
-        base_b = None if base_bias is None else base_bias.to(weight.device, torch.float32)
+        device = weight.device
+        # fp32 base on the device (the backup itself when it is one already: read only)
+        base = base_weight.to(device, non_blocking=True).to(torch.float32)
+        in_place = weight.dtype == torch.float32 and not touches_bias
+        total = weight.copy_(base) if in_place else base.clone()
+        base_b = None
+        if base_bias is not None:
+            base_b = base_bias.to(device, non_blocking=True).to(torch.float32)
         total_b = None if base_b is None else base_b.clone()
         try:
-            for parsed, (_key, group_key, multiplier) in items:
-                delta, bias_delta = module_delta(parsed.groups[group_key], base, multiplier, base_b)
+            for parsed, (key, group_key, multiplier) in items:
+                group = parsed.groups[group_key]
+                factors = self._lora_factors(key, group, device)
+                if factors is not None:
+                    add_lora(total, group.key, factors, multiplier, self._scratch(total))
+                    continue
+                delta, bias_delta = module_delta(group, base, multiplier, base_b)
                 total += delta
                 if bias_delta is not None and total_b is not None:
                     total_b += bias_delta
         except ValueError as error:
+            if in_place:  # half-merged: back to base, as a layer no stack touches
+                self._restore_layer(target)
             raise UnusableFileError(f"{parsed.source}: {error}", field="loras") from error
-        weight.copy_(total.to(weight.dtype))
+        if not in_place:
+            weight.copy_(total)  # rounded to the layer's dtype on the way
         if bias is not None and total_b is not None:
-            bias.copy_(total_b.to(bias.dtype))
+            bias.copy_(total_b)
         self._applied[target] = tuple(c for _, c in items)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A flat fp32 buffer on `like`'s device with room for one update of its size,
+        reused by every merge (a fresh full-size tensor per update costs page faults)."""
+        buffer = self._buffer
+        if buffer is None or buffer.device != like.device or buffer.numel() < like.numel():
+            buffer = self._buffer = torch.empty(
+                like.numel(), dtype=torch.float32, device=like.device
+            )
+        return buffer
+
+    def _lora_factors(
+        self, key: tuple[str, int, int], group: Group[torch.Tensor], device: torch.device
+    ) -> LoraFactors | None:
+        """A plain LoRA group's fp32 factors on `device`, converted and copied once per
+        stack (a weight change re-merges from them), None for other kinds."""
+        slot = (key, group.key, str(device))
+        if slot not in self._factors:
+            self._factors[slot] = lora_factors(group, device)
+        return self._factors[slot]
