@@ -20,6 +20,7 @@ REFERENCE_SAMPLERS = (
     "DPM++ 2M",
     "DPM++ 2M SDE",
     "DPM++ 2M SDE Heun",
+    "DPM++ 2S a",
     "DPM++ 3M SDE",
     "Euler a",
     "Euler",
@@ -31,6 +32,9 @@ REFERENCE_SAMPLERS = (
     "PLMS",
     "UniPC",
 )
+"""The samplers as recorded, in order: each case's seed is 1000 + its index here."""
+NOT_COMPARED = {"DPM++ 2S a"}
+"""Recorded, but now another method by design (see the module docstring)."""
 
 
 def reference_cases() -> Iterator[tuple[str, GenerationRequest]]:
@@ -45,8 +49,9 @@ def reference_cases() -> Iterator[tuple[str, GenerationRequest]]:
         cfg_scale=6.5,
         checkpoint="tiny-sd1",
     )
-    for index, sampler in enumerate(REFERENCE_SAMPLERS):
-        yield sampler, _with(base, sampler_name=sampler, seed=1000 + index)
+    for index, sampler in enumerate(REFERENCE_SAMPLERS):  # seeds as recorded: by index
+        if sampler not in NOT_COMPARED:
+            yield sampler, _with(base, sampler_name=sampler, seed=1000 + index)
     yield "lora", _with(base, seed=7, loras=(LoraSpec("ink", 0.8),))
     yield "lora-tag", _with(base, seed=8, prompt="a red house <lora:ink:1.3:0.5>")
     yield "clip-skip-2", _with(base, seed=9, clip_skip=2)

@@ -340,7 +340,7 @@ def start_generate(
     page: gr.Blocks, request: gr.Request, loras: list | None = None, steps: int = 1
 ) -> Any:
     values = ["a tower", "", steps, 7.0, "Euler", "Automatic", 3, 64, 64, 1, 1, 1]
-    extra = [-1, 0.0, 0, 0, False, "CPU"]  # subseed, strength, resize w/h, tiling, source
+    extra = [-1, 0.0, 0, 0, False, "CPU", 0]  # subseed, strength, resize w/h, tiling, source, ENSD
     callback = generate_event(page)
     return callback(
         *values,
