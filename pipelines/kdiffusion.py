@@ -66,6 +66,17 @@ class A1111LadderScheduler(SchedulerMixin, ConfigMixin):
     _compatibles: list[Any] = []
     table: SigmaTable
 
+    def _start_from_config(self, sampler: str) -> None:
+        """Check the config's schedule and prediction type (naming `sampler`), then build the
+        sigma table from its betas: what each subclass's `__init__` does after diffusers'
+        `register_to_config` has recorded its arguments."""
+        schedule, prediction = self.config.schedule, self.config.prediction_type
+        if schedule not in LADDERS:
+            raise ValueError(f"unknown schedule {schedule!r}; one of {sorted(LADDERS)}")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"{sampler} cannot sample a {prediction!r} model")
+        self._start(SigmaTable(alphas_cumprod_from_config(self.config)))
+
     def _start(self, table: SigmaTable) -> None:
         self.table = table
         self.num_inference_steps: int | None = None
@@ -182,11 +193,7 @@ class A1111EulerAncestralScheduler(A1111LadderScheduler):
         eta: float = 1.0,
         s_noise: float = 1.0,
     ) -> None:
-        if schedule not in LADDERS:
-            raise ValueError(f"unknown schedule {schedule!r}; one of {sorted(LADDERS)}")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"Euler a cannot sample a {prediction_type!r} model")
-        self._start(SigmaTable(alphas_cumprod_from_config(self.config)))
+        self._start_from_config("Euler a")
 
     def step(
         self,
@@ -252,11 +259,7 @@ class A1111DPMPP2SAncestralScheduler(A1111LadderScheduler):
         eta: float = 1.0,
         s_noise: float = 1.0,
     ) -> None:
-        if schedule not in LADDERS:
-            raise ValueError(f"unknown schedule {schedule!r}; one of {sorted(LADDERS)}")
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"DPM++ 2S a cannot sample a {prediction_type!r} model")
-        self._start(SigmaTable(alphas_cumprod_from_config(self.config)))
+        self._start_from_config("DPM++ 2S a")
         self._lay_out(self.sigmas)
 
     def set_timesteps(
