@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from pipelines.controlnet.ipadapter import (
+    HIDDEN_STATES,
     AdapterTokens,
     clip_pixels,
     cross_attention_names,
@@ -99,6 +100,32 @@ def tiny_plus(unet: Any, seed: int, embed: int = 32) -> dict[str, torch.Tensor]:
     return {**proj, **layers}
 
 
+def tiny_full(unet: Any, seed: int, embed: int = 32) -> dict[str, torch.Tensor]:
+    """An IP-Adapter Full-face for `unet` in the published key layout
+    (`ip-adapter-full-face_sd15`: `MLPProjModel`, Linear(1280, 1280), GELU, Linear(1280, 768),
+    LayerNorm(768); here hidden states of `embed`), random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    width = int(unet.config.cross_attention_dim)
+
+    def rand(*shape: int, scale: float = 0.3) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) * scale
+
+    proj = {
+        "image_proj.proj.0.weight": rand(embed, embed),
+        "image_proj.proj.0.bias": rand(embed, scale=0.1),
+        "image_proj.proj.2.weight": rand(width, embed),
+        "image_proj.proj.2.bias": rand(width, scale=0.1),
+        "image_proj.proj.3.weight": 1 + rand(width, scale=0.1),
+        "image_proj.proj.3.bias": rand(width, scale=0.1),
+    }
+    layers = {k: v for k, v in tiny_ipadapter(unet, seed).items() if k.startswith("ip_adapter.")}
+    return {**proj, **layers}
+
+
+def image_proj_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_")}
+
+
 def tiny_encoder(folder: Path) -> None:
     """A CLIP vision model with projection (transformers layout), seeded."""
     torch.manual_seed(0)
@@ -143,8 +170,10 @@ def ip_dir(
         "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 8),
     }
     save_file(faceid, root / "ControlNet" / "tiny-ip-faceid.safetensors")
-    full_face = {**faceid, "image_proj.proj.0.weight": torch.zeros(16, 16)}
-    save_file(full_face, root / "ControlNet" / "tiny-ip-full-face.safetensors")
+    full = tiny_full(tiny_sd1.pipe.unet, 6)
+    save_file(full, root / "ControlNet" / "tiny-ip-full-face.safetensors")
+    no_norm = {k: v for k, v in full.items() if not k.startswith("image_proj.proj.3.b")}
+    save_file(no_norm, root / "ControlNet" / "tiny-ip-full-face-broken.safetensors")
     tiny_encoder(root / "clip_vision" / "tiny-clip-h")
     return root
 
@@ -183,7 +212,9 @@ def test_listing_usable_and_why_not(service: Service) -> None:
     assert listed["tiny-ip-plus.safetensors"].error is None
     assert "Plus" in (listed["tiny-ip-plus-broken.safetensors"].error or "")
     assert "insightface" in (listed["tiny-ip-faceid.safetensors"].error or "")
-    assert "Full-face" in (listed["tiny-ip-full-face.safetensors"].error or "")
+    assert listed["tiny-ip-full-face.safetensors"].error is None
+    broken = listed["tiny-ip-full-face-broken.safetensors"].error or ""
+    assert "Full-face" in broken and "image_proj.proj.3.bias missing" in broken
     with pytest.raises(LorastackError, match="projection_dim 24") as refused:
         service.generate(request(ip_unit(model="tiny-ip-wide")))
     assert refused.value.field == "controlnet[0].model"
@@ -300,11 +331,8 @@ def test_plus_projection_equals_diffusers_resampler(
     stat = path.stat()
     entry = ControlNetEntry(path.name, path, stat.st_size, stat.st_mtime_ns)
     adapter = load_ipadapter(entry, unet)
-    assert adapter.plus and adapter.tokens == TOKENS
-    published = tiny_plus(unet, seed)
-    image_proj = {
-        k.removeprefix("image_proj."): v for k, v in published.items() if k.startswith("image_")
-    }
+    assert adapter.reads == HIDDEN_STATES and adapter.tokens == TOKENS
+    image_proj = image_proj_of(tiny_plus(unet, seed))
     oracle = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
     assert type(oracle).__name__ == "IPAdapterPlusImageProjection"
     hidden = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
@@ -327,17 +355,21 @@ def test_plus_unit_changes_the_image_and_weight_zero_does_not(service: Service) 
     assert "Model: tiny-ip-plus [" in made.infotexts[0]
 
 
-def test_plus_tokens_come_from_the_penultimate_hidden_states(
-    service: Service, tiny_sd1: LoadedModel, ip_dir: Path
+@pytest.mark.parametrize(
+    ("name", "make", "seed"), [("tiny-ip-plus", tiny_plus, 4), ("tiny-ip-full-face", tiny_full, 6)]
+)
+def test_tokens_come_from_the_penultimate_hidden_states(
+    service: Service, tiny_sd1: LoadedModel, ip_dir: Path, name: str, make: Any, seed: int
 ) -> None:
-    """A Plus unit's tokens: diffusers' projection of the encoder's hidden_states[-2] for
-    the image (cond) and for an all-zero input (uncond), as sd-webui-controlnet feeds it."""
+    """A Plus or Full-face unit's tokens: diffusers' projection of the encoder's
+    hidden_states[-2] for the image (cond) and for an all-zero input (uncond), as
+    sd-webui-controlnet feeds them (it runs both kinds as "plus" models)."""
     unet = tiny_sd1.pipe.unet
-    entry = service.folders.resolve("controlnet", "tiny-ip-plus")
+    entry = service.folders.resolve("controlnet", name)
     source = np.asarray(control_image())
     prepared = prepare_adapter(
         0,
-        ip_unit(model="tiny-ip-plus"),
+        ip_unit(model=name),
         entry,
         find_preprocessor("ip-adapter_clip_sd15"),
         source,
@@ -349,11 +381,7 @@ def test_plus_tokens_come_from_the_penultimate_hidden_states(
     encoder = CLIPVisionModelWithProjection.from_pretrained(
         ip_dir / "clip_vision" / "tiny-clip-h", local_files_only=True
     ).eval()
-    image_proj = {
-        k.removeprefix("image_proj."): v
-        for k, v in tiny_plus(unet, 4).items()
-        if k.startswith("image_proj.")
-    }
+    image_proj = image_proj_of(make(unet, seed))
     oracle = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
     pixel_values = clip_pixels(source, 32)
     with torch.no_grad():
@@ -366,3 +394,35 @@ def test_plus_tokens_come_from_the_penultimate_hidden_states(
     torch.testing.assert_close(prepared.cond.float(), cond, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(prepared.uncond.float(), uncond, rtol=1e-4, atol=1e-5)
     assert (prepared.cond.float() - last).abs().max() > 1e-3  # the layer matters
+
+
+def test_full_face_projection_equals_diffusers_mlp(tiny_sd1: LoadedModel, ip_dir: Path) -> None:
+    """Our Full-face projection on the published keys equals diffusers'
+    IPAdapterFullImageProjection built by diffusers' own converter from the same weights."""
+    unet = tiny_sd1.pipe.unet
+    path = ip_dir / "ControlNet" / "tiny-ip-full-face.safetensors"
+    stat = path.stat()
+    entry = ControlNetEntry(path.name, path, stat.st_size, stat.st_mtime_ns)
+    adapter = load_ipadapter(entry, unet)
+    assert adapter.reads == HIDDEN_STATES and adapter.tokens is None
+    image_proj = image_proj_of(tiny_full(unet, 6))
+    oracle = unet._convert_ip_adapter_image_proj_to_diffusers(image_proj, low_cpu_mem_usage=False)
+    assert type(oracle).__name__ == "IPAdapterFullImageProjection"
+    hidden = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        made, expected = adapter.projection(hidden), oracle.eval()(hidden)
+    assert made.shape == (2, 17, int(unet.config.cross_attention_dim))  # a token per state
+    torch.testing.assert_close(made, expected, rtol=1e-4, atol=1e-5)
+    assert made.std() > 0.1
+
+
+def test_full_face_unit_changes_the_image_and_weight_zero_does_not(service: Service) -> None:
+    alone = service.generate(request())
+    full = {"model": "tiny-ip-full-face"}
+    made = service.generate(request(ip_unit(**full)))
+    assert np.abs(pixels(made) - pixels(alone)).mean() > 1
+    other = service.generate(request(ip_unit(image=control_image(seed=7), **full)))
+    assert not np.array_equal(pixels(other), pixels(made))  # the image matters
+    zero = service.generate(request(ip_unit(weight=0.0, **full)))
+    assert np.array_equal(pixels(zero), pixels(alone))
+    assert "Module: ip-adapter_clip_sd15, Model: tiny-ip-full-face [" in made.infotexts[0]

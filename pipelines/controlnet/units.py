@@ -48,6 +48,7 @@ from PIL import Image
 
 from pipelines.controlnet.annotators import Annotators
 from pipelines.controlnet.ipadapter import (
+    HIDDEN_STATES,
     AdapterTokens,
     IPAdapter,
     clip_pixels,
@@ -578,7 +579,7 @@ def prepare_adapter(
     with torch.no_grad():
         pixels = clip_pixels(source, encoder.image_size).to(device)
         projection = adapter.projection.to(device)
-        if adapter.plus:  # the penultimate hidden states, of the image and of zeros
+        if adapter.reads == HIDDEN_STATES:  # the penultimate hidden states, of image and zeros
             hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
             zeros = torch.zeros_like(pixels)
             blank = model(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
