@@ -25,9 +25,16 @@ attention itself is diffusers' `IPAdapterAttnProcessor2_0`; it is installed only
 steps a run's units act in and the previous processors are put back after, so LoRAs
 (merged into the same layers' weights) and runs without units are untouched.
 
-FaceID adapters (insightface face embeddings) are listed unusable with the reason
-(`pipelines.folders.controlnets`). `control_mode` has no effect on an IP-Adapter unit, as in
-sd-webui-controlnet (it scales ControlNet residuals, which an IP-Adapter has none of).
+A FaceID adapter (`image_proj.proj.0/2` and `norm`, `ip-adapter-faceid_sd15`) has no image
+encoder: the `ip-adapter_face_id` module gives it insightface's face embedding of the image
+(`pipelines.controlnet.faceid`, optional), which its MLP (`FaceProjection`) maps to 4
+tokens; the uncond rows get a zero embedding's, as sd-webui-controlnet passes. Its LoRA
+(`ip-adapter-faceid_sd15_lora`) is an ordinary LoRA in `loras/`, added to the prompt as
+sd-webui-controlnet's users do (`<lora:ip-adapter-faceid_sd15_lora:0.6>`). FaceID Plus is
+listed unusable with the reason (`pipelines.folders.controlnets`).
+
+`control_mode` has no effect on an IP-Adapter unit, as in sd-webui-controlnet (it scales
+ControlNet residuals, which an IP-Adapter has none of).
 """
 
 from __future__ import annotations
@@ -116,6 +123,11 @@ def embed_dim(entry: ControlNetEntry) -> tuple[str, int]:
     if first is not None:
         return "hidden_size", int(tensors[first].shape[1])
     return "projection_dim", int(tensors["image_proj.proj.weight"].shape[1])
+
+
+def adapter_kind(entry: ControlNetEntry) -> str:
+    """The IP-Adapter kind of a listed file (`ipadapter_kind`), from its header."""
+    return ipadapter_kind(read_safetensors_header(entry.path).tensors)
 
 
 def find_encoder(entry: ControlNetEntry, roots: Sequence[Path], hint: str | None) -> Encoder:
@@ -267,8 +279,34 @@ class MLPProjection(torch.nn.Module):
         return self.proj(features)
 
 
+class FaceProjection(torch.nn.Module):
+    """A FaceID adapter's `image_proj` (IP-Adapter's `MLPProjModel` of `ip_adapter_faceid`,
+    published key names `proj.0/2`, `norm`): the face embedding through Linear, GELU, Linear
+    to `tokens` x the UNet's cross-attention width, each token layer-normed.
+    [B, 512] -> [B, tokens, width]."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        inner, embed = state["proj.0.weight"].shape
+        output = state["proj.2.weight"].shape[0]
+        self.width = state["norm.weight"].shape[0]
+        self.proj = torch.nn.Sequential(
+            torch.nn.Linear(embed, inner),
+            torch.nn.GELU(),
+            torch.nn.Linear(inner, output),
+        )
+        self.norm = torch.nn.LayerNorm(self.width)
+        self.load_state_dict(state)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        # [B, tokens * width] -> [B, tokens, width]
+        tokens = self.proj(embedding).reshape(embedding.shape[0], -1, self.width)
+        return self.norm(tokens)
+
+
 IMAGE_EMBEDS = "image_embeds"
 HIDDEN_STATES = "hidden_states"
+FACE_EMBEDDING = "face_embedding"
 
 
 @dataclass
@@ -279,7 +317,8 @@ class IPAdapter:
     projection: Any  # diffusers ImageProjection, a Resampler or an MLPProjection
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (to_k_ip, to_v_ip) per attn2
     tokens: int | None  # None: one per hidden state of the encoder (Full-face)
-    reads: str = IMAGE_EMBEDS  # or HIDDEN_STATES: the encoder's penultimate hidden states
+    reads: str = IMAGE_EMBEDS  # HIDDEN_STATES: the encoder's penultimate hidden states;
+    # FACE_EMBEDDING: insightface's (FaceID, no image encoder)
 
 
 def cross_attention_names(unet: Any) -> list[str]:
@@ -300,7 +339,12 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
         if key.startswith("image_proj.")
     }
     kind = ipadapter_kind(state)
-    output = {"plain": "proj.weight", "plus": "proj_out.weight", "full": "proj.2.weight"}
+    output = {
+        "plain": "proj.weight",
+        "plus": "proj_out.weight",
+        "full": "proj.2.weight",
+        "faceid": "proj.2.weight",
+    }
     if kind not in output:
         raise UnusableFileError(f"{label}: an IP-Adapter {kind}, not run here", field="controlnet")
     proj = image_proj[output[kind]]
@@ -327,7 +371,7 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
                 f"vs to_k {expected} (an IP-Adapter for another model family)",
                 field="controlnet",
             )
-    if proj.shape[0] % width or (kind != "plain" and proj.shape[0] != width):
+    if proj.shape[0] % width or (kind in ("plus", "full") and proj.shape[0] != width):
         raise UnusableFileError(
             f"{label}: its projection width {proj.shape[0]} does not give tokens of the "
             f"model's cross-attention width {width}",
@@ -340,6 +384,9 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
             tokens = int(image_proj["latents"].shape[1])
         elif kind == "full":
             projection = MLPProjection(image_proj)
+        elif kind == "faceid":
+            projection = FaceProjection(image_proj)
+            tokens = proj.shape[0] // width
         else:
             tokens = proj.shape[0] // width
             projection = ImageProjection(
@@ -356,7 +403,7 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
             field="controlnet",
         ) from error
     layers = [(k.float(), v.float()) for k, v in layers]
-    reads = IMAGE_EMBEDS if kind == "plain" else HIDDEN_STATES
+    reads = {"plain": IMAGE_EMBEDS, "faceid": FACE_EMBEDDING}.get(kind, HIDDEN_STATES)
     return IPAdapter(projection.eval(), layers, tokens, reads)
 
 

@@ -8,9 +8,9 @@ at offset 1 MiB), cheap enough to compute while scanning.
 
 What is usable: ControlNets in the original (LDM, `input_hint_block.*`, with or without the
 `control_model.` prefix) or the diffusers layout (`controlnet_cond_embedding.*`), for SD1,
-SD2 and SDXL, and plain, Plus and Full-face IP-Adapters (layout "ipadapter",
+SD2 and SDXL, and plain, Plus, Full-face and FaceID IP-Adapters (layout "ipadapter",
 `pipelines.controlnet.ipadapter`). Files sd-webui-controlnet also runs but this project does
-not (Control-LoRA, ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter FaceID,
+not (Control-LoRA, ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter FaceID Plus,
 difference ControlNets, SparseCtrl) are listed with the reason they are
 unusable, so a request naming one gets that reason rather than "unknown model". The family
 comes from the header (SDXL: an `add_embedding` / `label_emb`; SD2: cross-attention width
@@ -181,20 +181,16 @@ def ipadapter_kind(keys: Collection[str]) -> str:
 
 
 def _ipadapter(name: str, keys: Mapping[str, tuple[int, ...]]) -> ControlNetFacts:
-    """A plain, Plus or Full-face IP-Adapter with all of its projection's tensors is usable;
-    its family comes from the width its image keys take (the UNet's cross-attention width).
-    FaceID (insightface embeddings) is not."""
+    """A plain, Plus, Full-face or FaceID IP-Adapter with all of its projection's tensors is
+    usable (FaceID also needs insightface, judged when listing); its family comes from the
+    width its image keys take (the UNet's cross-attention width). FaceID Plus (insightface
+    embeddings and CLIP hidden states together) is not."""
     kind = ipadapter_kind(keys)
     if kind == "faceid_plus":
         return ControlNetFacts(
             error=f"{name}: an IP-Adapter FaceID Plus: it reads insightface face embeddings "
             "and CLIP hidden states together, which lorastack does not run (it runs plain "
             "FaceID, Full-face, Plus and plain IP-Adapters)"
-        )
-    if kind == "faceid":
-        return ControlNetFacts(
-            error=f"{name}: an IP-Adapter FaceID: it reads insightface face embeddings "
-            "(the insightface package and its buffalo_l models), which lorastack does not run"
         )
     label = {"plain": "", "plus": " Plus", "full": " Full-face", "faceid": " FaceID"}[kind]
     wanted = [f"image_proj.{part}" for part in IPADAPTER_KINDS[kind]]
