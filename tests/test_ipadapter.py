@@ -240,6 +240,12 @@ def ip_dir(
     save_file(faceid, root / "ControlNet" / "tiny-ip-faceid.safetensors")
     no_bias = {k: v for k, v in faceid.items() if k != "image_proj.proj.2.bias"}
     save_file(no_bias, root / "ControlNet" / "tiny-ip-faceid-broken.safetensors")
+    published = {  # h94's `.bin` form: two dicts; FaceID's also holds its LoRA's layers
+        part: {k.removeprefix(f"{part}."): v for k, v in faceid.items() if k.startswith(part)}
+        for part in ("image_proj", "ip_adapter")
+    }
+    published["ip_adapter"]["0.to_q_lora.down.weight"] = torch.zeros(4, 8)
+    torch.save(published, root / "ControlNet" / "tiny-ip-faceid-published.bin")
     plus_faceid = {**faceid, "image_proj.perceiver_resampler.proj_in.weight": torch.zeros(8, 8)}
     save_file(plus_faceid, root / "ControlNet" / "tiny-ip-faceid-plus.safetensors")
     pack = root.joinpath("ControlNet", "annotators", *FACE_FOLDER)
@@ -604,3 +610,16 @@ def test_faceid_and_clip_modules_must_pair(service: Service) -> None:
     with pytest.raises(LorastackError, match="an ip-adapter_clip_. module") as refused:
         service.generate(request(ip_unit(module="ip-adapter_face_id")))
     assert refused.value.field == "controlnet[0].module"
+
+
+def test_faceid_published_as_a_pickle_runs_as_its_safetensors_form(service: Service) -> None:
+    """h94 publishes FaceID adapters as `.bin` pickles of two dicts: read with weights_only
+    when a unit first names one with an IP-Adapter module, then listed as what it is."""
+    listed = {e.relpath: e for e in service.controlnet_models()}
+    assert listed["tiny-ip-faceid-published.bin"].layout is None  # not read at scan
+    face = {"module": "ip-adapter_face_id"}
+    from_pickle = service.generate(request(ip_unit(model="tiny-ip-faceid-published", **face)))
+    from_safetensors = service.generate(request(ip_unit(model="tiny-ip-faceid", **face)))
+    assert np.array_equal(pixels(from_pickle), pixels(from_safetensors))
+    learnt = {e.relpath: e for e in service.controlnet_models()}["tiny-ip-faceid-published.bin"]
+    assert learnt.layout == "ipadapter" and learnt.error is None

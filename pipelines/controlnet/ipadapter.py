@@ -51,8 +51,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import UnusableFileError
-from pipelines.folders.controlnets import ControlNetEntry, ipadapter_kind
-from pipelines.safeload import load_state_dict, read_safetensors_header
+from pipelines.folders.controlnets import ControlNetEntry, file_shapes, file_state, ipadapter_kind
 
 CLIP_VISION_SUBFOLDER = "clip_vision"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -118,16 +117,16 @@ def embed_dim(entry: ControlNetEntry) -> tuple[str, int]:
     """What of the encoder the adapter reads and its width: a plain adapter's projection
     takes the image embedding (`projection_dim`), a Plus adapter's resampler and a
     Full-face adapter's MLP the hidden states (`hidden_size`)."""
-    tensors = read_safetensors_header(entry.path).tensors
-    first = HIDDEN_INPUT.get(ipadapter_kind(tensors))
+    shapes = file_shapes(entry)
+    first = HIDDEN_INPUT.get(ipadapter_kind(shapes))
     if first is not None:
-        return "hidden_size", int(tensors[first].shape[1])
-    return "projection_dim", int(tensors["image_proj.proj.weight"].shape[1])
+        return "hidden_size", int(shapes[first][1])
+    return "projection_dim", int(shapes["image_proj.proj.weight"][1])
 
 
 def adapter_kind(entry: ControlNetEntry) -> str:
-    """The IP-Adapter kind of a listed file (`ipadapter_kind`), from its header."""
-    return ipadapter_kind(read_safetensors_header(entry.path).tensors)
+    """The IP-Adapter kind of a listed file (`ipadapter_kind`), from its tensor names."""
+    return ipadapter_kind(file_shapes(entry))
 
 
 def find_encoder(entry: ControlNetEntry, roots: Sequence[Path], hint: str | None) -> Encoder:
@@ -332,7 +331,7 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
     from diffusers.models.embeddings import ImageProjection
 
     label = f"IP-Adapter '{entry.title}'"
-    state = load_state_dict(entry.path)
+    state = file_state(entry.path)
     image_proj = {
         key.removeprefix("image_proj."): value.float()
         for key, value in state.items()

@@ -71,7 +71,12 @@ from pipelines.controlnet.preprocessors import (
     pixel_perfect_resolution,
 )
 from pipelines.errors import InvalidRequestError, LorastackError, UnusableFileError
-from pipelines.folders.controlnets import IPADAPTER_LAYOUT, ControlNetEntry
+from pipelines.folders.controlnets import (
+    IPADAPTER_LAYOUT,
+    ControlNetEntry,
+    facts_from_shapes,
+    file_shapes,
+)
 from pipelines.folders.registry import ModelFolders
 from pipelines.imageops import resize_image
 from pipelines.schema import CONTROL_RESIZE_MODES, ControlNetUnit, GenerationRequest
@@ -119,7 +124,7 @@ def check_unit_names(
     checked = []
     for index, unit in enumerate(units):
         preprocessor = annotators.find(unit.module, unit_field(index, "module"))
-        entry = resolve_model(folders, unit.model, index)
+        entry = unit_model(folders, unit.model, index, preprocessor)
         check_pairing(index, preprocessor, entry)
         if entry.layout == IPADAPTER_LAYOUT:
             adapter_encoder(folders, entry, preprocessor, index, annotators)
@@ -226,6 +231,29 @@ def resolve_model(folders: ModelFolders, name: str, index: int) -> ControlNetEnt
     except LorastackError as error:  # unknown (404) or ambiguous: name the unit's field
         rename(error, where)
         raise
+    if entry.error:
+        raise UnusableFileError(f"{where}: {entry.error}", field=where)
+    return entry
+
+
+def unit_model(
+    folders: ModelFolders, name: str, index: int, preprocessor: Preprocessor
+) -> ControlNetEntry:
+    """A unit's model (`resolve_model`); a pickle not read yet is read now when the module
+    is an IP-Adapter's (h94 publishes FaceID adapters as `.bin`), so the unit is run as
+    what the file is and the listing learns it."""
+    entry = resolve_model(folders, name, index)
+    if entry.layout is not None or entry.kind != "single" or preprocessor.encoder is None:
+        return entry
+    where = unit_field(index, "model")
+    try:
+        facts = facts_from_shapes(entry.path.name, file_shapes(entry))
+    except UnusableFileError as error:
+        rename(error, where)
+        raise
+    entry = folders.learn(
+        "controlnet", entry, layout=facts.layout, family=facts.family, error=facts.error
+    )
     if entry.error:
         raise UnusableFileError(f"{where}: {entry.error}", field=where)
     return entry
@@ -434,7 +462,7 @@ class ControlUnits:
         adapters = []
         for index, unit in enumerate(request.controlnet):
             preprocessor = annotators.find(unit.module, unit_field(index, "module"))
-            entry = resolve_model(folders, unit.model, index)
+            entry = unit_model(folders, unit.model, index, preprocessor)
             check_pairing(index, preprocessor, entry)
             source = unit_source(unit, init)
             if source is None:

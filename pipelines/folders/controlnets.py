@@ -27,11 +27,13 @@ import os
 import stat as stat_kinds
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import UnusableFileError
 from pipelines.folders.hashing import HashCache
-from pipelines.safeload import read_safetensors_header
+from pipelines.safeload import load_pickle, load_state_dict, read_safetensors_header
 
 CONTROLNET_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 CONTROLNET_SUBFOLDER = "ControlNet"
@@ -204,6 +206,43 @@ def _ipadapter(name: str, keys: Mapping[str, tuple[int, ...]]) -> ControlNetFact
             f"({', '.join(missing)} missing or not a matrix)"
         )
     return ControlNetFacts(layout=IPADAPTER_LAYOUT, family=FAMILY_WIDTHS.get(key[1]))
+
+
+ADAPTER_PARTS = ("image_proj", "ip_adapter")
+"""The two dicts of an IP-Adapter pickle (h94's `.bin` files, FaceID's among them)."""
+
+
+def file_state(path: Path) -> dict[str, Any]:
+    """A single file's tensors by name (`safeload.load_state_dict`); an IP-Adapter pickle's
+    two dicts (`{"image_proj": {...}, "ip_adapter": {...}}`, which that drops) flattened
+    to the `image_proj.*`, `ip_adapter.*` keys its safetensors form has."""
+    state = load_state_dict(path)
+    if state or path.suffix.lower() == ".safetensors":
+        return state
+    loaded = load_pickle(path)
+    if not isinstance(loaded, dict) or not all(
+        isinstance(loaded.get(part), dict) for part in ADAPTER_PARTS
+    ):
+        return state
+    return {
+        f"{part}.{key}": value
+        for part in ADAPTER_PARTS
+        for key, value in loaded[part].items()
+        if isinstance(key, str) and hasattr(value, "shape")
+    }
+
+
+@lru_cache(maxsize=64)
+def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in file_state(Path(path)).items()}
+
+
+def file_shapes(entry: ControlNetEntry) -> dict[str, tuple[int, ...]]:
+    """A listed single file's tensor shapes: the safetensors header, or a pickle read with
+    `weights_only` (mapped, not copied), once per file version."""
+    if entry.path.suffix.lower() == ".safetensors":
+        return {k: v.shape for k, v in read_safetensors_header(entry.path).tensors.items()}
+    return _pickle_shapes(str(entry.path), entry.size, entry.mtime_ns)
 
 
 def _family(keys: Mapping[str, tuple[int, ...]], sdxl: bool) -> str | None:
