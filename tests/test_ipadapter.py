@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -41,7 +42,7 @@ from pipelines.controlnet.models import ControlNetCache
 from pipelines.controlnet.preprocessors import find_preprocessor
 from pipelines.controlnet.units import listed_models, prepare_adapter
 from pipelines.engine import Engine
-from pipelines.errors import LorastackError
+from pipelines.errors import InvalidRequestError, LorastackError
 from pipelines.folders.controlnets import ControlNetEntry
 from pipelines.loading import LoadedModel
 from pipelines.schema import ControlNetUnit, LoraSpec
@@ -164,13 +165,16 @@ def tiny_faceid(unet: Any, seed: int) -> dict[str, torch.Tensor]:
 class FaceApp:
     """Stands in for insightface's `FaceAnalysis` (its SCRFD detector and ArcFace network
     are ONNX files that cannot be built tiny): two faces, each with a normed embedding made
-    from the pixels it is given, the larger one second; it keeps the image it got."""
+    from the pixels it is given, the larger one second (none in a flat image); it keeps the
+    image it got."""
 
     def __init__(self) -> None:
         self.seen: list[np.ndarray] = []
 
     def get(self, image: np.ndarray) -> list[SimpleNamespace]:
         self.seen.append(image)
+        if image.min() == image.max():
+            return []  # a flat image has no face
         channels = image.reshape(-1, 3).astype(np.float64).mean(axis=0)  # as given (BGR)
         rng = np.random.default_rng(0)
         embedding = rng.standard_normal((3, FACE)).T @ channels + rng.standard_normal(FACE)
@@ -601,6 +605,14 @@ def test_faceid_unit_changes_the_image_and_weight_zero_does_not(service: Service
     zero = service.generate(request(ip_unit(weight=0.0, **face)))
     assert np.array_equal(pixels(zero), pixels(alone))
     assert "Module: ip-adapter_face_id, Model: tiny-ip-faceid [" in made.infotexts[0]
+
+
+def test_faceid_image_without_a_face_is_refused_naming_it(service: Service) -> None:
+    flat = Image.new("RGB", (64, 64), (90, 90, 90))
+    face = {"module": "ip-adapter_face_id", "model": "tiny-ip-faceid"}
+    with pytest.raises(InvalidRequestError, match="no face") as refused:
+        service.generate(request(ip_unit(image=flat, **face)))
+    assert refused.value.field == "controlnet[0].image"
 
 
 def test_faceid_and_clip_modules_must_pair(service: Service) -> None:
