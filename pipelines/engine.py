@@ -16,6 +16,7 @@ import torch
 
 from pipelines.compiled import compile_watch
 from pipelines.controlnet.annotators import Annotators
+from pipelines.controlnet.faceid import FaceModels
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.devices import DevicePlan, plan_device
 from pipelines.embeddings import EmbeddingStore
@@ -50,6 +51,7 @@ class Engine:
         settings: the operator's settings (device, memory mode, cache folder, budgets).
         folders: the model folders (shared with the service that lists them).
         plan: device plan; decided from settings when omitted.
+        faces: what loads IP-Adapter FaceID's face embedder (default: insightface).
     Example:
         >>> engine = Engine(settings, folders)  # doctest: +SKIP
         >>> engine.generate(GenerationRequest(prompt="a cat", steps=4, seed=1), control)
@@ -58,7 +60,12 @@ class Engine:
     workers = 1
 
     def __init__(
-        self, settings: Settings, folders: ModelFolders, *, plan: DevicePlan | None = None
+        self,
+        settings: Settings,
+        folders: ModelFolders,
+        *,
+        plan: DevicePlan | None = None,
+        faces: FaceModels | None = None,
     ) -> None:
         self.settings = settings
         self.folders = folders
@@ -83,7 +90,7 @@ class Engine:
         self.previews = PreviewDecoders(settings.models_dirs)
         self.embeddings = EmbeddingStore(folders)
         self.controlnets = ControlNetCache()
-        self.annotators = Annotators(folders.roots["controlnet"], self.plan.device)
+        self.annotators = Annotators(folders.roots["controlnet"], self.plan.device, faces)
         log.info("device: %s", self.plan.describe())
 
     def device(self) -> DeviceInfo:

@@ -512,7 +512,7 @@ class Service:
 
     def controlnet_models(self) -> list[ControlNetEntry]:
         """The ControlNet folder's models, usable or not (`error` says why not)."""
-        return listed_models(self.folders)
+        return listed_models(self.folders, self.annotators)
 
     def controlnet_modules(self) -> list[Preprocessor]:
         """The preprocessors units can use, in sd-webui-controlnet's order."""

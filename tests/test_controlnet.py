@@ -559,6 +559,7 @@ def test_module_list_order_is_sd_webui_controlnets() -> None:
         "invert",
         "threshold",
         "scribble_xdog",
+        "ip-adapter_face_id",
         "ip-adapter_clip_sdxl_plus_vith",
         "ip-adapter_clip_sdxl",
         "ip-adapter_clip_sd15",
@@ -758,7 +759,7 @@ def test_control_types_are_sd_webui_controlnets(server: Server) -> None:
         "default_model": "control_v11p_sd15_canny [d14c016b]",  # a v1.1 model is preferred
     }
     assert types["IP-Adapter"]["model_list"] == ["None", "ip-adapter_sd15 [6a3f6166]"]
-    assert types["IP-Adapter"]["default_option"] == "ip-adapter_clip_sdxl_plus_vith"
+    assert types["IP-Adapter"]["default_option"] == "ip-adapter_face_id"  # the extension's rule
     assert types["Tile"]["model_list"] == ["None"]  # an unusable model is not offered
     assert types["Tile"]["default_model"] == "None"
     assert types["All"]["module_list"][0] == "none" and types["All"]["default_option"] == "none"

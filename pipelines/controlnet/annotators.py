@@ -12,6 +12,9 @@ at the processor resolution with edge padding to a multiple of 64, pixels / 127.
 predicted depth (at the padded size: DPT's position embeddings are interpolated as MiDaS's
 `forward_flex` does) normalised min..max to 0..255, the padding cut off.
 
+The face embedder of IP-Adapter FaceID units (insightface, optional: `faceid`) is kept here
+too, as sd-webui-controlnet keeps it with its preprocessors.
+
 Models are loaded once per folder, file version and device, kept until `clear` (the engine
 clears them with its ControlNets when the device runs out of memory).
 """
@@ -28,6 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.controlnet.faceid import (
+    FACE_FILES,
+    FaceEmbedder,
+    FaceModels,
+    InsightFace,
+    face_folder,
+    face_problem,
+)
 from pipelines.controlnet.midas_original import midas_config, original_to_transformers
 from pipelines.controlnet.preprocessors import (
     BUILT_IN,
@@ -206,6 +217,7 @@ class Annotators:
         controlnet_roots: the ControlNet folders (`annotators/<folder>/` is looked up in
             each, first found wins; checked at every call, so files added later are found).
         device: where the models run (the engine's device).
+        faces: what loads the face embedder (default: insightface).
     Example:
         >>> annotators = Annotators(folders.roots["controlnet"], plan.device)  # doctest: +SKIP
         >>> annotators.find("depth_midas", "module")(image, 512, -1, -1).shape
@@ -213,21 +225,46 @@ class Annotators:
     """
 
     def __init__(
-        self, controlnet_roots: Sequence[Path], device: torch.device | None = None
+        self,
+        controlnet_roots: Sequence[Path],
+        device: torch.device | None = None,
+        faces: FaceModels | None = None,
     ) -> None:
         self.roots = tuple(controlnet_roots)
         self.device = device or torch.device("cpu")
+        self.faces: FaceModels = faces or InsightFace()
         self._models: dict[tuple[object, ...], Any] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (a listed module is bound to it) without its models or lock."""
-        return {"roots": self.roots, "device": self.device}
+        return {"roots": self.roots, "device": self.device, "faces": self.faces}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.roots, self.device = state["roots"], state["device"]
+        self.roots, self.device, self.faces = state["roots"], state["device"], state["faces"]
         self._models = {}
         self._lock = threading.Lock()
+
+    def face_problem(self) -> str | None:
+        """Why IP-Adapter FaceID units cannot run here (None: they can)."""
+        return face_problem(self.roots, self.faces)
+
+    def face_embedding(self, image: ImageArray) -> np.ndarray:
+        """The normed face embedding [512] of the largest face in an RGB image; raises
+        UnusableFileError when the embedder cannot run, `faceid.NoFaceError` without a
+        face."""
+        problem = self.face_problem()
+        folder = face_folder(self.roots)
+        if problem is not None or folder is None:
+            raise UnusableFileError(f"IP-Adapter FaceID: {problem}", field="controlnet")
+        versions = tuple((folder / name).stat().st_mtime_ns for name in FACE_FILES)
+        key = ("insightface", str(folder), versions, str(self.device))
+        with self._lock:
+            if key not in self._models:
+                self._models = {k: m for k, m in self._models.items() if k[:2] != key[:2]}
+                self._models[key] = self.faces.load(folder, self.device)
+            embedder: FaceEmbedder = self._models[key]
+        return embedder(image)
 
     def folder(self, weighted: WeightedPreprocessor) -> Path | None:
         """The first `annotators/<folder>/` holding any of the files it asks for."""

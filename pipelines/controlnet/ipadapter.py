@@ -9,21 +9,32 @@ UNet's cross-attention width, then a layer norm); a Plus adapter (`image_proj.la
 `ip-adapter-plus_sd15`, `ip-adapter-plus-face_sd15`, `ip-adapter-plus_sdxl_vit-h`) feeds the
 encoder's penultimate hidden states (every patch, not the pooled embedding, as
 sd-webui-controlnet's `ip-adapter_clip_*` preprocessors do for Plus models) to a
-`Resampler`: learned queries that read them through perceiver attention. Either way the
-result is the image tokens. Every cross-attention layer of the UNet then attends to
-the text and, with its own key and value projections (`ip_adapter.<2i+1>.to_k_ip/to_v_ip`),
-to the image tokens: out = to_out(attn(q, k_text, v_text) + weight * attn(q, k_img, v_img))
-("decoupled cross-attention"). The uncond rows of the UNet batch get the tokens of a zero
-embedding (plain) or of the encoder's hidden states for an all-zero input (Plus): what the
+`Resampler`: learned queries that read them through perceiver attention. A Full-face
+adapter (`image_proj.proj.0/2/3`, `ip-adapter-full-face_sd15`, which sd-webui-controlnet
+runs with the same `ip-adapter_clip_h`/`ip-adapter_clip_sd15` module and treats as a Plus
+model) maps each of those hidden states through an MLP (`MLPProjection`): one token per
+patch and the class token, 257 for ViT-H. Either way the result is the image tokens.
+
+Every cross-attention layer of the UNet then attends to the text and, with its own key and
+value projections (`ip_adapter.<2i+1>.to_k_ip/to_v_ip`), to the image tokens: out =
+to_out(attn(q, k_text, v_text) + weight * attn(q, k_img, v_img)) ("decoupled
+cross-attention"). The uncond rows of the UNet batch get the tokens of a zero embedding
+(plain) or of the encoder's hidden states for an all-zero input (Plus, Full-face): what the
 IP-Adapter was trained with, and what diffusers and sd-webui-controlnet pass there. The
 attention itself is diffusers' `IPAdapterAttnProcessor2_0`; it is installed only for the
 steps a run's units act in and the previous processors are put back after, so LoRAs
 (merged into the same layers' weights) and runs without units are untouched.
 
-Full-face (an MLP on the embedding) and FaceID (insightface face embeddings) variants are
-listed unusable with the reason (`pipelines.folders.controlnets`). `control_mode` has no
-effect on an IP-Adapter unit, as in sd-webui-controlnet (it scales ControlNet residuals,
-which an IP-Adapter has none of).
+A FaceID adapter (`image_proj.proj.0/2` and `norm`, `ip-adapter-faceid_sd15`) has no image
+encoder: the `ip-adapter_face_id` module gives it insightface's face embedding of the image
+(`pipelines.controlnet.faceid`, optional), which its MLP (`FaceProjection`) maps to 4
+tokens; the uncond rows get a zero embedding's, as sd-webui-controlnet passes. Its LoRA
+(`ip-adapter-faceid_sd15_lora`) is an ordinary LoRA in `loras/`, added to the prompt as
+sd-webui-controlnet's users do (`<lora:ip-adapter-faceid_sd15_lora:0.6>`). FaceID Plus is
+listed unusable with the reason (`pipelines.folders.controlnets`).
+
+`control_mode` has no effect on an IP-Adapter unit, as in sd-webui-controlnet (it scales
+ControlNet residuals, which an IP-Adapter has none of).
 """
 
 from __future__ import annotations
@@ -40,8 +51,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import UnusableFileError
-from pipelines.folders.controlnets import ControlNetEntry
-from pipelines.safeload import load_state_dict, read_safetensors_header
+from pipelines.folders.controlnets import ControlNetEntry, file_shapes, file_state, ipadapter_kind
 
 CLIP_VISION_SUBFOLDER = "clip_vision"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -99,14 +109,24 @@ def list_encoders(roots: Sequence[Path]) -> list[Encoder]:
     return encoders
 
 
+HIDDEN_INPUT = {"plus": "image_proj.proj_in.weight", "full": "image_proj.proj.0.weight"}
+"""The first layer of each adapter kind that reads the encoder's hidden states."""
+
+
 def embed_dim(entry: ControlNetEntry) -> tuple[str, int]:
     """What of the encoder the adapter reads and its width: a plain adapter's projection
-    takes the image embedding (`projection_dim`), a Plus adapter's resampler the hidden
-    states (`hidden_size`)."""
-    tensors = read_safetensors_header(entry.path).tensors
-    if "image_proj.proj_in.weight" in tensors:
-        return "hidden_size", int(tensors["image_proj.proj_in.weight"].shape[1])
-    return "projection_dim", int(tensors["image_proj.proj.weight"].shape[1])
+    takes the image embedding (`projection_dim`), a Plus adapter's resampler and a
+    Full-face adapter's MLP the hidden states (`hidden_size`)."""
+    shapes = file_shapes(entry)
+    first = HIDDEN_INPUT.get(ipadapter_kind(shapes))
+    if first is not None:
+        return "hidden_size", int(shapes[first][1])
+    return "projection_dim", int(shapes["image_proj.proj.weight"][1])
+
+
+def adapter_kind(entry: ControlNetEntry) -> str:
+    """The IP-Adapter kind of a listed file (`ipadapter_kind`), from its tensor names."""
+    return ipadapter_kind(file_shapes(entry))
 
 
 def find_encoder(entry: ControlNetEntry, roots: Sequence[Path], hint: str | None) -> Encoder:
@@ -236,15 +256,68 @@ class Resampler(torch.nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
+class MLPProjection(torch.nn.Module):
+    """A Full-face adapter's `image_proj` (IP-Adapter's `MLPProjModel`, published key names
+    `proj.0/2/3`): each hidden state through Linear, GELU, Linear to the UNet's
+    cross-attention width, LayerNorm; one token per hidden state.
+    [B, patches + 1, hidden] -> [B, patches + 1, width]."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        inner, embed = state["proj.0.weight"].shape
+        output = state["proj.2.weight"].shape[0]
+        self.proj = torch.nn.Sequential(
+            torch.nn.Linear(embed, inner),
+            torch.nn.GELU(),
+            torch.nn.Linear(inner, output),
+            torch.nn.LayerNorm(output),
+        )
+        self.load_state_dict(state)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)
+
+
+class FaceProjection(torch.nn.Module):
+    """A FaceID adapter's `image_proj` (IP-Adapter's `MLPProjModel` of `ip_adapter_faceid`,
+    published key names `proj.0/2`, `norm`): the face embedding through Linear, GELU, Linear
+    to `tokens` x the UNet's cross-attention width, each token layer-normed.
+    [B, 512] -> [B, tokens, width]."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        inner, embed = state["proj.0.weight"].shape
+        output = state["proj.2.weight"].shape[0]
+        self.width = state["norm.weight"].shape[0]
+        self.proj = torch.nn.Sequential(
+            torch.nn.Linear(embed, inner),
+            torch.nn.GELU(),
+            torch.nn.Linear(inner, output),
+        )
+        self.norm = torch.nn.LayerNorm(self.width)
+        self.load_state_dict(state)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        # [B, tokens * width] -> [B, tokens, width]
+        tokens = self.proj(embedding).reshape(embedding.shape[0], -1, self.width)
+        return self.norm(tokens)
+
+
+IMAGE_EMBEDS = "image_embeds"
+HIDDEN_STATES = "hidden_states"
+FACE_EMBEDDING = "face_embedding"
+
+
 @dataclass
 class IPAdapter:
     """A loaded IP-Adapter: its projection and each cross-attention layer's image
     key/value weights, in the UNet's processor order."""
 
-    projection: Any  # diffusers ImageProjection (plain) or a Resampler (Plus)
+    projection: Any  # diffusers ImageProjection, a Resampler or an MLPProjection
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # (to_k_ip, to_v_ip) per attn2
-    tokens: int
-    plus: bool = False  # reads the encoder's penultimate hidden states
+    tokens: int | None  # None: one per hidden state of the encoder (Full-face)
+    reads: str = IMAGE_EMBEDS  # HIDDEN_STATES: the encoder's penultimate hidden states;
+    # FACE_EMBEDDING: insightface's (FaceID, no image encoder)
 
 
 def cross_attention_names(unet: Any) -> list[str]:
@@ -258,14 +331,22 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
     from diffusers.models.embeddings import ImageProjection
 
     label = f"IP-Adapter '{entry.title}'"
-    state = load_state_dict(entry.path)
+    state = file_state(entry.path)
     image_proj = {
         key.removeprefix("image_proj."): value.float()
         for key, value in state.items()
         if key.startswith("image_proj.")
     }
-    plus = "latents" in image_proj
-    proj = image_proj["proj_out.weight" if plus else "proj.weight"]
+    kind = ipadapter_kind(state)
+    output = {
+        "plain": "proj.weight",
+        "plus": "proj_out.weight",
+        "full": "proj.2.weight",
+        "faceid": "proj.2.weight",
+    }
+    if kind not in output:
+        raise UnusableFileError(f"{label}: an IP-Adapter {kind}, not run here", field="controlnet")
+    proj = image_proj[output[kind]]
     width = int(unet.config.cross_attention_dim)
     names = cross_attention_names(unet)
     layers = []
@@ -289,16 +370,22 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
                 f"vs to_k {expected} (an IP-Adapter for another model family)",
                 field="controlnet",
             )
-    if proj.shape[0] % width or (plus and proj.shape[0] != width):
+    if proj.shape[0] % width or (kind in ("plus", "full") and proj.shape[0] != width):
         raise UnusableFileError(
             f"{label}: its projection width {proj.shape[0]} does not give tokens of the "
             f"model's cross-attention width {width}",
             field="controlnet",
         )
+    tokens: int | None = None
     try:
-        if plus:
+        if kind == "plus":
             projection: Any = Resampler(image_proj)
             tokens = int(image_proj["latents"].shape[1])
+        elif kind == "full":
+            projection = MLPProjection(image_proj)
+        elif kind == "faceid":
+            projection = FaceProjection(image_proj)
+            tokens = proj.shape[0] // width
         else:
             tokens = proj.shape[0] // width
             projection = ImageProjection(
@@ -315,7 +402,8 @@ def load_ipadapter(entry: ControlNetEntry, unet: Any) -> IPAdapter:
             field="controlnet",
         ) from error
     layers = [(k.float(), v.float()) for k, v in layers]
-    return IPAdapter(projection.eval(), layers, tokens, plus)
+    reads = {"plain": IMAGE_EMBEDS, "faceid": FACE_EMBEDDING}.get(kind, HIDDEN_STATES)
+    return IPAdapter(projection.eval(), layers, tokens, reads)
 
 
 @dataclass
@@ -372,7 +460,8 @@ def decoupled_processors(
         processor = IPAdapterAttnProcessor2_0(
             hidden_size=hidden,
             cross_attention_dim=width,
-            num_tokens=[adapter.tokens for adapter in adapters],
+            # read only when the tokens come appended to the text; here they come apart
+            num_tokens=[adapter.tokens or 1 for adapter in adapters],
             scale=[0.0] * len(adapters),
         )
         with torch.no_grad():

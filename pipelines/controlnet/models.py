@@ -29,9 +29,9 @@ from pipelines.folders.controlnets import (
     LDM_PREFIX,
     ControlNetEntry,
     facts_from_shapes,
+    file_state,
     weights_file,
 )
-from pipelines.safeload import load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def load_controlnet(
             return ControlNetModel.from_pretrained(entry.path, local_files_only=True)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise UnusableFileError(f"{label}: {error}", field="controlnet") from error
-    state = load_state_dict(entry.path)
+    state = file_state(entry.path)
     facts = facts_from_shapes(entry.path.name, {k: tuple(v.shape) for k, v in state.items()})
     if learn is not None and (facts.family, facts.layout, facts.error) != (
         entry.family,
@@ -224,8 +224,8 @@ def load_controlnet(
         raise UnusableFileError(f"{label}: {facts.error}", field="controlnet")
     if facts.layout == IPADAPTER_LAYOUT:  # a pickle is classified when first loaded
         raise UnusableFileError(
-            f"{label}: an IP-Adapter in a pickle; lorastack reads IP-Adapters from "
-            ".safetensors files",
+            f"{label} is an IP-Adapter; its module is an ip-adapter_* one (an image "
+            "encoder), not a ControlNet preprocessor",
             field="controlnet",
         )
     shapes = {key: tuple(value.shape) for key, value in state.items()}

@@ -69,6 +69,8 @@ RESOLUTION = Slider("Resolution", 128, 2048, 8, 512, True)
 """The class default of sd-webui-controlnet's preprocessors (its legacy ones keep it, even
 those whose own table hides the resolution)."""
 HIDDEN = Slider()
+FACE_ENCODER = "insightface"
+"""The encoder of `ip-adapter_face_id`, the module of FaceID adapters."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,9 @@ class Preprocessor:
     slider_2: Slider = HIDDEN
     tags: tuple[str, ...] = ()
     encoder: str | None = None
-    """IP-Adapter modules: the image encoder they ask for (`clip_h`, `clip_g`); their map is
-    the image itself (the encoder runs with the model, `pipelines.controlnet.ipadapter`)."""
+    """IP-Adapter modules: the image encoder they ask for (`clip_h`, `clip_g`, or insightface
+    for FaceID: FACE_ENCODER); their map is the image itself (the encoder runs with the
+    model, `pipelines.controlnet.ipadapter`)."""
 
     def sliders(self) -> list[Slider]:
         return [s for s in (self.resolution, self.slider_1, self.slider_2) if s.visible]
@@ -250,6 +253,7 @@ BUILT_IN: tuple[Preprocessor, ...] = (
             ("ip-adapter_clip_sd15", "clip_h"),
             ("ip-adapter_clip_sdxl", "clip_g"),
             ("ip-adapter_clip_sdxl_plus_vith", "clip_h"),
+            ("ip-adapter_face_id", FACE_ENCODER),
         )
     ),
 )

@@ -47,9 +47,13 @@ import torch
 from PIL import Image
 
 from pipelines.controlnet.annotators import Annotators
+from pipelines.controlnet.faceid import NoFaceError
 from pipelines.controlnet.ipadapter import (
+    HIDDEN_STATES,
     AdapterTokens,
+    Encoder,
     IPAdapter,
+    adapter_kind,
     clip_pixels,
     decoupled_processors,
     encoder_roots,
@@ -60,13 +64,19 @@ from pipelines.controlnet.ipadapter import (
 )
 from pipelines.controlnet.models import ControlNetCache
 from pipelines.controlnet.preprocessors import (
+    FACE_ENCODER,
     Preprocessor,
     fit_map,
     hwc3,
     pixel_perfect_resolution,
 )
 from pipelines.errors import InvalidRequestError, LorastackError, UnusableFileError
-from pipelines.folders.controlnets import IPADAPTER_LAYOUT, ControlNetEntry
+from pipelines.folders.controlnets import (
+    IPADAPTER_LAYOUT,
+    ControlNetEntry,
+    facts_from_shapes,
+    file_shapes,
+)
 from pipelines.folders.registry import ModelFolders
 from pipelines.imageops import resize_image
 from pipelines.schema import CONTROL_RESIZE_MODES, ControlNetUnit, GenerationRequest
@@ -114,10 +124,10 @@ def check_unit_names(
     checked = []
     for index, unit in enumerate(units):
         preprocessor = annotators.find(unit.module, unit_field(index, "module"))
-        entry = resolve_model(folders, unit.model, index)
+        entry = unit_model(folders, unit.model, index, preprocessor)
         check_pairing(index, preprocessor, entry)
         if entry.layout == IPADAPTER_LAYOUT:
-            adapter_encoder(folders, entry, preprocessor, index)
+            adapter_encoder(folders, entry, preprocessor, index, annotators)
         if family is not None and entry.family is not None and entry.family != family:
             raise InvalidRequestError(
                 f"{unit_field(index, 'model')}: ControlNet model '{entry.title}' is for "
@@ -130,14 +140,25 @@ def check_unit_names(
 
 
 def check_pairing(index: int, preprocessor: Preprocessor, entry: ControlNetEntry) -> None:
-    """IP-Adapter models take an `ip-adapter_clip_*` module and ControlNets any other."""
+    """IP-Adapter models take an `ip-adapter_clip_*` module (FaceID ones
+    `ip-adapter_face_id`) and ControlNets any other."""
     where = unit_field(index, "module")
     if entry.layout == IPADAPTER_LAYOUT and preprocessor.encoder is None:
         raise InvalidRequestError(
             f"{where}: '{entry.title}' is an IP-Adapter; its module is an image encoder "
-            f"(ip-adapter_clip_sd15, ip-adapter_clip_sdxl, ...), not '{preprocessor.name}'",
+            f"(ip-adapter_clip_sd15, ip-adapter_clip_sdxl, ip-adapter_face_id, ...), not "
+            f"'{preprocessor.name}'",
             field=where,
         )
+    if entry.layout == IPADAPTER_LAYOUT:
+        faceid = adapter_kind(entry) == "faceid"
+        if faceid != (preprocessor.encoder == FACE_ENCODER):
+            wanted = "ip-adapter_face_id" if faceid else "an ip-adapter_clip_* module"
+            raise InvalidRequestError(
+                f"{where}: '{entry.title}' is an IP-Adapter{' FaceID' if faceid else ''}; "
+                f"its module is {wanted}, not '{preprocessor.name}'",
+                field=where,
+            )
     if entry.layout != IPADAPTER_LAYOUT and preprocessor.encoder is not None:
         raise InvalidRequestError(
             f"{where}: '{preprocessor.name}' is for IP-Adapter models and '{entry.title}' is "
@@ -147,25 +168,44 @@ def check_pairing(index: int, preprocessor: Preprocessor, entry: ControlNetEntry
 
 
 def adapter_encoder(
-    folders: ModelFolders, entry: ControlNetEntry, preprocessor: Preprocessor, index: int
-) -> Any:
-    """The image encoder an IP-Adapter unit will use; its absence names the unit's model."""
+    folders: ModelFolders,
+    entry: ControlNetEntry,
+    preprocessor: Preprocessor,
+    index: int,
+    annotators: Annotators,
+) -> Encoder | None:
+    """The image encoder an IP-Adapter unit will use (None for FaceID, whose face embedder
+    must be able to run); its absence names the unit's model."""
     try:
+        if preprocessor.encoder == FACE_ENCODER:
+            face_embedder_ready(entry, annotators)
+            return None
         return find_encoder(entry, encoder_roots(folders.roots["controlnet"]), preprocessor.encoder)
     except UnusableFileError as error:
         rename(error, unit_field(index, "model"))
         raise
 
 
-def listed_models(folders: ModelFolders) -> list[ControlNetEntry]:
+def face_embedder_ready(entry: ControlNetEntry, annotators: Annotators) -> None:
+    """Raises UnusableFileError naming what a FaceID adapter needs that is not here."""
+    problem = annotators.face_problem()
+    if problem is not None:
+        raise UnusableFileError(f"IP-Adapter FaceID '{entry.title}': {problem}", field="controlnet")
+
+
+def listed_models(folders: ModelFolders, annotators: Annotators) -> list[ControlNetEntry]:
     """The ControlNet folder's models; an IP-Adapter whose image encoder is not in
-    `clip_vision/` is listed unusable, with what it needs."""
+    `clip_vision/` (FaceID: whose face embedder cannot run) is listed unusable, with what
+    it needs."""
     roots = encoder_roots(folders.roots["controlnet"])
     listed = []
     for entry in folders.entries("controlnet"):
         if entry.layout == IPADAPTER_LAYOUT and entry.error is None:
             try:
-                find_encoder(entry, roots, None)
+                if adapter_kind(entry) == "faceid":
+                    face_embedder_ready(entry, annotators)
+                else:
+                    find_encoder(entry, roots, None)
             except UnusableFileError as error:
                 entry = replace(entry, error=error.message)
         listed.append(entry)
@@ -191,6 +231,29 @@ def resolve_model(folders: ModelFolders, name: str, index: int) -> ControlNetEnt
     except LorastackError as error:  # unknown (404) or ambiguous: name the unit's field
         rename(error, where)
         raise
+    if entry.error:
+        raise UnusableFileError(f"{where}: {entry.error}", field=where)
+    return entry
+
+
+def unit_model(
+    folders: ModelFolders, name: str, index: int, preprocessor: Preprocessor
+) -> ControlNetEntry:
+    """A unit's model (`resolve_model`); a pickle not read yet is read now when the module
+    is an IP-Adapter's (h94 publishes FaceID adapters as `.bin`), so the unit is run as
+    what the file is and the listing learns it."""
+    entry = resolve_model(folders, name, index)
+    if entry.layout is not None or entry.kind != "single" or preprocessor.encoder is None:
+        return entry
+    where = unit_field(index, "model")
+    try:
+        facts = facts_from_shapes(entry.path.name, file_shapes(entry))
+    except UnusableFileError as error:
+        rename(error, where)
+        raise
+    entry = folders.learn(
+        "controlnet", entry, layout=facts.layout, family=facts.family, error=facts.error
+    )
     if entry.error:
         raise UnusableFileError(f"{where}: {entry.error}", field=where)
     return entry
@@ -399,7 +462,7 @@ class ControlUnits:
         adapters = []
         for index, unit in enumerate(request.controlnet):
             preprocessor = annotators.find(unit.module, unit_field(index, "module"))
-            entry = resolve_model(folders, unit.model, index)
+            entry = unit_model(folders, unit.model, index, preprocessor)
             check_pairing(index, preprocessor, entry)
             source = unit_source(unit, init)
             if source is None:
@@ -413,7 +476,16 @@ class ControlUnits:
             if entry.layout == IPADAPTER_LAYOUT:
                 adapters.append(
                     prepare_adapter(
-                        index, unit, entry, preprocessor, source, folders, cache, unet, device
+                        index,
+                        unit,
+                        entry,
+                        preprocessor,
+                        source,
+                        folders,
+                        cache,
+                        unet,
+                        device,
+                        annotators,
                     )
                 )
                 continue
@@ -557,14 +629,13 @@ def prepare_adapter(
     cache: ControlNetCache,
     unet: Any,
     device: torch.device,
+    annotators: Annotators | None = None,
 ) -> PreparedAdapter:
     """An IP-Adapter unit: the adapter fitted to `unet`, the image's tokens (and a zero
-    embedding's) from its encoder; both models kept in the ControlNet cache."""
-    encoder = adapter_encoder(folders, entry, preprocessor, index)
-    model = cache.remember(
-        ("clip_vision", str(encoder.path), str(device)),
-        lambda: load_encoder(encoder).to(device),
-    )
+    input's) from its encoder, or for FaceID from the face embedding `annotators` make; the
+    models kept in the ControlNet cache (the face embedder in `annotators`)."""
+    annotators = annotators or Annotators(folders.roots["controlnet"], device)
+    encoder = adapter_encoder(folders, entry, preprocessor, index, annotators)
     fitted = repr(dict(unet.config))
     try:
         adapter = cache.remember(
@@ -575,10 +646,23 @@ def prepare_adapter(
         rename(error, unit_field(index, "model"))
         raise
     dtype = next(unet.parameters()).dtype
+    projection = adapter.projection.to(device)
+    if encoder is None:  # FaceID: the face embedding of the image, and a zero one
+        face = unit_face(index, source, annotators)
+        embedding = torch.from_numpy(face)[None].to(device)  # [1, 512]
+        with torch.no_grad():
+            cond = projection(embedding)  # [1, tokens, width]
+            uncond = projection(torch.zeros_like(embedding))
+        return PreparedAdapter(
+            index, unit, entry, preprocessor, adapter, cond.to(dtype), uncond.to(dtype)
+        )
+    model = cache.remember(
+        ("clip_vision", str(encoder.path), str(device)),
+        lambda: load_encoder(encoder).to(device),
+    )
     with torch.no_grad():
         pixels = clip_pixels(source, encoder.image_size).to(device)
-        projection = adapter.projection.to(device)
-        if adapter.plus:  # the penultimate hidden states, of the image and of zeros
+        if adapter.reads == HIDDEN_STATES:  # the penultimate hidden states, of image and zeros
             hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
             zeros = torch.zeros_like(pixels)
             blank = model(pixel_values=zeros, output_hidden_states=True).hidden_states[-2]
@@ -591,3 +675,15 @@ def prepare_adapter(
     return PreparedAdapter(
         index, unit, entry, preprocessor, adapter, cond.to(dtype), uncond.to(dtype)
     )
+
+
+def unit_face(index: int, source: np.ndarray, annotators: Annotators) -> np.ndarray:
+    """The face embedding [512] of a FaceID unit's image; no face is a 422 naming it."""
+    try:
+        return annotators.face_embedding(source)
+    except NoFaceError as error:
+        where = unit_field(index, "image")
+        raise InvalidRequestError(f"{where}: {error}", field=where) from error
+    except UnusableFileError as error:
+        rename(error, unit_field(index, "model"))
+        raise

@@ -8,10 +8,10 @@ at offset 1 MiB), cheap enough to compute while scanning.
 
 What is usable: ControlNets in the original (LDM, `input_hint_block.*`, with or without the
 `control_model.` prefix) or the diffusers layout (`controlnet_cond_embedding.*`), for SD1,
-SD2 and SDXL, and plain and Plus IP-Adapters (layout "ipadapter",
+SD2 and SDXL, and plain, Plus, Full-face and FaceID IP-Adapters (layout "ipadapter",
 `pipelines.controlnet.ipadapter`). Files sd-webui-controlnet also runs but this project does
-not (Control-LoRA, ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter
-Full-face/FaceID, difference ControlNets, SparseCtrl) are listed with the reason they are
+not (Control-LoRA, ControlNet-LLLite, T2I-Adapter, ControlNet Union, IP-Adapter FaceID Plus,
+difference ControlNets, SparseCtrl) are listed with the reason they are
 unusable, so a request naming one gets that reason rather than "unknown model". The family
 comes from the header (SDXL: an `add_embedding` / `label_emb`; SD2: cross-attention width
 1024; SD1: 768); a pickle's family is learnt when it is loaded; a width the three families
@@ -25,13 +25,15 @@ import hashlib
 import json
 import os
 import stat as stat_kinds
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import UnusableFileError
 from pipelines.folders.hashing import HashCache
-from pipelines.safeload import read_safetensors_header
+from pipelines.safeload import load_pickle, load_state_dict, read_safetensors_header
 
 CONTROLNET_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 CONTROLNET_SUBFOLDER = "ControlNet"
@@ -41,10 +43,6 @@ LDM_PREFIX = "control_model."
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 FAMILY_WIDTHS = {768: "SD1", 1024: "SD2", 2048: "SDXL"}
 IPADAPTER_LAYOUT = "ipadapter"
-PLUS_KEYS = ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight")
-"""A Plus adapter's Resampler tensors (beside its `layers.*`) that name its shapes."""
-FACE_EMBED = 512
-"""The width of insightface's face embedding, which FaceID adapters project."""
 
 
 @dataclass(frozen=True)
@@ -153,39 +151,98 @@ def facts_from_shapes(name: str, shapes: Mapping[str, tuple[int, ...]]) -> Contr
     )
 
 
+IPADAPTER_KINDS = {
+    "plain": ("proj.weight", "proj.bias", "norm.weight", "norm.bias"),
+    "plus": ("latents", "proj_in.weight", "proj_out.weight", "norm_out.weight"),
+    "full": (*(f"proj.{i}.{part}" for i in (0, 2, 3) for part in ("weight", "bias")),),
+    "faceid": (
+        *(f"proj.{i}.{part}" for i in (0, 2) for part in ("weight", "bias")),
+        "norm.weight",
+        "norm.bias",
+    ),
+}
+"""The `image_proj.*` tensors each usable IP-Adapter kind has (a Plus adapter's Resampler
+also has its `layers.*`; these name its shapes)."""
+
+
+def ipadapter_kind(keys: Collection[str]) -> str:
+    """Which IP-Adapter a file's `image_proj` tensors make (sd-webui-controlnet's
+    `IPAdapterModel.load` tells them apart the same way): "plain" (a linear layer on the
+    image embedding), "plus" (a Resampler on the encoder's hidden states: `latents`), "full"
+    (Full-face: an MLP on every hidden state: `proj.3`, its layer norm), "faceid" (an MLP on
+    insightface's face embedding, then `norm`) or "faceid_plus" (`perceiver_resampler`)."""
+    if any(k.startswith("image_proj.perceiver_resampler.") for k in keys):
+        return "faceid_plus"
+    if "image_proj.proj.3.weight" in keys:
+        return "full"
+    if "image_proj.proj.0.weight" in keys:
+        return "faceid"
+    if "image_proj.latents" in keys:
+        return "plus"
+    return "plain"
+
+
 def _ipadapter(name: str, keys: Mapping[str, tuple[int, ...]]) -> ControlNetFacts:
-    """A plain IP-Adapter (`image_proj.proj`: one image embedding) or a Plus one
-    (`image_proj.latents`: a Resampler over the encoder's hidden states) is usable; its
-    family comes from the width its image keys take (the UNet's cross-attention width).
-    Full-face (an MLP projection) and FaceID (insightface embeddings) are not."""
+    """A plain, Plus, Full-face or FaceID IP-Adapter with all of its projection's tensors is
+    usable (FaceID also needs insightface, judged when listing); its family comes from the
+    width its image keys take (the UNet's cross-attention width). FaceID Plus (insightface
+    embeddings and CLIP hidden states together) is not."""
+    kind = ipadapter_kind(keys)
+    if kind == "faceid_plus":
+        return ControlNetFacts(
+            error=f"{name}: an IP-Adapter FaceID Plus: it reads insightface face embeddings "
+            "and CLIP hidden states together, which lorastack does not run (it runs plain "
+            "FaceID, Full-face, Plus and plain IP-Adapters)"
+        )
+    label = {"plain": "", "plus": " Plus", "full": " Full-face", "faceid": " FaceID"}[kind]
+    wanted = [f"image_proj.{part}" for part in IPADAPTER_KINDS[kind]]
     key = keys.get("ip_adapter.1.to_k_ip.weight")
-    faceid_plus = any(k.startswith("image_proj.perceiver_resampler.") for k in keys)
-    if faceid_plus or any(k.startswith("image_proj.proj.0.") for k in keys):
-        proj0 = keys.get("image_proj.proj.0.weight", (0, 0))
-        if faceid_plus or proj0[-1] == FACE_EMBED:
-            return ControlNetFacts(
-                error=f"{name}: an IP-Adapter FaceID: it reads insightface face embeddings "
-                "(the insightface package and its antelopev2/buffalo_l models), which "
-                "lorastack does not run"
-            )
+    missing = [k for k in wanted if k not in keys]
+    if key is None or len(key) != 2:
+        missing.append("ip_adapter.1.to_k_ip.weight")
+    if missing or key is None:
         return ControlNetFacts(
-            error=f"{name}: an IP-Adapter Full-face ({UNSUPPORTED_NOTE}; lorastack runs "
-            "plain and Plus IP-Adapters)"
+            error=f"{name}: an IP-Adapter{label} without all of its tensors "
+            f"({', '.join(missing)} missing or not a matrix)"
         )
-    plus = [f"image_proj.{part}" for part in PLUS_KEYS]
-    if "image_proj.latents" in keys and not all(k in keys for k in plus):
-        return ControlNetFacts(
-            error=f"{name}: an IP-Adapter Plus without all of its resampler's tensors "
-            f"({', '.join(k for k in plus if k not in keys)} missing)"
-        )
-    proj = keys.get("image_proj.proj_out.weight" if plus[0] in keys else "image_proj.proj.weight")
-    if proj is None or len(proj) != 2 or key is None or len(key) != 2:
-        return ControlNetFacts(
-            error=f"{name}: an IP-Adapter whose image_proj.proj.weight or "
-            "ip_adapter.1.to_k_ip.weight is missing or not a matrix"
-        )
-    family = FAMILY_WIDTHS.get(key[1])
-    return ControlNetFacts(layout=IPADAPTER_LAYOUT, family=family)
+    return ControlNetFacts(layout=IPADAPTER_LAYOUT, family=FAMILY_WIDTHS.get(key[1]))
+
+
+ADAPTER_PARTS = ("image_proj", "ip_adapter")
+"""The two dicts of an IP-Adapter pickle (h94's `.bin` files, FaceID's among them)."""
+
+
+def file_state(path: Path) -> dict[str, Any]:
+    """A single file's tensors by name (`safeload.load_state_dict`); an IP-Adapter pickle's
+    two dicts (`{"image_proj": {...}, "ip_adapter": {...}}`, which that drops) flattened
+    to the `image_proj.*`, `ip_adapter.*` keys its safetensors form has."""
+    state = load_state_dict(path)
+    if state or path.suffix.lower() == ".safetensors":
+        return state
+    loaded = load_pickle(path)
+    if not isinstance(loaded, dict) or not all(
+        isinstance(loaded.get(part), dict) for part in ADAPTER_PARTS
+    ):
+        return state
+    return {
+        f"{part}.{key}": value
+        for part in ADAPTER_PARTS
+        for key, value in loaded[part].items()
+        if isinstance(key, str) and hasattr(value, "shape")
+    }
+
+
+@lru_cache(maxsize=64)
+def _pickle_shapes(path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in file_state(Path(path)).items()}
+
+
+def file_shapes(entry: ControlNetEntry) -> dict[str, tuple[int, ...]]:
+    """A listed single file's tensor shapes: the safetensors header, or a pickle read with
+    `weights_only` (mapped, not copied), once per file version."""
+    if entry.path.suffix.lower() == ".safetensors":
+        return {k: v.shape for k, v in read_safetensors_header(entry.path).tensors.items()}
+    return _pickle_shapes(str(entry.path), entry.size, entry.mtime_ns)
 
 
 def _family(keys: Mapping[str, tuple[int, ...]], sdxl: bool) -> str | None:
