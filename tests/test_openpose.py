@@ -31,6 +31,7 @@ from pipelines.controlnet.openpose import (
     draw_people,
     find_peaks,
     load_body_pose,
+    openpose_map,
     published_key,
 )
 from pipelines.errors import InvalidRequestError, UnusableFileError
@@ -251,6 +252,36 @@ def test_the_maps_come_back_at_the_image_size_where_the_network_put_them() -> No
     row, column = np.unravel_index(np.argmax(heatmaps[:, :, NOSE]), (64, 96))
     # the cell's centre: (8 * 8 + 3.5, 5 * 8 + 3.5) network pixels, x 64 / 184 on the image
     assert abs(column - 67.5 * 64 / 184) <= 1 and abs(row - 43.5 * 64 / 184) <= 1
+
+
+def test_the_map_draws_the_pose_the_network_finds() -> None:
+    """The whole preprocessor with a stand-in network that finds a nose, a neck and two
+    shoulders (3 x 3 output cells each) joined by constant fields: each joint's disc is
+    drawn where its cell lies on the image, in its colour."""
+    cells = {NOSE: (3, 11), NECK: (8, 11), R_SHOULDER: (8, 6), L_SHOULDER: (8, 16)}
+    directions = {(12, 13): (-1, 0), (20, 21): (1, 0), (28, 29): (0, -1)}  # from the neck
+
+    def network(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        assert tuple(pixels.shape) == (1, 3, 184, 184)  # 64 px scaled to 0.5 x 368
+        blue, red = pixels[0, 0, 0, 0], pixels[0, 2, 0, 0]
+        assert blue == -0.5 and red == 255 / 256 - 0.5  # BGR, / 256 - 0.5
+        heatmaps, pafs = torch.zeros(1, 19, 23, 23), torch.zeros(1, 38, 23, 23)
+        for part, (row, column) in cells.items():
+            heatmaps[0, part, row - 1 : row + 2, column - 1 : column + 2] = 1.0
+        for (x, y), (dx, dy) in directions.items():
+            pafs[0, x], pafs[0, y] = dx, dy
+        return pafs, heatmaps
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:, :, 0] = 255  # red
+    made = openpose_map(network, image, 64, torch.device("cpu"))
+    assert made.shape == (64, 64, 3)
+    colors = {NOSE: RED, NECK: ORANGE, R_SHOULDER: AMBER, L_SHOULDER: (85, 255, 0)}
+    for part, (row, column) in cells.items():
+        # a cell's centre, (8 c + 4) network pixels, x 64 / 184 on the image (discs: 4 px)
+        x, y = round((8 * column + 4) * 64 / 184), round((8 * row + 4) * 64 / 184)
+        assert tuple(made[y, x]) == colors[part], part
+    assert not np.any(made[50:]) and not np.any(made[:, :10])  # black away from the pose
 
 
 @pytest.fixture(scope="module")

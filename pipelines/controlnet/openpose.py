@@ -331,20 +331,29 @@ class Connection:
     index_b: int
 
 
-def limb_score(a: Peak, b: Peak, field: np.ndarray, height: int) -> float | None:
-    """The limb a -> b's score along its field [H, W, 2] (mean alignment at 10 samples,
-    less a penalty when longer than half the image), or None when fewer than 80 % of the
-    samples pass 0.05 or the score is not positive."""
-    dx, dy = b[0] - a[0], b[1] - a[1]
-    norm = max(0.001, math.sqrt(dx * dx + dy * dy))
-    xs = np.linspace(a[0], b[0], num=PAF_SAMPLES)
-    ys = np.linspace(a[1], b[1], num=PAF_SAMPLES)
-    rows, cols = np.round(ys).astype(int), np.round(xs).astype(int)  # half to even, as round()
-    alignment = field[rows, cols, 0] * (dx / norm) + field[rows, cols, 1] * (dy / norm)
-    score = float(sum(alignment) / len(alignment)) + min(0.5 * height / norm - 1, 0)
-    if np.count_nonzero(alignment > PAF_THRESHOLD) > 0.8 * len(alignment) and score > 0:
-        return score
-    return None
+def limb_scores(
+    ends_a: list[Peak], ends_b: list[Peak], field: np.ndarray, height: int
+) -> np.ndarray:
+    """Each limb a -> b's score along its field [H, W, 2]: the mean alignment at 10
+    samples, less a penalty when longer than half the image; NaN when fewer than 80 % of
+    the samples pass 0.05 or the score is not positive. All pairs at once, in the same
+    arithmetic as the extension's loop (a Python `sum` is a running sum). -> [nA, nB]."""
+    a = np.array([peak[:2] for peak in ends_a], dtype=np.float64)[:, None, :]  # [nA, 1, 2]
+    b = np.array([peak[:2] for peak in ends_b], dtype=np.float64)[None, :, :]  # [1, nB, 2]
+    delta = b - a  # [nA, nB, 2]
+    norm = np.maximum(0.001, np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2))  # [nA, nB]
+    direction = delta / norm[..., None]
+    steps = np.arange(PAF_SAMPLES, dtype=np.float64)[:, None, None, None] / (PAF_SAMPLES - 1)
+    samples = a + steps * delta  # [10, nA, nB, 2]; never within 1/18 of a rounding tie
+    samples[-1] = np.broadcast_to(b, samples[-1].shape)
+    cols, rows = np.round(samples[..., 0]).astype(int), np.round(samples[..., 1]).astype(int)
+    alignment = field[rows, cols, 0] * direction[..., 0] + field[rows, cols, 1] * direction[..., 1]
+    total = alignment[0].copy()
+    for sample in alignment[1:]:
+        total += sample
+    score = total / PAF_SAMPLES + np.minimum(0.5 * height / norm - 1, 0)
+    passing = np.count_nonzero(alignment > PAF_THRESHOLD, axis=0) > 0.8 * PAF_SAMPLES
+    return np.where(passing & (score > 0), score, np.nan)
 
 
 def connect_limbs(
@@ -358,13 +367,9 @@ def connect_limbs(
         if not ends_a or not ends_b:
             connections.append(None)
             continue
-        field = pafs[:, :, list(channels)]
-        candidates = []
-        for i, a in enumerate(ends_a):
-            for j, b in enumerate(ends_b):
-                score = limb_score(a, b, field, height)
-                if score is not None:
-                    candidates.append((i, j, score))
+        scores = limb_scores(ends_a, ends_b, pafs[:, :, list(channels)], height)
+        found = np.nonzero(~np.isnan(scores))  # row by row, as the extension's loops
+        candidates = [(int(i), int(j), float(scores[i, j])) for i, j in zip(*found, strict=True)]
         candidates.sort(key=lambda candidate: candidate[2], reverse=True)  # stable
         chosen: list[Connection] = []
         for i, j, score in candidates:
