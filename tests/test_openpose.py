@@ -307,12 +307,16 @@ def test_listed_when_the_file_is_there_and_named_when_not(
     assert refused.value.field == "controlnet[0].module"
 
 
-def test_the_safetensors_form_runs_and_a_corrupt_file_is_named(tmp_path: Path) -> None:
+def test_the_safetensors_form_runs_and_a_corrupt_file_is_named(
+    tmp_path: Path, controlnet_dir: Path
+) -> None:
     folder = tmp_path / "annotators" / "openpose"
     folder.mkdir(parents=True)
     save_file(published_state(narrow_model()), folder / "body_pose_model.safetensors")
-    made = Annotators([tmp_path]).find("openpose")(np.zeros((64, 64, 3), np.uint8), 64, -1, -1)
-    assert made.shape == (64, 64, 3)
+    image = (np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)
+    made = Annotators([tmp_path]).find("openpose")(image, 64, -1, -1)
+    from_pth = Annotators([controlnet_dir]).find("openpose")(image, 64, -1, -1)  # same weights
+    assert made.shape == (64, 64, 3) and np.array_equal(made, from_pth)
     (folder / "body_pose_model.pth").write_bytes(b"not a pickle")  # the .pth wins
     reason = dict(Annotators([tmp_path]).unavailable())["openpose"]
     assert f"{tmp_path.name}/annotators/openpose/body_pose_model.pth" in reason
