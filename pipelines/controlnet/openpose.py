@@ -17,8 +17,8 @@ theirs; the code here is written anew around them:
    Gaussian (sigma 3) above 0.1; limbs scored along their part affinity field (10 samples);
    people grown limb by limb; people with fewer than 4 parts or a mean score below 0.4
    dropped.
-4. `draw_body`: on a black canvas, each limb an ellipse 4 px wide in its colour, the canvas
-   dimmed to 60 %, then each joint a disc of radius 4 in its colour.
+4. `draw_body`: on a black canvas, each limb an ellipse of half-width 4 px in its colour,
+   the canvas dimmed to 60 %, then each joint a disc of radius 4 in its colour.
 
 `openpose_map` is the whole preprocessor: the image at the processor resolution with edge
 padding to a multiple of 64 (`resize_image_with_pad`), the steps above on the padded image,
