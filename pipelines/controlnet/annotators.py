@@ -12,6 +12,10 @@ at the processor resolution with edge padding to a multiple of 64, pixels / 127.
 predicted depth (at the padded size: DPT's position embeddings are interpolated as MiDaS's
 `forward_flex` does) normalised min..max to 0..255, the padding cut off.
 
+`openpose` is sd-webui-controlnet's body-only OpenPose, ported in `openpose` (no
+controlnet-aux, no torchvision): `annotators/openpose/body_pose_model.pth` (lllyasviel/
+Annotators; read with `weights_only`) or the same tensors as `body_pose_model.safetensors`.
+
 The face embedder of IP-Adapter FaceID units (insightface, optional: `faceid`) is kept here
 too, as sd-webui-controlnet keeps it with its preprocessors.
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,13 @@ from pipelines.controlnet.faceid import (
     face_problem,
 )
 from pipelines.controlnet.midas_original import midas_config, original_to_transformers
+from pipelines.controlnet.openpose import (
+    BODY_POSE_FILE,
+    BODY_POSE_SAFETENSORS,
+    BodyPoseModel,
+    load_body_pose,
+    openpose_map,
+)
 from pipelines.controlnet.preprocessors import (
     BUILT_IN,
     WEIGHTED,
@@ -57,6 +68,8 @@ from pipelines.safeload import load_pickle, load_state_dict, read_safetensors_he
 
 ORIGINAL_MIDAS = "dpt_hybrid-midas-501f0c75.pt"
 """The file sd-webui-controlnet downloads (original MiDaS key layout)."""
+BODY_POSE_KEYS = ("conv1_1.weight", "Mconv7_stage6_L2.weight")
+"""Tensors of OpenPose's body model, first and last (the published names)."""
 MIDAS_KEYS = ("dpt.embeddings.backbone.bit.embedder.convolution.weight", "head.head.0.weight")
 """Tensors every transformers DPT-Hybrid depth model has (a BiT stem, a depth head)."""
 
@@ -106,6 +119,31 @@ def original_problem(path: Path) -> str | None:
         return f"{shown(path.parent)}/{path.name}: {error.strerror}"
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
         return f"{shown(path.parent)}/{path.name}: not a torch checkpoint (empty or not a pickle)"
+    return None
+
+
+def openpose_weights(folder: Path) -> Path:
+    """The body model file of `annotators/openpose/`: the `.pth`, else the `.safetensors`."""
+    pth = folder / BODY_POSE_FILE
+    return pth if pth.is_file() else folder / BODY_POSE_SAFETENSORS
+
+
+def openpose_problem(folder: Path) -> str | None:
+    """Why the body model file cannot be OpenPose's (None: it may be): the `.pth` must be a
+    torch checkpoint, the `.safetensors` must hold the published keys (its header says);
+    the tensors themselves are checked when it is loaded."""
+    weights = openpose_weights(folder)
+    if weights.name == BODY_POSE_FILE:
+        return original_problem(weights)
+    try:
+        tensors = read_safetensors_header(weights).tensors
+    except UnusableFileError as error:
+        return f"{shown(folder)}/{error}"  # the error starts with the file's name
+    except OSError as error:
+        return f"{shown(folder)}/{weights.name}: {error.strerror}"
+    missing = [key for key in BODY_POSE_KEYS if key not in tensors]
+    if missing:
+        return f"{shown(folder)}/{weights.name}: not OpenPose's body model (no {missing[0]})"
     return None
 
 
@@ -282,6 +320,8 @@ class Annotators:
         folder = self.folder(weighted)
         if folder is None:
             return f"it needs {files} in {where} ({weighted.source})"
+        if weighted.name == "openpose":
+            return openpose_problem(folder)
         if all((folder / name).is_file() for name in weighted.files):
             return midas_problem(folder)
         original = [folder / name for name in weighted.other_files if (folder / name).is_file()]
@@ -331,26 +371,40 @@ class Annotators:
         """The depth model of `folder` on the device, loaded once per file version (the
         transformers folder when complete, else the original file)."""
         complete = (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-        weights = folder / ("model.safetensors" if complete else ORIGINAL_MIDAS)
+        if complete:
+            return self._loaded("depth_midas", folder / "model.safetensors", load_midas, folder)
+        return self._loaded(
+            "depth_midas", folder / ORIGINAL_MIDAS, load_original_midas, folder / ORIGINAL_MIDAS
+        )
+
+    def openpose(self, folder: Path) -> BodyPoseModel:
+        """The body pose network of `folder` on the device, loaded once per file version
+        (`body_pose_model.pth`, else its `.safetensors` twin)."""
+        weights = openpose_weights(folder)
+        name = shown(folder)
+        return self._loaded("openpose", weights, lambda path: load_body_pose(path, name), weights)
+
+    def _loaded(self, module: str, weights: Path, load: Callable[[Path], Any], source: Path) -> Any:
+        """`load(source)` on the device, kept per folder until `weights` changes."""
         try:
             version = weights.stat().st_mtime_ns
         except OSError as error:
             raise UnusableFileError(
-                f"preprocessor depth_midas: {shown(folder)}/{weights.name}: {error.strerror}"
+                f"preprocessor {module}: {shown(weights.parent)}/{weights.name}: {error.strerror}"
             ) from error
-        key = (str(folder), weights.name, version, str(self.device))
+        key = (str(weights.parent), weights.name, version, str(self.device))
         with self._lock:
             if key not in self._models:
                 self._models = {k: m for k, m in self._models.items() if k[0] != key[0]}
-                model = load_midas(folder) if complete else load_original_midas(weights)
-                self._models[key] = model.to(self.device)
+                self._models[key] = load(source).to(self.device)
             return self._models[key]
 
     def _bound(self, weighted: WeightedPreprocessor, folder: Path) -> Preprocessor:
+        run = self._run_openpose if weighted.name == "openpose" else self._run_midas
         return Preprocessor(
             weighted.name,
             weighted.label,
-            partial(self._run_midas, folder),
+            partial(run, folder),
             priority=weighted.priority,
             tags=weighted.tags,
         )
@@ -364,3 +418,9 @@ class Annotators:
         with torch.inference_mode():
             depth = dpt_depth(model, pixels.to(self.device))[0]
         return cut(depth_to_map(depth)[:, :, None])
+
+    def _run_openpose(
+        self, folder: Path, image: ImageArray, resolution: int, a: float, b: float
+    ) -> ImageArray:
+        """sd-webui-controlnet's `openpose` (body only; `pipelines.controlnet.openpose`)."""
+        return openpose_map(self.openpose(folder), image, resolution, self.device)

@@ -295,11 +295,12 @@ WEIGHTED: tuple[WeightedPreprocessor, ...] = (
         "openpose",
         "openpose",
         "openpose",
-        ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
-        unsupported=(
-            "it runs through controlnet-aux, which needs torchvision, and PyPI's torchvision "
-            "does not load beside the CPU torch wheel"
+        ("body_pose_model.pth",),
+        source=(
+            "lllyasviel/Annotators, the file sd-webui-controlnet downloads; or the same "
+            "tensors as body_pose_model.safetensors"
         ),
+        other_files=("body_pose_model.safetensors",),
         priority=100,
         tags=("OpenPose",),
     ),
