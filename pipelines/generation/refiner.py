@@ -85,6 +85,12 @@ class RefinerSwitch:
         """Make the refiner current on `run` (the caller makes its model current again
         afterwards); returns the conditioning encoded by the refiner, with the stack's
         LoRAs that fit it applied."""
+        adapters = self.activate(run, inputs)
+        return run.encode_prompts(inputs, adapters, conditioning.hires_steps)
+
+    def activate(self, run: Txt2ImgRun, inputs: RunInputs) -> Adapters:
+        """Make the refiner current on `run` with the stack's LoRAs that fit it applied
+        (`enter` without the prompts: what ZeroGPU prepares before its GPU call)."""
         before = run.model
         run.model = self.switch_model(self.model or self.checkpoint)
         if self.model is None:
@@ -97,8 +103,7 @@ class RefinerSwitch:
                     field="refiner_checkpoint",
                 )
         self.switched = True
-        adapters = self.apply_fitting(run, inputs)
-        return run.encode_prompts(inputs, adapters, conditioning.hires_steps)
+        return self.apply_fitting(run, inputs)
 
     def apply_fitting(self, run: Txt2ImgRun, inputs: RunInputs) -> Adapters:
         """Apply the stack's LoRAs that fit the refiner; note the others once per run."""
