@@ -149,8 +149,11 @@ class Engine:
         model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
         run = self.build_run(model, request, control)
         inputs = run.check_inputs(request)
-        hires = request.hires.checkpoint if request.hires is not None else None
-        others = [name for name in (hires, request.refiner_checkpoint) if name is not None]
+        others: list[str] = []
+        if isinstance(run, HiresRun) and request.hires and request.hires.checkpoint:
+            others.append(request.hires.checkpoint)
+        if isinstance(run, Txt2ImgRun) and run.refiner and run.refiner.may_switch:
+            others.append(run.refiner.checkpoint)
         if others and isinstance(run, Txt2ImgRun):
             keys = {self.folders.resolve("checkpoint", name).key for name in others}
             self.manager.make_room(len(keys | {model.key}))

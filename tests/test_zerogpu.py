@@ -290,9 +290,12 @@ def test_hires_and_refiner_checkpoints_load_and_merge_outside_the_gpu_call(
     standin = ZeroGpuStandIn()
     runner = ZeroGpuRunner(engine, gpu=standin.GPU)
     requests = [two_pass(3, False), two_pass(4, False), two_pass(3, True), two_pass(4, True)]
-    results = [runner.generate(r, Unobserved()) for r in requests]
     manager = engine.manager
-    assert (manager.loads, manager.merges) == (4, 4)
+    results = [runner.generate(r, Unobserved()) for r in requests[:2]]
+    engine.prepare(replace(requests[2], refiner_switch_at=1.0), Unobserved())  # never switches
+    assert manager.loads == 3 and manager.limit == 2  # so its refiner is not loaded yet
+    results += [runner.generate(r, Unobserved()) for r in requests[2:]]
+    assert (manager.loads, manager.merges, manager.limit) == (4, 4, 2)
     assert runner.inside == [(0, 0)] * 4
     assert len(set(standin.pids)) == 4 and os.getpid() not in standin.pids
     assert all("Hires checkpoint: hrother" in r.infotexts[0] for r in results[:2])

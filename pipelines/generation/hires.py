@@ -148,7 +148,7 @@ class HiresRun(Txt2ImgRun):
             if self.model is not own:
                 self.apply_vae(inputs)
                 self.apply_adapters(second.inputs)
-        if self.refiner is not None:
+        if self.refiner is not None and self.refiner.may_switch:
             self.refiner.activate(self, second.inputs)
 
     def require_switch(self) -> Callable[[str | ActiveModel], ActiveModel]:

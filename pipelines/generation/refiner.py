@@ -76,6 +76,11 @@ class RefinerSwitch:
     switched: bool = False
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def may_switch(self) -> bool:
+        """False when no step can reach the switch point (`switch_at` 1: no refiner)."""
+        return self.switch_at < 1
+
     def index(self, scheduler: Any, timesteps: torch.Tensor) -> int:
         """Where this pass's steps go over to the refiner."""
         begin = getattr(scheduler, "begin_index", None) or 0

@@ -346,7 +346,7 @@ class Txt2ImgRun:
         stacks now, so that the run itself only makes them current again: ZeroGPU does
         this in the main process, before its GPU call. The caller makes the run's own
         model current again afterwards."""
-        if self.refiner is not None:
+        if self.refiner is not None and self.refiner.may_switch:
             self.refiner.activate(self, inputs)
 
     def after_denoise(
