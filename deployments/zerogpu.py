@@ -11,10 +11,12 @@ process (`multiprocessing` "fork"), passes its arguments and result by pickling,
 the worker for the next call while the scheduler reports the GPU idle; the scheduler aborts
 a call that outruns its requested duration. So `ZeroGpuRunner` does everything that is not
 sampling in the main process first, on the CPU (DiffuseCraft's "load LoRAs on CPU"):
-`Engine.prepare` switches the checkpoint and merges the LoRA stack and VAE; a freshly forked
-worker inherits those weights and only samples and decodes. A kept worker forked before a
-later switch still holds the old weights: its `Engine.generate` brings them up to date
-itself (correct, but paid in GPU time), and the runner logs it and counts it. `ForkGuard`
+`Engine.prepare` loads the checkpoint and merges the LoRA stack and VAE, and does the same
+for a hires fix's `hr_checkpoint_name` and a refiner (the model cache grows to hold every
+checkpoint of a request); a freshly forked worker inherits those weights, only makes each
+model current in turn (no file read, no merge), samples and decodes. A kept worker forked
+before a later load or merge still holds the old weights: its `Engine.generate` brings them
+up to date itself (correct, but paid in GPU time), and the runner logs it and counts it. `ForkGuard`
 makes sure no background thread (hashing, a listing) holds a lock the worker needs at the
 moment of the fork. The duration asked for comes from `DurationModel`, calibrated from the
 recorded GPU time of earlier calls on the same hardware.
@@ -272,12 +274,13 @@ def _single_cpu_thread() -> None:
 
 @dataclass(frozen=True)
 class GpuCall:
-    """What one GPU call hands back across the fork: the result, the switches and merges
-    the worker had to do itself (0 when the main process prepared everything), and the
-    seconds it took (the duration model's record)."""
+    """What one GPU call hands back across the fork: the result, the checkpoint loads and
+    merges the worker had to do itself (0 when the main process prepared everything; making
+    a prepared model current again is not counted), and the seconds it took (the duration
+    model's record)."""
 
     result: Any
-    switches: int
+    loads: int
     merges: int
     seconds: float
 
@@ -309,7 +312,7 @@ class ZeroGpuRunner:
             calls run here).
         durations: the duration model (default: built-in rates, records kept in memory).
     Attributes:
-        inside: (switches, merges) each GPU call did itself, in call order.
+        inside: (checkpoint loads, merges) each GPU call did itself, in call order.
     """
 
     workers = 1
@@ -348,27 +351,27 @@ class ZeroGpuRunner:
         if os.getpid() != self._main_pid:
             _single_cpu_thread()
         manager = self.engine.manager
-        switches, merges, started = manager.switches, manager.merges, time.monotonic()
+        loads, merges, started = manager.loads, manager.merges, time.monotonic()
         result = self.engine.generate(request, _Unobserved())
         return GpuCall(
             result,
-            manager.switches - switches,
+            manager.loads - loads,
             manager.merges - merges,
             time.monotonic() - started,
         )
 
     def generate(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
-        """Switch and merge here (CPU, unpaid), then sample and decode under the GPU."""
+        """Load and merge here (CPU, unpaid), then sample and decode under the GPU."""
         with self._lock:
             self.engine.prepare(request, control)
             with self.guard.armed():
                 call = self._gpu_generate(request)
-        self.inside.append((call.switches, call.merges))
-        if call.switches or call.merges:
+        self.inside.append((call.loads, call.merges))
+        if call.loads or call.merges:
             log.warning(
-                "ZeroGPU: the worker was forked before the last switch or merge and redid "
-                "it in GPU time (%d switch(es), %d merge(s))",
-                call.switches,
+                "ZeroGPU: the worker was forked before the last load or merge and redid "
+                "it in GPU time (%d load(s), %d merge(s))",
+                call.loads,
                 call.merges,
             )
         self.durations.record(request, call.seconds)

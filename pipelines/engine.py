@@ -122,32 +122,51 @@ class Engine:
                 compile_watch(self.plan.compile is not None),
             ):
                 model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-                run = self.run_for(request)(model, self.plan, self.folders, control)
-                run.previews = self.previews
-                run.embeddings = self.embeddings
-                run.controlnets, run.annotators = self.controlnets, self.annotators
-                if isinstance(run, HiresRun):
-                    run.switch_model = self.switch_model
-                if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
-                    run.refiner = RefinerSwitch(
-                        request.refiner_checkpoint, request.refiner_switch_at, self.switch_model
-                    )
-                return run(request)
+                return self.build_run(model, request, control)(request)
         finally:
             if stateless:
                 self.manager.restore_base()
 
+    def build_run(
+        self, model: ActiveModel, request: GenerationRequest, control: RunControl
+    ) -> Txt2ImgRun | SdUpscaleRun:
+        """The run `request` asks for on `model`, wired to this engine's caches and model
+        switch (a hires checkpoint, a refiner)."""
+        run = self.run_for(request)(model, self.plan, self.folders, control)
+        run.previews = self.previews
+        run.embeddings = self.embeddings
+        run.controlnets, run.annotators = self.controlnets, self.annotators
+        if isinstance(run, HiresRun):
+            run.switch_model = self.switch_model
+        if request.refiner_checkpoint is not None and isinstance(run, Txt2ImgRun):
+            run.refiner = RefinerSwitch(
+                request.refiner_checkpoint, request.refiner_switch_at, self.switch_model
+            )
+        return run
+
     def prepare(self, request: GenerationRequest, control: RunControl) -> None:
-        """Steps 1-2 of `generate` alone: switch to the request's checkpoint and merge its
-        LoRA stack and VAE, so that a `generate` of the same request right after finds both
-        in place and only samples and decodes. ZeroGPU calls this in the main process (on
-        the CPU, outside the paid GPU call). A hires pass or refiner on another checkpoint
-        still switches during the run.
+        """Steps 1-2 of `generate` alone, for every checkpoint the request uses: load the
+        hires fix's `hr_checkpoint_name` and the refiner with their stacks merged (and the
+        hires checkpoint's VAE), then the request's own checkpoint with its stack and VAE,
+        left current. A `generate` of the same request right after finds all of them
+        loaded and merged: it only makes them current in turn, samples and decodes (no
+        file read, no merge). ZeroGPU calls this in the main process (on the CPU, outside
+        the paid GPU call); the model cache grows to hold every checkpoint of the request.
         """
         model = self.manager.refresh_entry(self.manager.get(request.checkpoint))
-        run = self.run_for(request)(model, self.plan, self.folders, control)
-        run.embeddings = self.embeddings
+        run = self.build_run(model, request, control)
         inputs = run.check_inputs(request)
+        others: list[str] = []
+        if isinstance(run, HiresRun) and request.hires and request.hires.checkpoint:
+            others.append(request.hires.checkpoint)
+        if isinstance(run, Txt2ImgRun) and run.refiner and run.refiner.may_switch:
+            others.append(run.refiner.checkpoint)
+        if others and isinstance(run, Txt2ImgRun):
+            keys = {self.folders.resolve("checkpoint", name).key for name in others}
+            self.manager.make_room(len(keys | {model.key}))
+            run.prepare_other_checkpoints(inputs)
+            if run.model is not model:
+                run.model = self.switch_model(model)
         run.apply_adapters(inputs)
         run.apply_vae(inputs)
 

@@ -119,7 +119,9 @@ class ModelManager:
         self._loaded: OrderedDict[tuple[str, int], ActiveModel] = OrderedDict()
         self._current: ActiveModel | None = None
         self.loading: str | None = None
-        self.switches = 0  # times the current model changed (loads included): ZeroGPU's stats
+        self.switches = 0  # times the current model changed (loads and reactivations)
+        self.loads = 0  # checkpoint files read (and demo models built): ZeroGPU's stats
+        self._evicted_merges = 0  # merges made in models no longer loaded
 
     @property
     def current(self) -> ActiveModel | None:
@@ -127,8 +129,17 @@ class ModelManager:
 
     @property
     def merges(self) -> int:
-        """Stack changes merged into the loaded models' weights (see `AdapterStack.merges`)."""
-        return sum(model.adapters.merges for model in self._loaded.values())
+        """Stack changes merged into any model's weights so far, evicted ones included (see
+        `AdapterStack.merges`)."""
+        return self._evicted_merges + sum(model.adapters.merges for model in self._loaded.values())
+
+    def make_room(self, count: int) -> None:
+        """Keep at least `count` checkpoints loaded from now on (ZeroGPU: every checkpoint
+        one request uses, so that its GPU call only reactivates them). Each one kept costs
+        its weights in memory."""
+        if count > self.limit:
+            log.info("keeping up to %d checkpoints loaded (was %d)", count, self.limit)
+            self.limit = count
 
     def get(self, name: str | None) -> ActiveModel:
         """The model `name` resolves to, loaded and placed (None: the current one, else
@@ -178,6 +189,7 @@ class ModelManager:
             _, evicted = self._loaded.popitem(last=False)
             if evicted is self._current:
                 self._current = None
+            self._evicted_merges += evicted.adapters.merges
             del evicted
             self.free_memory()
         previous = self._current
@@ -188,6 +200,7 @@ class ModelManager:
             if previous is not None:  # the old model serves on when the new one fails
                 place_pipeline(previous.pipe, self.plan)
             raise
+        self._evicted_merges -= model.adapters.merges  # a reactivated model counts once
         place_pipeline(model.pipe, self.plan)
         model.pipe.set_progress_bar_config(disable=True)
         # A1111's cond_stage_model_empty_prompt: "" encoded before any LoRA, for padding.
@@ -228,6 +241,7 @@ class ModelManager:
             raise
         finally:
             self.loading = None
+        self.loads += 1
         entry = self.folders.learn("checkpoint", entry, architecture=loaded.architecture)
         log.info(
             "loaded %s (%s) in %.1fs",
@@ -239,6 +253,7 @@ class ModelManager:
 
     def _load_demo(self) -> ActiveModel:
         loaded = build_random_pipeline(DEMO_YAML, DEMO_SEED, self.cache_dir)
+        self.loads += 1
         log.warning(
             "No checkpoint found: running the built-in tiny demo model, which has random "
             "weights, so its images are noise. Put a Stable Diffusion checkpoint into a models "

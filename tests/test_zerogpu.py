@@ -1,6 +1,7 @@
 """ZeroGPU: the duration estimate and its calibration, the no-op wrapper off ZeroGPU, and the
-runner under a forking stand-in for `spaces.GPU` (tests/zerogpu_standin.py): switches and
-merges in the main process, the duration requested and enforced, locks free at the fork."""
+runner under a forking stand-in for `spaces.GPU` (tests/zerogpu_standin.py): checkpoint
+loads and merges in the main process (a hires checkpoint and a refiner included), the
+duration requested and enforced, locks free at the fork."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,11 +35,13 @@ from deployments.zerogpu import (
 )
 from frontends.page.gpu_time import gpu_time_text
 from pipelines.engine import Engine
-from pipelines.loading import LoadedModel
-from pipelines.schema import GenerationRequest, GenerationResult, LoraSpec
+from pipelines.loading import LoadedModel, random_pipeline
+from pipelines.schema import GenerationRequest, GenerationResult, HiresFix, LoraSpec
 from pipelines.service import Service, build_folders
 from pipelines.settings import Settings
-from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, write
+from tests.conftest import DEMO_YAML, FIXTURES, copy_yaml_with_clip
+from tests.ldm_export import save_single_file
+from tests.test_lora import SD1_MODULES, make_kohya, sd1_keys, sdxl_ldm_modules, write
 from tests.zerogpu_standin import GpuTaskAborted, ZeroGpuStandIn
 
 
@@ -200,7 +204,7 @@ def test_switch_and_merge_happen_once_outside_the_forked_gpu_call(
     ]
     results = [runner.generate(r, Unobserved()) for r in requests]
     manager = fresh_engine.manager
-    assert (manager.switches, manager.merges) == (1, 1)
+    assert (manager.loads, manager.switches, manager.merges) == (1, 1, 1)
     assert runner.inside == [(0, 0)] * 3
     assert len(set(standin.pids)) == 3 and os.getpid() not in standin.pids
     with one_thread():
@@ -227,8 +231,85 @@ def test_a_kept_worker_forked_before_a_merge_redoes_it_correctly(fresh_engine: E
     assert pixels(glow) == pixels(here)
 
 
+@pytest.fixture(scope="module")
+def two_pass_settings(
+    tmp_path_factory: pytest.TempPathFactory,
+    models_dir: Path,
+    tiny_sd1: LoadedModel,
+    tiny_sdxl: LoadedModel,
+    cache_root: Path,
+) -> Settings:
+    """`hrbase` and `hrother` (the tiny SD1, the second with another UNet output layer),
+    the tiny SDXL and a tiny SDXL refiner; an SD1 LoRA and a CLIP-G LoRA (fits the SDXL
+    and its refiner)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("two-pass-models")
+    state = load_file(models_dir / "tiny-sd1.safetensors")
+    save_file(state, folder / "hrbase.safetensors")
+    out = "model.diffusion_model.out."
+    save_file({k: v * 1.3 if k.startswith(out) else v for k, v in state.items()},
+              folder / "hrother.safetensors")  # fmt: skip
+    for name in ("hrbase", "hrother"):
+        copy_yaml_with_clip(DEMO_YAML, folder / f"{name}.yaml")
+    refiner_yaml = FIXTURES / "tiny-sdxl-refiner.yaml"
+    save_single_file(random_pipeline(refiner_yaml, 1, cache_root).pipe,
+                     folder / "tiny-refiner.safetensors")  # fmt: skip
+    copy_yaml_with_clip(refiner_yaml, folder / "tiny-refiner.yaml")
+    data = tmp_path_factory.mktemp("two-pass-data")
+    loras = data / "loras"
+    write(loras / "ink.safetensors",
+          make_kohya(tiny_sd1.pipe, SD1_MODULES, sd1_keys(SD1_MODULES), seed=1))  # fmt: skip
+    modules, keys = sdxl_ldm_modules()
+    clip_g = [m for m in modules if m[0] == "text_encoder_2"]
+    write(loras / "xl-clipg.safetensors", make_kohya(tiny_sdxl.pipe, clip_g, keys, seed=3))
+    return Settings(data_dir=data, ckpt_dirs=(folder, models_dir), lora_dirs=(loras,), threads=2)
+
+
+def two_pass(seed: int, refiner: bool) -> GenerationRequest:
+    """An SD1 request with its hires pass on `hrother`, or an SDXL one with a refiner."""
+    if refiner:
+        return GenerationRequest(prompt="a house", seed=seed, steps=2, width=64, height=64,
+                                 checkpoint="xl/tiny-sdxl", loras=(LoraSpec("xl-clipg", 1.0),),
+                                 refiner_checkpoint="tiny-refiner",
+                                 refiner_switch_at=0.5)  # fmt: skip
+    return GenerationRequest(prompt="a tower", seed=seed, steps=2, width=64, height=64,
+                             checkpoint="hrbase", loras=(LoraSpec("ink", 0.8),),
+                             hires=HiresFix(scale=1.5, checkpoint="hrother"),
+                             denoising_strength=0.6)  # fmt: skip
+
+
+def test_hires_and_refiner_checkpoints_load_and_merge_outside_the_gpu_call(
+    two_pass_settings: Settings,
+) -> None:
+    """A hires pass on another checkpoint and a refiner: the main process loads each of the
+    four checkpoints once and merges each stack once (SD1 LoRA on `hrbase` and on
+    `hrother`, the CLIP-G LoRA on the SDXL and on its refiner); the forked GPU calls only
+    make them current in turn, and their images are those of a plain engine."""
+    engine = Engine(two_pass_settings, build_folders(two_pass_settings))
+    standin = ZeroGpuStandIn()
+    runner = ZeroGpuRunner(engine, gpu=standin.GPU)
+    requests = [two_pass(3, False), two_pass(4, False), two_pass(3, True), two_pass(4, True)]
+    manager = engine.manager
+    results = [runner.generate(r, Unobserved()) for r in requests[:2]]
+    engine.prepare(replace(requests[2], refiner_switch_at=1.0), Unobserved())  # never switches
+    assert manager.loads == 3 and manager.limit == 2  # so its refiner is not loaded yet
+    results += [runner.generate(r, Unobserved()) for r in requests[2:]]
+    assert (manager.loads, manager.merges, manager.limit) == (4, 4, 2)
+    assert runner.inside == [(0, 0)] * 4
+    assert len(set(standin.pids)) == 4 and os.getpid() not in standin.pids
+    assert all("Hires checkpoint: hrother" in r.infotexts[0] for r in results[:2])
+    assert all("Refiner: tiny-refiner" in r.infotexts[0] for r in results[2:])
+    roomy = replace(two_pass_settings, checkpoints_limit=4)  # no reloads: a quicker reference
+    plain = Engine(roomy, build_folders(roomy))
+    with one_thread():
+        here = [plain.generate(r, Unobserved()) for r in requests]
+    assert [pixels(r) for r in here] == [pixels(r) for r in results]
+    assert results[0].images[0].size == (96, 96) and pixels(results[0]) != pixels(results[1])
+
+
 class StubManager:
-    switches = merges = 0
+    loads = merges = 0
 
 
 class StubEngine:

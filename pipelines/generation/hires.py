@@ -135,19 +135,40 @@ class HiresRun(Txt2ImgRun):
         if self.second.inputs.stack != inputs.stack:
             self.apply_adapters(inputs)  # the last batch's second pass changed the stack
 
-    def use_hires_checkpoint(self, inputs: RunInputs) -> None:
-        """Switch to the `hr_checkpoint_name` model (A1111 reloads weights between the
-        passes) and make the second pass's stack and conditioning on it."""
+    def prepare_other_checkpoints(self, inputs: RunInputs) -> None:
+        """The `hr_checkpoint_name` model loaded with the second pass's VAE and stack (as
+        `use_hires_checkpoint` makes them), then the refiner with the fitting part of that
+        stack (it refines the second pass)."""
+        second = self.plan_second_pass(inputs)
         hires = inputs.request.hires
-        assert hires is not None and hires.checkpoint is not None
+        assert hires is not None
+        if hires.checkpoint is not None:
+            own = self.model
+            self.model = self.require_switch()(hires.checkpoint)
+            if self.model is not own:
+                self.apply_vae(inputs)
+                self.apply_adapters(second.inputs)
+        if self.refiner is not None and self.refiner.may_switch:
+            self.refiner.activate(self, second.inputs)
+
+    def require_switch(self) -> Callable[[str | ActiveModel], ActiveModel]:
+        """The engine's model switch; a runner without one cannot use `hr_checkpoint_name`."""
         if self.switch_model is None:
             raise InvalidRequestError(
                 "hr_checkpoint_name: this runner cannot switch checkpoints",
                 field="hr_checkpoint_name",
             )
+        return self.switch_model
+
+    def use_hires_checkpoint(self, inputs: RunInputs) -> None:
+        """Switch to the `hr_checkpoint_name` model (A1111 reloads weights between the
+        passes) and make the second pass's stack and conditioning on it."""
+        hires = inputs.request.hires
+        assert hires is not None and hires.checkpoint is not None
+        switch_model = self.require_switch()
         if self.first is None:
             self.first = self.model
-        self.model = self.switch_model(self.hires_model or hires.checkpoint)
+        self.model = switch_model(self.hires_model or hires.checkpoint)
         self.hires_model = self.model
         self.apply_vae(inputs)  # A1111 resolves the VAE again for the new checkpoint
         self.encode_second_pass(inputs, None)

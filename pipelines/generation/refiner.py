@@ -76,6 +76,11 @@ class RefinerSwitch:
     switched: bool = False
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def may_switch(self) -> bool:
+        """False when no step can reach the switch point (`switch_at` 1: no refiner)."""
+        return self.switch_at < 1
+
     def index(self, scheduler: Any, timesteps: torch.Tensor) -> int:
         """Where this pass's steps go over to the refiner."""
         begin = getattr(scheduler, "begin_index", None) or 0
@@ -85,6 +90,12 @@ class RefinerSwitch:
         """Make the refiner current on `run` (the caller makes its model current again
         afterwards); returns the conditioning encoded by the refiner, with the stack's
         LoRAs that fit it applied."""
+        adapters = self.activate(run, inputs)
+        return run.encode_prompts(inputs, adapters, conditioning.hires_steps)
+
+    def activate(self, run: Txt2ImgRun, inputs: RunInputs) -> Adapters:
+        """Make the refiner current on `run` with the stack's LoRAs that fit it applied
+        (`enter` without the prompts: what ZeroGPU prepares before its GPU call)."""
         before = run.model
         run.model = self.switch_model(self.model or self.checkpoint)
         if self.model is None:
@@ -97,8 +108,7 @@ class RefinerSwitch:
                     field="refiner_checkpoint",
                 )
         self.switched = True
-        adapters = self.apply_fitting(run, inputs)
-        return run.encode_prompts(inputs, adapters, conditioning.hires_steps)
+        return self.apply_fitting(run, inputs)
 
     def apply_fitting(self, run: Txt2ImgRun, inputs: RunInputs) -> Adapters:
         """Apply the stack's LoRAs that fit the refiner; note the others once per run."""

@@ -341,6 +341,14 @@ class Txt2ImgRun:
     def before_batch(self, inputs: RunInputs, adapters: Adapters) -> None:
         """Put back what a batch needs that the last one changed (hires fix: the stack)."""
 
+    def prepare_other_checkpoints(self, inputs: RunInputs) -> None:
+        """Load the other checkpoints this run switches to (a refiner) and merge their
+        stacks now, so that the run itself only makes them current again: ZeroGPU does
+        this in the main process, before its GPU call. The caller makes the run's own
+        model current again afterwards."""
+        if self.refiner is not None and self.refiner.may_switch:
+            self.refiner.activate(self, inputs)
+
     def after_denoise(
         self, inputs: RunInputs, latents: torch.Tensor, seeds: SeedPlan, iteration: int
     ) -> tuple[RunInputs, torch.Tensor]:
