@@ -67,10 +67,23 @@ RECORDS_KEPT = 20  # recent runs per hardware that calibrate the rate
 
 
 def work_units(request: GenerationRequest) -> float:
-    """images x megapixels x (steps + a decode's worth): what GPU time grows with."""
+    """images x megapixels x (steps + a decode's worth), plus the same for a hires fix's
+    second pass at its target size (its steps, or the first pass's: with A1111's fixed
+    img2img steps the second pass runs exactly that many): what GPU time grows with."""
     images = max(1, request.batch_size) * max(1, request.n_iter)
-    megapixels = max(1, request.width) * max(1, request.height) / (1 << 20)
-    return images * megapixels * (max(1, request.steps) + DECODE_STEPS)
+    units = (
+        images * megapixels(request.width, request.height) * (max(1, request.steps) + DECODE_STEPS)
+    )
+    hires = request.hires
+    if hires is not None:
+        to_x, to_y, _, _ = hires.target(request.width, request.height)
+        steps = hires.second_pass_steps or request.steps
+        units += images * megapixels(to_x, to_y) * (max(1, steps) + DECODE_STEPS)
+    return units
+
+
+def megapixels(width: int, height: int) -> float:
+    return max(1, width) * max(1, height) / (1 << 20)
 
 
 @dataclass
@@ -135,8 +148,8 @@ def estimate_duration(request: GenerationRequest) -> int:
     """Seconds to ask for with the built-in (uncalibrated) rates.
 
     images = batch_size * n_iter; megapixels = width * height / 2^20;
-    seconds = 1.5 * (10 + images * megapixels * 0.25 * (steps + 4)),
-    rounded up and clamped to 15..300.
+    seconds = 1.5 * (10 + images * megapixels * 0.25 * (steps + 4)), with a hires fix's
+    second pass added at its size and steps, rounded up and clamped to 15..300.
 
     Example:
         >>> estimate_duration(GenerationRequest(steps=20, width=512, height=512))

@@ -71,6 +71,19 @@ def test_estimate_grows_with_the_work() -> None:
     assert estimate_duration(GenerationRequest(steps=1, width=64, height=64)) >= MIN_SECONDS
 
 
+def test_a_hires_pass_adds_its_size_and_steps() -> None:
+    """A hires fix's second pass runs at its target size for its own steps (or the first
+    pass's): the request asks for that time too, not only the first pass's."""
+    base = GenerationRequest(steps=20, width=512, height=512)
+    doubled = replace(base, hires=HiresFix(scale=2.0))  # 1024x1024, 20 more steps
+    assert work_units(doubled) == pytest.approx(0.25 * 24 + 1.0 * 24)
+    assert estimate_duration(doubled) == math.ceil(1.5 * (10 + 0.25 * (0.25 * 24 + 24)))
+    fewer = replace(base, hires=HiresFix(scale=2.0, second_pass_steps=6))
+    assert work_units(fewer) == pytest.approx(0.25 * 24 + 1.0 * 10)
+    sized = replace(base, hires=HiresFix(resize_x=768, resize_y=768))
+    assert work_units(sized) == pytest.approx(0.25 * 24 + 0.5625 * 24)
+
+
 def test_duration_of_call_finds_the_request() -> None:
     request = GenerationRequest(steps=30, width=1024, height=1024)
     assert duration_of_call("user", request=request) == estimate_duration(request)
