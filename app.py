@@ -126,8 +126,10 @@ def serve(
         return
     import gradio as gr
 
+    from frontends.page import gradio_guards
     from frontends.page.ui import build_ui
 
+    gradio_guards.install()
     page = build_ui(service, settings, demo_reason=notice, first_download=download)
     page.queue(default_concurrency_limit=1)
     from starlette.middleware import Middleware
