@@ -323,6 +323,15 @@ def test_the_safetensors_form_runs_and_a_corrupt_file_is_named(
     assert str(tmp_path.parent) not in reason  # no host path for clients
 
 
+def test_a_safetensors_file_without_the_published_keys_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "annotators" / "openpose"
+    folder.mkdir(parents=True)
+    save_file({"conv1_1.weight": torch.zeros(1)}, folder / "body_pose_model.safetensors")
+    reason = dict(Annotators([tmp_path]).unavailable())["openpose"]
+    named = f"{tmp_path.name}/annotators/openpose/body_pose_model.safetensors"
+    assert reason == f"{named}: not OpenPose's body model (no Mconv7_stage6_L2.weight)"
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, controlnet_dir: Path) -> Service:
     data = tmp_path_factory.mktemp("openpose-data")

@@ -60,6 +60,7 @@ from pipelines.controlnet.preprocessors import (
     at_resolution,
     find_preprocessor,
     pad_to_64,
+    read_annotator_file,
     sorted_preprocessors,
 )
 from pipelines.errors import InvalidRequestError, UnusableFileError
@@ -85,6 +86,22 @@ def shown(folder: Path) -> str:
     return f"{folder.parent.parent.name}/{ANNOTATORS_SUBFOLDER}/{folder.name}"
 
 
+def header_problem(path: Path, keys: Sequence[str], kind: str) -> str | None:
+    """Why the safetensors file at `path` cannot be `kind` (None: its header holds every
+    one of `keys`); the header only, so listing stays cheap."""
+    name = f"{shown(path.parent)}/{path.name}"
+    try:
+        tensors = read_safetensors_header(path).tensors
+    except UnusableFileError as error:
+        return f"{shown(path.parent)}/{error}"  # the error starts with the file's name
+    except OSError as error:
+        return f"{name}: {error.strerror}"
+    missing = [key for key in keys if key not in tensors]
+    if missing:
+        return f"{name}: not {kind} (no {', '.join(missing)})"
+    return None
+
+
 def midas_problem(folder: Path) -> str | None:
     """Why `folder` is not a usable transformers DPT-Hybrid depth model (None: it is); read
     from the config and the safetensors header only, so listing stays cheap."""
@@ -97,16 +114,7 @@ def midas_problem(folder: Path) -> str | None:
         return f"{name}/config.json: not a DPT config (model_type must be 'dpt')"
     if not config.get("is_hybrid"):
         return f"{name}/config.json: not DPT-Hybrid (is_hybrid is not true)"
-    try:
-        tensors = read_safetensors_header(folder / "model.safetensors").tensors
-    except UnusableFileError as error:
-        return f"{name}/{error}"  # the error starts with the file's name
-    except OSError as error:
-        return f"{name}/model.safetensors: {error.strerror}"
-    missing = [key for key in MIDAS_KEYS if key not in tensors]
-    if missing:
-        return f"{name}/model.safetensors: not a DPT depth model (no {', '.join(missing)})"
-    return None
+    return header_problem(folder / "model.safetensors", MIDAS_KEYS, "a DPT depth model")
 
 
 def original_problem(path: Path) -> str | None:
@@ -135,16 +143,7 @@ def openpose_problem(folder: Path) -> str | None:
     weights = openpose_weights(folder)
     if weights.name == BODY_POSE_FILE:
         return original_problem(weights)
-    try:
-        tensors = read_safetensors_header(weights).tensors
-    except UnusableFileError as error:
-        return f"{shown(folder)}/{error}"  # the error starts with the file's name
-    except OSError as error:
-        return f"{shown(folder)}/{weights.name}: {error.strerror}"
-    missing = [key for key in BODY_POSE_KEYS if key not in tensors]
-    if missing:
-        return f"{shown(folder)}/{weights.name}: not OpenPose's body model (no {missing[0]})"
-    return None
+    return header_problem(weights, BODY_POSE_KEYS, "OpenPose's body model")
 
 
 def load_original_midas(path: Path) -> Any:
@@ -153,12 +152,7 @@ def load_original_midas(path: Path) -> Any:
     from transformers import DPTForDepthEstimation
 
     name = f"{shown(path.parent)}/{path.name}"
-    try:
-        loaded = load_pickle(path)
-    except UnusableFileError as error:
-        raise UnusableFileError(
-            f"preprocessor depth_midas: {shown(path.parent)}/{error}", field="module"
-        ) from error
+    loaded = read_annotator_file("depth_midas", shown(path.parent), path, load_pickle)
     if isinstance(loaded, dict) and "optimizer" in loaded and isinstance(loaded.get("model"), dict):
         loaded = loaded["model"]  # MiDaS's loader unwraps training checkpoints the same way
     if not isinstance(loaded, dict):
@@ -215,10 +209,7 @@ def load_midas(folder: Path) -> Any:
     if problem:
         raise UnusableFileError(f"preprocessor depth_midas: {problem}", field="module")
     name = shown(folder)
-    try:
-        state = load_state_dict(folder / "model.safetensors")
-    except UnusableFileError as error:
-        raise UnusableFileError(f"preprocessor depth_midas: {name}/{error}") from error
+    state = read_annotator_file("depth_midas", name, folder / "model.safetensors", load_state_dict)
     try:
         config = DPTConfig.from_dict(json.loads((folder / "config.json").read_text("utf-8")))
         model = DPTForDepthEstimation(config)

@@ -38,7 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.controlnet.preprocessors import ImageArray, at_resolution, pad_to_64
+from pipelines.controlnet.preprocessors import (
+    ImageArray,
+    at_resolution,
+    pad_to_64,
+    read_annotator_file,
+)
 from pipelines.errors import UnusableFileError
 from pipelines.safeload import load_state_dict
 
@@ -192,12 +197,7 @@ def load_body_pose(path: Path, shown: str) -> BodyPoseModel:
     """The body network of `body_pose_model.pth` (read with `weights_only`) or its
     `.safetensors` twin, float32, CPU, eval; loaded strictly, a file that does not fit is
     an `UnusableFileError` naming it (`shown`) and the keys."""
-    try:
-        state = load_state_dict(path)
-    except UnusableFileError as error:
-        raise UnusableFileError(
-            f"preprocessor openpose: {shown}/{error}", field="module"
-        ) from error
+    state = read_annotator_file("openpose", shown, path, load_state_dict)
     with torch.device("meta"):  # names only: no memory, no time
         expected = [published_key(key) for key in BodyPoseModel().state_dict()]
     missing = [key for key in expected if key not in state]

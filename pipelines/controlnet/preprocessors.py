@@ -27,12 +27,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from pipelines.errors import InvalidRequestError
+from pipelines.errors import InvalidRequestError, UnusableFileError
+
+T = TypeVar("T")
 
 ImageArray = np.ndarray
 """uint8 [H, W, 3] RGB."""
@@ -478,3 +482,14 @@ def fit_map(detected: ImageArray, resize_mode: str, width: int, height: int) -> 
     new_h, new_w = covering.shape[:2]
     top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
     return np.ascontiguousarray(covering[top : top + height, left : left + width])
+
+
+def read_annotator_file(module: str, shown_folder: str, path: Path, read: Callable[[Path], T]) -> T:
+    """`read(path)` for preprocessor `module`; a file it refuses is refused again naming the
+    preprocessor and the folder (`shown_folder`), as the request's `module` field's fault."""
+    try:
+        return read(path)
+    except UnusableFileError as error:  # the error starts with the file's name
+        raise type(error)(
+            f"preprocessor {module}: {shown_folder}/{error}", field="module"
+        ) from error
