@@ -123,6 +123,12 @@ def test_the_checkpoint_menu_follows_the_folder_and_marks_unusable_files(
     page.wait_for_timeout(7_000)  # the page polls the listings every 5 s, as for LoRAs
     options = menu_options(page)
     assert "fresh-sd1" in options and not any("tiny-sdxl" in o for o in options), options
+    library = page.locator("#checkpoint_library").get_by_text("Checkpoints").first
+    library.click()  # the cards follow the same poll
+    cards = page.locator(".checkpoint-card")
+    sync_api.expect(cards.filter(has_text="fresh-sd1")).to_have_count(1)
+    sync_api.expect(cards.filter(has_text="tiny-sdxl")).to_have_count(0)
+    library.click()  # closed again, as the later tests expect
     context = browser.new_context()
     fresh = context.new_page()
     try:

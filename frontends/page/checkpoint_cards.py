@@ -5,7 +5,6 @@ the session's checkpoint; a file that cannot be used is greyed out with why."""
 from __future__ import annotations
 
 import html
-from typing import Any
 
 import gradio as gr
 
@@ -48,17 +47,16 @@ def listing_signature(service: GenerationService) -> str:
     return repr([(e.title, e.error, e.preview) for e in service.checkpoints()])
 
 
-def build_checkpoint_cards(
-    service: GenerationService, checkpoint: gr.Dropdown, refresh_seconds: float
-) -> None:
-    """The searchable cards (inside the caller's layout); they follow the folders."""
+def build_checkpoint_cards(service: GenerationService, checkpoint: gr.Dropdown) -> gr.State:
+    """The searchable cards (inside the caller's layout). They re-render when the returned
+    state takes a new `listing_signature`: the page's one poll of the checkpoint listing
+    sets it, with the checkpoint dropdowns."""
     version = gr.State(listing_signature(service))  # a first poll changes nothing
     search = gr.Textbox(
         placeholder="search checkpoints (path, family, hash)",
         show_label=False,
         elem_id="checkpoint_search",
     )
-    timer = gr.Timer(refresh_seconds)
 
     @gr.render(inputs=[search, version], **ONE_RENDER_AT_A_TIME)
     def cards(query: str, _version: str) -> None:
@@ -77,8 +75,4 @@ def build_checkpoint_cards(
                     )
                 use.click(lambda title=entry.title: title, None, checkpoint, **QUICK)
 
-    def poll(current: str) -> Any:
-        signature = listing_signature(service)
-        return gr.skip() if signature == current else signature
-
-    timer.tick(poll, version, version, **QUICK)
+    return version

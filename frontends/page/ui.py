@@ -24,7 +24,7 @@ import gradio as gr
 
 from deployments.ingest import IngestPolicy
 from deployments.lora_sources import LoraSources
-from frontends.page.checkpoint_cards import build_checkpoint_cards
+from frontends.page.checkpoint_cards import build_checkpoint_cards, listing_signature
 from frontends.page.controlnet_panel import (
     CONTROLNET_FIELDS,
     build_controlnet,
@@ -677,7 +677,7 @@ def build_ui(
                         make_preview=previews.wire,
                     )
                 with gr.Accordion("Checkpoints", open=False, elem_id="checkpoint_library"):
-                    build_checkpoint_cards(service, checkpoint, refresh_seconds)
+                    checkpoint_cards = build_checkpoint_cards(service, checkpoint)
                 with gr.Accordion("Embeddings", open=False, elem_id="embedding_library"):
                     build_embeddings(
                         service, prompt, controls["negative_prompt"], checkpoint, refresh_seconds
@@ -874,12 +874,12 @@ def build_ui(
             service.rescan()
             return model_dropdowns()
 
-        def poll_models(shown: str) -> tuple[Any, ...]:
-            """Open pages follow the folders as the LoRA list does."""
-            signature = models_signature()
-            if signature == shown:
-                return (gr.skip(),) * 6
-            return (*model_dropdowns(), signature)
+        def poll_models(shown: str, cards_shown: str) -> tuple[Any, ...]:
+            """Open pages follow the folders as the LoRA list does: the dropdowns and the
+            checkpoint cards, in one request per tick."""
+            signature, cards = models_signature(), listing_signature(service)
+            dropdowns = (gr.skip(),) * 6 if signature == shown else (*model_dropdowns(), signature)
+            return (*dropdowns, gr.skip() if cards == cards_shown else cards)
 
         built = (models_signature(), current_title())  # what the page's config holds
 
@@ -902,7 +902,12 @@ def build_ui(
         shown_models = gr.State("")
         models_timer = gr.Timer(refresh_seconds)
         following = [*refreshed, sd_vae, shown_models]
-        models_timer.tick(poll_models, shown_models, following, **QUICK)
+        models_timer.tick(
+            poll_models,
+            [shown_models, checkpoint_cards],
+            [*following, checkpoint_cards],
+            **QUICK,
+        )
         page.load(load_models, None, following, **QUICK)
         checkpoint.input(say_why_unusable, checkpoint, None, **QUICK)
         if downloading and first_download is not None and demo_banner and starters:
