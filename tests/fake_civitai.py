@@ -19,6 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
+from tests.local_servers import ApiAndCdn
+
 
 @dataclass
 class FakeFile:
@@ -30,7 +32,7 @@ class FakeFile:
 
 
 @dataclass
-class FakeCivitai:
+class FakeCivitai(ApiAndCdn):
     """The servers and their state. Use as a context manager; `url` is the endpoint."""
 
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -42,20 +44,8 @@ class FakeCivitai:
     slow_seconds: float = 3.0
 
     def __post_init__(self) -> None:
-        handler = type("Handler", (_Handler,), {"civitai": self})
-        self._servers = [_QuietServer(("127.0.0.1", 0), handler) for _ in range(2)]
-        for server in self._servers:
-            server.daemon_threads = True
-        self._threads: list[threading.Thread] = []
+        self.open_servers(type("Handler", (_Handler,), {"civitai": self}), _QuietServer)
         self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-
-    @property
-    def cdn_url(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
 
     def add_version(
         self,
@@ -111,21 +101,6 @@ class FakeCivitai:
     def log(self, method: str, path: str, headers: dict[str, str]) -> None:
         with self._lock:
             self.requests.append((method, path, headers))
-
-    def __enter__(self) -> FakeCivitai:
-        for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-            thread.daemon = True
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
 
 
 class _QuietServer(ThreadingHTTPServer):

@@ -26,9 +26,11 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from tests.local_servers import ApiAndCdn
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"  # every repo has this one revision
 LFS_SUFFIXES = (".safetensors",)
@@ -40,7 +42,7 @@ def git_blob_id(data: bytes) -> str:
 
 
 @dataclass
-class FakeHub:
+class FakeHub(ApiAndCdn):
     """The servers and their state. Use as a context manager; `url` is the HF_ENDPOINT."""
 
     repos: dict[str, Path] = field(default_factory=dict)
@@ -56,20 +58,8 @@ class FakeHub:
     hold: dict[tuple[str, str], tuple[int, threading.Event]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        handler = type("Handler", (_Handler,), {"hub": self})
-        self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
-        for server in self._servers:
-            server.daemon_threads = True
-        self._threads: list[threading.Thread] = []
+        self.open_servers(type("Handler", (_Handler,), {"hub": self}))
         self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-
-    @property
-    def cdn_url(self) -> str:
-        return f"http://127.0.0.1:{self._servers[1].server_address[1]}"
 
     def add_repo(self, repo_id: str, folder: Path) -> None:
         self.repos[repo_id] = folder
@@ -104,21 +94,6 @@ class FakeHub:
             if left:
                 self.fail[(repo_id, name)] = left - 1
             return left > 0
-
-    def __enter__(self) -> FakeHub:
-        for server in self._servers:
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-            thread.daemon = True
-            thread.start()
-            self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for server in self._servers:
-            server.shutdown()
-            server.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
 
     def files(self, repo_id: str) -> list[str]:
         """The repo's files, relative, sorted (hidden names skipped)."""

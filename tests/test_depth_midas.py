@@ -38,45 +38,59 @@ from tests.test_controlnet import tiny_controlnet
 SIZE = 64  # the tiny model's image_size, a multiple of 64: no padding, no resizing
 
 
-def tiny_dpt_hybrid() -> Any:
-    """A DPT-Hybrid depth model (BiT stem and three stages, 4 ViT layers), weights drawn
-    with a fixed seed and widened so the depth varies over the image."""
+def seeded_dpt_hybrid(
+    bit: dict[str, Any], seed: int, scale: float, *, sharp_attention: bool = False, **dpt: Any
+) -> Any:
+    """A DPT-Hybrid depth model at SIZE: a BiT backbone of the `bit` widths, the `dpt`
+    fields over the choices both test models share, weights drawn from `seed` times
+    `scale` (attention queries and keys at `scale` 1 when `sharp_attention` is set)."""
     from transformers import DPTConfig, DPTForDepthEstimation
 
-    bit = {
+    backbone = {
         "global_padding": "same",
         "layer_type": "bottleneck",
-        "depths": [1, 1, 1],
-        "hidden_sizes": [8, 16, 32],
-        "embedding_size": 8,
-        "num_groups": 4,
-        "out_features": ["stage1", "stage2", "stage3"],
         "embedding_dynamic_padding": True,
+        "out_features": ["stage1", "stage2", "stage3"],
+        **bit,
     }
     config = DPTConfig(
         is_hybrid=True,
-        backbone_config=bit,
-        backbone_featmap_shape=[1, 32, SIZE // 16, SIZE // 16],
-        hidden_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=32,
+        backbone_config=backbone,
+        backbone_featmap_shape=[1, bit["hidden_sizes"][-1], SIZE // 16, SIZE // 16],
         image_size=SIZE,
         patch_size=16,
-        backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[8, 16, 16, 16],
         fusion_hidden_size=16,
         reassemble_factors=[1, 1, 1, 0.5],
         readout_type="project",
         use_batch_norm_in_fusion_residual=False,
+        **dpt,
     )
     torch.manual_seed(0)
     model = DPTForDepthEstimation(config).eval()
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        for name, parameter in model.named_parameters():
+            sharp = sharp_attention and (".query." in name or ".key." in name)
+            drawn = torch.randn(parameter.shape, generator=generator)
+            parameter.copy_(drawn * (1.0 if sharp else scale))
     return model
+
+
+def tiny_dpt_hybrid() -> Any:
+    """A DPT-Hybrid depth model (BiT stem and three stages, 4 ViT layers), weights drawn
+    with a fixed seed and widened so the depth varies over the image."""
+    bit = {"depths": [1, 1, 1], "hidden_sizes": [8, 16, 32], "embedding_size": 8, "num_groups": 4}
+    return seeded_dpt_hybrid(
+        bit,
+        seed=1,
+        scale=0.3,
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 16, 16],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -260,44 +274,20 @@ def test_a_unit_uses_the_engines_model(service: Service, annotators: Annotators)
 
 def tiny_midas_like() -> Any:
     """A DPT-Hybrid with the published file's fixed choices (12 heads, 12 layers feeding
-    the neck from 2, 5, 8, 11; BiT with 32 groups) and small widths."""
-    from transformers import DPTConfig, DPTForDepthEstimation
-
-    bit = {
-        "global_padding": "same",
-        "layer_type": "bottleneck",
-        "embedding_dynamic_padding": True,
-        "depths": [1, 2, 1],
-        "hidden_sizes": [128, 256, 512],
-        "embedding_size": 32,
-        "out_features": ["stage1", "stage2", "stage3"],
-    }
-    config = DPTConfig(
-        is_hybrid=True,
-        backbone_config=bit,
-        backbone_featmap_shape=[1, 512, SIZE // 16, SIZE // 16],
+    the neck from 2, 5, 8, 11; BiT with 32 groups) and small widths; queries and keys
+    drawn large, so attention is far from uniform and a query/key mix-up changes the map."""
+    return seeded_dpt_hybrid(
+        {"depths": [1, 2, 1], "hidden_sizes": [128, 256, 512], "embedding_size": 32},
+        seed=2,
+        scale=0.3,
+        sharp_attention=True,
         hidden_size=24,
         num_hidden_layers=12,
         num_attention_heads=12,
         intermediate_size=48,
-        image_size=SIZE,
-        patch_size=16,
         backbone_out_indices=[2, 5, 8, 11],
         neck_hidden_sizes=[128, 256, 24, 24],
-        fusion_hidden_size=16,
-        reassemble_factors=[1, 1, 1, 0.5],
-        readout_type="project",
-        use_batch_norm_in_fusion_residual=False,
     )
-    torch.manual_seed(0)
-    model = DPTForDepthEstimation(config).eval()
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            sharp = ".query." in name or ".key." in name  # attention far from uniform
-            scale = 1.0 if sharp else 0.3  # so a query/key mix-up changes the map
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-    return model
 
 
 def original_key(key: str) -> str:
