@@ -218,15 +218,20 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
             # base, merged and unmerged steps interleaved, so drift hits all three alike
             times: dict[str, list[float]] = {"base": [], "merged": [], "unmerged": []}
             stack = [(p, p.stem, 1.0, 1.0) for p in paths[:count]]
-            for _ in range(repeats):
-                times["base"].append(seconds_per_step(unet, latent, 1))
-                applier.apply_paths(stack)  # 0 LoRAs: measured too, nothing filled in
-                times["merged"].append(seconds_per_step(unet, latent, 1))
-                applier.apply_paths([])
-                handles = add_hooks(unet, states[:count])
-                times["unmerged"].append(seconds_per_step(unet, latent, 1))
-                for handle in handles:
-                    handle.remove()
+            modes = list(times)
+            for index in range(repeats):  # the order rotates: no mode always runs first
+                for mode in modes[index % 3 :] + modes[: index % 3]:
+                    if mode == "merged":
+                        applier.apply_paths(stack)  # 0 LoRAs: measured too, nothing filled in
+                        times[mode].append(seconds_per_step(unet, latent, 1))
+                        applier.apply_paths([])
+                    elif mode == "unmerged":
+                        handles = add_hooks(unet, states[:count])
+                        times[mode].append(seconds_per_step(unet, latent, 1))
+                        for handle in handles:
+                            handle.remove()
+                    else:
+                        times[mode].append(seconds_per_step(unet, latent, 1))
             row: dict = {"loras": count}
             for mode in ("base", "merged", "unmerged"):
                 values = times[mode]
